@@ -1,0 +1,1 @@
+"""Adaptation: a backbone + head + loss = one task nn.Module, tuned by LoRA, full fine-tuning or a linear probe."""

@@ -1,0 +1,336 @@
+"""Recipe schema: YAML + `key=value` overrides, validated strictly, resolved into an artifact.
+
+A recipe is one YAML file whose top-level `kind` says which verb runs it (`pretrain` or `finetune`).
+Every section is a pydantic model with `extra="forbid"`: a typo such as `optim.lrr=1` fails before
+any work starts, naming the key path and the nearest valid key. Values derived at run time (the
+learning rate from the base learning rate and the global batch) go into `derived`, and the whole
+resolved recipe is written to `RUN_DIR/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections shared by every recipe
+# --------------------------------------------------------------------------------------------------
+class TrainerConfig(Strict):
+    """Keys every recipe shares (`trainer.*`)."""
+
+    output_dir: Path = Field(description="run directory: config.yaml, logs/, checkpoints/, export/")
+    max_steps: int = Field(gt=0, description="optimizer steps to run (after gradient accumulation)")
+    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints; one is always written at the end")
+    resume: Optional[str] = Field(None, description="'auto' (continue from checkpoints/last if present) or a checkpoint dir")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_steps: int = Field(1, gt=0)
+    clip_grad_norm: Optional[float] = Field(1.0, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="metrics always go to logs/metrics.jsonl; these are added (wandb runs offline)")
+    progress: bool = True
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warmup then cosine decay, a pure function of the step (train/optim.py)."""
+
+    lr: Optional[float] = Field(None, gt=0, description="absolute learning rate; give lr or blr, not both")
+    blr: Optional[float] = Field(None, gt=0, description="base lr per 256 images: lr = blr * global_batch / 256 (MAE)")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> "OptimConfig":
+        if (self.lr is None) == (self.blr is None):
+            raise ValueError("give exactly one of optim.lr (absolute) or optim.blr (per 256 images); "
+                             f"got lr={self.lr}, blr={self.blr}")
+        return self
+
+
+class BackboneConfig(Strict):
+    """A timm model, built from scratch (`name` + `model_args`) or from an export dir (`weights`)."""
+
+    name: Optional[str] = Field(None, description="timm model name, e.g. vit_tiny_patch16_224")
+    weights: Optional[Path] = Field(None, description="a medfound/timm export dir (config.json + model.safetensors)")
+    model_args: dict[str, Any] = Field(default_factory=dict,
+                                       description="keyword arguments for timm.create_model (img_size, patch_size, depth, ...)")
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _name_or_weights(self) -> "BackboneConfig":
+        if self.name is None and self.weights is None:
+            raise ValueError("set backbone.name (a timm model) or backbone.weights (an export dir)")
+        return self
+
+
+class DataConfig(Strict):
+    """Which shard sets to read and how to turn samples into tensors."""
+
+    shards: list[Path] = Field(min_length=1, description="shard-set directories, each with a manifest.json")
+    train_split: str = "train"
+    eval_split: str = "test"
+    img_size: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="per-process micro-batch")
+    eval_batch_size: int = Field(256, gt=0)
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    augment: Literal["mae", "light", "none"] = "light"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class CardConfig(Strict):
+    """What the model card says beyond the run's own record."""
+
+    license: str = "apache-2.0"
+    demo: bool = Field(False, description="mark the card as a demonstration model, not for any clinical use")
+    summary: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class Derived(Strict):
+    """Values computed at run start and written into the resolved config (never set them by hand)."""
+
+    world_size: int
+    global_batch_size: int
+    lr: float
+    medfound_version: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives and tasks
+# --------------------------------------------------------------------------------------------------
+class MAEConfig(Strict):
+    """Masked autoencoder (He et al. 2022), the objective RETFound pretrains with."""
+
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_dim: int = Field(512, gt=0)
+    decoder_depth: int = Field(8, gt=0)
+    decoder_heads: int = Field(16, gt=0)
+    norm_pix_loss: bool = True
+
+
+class LoraConfig(Strict):
+    """LoRA through peft on the plain timm module (Hu et al. 2021)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"],
+                                      description="last name component of the nn.Linear layers to adapt")
+
+
+class ClassifyHeadConfig(Strict):
+    """timm's own classifier on the backbone's pooled features, so the export loads as a classifier."""
+
+    type: Literal["classify"] = "classify"
+    pool: Literal["token", "avg"] = "token"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class EvalConfig(Strict):
+    split: str = "test"
+
+
+class PretrainRecipe(Strict):
+    """`medfound pretrain`: a self-supervised objective over a timm backbone."""
+
+    kind: Literal["pretrain"]
+    backbone: BackboneConfig
+    objective: MAEConfig = Field(default_factory=MAEConfig)
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    card: CardConfig = Field(default_factory=CardConfig)
+    derived: Optional[Derived] = None
+
+
+class FinetuneRecipe(Strict):
+    """`medfound finetune`: backbone + head + loss, tuned by LoRA, full fine-tuning or a linear probe."""
+
+    kind: Literal["finetune"]
+    backbone: BackboneConfig
+    tuning: Literal["lora", "full", "linear_probe"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    head: ClassifyHeadConfig = Field(default_factory=ClassifyHeadConfig)
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    card: CardConfig = Field(default_factory=CardConfig)
+    derived: Optional[Derived] = None
+
+    @model_validator(mode="after")
+    def _one_labelled_set(self) -> "FinetuneRecipe":
+        if len(self.data.shards) != 1:
+            raise ValueError("a finetune recipe reads one labelled shard set: data.shards must have one entry, "
+                             f"got {len(self.data.shards)}")
+        return self
+
+
+Recipe = Annotated[Union[PretrainRecipe, FinetuneRecipe], Field(discriminator="kind")]
+_RECIPE = TypeAdapter(Recipe)
+RECIPE_KINDS = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, friendly errors
+# --------------------------------------------------------------------------------------------------
+def find_recipe(name_or_path: str | os.PathLike, folder: str) -> Path:
+    """Resolve a recipe given as a path, or by name from the root `pretrain/` / `adapt/` folders.
+
+    Search order: the path as given; `./{folder}/{name}.yaml`; the recipes shipped in the wheel
+    (`medfound/recipes/{folder}`); the source checkout next to the package.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    candidates = [Path(folder) / stem]
+    try:
+        candidates.append(Path(str(importlib.resources.files("medfound") / "recipes" / folder / stem)))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - namespace edge cases
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / folder / stem)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"recipe {str(name_or_path)!r} not found: looked at {', '.join(str(c) for c in [p, *candidates])}. "
+                      f"Pass a path to a YAML file or the name of a recipe in {folder}/.")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 1e-4 is a float and [1,2] a list)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. optim.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by walking field names `loc` from `model` (None if not a model)."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        model = _as_model(model.model_fields[part].annotation)
+    return model
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _as_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _friendly(err: ValidationError, source: str, kind: str | None) -> ConfigError:
+    """Rewrite pydantic's errors as one message per bad key, with the nearest valid key for typos."""
+    root = RECIPE_KINDS.get(kind or "")
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if root is not None and loc and loc[0] == kind:  # discriminated-union tag
+            loc = loc[1:]
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(root, loc[:-1]) if root else None
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            where = f" under '{prefix}'" if prefix else ""
+            lines.append(f"unknown key '{path}'.{hint} Valid keys{where}: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{path}'")
+        elif e["type"] == "union_tag_invalid" or (e["type"] == "union_tag_not_found"):
+            lines.append(f"'kind' must be one of {', '.join(RECIPE_KINDS)} (got {e.get('input', {}).get('kind')!r})"
+                         if isinstance(e.get("input"), dict) else f"'kind' must be one of {', '.join(RECIPE_KINDS)}")
+        else:
+            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid recipe {source}:\n  - " + "\n  - ".join(lines))
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
+                expect: str | None = None) -> PretrainRecipe | FinetuneRecipe:
+    """Load a YAML recipe, apply `key=value` overrides and validate it.
+
+    Args:
+        path: the YAML file.
+        overrides: `["optim.lr=1e-4", "trainer.max_steps=50"]`.
+        expect: the `kind` the calling verb runs; a recipe of another kind is an error.
+    Raises:
+        ConfigError naming the file, the key and the fix.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read recipe {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides or []))
+    kind = data.get("kind")
+    if expect is not None and kind != expect:
+        raise ConfigError(f"recipe {path} has kind {kind!r}, but this command runs kind {expect!r} recipes "
+                          f"(use `medfound {kind}` for it)" if kind in RECIPE_KINDS else
+                          f"recipe {path} must set kind: {expect}")
+    try:
+        return _RECIPE.validate_python(data)
+    except ValidationError as e:
+        source = str(path) + (f" with overrides {' '.join(overrides)}" if overrides else "")
+        raise _friendly(e, source, kind) from None
+
+
+def dump_recipe(recipe: BaseModel, header: str = "") -> str:
+    """The resolved recipe as YAML (paths as strings, tuples as lists), with an optional comment header."""
+    body = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    lines = "".join(f"# {h}\n" for h in header.splitlines()) if header else ""
+    return lines + body

@@ -1,0 +1,54 @@
+"""MedMNIST-layout `.npz`: `{split}_images` (N,H,W[,C] uint8) and `{split}_labels` (N,1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from medfound.data.ingest import Ingested, label_schema_for
+from medfound.io import sha256_file
+
+
+def read_npz(path: str | Path, *, label_type: Optional[str] = None, label_names: Optional[list[str]] = None,
+             site: Optional[str] = None, **_: object) -> Ingested:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz archive {path} not found")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    splits = [k[: -len("_images")] for k in arrays if k.endswith("_images")]
+    if not splits:
+        raise ValueError(f"{path}: no '<split>_images' arrays (found {sorted(arrays)}); "
+                         "expected the MedMNIST layout train_images/train_labels/...")
+    order = {"train": 0, "val": 1, "test": 2}
+    splits.sort(key=lambda s: (order.get(s, 9), s))
+    labels = {}
+    for s in splits:
+        if f"{s}_labels" not in arrays:
+            labels[s] = None
+            continue
+        y = arrays[f"{s}_labels"]
+        if y.ndim == 2 and y.shape[1] != 1:
+            raise ValueError(f"{path}: {s}_labels has shape {y.shape}: multi-label archives are not supported yet "
+                             "(one class index per image expected)")
+        if len(y) != len(arrays[f"{s}_images"]):
+            raise ValueError(f"{path}: {s}_images has {len(arrays[f'{s}_images'])} images but {s}_labels has {len(y)}")
+        labels[s] = y.reshape(-1)
+    all_labels = [int(v) for s in splits if labels[s] is not None for v in labels[s]]
+    schema, to_index = label_schema_for(all_labels, label_type, label_names)
+
+    def samples():
+        for s in splits:
+            images = arrays[f"{s}_images"]
+            if images.dtype != np.uint8:
+                raise ValueError(f"{path}: {s}_images has dtype {images.dtype}; expected uint8")
+            for i, img in enumerate(images):
+                y = labels[s]
+                yield {"key": f"{path.stem}_{s}_{i:06d}", "image": img, "split": s, "site": site,
+                       "label": None if y is None else to_index(int(y[i])), "meta": {"index": i}}
+
+    source = {"files": [{"name": path.name, "sha256": sha256_file(path)}]}
+    settings = {"kind": "npz", "splits": {s: int(len(arrays[f"{s}_images"])) for s in splits}}
+    return Ingested(samples(), schema, source, settings)

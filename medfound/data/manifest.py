@@ -1,0 +1,141 @@
+"""`manifest.json`: what a shard set holds, and the checksums that prove it.
+
+One manifest per shard-set directory. It records every shard (split, sample count, bytes, sha256),
+the label schema, modality, site, the source and the ingest settings, counts per split/label/site,
+and one `digest` over all of that (not the creation time), so two shard sets with the same digest
+hold the same samples. Model cards cite the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, ValidationError, model_validator
+
+from medfound.config import Strict
+from medfound.io import atomic_write_json, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "medfound-shards/1"
+MODALITIES = ("fundus", "oct", "cxr", "xray", "mammography", "ct", "mr", "us", "pathology", "other")
+
+
+class LabelSchema(Strict):
+    """`type`: none (unlabelled), binary, multiclass, ordinal (grades: kappa is quadratic-weighted)."""
+
+    type: Literal["none", "binary", "multiclass", "ordinal"]
+    names: list[str] = Field(default_factory=list, description="class index -> name")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabelSchema":
+        if self.type == "none" and self.names:
+            raise ValueError("an unlabelled schema (type none) has no class names")
+        if self.type == "binary" and len(self.names) != 2:
+            raise ValueError(f"a binary schema has exactly 2 class names, got {self.names}")
+        if self.type in ("multiclass", "ordinal") and len(self.names) < 2:
+            raise ValueError(f"a {self.type} schema needs at least 2 class names, got {self.names}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"class names must be unique, got {self.names}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+
+class ShardInfo(Strict):
+    path: str = Field(description="file name relative to the shard-set directory")
+    split: str
+    count: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class Manifest(Strict):
+    format: Literal["medfound-shards/1"] = FORMAT
+    name: str
+    modality: Literal[MODALITIES]  # type: ignore[valid-type]
+    site: Optional[str] = None
+    label_schema: LabelSchema
+    source: dict[str, Any] = Field(description="input file name(s), their sha256, licence and attribution")
+    ingest: dict[str, Any] = Field(description="the ingest kind and every setting it used")
+    shards: list[ShardInfo]
+    counts: dict[str, Any]
+    digest: str = ""
+    medfound_version: str = ""
+    created: str = ""
+
+    def split_shards(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({s.split for s in self.shards})
+
+    def compute_digest(self) -> str:
+        """sha256 over the canonical JSON of everything but `digest`, `created` and `medfound_version`."""
+        body = self.model_dump(mode="json", exclude={"digest", "created", "medfound_version"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def count_table(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per split, per split x label and per site, from one small record per sample."""
+    order = {"train": 0, "val": 1, "test": 2}
+    by_split = Counter(r["split"] for r in records)
+    by_label: dict[str, Counter] = {}
+    for r in records:
+        if r.get("label") is not None:
+            by_label.setdefault(r["split"], Counter())[str(r["label"])] += 1
+    by_site = Counter(r["site"] for r in records if r.get("site"))
+    return {
+        "total": len(records),
+        "by_split": dict(sorted(by_split.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))),
+        "by_label": {k: dict(sorted(v.items())) for k, v in sorted(by_label.items(),
+                                                                   key=lambda kv: (order.get(kv[0], 9), kv[0]))},
+        "by_site": dict(sorted(by_site.items())),
+    }
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
+    manifest.digest = manifest.compute_digest()
+    atomic_write_json(Path(directory) / MANIFEST_NAME, manifest.model_dump(mode="json"))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and validate `directory/manifest.json`; errors name the file and the fix."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        hint = "" if directory.exists() else " (the directory does not exist)"
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}{hint}: create the shard set with "
+                                f"`medfound shard KIND INPUT --out {directory}`")
+    try:
+        manifest = Manifest.model_validate_json(path.read_text())
+    except ValidationError as e:
+        raise ValueError(f"{path} is not a valid medfound manifest ({e.error_count()} problems): {e}; "
+                         "re-create the shard set with `medfound shard`") from None
+    if manifest.digest != manifest.compute_digest():
+        raise ValueError(f"{path}: the digest does not match the manifest's content (edited by hand?); "
+                         "re-create the shard set with `medfound shard`")
+    return manifest
+
+
+def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) -> list[str]:
+    """Check every shard's presence, size and sha256 against the manifest; return the problems found."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    problems = []
+    for s in manifest.shards:
+        p = directory / s.path
+        if not p.is_file():
+            problems.append(f"{p}: missing (listed in {MANIFEST_NAME})")
+        elif p.stat().st_size != s.bytes:
+            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced)")
+        elif sha256_file(p) != s.sha256:
+            problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
+    return problems

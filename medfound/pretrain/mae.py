@@ -1,0 +1,131 @@
+"""Masked autoencoder pretraining (He et al., "Masked Autoencoders Are Scalable Vision Learners",
+CVPR 2022), the objective RETFound pretrains with.
+
+Implemented from the paper over an unmodified timm VisionTransformer (the encoder is exported
+as-is): the image is cut into N patches, a random (1 - mask_ratio) subset is embedded and run
+through the encoder (visible tokens only, which is what makes MAE cheap), a light Transformer
+decoder receives the encoded tokens plus a shared learned mask token at each masked position (with
+fixed 2-D sin-cos position embeddings), and predicts the pixels of every patch. The loss is the
+mean squared error on masked patches only, optionally against per-patch normalised pixels
+(`norm_pix_loss`, the paper's better-performing target).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import Block
+
+from medfound.backbones import vit_geometry
+from medfound.pretrain.masking import random_masking
+
+
+def patchify(images: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B, N, ph * pw * C]`, patches in row-major order, pixels (row, col, channel)."""
+    b, c, h, w = images.shape
+    ph, pw = patch
+    if h % ph or w % pw:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+    x = images.reshape(b, c, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // ph) * (w // pw), ph * pw * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: tuple[int, int], grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """Inverse of `patchify`: `[B, N, ph * pw * C]` -> `[B, C, H, W]`."""
+    b = patches.shape[0]
+    ph, pw = patch
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, ph, pw, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * ph, gw * pw)
+
+
+class MAE(nn.Module):
+    """MAE objective around a timm ViT encoder.
+
+    Args:
+        encoder: a timm VisionTransformer built with num_classes=0; its geometry (embed dim, patch
+            size, grid, prefix tokens) is read from the model.
+        decoder_dim, decoder_depth, decoder_heads: the light decoder (paper default 512 x 8, 16 heads).
+        mask_ratio: fraction of patches hidden from the encoder (0.75 in the paper and RETFound).
+        norm_pix_loss: reconstruct per-patch normalised pixels.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+        super().__init__()
+        self.geometry = geo = vit_geometry(encoder)
+        if decoder_dim % decoder_heads:
+            raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads}")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_embed = nn.Linear(geo.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        pos = build_sincos2d_pos_embed(list(geo.grid_size), dim=decoder_dim)  # [N, Dd], fixed
+        self.register_buffer("decoder_pos", pos.reshape(1, geo.num_patches, decoder_dim), persistent=False)
+        self.decoder_blocks = nn.Sequential(*[
+            Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, geo.patch_size[0] * geo.patch_size[1] * geo.in_chans)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for name, m in self.named_modules():
+            if name.startswith("encoder"):
+                continue  # the encoder keeps timm's initialisation
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Encoder on the kept patches only: `[B, C, H, W]`, `[B, K]` -> `[B, P + K, D]` (P prefix tokens)."""
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        x = enc._pos_embed(x)  # adds position embeddings, prepends class/register tokens: [B, P + N, D]
+        p = self.geometry.num_prefix_tokens
+        prefix, patches = x[:, :p], x[:, p:]
+        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        x = enc.norm_pre(torch.cat([prefix, visible], dim=1))
+        if getattr(enc, "grad_checkpointing", False) and not torch.jit.is_scripting():
+            x = checkpoint_seq(enc.blocks, x)
+        else:
+            x = enc.blocks(x)
+        return enc.norm(x)
+
+    def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """`[B, P + K, D]` encoded tokens -> `[B, N, ph * pw * C]` pixel predictions for every patch."""
+        p = self.geometry.num_prefix_tokens
+        x = self.decoder_embed(latent)
+        prefix, visible = x[:, :p], x[:, p:]
+        b, k, d = visible.shape
+        n = restore.shape[1]
+        tokens = torch.cat([visible, self.mask_token.expand(b, n - k, d)], dim=1)
+        tokens = torch.gather(tokens, 1, restore.unsqueeze(-1).expand(-1, -1, d)) + self.decoder_pos
+        x = self.decoder_norm(self.decoder_blocks(torch.cat([prefix, tokens], dim=1)))
+        return self.decoder_pred(x[:, p:])
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches (mask `[B, N]`, 1 = masked)."""
+        target = patchify(images, self.geometry.patch_size)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, batch: dict) -> dict:
+        """batch["image"]: `[B, C, H, W]` -> {"loss": scalar, "pred": `[B, N, ph*pw*C]`, "mask": `[B, N]`}."""
+        images = batch["image"]
+        keep, mask, restore = random_masking(images.shape[0], self.geometry.num_patches, self.mask_ratio,
+                                             device=images.device)
+        pred = self.decode(self.encode_visible(images, keep), restore)
+        return {"loss": self.loss(images, pred, mask), "pred": pred, "mask": mask}

@@ -1,0 +1,1 @@
+"""Publishing: timm-loadable exports (export.py) and model cards written from the run's record (card.py)."""

@@ -1,0 +1,105 @@
+"""Checkpoints: atomic, complete for exact resume, and loadable without unpickling code.
+
+Layout of `RUN_DIR/checkpoints/step_NNNNNNNN/`:
+- `model.safetensors`  the training module's state dict (safetensors)
+- `optimizer.pt`       the optimizer state dict (tensors and numbers only: `torch.load(weights_only=True)`)
+- `rng.safetensors`    torch CPU (and CUDA) generator states
+- `trainer_state.json` step, data position (epoch, batch in epoch), images seen, time, Python/NumPy RNG
+- `config.yaml`        the resolved recipe the run was started with
+`RUN_DIR/checkpoints/last` is a text file naming the newest complete checkpoint. Each checkpoint is
+written under a temporary name and renamed; `last` is replaced atomically after it, so a kill at any
+moment leaves `last` pointing at a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from medfound.io import atomic_dir, atomic_write_text
+
+LAST = "last"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    scalars = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+               "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return scalars, tensors
+
+
+def restore_rng(scalars: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = scalars["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(root: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    config_text: str, keep: int = 2) -> Path:
+    """Write `root/step_NNNNNNNN` atomically, point `root/last` at it, prune to the newest `keep`."""
+    root = Path(root)
+    target = root / step_dir_name(state["step"])
+    scalars, tensors = capture_rng()
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_model(module, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "rng": scalars}, indent=1))
+        (tmp / "config.yaml").write_text(config_text)
+    atomic_write_text(root / LAST, target.name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint `root/last` names, or None when the run has none yet."""
+    last = Path(root) / LAST
+    if not last.is_file():
+        return None
+    target = Path(root) / last.read_text().strip()
+    if not (target / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{last} names {target.name}, which is missing or incomplete; "
+                                f"point trainer.resume at another checkpoint in {root}")
+    return target
+
+
+def load_checkpoint(path: Path, module: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+    """Load weights (strict: any missing or unexpected key is an error) and optimizer; return trainer state."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is not a medfound checkpoint (no model.safetensors)")
+    missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model built from the recipe: "
+                           f"missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, "
+                           f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}. "
+                           "Was the recipe changed since the checkpoint was written?")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    state = json.loads((path / "trainer_state.json").read_text())
+    state["_rng_tensors"] = load_file(str(path / "rng.safetensors"))
+    return state

@@ -1,0 +1,61 @@
+"""Metrics to `RUN_DIR/logs/metrics.jsonl` (always), plus TensorBoard and/or wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+class MetricsLogger:
+    """Append-only JSONL (one object per line: step, time, values) mirrored to the chosen trackers.
+
+    Resumed runs append to the same file, so the log of a preempted run is continuous.
+    """
+
+    def __init__(self, run_dir: Path, loggers: list[str], config: Optional[dict[str, Any]] = None,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "logs" / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("trainer.loggers includes wandb, which is not installed: "
+                                  "pip install medfound[wandb] (runs offline unless WANDB_MODE says otherwise)") from e
+            self.wandb = wandb.init(dir=str(self.path.parent), mode="offline", config=config or {},
+                                    name=Path(run_dir).name, resume="allow")
+
+    def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), "phase": prefix, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

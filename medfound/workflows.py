@@ -1,0 +1,260 @@
+"""What each verb does, end to end: build from the recipe, run the one loop, export, evaluate, publish.
+
+`cli.py` parses arguments and calls these; Python users call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import medfound
+from medfound.config import BackboneConfig, Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
+from medfound.data.manifest import Manifest, read_manifest
+from medfound.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+
+
+# --------------------------------------------------------------------------------------------------
+# shared run setup
+# --------------------------------------------------------------------------------------------------
+def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
+    """Accelerator, seeds, derived values, resolved config.yaml; returns (accelerator, run_dir, resume, text)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from medfound.train.loop import resolve_resume
+
+    t = recipe.trainer
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    set_seed(t.seed)
+    world = accelerator.num_processes
+    global_batch = recipe.data.batch_size * t.grad_accum_steps * world
+    lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * global_batch / 256
+    recipe.derived = Derived(world_size=world, global_batch_size=global_batch, lr=lr,
+                             medfound_version=medfound.__version__)
+    run_dir = Path(t.output_dir)
+    resume = resolve_resume(t, run_dir)
+    text = dump_recipe(recipe, header=f"resolved by medfound {medfound.__version__} on "
+                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\ncommand: {command}")
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "config.yaml", text)
+    return accelerator, run_dir, resume, text
+
+
+def _dataset_record(m: Manifest) -> dict[str, Any]:
+    return {"name": m.name, "modality": m.modality, "site": m.site, "digest": m.digest, "counts": m.counts,
+            "source": {k: v for k, v in m.source.items() if k in ("files", "license", "attribution")}}
+
+
+def _lineage(recipe, state, manifests: list[Manifest], stage: str, objective: str, parent: dict) -> dict[str, Any]:
+    from medfound.publish.export import hardware
+
+    return {"stage": stage, "objective": objective, "steps": state.step, "images_seen": state.images_seen,
+            "train_seconds": round(state.train_seconds, 1), "hardware": hardware(),
+            "precision": recipe.trainer.precision, "global_batch": recipe.derived.global_batch_size,
+            "lr": recipe.derived.lr, "split": recipe.data.train_split,
+            "datasets": [_dataset_record(m) for m in manifests],
+            "medfound_version": medfound.__version__, **({"parent": parent} if parent else {})}
+
+
+def _check_img_size(model: torch.nn.Module, img_size: int) -> None:
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "strict_img_size", False) and tuple(pe.img_size) != (img_size, img_size):
+        raise ValueError(f"data.img_size={img_size} but the backbone takes {tuple(pe.img_size)} images; set "
+                         f"data.img_size={pe.img_size[0]} or backbone.model_args.img_size={img_size}")
+
+
+def _train_loader(recipe, urls: list[str], labelled: bool):
+    from medfound.data.pipeline import make_loader
+    from medfound.data.transforms import build_transform
+
+    d, seed = recipe.data, recipe.trainer.seed
+    transform = build_transform(d.augment, d.img_size, d.mean, d.std, train=True)
+
+    def loader(epoch: int):
+        return make_loader(urls, transform=transform, batch_size=d.batch_size, labelled=labelled, train=True,
+                           seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers)
+    return loader
+
+
+# --------------------------------------------------------------------------------------------------
+# verbs
+# --------------------------------------------------------------------------------------------------
+def build_mae(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None):
+    from medfound.backbones import create_backbone
+    from medfound.pretrain.mae import MAE
+
+    o = recipe.objective
+    encoder = create_backbone(backbone or recipe.backbone, num_classes=0)
+    return MAE(encoder, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
+               mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss)
+
+
+def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> dict[str, Any]:
+    """Pretrain with the recipe's objective; export the encoder to RUN_DIR/export. Returns a summary."""
+    from medfound.data.pipeline import shard_urls
+    from medfound.publish.export import export_model, read_lineage
+    from medfound.train.loop import fit
+
+    accelerator, run_dir, resume, text = _start(recipe, command)
+    urls, manifests = shard_urls(recipe.data.shards, recipe.data.train_split)
+    mae = build_mae(recipe)
+    _check_img_size(mae.encoder, recipe.data.img_size)
+    state = fit(mae, _train_loader(recipe, urls, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
+                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
+    summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted}
+    if state.preempted or not accelerator.is_main_process:
+        return summary
+    parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
+    lineage = _lineage(recipe, state, manifests, "pretraining",
+                       f"MAE (mask ratio {recipe.objective.mask_ratio}, decoder {recipe.objective.decoder_dim}-d x "
+                       f"{recipe.objective.decoder_depth})", parent)
+    diff = export_model(accelerator.unwrap_model(mae).encoder, run_dir / "export", data=recipe.data, lineage=lineage,
+                        license=recipe.card.license)
+    summary.update(export=str(run_dir / "export"), reload_max_abs_diff=diff)
+    return summary
+
+
+def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[str, Any]:
+    """Fine-tune, export the merged model (+ LoRA adapter), evaluate it on eval.split -> eval.json."""
+    from medfound.adapt.tasks import build_task
+    from medfound.adapt.tuning import merged_copy, print_parameter_table
+    from medfound.data.pipeline import shard_urls
+    from medfound.evaluate.report import evaluate_run
+    from medfound.publish.export import export_model, read_lineage
+    from medfound.train.loop import fit
+
+    accelerator, run_dir, resume, text = _start(recipe, command)
+    urls, manifests = shard_urls(recipe.data.shards, recipe.data.train_split)
+    schema = manifests[0].label_schema
+    task = build_task(recipe, schema)
+    if accelerator.is_main_process:
+        print_parameter_table(task.model, recipe.tuning, task.classifier)
+    _check_img_size(task.model, recipe.data.img_size)
+    state = fit(task, _train_loader(recipe, urls, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
+                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted}
+    if state.preempted or not accelerator.is_main_process:
+        return summary
+    task = accelerator.unwrap_model(task)
+    parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
+    objective = {"lora": f"LoRA (r={recipe.lora.r}, alpha={recipe.lora.alpha}) + classifier",
+                 "full": "full fine-tuning", "linear_probe": "linear probe (frozen backbone)"}[recipe.tuning]
+    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"{objective}, cross-entropy", parent)
+    lineage["label_schema"] = schema.model_dump()
+    lineage["tuning"] = recipe.tuning
+    adapter = task.model if recipe.tuning == "lora" else None
+    diff = export_model(merged_copy(task.model), run_dir / "export", data=recipe.data, lineage=lineage,
+                        license=recipe.card.license, label_names=schema.names, adapter=adapter)
+    report = evaluate_run(run_dir)
+    summary.update(export=str(run_dir / "export"), reload_max_abs_diff=diff, eval=report["metrics"],
+                   eval_file=str(run_dir / "eval.json"))
+    return summary
+
+
+def _structure(recipe: PretrainRecipe | FinetuneRecipe, export: Path) -> BackboneConfig:
+    """The backbone's architecture as recorded in the run's export, without loading any weights."""
+    cfg = json.loads((export / "config.json").read_text())
+    args = {k: v for k, v in cfg.get("model_args", {}).items() if k not in ("num_classes", "global_pool")}
+    return BackboneConfig(name=cfg["architecture"], model_args={**args, **recipe.backbone.model_args})
+
+
+def rebuild_trained(run_dir: Path) -> torch.nn.Module:
+    """The trained backbone rebuilt from the run's recipe and newest checkpoint (not from the export),
+    as a plain timm module with any LoRA merged: the reference an export must reproduce."""
+    from medfound.adapt.tasks import build_task
+    from medfound.adapt.tuning import merged_copy
+    from medfound.data.manifest import LabelSchema
+    from medfound.evaluate.report import load_run_recipe
+    from medfound.publish.export import read_lineage
+    from medfound.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    recipe = load_run_recipe(run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/last)")
+    structure = _structure(recipe, run_dir / "export")
+    if isinstance(recipe, PretrainRecipe):
+        mae = build_mae(recipe, structure)
+        load_checkpoint(ckpt, mae)
+        return mae.encoder
+    schema = LabelSchema(**read_lineage(run_dir / "export")["label_schema"])
+    task = build_task(recipe.model_copy(update={"backbone": structure}), schema)
+    load_checkpoint(ckpt, task)
+    return merged_copy(task.model)
+
+
+def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None) -> dict:
+    """RUN_DIR -> a Hugging Face-style folder: model.safetensors, config.json, README.md card (+ eval.json,
+    training_config.yaml, adapter/). The export is first checked against the checkpoint through timm."""
+    import timm
+
+    from medfound.evaluate.report import load_run_recipe
+    from medfound.publish.card import render_card
+    from medfound.publish.export import check_reload, read_lineage
+
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    export = run_dir / "export"
+    if not (export / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "
+                                f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
+    evaluation = None
+    if isinstance(recipe, FinetuneRecipe):
+        if not (run_dir / "eval.json").is_file():
+            raise FileNotFoundError(f"{run_dir}/eval.json missing: run `medfound evaluate {run_dir}` first")
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        weights_sha = sha256_file(export / "model.safetensors")
+        if evaluation["model"]["sha256"] != weights_sha:
+            raise ValueError(f"{run_dir}/eval.json was computed on other weights than {export} "
+                             f"(sha256 {evaluation['model']['sha256'][:12]} vs {weights_sha[:12]}); "
+                             f"re-run `medfound evaluate {run_dir}`")
+    reference = rebuild_trained(run_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for item in ("model.safetensors", "config.json", "adapter"):
+            src = export / item
+            if src.is_dir():
+                shutil.copytree(src, tmp / item)
+            elif src.is_file():
+                shutil.copy2(src, tmp / item)
+        diff = check_reload(tmp, reference)
+        shutil.copy2(run_dir / "config.yaml", tmp / "training_config.yaml")
+        if evaluation is not None:
+            atomic_write_json(tmp / "eval.json", evaluation)
+        model = timm.create_model(f"local-dir:{tmp}", pretrained=True)
+        card = render_card(model, read_lineage(tmp), evaluation, sha256_file(tmp / "model.safetensors"),
+                           name=name or out.name, license=recipe.card.license, demo=recipe.card.demo,
+                           summary=recipe.card.summary, tags=recipe.card.tags)
+        card.save(str(tmp / "README.md"))
+    return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
+
+
+def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "other",
+          site: Optional[str] = None, license: Optional[str] = None, attribution: Optional[str] = None,
+          max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, **options: Any) -> Manifest:
+    """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest."""
+    from medfound.data.ingest import get_reader
+    from medfound.data.shards import write_shard_set
+
+    name = name or Path(out).name
+    ingested = get_reader(kind)(input, site=site, name=name, **options)
+    source = dict(ingested.source)
+    if license:
+        source["license"] = license
+    if attribution:
+        source["attribution"] = attribution
+    return write_shard_set(ingested.samples, out, name=name, modality=modality, label_schema=ingested.label_schema,
+                           source=source, ingest=ingested.settings, site=site, max_count=max_count, max_mb=max_mb,
+                           overwrite=overwrite)
+
+
+def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str]]:
+    from medfound.data.manifest import verify_shards
+
+    m = read_manifest(directory)
+    return m, verify_shards(directory, m)

@@ -1,0 +1,101 @@
+"""Tuning strategies: exactly the right parameters train and receive gradients; LoRA merges exactly."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from medfound.adapt.heads import attach_classifier
+from medfound.adapt.tasks import ClassificationTask
+from medfound.adapt.tuning import apply_tuning, merged_copy, parameter_table
+from medfound.config import LoraConfig
+from medfound.data.manifest import LabelSchema
+
+from helpers import TINY_VIT
+
+SCHEMA = LabelSchema(type="ordinal", names=["0", "1", "2", "3", "4"])
+D, MLP = TINY_VIT["embed_dim"], 4 * TINY_VIT["embed_dim"]
+
+
+def _task(strategy: str, pool: str = "token", r: int = 4) -> ClassificationTask:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT)
+    head = attach_classifier(model, 5, pool=pool)
+    model = apply_tuning(model, strategy, head, LoraConfig(r=r, alpha=2 * r))
+    return ClassificationTask(model, head, SCHEMA)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.randn(4, 3, 32, 32, generator=g), "label": torch.tensor([0, 1, 2, 4])}
+
+
+def test_lora_trains_exactly_adapters_and_head():
+    task = _task("lora", r=4)
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    # per block: qkv (D -> 3D), proj (D -> D), fc1 (D -> 4D), fc2 (4D -> D); LoRA adds r * (in + out) each
+    per_block = 4 * ((D + 3 * D) + (D + D) + (D + MLP) + (MLP + D))
+    head = D * 5 + 5
+    assert trainable == TINY_VIT["depth"] * per_block + head
+    table = parameter_table(task.model, "head")
+    assert table["lora"] == (TINY_VIT["depth"] * per_block,) * 2
+    assert table["classifier"][0] == head and table["backbone"][0] == 0
+    names = [n for n, p in task.named_parameters() if p.requires_grad]
+    assert not any("patch_embed" in n for n in names)  # the patch-embedding conv is never adapted
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full", "linear_probe"])
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_gradients_reach_every_trainable_and_no_frozen_parameter(strategy, pool):
+    task = _task(strategy, pool)
+    if strategy == "lora":  # peft starts B at zero, so A would get no gradient: move off the init
+        for n, p in task.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    out = task(_batch())
+    assert out["logits"].shape == (4, 5)
+    out["loss"].backward()
+    for n, p in task.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{strategy}: no gradient for {n}"
+        else:
+            assert p.grad is None, f"{strategy}: frozen {n} got a gradient"
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    if strategy == "linear_probe":
+        assert trainable == {"model.head.weight", "model.head.bias"}
+    if strategy == "full":
+        assert trainable == {n for n, _ in task.named_parameters()}
+
+
+def test_lora_merged_equals_unmerged():
+    task = _task("lora")
+    for n, p in task.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    task.eval()
+    x = _batch()["image"]
+    with torch.no_grad():
+        before_logits, before_feat = task.model(x), task.model.forward_features(x)
+        merged = merged_copy(task.model)
+        assert type(merged).__name__ == "VisionTransformer" and not any("lora" in n for n, _ in merged.named_parameters())
+        assert torch.allclose(merged(x), before_logits, atol=1e-5)
+        assert torch.allclose(merged.forward_features(x), before_feat, atol=1e-5)
+        assert torch.equal(task.model(x), before_logits)  # merging a copy left the training model alone
+
+
+def test_lora_target_that_matches_nothing_is_an_error():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT)
+    head = attach_classifier(model, 2)
+    with pytest.raises(ValueError, match=r"matched no nn.Linear layer.*fc1.*qkv"):
+        apply_tuning(model, "lora", head, LoraConfig(target_modules=["q_proj", "v_proj"]))
+
+
+def test_classifier_on_a_cnn_backbone():
+    model = timm.create_model("resnet18", num_classes=0)
+    name = attach_classifier(model, 3, pool="avg")
+    assert name == "fc"
+    task = ClassificationTask(apply_tuning(model, "linear_probe", name), name, LabelSchema(type="multiclass",
+                                                                                          names=["a", "b", "c"]))
+    assert {n for n, p in task.named_parameters() if p.requires_grad} == {"model.fc.weight", "model.fc.bias"}
+    assert task({"image": torch.randn(2, 3, 32, 32)})["logits"].shape == (2, 3)

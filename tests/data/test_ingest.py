@@ -1,0 +1,126 @@
+"""Ingest readers on real images: images+CSV with patient-level splits and no PHI; WSI tiling at a
+stated µm/px with tissue detection; the clear errors for slides without resolution metadata."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medfound.data.ingest.images import assign_split
+from medfound.data.ingest.wsi import otsu_threshold, read_wsi
+from medfound.data.manifest import read_manifest
+from medfound.workflows import shard
+
+from helpers import DATA, shared
+
+
+def _image_folder(tmp_path: Path, n: int = 60) -> Path:
+    """Real PneumoniaMNIST images as PNG files, a CSV with patient IDs that look like PHI."""
+    z = np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz")
+    folder = tmp_path / "xrays"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        j = i * 16  # spread over the archive, which holds normal then pneumonia images
+        name = f"img/DOE_JOHN_{i:03d}.png"
+        Image.fromarray(z["train_images"][j]).save(folder / name)
+        rows.append({"path": name, "label": ["normal", "pneumonia"][int(z["train_labels"][j, 0])],
+                     "patient_id": f"MRN{i // 3:05d}", "site": "siteA" if i < 30 else "siteB"})
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+def test_images_csv_patient_level_split_and_no_phi(tmp_path):
+    folder = _image_folder(tmp_path)
+    out = tmp_path / "shards"
+    m = shard("images", folder, out, name="xr", modality="cxr", split_fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    assert m.counts["total"] == 60
+    assert m.label_schema.names == ["normal", "pneumonia"] and m.label_schema.type == "binary"
+    assert m.counts["by_site"] == {"siteA": 30, "siteB": 30}
+    assert set(m.counts["by_split"]) == {"train", "val", "test"}
+    # every image of a patient lands in the same split
+    for pid in range(20):
+        assert len({assign_split(f"MRN{pid:05d}", {"train": 0.5, "val": 0.25, "test": 0.25}, "xr")}) == 1
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    splits_by_patient: dict[str, set] = {}
+    for r in rows:
+        splits_by_patient.setdefault(r["patient_id"], set()).add(
+            assign_split(r["patient_id"], {"train": 0.5, "val": 0.25, "test": 0.25}, "xr"))
+    assert all(len(s) == 1 for s in splits_by_patient.values())
+    # no patient ID or file name anywhere in the shards or the manifest
+    blobs = [p.read_bytes() for p in out.iterdir()]
+    for needle in (b"MRN", b"DOE_JOHN"):
+        assert not any(needle in b for b in blobs), needle
+
+
+def test_single_class_table_is_explained(tmp_path):
+    folder = _image_folder(tmp_path, n=4)
+    with pytest.raises(ValueError, match="single class.*--label-names"):
+        shard("images", folder, tmp_path / "s", modality="cxr")
+    m = shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
+    assert m.label_schema.names == ["normal", "pneumonia"]
+
+
+def test_images_errors_name_the_row(tmp_path):
+    folder = _image_folder(tmp_path, n=4)
+    with open(folder / "labels.csv", "a") as f:
+        f.write("img/missing.png,normal,MRN9,siteA\n")
+    with pytest.raises(FileNotFoundError, match="row 6: image .*missing.png not found"):
+        shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
+    assert not (tmp_path / "s").exists()
+
+
+def test_wsi_tiles_at_the_stated_mpp(shards):
+    m = read_manifest(shards["he"])
+    assert m.ingest["mpp"] == 1.0 and m.ingest["tile_size"] == 64
+    assert m.label_schema.type == "none"
+    tiles = list(read_wsi(DATA / "wsi" / "CMU-1-Small-Region.svs", mpp=1.0, tile_size=64, min_tissue=0.5,
+                          keep_names=True).samples)
+    assert len(tiles) == m.counts["total"] > 50
+    step0 = 64 * 1.0 / 0.499  # level-0 pixels per tile
+    for t in tiles:
+        meta = t["meta"]
+        assert t["image"].size == (64, 64)
+        assert meta["mpp"] == 1.0 and meta["slide_mpp"] == 0.499 and meta["tissue"] >= 0.5
+        assert meta["x"] + step0 <= 2220 + 1 and meta["y"] + step0 <= 2967 + 1
+        # tissue tiles are coloured, not white glass
+        hsv = np.asarray(t["image"].convert("HSV"))
+        assert hsv[..., 1].mean() > 20
+    # all tissue at a lower threshold is a superset
+    loose = list(read_wsi(DATA / "wsi" / "CMU-1-Small-Region.svs", mpp=1.0, tile_size=64, min_tissue=0.1).samples)
+    assert len(loose) > len(tiles)
+
+
+def test_wsi_refuses_upsampling():
+    with pytest.raises(ValueError, match="finer than the scan"):
+        list(read_wsi(DATA / "wsi" / "CMU-1-Small-Region.svs", mpp=0.25, tile_size=64).samples)
+
+
+def test_wsi_without_mpp_needs_it_stated():
+    slide = shared("wsi", "TCGA-CR-7395-01A-01-TS1_small.svs")
+    with pytest.raises(ValueError, match="without microns-per-pixel metadata.*--slide-mpp"):
+        list(read_wsi(slide, mpp=4.0, tile_size=64).samples)
+    tiles = list(read_wsi(slide, mpp=4.0, tile_size=64, slide_mpp=0.5).samples)
+    assert tiles and all(t["meta"]["level"] == 1 for t in tiles)  # read from the 2x level, not level 0
+
+
+def test_plain_tiff_gives_a_clear_message():
+    tif = shared("wsi", "kidney-48-5_ihc.tif")
+    with pytest.raises(ValueError, match="plain \\(non-pyramidal\\) TIFF"):
+        list(read_wsi(tif, mpp=1.0, tile_size=64).samples)
+
+
+def test_otsu_separates_two_modes():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(30, 5, 5000), rng.normal(180, 10, 5000)]).clip(0, 255).astype(np.uint8)
+    t = otsu_threshold(v)
+    assert v[v < 100].max() <= t < v[v > 100].min()  # separates the modes
+    assert 90 < t < 130  # and sits mid-gap, not at the edge of one mode

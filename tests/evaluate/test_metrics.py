@@ -1,0 +1,72 @@
+"""Metrics against scikit-learn as the reference, and the degenerate cases stated in the docs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, roc_auc_score
+
+from medfound.evaluate.metrics import classification_metrics
+
+
+def _probs(n: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]  # informative but imperfect
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return p.astype(np.float32), y
+
+
+def test_binary_matches_sklearn():
+    p, y = _probs(300, 2)
+    m = classification_metrics(p, y, "binary", ["neg", "pos"])["metrics"]
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p[:, 1]), abs=1e-6)
+    assert m["accuracy"] == pytest.approx(float((p.argmax(1) == y).mean()))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert "kappa_quadratic" not in m
+
+
+def test_ordinal_matches_sklearn_macro_ovr_and_quadratic_kappa():
+    p, y = _probs(500, 5, seed=1)
+    out = classification_metrics(p, y, "ordinal", [str(i) for i in range(5)])
+    m = out["metrics"]
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-6)
+    assert m["kappa_quadratic"] == pytest.approx(cohen_kappa_score(y, p.argmax(1), weights="quadratic"), abs=1e-6)
+    for c in range(5):
+        assert out["per_class"][str(c)]["auroc"] == pytest.approx(roc_auc_score(y == c, p[:, c]), abs=1e-6)
+        assert out["per_class"][str(c)]["n"] == int((y == c).sum())
+
+
+def test_quadratic_kappa_golden_value():
+    # confusion [[2,1],[0,2]] on two ordered grades: po=4/5, pe=(3*2+2*3)/25=12/25, kappa=(0.8-0.48)/0.52
+    y = np.array([0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 1, 1, 1])
+    p = np.eye(2, dtype=np.float32)[pred]
+    m = classification_metrics(p, y, "ordinal", ["g0", "g1"])["metrics"]
+    assert m["kappa_quadratic"] == pytest.approx((0.8 - 0.48) / 0.52, abs=1e-6)
+
+
+def test_single_class_split_gives_null_auroc_and_a_warning():
+    p, _ = _probs(20, 2)
+    y = np.zeros(20, dtype=int)
+    with pytest.warns(UserWarning, match="split 'external' holds a single class \\(neg\\)"):
+        out = classification_metrics(p, y, "binary", ["neg", "pos"], split="external")
+    assert out["metrics"]["auroc"] is None
+    assert out["metrics"]["accuracy"] == pytest.approx(float((p.argmax(1) == 0).mean()))
+    assert out["warnings"] and "external" in out["warnings"][0]
+
+
+def test_absent_class_is_skipped_in_the_macro_average():
+    p, y = _probs(400, 4, seed=2)
+    keep = y != 3
+    p, y = p[keep], y[keep]
+    with pytest.warns(UserWarning, match=r"no samples of classes \['d'\]"):
+        out = classification_metrics(p, y, "multiclass", ["a", "b", "c", "d"])
+    expected = np.mean([roc_auc_score(y == c, p[:, c]) for c in range(3)])
+    assert out["metrics"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    assert out["per_class"]["d"] == {"n": 0, "auroc": None}
+
+
+def test_shape_mismatch_is_explained():
+    with pytest.raises(ValueError, match="3 model outputs but 2 classes"):
+        classification_metrics(np.ones((4, 3)) / 3, np.zeros(4, int), "binary", ["a", "b"])

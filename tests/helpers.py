@@ -1,0 +1,43 @@
+"""Helpers shared by the tests (importable as `helpers`; conftest.py holds the fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+SHARED = (ROOT.parent / "shared" / "data").resolve()
+
+# A ViT small enough to train for a few steps in a second or two on one CPU core.
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test saying what is missing."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data {p} is absent (the ../shared/data checkout is not on this machine)")
+    return p
+
+
+def tiny_pretrain_overrides(shards: dict[str, Path], out: Path, steps: int = 4) -> list[str]:
+    sets = ",".join(str(shards[k]) for k in ("retina", "pneumonia", "he"))
+    return [
+        "backbone.model_args={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
+        "objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2",
+        f"data.shards=[{sets}]", "data.batch_size=16", "data.shuffle_buffer=64",
+        f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.log_every=1",
+        "trainer.checkpoint_every=1000", "trainer.progress=false", "trainer.loggers=[]",
+    ]
+
+
+def tiny_finetune_overrides(shards: dict[str, Path], backbone: Path, out: Path, steps: int = 4,
+                            key: str = "retina") -> list[str]:
+    return [
+        f"backbone.weights={backbone}", f"data.shards=[{shards[key]}]", "data.batch_size=16",
+        "data.shuffle_buffer=64", "data.eval_batch_size=128", f"trainer.output_dir={out}",
+        f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=1000",
+        "trainer.progress=false", "trainer.loggers=[]",
+    ]

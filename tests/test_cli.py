@@ -1,0 +1,98 @@
+"""The demo pipeline through the command line, each verb alone, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from medfound.cli import main
+
+from helpers import DATA, ROOT, tiny_finetune_overrides, tiny_pretrain_overrides
+
+PRETRAIN = str(ROOT / "pretrain" / "demo_mae_tiny.yaml")
+ADAPT = str(ROOT / "adapt" / "demo_classify_lora.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["lora", "full", "linear_probe"])
+def test_finetune_evaluate_publish_verbs(tuning, shards, pretrained, tmp_path, capsys):
+    run = tmp_path / "ft"
+    over = tiny_finetune_overrides(shards, pretrained / "export", run, steps=3, key="pneumonia")
+    assert main(["finetune", ADAPT, f"tuning={tuning}", *over]) == 0
+    out = capsys.readouterr()
+    assert "finetune finished at step 3" in out.out and "eval:" in out.out
+    assert f"(tuning: {tuning})" in out.err  # the trainable-parameter table
+    report = json.loads((run / "eval.json").read_text())
+    assert report["dataset"]["num_samples"] == 624 and report["label_type"] == "binary"
+    assert set(report["metrics"]) == {"auroc", "accuracy", "balanced_accuracy"}
+    assert (run / "export" / "adapter").exists() == (tuning == "lora")
+    (run / "eval.json").unlink()
+    assert main(["evaluate", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text())["metrics"] == report["metrics"]
+    assert main(["publish", str(run), "--out", str(tmp_path / "model")]) == 0
+    assert "README.md" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_shard_and_pretrain_verbs(tmp_path, capsys):
+    s = tmp_path / "shards"
+    assert main(["shard", "npz", str(DATA / "medmnist" / "retinamnist_demo.npz"), "--out", str(s / "retina"),
+                 "--modality", "fundus", "--label-type", "ordinal", "--max-count", "300"]) == 0
+    assert "1120 samples" in capsys.readouterr().out
+    assert main(["shard", "npz", str(DATA / "medmnist" / "retinamnist_demo.npz"), "--out", str(s / "retina")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["shard", "wsi", str(DATA / "wsi" / "CMU-1-Small-Region.svs"), "--out", str(s / "he"), "--modality",
+                 "pathology", "--mpp", "2.0", "--tile-size", "32"]) == 0
+    assert main(["inspect", str(s / "retina"), str(s / "he")]) == 0
+    assert "all checksums verified" in capsys.readouterr().out
+    shards = {"retina": s / "retina", "pneumonia": s / "retina", "he": s / "he"}
+    run = tmp_path / "pre"
+    assert main(["pretrain", "demo_mae_tiny", *tiny_pretrain_overrides(shards, run, steps=2)]) == 0
+    assert (run / "export" / "model.safetensors").is_file()
+    assert main(["pretrain", "demo_mae_tiny", *tiny_pretrain_overrides(shards, run, steps=2)]) == 1
+    assert "trainer.resume=auto" in capsys.readouterr().err  # never silently overwrites a run
+    assert main(["evaluate", str(run)]) == 1
+    assert "is a pretrain run" in capsys.readouterr().err
+    assert main(["pretrain", ADAPT]) == 2
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "medfound.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(shards, tmp_path):
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["pretrain", PRETRAIN, *tiny_pretrain_overrides(shards, out, steps=120), "trainer.checkpoint_every=10",
+                "trainer.log_every=10", "data.num_workers=1", *extra]
+
+    full = _cli(*args(tmp_path / "full"))
+    victim = _cli(*args(tmp_path / "killed"))
+    last = tmp_path / "killed" / "checkpoints" / "last"
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        if last.is_file() and last.read_text().strip() >= "step_00000030":
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: raise max_steps"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = last.read_text().strip()
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    resumed = _cli(*args(tmp_path / "killed", "trainer.resume=auto"))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / killed_at}" in output
+    a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

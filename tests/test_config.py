@@ -1,0 +1,108 @@
+"""Recipe schema: strict keys, friendly typo errors, overrides, derived values, recipe lookup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medfound.config import ConfigError, FinetuneRecipe, PretrainRecipe, dump_recipe, find_recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "pretrain" / "demo_mae_tiny.yaml"
+ADAPT = ROOT / "adapt" / "demo_classify_lora.yaml"
+
+
+def test_typo_names_the_key_and_the_nearest_valid_one():
+    with pytest.raises(ConfigError) as e:
+        load_recipe(ADAPT, ["optim.lrr=1"])
+    msg = str(e.value)
+    assert "unknown key 'optim.lrr'" in msg
+    assert "Did you mean 'optim.lr'?" in msg
+    assert str(ADAPT) in msg
+
+
+def test_typo_inside_the_yaml_is_caught_too(tmp_path):
+    data = yaml.safe_load(PRETRAIN.read_text())
+    data["trainer"]["max_stpes"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_stpes'. Did you mean 'trainer.max_steps'\?"):
+        load_recipe(bad)
+
+
+def test_top_level_typo_and_wrong_value_type():
+    with pytest.raises(ConfigError, match=r"unknown key 'tunning'. Did you mean 'tuning'\?"):
+        load_recipe(ADAPT, ["tunning=full"])
+    with pytest.raises(ConfigError, match=r"'trainer.max_steps'"):
+        load_recipe(ADAPT, ["trainer.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"'tuning'"):
+        load_recipe(ADAPT, ["tuning=qlora"])
+
+
+def test_overrides_are_typed_yaml_values():
+    r = load_recipe(PRETRAIN, ["optim.betas=[0.8, 0.9]", "trainer.max_steps=7", "data.img_size=32",
+                               "backbone.model_args.depth=3"])
+    assert isinstance(r, PretrainRecipe)
+    assert r.optim.betas == (0.8, 0.9)
+    assert r.trainer.max_steps == 7
+    assert r.backbone.model_args["depth"] == 3
+    assert r.backbone.model_args["patch_size"] == 4  # siblings survive a nested override
+
+
+def test_lr_xor_blr():
+    with pytest.raises(ConfigError, match="exactly one of optim.lr"):
+        load_recipe(PRETRAIN, ["optim.lr=1e-3"])
+    r = load_recipe(PRETRAIN, ["optim.blr=null", "optim.lr=1e-3"])
+    assert r.optim.lr == 1e-3
+
+
+def test_kind_mismatch_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="use `medfound finetune`"):
+        load_recipe(ADAPT, expect="pretrain")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_recipe(ADAPT, ["optim.lr"])
+
+
+def test_resolved_config_round_trips():
+    r = load_recipe(ADAPT, ["tuning=full"])
+    text = dump_recipe(r, header="resolved\ncommand: x")
+    assert text.startswith("# resolved\n# command: x\n")
+    again = FinetuneRecipe.model_validate(yaml.safe_load(text))
+    assert again == r
+
+
+def test_find_recipe_by_name_and_path():
+    assert find_recipe("demo_mae_tiny", "pretrain").resolve() == PRETRAIN
+    assert find_recipe(str(ADAPT), "adapt") == ADAPT
+    with pytest.raises(ConfigError, match="not found"):
+        find_recipe("no_such_recipe", "adapt")
+
+
+def test_cli_typo_fails_fast_before_any_work():
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "medfound.cli", "finetune", str(ADAPT), "optim.lrr=1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    elapsed = time.time() - start
+    assert proc.returncode == 2
+    assert "optim.lrr" in proc.stderr and "optim.lr" in proc.stderr
+    assert elapsed < 10, f"typo took {elapsed:.1f}s to report"
+
+
+def test_recipe_errors_do_not_import_torch():
+    code = ("import sys; from medfound.cli import main; rc = main(['validate', %r, 'optim.lrr=1']); "
+            "sys.exit(100 if 'torch' in sys.modules else rc)" % str(ADAPT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+
+
+def test_cli_validate(capsys):
+    from medfound.cli import main
+
+    assert main(["validate", str(ADAPT)]) == 0
+    assert "valid finetune recipe" in capsys.readouterr().out
+    assert main(["validate", "demo_mae_tiny", "trainer.seed=3"]) == 0
