@@ -180,6 +180,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 
 def _report(summary: dict, verb: str) -> None:
+    if not summary.get("main", True):
+        return  # other ranks of a multi-process run stay quiet
     if summary.get("preempted"):
         print(f"stopped by SIGTERM at step {summary['step']}: resume with trainer.resume=auto")
         return

@@ -30,7 +30,7 @@ def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
     from medfound.train.loop import resolve_resume
 
     t = recipe.trainer
-    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not _has_accelerator())
     set_seed(t.seed)
     world = accelerator.num_processes
     global_batch = recipe.data.batch_size * t.grad_accum_steps * world
@@ -44,6 +44,14 @@ def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "config.yaml", text)
     return accelerator, run_dir, resume, text
+
+
+def _has_accelerator() -> bool:
+    """True when a GPU-like device exists. Without one, accelerate must be told cpu=True, or processes started
+    by torchrun / accelerate launch would each train alone instead of forming a gloo process group."""
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available()
 
 
 def _dataset_record(m: Manifest) -> dict[str, Any]:
@@ -107,7 +115,8 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     _check_img_size(mae.encoder, recipe.data.img_size)
     state = fit(mae, _train_loader(recipe, urls, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
-    summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted}
+    summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
+               "main": accelerator.is_main_process}
     if state.preempted or not accelerator.is_main_process:
         return summary
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
@@ -138,7 +147,8 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     _check_img_size(task.model, recipe.data.img_size)
     state = fit(task, _train_loader(recipe, urls, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
+                               "main": accelerator.is_main_process}
     if state.preempted or not accelerator.is_main_process:
         return summary
     task = accelerator.unwrap_model(task)

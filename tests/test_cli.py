@@ -96,3 +96,19 @@ def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(shards, tmp_path):
     a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_processes_form_one_run(shards, tmp_path):
+    """torchrun with 2 CPU processes trains one model on a gloo group, not two independent copies."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "medfound.cli", "pretrain", PRETRAIN, *tiny_pretrain_overrides(shards, run, steps=3)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pretrain finished at step 3") == 1  # only rank 0 reports
+    config = (run / "config.yaml").read_text()
+    assert "world_size: 2" in config and "global_batch_size: 32" in config
+    state = json.loads((run / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["images_seen"] == 3 * 32
