@@ -290,9 +290,8 @@ def _friendly(err: ValidationError, source: str, kind: str | None) -> ConfigErro
             lines.append(f"unknown key '{path}'.{hint} Valid keys{where}: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{path}'")
-        elif e["type"] == "union_tag_invalid" or (e["type"] == "union_tag_not_found"):
-            lines.append(f"'kind' must be one of {', '.join(RECIPE_KINDS)} (got {e.get('input', {}).get('kind')!r})"
-                         if isinstance(e.get("input"), dict) else f"'kind' must be one of {', '.join(RECIPE_KINDS)}")
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            lines.append(f"'kind' must be one of {', '.join(RECIPE_KINDS)} (got {kind!r})")
         else:
             lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"invalid recipe {source}:\n  - " + "\n  - ".join(lines))

@@ -70,6 +70,14 @@ def _lineage(recipe, state, manifests: list[Manifest], stage: str, objective: st
             "medfound_version": medfound.__version__, **({"parent": parent} if parent else {})}
 
 
+def _seed_per_rank(recipe, accelerator) -> None:
+    """After the model is built from the shared seed: give each process its own stream for masks, crops and
+    dropout (otherwise every rank draws the same MAE masks and crop boxes for different images)."""
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.trainer.seed + accelerator.process_index)
+
+
 def _check_img_size(model: torch.nn.Module, img_size: int) -> None:
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "strict_img_size", False) and tuple(pe.img_size) != (img_size, img_size):
@@ -113,6 +121,7 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     urls, manifests = shard_urls(recipe.data.shards, recipe.data.train_split)
     mae = build_mae(recipe)
     _check_img_size(mae.encoder, recipe.data.img_size)
+    _seed_per_rank(recipe, accelerator)
     state = fit(mae, _train_loader(recipe, urls, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
     summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
@@ -145,6 +154,7 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     if accelerator.is_main_process:
         print_parameter_table(task.model, recipe.tuning, task.classifier)
     _check_img_size(task.model, recipe.data.img_size)
+    _seed_per_rank(recipe, accelerator)
     state = fit(task, _train_loader(recipe, urls, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,

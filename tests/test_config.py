@@ -106,3 +106,13 @@ def test_cli_validate(capsys):
     assert main(["validate", str(ADAPT)]) == 0
     assert "valid finetune recipe" in capsys.readouterr().out
     assert main(["validate", "demo_mae_tiny", "trainer.seed=3"]) == 0
+
+
+def test_missing_or_unknown_kind(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("kind: distill\ntrainer: {output_dir: x, max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="'kind' must be one of pretrain, finetune \\(got 'distill'\\)"):
+        load_recipe(bad)
+    bad.write_text("trainer: {output_dir: x, max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="must set kind: pretrain"):
+        load_recipe(bad, expect="pretrain")

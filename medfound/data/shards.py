@@ -96,8 +96,6 @@ def write_shard_set(
 
     Raises ValueError naming the sample for a bad key, a duplicate key or a label outside the schema.
     """
-    if not label_schema.type == "none" and label_schema.num_classes == 0:
-        raise ValueError("label schema has no classes")
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -204,3 +204,22 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert lr_at(60, **kw) == pytest.approx(0.55)
     assert lr_at(110, **kw) == pytest.approx(0.1)
     assert lr_at(50, schedule="constant", **kw) == 1.0
+
+
+def test_wandb_is_opt_in_and_named_when_missing(tmp_path):
+    from medfound.train.logging import MetricsLogger, read_metrics
+
+    pytest.importorskip("torch.utils.tensorboard")
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here; the missing-package message cannot be exercised")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pip install medfound\[wandb\]"):
+        MetricsLogger(tmp_path, ["wandb"])
+    log = MetricsLogger(tmp_path, ["tensorboard"])
+    log.log(3, {"loss": 0.5, "note": "text values stay in the JSONL only"})
+    log.close()
+    (record,) = read_metrics(tmp_path)
+    assert (record["step"], record["phase"], record["loss"]) == (3, "train", 0.5) and record["note"].startswith("text")
+    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))

@@ -89,8 +89,8 @@ def tile_slide(path: Path, *, mpp: float, tile_size: int, min_tissue: float, giv
     for j in range(int(h0 // step0)):
         for i in range(int(w0 // step0)):
             x, y = round(i * step0), round(j * step0)
-            m = mask[int(y / mask_ds): max(int((y + step0) / mask_ds), int(y / mask_ds) + 1),
-                     int(x / mask_ds): max(int((x + step0) / mask_ds), int(x / mask_ds) + 1)]
+            r0, c0 = int(y / mask_ds), int(x / mask_ds)  # the tile's footprint on the thumbnail mask, >= 1 px
+            m = mask[r0: max(int((y + step0) / mask_ds), r0 + 1), c0: max(int((x + step0) / mask_ds), c0 + 1)]
             frac = float(m.mean()) if m.size else 0.0
             if frac < min_tissue:
                 continue
