@@ -92,6 +92,7 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: Optional[torch.opt
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} is not a medfound checkpoint (no model.safetensors)")
+    # strict=False only to collect both key lists for one readable error; any difference raises below
     missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not fit the model built from the recipe: "

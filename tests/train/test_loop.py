@@ -223,3 +223,17 @@ def test_wandb_is_opt_in_and_named_when_missing(tmp_path):
     (record,) = read_metrics(tmp_path)
     assert (record["step"], record["phase"], record["loss"]) == (3, "train", 0.5) and record["note"].startswith("text")
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(pretrained):
+    from medfound.train.checkpoint import load_checkpoint
+
+    ckpt = latest_checkpoint(pretrained / "checkpoints")
+    deeper = MAE(timm.create_model("vit_tiny_patch16_224", num_classes=0, **{**TINY_VIT, "depth": 3}),
+                 decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(RuntimeError, match=r"missing \['encoder.blocks.2.*Was the recipe changed"):
+        load_checkpoint(ckpt, deeper)
+    wider_decoder = MAE(timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT), decoder_dim=32,
+                        decoder_depth=2, decoder_heads=2)
+    with pytest.raises(RuntimeError, match=r"missing \['decoder_blocks.1"):
+        load_checkpoint(ckpt, wider_decoder)
