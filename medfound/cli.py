@@ -48,12 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("shard", help="raw archive -> WebDataset shards + manifest.json")
-    s.add_argument("kind", choices=["npz", "images", "wsi"], help="npz (MedMNIST layout), images (folder + CSV), wsi")
-    s.add_argument("input", help="the archive: .npz file, image folder, or slide file/folder")
+    s.add_argument("kind", choices=["npz", "images", "dicom", "wsi", "volumes"],
+                   help="npz (MedMNIST layout), images (folder + CSV/Parquet table), dicom, wsi, volumes (NRRD/NIfTI)")
+    s.add_argument("input", help="the archive: .npz file, image folder, DICOM file/folder, slide file/folder, "
+                                 "volume folder")
     s.add_argument("--out", required=True, help="output shard-set directory")
     s.add_argument("--name", help="data set name (default: the --out folder name)")
-    s.add_argument("--modality", default="other",
-                   help="fundus, oct, cxr, xray, mammography, ct, mr, us, pathology or other")
+    s.add_argument("--modality", default="auto",
+                   help="fundus, oct, cxr, xray, mammography, ct, mr, us, pathology, other; auto (default): from the "
+                        "DICOM tags ('mixed' when several), else other")
     s.add_argument("--site", help="acquisition site for every sample (a CSV site column overrides it)")
     s.add_argument("--label-type", choices=["none", "binary", "multiclass", "ordinal"],
                    help="default: binary for 2 classes, else multiclass; use ordinal for grades")
@@ -65,9 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing shard set (only once complete)")
     s.add_argument("--keep-names", action="store_true",
                    help="use file/slide names in sample keys (only for public data whose names carry no PHI)")
-    g = s.add_argument_group("images")
-    g.add_argument("--table", help="CSV: images path,label[,patient_id,site,split]; wsi slide,label[,split,site]")
-    g.add_argument("--split-fractions", type=_fractions, help="images without a split column, e.g. train=0.8,val=0.1,test=0.1")
+    s.add_argument("--salt", help="secret for patient tokens and keys (default: derived from the inputs' bytes, "
+                                  "never stored); give the same salt to every shard set of one cohort")
+    g = s.add_argument_group("images, dicom, volumes")
+    g.add_argument("--table", help="CSV or Parquet. images: path,label|labels[,patient_id,site,split,mask,fov,mask_NAME]; "
+                                   "dicom: path,label|labels[,split,site]; wsi: slide,label|labels[,split,site]; "
+                                   "volumes: path[,mask,label,patient_id,site,split]")
+    g.add_argument("--split-fractions", type=_fractions,
+                   help="split by patient when there is no split column, e.g. train=0.8,val=0.1,test=0.1")
+    g.add_argument("--fov", choices=["none", "detect", "crop"], default="none",
+                   help="images (colour fundus): store a detected field-of-view mask, or also crop to it")
+    g = s.add_argument_group("volumes")
+    g.add_argument("--layout", choices=["volume", "slices", "patches"], default="volume")
+    g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
+    g.add_argument("--patch", type=lambda v: [int(x) for x in v.split(",")], help="patch size, e.g. 64,64,16")
     g = s.add_argument_group("wsi")
     g.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles (default 0.5)")
     g.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp (default 224)")
@@ -154,12 +168,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "shard":
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
-                                                 "keep_names")}
-        m = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality, site=args.site,
-                            license=args.license, attribution=args.attribution, max_count=args.max_count,
-                            max_mb=args.shard_size_mb, overwrite=args.overwrite, **options)
+                                                 "keep_names", "salt", "fov", "layout", "axis", "patch")}
+        m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
+                                     site=args.site, license=args.license, attribution=args.attribution,
+                                     max_count=args.max_count, max_mb=args.shard_size_mb, overwrite=args.overwrite,
+                                     **options)
         print(f"wrote {len(m.shards)} shards ({m.counts['total']} samples: "
-              f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}) to {args.out}; digest {m.digest[:16]}")
+              f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}; modalities "
+              f"{', '.join(f'{k} {v}' for k, v in m.counts['by_modality'].items())}) to {args.out}; "
+              f"digest {m.digest[:16]}")
+        if m.deidentification:
+            print(f"de-identified: {m.deidentification['files_deidentified']} files (allow-listed tags only; "
+                  f"patient IDs as salted tokens, salt {m.deidentification['salt']})")
+        if skipped:
+            print(f"skipped {len(skipped)} files:")
+            for path, reason in skipped:
+                print(f"  {path}: {reason}")
         return 0
     if args.verb == "inspect":
         bad = 0
@@ -167,7 +191,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
             m, problems = workflows.inspect_shards(d)
             print(f"{d}: {m.name} ({m.modality}{', site ' + m.site if m.site else ''}), labels {m.label_schema.type}"
                   f"{' ' + str(m.label_schema.names) if m.label_schema.names else ''}")
-            print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; digest {m.digest}")
+            print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; "
+                  f"modalities {m.counts.get('by_modality', {})}; sites {m.counts.get('by_site', {})}; digest {m.digest}")
             for p in problems:
                 print(f"  PROBLEM {p}")
             if problems:

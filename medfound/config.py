@@ -85,6 +85,14 @@ class BackboneConfig(Strict):
         return self
 
 
+class MultiCropConfig(Strict):
+    """DINOv2 multi-crop views (used with data.augment=dino)."""
+
+    global_crops: int = Field(2, ge=1)
+    local_crops: int = Field(8, ge=0)
+    local_size: int = Field(96, gt=0)
+
+
 class DataConfig(Strict):
     """Which shard sets to read and how to turn samples into tensors."""
 
@@ -96,9 +104,40 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
-    augment: Literal["mae", "light", "none"] = "light"
+    resampled: bool = Field(False, description="draw shards with replacement and mix the sets (pretraining)")
+    weights: Optional[list[float]] = Field(None, description="mixing weight per shard set (resampled only); "
+                                                             "default: proportional to the sets' sizes")
+    samples_per_epoch: Optional[int] = Field(None, gt=0, description="virtual epoch of a resampled stream, all "
+                                                                     "processes together (default: the sets' sizes)")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more samples than this fail to decode")
+    augment: Literal["mae", "light", "none", "he", "dino"] = "light"
+    window: Optional[Literal["lung", "mediastinum", "bone", "brain", "abdomen", "file"]] = Field(
+        None, description="CT/DICOM intensity window preset; default: the file's own window")
+    fundus_crop: bool = Field(False, description="crop colour fundus images to their field of view")
+    hed_sigma: float = Field(0.05, ge=0, description="HED stain jitter strength (augment=he)")
+    multicrop: MultiCropConfig = Field(default_factory=MultiCropConfig)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _mixing(self) -> "DataConfig":
+        if self.weights is not None:
+            if not self.resampled:
+                raise ValueError("data.weights mixes shard sets in a resampled stream: set data.resampled=true")
+            if len(self.weights) != len(self.shards):
+                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.shards)} shard sets")
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(f"data.weights must be non-negative with a positive sum, got {self.weights}")
+        return self
+
+    def transform(self, train: bool):
+        """The sample -> tensors transform these settings describe (medfound.data.transforms)."""
+        from medfound.data.transforms import build_transform
+
+        return build_transform(self.augment, self.img_size, self.mean, self.std, train=train, window=self.window,
+                               fundus_crop=self.fundus_crop, hed_sigma=self.hed_sigma,
+                               global_crops=self.multicrop.global_crops, local_crops=self.multicrop.local_crops,
+                               local_size=self.multicrop.local_size)
 
 
 class CardConfig(Strict):

@@ -85,16 +85,20 @@ def _check_img_size(model: torch.nn.Module, img_size: int) -> None:
                          f"data.img_size={pe.img_size[0]} or backbone.model_args.img_size={img_size}")
 
 
-def _train_loader(recipe, urls: list[str], labelled: bool):
+def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labelled: bool):
     from medfound.data.pipeline import make_loader
-    from medfound.data.transforms import build_transform
 
     d, seed = recipe.data, recipe.trainer.seed
-    transform = build_transform(d.augment, d.img_size, d.mean, d.std, train=True)
+    transform = d.transform(train=True)
+    schema = manifests[0].label_schema
+    samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)
 
     def loader(epoch: int):
-        return make_loader(urls, transform=transform, batch_size=d.batch_size, labelled=labelled, train=True,
-                           seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers)
+        return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=labelled, train=True,
+                           seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+                           resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
+                           num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
+                           max_bad_fraction=d.max_bad_fraction)
     return loader
 
 
@@ -113,16 +117,16 @@ def build_mae(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None)
 
 def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> dict[str, Any]:
     """Pretrain with the recipe's objective; export the encoder to RUN_DIR/export. Returns a summary."""
-    from medfound.data.pipeline import shard_urls
+    from medfound.data.pipeline import shard_sets
     from medfound.publish.export import export_model, read_lineage
     from medfound.train.loop import fit
 
     accelerator, run_dir, resume, text = _start(recipe, command)
-    urls, manifests = shard_urls(recipe.data.shards, recipe.data.train_split)
+    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
     mae = build_mae(recipe)
     _check_img_size(mae.encoder, recipe.data.img_size)
     _seed_per_rank(recipe, accelerator)
-    state = fit(mae, _train_loader(recipe, urls, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
+    state = fit(mae, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
     summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
                "main": accelerator.is_main_process}
@@ -142,20 +146,20 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     """Fine-tune, export the merged model (+ LoRA adapter), evaluate it on eval.split -> eval.json."""
     from medfound.adapt.tasks import build_task
     from medfound.adapt.tuning import merged_copy, print_parameter_table
-    from medfound.data.pipeline import shard_urls
+    from medfound.data.pipeline import shard_sets
     from medfound.evaluate.report import evaluate_run
     from medfound.publish.export import export_model, read_lineage
     from medfound.train.loop import fit
 
     accelerator, run_dir, resume, text = _start(recipe, command)
-    urls, manifests = shard_urls(recipe.data.shards, recipe.data.train_split)
+    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
     schema = manifests[0].label_schema
     task = build_task(recipe, schema)
     if accelerator.is_main_process:
         print_parameter_table(task.model, recipe.tuning, task.classifier)
     _check_img_size(task.model, recipe.data.img_size)
     _seed_per_rank(recipe, accelerator)
-    state = fit(task, _train_loader(recipe, urls, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
+    state = fit(task, _train_loader(recipe, sets, manifests, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
                                "main": accelerator.is_main_process}
@@ -254,10 +258,14 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
     return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
 
 
-def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "other",
+def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "auto",
           site: Optional[str] = None, license: Optional[str] = None, attribution: Optional[str] = None,
-          max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, **options: Any) -> Manifest:
-    """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest."""
+          max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, **options: Any):
+    """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest.
+
+    `modality="auto"` takes it from the data (DICOM tags; "mixed" when several) and is "other" elsewhere.
+    Returns (manifest, skipped) where skipped lists (relative path, reason) for inputs not written.
+    """
     from medfound.data.ingest import get_reader
     from medfound.data.shards import write_shard_set
 
@@ -268,9 +276,27 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
         source["license"] = license
     if attribution:
         source["attribution"] = attribution
-    return write_shard_set(ingested.samples, out, name=name, modality=modality, label_schema=ingested.label_schema,
-                           source=source, ingest=ingested.settings, site=site, max_count=max_count, max_mb=max_mb,
-                           overwrite=overwrite)
+    skipped = ingested.skipped if ingested.skipped is not None else None
+
+    def modality_of_set() -> str:
+        if modality != "auto":
+            return modality
+        seen = ingested.modalities or {}
+        return next(iter(seen)) if len(seen) == 1 else "mixed" if seen else "other"
+
+    manifest = write_shard_set(
+        _per_sample_modality(ingested.samples, modality), out, name=name, modality=modality_of_set, site=site,
+        label_schema=ingested.label_schema, source=source, ingest=ingested.settings, max_count=max_count,
+        max_mb=max_mb, overwrite=overwrite, bags=ingested.bags, skipped=skipped,
+        deidentification=ingested.deidentification)
+    return manifest, (skipped or {}).get("files", [])
+
+
+def _per_sample_modality(samples, modality: str):
+    for s in samples:
+        if modality != "auto":
+            s["modality"] = modality
+        yield s
 
 
 def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str]]:

@@ -21,13 +21,14 @@ from medfound.io import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "medfound-shards/1"
-MODALITIES = ("fundus", "oct", "cxr", "xray", "mammography", "ct", "mr", "us", "pathology", "other")
+MODALITIES = ("fundus", "oct", "cxr", "xray", "mammography", "ct", "mr", "us", "pathology", "other", "mixed")
 
 
 class LabelSchema(Strict):
-    """`type`: none (unlabelled), binary, multiclass, ordinal (grades: kappa is quadratic-weighted)."""
+    """`type`: none (unlabelled), binary, multiclass, ordinal (grades: kappa is quadratic-weighted), or
+    multilabel (any subset of the classes per sample, e.g. CheXNet's 14 findings)."""
 
-    type: Literal["none", "binary", "multiclass", "ordinal"]
+    type: Literal["none", "binary", "multiclass", "ordinal", "multilabel"]
     names: list[str] = Field(default_factory=list, description="class index -> name")
 
     @model_validator(mode="after")
@@ -38,6 +39,8 @@ class LabelSchema(Strict):
             raise ValueError(f"a binary schema has exactly 2 class names, got {self.names}")
         if self.type in ("multiclass", "ordinal") and len(self.names) < 2:
             raise ValueError(f"a {self.type} schema needs at least 2 class names, got {self.names}")
+        if self.type == "multilabel" and not self.names:
+            raise ValueError("a multilabel schema needs its class names")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"class names must be unique, got {self.names}")
         return self
@@ -65,6 +68,10 @@ class Manifest(Strict):
     ingest: dict[str, Any] = Field(description="the ingest kind and every setting it used")
     shards: list[ShardInfo]
     counts: dict[str, Any]
+    fields: Optional[list[str]] = Field(None, description="tar members of every sample, e.g. png, mask.png, cls, json")
+    bags: Optional[list[dict[str, Any]]] = Field(None, description="slide-level bags (WSI): slide, label, split, tiles")
+    skipped: Optional[dict[str, Any]] = Field(None, description="inputs not written, counted by reason")
+    deidentification: Optional[dict[str, Any]] = Field(None, description="what was removed and how IDs were hashed")
     digest: str = ""
     medfound_version: str = ""
     created: str = ""
@@ -78,21 +85,25 @@ class Manifest(Strict):
 
     def compute_digest(self) -> str:
         """sha256 over the canonical JSON of everything but `digest`, `created` and `medfound_version`."""
-        body = self.model_dump(mode="json", exclude={"digest", "created", "medfound_version"})
+        body = self.model_dump(mode="json", exclude={"digest", "created", "medfound_version"}, exclude_none=True)
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def count_table(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per split, per split x label and per site, from one small record per sample."""
+    """Counts per split, per split x label (each label of a multi-label sample counts), per site and per
+    modality, from one small record per sample."""
     order = {"train": 0, "val": 1, "test": 2}
     by_split = Counter(r["split"] for r in records)
     by_label: dict[str, Counter] = {}
     for r in records:
-        if r.get("label") is not None:
-            by_label.setdefault(r["split"], Counter())[str(r["label"])] += 1
+        labels = r.get("label")
+        for lab in (labels if isinstance(labels, list) else [] if labels is None else [labels]):
+            by_label.setdefault(r["split"], Counter())[str(lab)] += 1
     by_site = Counter(r["site"] for r in records if r.get("site"))
+    by_modality = Counter(r["modality"] for r in records if r.get("modality"))
     return {
         "total": len(records),
+        "by_modality": dict(sorted(by_modality.items())),
         "by_split": dict(sorted(by_split.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))),
         "by_label": {k: dict(sorted(v.items())) for k, v in sorted(by_label.items(),
                                                                    key=lambda kv: (order.get(kv[0], 9), kv[0]))},

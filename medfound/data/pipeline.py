@@ -1,20 +1,36 @@
 """Stream shard sets back as batches of dicts, split by node and by DataLoader worker.
 
-Batches are dicts: `image` float `[B, 3, H, W]`, `label` long `[B]` (labelled sets), `key` list.
-Order is a pure function of (seed, epoch, rank, worker): the shard list is shuffled with
-`seed + epoch`, split across ranks then workers, and samples pass a shuffle buffer seeded per
-(seed, epoch, rank, worker). The training loop therefore resumes exactly by rebuilding the epoch's
-loader and skipping the batches it had already consumed.
+Batches are dicts: `image` float `[B, 3, H, W]`; `crops` (multi-crop: a list of `[B, 3, h, w]`);
+`label` long `[B]` (single-label) or float multi-hot `[B, K]` (multi-label); `key` list; `site` list
+when samples carry one; `_bad` list of "key (shard): reason" for samples skipped since the last batch.
+
+Two ways to read:
+- finite (evaluation, fine-tuning): every sample of the listed shards once per epoch, shards split
+  across ranks then workers (`webdataset.split_by_node` / `split_by_worker`), so across ranks x
+  workers each sample is read exactly once; training shuffles shard order and samples (seeded).
+- resampled (pretraining, `resampled=True`): every (rank, worker) draws shards at random with
+  replacement from each shard set and mixes the sets with `weights` (e.g. 40% fundus, 30% chest X-ray,
+  30% pathology), for `samples_per_epoch` samples in all (a virtual epoch), through a shuffle buffer.
+Order is a pure function of (seed, epoch, rank, worker), so the loop resumes exactly by rebuilding the
+epoch's loader and skipping the batches already consumed.
+
+Undecodable samples are skipped, logged with their key and shard, and counted; when more than
+`max_bad_fraction` of the samples seen fail (judged once 10 have failed, or at the end of the stream)
+the worker stops with an error naming the shard with the most failures.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -22,49 +38,112 @@ from torch.utils.data import DataLoader
 
 from medfound.data.manifest import Manifest, read_manifest
 
+log = logging.getLogger("medfound.data")
+MIN_BAD_TO_JUDGE = 10
+
 
 def shard_urls(dirs: Sequence[str | Path], split: str) -> tuple[list[str], list[Manifest]]:
     """Paths of every `split` shard in the given shard sets, and their manifests."""
-    urls, manifests = [], []
+    sets, manifests = shard_sets(dirs, split)
+    return [u for s in sets for u in s], manifests
+
+
+def shard_sets(dirs: Sequence[str | Path], split: str) -> tuple[list[list[str]], list[Manifest]]:
+    """Per shard set, the paths of its `split` shards; and the manifests."""
+    sets, manifests = [], []
     for d in dirs:
         m = read_manifest(d)
         shards = m.split_shards(split)
         if not shards:
             raise ValueError(f"shard set {d} has no '{split}' split (it has {', '.join(m.splits)}); "
                              f"set data.train_split / data.eval_split / eval.split to one of those")
-        urls += [str(Path(d) / s.path) for s in shards]
+        sets.append([str(Path(d) / s.path) for s in shards])
         manifests.append(m)
-    return urls, manifests
+    return sets, manifests
 
 
-def _decode(transform: Callable, labelled: bool) -> Callable[[dict], dict]:
-    def decode(sample: dict) -> dict:
-        key = sample.get("__key__")
-        try:
-            with Image.open(io.BytesIO(sample["png"])) as im:
-                im.load()
-                image = transform(im)
-        except Exception as e:  # name the sample: the user needs to find it
-            raise ValueError(f"cannot decode sample {key!r} in {sample.get('__url__')}: {e}") from e
-        out = {"image": image, "key": key}
-        if labelled:
-            if "cls" not in sample:
-                raise ValueError(f"sample {key!r} in {sample.get('__url__')} has no label (.cls); "
-                                 "fine-tuning needs a labelled shard set")
-            out["label"] = int(sample["cls"])
-        if "json" in sample:
-            meta = json.loads(sample["json"])
-            if meta.get("site"):
-                out["site"] = meta["site"]
+def _load_member(name: str, data: bytes) -> Any:
+    if name.endswith("npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im
+
+
+def _seed(*parts: int) -> int:
+    return hash(tuple(parts)) & 0x7FFFFFFF
+
+
+class _Decoder:
+    """Decode + transform inside the worker; skip, log and count what fails."""
+
+    def __init__(self, transform: Callable, labelled: bool, num_classes: int, multilabel: bool,
+                 max_bad_fraction: float):
+        self.transform, self.labelled, self.num_classes = transform, labelled, num_classes
+        self.multilabel, self.max_bad_fraction = multilabel, max_bad_fraction
+
+    def decode(self, sample: dict) -> dict:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        image_member = "png" if "png" in sample else "npy" if "npy" in sample else None
+        if image_member is None:
+            raise ValueError("no image (.png or .npy) in the sample")
+        masks = {k.rsplit(".", 1)[0]: np.asarray(_load_member(k, v)) for k, v in sample.items()
+                 if k.endswith((".png", ".npy")) and "." in k}
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        out = self.transform({"image": _load_member(image_member, sample[image_member]), "meta": meta,
+                              "masks": masks})
+        out = dict(out, key=key)
+        if meta.get("site"):
+            out["site"] = meta["site"]
+        if self.labelled:
+            if self.multilabel:
+                if "labels.json" not in sample:
+                    raise ValueError("no multi-label labels (.labels.json)")
+                hot = torch.zeros(self.num_classes)
+                hot[json.loads(sample["labels.json"])] = 1.0
+                out["label"] = hot
+            else:
+                if "cls" not in sample:
+                    raise ValueError("no label (.cls); fine-tuning needs a labelled shard set")
+                out["label"] = int(sample["cls"])
         return out
-    return decode
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        total, bad, by_url, pending = 0, 0, Counter(), []
+        for sample in src:
+            total += 1
+            try:
+                out = self.decode(sample)
+            except Exception as e:  # one bad sample must not stop a run; too many must
+                bad += 1
+                url = sample.get("__url__")
+                by_url[url] += 1
+                report = f"{sample.get('__key__')} ({url}): {type(e).__name__}: {e}"
+                log.warning("skipped undecodable sample %s", report)
+                pending.append(report)
+                self._judge(total, bad, by_url, end=False)
+                continue
+            if pending:
+                out["_bad"], pending = pending, []
+            yield out
+        self._judge(total, bad, by_url, end=True)
+
+    def _judge(self, total: int, bad: int, by_url: Counter, end: bool) -> None:
+        if bad <= self.max_bad_fraction * total:
+            return
+        if not end and bad < MIN_BAD_TO_JUDGE and self.max_bad_fraction > 0:
+            return
+        url, n = by_url.most_common(1)[0]
+        raise ValueError(f"{bad} of {total} samples could not be decoded (more than data.max_bad_fraction="
+                         f"{self.max_bad_fraction}); most ({n}) from shard {url}. Check it with `medfound inspect "
+                         f"{Path(str(url)).parent}` and re-create it, or raise data.max_bad_fraction")
 
 
 def _shard_order(urls: list[str], shuffle: bool, seed: int, epoch: int) -> Callable[[], Iterator[dict]]:
     def gen() -> Iterator[dict]:
         order = list(urls)
         if shuffle:
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(_seed(seed, epoch)).shuffle(order)
         for u in order:
             yield {"url": u}
     return gen
@@ -73,39 +152,78 @@ def _shard_order(urls: list[str], shuffle: bool, seed: int, epoch: int) -> Calla
 def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
     def stage(src: Iterator[Any]) -> Iterator[Any]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(hash((seed, epoch, rank, worker)))
-        return wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
+        return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(_seed(seed, epoch, rank, worker)))(src)
     return stage
+
+
+def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int, seed: int, epoch: int
+                  ) -> Callable[[], Iterator[dict]]:
+    """Resampled, weighted mixing of shard sets for this (rank, worker): `samples` raw samples in all
+    across ranks x workers; each set is an endless stream of shards drawn with replacement."""
+    if len(weights) != len(sets):
+        raise ValueError(f"{len(weights)} mixing weights for {len(sets)} shard sets")
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
+
+    def gen() -> Iterator[dict]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        base = _seed(seed, epoch, rank, worker)
+        streams = []
+        for k, urls in enumerate(sets):
+            rng = random.Random(_seed(base, k))
+            endless = ({"url": rng.choice(urls)} for _ in iter(int, 1))
+            streams.append(iter(wds.tarfile_to_samples()(endless)))
+        pick = random.Random(base)
+        for _ in range(math.ceil(samples / (world * workers))):
+            k = pick.choices(range(len(sets)), weights=weights)[0]
+            yield next(streams[k])
+    return gen
 
 
 def collate(samples: list[dict]) -> dict:
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
+    if "crops" in samples[0]:
+        batch["crops"] = [torch.stack([s["crops"][i] for s in samples]) for i in range(len(samples[0]["crops"]))]
     if "label" in samples[0]:
-        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        first = samples[0]["label"]
+        batch["label"] = torch.stack([s["label"] for s in samples]) if torch.is_tensor(first) else \
+            torch.tensor([s["label"] for s in samples], dtype=torch.long)
     if any("site" in s for s in samples):
         batch["site"] = [s.get("site") for s in samples]
+    bad = [r for s in samples for r in s.get("_bad", [])]
+    if bad:
+        batch["_bad"] = bad
     return batch
 
 
-def make_loader(urls: list[str], *, transform: Callable, batch_size: int, labelled: bool, train: bool,
-                seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                drop_last: Optional[bool] = None) -> DataLoader:
-    """A DataLoader over `urls` for one epoch.
+def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch_size: int, labelled: bool,
+                train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
+                drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
+                samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
+                max_bad_fraction: float = 0.01) -> DataLoader:
+    """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
-    train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False
-    reads every sample exactly once in shard order (per rank and worker).
+    train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
+    every sample exactly once in shard order (per rank and worker). resampled=True (training only) mixes
+    the shard sets by `weights` (default: proportional to their shard counts) for `samples_per_epoch`.
     """
-    stages: list = [
-        _shard_order(urls, train, seed, epoch),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(),
-    ]
+    sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
+    if resampled:
+        if not train:
+            raise ValueError("resampled streams are for training; evaluation reads every sample once")
+        w = list(weights) if weights is not None else [float(len(s)) for s in sets]
+        total = samples_per_epoch or sum(len(s) for s in sets) * 1000
+        stages: list = [mixed_samples(sets, w, total, seed, epoch)]
+    else:
+        if weights is not None:
+            raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
+        stages = [_shard_order([u for s in sets for u in s], train, seed, epoch), wds.split_by_node,
+                  wds.split_by_worker, wds.tarfile_to_samples()]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
-    stages.append(wds.map(_decode(transform, labelled)))
+    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction))
     dataset = wds.DataPipeline(*stages)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(_seed(seed, epoch))
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=train if drop_last is None else drop_last, generator=generator,
                       persistent_workers=False)

@@ -1,10 +1,19 @@
 """Write samples into WebDataset tar shards plus a manifest, atomically.
 
-A sample is a dict: `key` (unique, no PHI), `image` (PIL image or uint8/uint16 array), `split`,
-optional `label` (class index), `site` and `meta` (JSON-able). In the tar each sample is
-`{key}.png` (lossless), `{key}.cls` (the label, when labelled) and `{key}.json` (meta + split +
-site). Shards are `{split}-{index:06d}.tar`, filled in input order up to `max_count` samples or
-`max_bytes`, with a fixed tar mtime so the same input gives byte-identical shards (and digest).
+A sample is a dict:
+- `key`: unique, letters/digits/`_`/`-` only, no PHI;
+- `image`: a PIL image or an array. 2-D uint8/uint16 and HxWx3 uint8 become lossless PNG (`{key}.png`;
+  16-bit values are kept as they are, e.g. raw DICOM pixel values); anything else (volumes, signed or
+  float arrays) becomes `{key}.npy`;
+- `split`; optional `label` (a class index, or a list of indices for multi-label schemas), `site`,
+  `modality` (per sample, when a set mixes modalities), `patient` (a salted token, never an ID);
+- `masks`: optional {name: array}, each stored like the image as `{key}.{name}.png` or `.npy`
+  (vessel masks, field-of-view masks, label maps);
+- `meta`: JSON-able facts about the sample (spacing, windowing, tile coordinates, ...).
+In the tar a sample is `{key}.png|npy`, its masks, `{key}.cls` (single label) or `{key}.labels.json`
+(multi-label), and `{key}.json` (meta + split + site + modality + patient). Shards are
+`{split}-{index:06d}.tar`, filled in input order up to `max_count` samples or `max_mb`, with a fixed tar
+mtime, so the same input gives byte-identical shards and the same digest.
 
 The whole set is built in a temporary sibling directory and renamed into place at the end, so an
 interrupted run never leaves a half-written shard set under the real name.
@@ -16,8 +25,9 @@ import io
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import webdataset as wds
@@ -28,21 +38,34 @@ from medfound.data.manifest import LabelSchema, Manifest, ShardInfo, count_table
 from medfound.io import atomic_dir, sha256_file
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_OK = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def encode_png(image: Any) -> bytes:
-    """PIL image or HxW / HxWxC uint8/uint16 array -> PNG bytes (lossless, 16-bit grey kept)."""
+    """PIL image or HxW / HxWxC uint8, HxW uint16 array -> PNG bytes (lossless, 16-bit grey kept)."""
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint16 and image.ndim == 2:
-            image = Image.fromarray(image)  # mode I;16
-        elif image.dtype == np.uint8 and image.ndim in (2, 3):
-            image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
-        else:
-            raise ValueError(f"cannot store an image array of dtype {image.dtype} and shape {image.shape}; "
-                             "convert it to uint8 (or 2-D uint16) first")
+        if not _png_able(image):
+            raise ValueError(f"cannot store an image array of dtype {image.dtype} and shape {image.shape} as PNG")
+        image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def _png_able(a: np.ndarray) -> bool:
+    return (a.dtype == np.uint8 and (a.ndim == 2 or a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or \
+        (a.dtype == np.uint16 and a.ndim == 2)
+
+
+def encode(value: Any) -> tuple[str, bytes]:
+    """(extension, bytes): PNG for PIL images and PNG-able arrays, NumPy's .npy for everything else."""
+    if isinstance(value, Image.Image) or isinstance(value, np.ndarray) and _png_able(value):
+        return "png", encode_png(value)
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+        return "npy", buf.getvalue()
+    raise ValueError(f"cannot store a {type(value).__name__}: give a PIL image or a NumPy array")
 
 
 class _SplitWriter:
@@ -57,7 +80,7 @@ class _SplitWriter:
         return f"{self.split}-{self.index:06d}.tar"
 
     def write(self, record: dict[str, Any]) -> None:
-        size = sum(len(v) for v in record.values() if isinstance(v, bytes))
+        size = sum(len(v) + 1024 for k, v in record.items() if isinstance(v, bytes))  # + tar headers/padding
         if self.writer is not None and (self.count >= self.max_count or self.bytes + size > self.max_bytes):
             self.close()
             self.index += 1
@@ -78,12 +101,56 @@ class _SplitWriter:
         self.writer = None
 
 
+def _record(s: dict[str, Any], label_schema: LabelSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tar record of one sample and its small summary for the manifest's counts."""
+    key = str(s["key"])
+    if not _KEY_OK.match(key):
+        raise ValueError(f"sample key {key!r} has characters other than letters, digits, '_' and '-' "
+                         "(webdataset splits keys at '.'); fix the ingest's key")
+    label = s.get("label")
+    if label_schema.type == "none" and label is not None:
+        raise ValueError(f"sample {key!r} has a label but the schema is unlabelled (type none)")
+    if label_schema.type != "none" and label is None:
+        raise ValueError(f"sample {key!r} has no label but the schema is {label_schema.type}: label every sample")
+    if label is not None:
+        multi = label_schema.type == "multilabel"
+        if multi != isinstance(label, (list, tuple)):
+            raise ValueError(f"sample {key!r}: label {label!r} does not fit a {label_schema.type} schema "
+                             "(multi-label samples carry a list of class indices, others one index)")
+        for lab in (label if multi else [label]):
+            if not 0 <= int(lab) < label_schema.num_classes:
+                raise ValueError(f"sample {key!r}: label {lab} outside 0..{label_schema.num_classes - 1} "
+                                 f"(classes {label_schema.names})")
+    split = str(s["split"])
+    meta = dict(s.get("meta") or {}, split=split)
+    for field in ("site", "modality", "patient"):
+        if s.get(field):
+            meta[field] = s[field]
+    ext, data = encode(s["image"])
+    record: dict[str, Any] = {"__key__": key, ext: data}
+    for name, mask in (s.get("masks") or {}).items():
+        if not _NAME_OK.match(name) or name in ("png", "npy", "cls", "json", "labels"):
+            raise ValueError(f"sample {key!r}: mask name {name!r} must be lower-case letters, digits and '_'")
+        m_ext, m_data = encode(mask)
+        record[f"{name}.{m_ext}"] = m_data
+    if label is not None:
+        if label_schema.type == "multilabel":
+            record["labels.json"] = json.dumps(sorted(int(x) for x in label)).encode()
+        else:
+            record["cls"] = str(int(label)).encode()
+    record["json"] = json.dumps(meta, sort_keys=True).encode()
+    summary = {"split": split, "site": s.get("site"), "modality": s.get("modality"),
+               "label": None if label is None else ([int(x) for x in label] if isinstance(label, (list, tuple))
+                                                    else int(label))}
+    return record, summary
+
+
 def write_shard_set(
     samples: Iterable[dict[str, Any]],
     out: str | Path,
     *,
     name: str,
-    modality: str,
+    modality: str | Callable[[], str],
     label_schema: LabelSchema,
     source: dict[str, Any],
     ingest: dict[str, Any],
@@ -91,51 +158,53 @@ def write_shard_set(
     max_count: int = 1000,
     max_mb: float = 64.0,
     overwrite: bool = False,
+    bags: Optional[Iterable[dict[str, Any]]] = None,
+    skipped: Optional[dict[str, Any]] = None,
+    deidentification: Optional[dict[str, Any]] = None,
 ) -> Manifest:
     """Write `samples` as shards under `out` with a manifest; return the manifest.
 
-    Raises ValueError naming the sample for a bad key, a duplicate key or a label outside the schema.
+    `modality` (or a callable giving it), `bags`, `skipped` and `deidentification` may be filled by the
+    ingest while `samples` is consumed: they are read after the last sample. `skipped` may list the files
+    skipped under "files"; only the counts go into the manifest (file names can carry PHI). Raises ValueError naming the sample for a bad key, a duplicate
+    key or a label outside the schema; nothing is written under `out` then.
     """
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
+    fields: Counter = Counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writers: dict[str, _SplitWriter] = {}
         for s in samples:
-            key = str(s["key"])
-            if not _KEY_OK.match(key):
-                raise ValueError(f"sample key {key!r} has characters other than letters, digits, '_' and '-' "
-                                 "(webdataset splits keys at '.'); fix the ingest's key")
-            if key in seen:
-                raise ValueError(f"duplicate sample key {key!r}: every sample in a shard set needs its own key")
-            seen.add(key)
-            label = s.get("label")
-            if label_schema.type == "none" and label is not None:
-                raise ValueError(f"sample {key!r} has a label but the schema is unlabelled (type none)")
-            if label is not None and not 0 <= int(label) < label_schema.num_classes:
-                raise ValueError(f"sample {key!r}: label {label} outside 0..{label_schema.num_classes - 1} "
-                                 f"(classes {label_schema.names})")
-            split = str(s["split"])
-            meta = dict(s.get("meta") or {}, split=split)
-            if s.get("site"):
-                meta["site"] = s["site"]
-            record = {"__key__": key, "png": encode_png(s["image"]), "json": json.dumps(meta, sort_keys=True).encode()}
-            if label is not None:
-                record["cls"] = str(int(label)).encode()
+            record, summary = _record(s, label_schema)
+            if record["__key__"] in seen:
+                raise ValueError(f"duplicate sample key {record['__key__']!r}: every sample in a shard set needs "
+                                 "its own key")
+            seen.add(record["__key__"])
+            fields.update(k for k in record if k != "__key__")
+            split = summary["split"]
             if split not in writers:
                 writers[split] = _SplitWriter(tmp, split, max_count, int(max_mb * 1024 * 1024))
             writers[split].write(record)
-            records.append({"split": split, "label": None if label is None else int(label), "site": s.get("site")})
+            records.append(summary)
         for w in writers.values():
             w.close()
         if not records:
-            raise ValueError(f"no samples to write for {name!r}: check the input ({source})")
+            why = f"; skipped: {skipped}" if skipped else ""
+            raise ValueError(f"no samples to write for {name!r}: check the input ({source}){why}")
         shards = sorted((i for w in writers.values() for i in w.done), key=lambda i: i.path)
+        set_modality = modality() if callable(modality) else modality
+        for r in records:
+            r["modality"] = r["modality"] or set_modality
         counts = count_table(records)
         if label_schema.type != "none":
             counts["by_label"] = {sp: {label_schema.names[int(k)]: v for k, v in c.items()}
                                   for sp, c in counts["by_label"].items()}
-        manifest = Manifest(name=name, modality=modality, site=site, label_schema=label_schema, source=source,
-                            ingest=ingest, shards=shards, counts=counts, medfound_version=medfound.__version__,
+        if skipped:
+            skipped = {k: v for k, v in skipped.items() if k != "files"}
+        manifest = Manifest(name=name, modality=set_modality, site=site, label_schema=label_schema, source=source,
+                            ingest=ingest, shards=shards, counts=counts, fields=sorted(fields),
+                            bags=list(bags) if bags is not None else None, skipped=skipped or None,
+                            deidentification=deidentification, medfound_version=medfound.__version__,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_manifest(tmp, manifest)
     return manifest

@@ -1,53 +1,159 @@
-"""Image -> tensor presets.
+"""Sample -> tensors: modality-aware intensity preprocessing, then an augmentation preset.
 
-Every preset takes a PIL image of any mode (grey radiographs, RGB fundus and H&E) and returns a
-float tensor `[3, img_size, img_size]`, normalised with the recipe's mean/std: grey images are
-repeated to three channels so one backbone serves all modalities.
+A transform takes the decoded sample (`image`: PIL image or array, `meta`, `masks`) and returns
+`{"image": [3, S, S] float tensor}` (plus `"crops": [...]` for multi-crop), normalised with the
+recipe's mean/std. Every modality ends as 3 channels so one backbone serves them all.
 
-- `mae`: RandomResizedCrop(scale 0.2-1) + horizontal flip, the MAE pretraining view (He et al. 2022).
-- `light`: RandomResizedCrop(scale 0.8-1) + horizontal flip, for fine-tuning on small images.
-- `none` / eval: resize to img_size only.
+Preprocessing (`to_unit_image`), before any augmentation, to a float `[3, H, W]` tensor in [0, 1]:
+- 8-bit grey or RGB: /255, grey repeated to 3 channels.
+- DICOM (meta["dicom"], stored values kept at full depth by ingest): modality values
+  `(stored + shift) * slope + intercept` (Hounsfield units for CT), then a window: a named preset
+  (`WINDOWS`: lung, mediastinum, bone, brain, abdomen), or the file's own window, or, without one, the
+  0.5-99.5 percentile range; MONOCHROME1 inverted so bone is bright in every radiograph.
+- Other 16-bit / signed / float 2-D arrays (volume slices): the preset window when given, else the
+  0.5-99.5 percentile range.
+- Colour fundus (`fundus_crop`): crop to the field of view (the stored `fov` mask, else detected).
+
+Augmentation presets (torchvision v2 on tensors):
+- `none`: resize to `img_size`.            - `light`: RandomResizedCrop(0.8-1) + horizontal flip.
+- `mae`: RandomResizedCrop(0.2-1) + horizontal flip, the MAE view (He et al. 2022).
+- `he`: H&E tiles: RandomResizedCrop(0.6-1), random 90° rotation, horizontal and vertical flips and HED
+  stain jitter (Tellez et al. 2018) in the Ruifrok-Johnston stain space.
+- `dino`: DINOv2 multi-crop (Oquab et al. 2023): `global_crops` views at img_size (scale 0.32-1) and
+  `local_crops` views at `local_size` (scale 0.05-0.32) with colour jitter, greyscale, blur and
+  solarisation; returned as `image` (first global view) and `crops` (globals first, then locals).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-_SCALES = {"mae": (0.2, 1.0), "light": (0.8, 1.0)}
+WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
+           "abdomen": (40.0, 400.0)}  # (centre, width) in Hounsfield units
+AUGMENTS = ("none", "light", "mae", "he", "dino")
+_BICUBIC = T.InterpolationMode.BICUBIC
+
+# Ruifrok & Johnston (2001) stain vectors for haematoxylin, eosin and DAB, rows = stains, cols = RGB
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 
 
-def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float],
-                    train: bool = True) -> Callable[[Image.Image], torch.Tensor]:
-    """The transform for training (`augment` preset) or, with `train=False`, for evaluation."""
-    head: list = [T.ToImage()]
-    if train and augment in _SCALES:
-        geo = [T.RandomResizedCrop(img_size, scale=_SCALES[augment], interpolation=T.InterpolationMode.BICUBIC,
-                                   antialias=True), T.RandomHorizontalFlip()]
-    elif train and augment != "none":
-        raise ValueError(f"unknown augment preset {augment!r}: choose mae, light or none")
+def window_unit(values: np.ndarray, window: Optional[tuple[float, float]]) -> np.ndarray:
+    """Linear window (centre, width) -> [0, 1]; without a window, the 0.5-99.5 percentile range."""
+    if window is not None:
+        c, w = window
+        lo, hi = c - w / 2.0, c + w / 2.0
     else:
-        geo = [T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
-    tail = [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
-    pipeline = T.Compose(head + geo + tail)
+        lo, hi = (float(x) for x in np.percentile(values, [0.5, 99.5]))
+    return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
-    def apply(img: Image.Image) -> torch.Tensor:
-        if img.mode != "RGB":
-            img = _to_rgb(img)
-        return pipeline(img)
+
+def to_unit_image(image: Any, meta: Optional[dict] = None, window: Optional[str] = None,
+                  fov: Optional[Any] = None, fundus_crop: bool = False) -> torch.Tensor:
+    """Any stored 2-D image -> float `[3, H, W]` in [0, 1] (see the module docstring)."""
+    meta = meta or {}
+    if window is not None and window not in WINDOWS and window != "file":
+        raise ValueError(f"unknown window {window!r}: choose {', '.join(WINDOWS)} or file")
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"a 3-D array of shape {a.shape} reached a 2-D transform: use a 3-D recipe for volumes")
+    dicom = meta.get("dicom")
+    if a.dtype == np.uint8 and not (dicom and dicom.get("invert")):
+        x = a.astype(np.float32) / 255.0
+    else:
+        v = a.astype(np.float32)
+        if dicom:
+            v = (v + dicom.get("shift", 0)) * dicom["rescale"][0] + dicom["rescale"][1]
+            win = WINDOWS.get(window or "") or (tuple(dicom["window"]) if dicom.get("window") else None)
+            x = window_unit(v, win)
+            if dicom.get("invert"):
+                x = 1.0 - x
+        else:
+            x = window_unit(v, WINDOWS.get(window or ""))
+    if x.ndim == 3 and x.shape[-1] == 4:
+        x = x[..., :3]
+    if fundus_crop:
+        from medfound.data.fundus import crop_to_fov, detect_fov
+
+        mask = np.asarray(fov) > 0 if fov is not None else detect_fov((x * 255).astype(np.uint8))
+        x, _ = crop_to_fov(x, mask)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t
+
+
+class HEDJitter(torch.nn.Module):
+    """Stain augmentation for H&E (Tellez et al. 2018): in haematoxylin-eosin-DAB optical-density space,
+    scale each stain by U(1-σ, 1+σ) and shift it by U(-σ, σ), then go back to RGB. Input/output [3, H, W] in [0, 1]."""
+
+    def __init__(self, sigma: float = 0.05):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        od = -torch.log(x.clamp_min(1e-6))                       # optical density per RGB channel
+        stains = torch.einsum("chw,cs->shw", od, _HED_FROM_RGB)  # concentrations of H, E, D
+        alpha = 1 + (torch.rand(3, 1, 1) * 2 - 1) * self.sigma
+        beta = (torch.rand(3, 1, 1) * 2 - 1) * self.sigma
+        stains = stains * alpha + beta
+        return torch.exp(-torch.einsum("shw,sc->chw", stains, _RGB_FROM_HED)).clamp(0, 1)
+
+
+class RandomRot90(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+
+
+def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur_p),
+        T.RandomSolarize(0.5, p=solarize_p),
+    ])
+
+
+def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool = True,
+                    *, window: Optional[str] = None, fundus_crop: bool = False, hed_sigma: float = 0.05,
+                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96
+                    ) -> Callable[[Any], dict[str, torch.Tensor] | torch.Tensor]:
+    """The transform for training (`augment` preset) or, with `train=False`, for evaluation.
+
+    The returned callable takes a sample dict (`image`, `meta`, `masks`) and returns
+    {"image": tensor[, "crops": [tensors]]}; given a bare PIL image it returns the image tensor.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment preset {augment!r}: choose {', '.join(AUGMENTS)}")
+    norm = T.Normalize(mean=list(mean), std=list(std))
+    resize = T.Resize((img_size, img_size), interpolation=_BICUBIC, antialias=True)
+    if not train or augment == "none":
+        views = [T.Compose([resize, norm])]
+    elif augment in ("light", "mae"):
+        scale = (0.8, 1.0) if augment == "light" else (0.2, 1.0)
+        views = [T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=_BICUBIC, antialias=True),
+                            T.RandomHorizontalFlip(), norm])]
+    elif augment == "he":
+        views = [T.Compose([T.RandomResizedCrop(img_size, scale=(0.6, 1.0), interpolation=_BICUBIC, antialias=True),
+                            RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), HEDJitter(hed_sigma),
+                            norm])]
+    else:  # dino
+        views = [T.Compose([_dino_view(img_size, (0.32, 1.0), 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2), norm])
+                 for i in range(global_crops)]
+        views += [T.Compose([_dino_view(local_size, (0.05, 0.32), 0.5, 0.0), norm]) for _ in range(local_crops)]
+
+    def apply(sample: Any) -> Any:
+        if isinstance(sample, Image.Image):
+            return views[0](to_unit_image(sample))
+        masks = sample.get("masks") or {}
+        x = to_unit_image(sample["image"], sample.get("meta"), window, masks.get("fov"), fundus_crop)
+        out = [v(x) for v in views]
+        return {"image": out[0], "crops": out} if len(out) > 1 else {"image": out[0]}
 
     return apply
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I", "F"):
-        # 16-bit grey: stretch to 8 bits over the image's own range (windowing comes with DICOM ingest)
-        import numpy as np
-        a = np.asarray(img, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo + 1e-6) * 255.0
-        img = Image.fromarray(a.astype("uint8"))
-    return img.convert("RGB")

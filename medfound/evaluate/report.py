@@ -17,24 +17,25 @@ import torch
 import medfound
 from medfound.config import FinetuneRecipe, load_recipe
 from medfound.data.pipeline import make_loader, shard_urls
-from medfound.data.transforms import build_transform
 from medfound.evaluate.metrics import DEFINITIONS, classification_metrics
 from medfound.io import atomic_write_json, sha256_file
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]]]:
-    """Softmax probabilities `[N, K]`, labels `[N]`, keys and sites for every sample of `loader`."""
+def predict(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str]]:
+    """Softmax probabilities `[N, K]`, labels `[N]`, keys and sites for every sample of `loader`, and the
+    reports of samples skipped as undecodable."""
     model.eval()
-    probs, labels, keys, sites = [], [], [], []
+    probs, labels, keys, sites, skipped = [], [], [], [], []
     for batch in loader:
+        skipped += batch.pop("_bad", [])
         probs.append(torch.softmax(model(batch["image"]).float(), dim=1).numpy())
         labels.append(batch["label"].numpy())
         keys += batch["key"]
         sites += batch.get("site", [None] * len(batch["key"]))
     if not probs:
         raise ValueError("the evaluation split yielded no samples")
-    return np.concatenate(probs), np.concatenate(labels), keys, sites
+    return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped
 
 
 def load_run_recipe(run_dir: Path) -> Any:
@@ -60,11 +61,14 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
     urls, (manifest,) = shard_urls([shards], split)
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
     d = recipe.data
-    loader = make_loader(urls, transform=build_transform(d.augment, d.img_size, d.mean, d.std, train=False),
-                         batch_size=d.eval_batch_size, labelled=True, train=False, num_workers=d.num_workers)
-    start = time.time()
-    probs, labels, keys, sites = predict(model, loader)
     schema = manifest.label_schema
+    if schema.type == "multilabel":
+        raise ValueError(f"{shards} is multi-label: multi-label evaluation (per-finding AUROC) is not implemented yet")
+    loader = make_loader(urls, transform=d.transform(train=False), batch_size=d.eval_batch_size, labelled=True,
+                         train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
+                         max_bad_fraction=d.max_bad_fraction)
+    start = time.time()
+    probs, labels, keys, sites, skipped = predict(model, loader)
     result = classification_metrics(probs, labels, schema.type, schema.names, split=split)
     by_site = {}
     for site in sorted({s for s in sites if s}):
@@ -82,7 +86,8 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         "per_class": result["per_class"],
         "by_site": by_site,
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},
-        "warnings": result["warnings"],
+        "warnings": result["warnings"] + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
+        "skipped_samples": skipped,
         "seconds": round(time.time() - start, 2),
         "medfound_version": medfound.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

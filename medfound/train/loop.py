@@ -139,6 +139,10 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
             step_start = time.time()
             for batch in iterator:
                 seen_this_epoch += 1
+                bad = batch.pop("_bad", None)
+                if bad:
+                    window.setdefault("bad_samples", []).append(float(len(bad)))
+                    logger.log(state.step, {"skipped_samples": bad}, prefix="data")
                 batch = _to_device(batch, accelerator.device)
                 sync = (micro + 1) % accum == 0
                 no_sync = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 \
@@ -156,7 +160,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     accelerator.backward(loss / accum)
                 micro += 1
                 state.batch_in_epoch += 1
-                n_images = batch["image"].shape[0] * accelerator.num_processes
+                n_images = len(batch["key"]) * accelerator.num_processes
                 state.images_seen += n_images
                 window_images += n_images
                 for k, v in out.items():
@@ -182,7 +186,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
 
                 if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
-                    values = {k: sum(v) / len(v) for k, v in window.items()}
+                    values = {k: sum(v) if k == "bad_samples" else sum(v) / len(v) for k, v in window.items()}
                     values.update(lr=lr_now, epoch=state.epoch, images_per_s=window_images / elapsed,
                                   images_seen=state.images_seen, train_seconds=round(state.train_seconds, 2))
                     if grad_norm is not None and math.isfinite(grad_norm):

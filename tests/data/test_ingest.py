@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfound.data.ingest.images import assign_split
 from medfound.data.ingest.wsi import otsu_threshold, read_wsi
 from medfound.data.manifest import read_manifest
 from medfound.workflows import shard
@@ -38,34 +37,47 @@ def _image_folder(tmp_path: Path, n: int = 60) -> Path:
     return folder
 
 
+def _metas(directory: Path) -> list[dict]:
+    import tarfile
+    out = []
+    for tar in sorted(directory.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            out += [json.loads(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".json")]
+    return out
+
+
 def test_images_csv_patient_level_split_and_no_phi(tmp_path):
     folder = _image_folder(tmp_path)
     out = tmp_path / "shards"
-    m = shard("images", folder, out, name="xr", modality="cxr", split_fractions={"train": 0.5, "val": 0.25, "test": 0.25})
-    assert m.counts["total"] == 60
+    m, skipped = shard("images", folder, out, name="xr", modality="cxr",
+                       split_fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    assert m.counts["total"] == 60 and skipped == []
     assert m.label_schema.names == ["normal", "pneumonia"] and m.label_schema.type == "binary"
-    assert m.counts["by_site"] == {"siteA": 30, "siteB": 30}
+    assert m.counts["by_site"] == {"siteA": 30, "siteB": 30} and m.counts["by_modality"] == {"cxr": 60}
     assert set(m.counts["by_split"]) == {"train", "val", "test"}
-    # every image of a patient lands in the same split
-    for pid in range(20):
-        assert len({assign_split(f"MRN{pid:05d}", {"train": 0.5, "val": 0.25, "test": 0.25}, "xr")}) == 1
-    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    metas = _metas(out)
     splits_by_patient: dict[str, set] = {}
-    for r in rows:
-        splits_by_patient.setdefault(r["patient_id"], set()).add(
-            assign_split(r["patient_id"], {"train": 0.5, "val": 0.25, "test": 0.25}, "xr"))
-    assert all(len(s) == 1 for s in splits_by_patient.values())
+    for meta in metas:
+        splits_by_patient.setdefault(meta["patient"], set()).add(meta["split"])
+    assert len(splits_by_patient) == 20  # 20 patients, 3 images each, as tokens
+    assert all(len(s) == 1 for s in splits_by_patient.values())  # no patient in two splits
     # no patient ID or file name anywhere in the shards or the manifest
     blobs = [p.read_bytes() for p in out.iterdir()]
     for needle in (b"MRN", b"DOE_JOHN"):
         assert not any(needle in b for b in blobs), needle
+    # the same table gives the same split; another salt another token
+    m2, _ = shard("images", folder, tmp_path / "again", name="xr", modality="cxr",
+                  split_fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    assert m2.digest == m.digest
+    shard("images", folder, tmp_path / "salted", name="xr", modality="cxr", salt="cohort-secret")
+    assert {x["patient"] for x in _metas(tmp_path / "salted")}.isdisjoint(splits_by_patient)
 
 
 def test_single_class_table_is_explained(tmp_path):
     folder = _image_folder(tmp_path, n=4)
     with pytest.raises(ValueError, match="single class.*--label-names"):
         shard("images", folder, tmp_path / "s", modality="cxr")
-    m = shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
+    m, _ = shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
     assert m.label_schema.names == ["normal", "pneumonia"]
 
 

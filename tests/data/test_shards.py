@@ -61,6 +61,7 @@ def test_sharding_is_deterministic(shards, tmp_path):
           label_type="ordinal", label_names=["no DR", "mild", "moderate", "severe", "proliferative"], max_count=128,
           license="CC-BY-4.0")
     a, b = read_manifest(shards["retina"]), read_manifest(again)
+    assert a.counts["by_modality"] == {"fundus": 1120}
     assert a.digest == b.digest
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 

@@ -2,16 +2,23 @@
 
 Each reader turns an input archive into an `Ingested`: an iterator of sample dicts (see
 `medfound.data.shards`) plus the label schema, a PHI-free description of the source and the settings
-used. Readers never put file paths, patient names or IDs into keys or meta unless the user asks
-for names to be kept (`keep_names=True`, for public data whose names carry no PHI).
+used. Readers never put file paths, patient names or IDs into keys or meta unless the user asks for
+names to be kept (`keep_names=True`, for public data whose names carry no PHI). Patient IDs become
+salted HMAC tokens (`patient_token`), used to split by patient and to detect leakage.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import hmac
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
+
+from pydantic import ValidationError
 
 from medfound.data.manifest import LabelSchema
 
@@ -22,6 +29,11 @@ class Ingested:
     label_schema: LabelSchema
     source: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
+    # filled while `samples` is consumed:
+    skipped: Optional[dict[str, Any]] = None          # {"count", "by_reason", "files": [(relative path, reason)]}
+    deidentification: Optional[dict[str, Any]] = None
+    bags: Optional[list[dict[str, Any]]] = None       # slide-level bags for MIL
+    modalities: Optional[Counter] = None              # per-sample modalities seen (a mixed archive)
 
 
 def safe_key(name: str, keep_names: bool) -> str:
@@ -31,7 +43,64 @@ def safe_key(name: str, keep_names: bool) -> str:
     return "h" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def label_schema_for(values: list[Any], label_type: Optional[str], label_names: Optional[list[str]]) -> tuple[LabelSchema, Callable[[Any], int]]:
+def patient_token(salt: bytes, patient_id: str) -> str:
+    """HMAC-SHA256 of a patient ID under a salt the shards never contain: stable within a salt, not reversible."""
+    return hmac.new(salt, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def read_table(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV or Parquet table as dicts of strings (Parquet needs pyarrow: pip install medfound[parquet])."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {path} not found")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"reading {path.name} needs pyarrow: pip install medfound[parquet]") from e
+        table = pq.read_table(path).to_pylist()
+        return [{k: "" if v is None else "|".join(map(str, v)) if isinstance(v, list) else str(v)
+                 for k, v in row.items()} for row in table]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _split_labels(value: str) -> list[str]:
+    return [v.strip() for v in re.split(r"[|;]", value) if v.strip()]
+
+
+def table_labels(rows: list[dict[str, str]], label_type: Optional[str], label_names: Optional[list[str]]
+                 ) -> tuple[LabelSchema, Callable[[dict[str, str]], Any]]:
+    """Schema and row -> label from a table's `label` column (one class) or `labels` column (several,
+    separated by '|' or ';': multi-label). No such column: unlabelled."""
+    if not rows or ("label" not in rows[0] and "labels" not in rows[0]):
+        if label_type not in (None, "none"):
+            raise ValueError(f"label type {label_type!r} given but the table has no 'label' or 'labels' column")
+        return LabelSchema(type="none"), lambda row: None
+    if "labels" in rows[0]:
+        if label_type not in (None, "multilabel"):
+            raise ValueError(f"a 'labels' column is multi-label; --label-type {label_type} does not fit it")
+        names = label_names or sorted({n for r in rows for n in _split_labels(r["labels"])})
+        if not names:
+            raise ValueError("the 'labels' column is empty in every row")
+        index = {n: i for i, n in enumerate(names)}
+
+        def to_multi(row: dict[str, str]) -> list[int]:
+            found = _split_labels(row["labels"])
+            unknown = [n for n in found if n not in index]
+            if unknown:
+                raise ValueError(f"labels {unknown} are not among the class names {names}; add them to --label-names")
+            return sorted(index[n] for n in found)
+        return LabelSchema(type="multilabel", names=list(names)), to_multi
+    missing = [i + 2 for i, r in enumerate(rows) if str(r.get("label", "")).strip() == ""]
+    if missing:
+        raise ValueError(f"table rows {missing[:5]} have no label but others do; label every row or none")
+    schema, to_index = label_schema_for([r["label"] for r in rows], label_type, label_names)
+    return schema, lambda row: to_index(row["label"])
+
+
+def label_schema_for(values: list[Any], label_type: Optional[str], label_names: Optional[list[str]]
+                     ) -> tuple[LabelSchema, Callable[[Any], int]]:
     """Build the schema and a value -> class-index mapper from the labels seen and the user's choices.
 
     Values may be class indices (ints or int-like strings) or class names. Without `label_names`,
@@ -68,7 +137,7 @@ def label_schema_for(values: list[Any], label_type: Optional[str], label_names: 
                          "other classes exist but are absent from this archive, list them all with --label-names")
     try:
         return LabelSchema(type=label_type, names=list(label_names)), to_index
-    except ValueError as e:  # pydantic's message, made to name the flags
+    except ValidationError as e:  # pydantic's message, made to name the flags
         raise ValueError(f"--label-type {label_type} with classes {label_names}: {e.errors()[0]['msg']}") from None
 
 
@@ -82,8 +151,13 @@ def get_reader(kind: str) -> Callable[..., Ingested]:
     if kind == "wsi":
         from medfound.data.ingest.wsi import read_wsi
         return read_wsi
-    raise ValueError(f"unknown shard kind {kind!r}: choose npz, images or wsi "
-                     "(dicom and volumes come with the data-layer issue)")
+    if kind == "dicom":
+        from medfound.data.ingest.dicom import read_dicom
+        return read_dicom
+    if kind == "volumes":
+        from medfound.data.ingest.volumes import read_volumes
+        return read_volumes
+    raise ValueError(f"unknown shard kind {kind!r}: choose one of {', '.join(KINDS)}")
 
 
-KINDS = ("npz", "images", "wsi")
+KINDS = ("npz", "images", "dicom", "wsi", "volumes")

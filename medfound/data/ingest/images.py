@@ -1,29 +1,38 @@
-"""A folder of image files plus a CSV table (`path,label[,patient_id,site,split]`).
+"""A folder of image files plus a table (CSV or Parquet).
 
-`path` is relative to the folder. Without a `split` column, images are split by patient
-(`patient_id` when present, else one image = one patient) using a hash of the ID, so no patient is
-in two splits and the same table always gives the same split. Patient IDs and file names are
-never written to the shards: keys are hashes unless `keep_names` is set.
+Columns: `path` (relative to the folder); `label` (one class) or `labels` (several, '|'-separated:
+multi-label); optional `patient_id`, `site`, `split`; and mask columns stored beside the image:
+`mask`, `fov` and any `mask_<name>` (paths to mask images of the same size, e.g. DRIVE's vessel and
+field-of-view masks).
+
+Without a `split` column, images are split by patient (`patient_id` when present, else one image = one
+patient) from an HMAC token of the ID, so no patient is in two splits and the same table always gives the
+same split. The salt is `--salt` or derived from the table's bytes; it is not stored, and neither are
+patient IDs or file names: keys are hashes unless `keep_names` is set.
+
+Colour fundus: `fov="detect"` stores a detected field-of-view mask as `fov` (when the table gives none);
+`fov="crop"` also crops image and masks to the field of view.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from PIL import Image
 
-from medfound.data.ingest import Ingested, label_schema_for, safe_key
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
 from medfound.io import sha256_file
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+TABLE_NAMES = ("labels.csv", "labels.parquet")
 
 
-def assign_split(group_id: str, fractions: dict[str, float], namespace: str) -> str:
-    """Deterministic split for a patient (or image) ID: a hash mapped onto cumulative fractions."""
-    u = int(hashlib.sha256(f"{namespace}\0{group_id}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+def split_for_token(token: str, fractions: dict[str, float]) -> str:
+    """Deterministic split for a hex token: its value in [0, 1) mapped onto cumulative fractions."""
+    u = int(token[:12], 16) / float(16 ** 12)
     total = sum(fractions.values())
     acc = 0.0
     for name, frac in fractions.items():
@@ -33,50 +42,80 @@ def assign_split(group_id: str, fractions: dict[str, float], namespace: str) -> 
     return list(fractions)[-1]
 
 
+def _open(path: Path, where: str) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image {path} not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB") if im.mode in ("RGBA", "P", "CMYK", "LA", "YCbCr") else im.copy()
+    except OSError as e:
+        raise ValueError(f"{where}: cannot decode {path} ({e})") from e
+
+
+def _mask_columns(columns: list[str]) -> list[str]:
+    return [c for c in columns if c in ("mask", "fov") or c.startswith("mask_")]
+
+
 def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label_type: Optional[str] = None,
                 label_names: Optional[list[str]] = None, site: Optional[str] = None,
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
-                name: str = "images", **_: object) -> Ingested:
+                salt: Optional[str] = None, fov: str = "none", **_: object) -> Ingested:
     folder = Path(folder)
-    table = Path(table) if table else folder / "labels.csv"
-    if not table.is_file():
-        raise FileNotFoundError(f"label table {table} not found: pass --table CSV with columns path,label"
-                                "[,patient_id,site,split] (paths relative to the image folder)")
-    with open(table, newline="") as f:
-        rows = list(csv.DictReader(f))
+    if table is None:
+        found = [folder / n for n in TABLE_NAMES if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no label table in {folder}: pass --table CSV_OR_PARQUET with columns path,label"
+                                    "[,patient_id,site,split,mask,fov] (paths relative to the image folder)")
+        table = found[0]
+    table = Path(table)
+    rows = read_table(table)
     if not rows:
         raise ValueError(f"{table} has no rows")
     if "path" not in rows[0]:
         raise ValueError(f"{table} needs a 'path' column (found columns {list(rows[0])})")
+    if fov not in ("none", "detect", "crop"):
+        raise ValueError(f"fov={fov!r}: choose none, detect or crop")
     has_split = "split" in rows[0]
     fractions = split_fractions or DEFAULT_FRACTIONS
-    schema, to_index = label_schema_for([r.get("label") for r in rows], label_type, label_names)
-    if schema.type != "none":
-        missing = [i + 2 for i, r in enumerate(rows) if str(r.get("label", "")).strip() == ""]
-        if missing:
-            raise ValueError(f"{table}: rows {missing[:5]} have no label but others do; label every row or none")
+    schema, to_label = table_labels(rows, label_type, label_names)
+    mask_cols = _mask_columns(list(rows[0]))
+    key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + table.read_bytes()).digest()
 
     def samples():
+        from medfound.data.fundus import crop_to_fov, detect_fov
+
         for i, r in enumerate(rows):
+            where = f"{table} row {i + 2}"
             rel = r["path"]
-            p = folder / rel
-            if not p.is_file():
-                raise FileNotFoundError(f"{table} row {i + 2}: image {p} not found")
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    img = im.convert("RGB") if im.mode in ("RGBA", "P", "CMYK", "LA") else im.copy()
-            except OSError as e:
-                raise ValueError(f"{table} row {i + 2}: cannot decode {p} ({e})") from e
-            group = (r.get("patient_id") or "").strip() or rel
-            split = (r.get("split") or "").strip() if has_split else assign_split(group, fractions, name)
+            img = _open(folder / rel, where)
+            masks = {c if c in ("mask", "fov") else c.removeprefix("mask_"):
+                     np.asarray(_open(folder / r[c], f"{where}, column {c}").convert("L"))
+                     for c in mask_cols if (r.get(c) or "").strip()}
+            for name, m in masks.items():
+                if m.shape != (img.height, img.width):
+                    raise ValueError(f"{where}: {name} mask is {m.shape[1]}x{m.shape[0]} but the image is "
+                                     f"{img.width}x{img.height}")
+            if fov != "none":
+                arr = np.asarray(img)
+                fov_mask = masks["fov"] > 0 if "fov" in masks else detect_fov(arr)
+                if fov == "crop":
+                    names = list(masks)
+                    arr, fov_mask, *cropped = crop_to_fov(arr, fov_mask, *(masks[n] for n in names))
+                    masks = dict(zip(names, cropped))
+                    img = Image.fromarray(arr)
+                masks["fov"] = (fov_mask > 0).astype(np.uint8) * 255
+            pid = (r.get("patient_id") or "").strip()
+            token = patient_token(key_salt, pid) if pid else None
+            split = (r.get("split") or "").strip() if has_split else \
+                split_for_token(token or patient_token(key_salt, "image:" + rel), fractions)
             if not split:
-                raise ValueError(f"{table} row {i + 2}: empty split; fill the split column or drop it to split by patient")
-            yield {"key": safe_key(Path(rel).with_suffix("").as_posix(), keep_names), "image": img,
-                   "split": split, "site": (r.get("site") or "").strip() or site,
-                   "label": None if schema.type == "none" else to_index(r["label"]), "meta": {"row": i}}
+                raise ValueError(f"{where}: empty split; fill the split column or drop it to split by patient")
+            yield {"key": safe_key(Path(rel).with_suffix("").as_posix(), keep_names), "image": img, "split": split,
+                   "site": (r.get("site") or "").strip() or site, "label": to_label(r), "patient": token,
+                   "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {})}}
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
-    settings = {"kind": "images", "split": "column" if has_split else {"by": "patient_id hash", "fractions": fractions},
-                "keep_names": keep_names}
+    settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
+                "keep_names": keep_names, "masks": mask_cols, "fov": fov}
     return Ingested(samples(), schema, source, settings)

@@ -12,14 +12,13 @@ Reads with tiffslide (`pip install medfound[wsi]`) or, with backend="openslide",
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-from medfound.data.ingest import Ingested, label_schema_for, safe_key
+from medfound.data.ingest import Ingested, read_table, safe_key, table_labels
 from medfound.io import sha256_file
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".vms")
@@ -108,8 +107,9 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
              backend: str = "tiffslide", keep_names: bool = False, **_: object) -> Ingested:
     """Tile one slide file or every slide in a folder.
 
-    `table` (optional CSV: slide,label[,split,site], `slide` = file name) carries slide labels to
-    their tiles; without it tiles are unlabelled and all go to `split`.
+    `table` (optional CSV/Parquet: slide,label|labels[,split,site], `slide` = file name) carries slide labels
+    to their tiles and to the slide-level bags listed in the manifest (for MIL); without it tiles are
+    unlabelled and all go to `split`.
     """
     input = Path(input)
     if input.is_dir():
@@ -122,12 +122,12 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
         raise ValueError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) in {input}")
     rows: dict[str, dict[str, str]] = {}
     if table:
-        with open(table, newline="") as f:
-            rows = {r["slide"]: r for r in csv.DictReader(f)}
+        rows = {r["slide"]: r for r in read_table(table)}
         unknown = sorted(set(rows) - {p.name for p in slides})
         if unknown:
             raise ValueError(f"{table}: slides {unknown[:5]} are not in {input}")
-    schema, to_index = label_schema_for([r.get("label") for r in rows.values()], label_type, label_names)
+    schema, to_label = table_labels(list(rows.values()), label_type, label_names)
+    bags: list[dict] = []
 
     def samples():
         for p in slides:
@@ -135,14 +135,18 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
             if table and not r:
                 raise ValueError(f"{p.name} has no row in {table}; add it or move the slide out of {input}")
             prefix = safe_key(p.stem, keep_names)
+            label = to_label(r) if rows else None
+            bag = {"slide": prefix, "label": label, "split": r.get("split") or split, "site": r.get("site") or site,
+                   "tiles": 0}
             for t in tile_slide(p, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, given_mpp=slide_mpp,
                                 backend=backend, key_prefix=prefix):
-                t.update(split=r.get("split") or split, site=r.get("site") or site,
-                         label=None if schema.type == "none" else to_index(r["label"]))
+                t.update(split=bag["split"], site=bag["site"], label=label)
+                bag["tiles"] += 1
                 yield t
+            bags.append(bag)
 
     source = {"files": [{"name": safe_key(p.stem, keep_names) + p.suffix, "sha256": sha256_file(p)} for p in slides]}
     settings = {"kind": "wsi", "mpp": mpp, "tile_size": tile_size, "min_tissue": min_tissue, "backend": backend,
                 "tissue_detection": "Otsu on HSV saturation of a <=1024 px thumbnail", "slide_mpp_override": slide_mpp,
                 "keep_names": keep_names}
-    return Ingested(samples(), schema, source, settings)
+    return Ingested(samples(), schema, source, settings, bags=bags)

@@ -1,0 +1,216 @@
+"""DICOM files (a file or a folder, recursively) -> de-identified image samples.
+
+Pixels: decoded with pydicom (JPEG, JPEG-LS and JPEG 2000 through pylibjpeg: `pip install medfound[dicom]`).
+The stored pixel values are kept at full depth: 8-bit images as 8-bit PNG, 16-bit ones as 16-bit PNG
+(signed values shifted by +32768), anything wider as .npy. Rescale slope/intercept, the file's window,
+MONOCHROME1 and the shift go into `meta["dicom"]`, and the transform applies them (`medfound.data.
+transforms`), so windowing can be chosen at training time (the file's, or a preset: lung, mediastinum,
+bone, brain, abdomen). Multi-frame files become one sample per frame.
+
+De-identification is by allow-list: only the tags in `KEPT_TAGS` (modality, body part, view, laterality,
+photometric interpretation, bit depth, rescale, window, spacing, slice thickness, size) are copied into
+meta. Nothing else is read into the shard, the manifest or the console: no names, IDs, dates,
+institution, physicians, accession numbers or UIDs. Keys and the patient token are HMAC-SHA256 values under
+a salt that is `--salt` when given, else derived from the inputs' own bytes (so only someone holding the
+original files can recompute it) and never stored. The patient token is used to split by patient
+(no patient in two splits) and lets `medfound inspect` find leakage; it cannot be reversed without the salt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
+from medfound.data.ingest.images import DEFAULT_FRACTIONS, split_for_token
+from medfound.io import sha256_file
+
+KEPT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "ImageLaterality", "Laterality",
+             "PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+             "WindowCenter", "WindowWidth", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness", "Rows", "Columns",
+             "NumberOfFrames")
+MODALITY_MAP = {"CT": "ct", "MR": "mr", "US": "us", "MG": "mammography", "OP": "fundus", "OPT": "oct",
+                "SM": "pathology", "XA": "xray", "RF": "xray", "PX": "xray", "IO": "xray"}
+NO_IMAGE = {"SEG": "segmentation object (SEG), not an image", "RTSTRUCT": "RT structure set, not an image",
+            "RTDOSE": "RT dose grid, not an image", "RTPLAN": "RT plan, not an image", "SR": "structured report",
+            "ECG": "waveform, not an image", "PR": "presentation state, not an image", "KO": "key-object selection"}
+
+
+@contextlib.contextmanager
+def _quiet(pydicom: Any):
+    """pydicom's validation warnings and log records quote tag values (UIDs, dates, names): keep them out of
+    the console and logs while reading. Problems surface as our own per-file reasons instead."""
+    logger = logging.getLogger("pydicom")
+    level, mode = logger.level, pydicom.config.settings.reading_validation_mode
+    logger.setLevel(logging.CRITICAL + 1)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        pydicom.config.settings.reading_validation_mode = mode
+
+
+def _modality(ds: Any) -> str:
+    code = str(ds.get("Modality", "")).upper()
+    if code in ("CR", "DX"):
+        return "cxr" if "CHEST" in str(ds.get("BodyPartExamined", "")).upper() else "xray"
+    return MODALITY_MAP.get(code, "other")
+
+
+def _first(value: Any) -> Optional[float]:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _meta(ds: Any, frame: int, frames: int, shift: int) -> dict[str, Any]:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    return {"dicom": {
+        "modality": str(ds.get("Modality", "")),
+        "body_part": str(ds.get("BodyPartExamined", "")) or None,
+        "view": str(ds.get("ViewPosition", "")) or None,
+        "laterality": str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")) or None,
+        "photometric": str(ds.get("PhotometricInterpretation", "")),
+        "invert": str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        "bits_stored": int(ds.get("BitsStored", 8) or 8),
+        "rescale": [_first(ds.get("RescaleSlope")) or 1.0, _first(ds.get("RescaleIntercept")) or 0.0],
+        "shift": shift,
+        "window": [center, width] if center is not None and width else None,
+        "spacing_mm": [float(x) for x in spacing] if spacing else None,
+        "slice_thickness_mm": _first(ds.get("SliceThickness")),
+        "frame": frame, "frames": frames}}
+
+
+def _pixels(ds: Any) -> np.ndarray:
+    """Decoded stored values, frames first: `[F, H, W]` or `[F, H, W, 3]`."""
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames == 1:
+        arr = arr[None]
+    return arr
+
+
+def _store(frame: np.ndarray) -> tuple[np.ndarray, int]:
+    """(array to store, shift added to the stored values): full depth, PNG when possible."""
+    if frame.dtype == np.uint8 or frame.dtype == np.uint16:
+        return frame, 0
+    if frame.dtype == np.int16 or frame.dtype == np.int8:
+        return (frame.astype(np.int32) + 32768).astype(np.uint16), -32768
+    return frame, 0  # wider or float: kept exactly as .npy
+
+
+def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional[str | Path] = None,
+               label_type: Optional[str] = None, label_names: Optional[list[str]] = None,
+               split_fractions: Optional[dict[str, float]] = None, site: Optional[str] = None,
+               keep_names: bool = False, name: str = "dicom", **_: object) -> Ingested:
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as e:
+        raise ImportError("DICOM ingest needs pydicom and its JPEG decoders: pip install medfound[dicom]") from e
+    input = Path(input)
+    if input.is_file():
+        root, files = input.parent, [input]
+    elif input.is_dir():
+        root, files = input, sorted(p for p in input.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        raise FileNotFoundError(f"DICOM file or folder {input} not found")
+    if not files:
+        raise ValueError(f"no files in {input}")
+    hashes = [sha256_file(p) for p in files]
+    key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + "".join(hashes).encode()).digest()
+    rows = {r["path"]: r for r in read_table(table)} if table else {}
+    schema, to_label = table_labels(list(rows.values()), label_type, label_names)
+    fractions = split_fractions or DEFAULT_FRACTIONS
+    skipped: dict[str, Any] = {"count": 0, "by_reason": {}, "files": []}
+    deid = {"method": "allow-list: only these tags are read into meta; all others are dropped",
+            "kept_tags": list(KEPT_TAGS),
+            "patient_token": "HMAC-SHA256(salt, PatientID), first 16 hex digits; used to split by patient",
+            "keys": "HMAC-SHA256(salt, SOPInstanceUID) + frame number",
+            "salt": "given with --salt" if salt else "derived from the input files' bytes; not stored",
+            "files_deidentified": 0}
+    modalities: Counter = Counter()
+
+    def token(value: str) -> str:
+        return patient_token(key_salt, value)
+
+    def skip(path: Path, reason: str) -> None:
+        skipped["count"] += 1
+        skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + 1
+        skipped["files"].append((path.relative_to(root).as_posix(), reason))
+
+    def samples():
+        with _quiet(pydicom):
+            yield from _samples()
+
+    def _samples():
+        for path, digest in zip(files, hashes):
+            rel = path.relative_to(root).as_posix()
+            try:
+                ds = pydicom.dcmread(path, force=False)
+            except InvalidDicomError:
+                skip(path, "not a DICOM file (no DICM preamble)")
+                continue
+            except Exception as e:  # malformed files must never stop the run
+                skip(path, f"unreadable DICOM ({type(e).__name__})")
+                continue
+            try:
+                code = str(ds.get("Modality", "")).upper()
+                if code in NO_IMAGE:
+                    skip(path, NO_IMAGE[code])
+                    continue
+                if "PixelData" not in ds:
+                    skip(path, "no pixel data")
+                    continue
+                try:
+                    pixels = _pixels(ds)
+                except (ImportError, RuntimeError, NotImplementedError) as e:
+                    syntax = ds.file_meta.get("TransferSyntaxUID", None)
+                    skip(path, f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): "
+                               f"{type(e).__name__}; pip install medfound[dicom] for JPEG/JPEG 2000 decoders")
+                    continue
+                if rows and rel not in rows:
+                    skip(path, "no row in the label table")
+                    continue
+                row = rows.get(rel, {})
+                patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
+                group = token(patient) if patient else token("file:" + digest)
+                split = (row.get("split") or "").strip() or split_for_token(group, fractions)
+                instance = str(ds.get("SOPInstanceUID", "") or digest)
+                base = safe_key(Path(rel).with_suffix("").as_posix(), True) if keep_names else "d" + token(instance)
+                modality = _modality(ds)
+                label = to_label(row) if rows else None
+                out = []
+                for i, frame in enumerate(pixels):
+                    stored, shift = _store(np.asarray(frame))
+                    out.append({"key": f"{base}_f{i:04d}", "image": stored, "split": split, "label": label,
+                                "site": (row.get("site") or "").strip() or site, "modality": modality,
+                                "patient": group, "meta": _meta(ds, i, len(pixels), shift)})
+            except Exception as e:  # a malformed element read late (e.g. a broken sequence)
+                skip(path, f"malformed DICOM ({type(e).__name__})")
+                continue
+            modalities[modality] += 1
+            deid["files_deidentified"] += 1
+            yield from out
+
+    source = {"files": len(files), "content_digest": hashlib.sha256(b"medfound-source\0" +
+                                                                      "".join(hashes).encode()).hexdigest()}
+    settings = {"kind": "dicom", "split": {"by": "patient token", "fractions": fractions} if not rows or not any(
+        (r.get("split") or "").strip() for r in rows.values()) else "table column", "keep_names": keep_names,
+        "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
+    return Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
+                    modalities=modalities)

@@ -1,0 +1,154 @@
+"""3-D volumes (NRRD, NIfTI) with optional label maps -> volume, slice or patch samples.
+
+Read with MONAI's `LoadImage` (pynrrd / nibabel underneath: `pip install medfound[volumes]`), keeping the
+source dtype (e.g. int16 MR/CT values) exactly: images and label maps are stored as .npy, 2-D label slices
+as PNG. Every sample's meta has the voxel spacing in mm and the orientation codes (from the affine, RAS
+convention as MONAI loads it) of the array as stored, its shape, and where it came from in the volume.
+
+Pairs: a table (`path`, optional `mask`, `label`/`labels`, `patient_id`, `site`, `split`) or, without
+one, files named `X_image.ext` with `X_label.ext` (or `_seg`, `_mask`) in the same folder.
+
+Layouts: `volume` (one sample per volume), `slices` (2-D slices along `axis`; by default the axis with
+the coarsest spacing, i.e. the acquisition plane of an anisotropic scan) or `patches` (3-D patches of
+`patch` voxels, stepping by the patch size, the last one aligned to the volume's end so every voxel is
+covered; volumes smaller than a patch are an error naming the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
+from medfound.data.ingest.images import DEFAULT_FRACTIONS, split_for_token
+from medfound.io import sha256_file
+
+SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz")
+IMAGE_TAGS = ("_image", "_img", "_vol", "_volume")
+LABEL_TAGS = ("_label", "_labels", "_seg", "_mask")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def pair_files(folder: Path) -> list[dict[str, str]]:
+    """Rows (path, mask) for `X_image.*` + `X_label.*` pairs; a volume without a label map has mask ''."""
+    files = sorted(p for p in folder.iterdir() if any(p.name.endswith(s) for s in SUFFIXES))
+    by_stem = {_stem(p): p for p in files}
+    rows = []
+    for stem, p in by_stem.items():
+        if any(stem.endswith(t) for t in LABEL_TAGS):
+            continue
+        base = next((stem[: -len(t)] for t in IMAGE_TAGS if stem.endswith(t)), stem)
+        label = next((by_stem[base + t] for t in LABEL_TAGS if base + t in by_stem), None)
+        rows.append({"path": p.name, "mask": label.name if label else ""})
+    return rows
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(array in its source dtype, spacing in mm per array axis, orientation codes) via MONAI."""
+    try:
+        from monai.transforms import LoadImage
+        from nibabel.orientations import aff2axcodes
+    except ImportError as e:
+        raise ImportError("volume ingest needs MONAI with pynrrd/nibabel: pip install medfound[volumes]") from e
+    try:
+        img, meta = LoadImage(image_only=False, dtype=None)(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read volume {path.name}: {e}") from e
+    arr = np.asarray(img)
+    if arr.ndim != 3:
+        raise ValueError(f"{path.name}: expected a 3-D volume, got shape {arr.shape}")
+    affine = np.asarray(meta["affine"], dtype=float)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return arr, spacing, tuple(aff2axcodes(affine))
+
+
+def _starts(size: int, patch: int) -> list[int]:
+    starts = list(range(0, size - patch + 1, patch))
+    if starts[-1] + patch < size:
+        starts.append(size - patch)
+    return starts
+
+
+def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layout: str = "volume",
+                 axis: Optional[int] = None, patch: Optional[list[int]] = None, label_type: Optional[str] = None,
+                 label_names: Optional[list[str]] = None, split_fractions: Optional[dict[str, float]] = None,
+                 site: Optional[str] = None, keep_names: bool = False, salt: Optional[str] = None,
+                 name: str = "volumes", **_: object) -> Ingested:
+    folder = Path(input)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"volume folder {folder} not found")
+    if layout not in ("volume", "slices", "patches"):
+        raise ValueError(f"layout={layout!r}: choose volume, slices or patches")
+    patch = list(patch or [64, 64, 16])
+    if layout == "patches" and (len(patch) != 3 or min(patch) < 1):
+        raise ValueError(f"--patch needs three positive sizes, got {patch}")
+    rows = read_table(table) if table else pair_files(folder)
+    if not rows:
+        raise ValueError(f"no volumes ({', '.join(SUFFIXES)}) in {folder}")
+    schema, to_label = table_labels(rows, label_type, label_names)
+    fractions = split_fractions or DEFAULT_FRACTIONS
+    salt_bytes = salt.encode() if salt else hashlib.sha256(
+        b"medfound-salt\0" + "".join(sorted(r["path"] for r in rows)).encode()).digest()
+
+    def samples():
+        for i, r in enumerate(rows):
+            path = folder / r["path"]
+            image, spacing, codes = load_volume(path)
+            mask = None
+            if (r.get("mask") or "").strip():
+                mask, m_spacing, _ = load_volume(folder / r["mask"])
+                if mask.shape != image.shape:
+                    raise ValueError(f"{r['mask']}: label map shape {mask.shape} differs from {r['path']} {image.shape}")
+                if not np.allclose(m_spacing, spacing, rtol=1e-3):
+                    raise ValueError(f"{r['mask']}: spacing {m_spacing} differs from {r['path']} {spacing}")
+                mask = mask.astype(np.uint8) if mask.max() < 256 and mask.min() >= 0 else mask.astype(np.int32)
+            pid = (r.get("patient_id") or "").strip()
+            token = patient_token(salt_bytes, pid) if pid else None
+            split = (r.get("split") or "").strip() or split_for_token(token or patient_token(salt_bytes, "vol:" +
+                                                                                              r["path"]), fractions)
+            base = safe_key(_stem(path), keep_names)
+            common: dict[str, Any] = {"split": split, "site": (r.get("site") or "").strip() or site,
+                                      "label": to_label(r), "patient": token}
+            info = {"volume": base, "volume_shape": list(image.shape), "orientation": "".join(codes)}
+            if layout == "volume":
+                yield {**common, "key": base, "image": image, "masks": {"label": mask} if mask is not None else {},
+                       "meta": {**info, "spacing_mm": [round(float(s), 6) for s in spacing], "origin": [0, 0, 0]}}
+            elif layout == "slices":
+                ax = int(np.argmax(spacing)) if axis is None else axis % 3
+                keep = [a for a in range(3) if a != ax]
+                for z in range(image.shape[ax]):
+                    sl = np.take(image, z, axis=ax)
+                    masks = {"label": np.take(mask, z, axis=ax)} if mask is not None else {}
+                    yield {**common, "key": f"{base}_s{z:04d}", "image": sl, "masks": masks,
+                           "meta": {**info, "axis": ax, "index": z,
+                                    "spacing_mm": [round(float(spacing[a]), 6) for a in keep],
+                                    "slice_spacing_mm": round(float(spacing[ax]), 6)}}
+            else:
+                if any(p > s for p, s in zip(patch, image.shape)):
+                    raise ValueError(f"{r['path']}: volume {image.shape} is smaller than the patch {patch}; "
+                                     "lower --patch")
+                for x in _starts(image.shape[0], patch[0]):
+                    for y in _starts(image.shape[1], patch[1]):
+                        for z in _starts(image.shape[2], patch[2]):
+                            sel = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+                            masks = {"label": mask[sel]} if mask is not None else {}
+                            yield {**common, "key": f"{base}_p{x}_{y}_{z}", "image": image[sel], "masks": masks,
+                                   "meta": {**info, "origin": [x, y, z],
+                                            "spacing_mm": [round(float(s), 6) for s in spacing]}}
+
+    source = {"files": [{"name": safe_key(_stem(folder / r["path"]), keep_names), "sha256": sha256_file(folder / r["path"])}
+                        for r in rows]}
+    settings = {"kind": "volumes", "layout": layout, "axis": axis, "patch": patch if layout == "patches" else None,
+                "pairs": "table" if table else "X_image + X_label file names", "keep_names": keep_names,
+                "reader": "monai.transforms.LoadImage (RAS)"}
+    return Ingested(samples(), schema, source, settings)
