@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "inspect":
         bad = 0
         for d in args.shards:
-            m, problems = workflows.inspect_shards(d)
+            m, problems, leakage = workflows.inspect_shards(d)
             print(f"{d}: {m.name} ({m.modality}{', site ' + m.site if m.site else ''}), labels {m.label_schema.type}"
                   f"{' ' + str(m.label_schema.names) if m.label_schema.names else ''}")
             print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; "
@@ -199,7 +199,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 print(f"  -> re-create the shard set with `medfound shard ... --out {d} --overwrite`")
             else:
                 print("  all checksums verified")
-            bad += bool(problems)
+            if leakage:
+                print(f"  LEAKAGE {len(leakage)} patients appear in more than one split, e.g. "
+                      + "; ".join(f"patient {p}: {', '.join(v)}" for p, v in list(leakage.items())[:3]))
+                print("  -> fix the split column so each patient is in one split, or drop it to split by patient")
+            elif not problems:
+                print("  no patient in two splits")
+            bad += bool(problems) or bool(leakage)
         return 1 if bad else 0
     raise AssertionError(args.verb)
 

@@ -131,13 +131,19 @@ class DataConfig(Strict):
         return self
 
     def transform(self, train: bool):
-        """The sample -> tensors transform these settings describe (medfound.data.transforms)."""
+        """The sample -> tensors transform these settings describe, unnormalised (medfound.data.transforms)."""
         from medfound.data.transforms import build_transform
 
         return build_transform(self.augment, self.img_size, self.mean, self.std, train=train, window=self.window,
                                fundus_crop=self.fundus_crop, hed_sigma=self.hed_sigma,
                                global_crops=self.multicrop.global_crops, local_crops=self.multicrop.local_crops,
-                               local_size=self.multicrop.local_size)
+                               local_size=self.multicrop.local_size, normalize=False)
+
+    def normalizer(self):
+        """Finishes a batch on the device: uint8 or [0, 1] images -> (x - mean) / std."""
+        from medfound.data.transforms import Normalize
+
+        return Normalize(self.mean, self.std)
 
 
 class CardConfig(Strict):

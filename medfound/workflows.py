@@ -127,7 +127,8 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     _check_img_size(mae.encoder, recipe.data.img_size)
     _seed_per_rank(recipe, accelerator)
     state = fit(mae, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
-                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
+                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume,
+                normalize=recipe.data.normalizer())
     summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
                "main": accelerator.is_main_process}
     if state.preempted or not accelerator.is_main_process:
@@ -160,7 +161,8 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     _check_img_size(task.model, recipe.data.img_size)
     _seed_per_rank(recipe, accelerator)
     state = fit(task, _train_loader(recipe, sets, manifests, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
-                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume)
+                lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume,
+                normalize=recipe.data.normalizer())
     summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
                                "main": accelerator.is_main_process}
     if state.preempted or not accelerator.is_main_process:
@@ -299,8 +301,11 @@ def _per_sample_modality(samples, modality: str):
         yield s
 
 
-def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str]]:
-    from medfound.data.manifest import verify_shards
+def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str], dict[str, list[str]]]:
+    """(manifest, checksum problems, patients in more than one split); leakage is only looked for once the
+    checksums hold."""
+    from medfound.data.manifest import patient_leakage, verify_shards
 
     m = read_manifest(directory)
-    return m, verify_shards(directory, m)
+    problems = verify_shards(directory, m)
+    return m, problems, {} if problems else patient_leakage(directory, m)

@@ -150,3 +150,20 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
         elif sha256_file(p) != s.sha256:
             problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
     return problems
+
+
+def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) -> dict[str, list[str]]:
+    """Patient tokens found in more than one split (e.g. from a user's own split column), with their splits."""
+    import tarfile
+
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    splits: dict[str, set[str]] = {}
+    for s in manifest.shards:
+        with tarfile.open(directory / s.path) as tar:
+            for member in tar:
+                if member.name.endswith(".json") and not member.name.endswith(".labels.json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    if meta.get("patient"):
+                        splits.setdefault(meta["patient"], set()).add(meta.get("split", s.split))
+    return {p: sorted(v) for p, v in sorted(splits.items()) if len(v) > 1}

@@ -1,6 +1,7 @@
 """Stream shard sets back as batches of dicts, split by node and by DataLoader worker.
 
-Batches are dicts: `image` float `[B, 3, H, W]`; `crops` (multi-crop: a list of `[B, 3, h, w]`);
+Batches are dicts: `image` `[B, 3, H, W]` as the transform left it (uint8, or float in [0, 1]: normalise
+on the device with `DataConfig.normalizer()`); `crops` (multi-crop: a list of `[B, 3, h, w]`);
 `label` long `[B]` (single-label) or float multi-hot `[B, K]` (multi-label); `key` list; `site` list
 when samples carry one; `_bad` list of "key (shard): reason" for samples skipped since the last batch.
 
@@ -37,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medfound.data.manifest import Manifest, read_manifest
+from medfound.data.tario import tar_samples
 
 log = logging.getLogger("medfound.data")
 MIN_BAD_TO_JUDGE = 10
@@ -156,6 +158,12 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[A
     return stage
 
 
+def _endless(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Shards of one set drawn with replacement, forever."""
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
 def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int, seed: int, epoch: int
                   ) -> Callable[[], Iterator[dict]]:
     """Resampled, weighted mixing of shard sets for this (rank, worker): `samples` raw samples in all
@@ -168,11 +176,7 @@ def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int,
     def gen() -> Iterator[dict]:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         base = _seed(seed, epoch, rank, worker)
-        streams = []
-        for k, urls in enumerate(sets):
-            rng = random.Random(_seed(base, k))
-            endless = ({"url": rng.choice(urls)} for _ in iter(int, 1))
-            streams.append(iter(wds.tarfile_to_samples()(endless)))
+        streams = [iter(tar_samples(_endless(urls, random.Random(_seed(base, k))))) for k, urls in enumerate(sets)]
         pick = random.Random(base)
         for _ in range(math.ceil(samples / (world * workers))):
             k = pick.choices(range(len(sets)), weights=weights)[0]
@@ -180,10 +184,18 @@ def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int,
     return gen
 
 
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 as uint8; if a batch mixes uint8 and float [0, 1] images (a mix of 8-bit and windowed
+    sources), bring all to float [0, 1]."""
+    if len({t.dtype for t in images}) > 1:
+        images = [t.float() / 255.0 if t.dtype == torch.uint8 else t for t in images]
+    return torch.stack(images)
+
+
 def collate(samples: list[dict]) -> dict:
-    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
+    batch: dict[str, Any] = {"image": _stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
     if "crops" in samples[0]:
-        batch["crops"] = [torch.stack([s["crops"][i] for s in samples]) for i in range(len(samples[0]["crops"]))]
+        batch["crops"] = [_stack([s["crops"][i] for s in samples]) for i in range(len(samples[0]["crops"]))]
     if "label" in samples[0]:
         first = samples[0]["label"]
         batch["label"] = torch.stack([s["label"] for s in samples]) if torch.is_tensor(first) else \
@@ -218,7 +230,7 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
         if weights is not None:
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
         stages = [_shard_order([u for s in sets for u in s], train, seed, epoch), wds.split_by_node,
-                  wds.split_by_worker, wds.tarfile_to_samples()]
+                  wds.split_by_worker, tar_samples]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction))

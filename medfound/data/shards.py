@@ -85,11 +85,17 @@ class _SplitWriter:
             self.close()
             self.index += 1
         if self.writer is None:
-            self.writer = wds.TarWriter(str(self.root / self._name()), mtime=0.0, compress=False)
+            # an int mtime keeps plain ustar headers (a float one makes tarfile add a PAX header per member)
+            self.writer = wds.TarWriter(str(self.root / self._name()), mtime=0, compress=False)
             self.count, self.bytes = 0, 0
         self.writer.write(record)
         self.count += 1
         self.bytes += size
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def close(self) -> None:
         if self.writer is None:
@@ -174,18 +180,23 @@ def write_shard_set(
     fields: Counter = Counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writers: dict[str, _SplitWriter] = {}
-        for s in samples:
-            record, summary = _record(s, label_schema)
-            if record["__key__"] in seen:
-                raise ValueError(f"duplicate sample key {record['__key__']!r}: every sample in a shard set needs "
-                                 "its own key")
-            seen.add(record["__key__"])
-            fields.update(k for k in record if k != "__key__")
-            split = summary["split"]
-            if split not in writers:
-                writers[split] = _SplitWriter(tmp, split, max_count, int(max_mb * 1024 * 1024))
-            writers[split].write(record)
-            records.append(summary)
+        try:
+            for s in samples:
+                record, summary = _record(s, label_schema)
+                if record["__key__"] in seen:
+                    raise ValueError(f"duplicate sample key {record['__key__']!r}: every sample in a shard set "
+                                     "needs its own key")
+                seen.add(record["__key__"])
+                fields.update(k for k in record if k != "__key__")
+                split = summary["split"]
+                if split not in writers:
+                    writers[split] = _SplitWriter(tmp, split, max_count, int(max_mb * 1024 * 1024))
+                writers[split].write(record)
+                records.append(summary)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
         for w in writers.values():
             w.close()
         if not records:

@@ -1,8 +1,12 @@
 """Sample -> tensors: modality-aware intensity preprocessing, then an augmentation preset.
 
 A transform takes the decoded sample (`image`: PIL image or array, `meta`, `masks`) and returns
-`{"image": [3, S, S] float tensor}` (plus `"crops": [...]` for multi-crop), normalised with the
-recipe's mean/std. Every modality ends as 3 channels so one backbone serves them all.
+`{"image": [3, S, S] tensor}` (plus `"crops": [...]` for multi-crop). Every modality ends as 3 channels
+so one backbone serves them all. The data loaders ask for unnormalised output (`normalize=False`):
+8-bit sources stay uint8 through augmentation and batching and are normalised by `Normalize` after the
+batch reaches the device, so workers pass 4x smaller batches (this, not decoding, was the bottleneck of
+a 224-px pipeline on CPU: see benchmarks/data_throughput.py). Windowed 16-bit and float sources come out
+as float in [0, 1].
 
 Preprocessing (`to_unit_image`), before any augmentation, to a float `[3, H, W]` tensor in [0, 1]:
 - 8-bit grey or RGB: /255, grey repeated to 3 channels.
@@ -87,6 +91,41 @@ def to_unit_image(image: Any, meta: Optional[dict] = None, window: Optional[str]
     return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t
 
 
+def to_image_tensor(image: Any, meta: Optional[dict] = None, window: Optional[str] = None,
+                    fov: Optional[Any] = None, fundus_crop: bool = False) -> torch.Tensor:
+    """Like `to_unit_image`, but 8-bit images that need no intensity processing stay uint8 `[3, H, W]`
+    (0-255), so the geometric augmentations run on torch's fast uint8 kernels; `Normalize` scales them."""
+    a = np.asarray(image)
+    dicom = (meta or {}).get("dicom")
+    if a.dtype == np.uint8 and not (dicom and dicom.get("invert")) and not fundus_crop and \
+            (a.ndim == 2 or a.ndim == 3 and a.shape[-1] in (1, 3)):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if t.ndim == 2 or t.shape[-1] == 1:
+            return t.reshape(1, *t.shape[:2]).expand(3, -1, -1).contiguous()
+        return t.permute(2, 0, 1)  # a channels-last view: torch's uint8 resize kernels take it without a copy
+    return to_unit_image(image, meta, window, fov, fundus_crop)
+
+
+class Normalize(torch.nn.Module):
+    """(x - mean) / std for uint8 (scaled by 1/255) or float [0, 1] input, fused into one multiply-add."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.register_buffer("scale", 1.0 / std_t)
+        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., C, H, W]` uint8 (0-255) or float (0-1) -> normalised float."""
+        scale = self.scale / 255.0 if x.dtype == torch.uint8 else self.scale
+        return torch.addcmul(self.shift, x.float(), scale)
+
+
+class ToFloat(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
 class HEDJitter(torch.nn.Module):
     """Stain augmentation for H&E (Tellez et al. 2018): in haematoxylin-eosin-DAB optical-density space,
     scale each stain by U(1-σ, 1+σ) and shift it by U(-σ, σ), then go back to RGB. Input/output [3, H, W] in [0, 1]."""
@@ -122,16 +161,18 @@ def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p:
 
 def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool = True,
                     *, window: Optional[str] = None, fundus_crop: bool = False, hed_sigma: float = 0.05,
-                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96
+                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96, normalize: bool = True
                     ) -> Callable[[Any], dict[str, torch.Tensor] | torch.Tensor]:
     """The transform for training (`augment` preset) or, with `train=False`, for evaluation.
 
     The returned callable takes a sample dict (`image`, `meta`, `masks`) and returns
     {"image": tensor[, "crops": [tensors]]}; given a bare PIL image it returns the image tensor.
+    With `normalize=False` the output is left unnormalised (uint8 or float in [0, 1]) for `Normalize`
+    to finish on the device.
     """
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment preset {augment!r}: choose {', '.join(AUGMENTS)}")
-    norm = T.Normalize(mean=list(mean), std=list(std))
+    norm = Normalize(mean, std) if normalize else torch.nn.Identity()
     resize = T.Resize((img_size, img_size), interpolation=_BICUBIC, antialias=True)
     if not train or augment == "none":
         views = [T.Compose([resize, norm])]
@@ -141,8 +182,8 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
                             T.RandomHorizontalFlip(), norm])]
     elif augment == "he":
         views = [T.Compose([T.RandomResizedCrop(img_size, scale=(0.6, 1.0), interpolation=_BICUBIC, antialias=True),
-                            RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), HEDJitter(hed_sigma),
-                            norm])]
+                            RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), ToFloat(),
+                            HEDJitter(hed_sigma), norm])]
     else:  # dino
         views = [T.Compose([_dino_view(img_size, (0.32, 1.0), 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2), norm])
                  for i in range(global_crops)]
@@ -150,9 +191,9 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
 
     def apply(sample: Any) -> Any:
         if isinstance(sample, Image.Image):
-            return views[0](to_unit_image(sample))
+            return views[0](to_image_tensor(sample))
         masks = sample.get("masks") or {}
-        x = to_unit_image(sample["image"], sample.get("meta"), window, masks.get("fov"), fundus_crop)
+        x = to_image_tensor(sample["image"], sample.get("meta"), window, masks.get("fov"), fundus_crop)
         out = [v(x) for v in views]
         return {"image": out[0], "crops": out} if len(out) > 1 else {"image": out[0]}
 

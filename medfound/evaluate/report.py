@@ -22,14 +22,15 @@ from medfound.io import atomic_write_json, sha256_file
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str]]:
+def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module
+            ) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str]]:
     """Softmax probabilities `[N, K]`, labels `[N]`, keys and sites for every sample of `loader`, and the
     reports of samples skipped as undecodable."""
     model.eval()
     probs, labels, keys, sites, skipped = [], [], [], [], []
     for batch in loader:
         skipped += batch.pop("_bad", [])
-        probs.append(torch.softmax(model(batch["image"]).float(), dim=1).numpy())
+        probs.append(torch.softmax(model(normalize(batch["image"])).float(), dim=1).numpy())
         labels.append(batch["label"].numpy())
         keys += batch["key"]
         sites += batch.get("site", [None] * len(batch["key"]))
@@ -68,7 +69,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
                          train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
                          max_bad_fraction=d.max_bad_fraction)
     start = time.time()
-    probs, labels, keys, sites, skipped = predict(model, loader)
+    probs, labels, keys, sites, skipped = predict(model, loader, d.normalizer())
     result = classification_metrics(probs, labels, schema.type, schema.names, split=split)
     by_site = {}
     for site in sorted({s for s in sites if s}):

@@ -56,8 +56,15 @@ def resolve_resume(trainer: TrainerConfig, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device, normalize: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Move tensors (and lists of crops) to `device`; then normalise `image`/`crops` there when asked."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else
+           [t.to(device, non_blocking=True) for t in v] if k == "crops" else v for k, v in batch.items()}
+    if normalize is not None:
+        out["image"] = normalize(out["image"])
+        if "crops" in out:
+            out["crops"] = [normalize(t) for t in out["crops"]]
+    return out
 
 
 class _Preemption:
@@ -84,7 +91,7 @@ class _Preemption:
 
 def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trainer: TrainerConfig, optim: OptimConfig,
         lr: float, run_dir: Path, accelerator: Accelerator, config_text: str,
-        resume_from: Optional[Path] = None) -> TrainState:
+        resume_from: Optional[Path] = None, normalize: Optional[nn.Module] = None) -> TrainState:
     """Train `module` for `trainer.max_steps` optimizer steps.
 
     Args:
@@ -92,6 +99,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         make_loader: epoch -> iterable of batches, the same batches in the same order for the same epoch.
         lr: the resolved peak learning rate (recipe.derived.lr).
         resume_from: a checkpoint directory to continue from (see `resolve_resume`).
+        normalize: applied to `image`/`crops` on the device (the loaders ship unnormalised uint8 batches).
     Returns:
         The final TrainState (`preempted=True` when stopped by SIGTERM after checkpointing).
     """
@@ -108,6 +116,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         accelerator.print(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batch_in_epoch})")
     model, optimizer = accelerator.prepare(module, optimizer)
+    if normalize is not None:
+        normalize = normalize.to(accelerator.device)
     logger = MetricsLogger(run_dir, trainer.loggers, enabled=main)
     ckpt_root = run_dir / "checkpoints"
 
@@ -143,7 +153,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 if bad:
                     window.setdefault("bad_samples", []).append(float(len(bad)))
                     logger.log(state.step, {"skipped_samples": bad}, prefix="data")
-                batch = _to_device(batch, accelerator.device)
+                batch = to_device(batch, accelerator.device, normalize)
                 sync = (micro + 1) % accum == 0
                 no_sync = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 \
                     else contextlib.nullcontext()

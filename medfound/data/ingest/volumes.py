@@ -53,17 +53,49 @@ def pair_files(folder: Path) -> list[dict[str, str]]:
     return rows
 
 
+# NRRD "type" field values (NRRD0005 spec) -> NumPy dtypes
+_NRRD_TYPES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t"), "i1"),
+    **dict.fromkeys(("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
+    **dict.fromkeys(("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t"), "i4"),
+    **dict.fromkeys(("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "int64_t"), "i8"),
+    **dict.fromkeys(("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
+    "float": "f4", "double": "f8",
+}
+
+
+def _source_dtype(path: Path) -> np.dtype:
+    """The voxel type stored in the file, so MONAI's reader keeps it instead of casting to float."""
+    if path.name.endswith((".nrrd", ".nhdr")):
+        import nrrd
+        kind = str(nrrd.read_header(str(path))["type"]).lower()
+        if kind not in _NRRD_TYPES:
+            raise ValueError(f"{path.name}: unsupported NRRD voxel type {kind!r}")
+        return np.dtype(_NRRD_TYPES[kind])
+    import nibabel
+    return np.dtype(nibabel.load(str(path)).get_data_dtype())
+
+
 def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(array in its source dtype, spacing in mm per array axis, orientation codes) via MONAI."""
     try:
+        from monai.data import NibabelReader, NrrdReader
         from monai.transforms import LoadImage
         from nibabel.orientations import aff2axcodes
     except ImportError as e:
         raise ImportError("volume ingest needs MONAI with pynrrd/nibabel: pip install medfound[volumes]") from e
     try:
-        img, meta = LoadImage(image_only=False, dtype=None)(str(path))
+        dtype = _source_dtype(path)
+        reader = NrrdReader(dtype=dtype) if path.name.endswith((".nrrd", ".nhdr")) else NibabelReader(dtype=dtype)
+        img, meta = LoadImage(image_only=False, reader=reader, dtype=None)(str(path))
+    except ValueError:
+        raise
     except Exception as e:
-        raise ValueError(f"cannot read volume {path.name}: {e}") from e
+        raise ValueError(f"cannot read volume {path.name}: {type(e).__name__}: {e}") from e
     arr = np.asarray(img)
     if arr.ndim != 3:
         raise ValueError(f"{path.name}: expected a 3-D volume, got shape {arr.shape}")

@@ -69,36 +69,39 @@ def tissue_mask(slide: Any, max_side: int = 1024) -> tuple[np.ndarray, float]:
 def tile_slide(path: Path, *, mpp: float, tile_size: int, min_tissue: float, given_mpp: Optional[float],
                backend: str, key_prefix: str):
     slide = open_slide(path, backend)
-    base_mpp = slide_mpp(slide, path) or given_mpp
-    if base_mpp is None:
-        kind = "a plain (non-pyramidal) TIFF" if slide.level_count == 1 else "a slide"
-        raise ValueError(f"{path.name}: {kind} without microns-per-pixel metadata, so tiles at {mpp} µm/px cannot be "
-                         "cut reliably. If you know the scan resolution, state it with --slide-mpp (e.g. 0.25 for 40x, "
-                         "0.5 for 20x).")
-    if mpp < base_mpp * 0.999:
-        raise ValueError(f"{path.name}: target {mpp} µm/px is finer than the scan ({base_mpp} µm/px); "
-                         f"choose --mpp {base_mpp} or coarser")
-    downsample = mpp / base_mpp
-    level = slide.get_best_level_for_downsample(downsample)
-    level_ds = float(slide.level_downsamples[level])
-    step0 = tile_size * downsample                       # tile footprint in level-0 px
-    read = max(1, round(step0 / level_ds))               # pixels to read at the chosen level
-    mask, mask_ds = tissue_mask(slide)
-    w0, h0 = slide.dimensions
-    for j in range(int(h0 // step0)):
-        for i in range(int(w0 // step0)):
-            x, y = round(i * step0), round(j * step0)
-            r0, c0 = int(y / mask_ds), int(x / mask_ds)  # the tile's footprint on the thumbnail mask, >= 1 px
-            m = mask[r0: max(int((y + step0) / mask_ds), r0 + 1), c0: max(int((x + step0) / mask_ds), c0 + 1)]
-            frac = float(m.mean()) if m.size else 0.0
-            if frac < min_tissue:
-                continue
-            region = slide.read_region((x, y), level, (read, read)).convert("RGB")
-            if region.size != (tile_size, tile_size):
-                region = region.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
-            yield {"key": f"{key_prefix}_x{x}_y{y}", "image": region,
-                   "meta": {"slide": key_prefix, "x": x, "y": y, "level": level, "mpp": mpp,
-                            "slide_mpp": base_mpp, "tile_size": tile_size, "tissue": round(frac, 3)}}
+    try:
+        base_mpp = slide_mpp(slide, path) or given_mpp
+        if base_mpp is None:
+            kind = "a plain (non-pyramidal) TIFF" if slide.level_count == 1 else "a slide"
+            raise ValueError(f"{path.name}: {kind} without microns-per-pixel metadata, so tiles at {mpp} µm/px cannot be "
+                             "cut reliably. If you know the scan resolution, state it with --slide-mpp (e.g. 0.25 for 40x, "
+                             "0.5 for 20x).")
+        if mpp < base_mpp * 0.999:
+            raise ValueError(f"{path.name}: target {mpp} µm/px is finer than the scan ({base_mpp} µm/px); "
+                             f"choose --mpp {base_mpp} or coarser")
+        downsample = mpp / base_mpp
+        level = slide.get_best_level_for_downsample(downsample)
+        level_ds = float(slide.level_downsamples[level])
+        step0 = tile_size * downsample                       # tile footprint in level-0 px
+        read = max(1, round(step0 / level_ds))               # pixels to read at the chosen level
+        mask, mask_ds = tissue_mask(slide)
+        w0, h0 = slide.dimensions
+        for j in range(int(h0 // step0)):
+            for i in range(int(w0 // step0)):
+                x, y = round(i * step0), round(j * step0)
+                r0, c0 = int(y / mask_ds), int(x / mask_ds)  # the tile's footprint on the thumbnail mask, >= 1 px
+                m = mask[r0: max(int((y + step0) / mask_ds), r0 + 1), c0: max(int((x + step0) / mask_ds), c0 + 1)]
+                frac = float(m.mean()) if m.size else 0.0
+                if frac < min_tissue:
+                    continue
+                region = slide.read_region((x, y), level, (read, read)).convert("RGB")
+                if region.size != (tile_size, tile_size):
+                    region = region.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+                yield {"key": f"{key_prefix}_x{x}_y{y}", "image": region,
+                       "meta": {"slide": key_prefix, "x": x, "y": y, "level": level, "mpp": mpp,
+                                "slide_mpp": base_mpp, "tile_size": tile_size, "tissue": round(frac, 3)}}
+    finally:
+        slide.close()
 
 
 def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.5,

@@ -1,0 +1,143 @@
+"""Samples/s of the medfound pipeline against torchvision ImageFolder and against decode only.
+
+Same real images three ways, same DataLoader worker count and batch size, repeats interleaved
+(medfound, ImageFolder, decode-only, medfound, ...) so drift on the machine hits all variants alike:
+
+- medfound:     WebDataset shards -> shuffle buffer -> PNG decode -> MAE augmentation at 224 px
+                (RandomResizedCrop 0.2-1, flip) -> uint8 batches -> normalise in the main process, as the
+                training loop does after moving a batch to the device   (`medfound.data.pipeline`)
+- imagefolder:  the same images as PNG files, torchvision `ImageFolder` + the same augmentation,
+                `DataLoader(shuffle=True)`: what a user would write otherwise
+- decode-only:  the same shards, decode to a uint8 tensor and batch, no augmentation: the ceiling
+
+Images (`--source`): `he` - 224-px H&E tiles at 0.5 µm/px cut from the bundled CC0 slide (all of the slide,
+tissue or not, so there are enough); `drive` - the 40 DRIVE colour fundus photographs (565x584) from
+../shared/data/drive. Each is repeated `--epochs` times per measurement.
+
+    python benchmarks/data_throughput.py [--source he|drive] [--workers 2] [--repeats 3]
+
+Prints samples/s per variant (median of the repeats) and the ratios; writes
+benchmarks/results/data_throughput.json. Measurements of this machine, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def prepare(work: Path, source: str = "he") -> tuple[list[str], Path, int]:
+    from medfound.data.pipeline import shard_urls
+    from medfound.workflows import shard
+
+    shards = work / "shards"
+    if source == "he":
+        m, _ = shard("wsi", ROOT / "data" / "wsi" / "CMU-1-Small-Region.svs", shards, modality="pathology", mpp=0.5,
+                     tile_size=224, min_tissue=0.0, keep_names=True, max_count=64)
+    else:
+        drive = ROOT.parent / "shared" / "data" / "drive"
+        if not drive.is_dir():
+            raise SystemExit(f"{drive} is absent: --source drive needs the shared DRIVE data")
+        rows = [f"{p.relative_to(drive)},train" for p in sorted(drive.glob("*/images/*.tif"))]
+        (work / "drive.csv").write_text("path,split\n" + "\n".join(rows) + "\n")
+        m, _ = shard("images", drive, shards, table=work / "drive.csv", modality="fundus", max_count=8)
+    urls, _ = shard_urls([shards], "train")
+    folder = work / "imagefolder" / "tiles"
+    folder.mkdir(parents=True)
+    import tarfile
+    for url in urls:  # the very same PNG bytes as files
+        with tarfile.open(url) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".png"):
+                    (folder / member.name).write_bytes(t.extractfile(member).read())
+    return urls, folder.parent, m.counts["total"]
+
+
+def mae_augment():
+    from torchvision.transforms import v2 as T
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                                                       antialias=True), T.RandomHorizontalFlip(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+
+
+def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int) -> dict:
+    import torchvision
+    from torchvision.transforms import v2 as T
+
+    from medfound.data.pipeline import make_loader
+    from medfound.data.transforms import build_transform
+
+    return {
+        "medfound": make_loader(urls, transform=build_transform("mae", 224, MEAN, STD, normalize=False), batch_size=batch,
+                                labelled=False, train=True, seed=0, epoch=epoch, shuffle_buffer=256,
+                                num_workers=workers),
+        "imagefolder": DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=mae_augment()),
+                                  batch_size=batch, shuffle=True, num_workers=workers, drop_last=True),
+        "decode_only": make_loader(urls, transform=lambda s: {"image": T.ToImage()(s["image"].convert("RGB"))},
+                                   batch_size=batch, labelled=False, train=True, seed=0, epoch=epoch,
+                                   shuffle_buffer=256, num_workers=workers),
+    }
+
+
+def count(batch) -> int:
+    return len(batch["key"]) if isinstance(batch, dict) else len(batch[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=["he", "drive"], default="he")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the tiles per measurement")
+    p.add_argument("--out", help="results file (default benchmarks/results/data_throughput_SOURCE.json)")
+    a = p.parse_args()
+    a.out = a.out or str(ROOT / "benchmarks" / "results" / f"data_throughput_{a.source}.json")
+    torch.set_num_threads(1)  # the workers do the work; keep the main process from competing
+    from medfound.data.transforms import Normalize
+    normalize = Normalize(MEAN, STD)
+    with tempfile.TemporaryDirectory() as tmp:
+        urls, folder, n = prepare(Path(tmp), a.source)
+        rates: dict[str, list[float]] = {"medfound": [], "imagefolder": [], "decode_only": []}
+        for r in range(a.repeats + 1):  # the first round warms caches and is not counted
+            for name in rates:
+                seen, start = 0, time.perf_counter()
+                for e in range(a.epochs):
+                    for b in loaders(urls, folder, a.batch, a.workers, epoch=r * a.epochs + e)[name]:
+                        if name == "medfound":
+                            b["image"] = normalize(b["image"])  # the loop's on-device step, here on the CPU
+                        seen += count(b)
+                rate = seen / (time.perf_counter() - start)
+                if r:
+                    rates[name].append(rate)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    for k, v in med.items():
+        print(f"{k:12s} {v:8.1f} samples/s  (repeats: {', '.join(f'{x:.0f}' for x in rates[k])})")
+    vs_if, vs_dec = med["medfound"] / med["imagefolder"], med["medfound"] / med["decode_only"]
+    print(f"{a.source}: {n} images x {a.epochs} epochs, {a.workers} workers, batch {a.batch}: medfound is {vs_if:.2f}x ImageFolder "
+          f"(target >= 1.0) and {vs_dec:.2f}x decode-only (target >= 0.8)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({
+        "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "settings": vars(a), "tiles": n, "samples_per_s": rates, "median": med,
+        "ratio_vs_imagefolder": vs_if, "ratio_vs_decode_only": vs_dec}, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
