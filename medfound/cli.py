@@ -203,8 +203,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 print(f"  LEAKAGE {len(leakage)} patients appear in more than one split, e.g. "
                       + "; ".join(f"patient {p}: {', '.join(v)}" for p, v in list(leakage.items())[:3]))
                 print("  -> fix the split column so each patient is in one split, or drop it to split by patient")
-            elif not problems:
+            elif leakage == {}:
                 print("  no patient in two splits")
+            elif not problems:
+                print("  no patient IDs recorded: split leakage cannot be checked")
             bad += bool(problems) or bool(leakage)
         return 1 if bad else 0
     raise AssertionError(args.verb)

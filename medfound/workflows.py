@@ -301,11 +301,11 @@ def _per_sample_modality(samples, modality: str):
         yield s
 
 
-def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str], dict[str, list[str]]]:
-    """(manifest, checksum problems, patients in more than one split); leakage is only looked for once the
-    checksums hold."""
+def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str], Optional[dict[str, list[str]]]]:
+    """(manifest, checksum problems, patients in more than one split, or None without patient IDs); leakage
+    is only looked for once the checksums hold."""
     from medfound.data.manifest import patient_leakage, verify_shards
 
     m = read_manifest(directory)
     problems = verify_shards(directory, m)
-    return m, problems, {} if problems else patient_leakage(directory, m)
+    return m, problems, None if problems else patient_leakage(directory, m)

@@ -34,5 +34,5 @@ def fov_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def crop_to_fov(image: np.ndarray, mask: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
     """Crop `image`, `mask` and any `others` (same height and width) to the FOV's bounding box."""
-    t, b, l, r = fov_box(mask)
-    return tuple(a[t:b, l:r] for a in (image, mask, *others))
+    top, bottom, left, right = fov_box(mask)
+    return tuple(a[top:bottom, left:right] for a in (image, mask, *others))

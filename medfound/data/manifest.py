@@ -152,8 +152,9 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
     return problems
 
 
-def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) -> dict[str, list[str]]:
-    """Patient tokens found in more than one split (e.g. from a user's own split column), with their splits."""
+def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) -> Optional[dict[str, list[str]]]:
+    """Patient tokens found in more than one split (e.g. from a user's own split column), with their splits;
+    None when the samples carry no patient tokens (leakage cannot be checked)."""
     import tarfile
 
     directory = Path(directory)
@@ -166,4 +167,6 @@ def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) 
                     meta = json.loads(tar.extractfile(member).read())
                     if meta.get("patient"):
                         splits.setdefault(meta["patient"], set()).add(meta.get("split", s.split))
+    if not splits:
+        return None
     return {p: sorted(v) for p, v in sorted(splits.items()) if len(v) > 1}

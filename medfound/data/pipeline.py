@@ -85,7 +85,7 @@ class _Decoder:
         self.multilabel, self.max_bad_fraction = multilabel, max_bad_fraction
 
     def decode(self, sample: dict) -> dict:
-        key, url = sample.get("__key__"), sample.get("__url__")
+        key = sample.get("__key__")
         image_member = "png" if "png" in sample else "npy" if "npy" in sample else None
         if image_member is None:
             raise ValueError("no image (.png or .npy) in the sample")

@@ -17,7 +17,6 @@ from PIL import Image
 
 from medfound.data.manifest import read_manifest
 from medfound.data.transforms import WINDOWS, to_unit_image
-from medfound.workflows import shard
 
 from helpers import ROOT, shared
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from medfound.cli import main
 from medfound.data.fundus import detect_fov
-from medfound.data.manifest import patient_leakage, read_manifest
+from medfound.data.manifest import patient_leakage
 from medfound.workflows import shard
 
 from helpers import DATA, shared

@@ -13,7 +13,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import make_loader, mixed_samples, shard_sets, shard_urls
 from medfound.data.transforms import HEDJitter, build_transform, to_unit_image
 

@@ -133,7 +133,7 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
         b"medfound-salt\0" + "".join(sorted(r["path"] for r in rows)).encode()).digest()
 
     def samples():
-        for i, r in enumerate(rows):
+        for r in rows:
             path = folder / r["path"]
             image, spacing, codes = load_volume(path)
             mask = None
