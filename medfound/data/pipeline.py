@@ -76,6 +76,26 @@ def _seed(*parts: int) -> int:
     return hash(tuple(parts)) & 0x7FFFFFFF
 
 
+class _LazyMasks(dict):
+    """name -> mask array, decoded on first access: a transform that ignores masks pays nothing for them."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = super().__getitem__(name)
+        if isinstance(value, tuple):
+            value = np.asarray(_load_member(*value))
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self):  # pragma: no cover - not used by the transforms; decode all if someone iterates
+        return [self[k] for k in self]
+
+    def items(self):  # pragma: no cover
+        return [(k, self[k]) for k in self]
+
+
 class _Decoder:
     """Decode + transform inside the worker; skip, log and count what fails."""
 
@@ -89,8 +109,8 @@ class _Decoder:
         image_member = "png" if "png" in sample else "npy" if "npy" in sample else None
         if image_member is None:
             raise ValueError("no image (.png or .npy) in the sample")
-        masks = {k.rsplit(".", 1)[0]: np.asarray(_load_member(k, v)) for k, v in sample.items()
-                 if k.endswith((".png", ".npy")) and "." in k}
+        masks = _LazyMasks({k.rsplit(".", 1)[0]: (k, v) for k, v in sample.items()
+                            if k.endswith((".png", ".npy")) and "." in k})
         meta = json.loads(sample["json"]) if "json" in sample else {}
         out = self.transform({"image": _load_member(image_member, sample[image_member]), "meta": meta,
                               "masks": masks})

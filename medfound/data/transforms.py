@@ -99,7 +99,7 @@ def to_image_tensor(image: Any, meta: Optional[dict] = None, window: Optional[st
     dicom = (meta or {}).get("dicom")
     if a.dtype == np.uint8 and not (dicom and dicom.get("invert")) and not fundus_crop and \
             (a.ndim == 2 or a.ndim == 3 and a.shape[-1] in (1, 3)):
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a, copy=True))  # writable: a PIL-backed array is read-only
         if t.ndim == 2 or t.shape[-1] == 1:
             return t.reshape(1, *t.shape[:2]).expand(3, -1, -1).contiguous()
         return t.permute(2, 0, 1)  # a channels-last view: torch's uint8 resize kernels take it without a copy
@@ -192,8 +192,8 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
     def apply(sample: Any) -> Any:
         if isinstance(sample, Image.Image):
             return views[0](to_image_tensor(sample))
-        masks = sample.get("masks") or {}
-        x = to_image_tensor(sample["image"], sample.get("meta"), window, masks.get("fov"), fundus_crop)
+        fov = (sample.get("masks") or {}).get("fov") if fundus_crop else None  # masks decode lazily: ask only if used
+        x = to_image_tensor(sample["image"], sample.get("meta"), window, fov, fundus_crop)
         out = [v(x) for v in views]
         return {"image": out[0], "crops": out} if len(out) > 1 else {"image": out[0]}
 

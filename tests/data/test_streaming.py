@@ -144,3 +144,25 @@ def test_uint8_batches_are_normalised_on_the_device_like_the_float_path(shards):
     mixed = collate([{"image": torch.full((3, 2, 2), 255, dtype=torch.uint8), "key": "a"},
                      {"image": torch.full((3, 2, 2), 0.5), "key": "b"}])
     assert mixed["image"].dtype == torch.float32 and mixed["image"][0].max() == 1.0  # 8-bit brought to [0, 1]
+
+
+def test_masks_are_decoded_only_when_a_transform_reads_them(tmp_path, monkeypatch):
+    import medfound.data.pipeline as pipeline
+    from medfound.data.shards import write_shard_set
+    from medfound.data.manifest import LabelSchema
+
+    img = np.full((16, 16, 3), 200, np.uint8)
+    fov = np.zeros((16, 16), np.uint8)
+    fov[2:14, 2:14] = 255
+    write_shard_set([{"key": f"s{i}", "image": img, "split": "train", "masks": {"fov": fov, "vessel": fov}}
+                     for i in range(4)], tmp_path / "s", name="t", modality="fundus",
+                    label_schema=LabelSchema(type="none"), source={}, ingest={})
+    urls, _ = shard_urls([tmp_path / "s"], "train")
+    calls = Counter()
+    real = pipeline._load_member
+    monkeypatch.setattr(pipeline, "_load_member", lambda name, data: calls.update([name]) or real(name, data))
+    list(make_loader(urls, transform=T_EVAL, batch_size=2, labelled=False, train=False))
+    assert calls == Counter({"png": 4})  # masks untouched
+    crop = build_transform("none", 8, (0.5,) * 3, (0.5,) * 3, train=False, fundus_crop=True)
+    list(make_loader(urls, transform=crop, batch_size=2, labelled=False, train=False))
+    assert calls["fov.png"] == 4 and calls["vessel.png"] == 0

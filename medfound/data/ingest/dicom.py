@@ -209,8 +209,9 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
 
     source = {"files": len(files), "content_digest": hashlib.sha256(b"medfound-source\0" +
                                                                       "".join(hashes).encode()).hexdigest()}
-    settings = {"kind": "dicom", "split": {"by": "patient token", "fractions": fractions} if not rows or not any(
-        (r.get("split") or "").strip() for r in rows.values()) else "table column", "keep_names": keep_names,
-        "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
+    split_column = any((r.get("split") or "").strip() for r in rows.values())
+    settings = {"kind": "dicom", "split": "table column" if split_column else {"by": "patient token", "fractions": fractions},
+                "keep_names": keep_names,
+                "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
     return Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
                     modalities=modalities)
