@@ -189,3 +189,22 @@ def test_multilabel_and_parquet_tables(tmp_path):
     batch = next(iter(make_loader(urls, transform=build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False),
                                   batch_size=4, labelled=True, train=False, num_classes=3, multilabel=True)))
     assert batch["label"].shape == (4, 3) and batch["label"].sum().item() == 5
+
+
+def test_nifti_volumes_read_like_nrrd(volumes, tmp_path):
+    import nibabel as nib
+    import nrrd
+    data, header = nrrd.read(str(volumes / "brain2_image.nrrd"))
+    label, _ = nrrd.read(str(volumes / "brain2_label.nrrd"))
+    spacing = np.linalg.norm(np.asarray(header["space directions"], dtype=float), axis=1)
+    folder = tmp_path / "nii"
+    folder.mkdir()
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), folder / "case_image.nii.gz")
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), folder / "case_label.nii.gz")
+    m, _ = shard("volumes", folder, tmp_path / "s", modality="mr", keep_names=True)
+    s = _samples(tmp_path / "s")["case_image"]
+    assert json.loads(s["json"])["spacing_mm"] == pytest.approx(list(spacing), rel=1e-5)
+    image = _npy(s["npy"])
+    assert image.dtype == data.dtype and np.array_equal(np.sort(image.ravel()), np.sort(data.ravel()))
+    assert _npy(s["label.npy"]).sum() == (label > 0).sum()
