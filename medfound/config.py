@@ -48,6 +48,10 @@ class TrainerConfig(Strict):
         default_factory=lambda: ["tensorboard"],
         description="metrics always go to logs/metrics.jsonl; these are added (wandb runs offline)")
     progress: bool = True
+    max_bad_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row (each is skipped)")
+    visualize_every: Optional[int] = Field(None, gt=0, description="save the objective's picture (MAE reconstructions) "
+                                                                   "to logs/images every N steps")
+    compile: bool = Field(False, description="torch.compile the module (PyTorch 2)")
 
 
 class OptimConfig(Strict):
@@ -56,6 +60,9 @@ class OptimConfig(Strict):
     lr: Optional[float] = Field(None, gt=0, description="absolute learning rate; give lr or blr, not both")
     blr: Optional[float] = Field(None, gt=0, description="base lr per 256 images: lr = blr * global_batch / 256 (MAE)")
     weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: Optional[float] = Field(None, ge=0, description="cosine weight-decay schedule to this value")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise lr decay (BEiT), e.g. 0.65-0.9")
+    patch_embed_lr_mult: float = Field(1.0, gt=0, description="lr multiplier of the patch embedding (DINOv2: 0.2)")
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)

@@ -93,6 +93,7 @@ def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(shards, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / killed_at}" in output
+    assert killed_at < "step_00000120"  # killed mid-run, not after training ended
     a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

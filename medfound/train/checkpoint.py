@@ -3,8 +3,9 @@
 Layout of `RUN_DIR/checkpoints/step_NNNNNNNN/`:
 - `model.safetensors`  the training module's state dict (safetensors)
 - `optimizer.pt`       the optimizer state dict (tensors and numbers only: `torch.load(weights_only=True)`)
-- `rng.safetensors`    torch CPU (and CUDA) generator states
-- `trainer_state.json` step, data position (epoch, batch in epoch), images seen, time, Python/NumPy RNG
+- `rng.safetensors`    every process's torch CPU (and CUDA) generator states (`rank{r}.torch_cpu`, ...)
+- `trainer_state.json` step, images seen, time, skipped steps; and per process ("ranks") its data position
+                       (epoch, batch in epoch) and Python/NumPy RNG
 - `config.yaml`        the resolved recipe the run was started with
 `RUN_DIR/checkpoints/last` is a text file naming the newest complete checkpoint. Each checkpoint is
 written under a temporary name and renamed; `last` is replaced atomically after it, so a kill at any
@@ -58,16 +59,20 @@ def restore_rng(scalars: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 
 
 def save_checkpoint(root: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    config_text: str, keep: int = 2) -> Path:
-    """Write `root/step_NNNNNNNN` atomically, point `root/last` at it, prune to the newest `keep`."""
+                    ranks: list[dict[str, Any]], config_text: str, keep: int = 2) -> Path:
+    """Write `root/step_NNNNNNNN` atomically, point `root/last` at it, prune to the newest `keep`.
+
+    `ranks`: per process {"epoch", "batch_in_epoch", "rng" (capture_rng scalars), "rng_tensors"}.
+    """
     root = Path(root)
     target = root / step_dir_name(state["step"])
-    scalars, tensors = capture_rng()
+    tensors = {f"rank{r}.{k}": v for r, d in enumerate(ranks) for k, v in d["rng_tensors"].items()}
+    per_rank = [{"epoch": d["epoch"], "batch_in_epoch": d["batch_in_epoch"], "rng": d["rng"]} for d in ranks]
     with atomic_dir(target, overwrite=True) as tmp:
         save_model(module, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(tensors, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "rng": scalars}, indent=1))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "ranks": per_rank}, indent=1))
         (tmp / "config.yaml").write_text(config_text)
     atomic_write_text(root / LAST, target.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
@@ -102,5 +107,9 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: Optional[torch.opt
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())
-    state["_rng_tensors"] = load_file(str(path / "rng.safetensors"))
+    tensors = load_file(str(path / "rng.safetensors"))
+    state["_rng_tensors"] = [{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{r}.")}
+                             for r in range(len(state["ranks"]))]
+    for r, d in enumerate(state["ranks"]):
+        d["rng_index"] = r
     return state

@@ -1,11 +1,18 @@
 """The training loop every recipe uses.
 
-It knows nothing about MAE or classification: it calls `module(batch)` and optimises `out["loss"]`.
-Everything numeric lives here once: gradient accumulation (the loss of each micro-batch is divided
-by the number of micro-batches, so the update equals one big batch), clipping, the learning rate as
-a pure function of the step, NaN/Inf detection, and checkpoints complete enough to resume exactly
-(weights, optimizer, data position and every RNG). Distribution and mixed precision come from
-accelerate: the same loop runs on one CPU or under `accelerate launch` / `torchrun` on many GPUs.
+It knows nothing about MAE, DINO or classification: it calls `module(batch)` and optimises `out["loss"]`.
+Objectives and tasks may define optional hooks, called on the unwrapped module:
+- `param_groups(optim_cfg) -> list[dict]`: their own parameter groups (layer-wise lr decay, multipliers);
+- `before_optimizer_step(step, max_steps)`: e.g. DINO cancels the last layer's gradients early on;
+- `after_optimizer_step(step, max_steps)`: e.g. the EMA teacher update;
+- `visualize(batch, out) -> PIL.Image`: saved to `logs/images/` every `trainer.visualize_every` steps.
+
+Everything numeric lives here once: gradient accumulation (each micro-batch loss divided by the number of
+micro-batches, so the update equals one big batch), clipping, learning rate and weight decay as pure
+functions of the step, non-finite steps skipped (all ranks agree) and a stop after
+`trainer.max_bad_steps` of them in a row, and checkpoints complete enough to resume exactly: weights,
+optimizer, and for every rank its data position and RNG states. Distribution and mixed precision come
+from accelerate: the same loop runs on one CPU or under `accelerate launch` / `torchrun` on many GPUs.
 """
 
 from __future__ import annotations
@@ -21,22 +28,28 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from medfound.config import OptimConfig, TrainerConfig
-from medfound.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from medfound.train.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from medfound.train.logging import MetricsLogger
-from medfound.train.optim import build_optimizer, lr_at
+from medfound.train.optim import build_optimizer, lr_at, wd_at
 
 
 @dataclass
 class TrainState:
     step: int = 0              # optimizer steps taken
-    epoch: int = 0             # data epoch in progress
-    batch_in_epoch: int = 0    # micro-batches of this epoch already consumed (the data position)
     images_seen: int = 0       # across all processes
     train_seconds: float = 0.0
+    skipped_steps: int = 0     # optimizer steps skipped for a non-finite loss or gradient
+    # this process's data position:
+    epoch: int = 0             # data epoch in progress
+    batch_in_epoch: int = 0    # micro-batches of this epoch already consumed
     preempted: bool = False
+
+
+_SHARED = ("step", "images_seen", "train_seconds", "skipped_steps")
 
 
 def resolve_resume(trainer: TrainerConfig, run_dir: Path) -> Optional[Path]:
@@ -89,6 +102,14 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True if `flag` is set on any process (every process must take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
 def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trainer: TrainerConfig, optim: OptimConfig,
         lr: float, run_dir: Path, accelerator: Accelerator, config_text: str,
         resume_from: Optional[Path] = None, normalize: Optional[nn.Module] = None) -> TrainState:
@@ -96,7 +117,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
 
     Args:
         module: returns {"loss": scalar, ...}; other 0-dim tensors in the output are logged.
-        make_loader: epoch -> iterable of batches, the same batches in the same order for the same epoch.
+        make_loader: epoch -> iterable of batches, the same batches in the same order for the same epoch
+            (and rank and worker).
         lr: the resolved peak learning rate (recipe.derived.lr).
         resume_from: a checkpoint directory to continue from (see `resolve_resume`).
         normalize: applied to `image`/`crops` on the device (the loaders ship unnormalised uint8 batches).
@@ -104,30 +126,42 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         The final TrainState (`preempted=True` when stopped by SIGTERM after checkpointing).
     """
     run_dir = Path(run_dir)
-    main = accelerator.is_main_process
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     accum = trainer.grad_accum_steps
     optimizer = build_optimizer(module, optim, lr)
     state = TrainState()
     pending_rng = None
     if resume_from is not None:
         saved = load_checkpoint(resume_from, module, optimizer)
-        state = TrainState(**{k: saved[k] for k in asdict(state) if k in saved and k != "preempted"})
-        pending_rng = (saved["rng"], saved["_rng_tensors"])
+        ranks = saved["ranks"]
+        mine = ranks[rank] if len(ranks) == world else ranks[0]
+        if len(ranks) != world:
+            accelerator.print(f"warning: {resume_from} was written by {len(ranks)} processes, this run has {world}: "
+                              "weights and optimizer resume exactly, the data order and RNG do not")
+        state = TrainState(**{k: saved[k] for k in _SHARED if k in saved}, epoch=mine["epoch"],
+                           batch_in_epoch=mine["batch_in_epoch"])
+        pending_rng = (mine["rng"], saved["_rng_tensors"][mine["rng_index"]])
         accelerator.print(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, "
                           f"batch {state.batch_in_epoch})")
+    if trainer.compile:
+        module = torch.compile(module)
     model, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(model, keep_torch_compile=False) if trainer.compile else \
+        accelerator.unwrap_model(model)
     if normalize is not None:
         normalize = normalize.to(accelerator.device)
     logger = MetricsLogger(run_dir, trainer.loggers, enabled=main)
     ckpt_root = run_dir / "checkpoints"
 
-    def checkpoint() -> Path:
-        accelerator.wait_for_everyone()
+    def checkpoint() -> Optional[Path]:
+        scalars, tensors = capture_rng()
+        everyone = gather_object([{"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": scalars,
+                                   "rng_tensors": tensors}])
         path = None
         if main:
-            path = save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer,
-                                   {k: v for k, v in asdict(state).items() if k != "preempted"},
-                                   config_text, keep=trainer.keep_checkpoints)
+            shared = {k: getattr(state, k) for k in _SHARED}
+            path = save_checkpoint(ckpt_root, inner, optimizer, shared, everyone, config_text,
+                                   keep=trainer.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -135,7 +169,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                desc="train", dynamic_ncols=True, mininterval=1.0)
     window: dict[str, list[float]] = {}
     window_images, window_start = 0, time.time()
-    micro = 0
+    micro, cycle_bad, bad_in_a_row, last_bad = 0, False, 0, ""
     with _Preemption() as preempt:
         while state.step < trainer.max_steps:
             iterator = iter(make_loader(state.epoch))
@@ -155,22 +189,19 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     logger.log(state.step, {"skipped_samples": bad}, prefix="data")
                 batch = to_device(batch, accelerator.device, normalize)
                 sync = (micro + 1) % accum == 0
-                no_sync = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 \
-                    else contextlib.nullcontext()
+                no_sync = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with no_sync:
                     with accelerator.autocast():
                         out = model(batch)
                     loss = out["loss"]
                     if not torch.isfinite(loss.detach()).all():
-                        last = latest_checkpoint(ckpt_root)
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
-                            f"{state.batch_in_epoch}, first keys {batch.get('key', [])[:4]}). Lower optim.lr, set "
-                            f"trainer.clip_grad_norm, or check these samples; last good checkpoint: {last}")
-                    accelerator.backward(loss / accum)
+                        cycle_bad = True
+                        last_bad = (f"loss {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
+                                    f"{state.batch_in_epoch}, first keys {batch.get('key', [])[:4]})")
+                    accelerator.backward(loss / accum)  # every rank runs backward, finite or not (DDP)
                 micro += 1
                 state.batch_in_epoch += 1
-                n_images = len(batch["key"]) * accelerator.num_processes
+                n_images = len(batch["key"]) * world
                 state.images_seen += n_images
                 window_images += n_images
                 for k, v in out.items():
@@ -181,13 +212,41 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
 
                 lr_now = lr_at(state.step, base_lr=lr, max_steps=trainer.max_steps, warmup_steps=optim.warmup_steps,
                                min_lr=optim.min_lr, schedule=optim.schedule)
+                wd_now = wd_at(state.step, optim, trainer.max_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now * group.get("lr_scale", 1.0)
+                    group["weight_decay"] = wd_now * group.get("wd_scale", 1.0)
                 grad_norm = None
                 if trainer.clip_grad_norm is not None:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), trainer.clip_grad_norm))
+                    if not math.isfinite(grad_norm) and not cycle_bad:
+                        cycle_bad = True
+                        last_bad = f"gradient norm {grad_norm} at step {state.step} (epoch {state.epoch})"
+                if _any_rank(accelerator, cycle_bad):
+                    optimizer.zero_grad(set_to_none=True)  # the weights never see a non-finite update
+                    state.skipped_steps += 1
+                    bad_in_a_row += 1
+                    cycle_bad = False
+                    logger.log(state.step, {"skipped_step": last_bad or "non-finite on another rank",
+                                            "skipped_steps": state.skipped_steps}, prefix="nonfinite")
+                    accelerator.print(f"warning: skipped a non-finite step: {last_bad or 'on another rank'}")
+                    if bad_in_a_row >= trainer.max_bad_steps:
+                        last = latest_checkpoint(ckpt_root)
+                        raise FloatingPointError(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; the last: "
+                            f"{last_bad or 'on another rank'}. The weights were not updated by them. Lower optim.lr, "
+                            f"set trainer.clip_grad_norm or trainer.precision=fp32, or check these samples; the last "
+                            f"good checkpoint is {last} (intact).")
+                    continue
+                bad_in_a_row = 0
+                inner_hook = getattr(inner, "before_optimizer_step", None)
+                if inner_hook is not None:
+                    inner_hook(state.step, trainer.max_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                hook = getattr(inner, "after_optimizer_step", None)
+                if hook is not None:
+                    hook(state.step, trainer.max_steps)
                 state.step += 1
                 now = time.time()
                 state.train_seconds += now - step_start
@@ -197,16 +256,20 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     values = {k: sum(v) if k == "bad_samples" else sum(v) / len(v) for k, v in window.items()}
-                    values.update(lr=lr_now, epoch=state.epoch, images_per_s=window_images / elapsed,
-                                  images_seen=state.images_seen, train_seconds=round(state.train_seconds, 2))
+                    values.update(lr=lr_now, weight_decay=wd_now, epoch=state.epoch,
+                                  images_per_s=window_images / elapsed, images_seen=state.images_seen,
+                                  train_seconds=round(state.train_seconds, 2), skipped_steps=state.skipped_steps)
                     if grad_norm is not None and math.isfinite(grad_norm):
                         values["grad_norm"] = grad_norm
                     logger.log(state.step, values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr_now:.2e}",
                                     img_s=f"{values['images_per_s']:.0f}")
                     window, window_images, window_start = {}, 0, time.time()
+                if main and trainer.visualize_every and state.step % trainer.visualize_every == 0 \
+                        and hasattr(inner, "visualize"):
+                    _save_image(inner.visualize(batch, out), run_dir / "logs" / "images" / f"step_{state.step:08d}.png")
 
-                if preempt.requested:
+                if _any_rank(accelerator, preempt.requested):
                     path = checkpoint()
                     accelerator.print(f"\nSIGTERM: checkpoint written to {path}; resume with trainer.resume=auto")
                     state.preempted = True
@@ -226,3 +289,12 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     bar.close()
     logger.close()
     return state
+
+
+def _save_image(image: Any, path: Path) -> None:
+    from medfound.io import atomic_write_bytes
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

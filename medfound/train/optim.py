@@ -22,12 +22,60 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases, norms and `no_weight_decay()` names skip weight decay."""
-    groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(module))
+    """AdamW over the trainable parameters.
+
+    The module's own `param_groups(cfg)` when it has one (layer-wise lr decay, multipliers); otherwise
+    biases, norms and `no_weight_decay()` names skip weight decay. Each group carries `lr_scale` and
+    `wd_scale`, which the loop multiplies with the scheduled lr and weight decay every step.
+    """
+    if hasattr(module, "param_groups"):
+        groups = module.param_groups(cfg)
+    else:
+        groups = param_groups_weight_decay(module, cfg.weight_decay,
+                                           no_weight_decay_list=no_weight_decay_names(module))
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters: check the tuning strategy")
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+        g["wd_scale"] = 1.0 if g.get("weight_decay", 0.0) > 0 else 0.0
+        g.pop("param_names", None)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def vit_param_groups(backbone: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Groups for a timm backbone: layer-wise lr decay (BEiT; `optim.layer_decay`) via timm's
+    `param_groups_layer_decay`, and `optim.patch_embed_lr_mult` on the patch embedding (DINOv2 uses 0.2)."""
+    from timm.optim import param_groups_layer_decay
+
+    nwd = list(getattr(backbone, "no_weight_decay", lambda: set())())
+    if cfg.layer_decay is None:
+        groups = param_groups_weight_decay(backbone, cfg.weight_decay, no_weight_decay_list=nwd)
+        for g in groups:
+            g["param_names"] = [n for n, p in backbone.named_parameters() if any(p is q for q in g["params"])]
+    else:
+        groups = param_groups_layer_decay(backbone, cfg.weight_decay, no_weight_decay_list=nwd,
+                                          layer_decay=cfg.layer_decay)
+    if cfg.patch_embed_lr_mult == 1.0:
+        return groups
+    out = []
+    for g in groups:
+        names = g.get("param_names") or []
+        pe = [i for i, n in enumerate(names) if n.startswith("patch_embed.")]
+        rest = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        if pe:
+            out.append({**rest, "params": [g["params"][i] for i in pe],
+                        "lr_scale": g.get("lr_scale", 1.0) * cfg.patch_embed_lr_mult})
+        out.append({**rest, "params": [p for i, p in enumerate(g["params"]) if i not in set(pe)]})
+    return out
+
+
+def wd_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Weight decay for step `step`: constant, or cosine from `weight_decay` to `weight_decay_end` (DINOv2)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    progress = min(1.0, step / max(1, max_steps))
+    return cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step: int, *, base_lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,

@@ -172,18 +172,49 @@ def test_existing_run_needs_resume(tmp_path, shards):
     assert resolve_resume(_trainer(tmp_path / "new", resume="auto"), tmp_path / "new") is None
 
 
-class _Exploding(torch.nn.Module):
-    def __init__(self):
+class _Flaky(torch.nn.Module):
+    """A linear model whose loss is NaN on the optimizer steps listed in `bad` (all of them if None)."""
+
+    def __init__(self, bad=None):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.bad, self.calls, self.history = bad, 0, []
 
     def forward(self, batch):
-        return {"loss": self.w * float("nan")}
+        x = batch["image"].float().mean(dim=(2, 3))                 # [B, 3]
+        loss = ((x * self.w).sum(1) - 1.0).pow(2).mean()
+        poisoned = self.bad is None or self.calls in self.bad
+        self.calls += 1
+        return {"loss": loss * float("nan") if poisoned else loss}
+
+    def after_optimizer_step(self, step, max_steps):
+        self.history.append(self.w.detach().clone())
 
 
-def test_nan_loss_is_reported_with_its_position(tmp_path, shards):
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 \(epoch 0, batch 0, first keys \['retina"):
-        _fit(_Exploding(), _fixed(_loader_factory(shards)), _trainer(tmp_path / "nan"))
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, shards):
+    model = _Flaky(bad={2, 3})
+    before = []
+    model.register_forward_pre_hook(lambda m, a: before.append(m.w.detach().clone()))
+    state = _fit(model, _fixed(_loader_factory(shards)), _trainer(tmp_path / "flaky", max_steps=6, log_every=1))
+    assert state.step == 6 and state.skipped_steps == 2 and model.calls == 8
+    assert torch.isfinite(model.w).all()
+    assert torch.equal(before[2], before[3]) and torch.equal(before[3], before[4])  # skipped: no update
+    lines = [json.loads(x) for x in (tmp_path / "flaky" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [x for x in lines if x["phase"] == "nonfinite"]
+    assert len(skipped) == 2 and "loss nan at step 2" in skipped[0]["skipped_step"]
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path, shards):
+    run = tmp_path / "nan"
+    _fit(_Flaky(bad=set()), _fixed(_loader_factory(shards)), _trainer(run, max_steps=2, checkpoint_every=2))
+    good = latest_checkpoint(run / "checkpoints")
+    digest = (good / "model.safetensors").read_bytes()
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row had a non-finite loss.*last: loss nan at step 2 "
+                                                 r"\(epoch .*first keys \['retina.*last good checkpoint is .*step_00000002 "
+                                                 r"\(intact\)"):
+        _fit(_Flaky(), _fixed(_loader_factory(shards)), _trainer(run, max_steps=10, max_bad_steps=3, resume="auto"),
+             resume=good)
+    assert (good / "model.safetensors").read_bytes() == digest
 
 
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
