@@ -5,6 +5,7 @@
     medfound validate RECIPE [key=value ...]         check a recipe without running it
     medfound pretrain RECIPE [key=value ...]         self-supervised pretraining -> RUN_DIR/export
     medfound finetune RECIPE [key=value ...]         LoRA / full / linear-probe fine-tuning -> export + eval.json
+    medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
     medfound evaluate RUN_DIR [--split S]            RUN_DIR/eval.json
     medfound publish RUN_DIR --out DIR               Hugging Face-style folder with a model card
 
@@ -99,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="a recipe YAML path, or a recipe name from pretrain/ or adapt/")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-4 trainer.max_steps=50")
 
+    s = sub.add_parser("import", help="RETFound / MAE / UNI / DINOv2 / timm weights -> a timm backbone export")
+    s.add_argument("source", help="checkpoint file (.pth, .bin, .safetensors) or a timm/HF folder")
+    s.add_argument("--format", required=True, choices=["retfound", "mae", "uni", "dinov2", "timm"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", help="timm architecture (default: inferred from the weights for ViTs)")
+    s.add_argument("--model-args", type=json.loads, help='JSON timm arguments, e.g. \'{"num_heads": 16}\'')
+    s.add_argument("--img-size", type=int, help="resample position embeddings to this input size")
+    s.add_argument("--license", default="other", help="licence of the imported weights (for the card)")
+    s.add_argument("--overwrite", action="store_true")
+
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json")
     s.add_argument("run_dir")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
@@ -164,6 +175,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
         result = workflows.publish_run(args.run_dir, args.out, overwrite=args.overwrite, name=args.name)
         print(f"published {result['out']}: {', '.join(result['files'])} "
               f"(timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})")
+        return 0
+    if args.verb == "import":
+        from medfound.importing import import_checkpoint
+        r = import_checkpoint(args.source, args.format, args.out, model=args.model, model_args=args.model_args,
+                              img_size=args.img_size, license=args.license, overwrite=args.overwrite)
+        print(f"imported {args.source} as {r['architecture']} ({r['params']:,} parameters) into {r['out']}"
+              + (f"; MAE decoder kept ({r['mae_decoder']})" if r["mae_decoder"] else "")
+              + (f"; dropped {len(r['dropped'])} non-backbone keys: {', '.join(r['dropped'][:6])}" if r["dropped"] else ""))
         return 0
     if args.verb == "shard":
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",

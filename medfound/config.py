@@ -185,6 +185,29 @@ class MAEConfig(Strict):
     norm_pix_loss: bool = True
 
 
+class DINOConfig(Strict):
+    """DINOv2 + iBOT + KoLeo (Oquab et al. 2023), the objective UNI pretrains with (medfound/pretrain/dino.py)."""
+
+    name: Literal["dinov2"] = "dinov2"
+    out_dim: int = Field(65536, gt=0, description="prototypes")
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    head_layers: int = Field(3, ge=2)
+    ibot_separate_head: bool = False
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = Field(0.5, ge=0, le=1, description="share of global views that get an iBOT mask")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: tuple[float, float] = (0.04, 0.07)
+    teacher_temp_warmup_steps: int = Field(0, ge=0)
+    momentum: tuple[float, float] = (0.992, 1.0)
+    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    dino_weight: float = Field(1.0, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
+    koleo_weight: float = Field(0.1, ge=0)
+    freeze_last_layer_steps: int = Field(0, ge=0)
+
+
 class LoraConfig(Strict):
     """LoRA through peft on the plain timm module (Hu et al. 2021)."""
 
@@ -213,12 +236,21 @@ class PretrainRecipe(Strict):
 
     kind: Literal["pretrain"]
     backbone: BackboneConfig
-    objective: MAEConfig = Field(default_factory=MAEConfig)
+    objective: Annotated[Union[MAEConfig, DINOConfig], Field(discriminator="name")] = Field(default_factory=MAEConfig)
     data: DataConfig
     optim: OptimConfig
     trainer: TrainerConfig
     card: CardConfig = Field(default_factory=CardConfig)
     derived: Optional[Derived] = None
+
+    @model_validator(mode="after")
+    def _views(self) -> "PretrainRecipe":
+        if self.objective.name == "dinov2" and self.data.augment != "dino":
+            raise ValueError(f"objective dinov2 trains on multi-crop views: set data.augment=dino "
+                             f"(got {self.data.augment!r})")
+        if self.objective.name == "mae" and self.data.augment == "dino":
+            raise ValueError("objective mae takes one view per image: set data.augment=mae")
+        return self
 
 
 class FinetuneRecipe(Strict):

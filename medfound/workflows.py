@@ -105,14 +105,44 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
 # --------------------------------------------------------------------------------------------------
 # verbs
 # --------------------------------------------------------------------------------------------------
-def build_mae(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None):
+def build_objective(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None):
+    """The recipe's objective (MAE or DINOv2) around a backbone built from `backbone` (default: the recipe's)."""
     from medfound.backbones import create_backbone
-    from medfound.pretrain.mae import MAE
 
     o = recipe.objective
     encoder = create_backbone(backbone or recipe.backbone, num_classes=0)
-    return MAE(encoder, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
-               mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss)
+    if o.name == "mae":
+        from medfound.pretrain.mae import MAE
+
+        mae = MAE(encoder, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
+                  mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss)
+        mae.display_stats = (tuple(recipe.data.mean), tuple(recipe.data.std))
+        weights = (backbone or recipe.backbone).weights
+        if backbone is None and weights is not None and (Path(weights) / "mae_decoder.safetensors").is_file():
+            mae.load_decoder(Path(weights) / "mae_decoder.safetensors")
+        return mae
+    from medfound.pretrain.dino import DINOv2
+
+    mc = recipe.data.multicrop
+    pe = encoder.patch_embed
+    if mc.local_size != recipe.data.img_size and getattr(pe, "strict_img_size", True) and \
+            not getattr(pe, "dynamic_img_size", False):
+        raise ValueError(f"local crops of {mc.local_size} px need a backbone that takes several image sizes: set "
+                         "backbone.model_args.dynamic_img_size=true")
+    return DINOv2(encoder, out_dim=o.out_dim, hidden_dim=o.hidden_dim, bottleneck_dim=o.bottleneck_dim,
+                  head_layers=o.head_layers, ibot_separate_head=o.ibot_separate_head, mask_ratio=o.mask_ratio,
+                  mask_probability=o.mask_probability, student_temp=o.student_temp, teacher_temp=o.teacher_temp,
+                  teacher_temp_warmup_steps=o.teacher_temp_warmup_steps, momentum=o.momentum, centering=o.centering,
+                  center_momentum=o.center_momentum, dino_weight=o.dino_weight, ibot_weight=o.ibot_weight,
+                  koleo_weight=o.koleo_weight, freeze_last_layer_steps=o.freeze_last_layer_steps,
+                  global_crops=mc.global_crops)
+
+
+def _objective_text(o) -> str:
+    if o.name == "mae":
+        return f"MAE (mask ratio {o.mask_ratio}, decoder {o.decoder_dim}-d x {o.decoder_depth})"
+    return (f"DINOv2 + iBOT + KoLeo ({o.out_dim} prototypes, {o.centering.replace('_', '-')}, "
+            f"teacher momentum {o.momentum[0]}->{o.momentum[1]}; teacher exported)")
 
 
 def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> dict[str, Any]:
@@ -123,10 +153,10 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
 
     accelerator, run_dir, resume, text = _start(recipe, command)
     sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
-    mae = build_mae(recipe)
-    _check_img_size(mae.encoder, recipe.data.img_size)
+    objective = build_objective(recipe)
+    _check_img_size(objective.export_backbone(), recipe.data.img_size)
     _seed_per_rank(recipe, accelerator)
-    state = fit(mae, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
+    state = fit(objective, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume,
                 normalize=recipe.data.normalizer())
     summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
@@ -134,11 +164,11 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     if state.preempted or not accelerator.is_main_process:
         return summary
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
-    lineage = _lineage(recipe, state, manifests, "pretraining",
-                       f"MAE (mask ratio {recipe.objective.mask_ratio}, decoder {recipe.objective.decoder_dim}-d x "
-                       f"{recipe.objective.decoder_depth})", parent)
-    diff = export_model(accelerator.unwrap_model(mae).encoder, run_dir / "export", data=recipe.data, lineage=lineage,
-                        license=recipe.card.license)
+    lineage = _lineage(recipe, state, manifests, "pretraining", _objective_text(recipe.objective), parent)
+    trained = accelerator.unwrap_model(objective)
+    extra = {"mae_decoder.safetensors": trained.decoder_bytes()} if recipe.objective.name == "mae" else None
+    diff = export_model(trained.export_backbone(), run_dir / "export", data=recipe.data, lineage=lineage,
+                        license=recipe.card.license, extra_files=extra)
     summary.update(export=str(run_dir / "export"), reload_max_abs_diff=diff)
     return summary
 
@@ -206,9 +236,9 @@ def rebuild_trained(run_dir: Path) -> torch.nn.Module:
         raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/last)")
     structure = _structure(recipe, run_dir / "export")
     if isinstance(recipe, PretrainRecipe):
-        mae = build_mae(recipe, structure)
-        load_checkpoint(ckpt, mae)
-        return mae.encoder
+        objective = build_objective(recipe, structure)
+        load_checkpoint(ckpt, objective)
+        return objective.export_backbone()
     schema = LabelSchema(**read_lineage(run_dir / "export")["label_schema"])
     task = build_task(recipe.model_copy(update={"backbone": structure}), schema)
     load_checkpoint(ckpt, task)
@@ -242,7 +272,7 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
                              f"re-run `medfound evaluate {run_dir}`")
     reference = rebuild_trained(run_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for item in ("model.safetensors", "config.json", "adapter"):
+        for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
             src = export / item
             if src.is_dir():
                 shutil.copytree(src, tmp / item)

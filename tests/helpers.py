@@ -22,14 +22,25 @@ def shared(*parts: str) -> Path:
     return p
 
 
-def tiny_pretrain_overrides(shards: dict[str, Path], out: Path, steps: int = 4) -> list[str]:
+def tiny_pretrain_overrides(shards: dict[str, Path], out: Path, steps: int = 4, objective: str = "mae") -> list[str]:
     sets = ",".join(str(shards[k]) for k in ("retina", "pneumonia", "he"))
-    return [
-        "backbone.model_args={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
-        "objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2",
-        f"data.shards=[{sets}]", "data.batch_size=16", "data.shuffle_buffer=64",
+    common = [
+        f"data.shards=[{sets}]", "data.batch_size=16", "data.shuffle_buffer=64", "data.img_size=32",
+        "data.num_workers=0", "data.weights=null",
         f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.log_every=1",
-        "trainer.checkpoint_every=1000", "trainer.progress=false", "trainer.loggers=[]",
+        "trainer.checkpoint_every=1000", "trainer.progress=false", "trainer.loggers=[]", "trainer.resume=null",
+        "trainer.precision=fp32", "trainer.visualize_every=null", "optim.warmup_steps=1",
+    ]
+    if objective == "dinov2":
+        return common + [
+            "backbone.model_args={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2, "
+            "dynamic_img_size: true}", "backbone.weights=null",
+            "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
+            "data.multicrop={global_crops: 2, local_crops: 2, local_size: 16}", "data.batch_size=8",
+        ]
+    return common + [
+        "backbone.model_args={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
+        "backbone.weights=null", "objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2",
     ]
 
 

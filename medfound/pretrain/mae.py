@@ -129,3 +129,56 @@ class MAE(nn.Module):
                                              device=images.device)
         pred = self.decode(self.encode_visible(images, keep), restore)
         return {"loss": self.loss(images, pred, mask), "pred": pred, "mask": mask}
+
+    # ------------------------------------------------------------------ export, decoder I/O, pictures
+    DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
+
+    def export_backbone(self) -> nn.Module:
+        return self.encoder
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.DECODER_PREFIXES)}
+
+    def decoder_bytes(self) -> bytes:
+        """The decoder's weights as safetensors bytes, saved beside an export so pretraining can continue from it."""
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in self.decoder_state().items()})
+
+    def load_decoder(self, path) -> None:
+        """Load decoder weights written by an export (`decoder_bytes`) or `medfound import`; any key or shape
+        difference is an error."""
+        from safetensors.torch import load_file
+
+        loaded, own = load_file(str(path)), self.decoder_state()
+        missing, extra = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
+        shapes = [k for k in set(own) & set(loaded) if own[k].shape != loaded[k].shape]
+        if missing or extra or shapes:
+            raise ValueError(f"{path} does not fit this MAE decoder (objective.decoder_dim/depth/heads?): missing "
+                             f"{missing[:5]}, unexpected {extra[:5]}, shape mismatch {shapes[:5]}")
+        self.load_state_dict(loaded, strict=False)
+
+    @torch.no_grad()
+    def visualize(self, batch: dict, out: dict, n: int = 8):
+        """A PNG-ready grid, one row per image: original | what the encoder saw | reconstruction
+        (predicted patches pasted into the visible ones, de-normalised per patch when norm_pix_loss)."""
+        from PIL import Image
+
+        images = batch["image"][:n].detach().float().cpu()
+        pred, mask = out["pred"][:n].detach().float().cpu(), out["mask"][:n].cpu().unsqueeze(-1)
+        target = patchify(images, self.geometry.patch_size)
+        if self.norm_pix_loss:
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        grid, chans = self.geometry.grid_size, images.shape[1]
+        views = [images, unpatchify(target * (1 - mask), self.geometry.patch_size, grid, chans),
+                 unpatchify(target * (1 - mask) + pred * mask, self.geometry.patch_size, grid, chans)]
+        stats = getattr(self, "display_stats", None)  # the data's (mean, std), set by the workflow
+        if stats is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats)
+            views = [(v * std + mean).clamp(0, 1) for v in views]
+        else:
+            lo, hi = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+            views = [((v - lo) / (hi - lo + 1e-6)).clamp(0, 1) for v in views]
+        rows = [torch.cat([v[i] for v in views], dim=2) for i in range(images.shape[0])]
+        pixels = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype("uint8")
+        return Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -24,3 +26,39 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, keep, 0.0)
     return keep, mask, restore
+
+
+def block_mask(grid: tuple[int, int], num_masked: int, generator: torch.Generator | None = None,
+               min_block: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> torch.Tensor:
+    """Block-wise mask of about `num_masked` patches (BEiT, Bao et al. 2022; used by iBOT and DINOv2).
+
+    Rectangles of at least `min_block` patches with a log-uniform aspect ratio are placed at random until
+    the target is reached (or no rectangle fits any more); the rest is topped up with random single
+    patches so the count is exact. Returns a bool `[H * W]` mask, True = masked.
+    """
+    h, w = grid
+    num_masked = max(0, min(num_masked, h * w))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    rand = lambda: float(torch.rand((), generator=generator))  # noqa: E731
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    while int(mask.sum()) < num_masked:
+        left = num_masked - int(mask.sum())
+        added = 0
+        for _ in range(max_tries):
+            area = min_block + rand() * (left - min_block) if left > min_block else left
+            ratio = math.exp(log_lo + rand() * (log_hi - log_lo))
+            bh, bw = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if not (1 <= bh <= h and 1 <= bw <= w):
+                continue
+            top, lft = int(rand() * (h - bh + 1)), int(rand() * (w - bw + 1))
+            block = mask[top:top + bh, lft:lft + bw]
+            new = int((~block).sum())
+            if 0 < new <= left:
+                block.fill_(True)
+                added = new
+                break
+        if added == 0:  # nothing fits: finish with single patches
+            free = torch.nonzero(~mask.view(-1)).squeeze(1)
+            pick = free[torch.randperm(len(free), generator=generator)[:left]]
+            mask.view(-1)[pick] = True
+    return mask.view(-1)

@@ -78,7 +78,7 @@ def render_card(model: torch.nn.Module, lineage: dict[str, Any], evaluation: Opt
                                                                            *(["demo"] if demo else []), *tags}),
         pipeline_tag="image-classification" if class_names else "image-feature-extraction",
         datasets=sorted({d["name"] for d in datasets}) or None, eval_results=eval_results or None)
-    hardware = sorted({s.get("hardware", "unknown hardware") for s in stages})
+    hardware = sorted({s.get("hardware", "unknown hardware") for s in stages if s.get("stage") != "import"})
     citations = sorted({d["attribution"] for d in datasets if d.get("attribution")})
     return ModelCard.from_template(
         card_data, template_path=str(template_path()), model_name=name, demo=demo,

@@ -64,9 +64,14 @@ def check_reload(export_dir: Path, reference: nn.Module, tol: float = 1e-5) -> d
     return diff
 
 
-def export_model(model: nn.Module, out: Path, *, data: DataConfig, lineage: dict[str, Any], license: str,
-                 label_names: Optional[list[str]] = None, adapter: Optional[nn.Module] = None) -> dict[str, float]:
-    """Write `model` (a plain timm module) to `out` atomically and verify the reload; return the differences."""
+def export_model(model: nn.Module, out: Path, *, data: DataConfig | Any, lineage: dict[str, Any], license: str,
+                 label_names: Optional[list[str]] = None, adapter: Optional[nn.Module] = None,
+                 extra_files: Optional[dict[str, bytes]] = None) -> dict[str, float]:
+    """Write `model` (a plain timm module) to `out` atomically and verify the reload; return the differences.
+
+    `data` gives the preprocessing recorded in config.json (`img_size`, `mean`, `std`); `extra_files` are
+    written into the folder too (e.g. an MAE decoder), inside the same atomic rename.
+    """
     model_config: dict[str, Any] = {"pretrained_cfg": {"tag": "medfound", "license": license}, "medfound": lineage}
     if label_names:
         model_config["label_names"] = list(label_names)
@@ -76,6 +81,8 @@ def export_model(model: nn.Module, out: Path, *, data: DataConfig, lineage: dict
         save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
         if adapter is not None:
             adapter.save_pretrained(str(tmp / "adapter"))
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_bytes(payload)
         diff = check_reload(tmp, model)
     return diff
 

@@ -51,22 +51,20 @@ def vit_param_groups(backbone: nn.Module, cfg: OptimConfig) -> list[dict]:
     nwd = list(getattr(backbone, "no_weight_decay", lambda: set())())
     if cfg.layer_decay is None:
         groups = param_groups_weight_decay(backbone, cfg.weight_decay, no_weight_decay_list=nwd)
-        for g in groups:
-            g["param_names"] = [n for n, p in backbone.named_parameters() if any(p is q for q in g["params"])]
     else:
         groups = param_groups_layer_decay(backbone, cfg.weight_decay, no_weight_decay_list=nwd,
                                           layer_decay=cfg.layer_decay)
-    if cfg.patch_embed_lr_mult == 1.0:
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if cfg.patch_embed_lr_mult == 1.0 or patch_embed is None:
         return groups
+    pe_ids = {id(p) for p in patch_embed.parameters()}
     out = []
     for g in groups:
-        names = g.get("param_names") or []
-        pe = [i for i, n in enumerate(names) if n.startswith("patch_embed.")]
-        rest = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        rest = {k: v for k, v in g.items() if k != "params"}
+        pe = [p for p in g["params"] if id(p) in pe_ids]
         if pe:
-            out.append({**rest, "params": [g["params"][i] for i in pe],
-                        "lr_scale": g.get("lr_scale", 1.0) * cfg.patch_embed_lr_mult})
-        out.append({**rest, "params": [p for i, p in enumerate(g["params"]) if i not in set(pe)]})
+            out.append({**rest, "params": pe, "lr_scale": g.get("lr_scale", 1.0) * cfg.patch_embed_lr_mult})
+        out.append({**rest, "params": [p for p in g["params"] if id(p) not in pe_ids]})
     return out
 
 

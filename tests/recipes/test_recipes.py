@@ -39,7 +39,8 @@ def test_recipe_validates_and_documents_its_command(path: Path):
 def test_pretrain_recipe_runs_two_steps(path: Path, shards, tmp_path):
     from medfound.workflows import run_pretrain
 
-    recipe = load_recipe(path, tiny_pretrain_overrides(shards, tmp_path / "run", steps=2))
+    objective = load_recipe(path).objective.name
+    recipe = load_recipe(path, tiny_pretrain_overrides(shards, tmp_path / "run", steps=2, objective=objective))
     summary = run_pretrain(recipe)
     assert summary["step"] == 2 and Path(summary["export"], "model.safetensors").is_file()
 

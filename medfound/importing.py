@@ -1,0 +1,196 @@
+"""`medfound import SOURCE --format retfound|mae|uni|dinov2|timm --out DIR`: existing weights -> a timm export.
+
+Steps, each loud (docs/import.md lists the key layouts of every format):
+1. Load without running code: safetensors, or `torch.load(weights_only=True)`. RETFound's checkpoints
+   pickle their argparse arguments, so `argparse.Namespace` (a plain attribute bag) is the one class
+   allowed; anything else is refused with the fix.
+2. Unwrap containers (`model`, `state_dict`, `teacher`, `model_ema`) and strip wrapper prefixes (`module.`,
+   `_orig_mod.`, `backbone.`, `encoder.`); from DINOv2 training checkpoints take `teacher.backbone.*` and
+   flatten FSDP block chunks (`blocks.<chunk>.<i>.` -> `blocks.<i>.`).
+3. Set aside what is not the backbone: the MAE decoder (kept in `mae_decoder.safetensors`, so MAE
+   pretraining can continue from it), classifier heads of fine-tuned checkpoints and DINO/iBOT heads
+   (dropped, and listed).
+4. Build the timm ViT the weights describe (width, depth, patch size, image size, LayerScale, register
+   tokens, qkv bias are read from the tensors; heads from the width; `--model`/`--model-args` override), run
+   timm's own ViT checkpoint filter (DINOv2 conversion, position-embedding resampling to `--img-size`), then
+   compare key sets and shapes: any missing, unexpected or mis-shaped key is an error listing them.
+5. Export with timm's `save_for_hf` and verify the reload, like every other export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from medfound.io import sha256_file
+
+FORMATS = ("retfound", "mae", "uni", "dinov2", "timm")
+CONTAINERS = ("model", "state_dict", "teacher", "model_ema", "module")
+PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
+MAE_DECODER = ("decoder_embed.", "mask_token", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+ARCH_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                 1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not map onto a timm backbone; the message lists what differs."""
+
+
+def load_weights(source: Path) -> dict[str, Any]:
+    """The raw object stored at `source` (a file, or a timm/HF folder), loaded without executing code."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (source / name).is_file():
+                return load_weights(source / name)
+        raise FileNotFoundError(f"{source} has no model.safetensors or pytorch_model.bin")
+    if not source.is_file():
+        raise FileNotFoundError(f"checkpoint {source} not found")
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(source))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError names the class the file wanted to create
+        raise CheckpointError(f"{source} cannot be loaded safely (weights_only=True): {str(e).splitlines()[0]}. "
+                           "It pickles objects other than tensors; load it yourself in a trusted session and "
+                           "save just its state dict (torch.save(ckpt['model'], 'weights.pth')), then import that")
+
+
+def unwrap(obj: Any, source: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside common checkpoint containers."""
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in CONTAINERS:
+            if isinstance(obj.get(key), dict):
+                return unwrap(obj[key], source)
+    keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"cannot find the weights in {source}: top level holds {keys}; expected a state dict, or one "
+                       f"under {', '.join(CONTAINERS)}")
+
+
+def normalise(sd: dict[str, torch.Tensor], fmt: str) -> tuple[dict, dict, list[str]]:
+    """(backbone weights, MAE decoder weights, dropped key names) with wrappers and prefixes removed."""
+    if any(k.startswith("teacher.backbone.") for k in sd):  # DINOv2 training checkpoint: the teacher is the model
+        sd = {k[len("teacher.backbone."):]: v for k, v in sd.items() if k.startswith("teacher.backbone.")}
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if sd and all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}  # FSDP block chunks
+    backbone, decoder, dropped = {}, {}, []
+    for k, v in sd.items():
+        if fmt in ("mae", "retfound") and k.startswith(MAE_DECODER):
+            decoder[k] = v
+        elif k == "decoder_pos_embed":
+            dropped.append(k)  # fixed sin-cos in medfound's decoder
+        elif k.startswith(("head.", "fc_norm.", "dino_head.", "ibot_head.", "head_drop.")):
+            dropped.append(k)
+        else:
+            backbone[k] = v
+    return backbone, decoder, sorted(dropped)
+
+
+def infer_vit(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """timm architecture and arguments from the tensors themselves."""
+    if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise CheckpointError("these weights are not a ViT (no patch_embed.proj.weight / blocks.*); pass --model and "
+                           "--model-args for another timm architecture")
+    if any(".mlp.w12." in k for k in sd):
+        raise CheckpointError("SwiGLU ViTs (DINOv2 ViT-g) are not supported yet; import a ViT-S/B/L checkpoint")
+    pe = sd["patch_embed.proj.weight"]
+    width, patch = pe.shape[0], pe.shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    args: dict[str, Any] = {"embed_dim": width, "depth": depth, "patch_size": patch,
+                            "num_heads": HEADS_BY_WIDTH.get(width, max(1, width // 64)),
+                            "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                            "qkv_bias": "blocks.0.attn.qkv.bias" in sd, "class_token": "cls_token" in sd}
+    if any(".ls1.gamma" in k for k in sd):
+        args["init_values"] = 1e-5  # LayerScale present (its values are loaded)
+    prefix = 1 if "cls_token" in sd else 0
+    if "register_tokens" in sd:  # DINOv2 with registers -> timm's no_embed_class layout
+        args.update(reg_tokens=sd["register_tokens"].shape[1], no_embed_class=True)
+    elif "reg_token" in sd:
+        args["reg_tokens"] = sd["reg_token"].shape[1]
+    if "pos_embed" in sd:
+        n = sd["pos_embed"].shape[1]
+        if prefix and math.isqrt(n - 1) ** 2 == n - 1:
+            side = math.isqrt(n - 1)        # position embeddings include the class token (MAE, DINOv2, UNI)
+        elif math.isqrt(n) ** 2 == n:
+            side = math.isqrt(n)            # patch positions only
+            args["no_embed_class"] = True
+        else:
+            raise CheckpointError(f"pos_embed has {n} positions, not a square grid (+1): pass --model-args")
+        args["img_size"] = side * patch
+    return ARCH_BY_WIDTH.get(width, "vit_base_patch16_224"), args
+
+
+def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: Optional[str] = None,
+                      model_args: Optional[dict[str, Any]] = None, img_size: Optional[int] = None,
+                      license: str = "other", mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225),
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Map `source` into a timm backbone exported at `out`; return a summary (architecture, dropped keys...)."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from medfound.publish.export import export_model
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    if fmt == "timm" and source.is_dir() and (source / "config.json").is_file():
+        cfg = json.loads((source / "config.json").read_text())
+        model = model or cfg["architecture"]
+        model_args = {**{k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}, **(model_args or {})}
+        pc = cfg.get("pretrained_cfg", {})
+        mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
+    backbone, decoder, dropped = normalise(unwrap(load_weights(source), source), fmt)
+    if model is None:
+        model, inferred = infer_vit(backbone)
+        model_args = {**inferred, **(model_args or {})}
+    model_args = dict(model_args or {})
+    if img_size is not None:
+        model_args["img_size"] = img_size
+    model_args.pop("num_classes", None)
+    net = timm.create_model(model, pretrained=False, num_classes=0, **model_args)
+    weights = checkpoint_filter_fn(dict(backbone), net) if hasattr(net, "patch_embed") else backbone
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(weights)) if weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{source} ({fmt}) does not map onto {model} {model_args}:\n"
+                           f"  missing from the checkpoint ({len(missing)}): {missing[:12]}\n"
+                           f"  unexpected in the checkpoint ({len(unexpected)}): {unexpected[:12]}\n"
+                           f"  shape mismatches ({len(shapes)}): {shapes[:6]}\n"
+                           "Check --format, or give --model / --model-args for this architecture")
+    net.load_state_dict(weights, strict=True)
+    extra, decoder_info = {}, None
+    if decoder:
+        from safetensors.torch import save
+        extra["mae_decoder.safetensors"] = save({k: v.contiguous() for k, v in decoder.items()})
+        decoder_info = {"decoder_dim": int(decoder["decoder_embed.weight"].shape[0]),
+                        "decoder_depth": 1 + max(int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks."))}
+    size = net.patch_embed.img_size[0] if hasattr(net, "patch_embed") else model_args.get("img_size", 224)
+    lineage = {"stage": "import", "objective": f"imported {fmt} checkpoint",
+               "source": {"file": source.name, "format": fmt, "sha256": sha256_file(source) if source.is_file() else None},
+               "dropped": dropped, **({"mae_decoder": decoder_info} if decoder_info else {})}
+    prep = argparse.Namespace(img_size=size, mean=mean, std=std)
+    diff = export_model(net, out, data=prep, lineage=lineage, license=license, extra_files=extra)
+    return {"out": str(out), "architecture": model, "model_args": model_args, "dropped": dropped,
+            "mae_decoder": decoder_info, "params": sum(p.numel() for p in net.parameters()),
+            "reload_max_abs_diff": diff}

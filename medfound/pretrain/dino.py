@@ -1,0 +1,248 @@
+"""DINOv2 self-distillation with iBOT and KoLeo (Oquab et al., "DINOv2: Learning Robust Visual Features
+without Supervision", 2023), the objective UNI pretrains with. Written from the paper over an unmodified
+timm ViT (the teacher backbone is what gets exported).
+
+Per step, for a batch of multi-crop views (`batch["crops"]`: global views first, then local ones):
+1. The EMA teacher sees the global views; its class-token and patch-token outputs go through the DINO
+   and iBOT heads to prototype scores, turned into targets by Sinkhorn-Knopp or centring at a teacher
+   temperature warmed up from 0.04 to 0.07.
+2. The student sees every view; in a share of the global views (`mask_probability`) a block-wise mask
+   (ratio uniform in `mask_ratio`) replaces patch embeddings by a learned mask token.
+3. Loss = DINO cross-entropy (class tokens, every student view against every other teacher global view)
+   + iBOT cross-entropy (masked patch tokens) + `koleo_weight` x KoLeo (student class tokens).
+4. After the optimizer step the teacher moves towards the student (momentum cosine 0.992 -> 1); during
+   the first `freeze_last_layer_steps` the heads' last layers are not updated.
+Monitors returned with the loss: teacher target entropy (normalised by log K; ~0 means collapse to one
+prototype), the per-dimension standard deviation of normalised student and teacher features (~0 means
+all images map to one point), and each loss term.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import checkpoint_seq
+
+from medfound.backbones import vit_geometry
+from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
+                                           update_center)
+from medfound.pretrain.masking import block_mask
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU) to a bottleneck, L2-normalise, then cosine scores against `out_dim` unit prototypes
+    (the last layer's rows are normalised: weight normalisation with the gain fixed to 1)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        mlp: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            mlp.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                mlp.append(nn.GELU())
+        self.mlp = nn.Sequential(*mlp)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, in_dim]` -> `[N, out_dim]` scores in [-1, 1]."""
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1, eps=1e-6))
+
+
+def _cosine(start: float, end: float, step: int, steps: int) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+
+
+class DINOv2(nn.Module):
+    """DINOv2 objective around a timm ViT student.
+
+    Args:
+        backbone: the student, a timm VisionTransformer with num_classes=0 (dynamic_img_size=True when
+            local crops are smaller than global ones); the teacher is a copy without drop-path.
+        out_dim, hidden_dim, bottleneck_dim, head_layers: the DINO head (paper: 65536, 2048, 256, 3).
+        ibot_separate_head: a second head for patch tokens (else shared with the DINO head).
+        mask_ratio, mask_probability: iBOT block masking of that share of the global views.
+        student_temp, teacher_temp, teacher_temp_warmup_steps: temperatures (0.1; 0.04 -> 0.07).
+        momentum: teacher EMA momentum, cosine from the first to the second value over the run.
+        centering: "sinkhorn_knopp" (DINOv2) or "centering" (DINO, with `center_momentum`).
+        dino_weight, ibot_weight, koleo_weight: loss weights (paper: 1, 1, 0.1).
+        freeze_last_layer_steps: steps during which the heads' last layers get no update.
+        global_crops: how many of `batch["crops"]` are global views.
+    """
+
+    def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 head_layers: int = 3, ibot_separate_head: bool = False, mask_ratio: tuple[float, float] = (0.1, 0.5),
+                 mask_probability: float = 0.5, student_temp: float = 0.1,
+                 teacher_temp: tuple[float, float] = (0.04, 0.07), teacher_temp_warmup_steps: int = 0,
+                 momentum: tuple[float, float] = (0.992, 1.0), centering: str = "sinkhorn_knopp",
+                 center_momentum: float = 0.9, dino_weight: float = 1.0, ibot_weight: float = 1.0,
+                 koleo_weight: float = 0.1, freeze_last_layer_steps: int = 0, global_crops: int = 2):
+        super().__init__()
+        self.geometry = geo = vit_geometry(backbone)
+        if centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"centering={centering!r}: choose sinkhorn_knopp or centering")
+        heads = {"dino": DINOHead(geo.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)}
+        if ibot_separate_head:
+            heads["ibot"] = DINOHead(geo.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
+        self.teacher = copy.deepcopy(self.student)
+        for m in self.teacher.modules():  # the teacher is never dropped out
+            if hasattr(m, "drop_prob"):
+                m.drop_prob = 0.0
+        self.teacher.requires_grad_(False)
+        self.mask_token = nn.Parameter(torch.zeros(1, geo.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("max_steps", torch.ones((), dtype=torch.long))
+        self.cfg = dict(mask_ratio=mask_ratio, mask_probability=mask_probability, student_temp=student_temp,
+                        teacher_temp=teacher_temp, teacher_temp_warmup_steps=teacher_temp_warmup_steps,
+                        momentum=momentum, centering=centering, center_momentum=center_momentum,
+                        dino_weight=dino_weight, ibot_weight=ibot_weight, koleo_weight=koleo_weight,
+                        freeze_last_layer_steps=freeze_last_layer_steps, global_crops=global_crops)
+        self.out_dim = out_dim
+
+    # ----------------------------------------------------------------------------------- helpers
+    def train(self, mode: bool = True) -> "DINOv2":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def export_backbone(self) -> nn.Module:
+        """The teacher's backbone: the EMA model DINOv2 (and UNI) release."""
+        return self.teacher["backbone"]
+
+    def teacher_temp(self, step: int) -> float:
+        lo, hi = self.cfg["teacher_temp"]
+        warm = self.cfg["teacher_temp_warmup_steps"]
+        return hi if step >= warm else lo + (hi - lo) * step / max(1, warm)
+
+    def tokens(self, backbone: nn.Module, images: torch.Tensor, mask: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm ViT forward with optional patch masking: (class token `[B, D]`, patch tokens `[B, N, D]`).
+
+        Masked patch embeddings (mask `[B, N]`, True = masked) are replaced by the mask token before the
+        position embeddings are added, as iBOT does. Without a class token the patch mean stands in.
+        """
+        x = backbone.patch_embed(images)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
+        if mask is not None:
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            flat = torch.where(mask.unsqueeze(-1), self.mask_token.to(flat.dtype), flat)
+            x = flat.reshape(x.shape)
+        x = backbone._pos_embed(x)
+        x = backbone.norm_pre(x)
+        if getattr(backbone, "grad_checkpointing", False) and not torch.jit.is_scripting():
+            x = checkpoint_seq(backbone.blocks, x)
+        else:
+            x = backbone.blocks(x)
+        x = backbone.norm(x)
+        p = self.geometry.num_prefix_tokens
+        patches = x[:, p:]
+        cls = x[:, 0] if getattr(backbone, "cls_token", None) is not None else patches.mean(dim=1)
+        return cls, patches
+
+    def sample_masks(self, n: int, num_patches: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """`[n, N]` block masks for the first `mask_probability` share of the n global views; the rest none."""
+        lo, hi = self.cfg["mask_ratio"]
+        n_masked = int(n * self.cfg["mask_probability"])
+        masks = torch.zeros(n, num_patches, dtype=torch.bool)
+        order = torch.randperm(n)[:n_masked]
+        for i in order.tolist():
+            ratio = lo + (hi - lo) * float(torch.rand(()))
+            masks[i] = block_mask(grid, int(round(ratio * num_patches)))
+        return masks.to(device)
+
+    def targets(self, scores: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.cfg["centering"] == "sinkhorn_knopp":
+            return sinkhorn_knopp(scores, temp)
+        probs = centered_softmax(scores, center, temp)
+        update_center(center, scores, self.cfg["center_momentum"])
+        return probs
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, batch: dict) -> dict:
+        crops = batch.get("crops")
+        g = self.cfg["global_crops"]
+        if not crops or len(crops) <= g:
+            raise ValueError("DINOv2 needs multi-crop batches: set data.augment=dino "
+                             f"(with data.multicrop.global_crops={g} and local crops)")
+        globals_ = torch.cat(crops[:g])                       # [g*B, 3, H, W]
+        locals_ = torch.cat(crops[g:])                        # [l*B, 3, h, w]
+        step = int(self.step)
+        temp = self.teacher_temp(step)
+        grid = (globals_.shape[-2] // self.geometry.patch_size[0], globals_.shape[-1] // self.geometry.patch_size[1])
+        n_patches = grid[0] * grid[1]
+        masks = self.sample_masks(globals_.shape[0], n_patches, grid, globals_.device)
+        ibot_t = self.teacher["ibot"] if "ibot" in self.teacher else self.teacher["dino"]
+        ibot_s = self.student["ibot"] if "ibot" in self.student else self.student["dino"]
+
+        with torch.no_grad():
+            t_cls, t_patch = self.tokens(self.teacher["backbone"], globals_)
+            t_targets = self.targets(self.teacher["dino"](t_cls), self.center, temp).chunk(g)
+            t_patch_targets = self.targets(ibot_t(t_patch[masks]), self.patch_center, temp)
+
+        s_cls_g, s_patch_g = self.tokens(self.student["backbone"], globals_, masks)
+        s_cls_l, _ = self.tokens(self.student["backbone"], locals_)
+        s_scores = list(self.student["dino"](s_cls_g).chunk(g)) + list(self.student["dino"](s_cls_l).chunk(len(crops) - g))
+        st = self.cfg["student_temp"]
+        l_dino = dino_loss(s_scores, list(t_targets), st)
+        image_index = torch.nonzero(masks)[:, 0]
+        l_ibot = ibot_loss(ibot_s(s_patch_g[masks]), t_patch_targets, image_index, masks.shape[0], st)
+        l_koleo = sum(koleo_loss(c) for c in s_cls_g.chunk(g)) / g
+        loss = self.cfg["dino_weight"] * l_dino + self.cfg["ibot_weight"] * l_ibot + self.cfg["koleo_weight"] * l_koleo
+
+        with torch.no_grad():
+            t_all = torch.cat(t_targets)
+            entropy = -(t_all * torch.log(t_all.clamp_min(1e-12))).sum(-1).mean() / math.log(self.out_dim)
+            s_std = F.normalize(s_cls_g.float(), dim=-1).std(dim=0).mean()
+            t_std = F.normalize(t_cls.float(), dim=-1).std(dim=0).mean()
+        return {"loss": loss, "dino_loss": l_dino.detach(), "ibot_loss": l_ibot.detach(),
+                "koleo_loss": l_koleo.detach(), "teacher_entropy": entropy, "student_feature_std": s_std,
+                "teacher_feature_std": t_std, "teacher_temp": torch.tensor(temp),
+                "masked_views": masks.any(1).float().sum()}
+
+    def momentum(self, step: int, max_steps: int) -> float:
+        start, end = self.cfg["momentum"]
+        return _cosine(start, end, step, max_steps)
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        if step < self.cfg["freeze_last_layer_steps"]:
+            for name, p in self.student.named_parameters():
+                if "last_layer" in name:
+                    p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, max_steps: int) -> None:
+        m = self.momentum(step, max_steps)
+        student = dict(self.student.named_parameters())
+        for name, t in self.teacher.named_parameters():
+            t.mul_(m).add_(student[name].detach(), alpha=1 - m)
+        self.step.fill_(step + 1)
+        self.max_steps.fill_(max_steps)
+
+    def param_groups(self, cfg) -> list[dict]:
+        """Student backbone with layer-wise lr decay and the patch-embedding multiplier; heads and the mask
+        token at full lr (mask token and 1-d parameters without weight decay). The teacher is not trained."""
+        from timm.optim import param_groups_weight_decay
+
+        from medfound.train.optim import vit_param_groups
+
+        groups = vit_param_groups(self.student["backbone"], cfg)
+        heads = nn.ModuleDict({k: v for k, v in self.student.items() if k != "backbone"})
+        groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(heads, cfg.weight_decay)]
+        groups.append({"params": [self.mask_token], "weight_decay": 0.0, "lr_scale": 1.0})
+        return groups

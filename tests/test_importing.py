@@ -1,0 +1,176 @@
+"""`medfound import`: checkpoints built here with the real key layouts of each format (docs/import.md) map
+onto timm backbones exactly; anything unexpected is refused with a readable diff."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from medfound.cli import main
+from medfound.importing import CheckpointError, import_checkpoint
+from medfound.pretrain.mae import MAE
+
+VIT = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8, img_size=32)
+
+
+def _vit(**kw):
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", num_classes=0, **{**VIT, **kw})
+
+
+def _equal(export_dir, reference: dict[str, torch.Tensor]) -> None:
+    got = load_file(str(export_dir / "model.safetensors"))
+    assert set(got) == set(reference)
+    for k, v in reference.items():
+        assert torch.equal(got[k], v), k
+
+
+def _mae_checkpoint(finetuned: bool = False) -> tuple[dict, MAE]:
+    """facebookresearch/mae and RETFound layout: encoder keys at the top, decoder_* beside them, the fixed
+    decoder_pos_embed, and (RETFound) the argparse arguments pickled next to the weights."""
+    mae = MAE(_vit(), decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    sd = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}
+    sd["decoder_pos_embed"] = torch.zeros(1, 17, 32)
+    if finetuned:  # RETFound fine-tuned: DDP prefix and a classifier
+        sd = {f"module.{k}": v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+        sd.update({"module.head.weight": torch.zeros(5, 64), "module.head.bias": torch.zeros(5),
+                   "module.fc_norm.weight": torch.ones(64), "module.fc_norm.bias": torch.zeros(64)})
+    ckpt = {"model": sd, "epoch": 799, "args": argparse.Namespace(model="mae_vit_large_patch16", mask_ratio=0.75)}
+    return ckpt, mae
+
+
+def test_retfound_checkpoint_with_decoder_and_pickled_args(tmp_path):
+    ckpt, mae = _mae_checkpoint()
+    torch.save(ckpt, tmp_path / "RETFound_cfp_weights.pth")
+    r = import_checkpoint(tmp_path / "RETFound_cfp_weights.pth", "retfound", tmp_path / "out")
+    assert r["mae_decoder"] == {"decoder_dim": 32, "decoder_depth": 2} and r["dropped"] == ["decoder_pos_embed"]
+    _equal(tmp_path / "out", mae.encoder.state_dict())
+    fresh = MAE(_vit(), decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    fresh.load_decoder(tmp_path / "out" / "mae_decoder.safetensors")
+    assert all(torch.equal(fresh.decoder_state()[k], v) for k, v in mae.decoder_state().items())
+    wrong = MAE(_vit(), decoder_dim=16, decoder_depth=2, decoder_heads=2)
+    with pytest.raises(ValueError, match="does not fit this MAE decoder"):
+        wrong.load_decoder(tmp_path / "out" / "mae_decoder.safetensors")
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert model.num_classes == 0 and model.patch_embed.patch_size == (8, 8)
+
+
+def test_finetuned_checkpoint_drops_its_head(tmp_path):
+    ckpt, mae = _mae_checkpoint(finetuned=True)
+    torch.save(ckpt, tmp_path / "ft.pth")
+    r = import_checkpoint(tmp_path / "ft.pth", "mae", tmp_path / "out")
+    assert r["dropped"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and r["mae_decoder"] is None
+    _equal(tmp_path / "out", mae.encoder.state_dict())
+
+
+def _dinov2_state(registers: int = 0) -> tuple[dict, dict]:
+    """facebookresearch/dinov2 hub layout: cls_token, pos_embed incl. the class position, mask_token,
+    optional register_tokens, LayerScale ls1/ls2.gamma."""
+    vit = _vit(init_values=1e-5)
+    ref = vit.state_dict()
+    sd = {**ref, "mask_token": torch.zeros(1, 64)}
+    if registers:
+        sd["register_tokens"] = torch.randn(1, registers, 64)
+    return sd, ref
+
+
+def test_dinov2_hub_weights_and_position_resampling(tmp_path):
+    sd, ref = _dinov2_state()
+    torch.save(sd, tmp_path / "dinov2_vits14_pretrain.pth")
+    r = import_checkpoint(tmp_path / "dinov2_vits14_pretrain.pth", "dinov2", tmp_path / "out")
+    assert r["model_args"]["init_values"] == 1e-5
+    _equal(tmp_path / "out", ref)
+    r = import_checkpoint(tmp_path / "dinov2_vits14_pretrain.pth", "dinov2", tmp_path / "big", img_size=48)
+    big = load_file(str(tmp_path / "big" / "model.safetensors"))
+    assert big["pos_embed"].shape == (1, 1 + 36, 64)  # 4x4 grid resampled to 6x6
+    assert torch.equal(big["pos_embed"][:, 0], ref["pos_embed"][:, 0])  # the class position is kept
+
+
+def test_dinov2_with_registers(tmp_path):
+    sd, ref = _dinov2_state(registers=4)
+    torch.save(sd, tmp_path / "reg.pth")
+    r = import_checkpoint(tmp_path / "reg.pth", "dinov2", tmp_path / "out")
+    assert r["model_args"]["reg_tokens"] == 4 and r["model_args"]["no_embed_class"] is True
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(got["reg_token"], sd["register_tokens"])
+    assert torch.equal(got["cls_token"], ref["cls_token"] + ref["pos_embed"][:, 0])  # timm's conversion
+
+
+def test_dinov2_training_checkpoint_teacher_and_block_chunks(tmp_path):
+    sd, ref = _dinov2_state()
+    chunked = {}
+    for k, v in sd.items():  # FSDP block chunks: blocks.<chunk>.<i>
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 1}.{i}." + k.split(".", 2)[2]
+        chunked[f"teacher.backbone.{k}"] = v
+        chunked[f"student.backbone.{k}"] = v * 0
+    chunked["teacher.dino_head.last_layer.weight"] = torch.zeros(10, 4)
+    torch.save({"model": chunked, "iteration": 1000}, tmp_path / "model_0001000.rank_0.pth")
+    import_checkpoint(tmp_path / "model_0001000.rank_0.pth", "dinov2", tmp_path / "out")
+    _equal(tmp_path / "out", ref)
+
+
+def test_uni_and_timm_folders(tmp_path):
+    vit = _vit(init_values=1e-5)
+    torch.save(vit.state_dict(), tmp_path / "pytorch_model.bin")  # UNI: a plain timm state dict
+    import_checkpoint(tmp_path / "pytorch_model.bin", "uni", tmp_path / "uni")
+    _equal(tmp_path / "uni", vit.state_dict())
+    from timm.models import save_for_hf
+    save_for_hf(vit, str(tmp_path / "hf"), safe_serialization=True)
+    r = import_checkpoint(tmp_path / "hf", "timm", tmp_path / "timm")
+    assert r["architecture"] == "vit_base_patch16_224"
+    _equal(tmp_path / "timm", vit.state_dict())
+
+
+def test_unexpected_and_missing_keys_are_listed(tmp_path):
+    sd = _vit().state_dict()
+    sd["blocks.0.attn.q_norm.weight"] = torch.ones(32)  # a key this architecture does not have
+    del sd["blocks.1.mlp.fc2.bias"]
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError) as e:
+        import_checkpoint(tmp_path / "odd.pth", "timm", tmp_path / "out")
+    msg = str(e.value)
+    assert "missing from the checkpoint (1): ['blocks.1.mlp.fc2.bias']" in msg
+    assert "unexpected in the checkpoint (1): ['blocks.0.attn.q_norm.weight']" in msg
+    assert not (tmp_path / "out").exists()
+
+
+class Payload:
+    pass
+
+
+def test_pickled_objects_are_refused_with_the_fix(tmp_path, capsys):
+    torch.save({"model": _vit().state_dict(), "trainer": Payload()}, tmp_path / "unsafe.pth")
+    with pytest.raises(CheckpointError, match="cannot be loaded safely .*save just its state dict"):
+        import_checkpoint(tmp_path / "unsafe.pth", "mae", tmp_path / "out")
+    torch.save({"weights": {"a": 1}}, tmp_path / "odd.pth")
+    assert main(["import", str(tmp_path / "odd.pth"), "--format", "mae", "--out", str(tmp_path / "o")]) == 1
+    assert "cannot find the weights" in capsys.readouterr().err
+
+
+def test_cli_and_continued_pretraining_from_an_import(tmp_path, shards, capsys):
+    ckpt, mae = _mae_checkpoint()
+    torch.save(ckpt, tmp_path / "mae.pth")
+    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(tmp_path / "imp")]) == 0
+    assert "MAE decoder kept" in capsys.readouterr().out
+    card_lineage = json.loads((tmp_path / "imp" / "config.json").read_text())["medfound"]
+    assert card_lineage["stage"] == "import" and card_lineage["source"]["file"] == "mae.pth"
+
+    from helpers import ROOT, tiny_pretrain_overrides
+    from medfound.config import load_recipe
+    from medfound.workflows import build_objective, run_pretrain
+    over = tiny_pretrain_overrides(shards, tmp_path / "run", steps=2)
+    over = [o for o in over if not o.startswith(("backbone.", "objective."))] + [
+        f"backbone.weights={tmp_path / 'imp'}", "backbone.name=null", "backbone.model_args={}", "objective.decoder_dim=32",
+        "objective.decoder_depth=2", "objective.decoder_heads=2"]
+    recipe = load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", over)
+    continued = build_objective(recipe)
+    assert all(torch.equal(continued.decoder_state()[k], v) for k, v in mae.decoder_state().items())
+    assert run_pretrain(recipe)["step"] == 2
+    assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["medfound"]["parent"]["stage"] == "import"
