@@ -62,7 +62,7 @@ def load_weights(source: Path) -> dict[str, Any]:
     except Exception as e:  # UnpicklingError names the class the file wanted to create
         raise CheckpointError(f"{source} cannot be loaded safely (weights_only=True): {str(e).splitlines()[0]}. "
                            "It pickles objects other than tensors; load it yourself in a trusted session and "
-                           "save just its state dict (torch.save(ckpt['model'], 'weights.pth')), then import that")
+                           "save just its state dict (torch.save(ckpt['model'], 'weights.pth')), then import that") from e
 
 
 def unwrap(obj: Any, source: Path) -> dict[str, torch.Tensor]:

@@ -113,3 +113,22 @@ def test_two_processes_form_one_run(shards, tmp_path):
     assert "world_size: 2" in config and "global_batch_size: 32" in config
     state = json.loads((run / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["images_seen"] == 3 * 32
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
+    run = tmp_path / "pre"
+    proc = _cli("pretrain", PRETRAIN, *tiny_pretrain_overrides(shards, run, steps=100_000), "trainer.checkpoint_every=50")
+    last = run / "checkpoints" / "last"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert time.time() - sent < 15  # within seconds
+    assert "SIGTERM: checkpoint written" in out and "resume with trainer.resume=auto" in out
+    step = int(last.read_text().strip().split("_")[1])
+    assert 50 <= step < 100_000 and (run / "checkpoints" / last.read_text().strip() / "model.safetensors").is_file()

@@ -56,9 +56,11 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         log = p.communicate(timeout=300)[0]
         assert p.returncode == 0, log[-3000:]
         runs[(nproc, accum)] = load_file(str(out))
-    # same global batch of 16: 1 x 16, 2 x 8, and 2 x (2 micro-batches of 4)
-    assert _max_diff(runs[(1, 1)], runs[(2, 1)]) < 1e-5
-    assert _max_diff(runs[(1, 1)], runs[(2, 2)]) < 1e-5
+    # Same global batch of 16: 1 x 16, 2 x 8, and 2 x (2 micro-batches of 4). Six AdamW steps at lr 2e-3 move
+    # weights by up to ~1.2e-2; summing gradients in another order (the all-reduce) leaves float rounding,
+    # which Adam's normalisation amplifies for tiny gradients: observed up to 1.1e-5. Tolerance: 5e-5 (0.4%).
+    assert _max_diff(runs[(1, 1)], runs[(2, 1)]) < 5e-5
+    assert _max_diff(runs[(1, 1)], runs[(2, 2)]) < 5e-5
 
 
 @pytest.mark.slow
