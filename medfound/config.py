@@ -46,7 +46,10 @@ class TrainerConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept on disk")
     loggers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="metrics always go to logs/metrics.jsonl; these are added (wandb runs offline)")
+        description="metrics always go to logs/metrics.jsonl; these are added")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="wandb logs locally unless set to online "
+                                                                           "(then it needs `wandb login`)")
+    wandb_project: str = "medfound"
     progress: bool = True
     max_bad_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row (each is skipped)")
     visualize_every: Optional[int] = Field(None, gt=0, description="save the objective's picture (MAE reconstructions) "

@@ -15,7 +15,7 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, loggers: list[str], config: Optional[dict[str, Any]] = None,
-                 enabled: bool = True):
+                 enabled: bool = True, wandb_mode: str = "offline", wandb_project: str = "medfound"):
         self.enabled = enabled
         self.path = Path(run_dir) / "logs" / "metrics.jsonl"
         self.tb = self.wandb = None
@@ -30,9 +30,9 @@ class MetricsLogger:
                 import wandb
             except ImportError as e:
                 raise ImportError("trainer.loggers includes wandb, which is not installed: "
-                                  "pip install medfound[wandb] (runs offline unless WANDB_MODE says otherwise)") from e
-            self.wandb = wandb.init(dir=str(self.path.parent), mode="offline", config=config or {},
-                                    name=Path(run_dir).name, resume="allow")
+                                  "pip install medfound[wandb] (offline unless trainer.wandb_mode=online)") from e
+            self.wandb = wandb.init(dir=str(self.path.parent), mode=wandb_mode, project=wandb_project,
+                                    config=config or {}, name=Path(run_dir).name, resume="allow")
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -150,7 +151,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         accelerator.unwrap_model(model)
     if normalize is not None:
         normalize = normalize.to(accelerator.device)
-    logger = MetricsLogger(run_dir, trainer.loggers, enabled=main)
+    logger = MetricsLogger(run_dir, trainer.loggers, enabled=main, wandb_mode=trainer.wandb_mode,
+                           wandb_project=trainer.wandb_project,
+                           config=yaml.safe_load(config_text) if "wandb" in trainer.loggers else None)
     ckpt_root = run_dir / "checkpoints"
 
     def checkpoint() -> Optional[Path]:
