@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +56,30 @@ def tiny_finetune_overrides(shards: dict[str, Path], backbone: Path, out: Path, 
         f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=1000",
         "trainer.progress=false", "trainer.loggers=[]",
     ]
+
+
+def tar_samples(directory: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a shard set read with Python's tarfile (independently of medfound's reader):
+    key -> {extension: bytes}."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(Path(directory).glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return out
+
+
+def tar_metas(directory: Path) -> list[dict[str, Any]]:
+    """The JSON meta of every sample of a shard set."""
+    return [json.loads(s["json"]) for s in tar_samples(directory).values()]
+
+
+def wait_for_checkpoint(proc: Any, last: Path, at_least: str, timeout: float) -> None:
+    """Poll until `last` names a checkpoint >= `at_least` (e.g. "step_00000020") while `proc` still runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and last.read_text().strip() >= at_least:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: raise max_steps"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from medfound.cli import main
 
-from helpers import DATA, ROOT, tiny_finetune_overrides, tiny_pretrain_overrides
+from helpers import DATA, ROOT, tiny_finetune_overrides, tiny_pretrain_overrides, wait_for_checkpoint
 
 PRETRAIN = str(ROOT / "pretrain" / "demo_mae_tiny.yaml")
 ADAPT = str(ROOT / "adapt" / "demo_classify_lora.yaml")
@@ -79,12 +79,7 @@ def test_sigkill_then_resume_auto_equals_an_uninterrupted_run(shards, tmp_path):
     full = _cli(*args(tmp_path / "full"))
     victim = _cli(*args(tmp_path / "killed"))
     last = tmp_path / "killed" / "checkpoints" / "last"
-    deadline = time.time() + 120
-    while time.time() < deadline and victim.poll() is None:
-        if last.is_file() and last.read_text().strip() >= "step_00000030":
-            break
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run finished before it could be killed: raise max_steps"
+    wait_for_checkpoint(victim, last, "step_00000030", timeout=120)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = last.read_text().strip()

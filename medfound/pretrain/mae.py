@@ -156,7 +156,9 @@ class MAE(nn.Module):
         if missing or extra or shapes:
             raise ValueError(f"{path} does not fit this MAE decoder (objective.decoder_dim/depth/heads?): missing "
                              f"{missing[:5]}, unexpected {extra[:5]}, shape mismatch {shapes[:5]}")
-        self.load_state_dict(loaded, strict=False)
+        with torch.no_grad():  # the key sets and shapes match exactly (checked above): copy in place
+            for k, v in own.items():
+                v.copy_(loaded[k])
 
     @torch.no_grad()
     def visualize(self, batch: dict, out: dict, n: int = 8):

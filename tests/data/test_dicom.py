@@ -8,7 +8,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 from medfound.data.manifest import read_manifest
 from medfound.data.transforms import WINDOWS, to_unit_image
 
-from helpers import ROOT, shared
+from helpers import ROOT, shared, tar_samples
 
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "SeriesDate", "AccessionNumber",
             "InstitutionName", "ReferringPhysicianName", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -37,11 +36,7 @@ def _phi_values(folder: Path) -> set[str]:
 
 
 def _members(directory: Path) -> dict[str, bytes]:
-    out = {}
-    for tar in sorted(directory.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            out.update({m.name: t.extractfile(m).read() for m in t.getmembers()})
-    return out
+    return {f"{k}.{ext}": b for k, exts in tar_samples(directory).items() for ext, b in exts.items()}
 
 
 @pytest.fixture(scope="module")

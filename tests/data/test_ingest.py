@@ -4,7 +4,6 @@ stated µm/px with tissue detection; the clear errors for slides without resolut
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from medfound.data.ingest.wsi import otsu_threshold, read_wsi
 from medfound.data.manifest import read_manifest
 from medfound.workflows import shard
 
-from helpers import DATA, shared
+from helpers import DATA, shared, tar_metas
 
 
 def _image_folder(tmp_path: Path, n: int = 60) -> Path:
@@ -37,15 +36,6 @@ def _image_folder(tmp_path: Path, n: int = 60) -> Path:
     return folder
 
 
-def _metas(directory: Path) -> list[dict]:
-    import tarfile
-    out = []
-    for tar in sorted(directory.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            out += [json.loads(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".json")]
-    return out
-
-
 def test_images_csv_patient_level_split_and_no_phi(tmp_path):
     folder = _image_folder(tmp_path)
     out = tmp_path / "shards"
@@ -55,7 +45,7 @@ def test_images_csv_patient_level_split_and_no_phi(tmp_path):
     assert m.label_schema.names == ["normal", "pneumonia"] and m.label_schema.type == "binary"
     assert m.counts["by_site"] == {"siteA": 30, "siteB": 30} and m.counts["by_modality"] == {"cxr": 60}
     assert set(m.counts["by_split"]) == {"train", "val", "test"}
-    metas = _metas(out)
+    metas = tar_metas(out)
     splits_by_patient: dict[str, set] = {}
     for meta in metas:
         splits_by_patient.setdefault(meta["patient"], set()).add(meta["split"])
@@ -70,7 +60,7 @@ def test_images_csv_patient_level_split_and_no_phi(tmp_path):
                   split_fractions={"train": 0.5, "val": 0.25, "test": 0.25})
     assert m2.digest == m.digest
     shard("images", folder, tmp_path / "salted", name="xr", modality="cxr", salt="cohort-secret")
-    assert {x["patient"] for x in _metas(tmp_path / "salted")}.isdisjoint(splits_by_patient)
+    assert {x["patient"] for x in tar_metas(tmp_path / "salted")}.isdisjoint(splits_by_patient)
 
 
 def test_single_class_table_is_explained(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,7 @@ from medfound.data.fundus import detect_fov
 from medfound.data.manifest import patient_leakage
 from medfound.workflows import shard
 
-from helpers import DATA, shared
-
-
-def _samples(directory: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(directory.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                key, ext = m.name.split(".", 1)
-                out.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return out
+from helpers import DATA, shared, tar_samples
 
 
 def _npy(b: bytes) -> np.ndarray:
@@ -47,7 +36,7 @@ def test_volumes_keep_spacing_orientation_and_labels(volumes, tmp_path):
     import nrrd
     m, _ = shard("volumes", volumes, tmp_path / "v", modality="mr", keep_names=True)
     assert m.counts["total"] == 3 and m.fields == ["json", "label.npy", "npy"]
-    s = _samples(tmp_path / "v")
+    s = tar_samples(tmp_path / "v")
     meta = json.loads(s["brain1_image"]["json"])
     assert meta["spacing_mm"] == pytest.approx([0.78125, 0.78125, 6.5], rel=1e-4)
     assert len(meta["orientation"]) == 3 and meta["volume_shape"] == [256, 256, 25]
@@ -62,7 +51,7 @@ def test_volumes_keep_spacing_orientation_and_labels(volumes, tmp_path):
 def test_volume_slices_and_patches(volumes, tmp_path):
     m, _ = shard("volumes", volumes, tmp_path / "s", modality="mr", layout="slices", keep_names=True)
     assert m.counts["total"] == 25 + 23 + 21  # along the coarse (6.5 mm) axis of each volume
-    s = _samples(tmp_path / "s")
+    s = tar_samples(tmp_path / "s")
     meta = json.loads(s["brain1_image_s0012"]["json"])
     assert meta["axis"] == 2 and meta["slice_spacing_mm"] == pytest.approx(6.5, rel=1e-4)
     assert meta["spacing_mm"] == pytest.approx([0.78125, 0.78125], rel=1e-4)
@@ -70,7 +59,7 @@ def test_volume_slices_and_patches(volumes, tmp_path):
     assert "label.png" in s["brain1_image_s0012"]  # 2-D label slices as PNG beside the image
     m, _ = shard("volumes", volumes, tmp_path / "p", modality="mr", layout="patches", patch=[32, 32, 16],
                  keep_names=True)
-    p = _samples(tmp_path / "p")
+    p = tar_samples(tmp_path / "p")
     brain = [k for k in p if k.startswith("brain1")]
     assert len(brain) == 8 * 8 * 2  # 256/32 x 256/32 x (0 and 25-16): every voxel covered
     assert all(_npy(p[k]["npy"]).shape == (32, 32, 16) for k in brain)
@@ -100,14 +89,14 @@ def test_drive_shards_carry_image_vessels_and_fov(tmp_path):
     table = _drive_table(drive, "training", 3)
     m, _ = shard("images", drive / "training", tmp_path / "d", table=table, modality="fundus")
     assert m.fields == ["fov.png", "json", "mask.png", "png"]
-    s = next(iter(_samples(tmp_path / "d").values()))
+    s = next(iter(tar_samples(tmp_path / "d").values()))
     image = np.asarray(Image.open(io.BytesIO(s["png"])))
     vessels, fov = (np.asarray(Image.open(io.BytesIO(s[k]))) for k in ("mask.png", "fov.png"))
     assert image.shape == (584, 565, 3) and vessels.shape == fov.shape == (584, 565)
     assert set(np.unique(vessels)) == {0, 255} and 0.05 < (vessels > 0).mean() < 0.2
     # crop to the field of view: masks cropped with it
     m, _ = shard("images", drive / "training", tmp_path / "c", table=table, modality="fundus", fov="crop")
-    c = next(iter(_samples(tmp_path / "c").values()))
+    c = next(iter(tar_samples(tmp_path / "c").values()))
     cropped = np.asarray(Image.open(io.BytesIO(c["png"])))
     assert cropped.shape[0] < 584 and cropped.shape[:2] == np.asarray(Image.open(io.BytesIO(c["mask.png"]))).shape
 
@@ -135,7 +124,7 @@ def test_wsi_tiles_at_half_micron_map_back_onto_tissue(tmp_path):
     assert m.bags == [{"slide": "CMU-1-Small-Region", "label": 1, "split": "train", "site": None,
                        "tiles": m.counts["total"]}]
     slide = tiffslide.TiffSlide(str(slide_path))
-    s = _samples(tmp_path / "w")
+    s = tar_samples(tmp_path / "w")
     assert len(s) > 20
     for key in list(s)[:: max(1, len(s) // 8)]:
         meta = json.loads(s[key]["json"])
@@ -179,7 +168,7 @@ def test_multilabel_and_parquet_tables(tmp_path):
     m, _ = shard("images", folder, tmp_path / "s", modality="cxr")
     assert m.label_schema.type == "multilabel" and m.label_schema.names == ["cardiomegaly", "effusion", "nodule"]
     assert m.counts["by_label"]["train"] == {"cardiomegaly": 1, "effusion": 2, "nodule": 2}
-    s = _samples(tmp_path / "s")
+    s = tar_samples(tmp_path / "s")
     got = sorted(json.loads(v["labels.json"]) for v in s.values())
     assert got == sorted([[1], [1, 2], [], [0, 2]])
 
@@ -203,7 +192,7 @@ def test_nifti_volumes_read_like_nrrd(volumes, tmp_path):
     nib.save(nib.Nifti1Image(data, affine), folder / "case_image.nii.gz")
     nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), folder / "case_label.nii.gz")
     m, _ = shard("volumes", folder, tmp_path / "s", modality="mr", keep_names=True)
-    s = _samples(tmp_path / "s")["case_image"]
+    s = tar_samples(tmp_path / "s")["case_image"]
     assert json.loads(s["json"])["spacing_mm"] == pytest.approx(list(spacing), rel=1e-5)
     image = _npy(s["npy"])
     assert image.dtype == data.dtype and np.array_equal(np.sort(image.ravel()), np.sort(data.ravel()))

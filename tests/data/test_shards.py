@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,9 @@ from medfound.data.shards import write_shard_set
 from medfound.io import sha256_file
 from medfound.workflows import shard
 
+from helpers import tar_samples
+
 DATA = Path(__file__).resolve().parents[2] / "data"
-
-
-def _read_all(directory: Path) -> dict[str, dict]:
-    out = {}
-    for tar in sorted(directory.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                key, ext = m.name.split(".", 1)
-                out.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return out
 
 
 def test_npz_round_trip_counts_checksums_and_pixels(shards):
@@ -42,7 +33,7 @@ def test_npz_round_trip_counts_checksums_and_pixels(shards):
         assert sha256_file(d / s.path) == s.sha256
         assert (d / s.path).stat().st_size == s.bytes
     assert verify_shards(d) == []
-    samples = _read_all(d)
+    samples = tar_samples(d)
     assert len(samples) == 1120
     for split in ("train", "test"):
         for i in (0, 17, len(z[f"{split}_images"]) - 1):
@@ -136,5 +127,5 @@ def test_sixteen_bit_images_are_kept(tmp_path):
     img = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
     write_shard_set([{"key": "ct", "image": img, "split": "train"}], tmp_path / "s", name="t", modality="ct",
                     label_schema=LabelSchema(type="none"), source={}, ingest={})
-    png = _read_all(tmp_path / "s")["ct"]["png"]
+    png = tar_samples(tmp_path / "s")["ct"]["png"]
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), img)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, tiny_pretrain_overrides
+from helpers import ROOT, tiny_pretrain_overrides, wait_for_checkpoint
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -73,13 +73,7 @@ def test_sigkill_two_processes_then_resume_equals_uninterrupted(shards, tmp_path
     full = _torchrun(2, *args(tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stdout.read()[-3000:]
     victim = _torchrun(2, *args(tmp_path / "killed"))
-    last = tmp_path / "killed" / "checkpoints" / "last"
-    deadline = time.time() + 240
-    while time.time() < deadline and victim.poll() is None:
-        if last.is_file() and last.read_text().strip() >= "step_00000020":
-            break
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run ended before it could be killed: raise max_steps"
+    wait_for_checkpoint(victim, tmp_path / "killed" / "checkpoints" / "last", "step_00000020", timeout=240)
     for pid in [*_descendants(victim.pid), victim.pid]:  # both workers and the agent: no chance to checkpoint
         try:
             os.kill(pid, signal.SIGKILL)
