@@ -5,6 +5,7 @@
     medfound validate RECIPE [key=value ...]         check a recipe without running it
     medfound pretrain RECIPE [key=value ...]         self-supervised pretraining -> RUN_DIR/export
     medfound finetune RECIPE [key=value ...]         LoRA / full / linear-probe fine-tuning -> export + eval.json
+    medfound plan SHARDS --out RECIPE                nnU-Net-style segmentation recipe from a data fingerprint
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
     medfound evaluate RUN_DIR [--split S]            RUN_DIR/eval.json
     medfound publish RUN_DIR --out DIR               Hugging Face-style folder with a model card
@@ -110,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--license", default="other", help="licence of the imported weights (for the card)")
     s.add_argument("--overwrite", action="store_true")
 
+    s = sub.add_parser("plan", help="nnU-Net-style self-configuration: fingerprint a segmentation shard set and "
+                                    "write a recipe")
+    s.add_argument("shards", help="a shard set with masks (images reader `mask` column, or volumes with labels)")
+    s.add_argument("--out", required=True, help="the recipe YAML to write (plus RECIPE.fingerprint.json)")
+    s.add_argument("--split", default="train", help="split to fingerprint (default: train)")
+    s.add_argument("--mask", help="mask member name (default: mask, else label)")
+    s.add_argument("--memory-gb", type=float, default=8.0, help="training memory budget per process (default 8)")
+    s.add_argument("--steps", type=int, default=5000, help="trainer.max_steps of the recipe (default 5000)")
+    s.add_argument("--output-dir", help="trainer.output_dir of the recipe (default runs/NAME_plan)")
+
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json")
     s.add_argument("run_dir")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
@@ -164,6 +175,18 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "finetune":
         summary = workflows.run_finetune(recipe, command)
         _report(summary, "finetune")
+        return 0
+    if args.verb == "plan":
+        from medfound.adapt.plan import write_plan
+        result = write_plan(args.shards, args.out, split=args.split, mask=args.mask, memory_gb=args.memory_gb,
+                            steps=args.steps, output_dir=args.output_dir)
+        plan, fp = result["plan"], result["fingerprint"]
+        print(f"fingerprint: {fp['images']} {fp['spatial_dims']}-D images ({fp['modality']}), median size "
+              f"{fp['shapes']['median']}, spacing {fp['spacing']['median'] if fp['spacing'] else 'none'}")
+        print(f"plan: patch {plan['patch_size']}, spacing {plan['spacing']}, strides {plan['strides']}, channels "
+              f"{plan['channels']}, batch {plan['batch_size']} (~{plan['estimated_memory_gb']} GB), "
+              f"normalisation {plan['intensity']}")
+        print(f"wrote {result['recipe']}: run it with `medfound finetune {result['recipe']}`")
         return 0
     if args.verb == "evaluate":
         from medfound.evaluate.report import evaluate_run
@@ -239,7 +262,8 @@ def _report(summary: dict, verb: str) -> None:
         return
     print(f"{verb} finished at step {summary['step']}; run directory {summary['run_dir']}")
     if "export" in summary:
-        print(f"  export: {summary['export']} (timm reload max abs diff {summary['reload_max_abs_diff']})")
+        check = f" (timm reload max abs diff {summary['reload_max_abs_diff']})" if "reload_max_abs_diff" in summary else ""
+        print(f"  export: {summary['export']}{check}")
     if "eval" in summary:
         print(f"  eval: {json.dumps(summary['eval'])} -> {summary['eval_file']}")
 

@@ -109,7 +109,8 @@ class DataConfig(Strict):
     shards: list[Path] = Field(min_length=1, description="shard-set directories, each with a manifest.json")
     train_split: str = "train"
     eval_split: str = "test"
-    img_size: int = Field(gt=0)
+    img_size: Optional[int] = Field(None, gt=0, description="model input edge in pixels (segmentation uses "
+                                                           "segment.patch_size instead)")
     batch_size: int = Field(gt=0, description="per-process micro-batch")
     eval_batch_size: int = Field(256, gt=0)
     num_workers: int = Field(0, ge=0)
@@ -125,6 +126,9 @@ class DataConfig(Strict):
         None, description="CT/DICOM intensity window preset; default: the file's own window")
     fundus_crop: bool = Field(False, description="crop colour fundus images to their field of view")
     hed_sigma: float = Field(0.05, ge=0, description="HED stain jitter strength (augment=he)")
+    crop_scale: Optional[tuple[float, float]] = Field(
+        None, description="RandomResizedCrop area range, replacing the preset's (mae 0.2-1, light 0.8-1, he 0.6-1); "
+                          "small values keep large images (fundus photographs, H&E tiles) near native resolution")
     multicrop: MultiCropConfig = Field(default_factory=MultiCropConfig)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -145,7 +149,7 @@ class DataConfig(Strict):
         from medfound.data.transforms import build_transform
 
         return build_transform(self.augment, self.img_size, self.mean, self.std, train=train, window=self.window,
-                               fundus_crop=self.fundus_crop, hed_sigma=self.hed_sigma,
+                               fundus_crop=self.fundus_crop, hed_sigma=self.hed_sigma, crop_scale=self.crop_scale,
                                global_crops=self.multicrop.global_crops, local_crops=self.multicrop.local_crops,
                                local_size=self.multicrop.local_size, normalize=False)
 
@@ -230,6 +234,114 @@ class ClassifyHeadConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class UNETRHeadConfig(Strict):
+    """UNETR-style decoder (Hatamizadeh et al. 2022) over intermediate ViT blocks (heads/unetr.py)."""
+
+    type: Literal["unetr"] = "unetr"
+    feature_size: int = Field(16, gt=0, description="decoder width at full resolution; doubles per level")
+    indices: Optional[list[int]] = Field(None, description="backbone blocks to tap, shallow to deep; default: "
+                                                           "log2(patch) blocks evenly spaced, ending at the last")
+
+
+class TransUNetHeadConfig(Strict):
+    """TransUNet (Chen et al. 2021): CNN stem for skips + ViT encoder + cascaded upsampler (heads/transunet.py)."""
+
+    type: Literal["transunet"] = "transunet"
+    cnn: str = Field("resnet18", description="timm CNN whose first stages give the 1/2, 1/4, 1/8 skips")
+    decoder_channels: list[int] = Field(default_factory=lambda: [256, 128, 64, 16],
+                                        description="cascaded upsampler widths, coarse to fine (one per 2x)")
+
+
+class UNetHeadConfig(Strict):
+    """MONAI's residual U-Net (2-D, or 3-D U-Net with segment.spatial_dims=3)."""
+
+    type: Literal["unet"] = "unet"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=2,
+                                description="width per level; each level below the first halves the resolution")
+    strides: Optional[list[Union[int, list[int]]]] = Field(
+        None, description="per level below the first: 2, or one stride per axis ([2, 2, 1]: pool in-plane only, "
+                          "for anisotropic volumes; `medfound plan` writes these); default 2 everywhere")
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _strides(self) -> "UNetHeadConfig":
+        if self.strides is not None and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"head.strides has {len(self.strides)} entries; head.channels has {len(self.channels)} "
+                             f"levels, so give {len(self.channels) - 1}")
+        return self
+
+
+class AttentionUNetHeadConfig(Strict):
+    """MONAI's Attention U-Net (Oktay et al. 2018): attention gates on the skips."""
+
+    type: Literal["attention_unet"] = "attention_unet"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=2)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class VNetHeadConfig(Strict):
+    """MONAI's V-Net (Milletari et al. 2016), volumes only; input edges divisible by 16."""
+
+    type: Literal["vnet"] = "vnet"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+SEGMENT_HEADS = ("unetr", "transunet", "unet", "attention_unet", "vnet")
+CNN_HEADS = ("unet", "attention_unet", "vnet")
+
+
+class SegmentConfig(Strict):
+    """Segmentation settings (`segment.*`): masks, classes, patches, intensity and evaluation."""
+
+    mask: str = Field("mask", description="mask member in the shards (images reader: mask/mask_<name>; volumes: label)")
+    roi: Optional[str] = Field(None, description="mask member outside which nothing is scored (DRIVE: fov)")
+    num_classes: int = Field(2, ge=2, description="classes including background; 2 = binary (mask > 0 is foreground)")
+    class_names: Optional[list[str]] = None
+    spatial_dims: Literal[2, 3] = 2
+    patch_size: list[int] = Field(min_length=2, max_length=3, description="training crop and sliding-window size")
+    intensity: Literal["imagenet", "zscore", "ct"] = Field(
+        "imagenet", description="imagenet: data.mean/std on [0, 1] images; zscore: per image and channel; "
+                                "ct: clip to segment.clip then (x - stats[0]) / stats[1] (nnU-Net)")
+    clip: Optional[tuple[float, float]] = Field(None, description="ct: intensity range (0.5-99.5 percentiles)")
+    stats: Optional[tuple[float, float]] = Field(None, description="ct: mean and std of the clipped foreground")
+    spacing: Optional[list[float]] = Field(None, description="resample volumes to this voxel spacing (mm, per axis)")
+    foreground_fraction: float = Field(0.33, ge=0, le=1, description="share of training crops centred on foreground")
+    crops_per_image: int = Field(1, ge=1, description="training crops cut from each decoded image (large images: "
+                                                      "decode once, train on several patches)")
+    flips: bool = True
+    rot90: bool = Field(True, description="random 90-degree rotations in the image plane")
+    intensity_jitter: float = Field(0.1, ge=0, description="random brightness/contrast factor range (+-)")
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap at evaluation")
+    hd95: bool = Field(True, description="compute HD95 (slow on large 3-D masks)")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "SegmentConfig":
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"segment.patch_size {self.patch_size} needs {self.spatial_dims} entries "
+                             f"(segment.spatial_dims={self.spatial_dims})")
+        if self.spacing is not None and len(self.spacing) != self.spatial_dims:
+            raise ValueError(f"segment.spacing {self.spacing} needs {self.spatial_dims} entries")
+        if self.intensity == "ct" and (self.clip is None or self.stats is None):
+            raise ValueError("segment.intensity=ct needs segment.clip and segment.stats (`medfound plan` writes them)")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"segment.class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        if self.class_names:
+            return list(self.class_names)
+        return ["background", "foreground"] if self.num_classes == 2 else \
+            ["background", *(f"class_{i}" for i in range(1, self.num_classes))]
+
+
+HeadConfig = Annotated[Union[ClassifyHeadConfig, UNETRHeadConfig, TransUNetHeadConfig, UNetHeadConfig,
+                             AttentionUNetHeadConfig, VNetHeadConfig], Field(discriminator="type")]
+
+
 class EvalConfig(Strict):
     split: str = "test"
 
@@ -248,6 +360,8 @@ class PretrainRecipe(Strict):
 
     @model_validator(mode="after")
     def _views(self) -> "PretrainRecipe":
+        if self.data.img_size is None:
+            raise ValueError("pretraining needs data.img_size")
         if self.objective.name == "dinov2" and self.data.augment != "dino":
             raise ValueError(f"objective dinov2 trains on multi-crop views: set data.augment=dino "
                              f"(got {self.data.augment!r})")
@@ -260,10 +374,13 @@ class FinetuneRecipe(Strict):
     """`medfound finetune`: backbone + head + loss, tuned by LoRA, full fine-tuning or a linear probe."""
 
     kind: Literal["finetune"]
-    backbone: BackboneConfig
-    tuning: Literal["lora", "full", "linear_probe"] = "lora"
+    backbone: Optional[BackboneConfig] = Field(None, description="the timm backbone; not used by the CNN "
+                                                                 "segmentation heads (unet, attention_unet, vnet)")
+    tuning: Literal["lora", "full", "linear_probe", "last_k"] = "lora"
+    last_k: int = Field(2, ge=1, description="tuning=last_k: the backbone's last k blocks (and final norm) train")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    head: ClassifyHeadConfig = Field(default_factory=ClassifyHeadConfig)
+    head: HeadConfig = Field(default_factory=ClassifyHeadConfig)
+    segment: Optional[SegmentConfig] = None
     data: DataConfig
     optim: OptimConfig
     trainer: TrainerConfig
@@ -276,7 +393,31 @@ class FinetuneRecipe(Strict):
         if len(self.data.shards) != 1:
             raise ValueError("a finetune recipe reads one labelled shard set: data.shards must have one entry, "
                              f"got {len(self.data.shards)}")
+        t = self.head.type
+        if t == "classify":
+            if self.segment is not None:
+                raise ValueError("a segment section needs a segmentation head (head.type: "
+                                 f"{' | '.join(SEGMENT_HEADS)}); head.type is classify")
+            if self.data.img_size is None:
+                raise ValueError("classification needs data.img_size")
+        elif self.segment is None:
+            raise ValueError(f"head.type={t} segments: add a segment section (segment.patch_size at least)")
+        if t in CNN_HEADS:
+            if self.tuning != "full":
+                raise ValueError(f"head.type={t} is a CNN trained from scratch: set tuning=full (lora, linear_probe "
+                                 "and last_k adapt a pretrained ViT backbone: use head.type=unetr or transunet)")
+        elif self.backbone is None:
+            raise ValueError(f"head.type={t} needs a backbone section (backbone.weights or backbone.name)")
+        if self.segment is not None:
+            if t == "vnet" and self.segment.spatial_dims != 3:
+                raise ValueError("head.type=vnet segments volumes: set segment.spatial_dims=3")
+            if t in ("transunet", "attention_unet") and self.segment.spatial_dims != 2:
+                raise ValueError(f"head.type={t} is 2-D here: use unet, vnet or unetr for volumes")
         return self
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.head.type == "classify" else "segmentation"
 
 
 Recipe = Annotated[Union[PretrainRecipe, FinetuneRecipe], Field(discriminator="kind")]

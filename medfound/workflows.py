@@ -16,7 +16,7 @@ import torch
 import medfound
 from medfound.config import BackboneConfig, Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
 from medfound.data.manifest import Manifest, read_manifest
-from medfound.io import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from medfound.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +89,12 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
     from medfound.data.pipeline import make_loader
 
     d, seed = recipe.data, recipe.trainer.seed
-    transform = d.transform(train=True)
+    if getattr(recipe, "segment", None) is not None:
+        from medfound.data.seg_transforms import build_seg_transform
+
+        transform, labelled = build_seg_transform(recipe.segment, train=True, window=d.window), False
+    else:
+        transform = d.transform(train=True)
     schema = manifests[0].label_schema
     samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)
 
@@ -173,8 +178,69 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     return summary
 
 
+def segment_normalizer(recipe: FinetuneRecipe):
+    """The device-side normaliser of a segmentation recipe: ImageNet statistics for 2-D `imagenet` intensity;
+    None where the transform already normalised (z-score, CT)."""
+    seg = recipe.segment
+    return recipe.data.normalizer() if seg.intensity == "imagenet" and seg.spatial_dims == 2 else None
+
+
+def run_segment(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[str, Any]:
+    """Train a segmentation network; export it (`export/segmenter.safetensors` + `segmenter.json`, and for ViT
+    heads the adapted backbone as a timm folder in `export/backbone`); evaluate it -> eval.json."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save
+
+    from medfound.adapt.tasks import build_task
+    from medfound.adapt.tuning import merged_copy, merged_segmenter, print_parameter_table
+    from medfound.data.pipeline import shard_sets
+    from medfound.evaluate.report import evaluate_run
+    from medfound.publish.export import export_model, read_lineage
+    from medfound.train.loop import fit
+
+    accelerator, run_dir, resume, text = _start(recipe, command)
+    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
+    task = build_task(recipe)
+    if accelerator.is_main_process:
+        print_parameter_table(task, recipe.tuning, backbone="model.net.encoder.vit.")  # a CNN: all head
+    _seed_per_rank(recipe, accelerator)
+    state = fit(task, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer,
+                optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator,
+                config_text=text, resume_from=resume, normalize=segment_normalizer(recipe))
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
+                               "main": accelerator.is_main_process}
+    if state.preempted or not accelerator.is_main_process:
+        return summary
+    task = accelerator.unwrap_model(task)
+    parent = read_lineage(recipe.backbone.weights) if recipe.backbone and recipe.backbone.weights else {}
+    seg = recipe.segment
+    tuning = {"lora": f"LoRA (r={recipe.lora.r}, alpha={recipe.lora.alpha})", "full": "full fine-tuning",
+              "linear_probe": "frozen backbone", "last_k": f"last {recipe.last_k} blocks"}[recipe.tuning]
+    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"{recipe.head.type} segmentation, {tuning}, "
+                       f"Dice + cross-entropy", parent)
+    lineage.update(tuning=recipe.tuning, head=recipe.head.model_dump(), segment=seg.model_dump(mode="json"))
+    merged = merged_segmenter(task.model).eval()
+    export = run_dir / "export"
+    if task.vit is not None and seg.spatial_dims == 2:  # the adapted backbone, reusable as a timm model
+        prep = SimpleNamespace(mean=recipe.data.mean, std=recipe.data.std, img_size=seg.patch_size[-1])
+        adapter = task.vit if recipe.tuning == "lora" else None
+        export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
+                     license=recipe.card.license, adapter=adapter)
+    state_dict = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    atomic_write_bytes(export / "segmenter.safetensors", save(state_dict))
+    atomic_write_json(export / "segmenter.json", {"medfound": lineage, "class_names": seg.names,
+                                                  "head": recipe.head.model_dump(),
+                                                  "segment": seg.model_dump(mode="json")})
+    report = evaluate_run(run_dir)
+    summary.update(export=str(export), eval=report["metrics"], eval_file=str(run_dir / "eval.json"))
+    return summary
+
+
 def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[str, Any]:
     """Fine-tune, export the merged model (+ LoRA adapter), evaluate it on eval.split -> eval.json."""
+    if recipe.task == "segmentation":
+        return run_segment(recipe, command)
     from medfound.adapt.tasks import build_task
     from medfound.adapt.tuning import merged_copy, print_parameter_table
     from medfound.data.pipeline import shard_sets
@@ -256,6 +322,11 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
 
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
+    if isinstance(recipe, FinetuneRecipe) and recipe.task == "segmentation":
+        raise ValueError(f"{run_dir} is a segmentation run: publishing segmentation networks with a card is not "
+                         f"implemented yet. Its network is {run_dir}/export/segmenter.safetensors (rebuild it with "
+                         "medfound.evaluate.report.load_segmenter); a ViT run's adapted backbone is the timm folder "
+                         f"{run_dir}/export/backbone")
     export = run_dir / "export"
     if not (export / "model.safetensors").is_file():
         raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "

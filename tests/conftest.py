@@ -62,3 +62,18 @@ def finetuned(shards, pretrained, tmp_path_factory) -> Path:
                          tiny_finetune_overrides(shards, pretrained / "export", out, steps=4))
     run_finetune(recipe)
     return out
+
+
+@pytest.fixture(scope="session")
+def seg_shards(tmp_path_factory) -> dict[str, Path]:
+    """Bundled segmentation data sharded: CT slices with aorta masks (2-D: 2 train, 1 test, 8-bit PNG) and a
+    breast MRI volume with its lesion label (3-D, 45x120x21 at 0.66x0.66x2.1 mm; split train)."""
+    from medfound.workflows import shard
+
+    root = tmp_path_factory.mktemp("seg_shards")
+    out = {"ct": root / "ct_aorta", "volume": root / "breast"}
+    shard("images", DATA / "ct_organs", out["ct"], table=DATA / "ct_organs" / "aorta.csv", name="ct_aorta",
+          modality="ct", keep_names=True)
+    shard("volumes", DATA / "volumes", out["volume"], name="breast", modality="mr", keep_names=True,
+          split_fractions={"train": 1.0})
+    return out

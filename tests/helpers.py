@@ -83,3 +83,30 @@ def wait_for_checkpoint(proc: Any, last: Path, at_least: str, timeout: float) ->
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed: raise max_steps"
+
+
+def tiny_segment_overrides(head: str, seg_shards: dict[str, Path], backbone: Path | None, out: Path,
+                           steps: int = 2) -> list[str]:
+    """Shrink a segmentation recipe for CPU tests and point it at the bundled segmentation shards."""
+    common = [f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.log_every=1",
+              "trainer.checkpoint_every=1000", "trainer.progress=false", "trainer.loggers=[]", "trainer.resume=null",
+              "data.batch_size=2", "data.shuffle_buffer=4", "segment.crops_per_image=2", "segment.roi=null",
+              "optim.warmup_steps=1"]
+    if head in ("unet3d", "vnet"):
+        channels = ["head.channels=[8,16,32]", "head.strides=[[2,2,1],2]"] if head == "unet3d" else []
+        return common + channels + [f"data.shards=[{seg_shards['volume']}]", "segment.patch_size=[32,32,16]",
+                                    "segment.spacing=null", "eval.split=train"]
+    common += [f"data.shards=[{seg_shards['ct']}]", "segment.patch_size=[64,64]", "segment.class_names=null"]
+    if head in ("unet", "attention_unet"):
+        return common + ["head.channels=[8,16,32]"]
+    return common + [f"backbone.weights={backbone}", "head.feature_size=8"] if head == "unetr" else \
+        common + [f"backbone.weights={backbone}", "head.decoder_channels=[32,16,8]"]
+
+
+def assert_gradients_only_where_trainable(module: Any, label: str) -> None:
+    """After backward: every trainable parameter has a non-zero gradient and no frozen one has any."""
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{label}: no gradient for {n}"
+        else:
+            assert p.grad is None, f"{label}: frozen {n} got a gradient"

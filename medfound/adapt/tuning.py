@@ -1,7 +1,8 @@
 """Tuning strategies: which parameters train, and LoRA through peft.
 
 - `full`: every parameter trains.
-- `linear_probe`: the backbone is frozen; only the classifier trains.
+- `linear_probe`: the backbone is frozen; only the classifier (or segmentation decoder) trains.
+- `last_k`: only the backbone's last k blocks and final norm train, with the head.
 - `lora`: peft LoRA adapters on the backbone's nn.Linear layers whose last name component is in
   `target_modules` (timm ViT: `qkv`, `proj`, `fc1`, `fc2`; the patch-embedding conv is not a Linear
   and is never adapted); the classifier trains fully (peft `modules_to_save`). Nothing matched is
@@ -28,8 +29,37 @@ def lora_targets(model: nn.Module, suffixes: list[str]) -> list[str]:
     return names
 
 
-def apply_tuning(model: nn.Module, strategy: str, classifier: str, lora: LoraConfig | None = None) -> nn.Module:
-    """Set requires_grad per strategy; for LoRA return the peft-wrapped model (else `model` itself)."""
+def _last_k(model: nn.Module, k: int) -> None:
+    """Freeze `model` except its last `k` blocks and the norms after them (timm ViT: `blocks`, `norm`, `fc_norm`)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"tuning=last_k needs a backbone with `blocks` (a timm ViT); {type(model).__name__} has none")
+    if not 1 <= k <= len(blocks):
+        raise ValueError(f"last_k={k} but the backbone has {len(blocks)} blocks: choose 1..{len(blocks)}")
+    model.requires_grad_(False)
+    for blk in list(blocks)[-k:]:
+        blk.requires_grad_(True)
+    for name in ("norm", "fc_norm"):
+        norm = getattr(model, name, None)
+        if isinstance(norm, nn.Module):
+            norm.requires_grad_(True)
+
+
+def _peft_lora(model: nn.Module, lora: LoraConfig | None, exclude: str | None, modules_to_save: list[str] | None):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = lora or LoraConfig()
+    targets = [n for n in lora_targets(model, lora.target_modules) if not (exclude and n.startswith(exclude))]
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         modules_to_save=modules_to_save, bias="none")
+    return get_peft_model(model, cfg)
+
+
+def apply_tuning(model: nn.Module, strategy: str, classifier: str, lora: LoraConfig | None = None,
+                 last_k: int = 2) -> nn.Module:
+    """Set requires_grad per strategy; for LoRA return the peft-wrapped model (else `model` itself).
+    `last_k`: the backbone's last k blocks, its final norm and the classifier train."""
     if strategy == "full":
         model.requires_grad_(True)
         return model
@@ -37,16 +67,49 @@ def apply_tuning(model: nn.Module, strategy: str, classifier: str, lora: LoraCon
         model.requires_grad_(False)
         model.get_submodule(classifier).requires_grad_(True)
         return model
+    if strategy == "last_k":
+        _last_k(model, last_k)
+        model.get_submodule(classifier).requires_grad_(True)
+        return model
     if strategy == "lora":
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
+        return _peft_lora(model, lora, exclude=classifier, modules_to_save=[classifier])
+    raise ValueError(f"unknown tuning strategy {strategy!r}: choose lora, full, linear_probe or last_k")
 
-        lora = lora or LoraConfig()
-        targets = [n for n in lora_targets(model, lora.target_modules) if not n.startswith(classifier)]
-        cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                             modules_to_save=[classifier], bias="none")
-        return get_peft_model(model, cfg)
-    raise ValueError(f"unknown tuning strategy {strategy!r}: choose lora, full or linear_probe")
+
+def tune_segmenter(segmenter: nn.Module, strategy: str, lora: LoraConfig | None = None, last_k: int = 2) -> nn.Module:
+    """Tuning for a segmentation network: the strategy acts on its ViT (`net.encoder.vit`); the decoder (and
+    any new embedding or CNN stem) always trains. LoRA replaces `net.encoder.vit` by its peft wrapper."""
+    segmenter.requires_grad_(True)
+    encoder = getattr(segmenter.net, "encoder", None)
+    if encoder is None:
+        if strategy != "full":
+            raise ValueError(f"tuning={strategy} adapts a pretrained ViT backbone; this CNN trains with tuning=full")
+        return segmenter
+    for unused in ("fc_norm", "head", "attn_pool"):  # the classifier's pooling path: dense heads never use it
+        module = getattr(encoder.vit, unused, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+    if encoder.spatial_dims == 3:
+        encoder.vit.patch_embed.requires_grad_(False)  # replaced by the inflated 3-D embeddings
+        encoder.vit.pos_embed.requires_grad_(False)
+    if strategy == "linear_probe":
+        encoder.vit.requires_grad_(False)
+    elif strategy == "last_k":
+        _last_k(encoder.vit, last_k)
+    elif strategy == "lora":
+        encoder.vit = _peft_lora(encoder.vit, lora, exclude=None, modules_to_save=None)
+    elif strategy != "full":
+        raise ValueError(f"unknown tuning strategy {strategy!r}: choose lora, full, linear_probe or last_k")
+    return segmenter
+
+
+def merged_segmenter(segmenter: nn.Module) -> nn.Module:
+    """A copy of a segmentation network with any LoRA merged into its ViT (plain modules, plain state_dict keys)."""
+    out = copy.deepcopy(segmenter)
+    encoder = getattr(out.net, "encoder", None)
+    if encoder is not None:
+        encoder.vit = merged_copy(encoder.vit)
+    return out
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -58,14 +121,18 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def parameter_table(model: nn.Module, classifier: str = "head") -> "OrderedDict[str, tuple[int, int]]":
-    """(trainable, total) parameter counts per group: lora adapters, classifier, backbone."""
-    groups: "OrderedDict[str, list[int]]" = OrderedDict((g, [0, 0]) for g in ("lora", "classifier", "backbone"))
+def parameter_table(model: nn.Module, classifier: str = "head", backbone: str | None = None
+                    ) -> "OrderedDict[str, tuple[int, int]]":
+    """(trainable, total) parameter counts per group: lora adapters, head, backbone. The head is the module
+    named `classifier`, or, when `backbone` (a name prefix) is given, everything outside it."""
+    groups: "OrderedDict[str, list[int]]" = OrderedDict((g, [0, 0]) for g in ("lora", "head", "backbone"))
     for name, p in model.named_parameters():
         if "lora_" in name:
             g = "lora"
+        elif backbone is not None:
+            g = "backbone" if name.startswith(backbone) else "head"
         elif f".{classifier}." in f".{name}":
-            g = "classifier"
+            g = "head"
         else:
             g = "backbone"
         groups[g][1] += p.numel()
@@ -74,14 +141,15 @@ def parameter_table(model: nn.Module, classifier: str = "head") -> "OrderedDict[
     return OrderedDict((k, (v[0], v[1])) for k, v in groups.items() if v[1])
 
 
-def print_parameter_table(model: nn.Module, strategy: str, classifier: str = "head") -> None:
+def print_parameter_table(model: nn.Module, strategy: str, classifier: str = "head", backbone: str | None = None
+                          ) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"parameters (tuning: {strategy})")
     for col in ("group", "trainable", "total"):
         table.add_column(col, justify="right" if col != "group" else "left")
-    rows = parameter_table(model, classifier)
+    rows = parameter_table(model, classifier, backbone)
     for g, (t, n) in rows.items():
         table.add_row(g, f"{t:,}", f"{n:,}")
     t_all, n_all = sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())

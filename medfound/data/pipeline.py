@@ -2,7 +2,8 @@
 
 Batches are dicts: `image` `[B, 3, H, W]` as the transform left it (uint8, or float in [0, 1]: normalise
 on the device with `DataConfig.normalizer()`); `crops` (multi-crop: a list of `[B, 3, h, w]`);
-`label` long `[B]` (single-label) or float multi-hot `[B, K]` (multi-label); `key` list; `site` list
+`label` long `[B]` (single-label) or float multi-hot `[B, K]` (multi-label); `mask` long `[B, 1, *S]` and
+`roi` bool `[B, 1, *S]` (segmentation); `key` list; `site` list
 when samples carry one; `_bad` list of "key (shard): reason" for samples skipped since the last batch.
 
 Two ways to read:
@@ -113,7 +114,9 @@ class _Decoder:
                             if k.endswith((".png", ".npy")) and "." in k})
         meta = json.loads(sample["json"]) if "json" in sample else {}
         out = self.transform({"image": _load_member(image_member, sample[image_member]), "meta": meta,
-                              "masks": masks})
+                              "masks": masks, "key": key})
+        if isinstance(out, list):  # several training crops from one decoded image (segmentation)
+            return [dict(o, key=key, **({"site": meta["site"]} if meta.get("site") else {})) for o in out]
         out = dict(out, key=key)
         if meta.get("site"):
             out["site"] = meta["site"]
@@ -145,9 +148,10 @@ class _Decoder:
                 pending.append(report)
                 self._judge(total, bad, by_url, end=False)
                 continue
+            outs = out if isinstance(out, list) else [out]
             if pending:
-                out["_bad"], pending = pending, []
-            yield out
+                outs[0]["_bad"], pending = pending, []
+            yield from outs
         self._judge(total, bad, by_url, end=True)
 
     def _judge(self, total: int, bad: int, by_url: Counter, end: bool) -> None:
@@ -214,6 +218,9 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 def collate(samples: list[dict]) -> dict:
     batch: dict[str, Any] = {"image": _stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
+    for name in ("mask", "roi", "spacing"):  # segmentation targets, transformed with the image
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     if "crops" in samples[0]:
         batch["crops"] = [_stack([s["crops"][i] for s in samples]) for i in range(len(samples[0]["crops"]))]
     if "label" in samples[0]:

@@ -161,7 +161,8 @@ def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p:
 
 def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool = True,
                     *, window: Optional[str] = None, fundus_crop: bool = False, hed_sigma: float = 0.05,
-                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96, normalize: bool = True
+                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96, normalize: bool = True,
+                    crop_scale: Optional[tuple[float, float]] = None
                     ) -> Callable[[Any], dict[str, torch.Tensor] | torch.Tensor]:
     """The transform for training (`augment` preset) or, with `train=False`, for evaluation.
 
@@ -177,11 +178,12 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
     if not train or augment == "none":
         views = [T.Compose([resize, norm])]
     elif augment in ("light", "mae"):
-        scale = (0.8, 1.0) if augment == "light" else (0.2, 1.0)
+        scale = crop_scale or ((0.8, 1.0) if augment == "light" else (0.2, 1.0))
         views = [T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=_BICUBIC, antialias=True),
                             T.RandomHorizontalFlip(), norm])]
     elif augment == "he":
-        views = [T.Compose([T.RandomResizedCrop(img_size, scale=(0.6, 1.0), interpolation=_BICUBIC, antialias=True),
+        views = [T.Compose([T.RandomResizedCrop(img_size, scale=crop_scale or (0.6, 1.0), interpolation=_BICUBIC,
+                                                antialias=True),
                             RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), ToFloat(),
                             HEDJitter(hed_sigma), norm])]
     else:  # dino

@@ -54,10 +54,13 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         raise ValueError(f"{run_dir} is a {recipe.kind} run: evaluate a finetune run (pretraining has no labels; "
                          "fine-tune its export with `medfound finetune` first)")
     export = run_dir / "export"
-    if not (export / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{export} has no model.safetensors: the run has not finished; "
+    weights = export / ("segmenter.safetensors" if recipe.task == "segmentation" else "model.safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{export} has no {weights.name}: the run has not finished; "
                                 "continue it with `medfound finetune RECIPE trainer.resume=auto`")
     split = split or recipe.eval.split
+    if recipe.task == "segmentation":
+        return evaluate_segmentation(run_dir, recipe, split)
     shards = recipe.data.shards[0]
     urls, (manifest,) = shard_urls([shards], split)
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
@@ -80,18 +83,95 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         "task": "classification",
         "label_type": schema.type,
         "class_names": schema.names,
-        "dataset": {"name": manifest.name, "path": str(shards), "split": split, "modality": manifest.modality,
-                    "manifest_digest": manifest.digest, "num_samples": int(len(labels))},
+        "dataset": _dataset(manifest, shards, split, len(labels)),
         "model": {"export": str(export), "sha256": sha256_file(export / "model.safetensors")},
         "metrics": result["metrics"],
         "per_class": result["per_class"],
         "by_site": by_site,
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},
-        "warnings": result["warnings"] + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
-        "skipped_samples": skipped,
-        "seconds": round(time.time() - start, 2),
-        "medfound_version": medfound.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_record(result["warnings"], skipped, start),
     }
     atomic_write_json(run_dir / "eval.json", report)
     return report
+
+
+def _dataset(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
+    return {"name": manifest.name, "path": str(shards), "split": split, "modality": manifest.modality,
+            "manifest_digest": manifest.digest, "num_samples": int(n)}
+
+
+def _record(warnings: list[str], skipped: list[str], start: float) -> dict[str, Any]:
+    """The tail every eval.json carries: warnings, skipped samples, timing and provenance."""
+    return {"warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
+            "skipped_samples": skipped, "seconds": round(time.time() - start, 2),
+            "medfound_version": medfound.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def load_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
+    """The trained segmentation network of a run, rebuilt from its recipe (architecture only: the ViT's structure
+    from `export/backbone/config.json`) and loaded strictly from `export/segmenter.safetensors`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from medfound.adapt.tasks import build_task
+    from medfound.config import BackboneConfig
+
+    export = Path(run_dir) / "export"
+    update: dict[str, Any] = {"tuning": "full"}
+    if recipe.backbone is not None:
+        cfg_path = export / "backbone" / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            args = {k: v for k, v in cfg.get("model_args", {}).items() if k not in ("num_classes", "global_pool")}
+            update["backbone"] = BackboneConfig(name=cfg["architecture"], model_args={**args, **recipe.backbone.model_args})
+    task = build_task(recipe.model_copy(update=update))
+    state = load_file(str(export / "segmenter.safetensors"))
+    missing, unexpected = task.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{export}/segmenter.safetensors does not fit the run's network: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return task.model.eval()
+
+
+def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
+    """Sliding-window inference over every `split` image, Dice/HD95 per image and class -> eval.json."""
+    from medfound.data.seg_transforms import build_seg_transform
+    from medfound.evaluate.segmentation import CONVENTIONS, SegmentationScorer, predict_probs
+    from medfound.workflows import segment_normalizer
+
+    seg, d = recipe.segment, recipe.data
+    shards = recipe.data.shards[0]
+    urls, (manifest,) = shard_urls([shards], split)
+    model = load_segmenter(run_dir, recipe)
+    normalize = segment_normalizer(recipe)
+    loader = make_loader(urls, transform=build_seg_transform(seg, train=False, window=d.window), batch_size=1,
+                         labelled=False, train=False, num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction)
+    scorer = SegmentationScorer(seg.names, hd=seg.hd95)
+    start, skipped = time.time(), []
+    for batch in loader:
+        skipped += batch.pop("_bad", [])
+        image = batch["image"] if normalize is None else normalize(batch["image"])
+        probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
+        roi = batch["roi"][0, 0] if "roi" in batch else None
+        key = batch["key"][0]
+        spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+        scorer.add(key, probs, batch["mask"][0, 0], roi, spacing)
+    if not scorer.per_image:
+        raise ValueError(f"split '{split}' of {shards} yielded no samples to evaluate")
+    result = scorer.result()
+    report = {
+        "task": "segmentation",
+        "class_names": seg.names,
+        "dataset": _dataset(manifest, shards, split, len(scorer.per_image)),
+        "model": {"export": str(run_dir / "export"),
+                  "sha256": sha256_file(run_dir / "export" / "segmenter.safetensors"), "head": recipe.head.type},
+        "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
+                      "roi": seg.roi},
+        **result,
+        "definitions": CONVENTIONS,
+        **_record([], skipped, start),
+    }
+    atomic_write_json(run_dir / "eval.json", report)
+    return report
+

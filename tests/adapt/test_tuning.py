@@ -12,7 +12,7 @@ from medfound.adapt.tuning import apply_tuning, merged_copy, parameter_table
 from medfound.config import LoraConfig
 from medfound.data.manifest import LabelSchema
 
-from helpers import TINY_VIT
+from helpers import TINY_VIT, assert_gradients_only_where_trainable
 
 SCHEMA = LabelSchema(type="ordinal", names=["0", "1", "2", "3", "4"])
 D, MLP = TINY_VIT["embed_dim"], 4 * TINY_VIT["embed_dim"]
@@ -22,7 +22,7 @@ def _task(strategy: str, pool: str = "token", r: int = 4) -> ClassificationTask:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT)
     head = attach_classifier(model, 5, pool=pool)
-    model = apply_tuning(model, strategy, head, LoraConfig(r=r, alpha=2 * r))
+    model = apply_tuning(model, strategy, head, LoraConfig(r=r, alpha=2 * r), last_k=1)
     return ClassificationTask(model, head, SCHEMA)
 
 
@@ -40,12 +40,12 @@ def test_lora_trains_exactly_adapters_and_head():
     assert trainable == TINY_VIT["depth"] * per_block + head
     table = parameter_table(task.model, "head")
     assert table["lora"] == (TINY_VIT["depth"] * per_block,) * 2
-    assert table["classifier"][0] == head and table["backbone"][0] == 0
+    assert table["head"][0] == head and table["backbone"][0] == 0
     names = [n for n, p in task.named_parameters() if p.requires_grad]
     assert not any("patch_embed" in n for n in names)  # the patch-embedding conv is never adapted
 
 
-@pytest.mark.parametrize("strategy", ["lora", "full", "linear_probe"])
+@pytest.mark.parametrize("strategy", ["lora", "full", "linear_probe", "last_k"])
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_gradients_reach_every_trainable_and_no_frozen_parameter(strategy, pool):
     task = _task(strategy, pool)
@@ -56,14 +56,15 @@ def test_gradients_reach_every_trainable_and_no_frozen_parameter(strategy, pool)
     out = task(_batch())
     assert out["logits"].shape == (4, 5)
     out["loss"].backward()
-    for n, p in task.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{strategy}: no gradient for {n}"
-        else:
-            assert p.grad is None, f"{strategy}: frozen {n} got a gradient"
+    assert_gradients_only_where_trainable(task, strategy)
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     if strategy == "linear_probe":
         assert trainable == {"model.head.weight", "model.head.bias"}
+    if strategy == "last_k":  # the last block, the final norm(s) and the classifier
+        last = TINY_VIT["depth"] - 1
+        assert trainable and all(n.startswith((f"model.blocks.{last}.", "model.norm.", "model.fc_norm.", "model.head."))
+                                 for n in trainable)
+        assert any(n.startswith(f"model.blocks.{last}.") for n in trainable)
     if strategy == "full":
         assert trainable == {n for n, _ in task.named_parameters()}
 
@@ -99,3 +100,22 @@ def test_classifier_on_a_cnn_backbone():
                                                                                           names=["a", "b", "c"]))
     assert {n for n, p in task.named_parameters() if p.requires_grad} == {"model.fc.weight", "model.fc.bias"}
     assert task({"image": torch.randn(2, 3, 32, 32)})["logits"].shape == (2, 3)
+
+
+def test_full_fine_tuning_gets_layer_wise_lr_decay():
+    from medfound.config import OptimConfig
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT)
+    head = attach_classifier(model, 5)
+    task = ClassificationTask(apply_tuning(model, "full", head), head, SCHEMA, full=True)
+    groups = task.param_groups(OptimConfig(lr=1e-3, layer_decay=0.5))
+    by_name = {}
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            by_name[names[id(p)]] = g["lr_scale"]
+    depth = TINY_VIT["depth"]  # timm: embeddings are layer 0, blocks 1..depth, the head depth + 1
+    assert by_name["head.weight"] == 1.0
+    assert by_name["blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** depth)
+    assert by_name["patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
+    assert len(by_name) == sum(1 for _ in task.parameters())

@@ -1,0 +1,31 @@
+"""Helpers shared by the quality_*.py benchmarks (run as scripts: `python benchmarks/quality_X.py`)."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT.parent / "shared" / "data").resolve()
+
+
+def medfound_bin() -> str:
+    """The `medfound` console script of the interpreter running the benchmark."""
+    return str(Path(sys.executable).with_name("medfound"))
+
+
+def run(cmd: list[str]) -> None:
+    print("$", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def write_csv(rows: list[dict[str, str]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path

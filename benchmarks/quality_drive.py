@@ -1,0 +1,101 @@
+"""DRIVE retinal-vessel segmentation: train on the 20 training images, score the 20 test images inside the FOV.
+
+    python benchmarks/quality_drive.py --model unet        # CNN baseline  -> benchmarks/results/drive_unet.json
+    python benchmarks/quality_drive.py --model vit_unetr   # MAE-pretrained ViT + UNETR decoder (LoRA)
+                                                           #               -> benchmarks/results/drive_vit_unetr.json
+    python benchmarks/quality_drive.py --shard-only --shards runs/drive/shards
+
+Published (Alom et al. 2018, as the shared data README lists): U-Net F1 0.8142, AUC 0.9755; SA-UNet F1 0.8263,
+AUC 0.9864; a second human observer F1 about 0.79. The data stay in ../shared/data/drive (research-use terms):
+this script writes a table there-relative and shards from it; nothing is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _quality import ROOT, SHARED, medfound_bin, run, write_csv
+DRIVE = SHARED / "drive"
+PUBLISHED = {"unet": {"f1": 0.8142, "auc": 0.9755, "source": "U-Net as reported by Alom et al. 2018 (R2U-Net)"},
+             "sa_unet": {"f1": 0.8263, "auc": 0.9864, "source": "SA-UNet, Guo et al. 2020"}}
+
+
+def write_table(drive: Path, out: Path) -> Path:
+    rows = []
+    for split, folder, tag in (("train", "training", "training"), ("test", "testing", "test")):
+        for img in sorted((drive / folder / "images").glob("*.tif")):
+            num = img.name.split("_")[0]
+            rows.append({"path": f"{folder}/images/{img.name}", "mask": f"{folder}/1st_manual/{num}_manual1.gif",
+                         "fov": f"{folder}/mask/{num}_{tag}_mask.gif", "split": split, "site": "DRIVE"})
+    return write_csv(rows, out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["unet", "vit_unetr"], default="unet")
+    ap.add_argument("--shards", type=Path, default=ROOT / "runs" / "bench" / "drive" / "shards")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "drive")
+    ap.add_argument("--shard-only", action="store_true")
+    ap.add_argument("--backbone", type=Path, help="vit_unetr: a pretrained export (default: MAE-pretrain one on "
+                                                  "the DRIVE training images first)")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. trainer.max_steps=3000")
+    args = ap.parse_args()
+    if not DRIVE.is_dir():
+        print(f"DRIVE is not at {DRIVE}: this benchmark needs ../shared/data/drive", file=sys.stderr)
+        return 2
+    mf = medfound_bin()
+    start = time.time()
+    if not (args.shards / "manifest.json").is_file():
+        table = write_table(DRIVE, args.work / "drive_table.csv")
+        run([mf, "shard", "images", str(DRIVE), "--table", str(table), "--out", str(args.shards), "--name", "drive",
+             "--modality", "fundus", "--keep-names", "--license", "DRIVE research-use terms",
+             "--attribution", "DRIVE, Staal et al., IEEE TMI 2004"])
+    if args.shard_only:
+        return 0
+    out = args.work / args.model
+    if args.model == "unet":
+        recipe = "adapt/segment_unet.yaml"
+        overrides = [f"data.shards=[{args.shards}]", f"trainer.output_dir={out}", "trainer.resume=null"]
+    else:
+        recipe = "adapt/segment_vit_unetr_lora.yaml"
+        backbone = args.backbone
+        if backbone is None:
+            backbone = args.work / "mae" / "export"
+            if not (backbone / "model.safetensors").is_file():
+                run([mf, "pretrain", "pretrain/drive_mae_small.yaml", f"data.shards=[{args.shards}]",
+                     f"trainer.output_dir={args.work / 'mae'}"])
+        overrides = [f"data.shards=[{args.shards}]", f"trainer.output_dir={out}", f"backbone.weights={backbone}"]
+    overrides += args.overrides
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    cmd = [mf, "finetune", recipe, *overrides]
+    run(cmd)
+    minutes = (time.time() - start) / 60
+    report = json.loads((out / "eval.json").read_text())
+    m = report["metrics"]
+    result = {
+        "benchmark": "DRIVE retinal vessels, 20 train / 20 test images, scored inside the FOV mask",
+        "model": args.model, "f1": m["pixel_f1"], "auc": m["pixel_auc"], "sensitivity": m["pixel_sensitivity"],
+        "specificity": m["pixel_specificity"], "accuracy": m["pixel_accuracy"], "dice_per_image": m["dice"],
+        "hd95_px": m.get("hd95"), "minutes": round(minutes, 1),
+        "command": f"python benchmarks/quality_drive.py --model {args.model}" + "".join(f" {o}" for o in args.overrides),
+        "finetune_command": shlex.join(["medfound", "finetune", recipe, *overrides]).replace(f"{ROOT}/", ""),
+        "hardware": subprocess.run([sys.executable, "-c", "from medfound.publish.export import hardware; "
+                                    "print(hardware())"], capture_output=True, text=True).stdout.strip(),
+        "published": PUBLISHED, "target": {"f1": 0.80, "minutes": 60},
+    }
+    dest = ROOT / "benchmarks" / "results" / f"drive_{args.model}.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("model", "f1", "auc", "minutes")}), f"-> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Segmentation samples -> tensors: image and mask transformed together.
+
+Output of the transform (one sample):
+- `image`: 2-D `[3, H, W]` (every modality as 3 channels, as for classification) or 3-D `[1, D, H, W]`;
+  uint8 for `intensity=imagenet` on 8-bit images (normalised on the device by `Normalize`), else float,
+  already normalised here (`zscore`: per image and channel, as nnU-Net does for non-CT data; `ct`: clip to
+  the data set's 0.5-99.5 percentile range, then the data set's mean and std).
+- `mask`: long `[1, *S]` class indices (binary masks: stored value > 0 is class 1).
+- `roi`: bool `[1, *S]` when `segment.roi` names a mask (DRIVE's field of view): scoring is done inside it.
+- `spacing`: (evaluation) the voxel spacing in mm when the sample's meta has `spacing_mm`, for HD95 in mm.
+
+Training (`train=True`): an optional resampling of volumes to `segment.spacing`, then a random crop of
+`segment.patch_size` (zero-padded when the image is smaller), centred on a random foreground pixel with
+probability `foreground_fraction` (nnU-Net's oversampling, which matters for small structures), random flips
+along every spatial axis, random 90-degree rotations in the image plane (square crops), and a random
+brightness/contrast jitter. Evaluation (`train=False`) keeps the whole image: sliding-window inference covers it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfound.config import SegmentConfig
+from medfound.data.transforms import WINDOWS, to_image_tensor
+
+
+def _mask_array(sample: dict, name: str, key: str) -> np.ndarray:
+    masks = sample.get("masks") or {}
+    if name not in masks:
+        raise ValueError(f"sample {key} has no '{name}' mask (it has: {', '.join(masks) or 'none'}); set segment.mask "
+                         "(or segment.roi) to one of those, or shard the masks with the images")
+    return np.asarray(masks[name])
+
+
+def class_indices(mask: np.ndarray, num_classes: int, key: str) -> np.ndarray:
+    """Stored mask -> class indices: binary (num_classes=2) maps any value > 0 to 1; else values must be < K."""
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4) and mask.dtype == np.uint8:
+        mask = mask[..., 0]
+    if num_classes == 2:
+        return (mask > 0).astype(np.int64)
+    top = int(mask.max()) if mask.size else 0
+    if top >= num_classes or (mask.size and int(mask.min()) < 0):
+        raise ValueError(f"sample {key}: mask values span {int(mask.min())}..{top} but segment.num_classes="
+                         f"{num_classes}; set segment.num_classes={top + 1} or fix the mask")
+    return mask.astype(np.int64)
+
+
+def _modality_values(image: Any, meta: dict, window: Optional[str]) -> np.ndarray:
+    """Raw intensities as float (DICOM rescaled to modality units, e.g. Hounsfield)."""
+    a = np.asarray(image).astype(np.float32)
+    dicom = meta.get("dicom")
+    if dicom:
+        a = (a + dicom.get("shift", 0)) * dicom["rescale"][0] + dicom["rescale"][1]
+    return a
+
+
+def image_tensor(sample: dict, seg: SegmentConfig, window: Optional[str] = None) -> torch.Tensor:
+    """The sample's image as `[3, H, W]` (2-D) or `[1, D, H, W]` (3-D), normalised per `seg.intensity`
+    (imagenet: left as uint8 or [0, 1] float for the device-side `Normalize`)."""
+    meta = sample.get("meta") or {}
+    if seg.spatial_dims == 3:
+        a = np.asarray(sample["image"])
+        if a.ndim != 3 or (a.dtype == np.uint8 and a.shape[-1] in (3, 4)):  # an RGB picture is not a volume
+            raise ValueError(f"sample {sample.get('key')}: a 3-D recipe needs volumes (shard them with `medfound shard "
+                             f"volumes --layout volume` or --layout patches), got an array of shape {a.shape}")
+        x = torch.from_numpy(_modality_values(a, meta, window)).unsqueeze(0)
+    elif seg.intensity == "imagenet":
+        return to_image_tensor(sample["image"], meta, window)
+    else:
+        a = _modality_values(sample["image"], meta, window)
+        x = torch.from_numpy(a)
+        x = x.unsqueeze(0) if x.ndim == 2 else x[..., :3].permute(2, 0, 1)
+    if seg.intensity == "ct":
+        lo, hi = seg.clip
+        x = (x.clamp(lo, hi) - seg.stats[0]) / max(seg.stats[1], 1e-6)
+    else:  # zscore per image and channel (imagenet on volumes also lands here: no ImageNet statistics for MR)
+        dims = tuple(range(1, x.ndim))
+        x = (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    if seg.spatial_dims == 2 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1).contiguous()
+    return x
+
+
+def resample(image: torch.Tensor, masks: list[torch.Tensor], spacing: Sequence[float], target: Sequence[float]
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Resample `[C, *S]` image (linear) and masks (nearest) from voxel `spacing` to `target` spacing (mm)."""
+    size = [max(1, round(n * s / t)) for n, s, t in zip(image.shape[1:], spacing, target)]
+    if list(image.shape[1:]) == size:
+        return image, masks
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    out = F.interpolate(image[None].float(), size=size, mode=mode, align_corners=False)[0]
+    return out, [F.interpolate(m[None].float(), size=size, mode="nearest")[0].to(m.dtype) for m in masks]
+
+
+def _crop_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Sequence[int]],
+                g: Optional[torch.Generator]) -> list[int]:
+    starts = []
+    for i, (n, p) in enumerate(zip(shape, patch)):
+        hi = max(n - p, 0)
+        if centre is not None:
+            s = min(max(int(centre[i]) - p // 2, 0), hi)
+        else:
+            s = int(torch.randint(0, hi + 1, (), generator=g))
+        starts.append(s)
+    return starts
+
+
+def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[torch.Tensor],
+                g: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """Crop every `[C, *S]` tensor at the same place to `patch` (zero-padding first where S < patch); centred on a
+    random voxel of `fg` (`[*S]` bool) when given and non-empty."""
+    shape = tensors[0].shape[1:]
+    pad = [max(p - n, 0) for n, p in zip(shape, patch)]
+    if any(pad):
+        spec = [x for d in reversed(pad) for x in (d // 2, d - d // 2)]
+        tensors = [F.pad(t, spec) for t in tensors]
+        if fg is not None:
+            fg = F.pad(fg, spec)
+        shape = tensors[0].shape[1:]
+    centre = None
+    if fg is not None:
+        idx = fg.nonzero()
+        if len(idx):
+            centre = idx[int(torch.randint(0, len(idx), (), generator=g))].tolist()
+    starts = _crop_start(shape, patch, centre, g)
+    sl = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, patch))
+    return [t[sl] for t in tensors]
+
+
+def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] = None) -> Callable[[dict], Any]:
+    """The sample -> {"image", "mask"[, "roi"]} transform for `seg` (see the module docstring); in training
+    with `crops_per_image` > 1 it returns that many such dicts, cut from the one decoded image."""
+    if window is not None and window not in WINDOWS and window != "file":
+        raise ValueError(f"unknown window {window!r}: choose {', '.join(WINDOWS)} or file")
+    g = None  # torch's global RNG, as torchvision's transforms: seeded per worker, saved in checkpoints
+
+    def apply(sample: dict) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        key = str(sample.get("key") or (sample.get("meta") or {}).get("key") or "?")
+        x = image_tensor(sample, seg, window)
+        m = torch.from_numpy(class_indices(_mask_array(sample, seg.mask, key), seg.num_classes, key))[None]
+        if tuple(m.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"sample {key}: mask '{seg.mask}' is {tuple(m.shape[1:])} but the image is "
+                             f"{tuple(x.shape[1:])}")
+        extra = [m]
+        if seg.roi is not None:
+            extra.append(torch.from_numpy(_mask_array(sample, seg.roi, key) > 0)[None])
+        spacing = (sample.get("meta") or {}).get("spacing_mm")
+        if seg.spacing is not None and spacing is not None and len(spacing) == seg.spatial_dims:
+            x, extra = resample(x, extra, spacing, seg.spacing)
+            spacing = seg.spacing
+        if train:
+            crops = [augment(x, extra) for _ in range(seg.crops_per_image)]
+            return crops[0] if len(crops) == 1 else crops
+        out = {"image": x.contiguous(), "mask": extra[0].contiguous()}
+        if seg.roi is not None:
+            out["roi"] = extra[1].contiguous()
+        if spacing is not None and len(spacing) == seg.spatial_dims:
+            out["spacing"] = torch.tensor(spacing, dtype=torch.float64)  # HD95 in mm
+        return out
+
+    def augment(x: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        fg = None
+        if seg.foreground_fraction > 0 and float(torch.rand((), generator=g)) < seg.foreground_fraction:
+            fg = extra[0][0] > 0
+        x, *extra = random_crop([x, *extra], seg.patch_size, fg, g)
+        dims = list(range(1, x.ndim))
+        if seg.flips:
+            for d in dims:
+                if float(torch.rand((), generator=g)) < 0.5:
+                    x, extra = x.flip(d), [t.flip(d) for t in extra]
+        if seg.rot90 and x.shape[-1] == x.shape[-2]:
+            k = int(torch.randint(0, 4, (), generator=g))
+            x, extra = torch.rot90(x, k, (-2, -1)), [torch.rot90(t, k, (-2, -1)) for t in extra]
+        if seg.intensity_jitter > 0:
+            j = seg.intensity_jitter
+            scale, shift = 1 + (torch.rand(2, generator=g) * 2 - 1) * j
+            if x.dtype == torch.uint8:
+                x = (x.float() * scale + (shift - 1) * 255 * 0.5).clamp(0, 255).to(torch.uint8)
+            else:
+                x = x * scale + (shift - 1)
+        out = {"image": x.contiguous(), "mask": extra[0].contiguous()}
+        if seg.roi is not None:
+            out["roi"] = extra[1].contiguous()
+        return out
+
+    return apply

@@ -1,0 +1,144 @@
+"""Segmentation evaluation: sliding-window inference and Dice / HD95 / pixel metrics, conventions stated.
+
+Inference: each evaluation image is segmented whole by MONAI's `sliding_window_inference` over windows of
+`segment.patch_size` (overlap `segment.overlap`, Gaussian blending), so images larger than the training
+crops are handled; softmax, then argmax.
+
+Conventions (written into every eval.json):
+- Scored inside `segment.roi` when given (DRIVE: the field-of-view mask); everything outside is ignored.
+- Dice per image and foreground class: 2TP / (2TP + FP + FN). Empty prediction and empty truth: NaN and
+  excluded from the mean (nnU-Net's convention); empty truth with a non-empty prediction: 0.
+- HD95 per image and class (MONAI `compute_hausdorff_distance`, percentile 95, symmetric, in voxel spacing
+  units: mm when the sample carries `spacing_mm`, else pixels): NaN and excluded when the prediction or the
+  truth is empty (a distance to nothing is undefined). The number excluded is reported.
+- Binary tasks also get pixel-level metrics pooled over all images, as the vessel-segmentation literature
+  reports them (DRIVE): F1 (= pooled Dice), AUC of the foreground probability, sensitivity, specificity,
+  accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+CONVENTIONS = {
+    "region": "pixels outside segment.roi (when set) are ignored",
+    "dice": "per image and foreground class 2TP/(2TP+FP+FN); empty prediction and empty truth -> NaN, excluded "
+            "from means (nnU-Net); empty truth with a non-empty prediction -> 0",
+    "hd95": "95th percentile symmetric Hausdorff distance (MONAI), in mm when spacing is known, else pixels; NaN and "
+            "excluded when prediction or truth is empty",
+    "pixel_*": "binary tasks: pooled over every scored pixel of every image (F1 = pooled Dice; AUC of the "
+               "foreground probability)",
+}
+
+
+def dice_score(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks with the nnU-Net convention (NaN when both are empty)."""
+    tp = int((pred & truth).sum())
+    fp = int((pred & ~truth).sum())
+    fn = int((~pred & truth).sum())
+    denom = 2 * tp + fp + fn
+    return float("nan") if denom == 0 else 2 * tp / denom
+
+
+def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Optional[list[float]] = None) -> float:
+    """95th-percentile Hausdorff distance between two boolean masks `[*S]` (NaN if either is empty)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    if not bool(pred.any()) or not bool(truth.any()):
+        return float("nan")
+    with warnings.catch_warnings():  # MONAI's own internal call to a deprecated argument (MONAI 1.5+)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+        d = compute_hausdorff_distance(pred[None, None].float(), truth[None, None].float(), include_background=True,
+                                       percentile=95, spacing=spacing)
+    return float(d.item())
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, image: torch.Tensor, patch: list[int], overlap: float,
+                  sw_batch_size: int = 4) -> torch.Tensor:
+    """`[1, C, *S]` -> softmax probabilities `[1, K, *S]` by sliding windows of `patch`."""
+    from monai.inferers import sliding_window_inference
+
+    logits = sliding_window_inference(image, roi_size=patch, sw_batch_size=sw_batch_size, predictor=model,
+                                      overlap=overlap, mode="gaussian")
+    return torch.softmax(logits.float(), dim=1)
+
+
+def _nanmean(values: list[float]) -> Optional[float]:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+class SegmentationScorer:
+    """Accumulates per-image scores (and pooled pixel statistics for binary tasks) over an evaluation split."""
+
+    def __init__(self, class_names: list[str], hd: bool = True):
+        self.names, self.hd = class_names, hd
+        self.per_image: list[dict[str, Any]] = []
+        self.binary = len(class_names) == 2
+        self._probs: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
+
+    def add(self, key: str, probs: torch.Tensor, truth: torch.Tensor, roi: Optional[torch.Tensor] = None,
+            spacing: Optional[list[float]] = None) -> dict[str, Any]:
+        """probs `[K, *S]`, truth long `[*S]`, roi bool `[*S]` (or None)."""
+        pred = probs.argmax(0)
+        if roi is not None:
+            pred = torch.where(roi, pred, torch.zeros_like(pred))
+            truth = torch.where(roi, truth, torch.zeros_like(truth))
+        row: dict[str, Any] = {"key": key}
+        for c, name in enumerate(self.names[1:], start=1):
+            p, t = pred == c, truth == c
+            row[f"dice/{name}"] = dice_score(p, t)
+            if self.hd:
+                row[f"hd95/{name}"] = hd95(p, t, spacing)
+        if self.binary:
+            sel = roi if roi is not None else torch.ones_like(truth, dtype=torch.bool)
+            self._probs.append(probs[1][sel].numpy().astype(np.float32))
+            self._truth.append((truth[sel] > 0).numpy())
+        self.per_image.append(row)
+        return row
+
+    def result(self) -> dict[str, Any]:
+        per_class: dict[str, dict[str, Any]] = {}
+        for name in self.names[1:]:
+            dice = [r[f"dice/{name}"] for r in self.per_image]
+            entry = {"dice": _nanmean(dice), "dice_excluded": sum(math.isnan(v) for v in dice)}
+            if self.hd:
+                hd = [r[f"hd95/{name}"] for r in self.per_image]
+                entry.update(hd95=_nanmean(hd), hd95_excluded=sum(math.isnan(v) for v in hd))
+            per_class[name] = entry
+        dices = [e["dice"] for e in per_class.values() if e["dice"] is not None]
+        metrics: dict[str, Any] = {"dice": float(np.mean(dices)) if dices else None}
+        if self.hd:
+            hds = [e["hd95"] for e in per_class.values() if e.get("hd95") is not None]
+            metrics["hd95"] = float(np.mean(hds)) if hds else None
+        if self.binary and self._probs:
+            metrics.update(pixel_metrics(np.concatenate(self._probs), np.concatenate(self._truth)))
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                 for r in self.per_image]
+        return {"metrics": metrics, "per_class": per_class, "per_image": clean}
+
+
+def pixel_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, Optional[float]]:
+    """Pooled pixel metrics of foreground probabilities `prob` `[N]` against boolean `truth` `[N]`."""
+    from sklearn.metrics import roc_auc_score
+
+    pred = prob >= threshold
+    tp = float((pred & truth).sum())
+    fp = float((pred & ~truth).sum())
+    fn = float((~pred & truth).sum())
+    tn = float((~pred & ~truth).sum())
+    both = truth.any() and (~truth).any()
+    return {
+        "pixel_f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else None,
+        "pixel_auc": float(roc_auc_score(truth, prob)) if both else None,
+        "pixel_sensitivity": tp / (tp + fn) if (tp + fn) else None,
+        "pixel_specificity": tn / (tn + fp) if (tn + fp) else None,
+        "pixel_accuracy": (tp + tn) / max(tp + tn + fp + fn, 1.0),
+    }

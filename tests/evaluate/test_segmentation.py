@@ -1,0 +1,74 @@
+"""Segmentation metrics: golden values and the stated conventions for empty masks; sliding windows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medfound.evaluate.segmentation import SegmentationScorer, dice_score, hd95, pixel_metrics, predict_probs
+
+
+def square(size: int, lo: int, hi: int, dims: int = 2) -> torch.Tensor:
+    m = torch.zeros((size,) * dims, dtype=torch.bool)
+    m[(slice(lo, hi),) * dims] = True
+    return m
+
+
+def test_dice_golden_values_and_empty_convention():
+    a, b = square(10, 0, 4), square(10, 2, 6)  # 16 px each, overlap 4 px
+    assert dice_score(a, b) == pytest.approx(2 * 4 / 32)
+    assert dice_score(a, a) == 1.0
+    empty = torch.zeros(10, 10, dtype=torch.bool)
+    assert math.isnan(dice_score(empty, empty))  # nnU-Net: NaN, excluded
+    assert dice_score(a, empty) == 0.0  # false positives on an empty truth score 0
+
+
+def test_hd95_golden_value_and_spacing():
+    a = square(32, 8, 16)
+    b = torch.zeros_like(a)
+    b[8:16, 11:19] = True  # the same square moved 3 px along x
+    assert hd95(a, b) == pytest.approx(3.0)
+    assert hd95(a, b, spacing=[1.0, 0.5]) == pytest.approx(1.5)  # in mm
+    assert math.isnan(hd95(a, torch.zeros_like(a)))
+
+
+def test_pixel_metrics_golden():
+    prob = np.array([0.9, 0.8, 0.2, 0.1, 0.7, 0.3])
+    truth = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    m = pixel_metrics(prob, truth)
+    # predicted positive: 0, 1, 4 -> TP 2, FP 1, FN 1, TN 2
+    assert m["pixel_f1"] == pytest.approx(4 / 6)
+    assert m["pixel_sensitivity"] == pytest.approx(2 / 3) and m["pixel_specificity"] == pytest.approx(2 / 3)
+    assert m["pixel_auc"] == pytest.approx(7 / 9)  # 7 of the 9 positive/negative pairs ranked right
+
+
+def test_scorer_roi_and_exclusions():
+    scorer = SegmentationScorer(["background", "organ"])
+    truth = square(16, 4, 8).long()
+    probs = torch.stack([1 - truth.float(), truth.float()])
+    probs_fp = probs.clone()
+    probs_fp[:, 12:14, 12:14] = torch.tensor([0.0, 1.0])[:, None, None]  # false positive outside the ROI
+    roi = ~square(16, 10, 16)
+    scorer.add("a", probs_fp, truth, roi)
+    scorer.add("b", torch.stack([torch.ones(16, 16), torch.zeros(16, 16)]), torch.zeros(16, 16, dtype=torch.long))
+    result = scorer.result()
+    assert result["per_image"][0]["dice/organ"] == 1.0  # the FP lies outside the ROI
+    assert result["per_image"][1]["dice/organ"] is None  # empty/empty -> NaN -> null in JSON
+    assert result["per_class"]["organ"] == {"dice": 1.0, "dice_excluded": 1, "hd95": 0.0, "hd95_excluded": 1}
+    assert result["metrics"]["pixel_f1"] == 1.0
+
+
+def test_sliding_window_covers_images_larger_than_the_window():
+    seen = []
+
+    def model(x):
+        seen.append(tuple(x.shape[2:]))
+        return torch.cat([-x[:, :1], x[:, :1]], dim=1)  # "foreground" where the first channel is positive
+
+    image = torch.randn(1, 3, 70, 50)
+    probs = predict_probs(model, image, [32, 32], overlap=0.5)
+    assert probs.shape == (1, 2, 70, 50) and set(seen) == {(32, 32)}
+    assert torch.equal(probs.argmax(1)[0] == 1, image[0, 0] > 0)
