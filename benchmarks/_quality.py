@@ -29,3 +29,12 @@ def write_csv(rows: list[dict[str, str]], path: Path) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def backbone_record(export: Path, recipe: str, command: str) -> dict:
+    """What a pretrained backbone export says about itself (steps, minutes), for a results file."""
+    import json
+
+    lineage = json.loads((Path(export) / "config.json").read_text()).get("medfound", {})
+    return {"recipe": recipe, "export": str(export).replace(f"{ROOT}/", ""), "steps": lineage.get("steps"),
+            "minutes": round(lineage.get("train_seconds", 0.0) / 60, 1), "command": command}

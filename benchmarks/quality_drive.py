@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _quality import ROOT, SHARED, medfound_bin, run, write_csv
+from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, write_csv
 DRIVE = SHARED / "drive"
 PUBLISHED = {"unet": {"f1": 0.8142, "auc": 0.9755, "source": "U-Net as reported by Alom et al. 2018 (R2U-Net)"},
              "sa_unet": {"f1": 0.8263, "auc": 0.9864, "source": "SA-UNet, Guo et al. 2020"}}
@@ -71,6 +71,8 @@ def main() -> int:
                 run([mf, "pretrain", "pretrain/drive_mae_small.yaml", f"data.shards=[{args.shards}]",
                      f"trainer.output_dir={args.work / 'mae'}"])
         overrides = [f"data.shards=[{args.shards}]", f"trainer.output_dir={out}", f"backbone.weights={backbone}"]
+        pretrained = backbone_record(backbone, "pretrain/drive_mae_small.yaml",
+                                     f"medfound pretrain pretrain/drive_mae_small.yaml data.shards=[{args.shards}]".replace(f"{ROOT}/", ""))
     overrides += args.overrides
     if out.exists():
         import shutil
@@ -91,6 +93,8 @@ def main() -> int:
                                     "print(hardware())"], capture_output=True, text=True).stdout.strip(),
         "published": PUBLISHED, "target": {"f1": 0.80, "minutes": 60},
     }
+    if args.model == "vit_unetr":
+        result["backbone"] = pretrained  # minutes above: fine-tuning + evaluation; the pretraining's are here
     dest = ROOT / "benchmarks" / "results" / f"drive_{args.model}.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("model", "f1", "auc", "minutes")}), f"-> {dest}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _quality import ROOT, SHARED, medfound_bin, run, write_csv
+from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, write_csv
 MONUSEG = SHARED / "monuseg"
 
 
@@ -64,7 +64,7 @@ def main() -> int:
               "segment.class_names=[background,nucleus]", "segment.crops_per_image=8", "segment.hd95=false"]
     if args.model == "unet":
         recipe = "adapt/segment_unet.yaml"
-        overrides = common + ["trainer.max_steps=2000"]
+        overrides = common + ["trainer.max_steps=1500"]
     else:
         recipe = "adapt/segment_vit_unetr_lora.yaml"
         backbone = args.work / "mae" / "export"
@@ -72,7 +72,11 @@ def main() -> int:
             run([mf, "pretrain", "pretrain/drive_mae_small.yaml", f"data.shards=[{shards}]", "data.augment=he",
                  "data.crop_scale=[0.015,0.06]", "data.batch_size=16", "trainer.max_steps=400",
                  f"trainer.output_dir={args.work / 'mae'}", "trainer.resume=null"])
-        overrides = common + [f"backbone.weights={backbone}", "trainer.max_steps=2000"]
+        overrides = common + [f"backbone.weights={backbone}", "trainer.max_steps=1500"]
+        pretrained = backbone_record(backbone, "pretrain/drive_mae_small.yaml (MoNuSeg overrides)",
+                                     f"medfound pretrain pretrain/drive_mae_small.yaml data.shards=[{str(shards).replace(f'{ROOT}/', '')}] "
+                                     "data.augment=he data.crop_scale=[0.015,0.06] data.batch_size=16 "
+                                     "trainer.max_steps=400")
     overrides += args.overrides
     if out.exists():
         shutil.rmtree(out)
@@ -88,6 +92,8 @@ def main() -> int:
         "reference": {"hover_net_dice": 0.826, "note": "HoVer-Net (Graham et al. 2019) on the full annotation; this "
                       "copy has fewer annotated nuclei, so compare the rows here with each other"},
     }
+    if args.model == "vit_unetr":
+        result["backbone"] = pretrained
     dest = ROOT / "benchmarks" / "results" / f"monuseg_{args.model}.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("model", "dice", "pixel_f1", "minutes")}), f"-> {dest}")

@@ -33,7 +33,9 @@ def main() -> int:
     out = work / "unet3d"
     if out.exists():
         shutil.rmtree(out)
-    overrides = [f"data.shards=[{shards}]", f"trainer.output_dir={out}", *sys.argv[1:]]
+    # an overfit check: no augmentation that would make the one volume harder to memorise
+    overrides = [f"data.shards=[{shards}]", f"trainer.output_dir={out}", "segment.intensity_jitter=0",
+                 "segment.flips=false", *sys.argv[1:]]
     run([mf, "finetune", "adapt/segment_unet3d.yaml", *overrides])
     m = json.loads((out / "eval.json").read_text())
     result = {"check": "3-D U-Net overfits brain1 (train = evaluation volume); target Dice >= 0.9",

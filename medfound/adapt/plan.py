@@ -14,7 +14,8 @@
      axis' total stride;
    - patch and batch: start from the median image size (after resampling), shrink the axis that is largest
      relative to the median until one sample's estimated training memory fits `memory_gb`, then take the
-     largest batch (at least 2) that fits and covers no more than 5% of the data set's voxels.
+     largest batch (at least 2) that fits and covers no more than 5% of the data set's voxels; small data sets
+     get several crops per decoded image (`crops_per_image`) so that an epoch fills at least two batches.
 3. Write a segmentation recipe (MONAI U-Net, `tuning: full`) whose header lists the fingerprint, and the full
    fingerprint as JSON beside it (`RECIPE.fingerprint.json`).
 
@@ -26,6 +27,7 @@ peak RSS on CPU); it is a planning number, not a guarantee.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -175,9 +177,12 @@ def make_plan(fp: dict[str, Any], memory_gb: float = 8.0) -> dict[str, Any]:
     values = sorted(int(k) for k in fp["classes"])
     # a binary mask stored as 0/255 (or 0/1) is two classes; otherwise the values are the class indices
     num_classes = 2 if len([v for v in values if v != 0]) <= 1 else max(values) + 1
+    # nnU-Net samples patches with replacement; here each decoded image gives `crops_per_image` crops, enough that
+    # an epoch of a small data set still fills two batches
+    crops = int(min(8, max(1, math.ceil(2 * batch / fp["images"]))))
     return {
         "spatial_dims": dims, "patch_size": patch, "spacing": spacing, "median_shape_resampled": median,
-        "strides": strides, "channels": channels, "batch_size": batch,
+        "strides": strides, "channels": channels, "batch_size": batch, "crops_per_image": crops,
         "estimated_memory_gb": round(per_sample * batch / 2 ** 30, 2), "memory_budget_gb": memory_gb,
         "intensity": "ct" if ct else "zscore",
         "clip": [round(fg["p00_5"], 3), round(fg["p99_5"], 3)] if ct else None,
@@ -193,7 +198,8 @@ def plan_recipe(fp: dict[str, Any], plan: dict[str, Any], output_dir: str, steps
     strides = [s if len(set(s)) > 1 else s[0] for s in plan["strides"]]
     segment = {"mask": fp["mask"], "num_classes": plan["num_classes"], "spatial_dims": dims,
                "patch_size": plan["patch_size"], "intensity": plan["intensity"],
-               "foreground_fraction": plan["foreground_fraction"], "rot90": dims == 2}
+               "foreground_fraction": plan["foreground_fraction"], "rot90": dims == 2,
+               "crops_per_image": plan["crops_per_image"]}
     if plan["spacing"] is not None:
         segment["spacing"] = plan["spacing"]
     if plan["intensity"] == "ct":

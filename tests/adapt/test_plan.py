@@ -84,3 +84,15 @@ def test_plan_cli(seg_shards, tmp_path):
     assert main(["plan", str(seg_shards["volume"]), "--out", str(tmp_path / "p.yaml"), "--steps", "2",
                  "--output-dir", str(tmp_path / "run")]) == 0
     assert load_recipe(tmp_path / "p.yaml").segment.spatial_dims == 3
+
+
+def test_a_planned_recipe_trains_and_evaluates(seg_shards, tmp_path):
+    from medfound.workflows import run_finetune
+
+    write_plan(seg_shards["volume"], tmp_path / "p.yaml", memory_gb=0.5, steps=2, output_dir=str(tmp_path / "run"))
+    recipe = load_recipe(tmp_path / "p.yaml", ["eval.split=train", "trainer.progress=false", "trainer.loggers=[]"])
+    assert recipe.segment.spacing is not None and recipe.head.strides
+    summary = run_finetune(recipe)
+    assert summary["step"] == 2 and "dice" in summary["eval"]
+    assert recipe.segment.crops_per_image * 1 >= 2 * recipe.data.batch_size  # one volume must fill the batches
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["per_class"]["foreground"]["hd95_excluded"] >= 0
