@@ -127,10 +127,11 @@ def load_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
             update["backbone"] = BackboneConfig(name=cfg["architecture"], model_args={**args, **recipe.backbone.model_args})
     task = build_task(recipe.model_copy(update=update))
     state = load_file(str(export / "segmenter.safetensors"))
-    missing, unexpected = task.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{export}/segmenter.safetensors does not fit the run's network: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    try:
+        task.model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{export}/segmenter.safetensors does not fit the network the run's recipe builds "
+                           f"(was the recipe edited?): {e}") from None
     return task.model.eval()
 
 

@@ -108,3 +108,19 @@ def test_3d_unet_overfits_the_bundled_breast_volume(seg_shards, tmp_path):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["metrics"]["dice"] >= 0.9, report["metrics"]
     assert report["per_image"][0]["hd95/tumour"] is not None  # in mm: the volume carries its spacing
+
+
+def test_a_segmentation_export_that_does_not_fit_its_recipe_is_refused(seg_shards, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import run_finetune
+
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, tmp_path / "run")))
+    weights = tmp_path / "run" / "export" / "segmenter.safetensors"
+    state = load_file(str(weights))
+    state.pop(next(iter(state)))
+    save_file(state, str(weights))
+    with pytest.raises(RuntimeError, match="does not fit the network"):
+        evaluate_run(tmp_path / "run")
