@@ -49,7 +49,7 @@ def class_indices(mask: np.ndarray, num_classes: int, key: str) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def _modality_values(image: Any, meta: dict, window: Optional[str]) -> np.ndarray:
+def _modality_values(image: Any, meta: dict) -> np.ndarray:
     """Raw intensities as float (DICOM rescaled to modality units, e.g. Hounsfield)."""
     a = np.asarray(image).astype(np.float32)
     dicom = meta.get("dicom")
@@ -67,11 +67,11 @@ def image_tensor(sample: dict, seg: SegmentConfig, window: Optional[str] = None)
         if a.ndim != 3 or (a.dtype == np.uint8 and a.shape[-1] in (3, 4)):  # an RGB picture is not a volume
             raise ValueError(f"sample {sample.get('key')}: a 3-D recipe needs volumes (shard them with `medfound shard "
                              f"volumes --layout volume` or --layout patches), got an array of shape {a.shape}")
-        x = torch.from_numpy(_modality_values(a, meta, window)).unsqueeze(0)
+        x = torch.from_numpy(_modality_values(a, meta)).unsqueeze(0)
     elif seg.intensity == "imagenet":
         return to_image_tensor(sample["image"], meta, window)
     else:
-        a = _modality_values(sample["image"], meta, window)
+        a = _modality_values(sample["image"], meta)
         x = torch.from_numpy(a)
         x = x.unsqueeze(0) if x.ndim == 2 else x[..., :3].permute(2, 0, 1)
     if seg.intensity == "ct":
@@ -96,21 +96,19 @@ def resample(image: torch.Tensor, masks: list[torch.Tensor], spacing: Sequence[f
     return out, [F.interpolate(m[None].float(), size=size, mode="nearest")[0].to(m.dtype) for m in masks]
 
 
-def _crop_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Sequence[int]],
-                g: Optional[torch.Generator]) -> list[int]:
+def _crop_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Sequence[int]]) -> list[int]:
     starts = []
     for i, (n, p) in enumerate(zip(shape, patch)):
         hi = max(n - p, 0)
         if centre is not None:
             s = min(max(int(centre[i]) - p // 2, 0), hi)
         else:
-            s = int(torch.randint(0, hi + 1, (), generator=g))
+            s = int(torch.randint(0, hi + 1, ()))
         starts.append(s)
     return starts
 
 
-def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[torch.Tensor],
-                g: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """Crop every `[C, *S]` tensor at the same place to `patch` (zero-padding first where S < patch); centred on a
     random voxel of `fg` (`[*S]` bool) when given and non-empty."""
     shape = tensors[0].shape[1:]
@@ -125,8 +123,8 @@ def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[
     if fg is not None:
         idx = fg.nonzero()
         if len(idx):
-            centre = idx[int(torch.randint(0, len(idx), (), generator=g))].tolist()
-    starts = _crop_start(shape, patch, centre, g)
+            centre = idx[int(torch.randint(0, len(idx), ()))].tolist()
+    starts = _crop_start(shape, patch, centre)
     sl = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, patch))
     return [t[sl] for t in tensors]
 
@@ -136,7 +134,8 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
     with `crops_per_image` > 1 it returns that many such dicts, cut from the one decoded image."""
     if window is not None and window not in WINDOWS and window != "file":
         raise ValueError(f"unknown window {window!r}: choose {', '.join(WINDOWS)} or file")
-    g = None  # torch's global RNG, as torchvision's transforms: seeded per worker, saved in checkpoints
+    # randomness comes from torch's global RNG, as in torchvision's transforms: seeded per worker, and its state
+    # is saved in checkpoints, so a resumed run draws the same crops
 
     def apply(sample: dict) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         key = str(sample.get("key") or (sample.get("meta") or {}).get("key") or "?")
@@ -164,20 +163,20 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
 
     def augment(x: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         fg = None
-        if seg.foreground_fraction > 0 and float(torch.rand((), generator=g)) < seg.foreground_fraction:
+        if seg.foreground_fraction > 0 and float(torch.rand(())) < seg.foreground_fraction:
             fg = extra[0][0] > 0
-        x, *extra = random_crop([x, *extra], seg.patch_size, fg, g)
+        x, *extra = random_crop([x, *extra], seg.patch_size, fg)
         dims = list(range(1, x.ndim))
         if seg.flips:
             for d in dims:
-                if float(torch.rand((), generator=g)) < 0.5:
+                if float(torch.rand(())) < 0.5:
                     x, extra = x.flip(d), [t.flip(d) for t in extra]
         if seg.rot90 and x.shape[-1] == x.shape[-2]:
-            k = int(torch.randint(0, 4, (), generator=g))
+            k = int(torch.randint(0, 4, ()))
             x, extra = torch.rot90(x, k, (-2, -1)), [torch.rot90(t, k, (-2, -1)) for t in extra]
         if seg.intensity_jitter > 0:
             j = seg.intensity_jitter
-            scale, shift = 1 + (torch.rand(2, generator=g) * 2 - 1) * j
+            scale, shift = 1 + (torch.rand(2) * 2 - 1) * j
             if x.dtype == torch.uint8:
                 x = (x.float() * scale + (shift - 1) * 255 * 0.5).clamp(0, 255).to(torch.uint8)
             else:
