@@ -38,3 +38,13 @@ def backbone_record(export: Path, recipe: str, command: str) -> dict:
     lineage = json.loads((Path(export) / "config.json").read_text()).get("medfound", {})
     return {"recipe": recipe, "export": str(export).replace(f"{ROOT}/", ""), "steps": lineage.get("steps"),
             "minutes": round(lineage.get("train_seconds", 0.0) / 60, 1), "command": command}
+
+
+def save_result(name: str, result: dict, shown: tuple[str, ...]) -> Path:
+    """Write `results/NAME.json` and print the headline keys `shown`."""
+    import json
+
+    dest = ROOT / "benchmarks" / "results" / f"{name}.json"
+    dest.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result.get(k) for k in shown}), f"-> {dest}")
+    return dest

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, write_csv
+from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, save_result, write_csv
 DRIVE = SHARED / "drive"
 PUBLISHED = {"unet": {"f1": 0.8142, "auc": 0.9755, "source": "U-Net as reported by Alom et al. 2018 (R2U-Net)"},
              "sa_unet": {"f1": 0.8263, "auc": 0.9864, "source": "SA-UNet, Guo et al. 2020"}}
@@ -95,9 +95,7 @@ def main() -> int:
     }
     if args.model == "vit_unetr":
         result["backbone"] = pretrained  # minutes above: fine-tuning + evaluation; the pretraining's are here
-    dest = ROOT / "benchmarks" / "results" / f"drive_{args.model}.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("model", "f1", "auc", "minutes")}), f"-> {dest}")
+    save_result(f"drive_{args.model}", result, ("model", "f1", "auc", "minutes"))
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, write_csv
+from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, save_result, write_csv
 MONUSEG = SHARED / "monuseg"
 
 
@@ -94,9 +94,7 @@ def main() -> int:
     }
     if args.model == "vit_unetr":
         result["backbone"] = pretrained
-    dest = ROOT / "benchmarks" / "results" / f"monuseg_{args.model}.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("model", "dice", "pixel_f1", "minutes")}), f"-> {dest}")
+    save_result(f"monuseg_{args.model}", result, ("model", "dice", "pixel_f1", "minutes"))
     return 0
 
 

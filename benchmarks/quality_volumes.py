@@ -7,17 +7,21 @@ spacing mix-ups, broken sliding windows) keeps the Dice far below that.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import shutil
 import sys
 import time
 
-from _quality import ROOT, SHARED, medfound_bin, run
+from _quality import ROOT, SHARED, medfound_bin, run, save_result
 VOLUMES = SHARED / "volumes"
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. trainer.max_steps=600")
+    extra = ap.parse_args().overrides
     if not VOLUMES.is_dir():
         print(f"the volumes are not at {VOLUMES}: this check needs ../shared/data/volumes", file=sys.stderr)
         return 2
@@ -35,17 +39,15 @@ def main() -> int:
         shutil.rmtree(out)
     # an overfit check: no augmentation that would make the one volume harder to memorise
     overrides = [f"data.shards=[{shards}]", f"trainer.output_dir={out}", "segment.intensity_jitter=0",
-                 "segment.flips=false", *sys.argv[1:]]
+                 "segment.flips=false", *extra]
     run([mf, "finetune", "adapt/segment_unet3d.yaml", *overrides])
     m = json.loads((out / "eval.json").read_text())
     result = {"check": "3-D U-Net overfits brain1 (train = evaluation volume); target Dice >= 0.9",
               "dice": m["metrics"]["dice"], "hd95_mm": m["metrics"].get("hd95"),
               "minutes": round((time.time() - start) / 60, 1), "passed": (m["metrics"]["dice"] or 0) >= 0.9,
-              "command": "python benchmarks/quality_volumes.py" + "".join(f" {a}" for a in sys.argv[1:]),
+              "command": "python benchmarks/quality_volumes.py" + "".join(f" {a}" for a in extra),
               "finetune_command": shlex.join(["medfound", "finetune", "adapt/segment_unet3d.yaml", *overrides]).replace(f"{ROOT}/", "")}
-    dest = ROOT / "benchmarks" / "results" / "volumes_unet3d_overfit.json"
-    dest.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), f"-> {dest}")
+    save_result("volumes_unet3d_overfit", result, tuple(result))
     return 0 if result["passed"] else 1
 
 
