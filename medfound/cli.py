@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fundus, oct, cxr, xray, mammography, ct, mr, us, pathology, other; auto (default): from the "
                         "DICOM tags ('mixed' when several), else other")
     s.add_argument("--site", help="acquisition site for every sample (a CSV site column overrides it)")
-    s.add_argument("--label-type", choices=["none", "binary", "multiclass", "ordinal"],
+    s.add_argument("--label-type", choices=["none", "binary", "multiclass", "ordinal", "multilabel"],
                    help="default: binary for 2 classes, else multiclass; use ordinal for grades")
     s.add_argument("--label-names", type=_csv, help="class names in index order, comma-separated")
     s.add_argument("--license", help="licence of the source data (recorded in the manifest and the card)")
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--salt", help="secret for patient tokens and keys (default: derived from the inputs' bytes, "
                                   "never stored); give the same salt to every shard set of one cohort")
     g = s.add_argument_group("images, dicom, volumes")
-    g.add_argument("--table", help="CSV or Parquet. images: path,label|labels[,patient_id,site,split,mask,fov,mask_NAME]; "
+    g.add_argument("--table", help="CSV or Parquet. images: path,label|labels[,patient_id,site,split,laterality,view,mask,fov,mask_NAME]; "
                                    "dicom: path,label|labels[,split,site]; wsi: slide,label|labels[,split,site]; "
                                    "volumes: path[,mask,label,patient_id,site,split]")
     g.add_argument("--split-fractions", type=_fractions,
@@ -120,6 +120,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-gb", type=float, default=8.0, help="training memory budget per process (default 8)")
     s.add_argument("--steps", type=int, default=5000, help="trainer.max_steps of the recipe (default 5000)")
     s.add_argument("--output-dir", help="trainer.output_dir of the recipe (default runs/NAME_plan)")
+
+    s = sub.add_parser("extract", help="embed WSI tiles with a frozen backbone into per-slide MIL bags")
+    s.add_argument("shards", help="a tile shard set from `medfound shard wsi` (slide labels via its --table)")
+    s.add_argument("--backbone", required=True, help="an export folder (RUN_DIR/export, `medfound import` output)")
+    s.add_argument("--out", required=True, help="the bag folder to write (bags.json + one file per slide)")
+    s.add_argument("--format", choices=["safetensors", "h5"], default="safetensors")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("prompt", help="segment the structures inside boxes with a box-prompt (MedSAM) run")
+    s.add_argument("run_dir", help="a run of a head.type=box_prompt recipe (e.g. adapt/medsam.yaml)")
+    s.add_argument("image", help="an image file (PNG, JPEG, TIFF)")
+    s.add_argument("--box", action="append", required=True, type=lambda v: [float(x) for x in v.split(",")],
+                   help="x0,y0,x1,y1 in image pixels; repeat for several structures (one mask each)")
+    s.add_argument("--out", required=True, help="folder for mask_<i>.png (0/255) and overlay.png")
+    s.add_argument("--threshold", type=float, default=0.5)
 
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json")
     s.add_argument("run_dir")
@@ -187,6 +203,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
               f"{plan['channels']}, batch {plan['batch_size']} (~{plan['estimated_memory_gb']} GB), "
               f"normalisation {plan['intensity']}")
         print(f"wrote {result['recipe']}: run it with `medfound finetune {result['recipe']}`")
+        return 0
+    if args.verb == "prompt":
+        from medfound.adapt.prompt import segment_boxes
+        for path in segment_boxes(args.run_dir, args.image, args.box, args.out, threshold=args.threshold):
+            print(f"wrote {path}")
+        return 0
+    if args.verb == "extract":
+        from medfound.adapt.extract import extract_bags
+        index = extract_bags(args.shards, args.backbone, args.out, batch_size=args.batch_size, format=args.format,
+                             overwrite=args.overwrite)
+        splits: dict[str, int] = {}
+        for s in index["slides"]:
+            splits[s["split"]] = splits.get(s["split"], 0) + 1
+        tiles = sum(s["tiles"] for s in index["slides"])
+        print(f"wrote {len(index['slides'])} bags ({tiles} tiles, {index['backbone']['feature_dim']}-d features from "
+              f"{index['backbone']['architecture']}; slides per split {splits}) to {args.out} in {index['seconds']} s")
         return 0
     if args.verb == "evaluate":
         from medfound.evaluate.report import evaluate_run

@@ -121,6 +121,8 @@ class DataConfig(Strict):
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="virtual epoch of a resampled stream, all "
                                                                      "processes together (default: the sets' sizes)")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more samples than this fail to decode")
+    balanced_sampling: bool = Field(False, description="single-label training: keep each sample with probability "
+                                                       "n_rarest / n_its_class, so classes arrive equally often")
     augment: Literal["mae", "light", "none", "he", "dino"] = "light"
     window: Optional[Literal["lung", "mediastinum", "bone", "brain", "abdomen", "file"]] = Field(
         None, description="CT/DICOM intensity window preset; default: the file's own window")
@@ -229,9 +231,16 @@ class ClassifyHeadConfig(Strict):
     """timm's own classifier on the backbone's pooled features, so the export loads as a classifier."""
 
     type: Literal["classify"] = "classify"
-    pool: Literal["token", "avg"] = "token"
+    pool: Literal["token", "avg"] = Field("token", description="token: the class token (ViT fine-tuning); avg: "
+                                                              "mean of the patch tokens (MAE linear probing)")
     dropout: float = Field(0.0, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="single-label cross-entropy only (RETFound: 0.1)")
+    class_weights: Optional[Union[Literal["balanced"], list[float]]] = Field(
+        None, description="loss weight per class for imbalance: 'balanced' = n / (K * n_class) from the training "
+                          "split's counts (multi-label: pos_weight = negatives / positives per finding), or a list")
+    binary_threshold: Optional[int] = Field(
+        None, ge=1, description="graded labels: train and evaluate the binary endpoint grade >= this index instead "
+                                "(referable diabetic retinopathy = moderate or worse = 2 on the ICDR 0-4 scale)")
 
 
 class UNETRHeadConfig(Strict):
@@ -287,6 +296,38 @@ class VNetHeadConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class ABMILHeadConfig(Strict):
+    """Gated-attention MIL (Ilse et al. 2018) over tile features from `medfound extract` (heads/mil.py).
+    data.shards names the bag folder; the backbone that made the features stays frozen (tuning: linear_probe)."""
+
+    type: Literal["abmil"] = "abmil"
+    hidden_dim: int = Field(256, gt=0, description="tile embedding width before attention (Ilse et al.: 500)")
+    attention_dim: int = Field(128, gt=0, description="attention network width (Ilse et al.: 128)")
+    dropout: float = Field(0.25, ge=0, lt=1)
+    max_tiles: Optional[int] = Field(4096, gt=0, description="training: a random subset of at most this many tiles "
+                                                             "per bag (regularises and bounds memory); eval uses all")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Optional[Union[Literal["balanced"], list[float]]] = Field(
+        None, description="as head.class_weights of classify, from the training slides' counts")
+    heatmaps: bool = Field(True, description="evaluation writes RUN_DIR/heatmaps/<slide>.png")
+
+
+class BoxPromptHeadConfig(Strict):
+    """MedSAM-style box-prompt segmentation (heads/prompt.py): a SAM prompt encoder and two-way mask decoder over the
+    ViT backbone; one binary mask per box. data.img_size is the model's input edge."""
+
+    type: Literal["box_prompt"] = "box_prompt"
+    dim: int = Field(256, gt=0, description="prompt and decoder width (SAM: 256)")
+    depth: int = Field(2, gt=0, description="two-way attention blocks (SAM: 2)")
+    heads: int = Field(8, gt=0)
+    mlp_dim: int = Field(2048, gt=0)
+    mask: str = Field("mask", description="the mask member of the shards (one structure per sample)")
+    box_jitter: int = Field(20, ge=0, description="training boxes from masks, each side moved outwards by a random "
+                                                  "0..box_jitter px of the original image (MedSAM: 20)")
+    dice_weight: float = Field(1.0, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+
+
 SEGMENT_HEADS = ("unetr", "transunet", "unet", "attention_unet", "vnet")
 CNN_HEADS = ("unet", "attention_unet", "vnet")
 
@@ -338,12 +379,23 @@ class SegmentConfig(Strict):
             ["background", *(f"class_{i}" for i in range(1, self.num_classes))]
 
 
-HeadConfig = Annotated[Union[ClassifyHeadConfig, UNETRHeadConfig, TransUNetHeadConfig, UNetHeadConfig,
+HeadConfig = Annotated[Union[ClassifyHeadConfig, ABMILHeadConfig, BoxPromptHeadConfig, UNETRHeadConfig, TransUNetHeadConfig, UNetHeadConfig,
                              AttentionUNetHeadConfig, VNetHeadConfig], Field(discriminator="type")]
+
+
+class AggregateConfig(Strict):
+    """Score units made of several images, e.g. a breast seen in CC and MLO views (McKinney et al. 2020)."""
+
+    by: list[str] = Field(min_length=1, description="sample fields (the shard's JSON meta: patient, laterality, view, "
+                                                    "...) whose values together name a unit; [patient, laterality] = "
+                                                    "one breast")
+    reduce: Literal["mean", "max"] = Field("mean", description="how the unit's image probabilities combine")
 
 
 class EvalConfig(Strict):
     split: str = "test"
+    aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "
+                                                                   "(classification)")
 
 
 class PretrainRecipe(Strict):
@@ -394,6 +446,23 @@ class FinetuneRecipe(Strict):
             raise ValueError("a finetune recipe reads one labelled shard set: data.shards must have one entry, "
                              f"got {len(self.data.shards)}")
         t = self.head.type
+        if t == "abmil":
+            if self.segment is not None:
+                raise ValueError("head.type=abmil classifies slides: remove the segment section")
+            if self.tuning != "linear_probe":
+                raise ValueError("head.type=abmil trains on features a frozen backbone already extracted (`medfound "
+                                 f"extract`): set tuning=linear_probe (got {self.tuning})")
+            if self.backbone is not None:
+                raise ValueError("head.type=abmil reads tile features from the bag folder in data.shards, which "
+                                 "records its backbone: remove the backbone section")
+            return self
+        if t == "box_prompt":
+            if self.segment is not None:
+                raise ValueError("head.type=box_prompt takes its settings from the head section: remove the segment "
+                                 "section")
+            if self.backbone is None or self.data.img_size is None:
+                raise ValueError("head.type=box_prompt needs a backbone section and data.img_size (the input edge)")
+            return self
         if t == "classify":
             if self.segment is not None:
                 raise ValueError("a segment section needs a segmentation head (head.type: "
@@ -417,7 +486,8 @@ class FinetuneRecipe(Strict):
 
     @property
     def task(self) -> str:
-        return "classification" if self.head.type == "classify" else "segmentation"
+        return {"classify": "classification", "abmil": "mil", "box_prompt": "prompt"}.get(self.head.type,
+                                                                                             "segmentation")
 
 
 Recipe = Annotated[Union[PretrainRecipe, FinetuneRecipe], Field(discriminator="kind")]

@@ -97,13 +97,27 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
         transform = d.transform(train=True)
     schema = manifests[0].label_schema
     samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)
+    keep = None
+    if d.balanced_sampling:
+        if not labelled or schema.type in ("none", "multilabel"):
+            raise ValueError("data.balanced_sampling draws single-label classes equally often; for multi-label "
+                             "findings use head.class_weights=balanced (a pos_weight per finding) instead")
+        from medfound.data.pipeline import balanced_keep
+
+        counts = manifests[0].class_counts(d.train_split)
+        k = getattr(recipe.head, "binary_threshold", None)
+        if k is None:
+            keep = balanced_keep(counts)
+        else:  # balance the endpoint's two classes: every grade of one side shares that side's keep rate
+            neg, pos = balanced_keep([sum(counts[:k]), sum(counts[k:])])
+            keep = [neg] * k + [pos] * (len(counts) - k)
 
     def loader(epoch: int):
         return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=labelled, train=True,
                            seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                            resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
                            num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
-                           max_bad_fraction=d.max_bad_fraction)
+                           max_bad_fraction=d.max_bad_fraction, class_keep=keep)
     return loader
 
 
@@ -241,6 +255,14 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     """Fine-tune, export the merged model (+ LoRA adapter), evaluate it on eval.split -> eval.json."""
     if recipe.task == "segmentation":
         return run_segment(recipe, command)
+    if recipe.task == "mil":
+        from medfound.adapt.mil import run_mil
+
+        return run_mil(recipe, command)
+    if recipe.task == "prompt":
+        from medfound.adapt.prompt import run_prompt
+
+        return run_prompt(recipe, command)
     from medfound.adapt.tasks import build_task
     from medfound.adapt.tuning import merged_copy, print_parameter_table
     from medfound.data.pipeline import shard_sets
@@ -250,8 +272,9 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
 
     accelerator, run_dir, resume, text = _start(recipe, command)
     sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
-    schema = manifests[0].label_schema
-    task = build_task(recipe, schema)
+    task = build_task(recipe, manifests[0].label_schema, manifests[0].class_counts(recipe.data.train_split),
+                      manifests[0].counts["by_split"].get(recipe.data.train_split))
+    schema = task.label_schema  # the endpoint trained (head.binary_threshold), else the data's own
     if accelerator.is_main_process:
         print_parameter_table(task.model, recipe.tuning, task.classifier)
     _check_img_size(task.model, recipe.data.img_size)
@@ -266,8 +289,10 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     task = accelerator.unwrap_model(task)
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
     objective = {"lora": f"LoRA (r={recipe.lora.r}, alpha={recipe.lora.alpha}) + classifier",
-                 "full": "full fine-tuning", "linear_probe": "linear probe (frozen backbone)"}[recipe.tuning]
-    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"{objective}, cross-entropy", parent)
+                 "full": "full fine-tuning", "linear_probe": "linear probe (frozen backbone)",
+                 "last_k": f"last {recipe.last_k} blocks + classifier"}[recipe.tuning]
+    loss = "sigmoid binary cross-entropy per finding" if schema.type == "multilabel" else "cross-entropy"
+    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"{objective}, {loss}", parent)
     lineage["label_schema"] = schema.model_dump()
     lineage["tuning"] = recipe.tuning
     adapter = task.model if recipe.tuning == "lora" else None
@@ -306,7 +331,9 @@ def rebuild_trained(run_dir: Path) -> torch.nn.Module:
         load_checkpoint(ckpt, objective)
         return objective.export_backbone()
     schema = LabelSchema(**read_lineage(run_dir / "export")["label_schema"])
-    task = build_task(recipe.model_copy(update={"backbone": structure}), schema)
+    # loss weights do not change the network; the lineage's schema is already the trained endpoint
+    head = recipe.head.model_copy(update={"class_weights": None, "binary_threshold": None})
+    task = build_task(recipe.model_copy(update={"backbone": structure, "head": head}), schema)
     load_checkpoint(ckpt, task)
     return merged_copy(task.model)
 
@@ -327,6 +354,14 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
                          f"implemented yet. Its network is {run_dir}/export/segmenter.safetensors (rebuild it with "
                          "medfound.evaluate.report.load_segmenter); a ViT run's adapted backbone is the timm folder "
                          f"{run_dir}/export/backbone")
+    if isinstance(recipe, FinetuneRecipe) and recipe.task == "prompt":
+        raise ValueError(f"{run_dir} is a box-prompt run: publishing it with a card is not implemented yet (issue 7). "
+                         f"Its network is {run_dir}/export/prompt_segmenter.safetensors (load it with "
+                         f"medfound.adapt.prompt.BoxPredictor.from_run); its adapted backbone is the timm folder "
+                         f"{run_dir}/export/backbone")
+    if isinstance(recipe, FinetuneRecipe) and recipe.task == "mil":
+        raise ValueError(f"{run_dir} is a slide-level MIL run: its head is {run_dir}/export/mil.safetensors (load it "
+                         "with medfound.adapt.mil.load_mil); publish the tile backbone that made the bags instead")
     export = run_dir / "export"
     if not (export / "model.safetensors").is_file():
         raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "

@@ -77,3 +77,83 @@ def seg_shards(tmp_path_factory) -> dict[str, Path]:
     shard("volumes", DATA / "volumes", out["volume"], name="breast", modality="mr", keep_names=True,
           split_fractions={"train": 1.0})
     return out
+
+
+@pytest.fixture(scope="session")
+def findings_shards(tmp_path_factory) -> Path:
+    """Multi-label shards on real fundus images: the bundled RetinaMNIST subset with two findings per image derived
+    from its grade, "any DR" (grade >= 1) and "referable DR" (grade >= 2), stored as (N, 2) 0/1 arrays (the
+    ChestMNIST layout CheXNet-style recipes read)."""
+    import numpy as np
+
+    from medfound.workflows import shard
+
+    root = tmp_path_factory.mktemp("findings")
+    with np.load(DATA / "medmnist" / "retinamnist_demo.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    for split in ("train", "val", "test"):
+        grade = arrays[f"{split}_labels"].reshape(-1)
+        arrays[f"{split}_labels"] = np.stack([grade >= 1, grade >= 2], axis=1).astype(np.uint8)
+    np.savez(root / "findings.npz", **arrays)
+    shard("npz", root / "findings.npz", root / "shards", name="retina_findings", modality="fundus",
+          label_names=["any_dr", "referable_dr"], max_count=256)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def view_shards(tmp_path_factory) -> Path:
+    """Real chest X-ray images from the bundled PneumoniaMNIST subset, listed in an images table as pairs of
+    'views' (patient_id, laterality, view columns) so per-unit aggregation (McKinney-style per-breast scoring) runs
+    on real pixels; the pairing itself is made up for the test."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from medfound.workflows import shard
+
+    root = tmp_path_factory.mktemp("views")
+    (root / "images").mkdir()
+    with np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz") as z:
+        rows = []
+        for split, n in (("train", 32), ("test", 24)):
+            pick = np.random.default_rng(0).permutation(len(z[f"{split}_labels"]))[:n]  # both classes
+            images, labels = z[f"{split}_images"][pick], z[f"{split}_labels"].reshape(-1)[pick]
+            for i, (img, y) in enumerate(zip(images, labels)):
+                Image.fromarray(img).save(root / "images" / f"{split}_{i}.png")
+                rows.append({"path": f"images/{split}_{i}.png", "label": int(y), "patient_id": f"{split}{i // 4}",
+                             "laterality": "LR"[(i // 2) % 2], "view": ("CC", "MLO")[i % 2], "split": split})
+    with open(root / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    shard("images", root, root / "shards", table=root / "table.csv", name="views", modality="cxr",
+          label_names=["normal", "pneumonia"], keep_names=True)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def organ_shards(tmp_path_factory) -> Path:
+    """The bundled SAM-Med2D CT slices, one sample per structure mask (30: 19 train, 11 test), label = structure."""
+    from medfound.workflows import shard
+
+    out = tmp_path_factory.mktemp("organs") / "shards"
+    shard("images", DATA / "ct_organs", out, table=DATA / "ct_organs" / "organs.csv", name="ct_organs",
+          modality="ct", keep_names=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bags(pretrained, tmp_path_factory) -> Path:
+    """MIL bags from the bundled CC0 slide (CMU-1-Small-Region.svs, labelled 'benign' in a binary schema), tiled at
+    4 µm/px into 32-px tiles and embedded by the tiny pretraining export."""
+    from medfound.adapt.extract import extract_bags
+    from medfound.workflows import shard
+
+    root = tmp_path_factory.mktemp("bags")
+    (root / "slides.csv").write_text("slide,label,split\nCMU-1-Small-Region.svs,benign,train\n")
+    shard("wsi", DATA / "wsi" / "CMU-1-Small-Region.svs", root / "tiles", name="cmu1", modality="pathology",
+          mpp=4.0, tile_size=32, min_tissue=0.5, keep_names=True, table=root / "slides.csv",
+          label_names=["benign", "malignant"])
+    extract_bags(root / "tiles", pretrained / "export", root / "bags")
+    return root / "bags"

@@ -52,7 +52,7 @@ def tiny_finetune_overrides(shards: dict[str, Path], backbone: Path, out: Path, 
                             key: str = "retina") -> list[str]:
     return [
         f"backbone.weights={backbone}", f"data.shards=[{shards[key]}]", "data.batch_size=16",
-        "data.shuffle_buffer=64", "data.eval_batch_size=128", f"trainer.output_dir={out}",
+        "data.shuffle_buffer=64", "data.eval_batch_size=128", "data.img_size=32", f"trainer.output_dir={out}",
         f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=1000",
         "trainer.progress=false", "trainer.loggers=[]",
     ]

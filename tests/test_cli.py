@@ -32,7 +32,7 @@ def test_finetune_evaluate_publish_verbs(tuning, shards, pretrained, tmp_path, c
     assert f"(tuning: {tuning})" in out.err  # the trainable-parameter table
     report = json.loads((run / "eval.json").read_text())
     assert report["dataset"]["num_samples"] == 624 and report["label_type"] == "binary"
-    assert set(report["metrics"]) == {"auroc", "accuracy", "balanced_accuracy"}
+    assert set(report["metrics"]) == {"auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity"}
     assert (run / "export" / "adapter").exists() == (tuning == "lora")
     (run / "eval.json").unlink()
     assert main(["evaluate", str(run)]) == 0

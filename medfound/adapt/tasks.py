@@ -32,24 +32,71 @@ def _groups(module: nn.Module, vit: nn.Module | None, cfg: OptimConfig, full: bo
     return groups + [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(rest, cfg.weight_decay)]
 
 
+def class_weights(spec, counts: list[int] | None, multilabel: bool, total: int | None = None) -> torch.Tensor | None:
+    """Loss weights for `head.class_weights`: None; a list (one per class); or "balanced": n / (K * n_c) per class
+    (sklearn's convention), or for multi-label findings BCE's pos_weight = negatives / positives."""
+    if spec is None:
+        return None
+    if spec != "balanced":
+        return torch.tensor(spec, dtype=torch.float32)
+    if not counts or sum(counts) == 0:
+        raise ValueError("head.class_weights=balanced needs the training split's class counts (manifest by_label)")
+    c = torch.tensor(counts, dtype=torch.float32)
+    if multilabel:
+        if total is None:
+            raise ValueError("multi-label balanced weights need the number of training samples")
+        return (total - c).clamp_min(0) / c.clamp_min(1)
+    return c.sum() / (len(c) * c.clamp_min(1))
+
+
+def endpoint(schema: LabelSchema, threshold: int | None) -> LabelSchema:
+    """The label schema a recipe trains: the data's own, or with `head.binary_threshold=k` the binary endpoint
+    grade >= k of graded (ordinal or multi-class) labels, named "below <k>" / "<k> or worse"."""
+    if threshold is None:
+        return schema
+    if schema.type not in ("ordinal", "multiclass"):
+        raise ValueError(f"head.binary_threshold turns graded labels into a binary endpoint; these labels are "
+                         f"{schema.type} {schema.names}")
+    if not 0 < threshold < schema.num_classes:
+        raise ValueError(f"head.binary_threshold={threshold} must be a class index in 1..{schema.num_classes - 1} "
+                         f"of {schema.names}")
+    name = schema.names[threshold]
+    return LabelSchema(type="binary", names=[f"below {name}", f"{name} or worse"])
+
+
+def endpoint_counts(counts: list[int] | None, threshold: int | None) -> list[int] | None:
+    """Per-class counts of the graded labels -> counts of the binary endpoint (see `endpoint`)."""
+    if counts is None or threshold is None:
+        return counts
+    return [sum(counts[:threshold]), sum(counts[threshold:])]
+
+
 class ClassificationTask(nn.Module):
-    """Single-label classification (binary, multi-class, ordinal grades) with cross-entropy.
+    """Image classification: single-label (binary, multi-class, ordinal grades) with cross-entropy, or multi-label
+    findings (CheXNet, Rajpurkar et al. 2017) with a sigmoid per finding and binary cross-entropy.
 
     Args:
         model: a timm model whose classifier outputs `[B, K]` logits (possibly wrapped by peft).
         classifier: the classifier's module name (for tuning and export).
         label_schema: class names and type, carried into the export and the card.
-        label_smoothing: cross-entropy label smoothing (RETFound fine-tunes with 0.1).
+        label_smoothing: cross-entropy label smoothing (RETFound fine-tunes with 0.1); single-label only.
+        weights: `[K]` class weights (cross-entropy `weight`; multi-label: BCE `pos_weight`), see `class_weights`.
     """
 
     def __init__(self, model: nn.Module, classifier: str, label_schema: LabelSchema, label_smoothing: float = 0.0,
-                 full: bool = False):
+                 full: bool = False, weights: torch.Tensor | None = None, threshold: int | None = None):
         super().__init__()
         self.model = model
+        self.threshold = threshold  # graded labels -> (label >= threshold), see `endpoint`
         self.classifier = classifier
         self.label_schema = label_schema
+        self.multilabel = label_schema.type == "multilabel"
         self.label_smoothing = label_smoothing
         self.full = full
+        if weights is not None and len(weights) != label_schema.num_classes:
+            raise ValueError(f"head.class_weights has {len(weights)} entries for {label_schema.num_classes} classes "
+                             f"{label_schema.names}")
+        self.weights = weights  # not a buffer: checkpoints and exports stay independent of the loss weighting
 
     def param_groups(self, cfg: OptimConfig) -> list[dict]:
         """Layer-wise lr decay over the backbone under full fine-tuning (timm puts the classifier last)."""
@@ -60,13 +107,23 @@ class ClassificationTask(nn.Module):
         return _groups(self, None, cfg, False)
 
     def forward(self, batch: dict) -> dict:
-        """batch["image"] `[B, 3, H, W]`, optional batch["label"] `[B]` -> {"logits": `[B, K]`, "loss"?}."""
+        """batch["image"] `[B, 3, H, W]`, optional batch["label"] (long `[B]`, or multi-hot float `[B, K]`)
+        -> {"logits": `[B, K]`, "loss"?, "accuracy"?}."""
         logits = self.model(batch["image"])
         out = {"logits": logits}
         if "label" in batch:
-            out["loss"] = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
-            with torch.no_grad():
-                out["accuracy"] = (logits.argmax(-1) == batch["label"]).float().mean()
+            y = batch["label"]
+            if self.threshold is not None:
+                y = (y >= self.threshold).long()
+            w = None if self.weights is None else self.weights.to(logits.device)
+            if self.multilabel:
+                out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w)
+                with torch.no_grad():
+                    out["accuracy"] = ((logits > 0) == (y > 0.5)).float().mean()
+            else:
+                out["loss"] = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.label_smoothing)
+                with torch.no_grad():
+                    out["accuracy"] = (logits.argmax(-1) == y).float().mean()
         return out
 
 
@@ -112,8 +169,67 @@ class SegmentationTask(nn.Module):
         return out
 
 
-def build_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None = None) -> nn.Module:
-    """The task module a finetune recipe describes: backbone (+ weights) -> head -> tuning."""
+class MILTask(nn.Module):
+    """Slide-level classification from padded bags of tile features with gated-attention MIL.
+
+    Args:
+        head: GatedAttentionMIL.
+        label_schema: slide classes (single-label, or multi-label findings with a sigmoid each).
+        label_smoothing, weights: as ClassificationTask.
+    """
+
+    def __init__(self, head: nn.Module, label_schema: LabelSchema, label_smoothing: float = 0.0,
+                 weights: torch.Tensor | None = None):
+        super().__init__()
+        self.model = head
+        self.label_schema = label_schema
+        self.multilabel = label_schema.type == "multilabel"
+        self.label_smoothing = label_smoothing
+        self.weights = weights
+
+    def forward(self, batch: dict) -> dict:
+        """batch["features"] `[B, N, D]`, batch["mask"] bool `[B, N]`, optional batch["label"]
+        -> {"logits" `[B, K]`, "attention" `[B, N]`, "loss"?, "accuracy"?}."""
+        logits, attention = self.model(batch["features"], batch.get("mask"))
+        out = {"logits": logits, "attention": attention}
+        if "label" in batch:
+            y = batch["label"]
+            w = None if self.weights is None else self.weights.to(logits.device)
+            if self.multilabel:
+                out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w)
+            else:
+                out["loss"] = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.label_smoothing)
+                with torch.no_grad():
+                    out["accuracy"] = (logits.argmax(-1) == y).float().mean()
+        return out
+
+
+def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: LabelSchema,
+                   class_counts: list[int] | None = None, num_train: int | None = None) -> MILTask:
+    """The ABMIL task of a recipe with `head.type=abmil` over `feature_dim`-d tile features."""
+    from medfound.adapt.heads.mil import GatedAttentionMIL
+
+    if label_schema.type == "none":
+        raise ValueError("the bags are unlabelled: slide-level training needs slide labels (a --table for "
+                         "`medfound shard wsi`)")
+    h = recipe.head
+    multilabel = label_schema.type == "multilabel"
+    if multilabel and h.label_smoothing:
+        raise ValueError("head.label_smoothing applies to single-label cross-entropy; set it to 0 for multi-label data")
+    head = GatedAttentionMIL(feature_dim, label_schema.num_classes, hidden_dim=h.hidden_dim,
+                             attention_dim=h.attention_dim, dropout=h.dropout)
+    weights = class_weights(h.class_weights, class_counts, multilabel, num_train)
+    if weights is not None and len(weights) != label_schema.num_classes:
+        raise ValueError(f"head.class_weights has {len(weights)} entries for {label_schema.num_classes} classes")
+    return MILTask(head, label_schema, h.label_smoothing, weights)
+
+
+def build_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None = None,
+               class_counts: list[int] | None = None, num_train: int | None = None) -> nn.Module:
+    """The task module a finetune recipe describes: backbone (+ weights) -> head -> tuning. `class_counts` and
+    `num_train` (the training split's) resolve `head.class_weights=balanced`."""
+    if recipe.task == "mil":
+        raise ValueError("head.type=abmil builds from its bag folder: use build_mil_task")
     if recipe.task == "segmentation":
         from medfound.adapt.heads.segment import build_segmenter
 
@@ -121,7 +237,15 @@ def build_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None = None) 
         return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full")
     if label_schema is None or label_schema.type == "none":
         raise ValueError(f"shard set {recipe.data.shards[0]} is unlabelled; fine-tuning needs labels")
+    threshold = recipe.head.binary_threshold
+    label_schema = endpoint(label_schema, threshold)
+    class_counts = endpoint_counts(class_counts, threshold)
     model = create_backbone(recipe.backbone, num_classes=0)
     classifier = attach_classifier(model, label_schema.num_classes, pool=recipe.head.pool, dropout=recipe.head.dropout)
     model = apply_tuning(model, recipe.tuning, classifier, recipe.lora, recipe.last_k)
-    return ClassificationTask(model, classifier, label_schema, recipe.head.label_smoothing, full=recipe.tuning == "full")
+    multilabel = label_schema.type == "multilabel"
+    if multilabel and recipe.head.label_smoothing:
+        raise ValueError("head.label_smoothing applies to single-label cross-entropy; set it to 0 for multi-label data")
+    weights = class_weights(recipe.head.class_weights, class_counts, multilabel, num_train)
+    return ClassificationTask(model, classifier, label_schema, recipe.head.label_smoothing,
+                              full=recipe.tuning == "full", weights=weights, threshold=threshold)

@@ -79,6 +79,11 @@ class Manifest(Strict):
     def split_shards(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
 
+    def class_counts(self, split: str) -> list[int]:
+        """Samples per class (per finding, for multi-label) in `split`, in class-index order."""
+        by_name = self.counts.get("by_label", {}).get(split, {})
+        return [int(by_name.get(name, 0)) for name in self.label_schema.names]
+
     @property
     def splits(self) -> list[str]:
         return sorted({s.split for s in self.shards})

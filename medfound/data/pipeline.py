@@ -101,9 +101,9 @@ class _Decoder:
     """Decode + transform inside the worker; skip, log and count what fails."""
 
     def __init__(self, transform: Callable, labelled: bool, num_classes: int, multilabel: bool,
-                 max_bad_fraction: float):
+                 max_bad_fraction: float, keep_meta: Sequence[str] = ()):
         self.transform, self.labelled, self.num_classes = transform, labelled, num_classes
-        self.multilabel, self.max_bad_fraction = multilabel, max_bad_fraction
+        self.multilabel, self.max_bad_fraction, self.keep_meta = multilabel, max_bad_fraction, tuple(keep_meta)
 
     def decode(self, sample: dict) -> dict:
         key = sample.get("__key__")
@@ -120,6 +120,12 @@ class _Decoder:
         out = dict(out, key=key)
         if meta.get("site"):
             out["site"] = meta["site"]
+        if self.keep_meta:
+            missing = [f for f in self.keep_meta if meta.get(f) in (None, "")]
+            if missing:
+                raise ValueError(f"no {missing} in the sample's meta (it has {sorted(meta)}); the shards need them "
+                                 "(DICOM: ImageLaterality/ViewPosition; images table: patient_id, laterality, view)")
+            out["meta"] = {f: meta[f] for f in self.keep_meta}
         if self.labelled:
             if self.multilabel:
                 if "labels.json" not in sample:
@@ -208,6 +214,28 @@ def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int,
     return gen
 
 
+def balanced_keep(counts: Sequence[int]) -> list[float]:
+    """Per class, the probability of keeping a sample so that every class arrives equally often: n_rarest / n_c
+    (rejection sampling on the stream; `counts` = training samples per class, `Manifest.class_counts`)."""
+    n = [int(v) for v in counts]
+    present = [v for v in n if v > 0]
+    if len(present) < 2:
+        raise ValueError(f"balanced sampling needs at least two classes in the training split, got counts {counts}")
+    return [min(present) / v if v else 0.0 for v in n]
+
+
+def _balanced(keep: Sequence[float], seed: int, epoch: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Drop raw samples of frequent classes (before decoding, so dropped samples cost nothing)."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(_seed(seed, epoch, rank, worker, 7))
+        for sample in src:
+            c = int(sample["cls"]) if "cls" in sample else None
+            if c is None or c >= len(keep) or rng.random() < keep[c]:
+                yield sample
+    return stage
+
+
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
     """Stack uint8 as uint8; if a batch mixes uint8 and float [0, 1] images (a mix of 8-bit and windowed
     sources), bring all to float [0, 1]."""
@@ -218,7 +246,7 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 def collate(samples: list[dict]) -> dict:
     batch: dict[str, Any] = {"image": _stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
-    for name in ("mask", "roi", "spacing"):  # segmentation targets, transformed with the image
+    for name in ("mask", "roi", "spacing", "box"):  # segmentation targets and prompts, transformed with the image
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     if "crops" in samples[0]:
@@ -229,6 +257,8 @@ def collate(samples: list[dict]) -> dict:
             torch.tensor([s["label"] for s in samples], dtype=torch.long)
     if any("site" in s for s in samples):
         batch["site"] = [s.get("site") for s in samples]
+    if "meta" in samples[0]:
+        batch["meta"] = [s["meta"] for s in samples]
     bad = [r for s in samples for r in s.get("_bad", [])]
     if bad:
         batch["_bad"] = bad
@@ -239,12 +269,15 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
                 drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
                 samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
-                max_bad_fraction: float = 0.01) -> DataLoader:
+                max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
+                collate_fn: Callable[[list[dict]], dict] = collate, keep_meta: Sequence[str] = ()) -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
     every sample exactly once in shard order (per rank and worker). resampled=True (training only) mixes
     the shard sets by `weights` (default: proportional to their shard counts) for `samples_per_epoch`.
+    `class_keep` (training): per class, the probability of keeping a sample (`balanced_keep`). `keep_meta`: JSON
+    meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts).
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
     if resampled:
@@ -260,9 +293,11 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                   wds.split_by_worker, tar_samples]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
-    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction))
+    if class_keep is not None:
+        stages.append(_balanced(class_keep, seed, epoch))
+    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta))
     dataset = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(_seed(seed, epoch))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                       drop_last=train if drop_last is None else drop_last, generator=generator,
                       persistent_workers=False)

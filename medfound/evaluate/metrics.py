@@ -7,6 +7,8 @@
 - accuracy: top-1 over all samples. balanced_accuracy: mean per-class recall over present classes.
 - kappa_quadratic: Cohen's kappa with quadratic weights, reported for ordinal labels (diabetic
   retinopathy grades), where a grade-4 called grade-3 is a smaller error than grade-4 called grade-0.
+- multi-label findings (CheXNet): a sigmoid probability per finding; AUROC and average precision per finding,
+  their macro means over findings with both positives and negatives in the split, and label-wise accuracy at 0.5.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ DEFINITIONS = {
              "classes present in the split (null when fewer than two classes are present)",
     "accuracy": "top-1 accuracy over all samples",
     "balanced_accuracy": "mean per-class recall over classes present in the split",
+    "sensitivity": "binary: recall of the positive class (second class name) at the argmax decision (p > 0.5)",
+    "specificity": "binary: recall of the negative class at the argmax decision (p > 0.5)",
     "kappa_quadratic": "Cohen's kappa with quadratic weights (ordinal grades only)",
+    "auprc": "multi-label: macro mean over findings of the average precision (area under the precision-recall curve)",
+    "label_accuracy": "multi-label: share of (sample, finding) pairs right at probability threshold 0.5",
 }
 
 
@@ -76,7 +82,70 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: st
         float((pred == y).float().mean()),
         "balanced_accuracy": float(np.mean([float((pred[y == c] == c).float().mean()) for c in present])),
     }
+    if k == 2 and len(present) == 2:
+        metrics["sensitivity"] = float((pred[y == 1] == 1).float().mean())
+        metrics["specificity"] = float((pred[y == 0] == 0).float().mean())
     if label_type == "ordinal":
         metrics["kappa_quadratic"] = _nan_to_none(float(multiclass_cohen_kappa(pred, y, num_classes=k,
                                                                                 weights="quadratic")))
     return {"metrics": metrics, "per_class": per_class, "warnings": notes}
+
+
+def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], split: str = "test"
+                       ) -> dict[str, Any]:
+    """Metrics for sigmoid probabilities `probs` `[N, K]` against multi-hot `labels` `[N, K]` (one finding per
+    column). A finding without both positives and negatives in the split has no AUROC (null, with a warning)."""
+    from torchmetrics.functional.classification import binary_average_precision
+
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(labels)).float()
+    if p.shape != y.shape:
+        raise ValueError(f"predictions {tuple(p.shape)} and labels {tuple(y.shape)} differ in shape")
+    if p.shape[1] != len(class_names):
+        raise ValueError(f"{p.shape[1]} model outputs but {len(class_names)} findings {class_names}")
+    notes, per_class, aucs, aps = [], {}, [], []
+    for k, name in enumerate(class_names):
+        pos = int(y[:, k].sum())
+        auc = ap = float("nan")
+        if 0 < pos < len(y):
+            auc = float(binary_auroc(p[:, k], y[:, k].long()))
+            ap = float(binary_average_precision(p[:, k], y[:, k].long()))
+            aucs.append(auc)
+            aps.append(ap)
+        per_class[name] = {"n": pos, "auroc": _nan_to_none(auc), "auprc": _nan_to_none(ap)}
+    missing = [n for n in class_names if per_class[n]["auroc"] is None]
+    if missing:
+        msg = (f"split '{split}': findings {missing} lack positives or negatives, so they have no AUROC and are left "
+               "out of the macro means")
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+    metrics = {"auroc": _nan_to_none(float(np.mean(aucs)) if aucs else float("nan")),
+               "auprc": _nan_to_none(float(np.mean(aps)) if aps else float("nan")),
+               "label_accuracy": float(((p > 0.5) == (y > 0.5)).float().mean())}
+    return {"metrics": metrics, "per_class": per_class, "warnings": notes}
+
+
+def aggregate_units(probs: np.ndarray, labels: np.ndarray, units: list[tuple], reduce: str = "mean"
+                    ) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+    """Combine image predictions into unit predictions (a breast from its CC and MLO views, McKinney et al. 2020).
+
+    probs `[N, K]`, labels `[N]` (or multi-hot `[N, K]`), units: one hashable id per image. A unit's probability is
+    the mean or the max of its images' (max: per class, renormalised to sum 1 for single-label); its label is the
+    highest of its images' labels (a breast with a cancer in either view is a positive breast).
+    Returns (unit probs `[U, K]`, unit labels, unit ids in first-seen order).
+    """
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce={reduce!r}: choose mean or max")
+    order: dict[tuple, list[int]] = {}
+    for i, u in enumerate(units):
+        order.setdefault(u, []).append(i)
+    multilabel = labels.ndim == 2
+    p_out, y_out = [], []
+    for idx in order.values():
+        p = probs[idx]
+        q = p.mean(0) if reduce == "mean" else p.max(0)
+        if reduce == "max" and not multilabel:
+            q = q / q.sum()
+        p_out.append(q)
+        y_out.append(labels[idx].max(0))
+    return np.stack(p_out), np.stack(y_out), list(order)

@@ -17,26 +17,29 @@ import torch
 import medfound
 from medfound.config import FinetuneRecipe, load_recipe
 from medfound.data.pipeline import make_loader, shard_urls
-from medfound.evaluate.metrics import DEFINITIONS, classification_metrics
+from medfound.evaluate.metrics import DEFINITIONS, classification_metrics, multilabel_metrics
 from medfound.io import atomic_write_json, sha256_file
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module
-            ) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str]]:
-    """Softmax probabilities `[N, K]`, labels `[N]`, keys and sites for every sample of `loader`, and the
-    reports of samples skipped as undecodable."""
+def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilabel: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str], list[dict]]:
+    """Probabilities `[N, K]` (softmax; multi-label: a sigmoid per finding), labels (`[N]`, or multi-hot `[N, K]`),
+    keys and sites for every sample of `loader`, the reports of samples skipped as undecodable, and the samples'
+    kept meta fields (`make_loader(keep_meta=...)`; empty otherwise)."""
     model.eval()
-    probs, labels, keys, sites, skipped = [], [], [], [], []
+    probs, labels, keys, sites, skipped, metas = [], [], [], [], [], []
     for batch in loader:
         skipped += batch.pop("_bad", [])
-        probs.append(torch.softmax(model(normalize(batch["image"])).float(), dim=1).numpy())
+        metas += batch.get("meta", [])
+        logits = model(normalize(batch["image"])).float()
+        probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy())
         labels.append(batch["label"].numpy())
         keys += batch["key"]
         sites += batch.get("site", [None] * len(batch["key"]))
     if not probs:
         raise ValueError("the evaluation split yielded no samples")
-    return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped
+    return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
 
 
 def load_run_recipe(run_dir: Path) -> Any:
@@ -54,31 +57,61 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         raise ValueError(f"{run_dir} is a {recipe.kind} run: evaluate a finetune run (pretraining has no labels; "
                          "fine-tune its export with `medfound finetune` first)")
     export = run_dir / "export"
-    weights = export / ("segmenter.safetensors" if recipe.task == "segmentation" else "model.safetensors")
+    weights = export / {"segmentation": "segmenter.safetensors", "mil": "mil.safetensors",
+                        "prompt": "prompt_segmenter.safetensors"}.get(recipe.task, "model.safetensors")
     if not weights.is_file():
         raise FileNotFoundError(f"{export} has no {weights.name}: the run has not finished; "
                                 "continue it with `medfound finetune RECIPE trainer.resume=auto`")
     split = split or recipe.eval.split
     if recipe.task == "segmentation":
         return evaluate_segmentation(run_dir, recipe, split)
+    if recipe.task == "mil":
+        from medfound.adapt.mil import evaluate_mil
+
+        return evaluate_mil(run_dir, recipe, split)
+    if recipe.task == "prompt":
+        from medfound.adapt.prompt import evaluate_prompt
+
+        return evaluate_prompt(run_dir, recipe, split)
     shards = recipe.data.shards[0]
     urls, (manifest,) = shard_urls([shards], split)
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
     d = recipe.data
-    schema = manifest.label_schema
-    if schema.type == "multilabel":
-        raise ValueError(f"{shards} is multi-label: multi-label evaluation (per-finding AUROC) is not implemented yet")
+    from medfound.adapt.tasks import endpoint
+
+    threshold = recipe.head.binary_threshold
+    schema = endpoint(manifest.label_schema, threshold)
+    multilabel = schema.type == "multilabel"
+    agg = recipe.eval.aggregate
     loader = make_loader(urls, transform=d.transform(train=False), batch_size=d.eval_batch_size, labelled=True,
-                         train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
-                         max_bad_fraction=d.max_bad_fraction)
+                         train=False, num_workers=d.num_workers, num_classes=schema.num_classes, multilabel=multilabel,
+                         max_bad_fraction=d.max_bad_fraction, keep_meta=agg.by if agg else ())
     start = time.time()
-    probs, labels, keys, sites, skipped = predict(model, loader, d.normalizer())
-    result = classification_metrics(probs, labels, schema.type, schema.names, split=split)
+    probs, labels, keys, sites, skipped, metas = predict(model, loader, d.normalizer(), multilabel)
+    if threshold is not None:
+        labels = (labels >= threshold).astype(np.int64)
+
+    def score(idx, name):
+        if multilabel:
+            return multilabel_metrics(probs[idx], labels[idx], schema.names, split=name)
+        return classification_metrics(probs[idx], labels[idx], schema.type, schema.names, split=name)
+
+    result = score(slice(None), split)
     by_site = {}
     for site in sorted({s for s in sites if s}):
         idx = np.array([s == site for s in sites])
-        by_site[site] = {"n": int(idx.sum()), **classification_metrics(probs[idx], labels[idx], schema.type,
-                                                                        schema.names, split=f"{split}/{site}")["metrics"]}
+        by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
+    units = None
+    if agg is not None:
+        from medfound.evaluate.metrics import aggregate_units
+
+        ids = [tuple(str(m[f]) for f in agg.by) for m in metas]
+        up, uy, _ = aggregate_units(probs, labels, ids, agg.reduce)
+        scored = multilabel_metrics(up, uy, schema.names, split=f"{split}/units") if multilabel else \
+            classification_metrics(up, uy, schema.type, schema.names, split=f"{split}/units")
+        units = {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
+                 "metrics": scored["metrics"], "per_class": scored["per_class"]}
+        result["warnings"] += scored["warnings"]
     report = {
         "task": "classification",
         "label_type": schema.type,
@@ -88,6 +121,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         "metrics": result["metrics"],
         "per_class": result["per_class"],
         "by_site": by_site,
+        **({"units": units} if units else {}),
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},
         **_record(result["warnings"], skipped, start),
     }

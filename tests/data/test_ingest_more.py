@@ -197,3 +197,14 @@ def test_nifti_volumes_read_like_nrrd(volumes, tmp_path):
     image = _npy(s["npy"])
     assert image.dtype == data.dtype and np.array_equal(np.sort(image.ravel()), np.sort(data.ravel()))
     assert _npy(s["label.npy"]).sum() == (label > 0).sum()
+
+
+def test_one_image_in_several_rows_gives_one_sample_per_mask_and_views_reach_the_meta(organ_shards, view_shards):
+    from helpers import tar_metas, tar_samples
+
+    keys = sorted(tar_samples(organ_shards))
+    assert len(keys) == 30 and len(set(keys)) == 30
+    assert any(k.startswith("images_amos_0004_75_amos_0004_75_aorta_000") for k in keys)
+    metas = tar_metas(view_shards)
+    assert {m["view"] for m in metas} == {"CC", "MLO"} and {m["laterality"] for m in metas} == {"L", "R"}
+    assert all(m["patient"] for m in metas)  # the patient token, never the ID

@@ -70,3 +70,55 @@ def test_absent_class_is_skipped_in_the_macro_average():
 def test_shape_mismatch_is_explained():
     with pytest.raises(ValueError, match="3 model outputs but 2 classes"):
         classification_metrics(np.ones((4, 3)) / 3, np.zeros(4, int), "binary", ["a", "b"])
+
+
+def test_binary_sensitivity_and_specificity_match_sklearn_recall():
+    from sklearn.metrics import recall_score
+
+    p, y = _probs(300, 2, seed=3)
+    m = classification_metrics(p, y, "binary", ["neg", "pos"])["metrics"]
+    assert m["sensitivity"] == pytest.approx(recall_score(y, p.argmax(1), pos_label=1))
+    assert m["specificity"] == pytest.approx(recall_score(y, p.argmax(1), pos_label=0))
+
+
+def test_multilabel_matches_sklearn_per_finding_and_macro():
+    from sklearn.metrics import average_precision_score
+
+    from medfound.evaluate.metrics import multilabel_metrics
+
+    rng = np.random.default_rng(4)
+    y = (rng.random((200, 3)) < [0.1, 0.4, 0.7]).astype(int)
+    p = 1 / (1 + np.exp(-(rng.normal(size=(200, 3)) + 1.5 * (2 * y - 1))))
+    out = multilabel_metrics(p, y, ["a", "b", "c"])
+    for k, name in enumerate("abc"):
+        assert out["per_class"][name]["auroc"] == pytest.approx(roc_auc_score(y[:, k], p[:, k]), abs=1e-6)
+        assert out["per_class"][name]["auprc"] == pytest.approx(average_precision_score(y[:, k], p[:, k]), abs=1e-5)
+        assert out["per_class"][name]["n"] == int(y[:, k].sum())
+    assert out["metrics"]["auroc"] == pytest.approx(roc_auc_score(y, p, average="macro"), abs=1e-6)
+    assert out["metrics"]["label_accuracy"] == pytest.approx(float(((p > 0.5) == y).mean()))
+
+
+def test_multilabel_finding_without_positives_is_null_and_named():
+    from medfound.evaluate.metrics import multilabel_metrics
+
+    y = np.array([[1, 0], [0, 0], [1, 0]])
+    p = np.array([[0.9, 0.2], [0.1, 0.3], [0.8, 0.1]])
+    with pytest.warns(UserWarning, match=r"\['hernia'\]"):
+        out = multilabel_metrics(p, y, ["effusion", "hernia"])
+    assert out["per_class"]["hernia"]["auroc"] is None and out["metrics"]["auroc"] == 1.0
+
+
+def test_units_combine_views_by_mean_or_max_and_take_the_highest_label():
+    from medfound.evaluate.metrics import aggregate_units
+
+    probs = np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1], [0.7, 0.3]])
+    labels = np.array([0, 1, 0, 0])
+    units = [("p1", "L"), ("p1", "L"), ("p1", "R"), ("p1", "R")]
+    p, y, ids = aggregate_units(probs, labels, units, "mean")
+    np.testing.assert_allclose(p, [[0.6, 0.4], [0.8, 0.2]])
+    assert y.tolist() == [1, 0] and ids == [("p1", "L"), ("p1", "R")]
+    p, _, _ = aggregate_units(probs, labels, units, "max")
+    np.testing.assert_allclose(p, [[0.8 / 1.4, 0.6 / 1.4], [0.9 / 1.2, 0.3 / 1.2]])
+    hot = np.array([[1, 0], [0, 0], [0, 1], [0, 0]])
+    _, y, _ = aggregate_units(probs, hot, units, "max")
+    assert y.tolist() == [[1, 0], [0, 1]]

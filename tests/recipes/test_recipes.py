@@ -48,16 +48,75 @@ def test_pretrain_recipe_runs_two_steps(path: Path, shards, tmp_path):
 OVERFIT_STEPS = 150
 CLASSIFY = [p for p in ADAPT if load_recipe(p).task == "classification"]
 SEGMENT = [p for p in ADAPT if load_recipe(p).task == "segmentation"]
+PROMPT = [p for p in ADAPT if load_recipe(p).task == "prompt"]
+MIL = [p for p in ADAPT if load_recipe(p).task == "mil"]
+CNN = ["backbone.weights=null", "data.img_size=32", "data.batch_size=8"]
+# recipes that need other data than the RetinaMNIST shards, or keep their own CNN architecture (shrunk input)
+SPECIAL = {
+    "chexnet.yaml": ("findings", CNN),
+    "gulshan_referable_dr.yaml": ("retina", ["backbone.weights=null", "data.img_size=75", "data.batch_size=4"]),
+    "mckinney_screening.yaml": ("views", CNN),
+}
+
+
+def test_the_seed_systems_have_recipes():
+    names = {p.name for p in ADAPT}
+    assert {"chexnet.yaml", "gulshan_referable_dr.yaml", "mckinney_screening.yaml", "retfound_finetune.yaml",
+            "uni_linear_probe.yaml", "uni_abmil.yaml", "medsam.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CLASSIFY, ids=lambda p: p.name)
-def test_adapt_recipe_runs_two_steps(path: Path, shards, pretrained, tmp_path):
+def test_adapt_recipe_runs_two_steps(path: Path, shards, findings_shards, view_shards, pretrained, tmp_path):
+    import json
+
     from medfound.workflows import run_finetune
 
-    key = "pneumonia" if "pneumonia" in path.name else "retina"
-    recipe = load_recipe(path, tiny_finetune_overrides(shards, pretrained / "export", tmp_path / "run", 2, key))
+    data = dict(shards, findings=findings_shards, views=view_shards)
+    key, extra = SPECIAL.get(path.name, ("pneumonia" if "pneumonia" in path.name else "retina", []))
+    overrides = tiny_finetune_overrides(data, pretrained / "export", tmp_path / "run", 2, key) + extra
+    recipe = load_recipe(path, overrides)
     summary = run_finetune(recipe)
     assert summary["step"] == 2 and summary["eval"]["auroc"] is not None
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    if recipe.eval.aggregate is not None:  # per breast: pairs of views -> half as many units
+        assert report["units"]["n"] == report["dataset"]["num_samples"] // 2
+    if recipe.head.binary_threshold is not None:
+        assert report["class_names"] == ["below moderate", "moderate or worse"]
+
+
+@pytest.mark.parametrize("path", PROMPT, ids=lambda p: p.name)
+def test_prompt_recipe_runs_two_steps(path: Path, organ_shards, pretrained, tmp_path):
+    """Two steps of box-prompt training on the bundled CT structures, then Dice per structure from tight boxes."""
+    import json
+
+    from medfound.workflows import run_finetune
+
+    overrides = [f"backbone.weights={pretrained / 'export'}", "backbone.model_args={img_size: 64}",
+                 f"data.shards=[{organ_shards}]", "data.img_size=64", "data.batch_size=2", "head.dim=32",
+                 "head.heads=2", "head.mlp_dim=64", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+                 "trainer.progress=false", "trainer.loggers=[]", "trainer.log_every=1"]
+    summary = run_finetune(load_recipe(path, overrides))
+    assert summary["step"] == 2
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["dataset"]["num_samples"] == 11 and "aorta" in report["per_structure"]
+    assert 0.0 <= report["metrics"]["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("path", MIL, ids=lambda p: p.name)
+def test_mil_recipe_runs_two_steps(path: Path, bags, tmp_path):
+    import json
+
+    from medfound.workflows import run_finetune
+
+    overrides = [f"data.shards=[{bags}]", "eval.split=train", "head.hidden_dim=32", "head.attention_dim=16",
+                 "head.max_tiles=64", "data.batch_size=1", f"trainer.output_dir={tmp_path / 'run'}",
+                 "trainer.max_steps=2", "trainer.progress=false", "trainer.loggers=[]", "trainer.log_every=1"]
+    with pytest.warns(UserWarning, match="single class"):
+        summary = run_finetune(load_recipe(path, overrides))
+    assert summary["step"] == 2
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["task"] == "mil" and report["slides"][0]["slide"] == "CMU-1-Small-Region"
+    assert (tmp_path / "run" / "heatmaps" / "CMU-1-Small-Region.png").is_file()
 
 
 def test_every_segmentation_head_has_a_recipe():

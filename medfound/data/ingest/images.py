@@ -1,13 +1,15 @@
 """A folder of image files plus a table (CSV or Parquet).
 
 Columns: `path` (relative to the folder); `label` (one class) or `labels` (several, '|'-separated:
-multi-label); optional `patient_id`, `site`, `split`; and mask columns stored beside the image:
+multi-label); optional `patient_id`, `site`, `split`, `laterality` and `view` (mammography: L/R and CC/MLO, kept in
+the sample's meta so evaluation can combine the views of one breast); and mask columns stored beside the image:
 `mask`, `fov` and any `mask_<name>` (paths to mask images of the same size, e.g. DRIVE's vessel and
 field-of-view masks).
 
 Without a `split` column, images are split by patient (`patient_id` when present, else one image = one
 patient) from an HMAC token of the ID, so no patient is in two splits and the same table always gives the
-same split. The salt is `--salt` or derived from the table's bytes; it is not stored, and neither are
+same split. A table may list one image in several rows, each with its own mask (one structure per sample, for
+box prompts). The salt is `--salt` or derived from the table's bytes; it is not stored, and neither are
 patient IDs or file names: keys are hashes unless `keep_names` is set.
 
 Colour fundus: `fov="detect"` stores a detected field-of-view mask as `fov` (when the table gives none);
@@ -17,6 +19,7 @@ Colour fundus: `fov="detect"` stores a detected field-of-view mask as `fov` (whe
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -66,7 +69,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
         found = [folder / n for n in TABLE_NAMES if (folder / n).is_file()]
         if not found:
             raise FileNotFoundError(f"no label table in {folder}: pass --table CSV_OR_PARQUET with columns path,label"
-                                    "[,patient_id,site,split,mask,fov] (paths relative to the image folder)")
+                                    "[,patient_id,site,split,laterality,view,mask,fov] (paths relative to the image folder)")
         table = found[0]
     table = Path(table)
     rows = read_table(table)
@@ -81,6 +84,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     schema, to_label = table_labels(rows, label_type, label_names)
     mask_cols = _mask_columns(list(rows[0]))
     key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + table.read_bytes()).digest()
+
+    repeated = {p for p, n in Counter(r["path"] for r in rows).items() if n > 1}
 
     def samples():
         from medfound.data.fundus import crop_to_fov, detect_fov
@@ -111,9 +116,15 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 split_for_token(token or patient_token(key_salt, "image:" + rel), fractions)
             if not split:
                 raise ValueError(f"{where}: empty split; fill the split column or drop it to split by patient")
-            yield {"key": safe_key(Path(rel).with_suffix("").as_posix(), keep_names), "image": img, "split": split,
+            name = Path(rel).with_suffix("").as_posix()
+            if rel in repeated:  # one image, several structures (box prompts): one sample per mask
+                if not (r.get("mask") or "").strip():
+                    raise ValueError(f"{where}: {rel} appears in several rows; each needs its own mask column entry")
+                name += "/" + Path(r["mask"]).stem
+            yield {"key": safe_key(name, keep_names), "image": img, "split": split,
                    "site": (r.get("site") or "").strip() or site, "label": to_label(r), "patient": token,
-                   "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {})}}
+                   "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {}),
+                                            **{c: r[c].strip() for c in ("laterality", "view") if (r.get(c) or "").strip()}}}
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},

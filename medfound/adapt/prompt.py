@@ -1,0 +1,333 @@
+"""Box-prompt segmentation (MedSAM) end to end: training boxes from masks, training, export, prediction, evaluation.
+
+Training (`medfound finetune adapt/medsam.yaml`): each sample is one image and one structure's mask; the image is
+resized to `data.img_size`, the box is the mask's bounding box with each side moved outwards by a random 0..20 px
+(MedSAM), and the loss is Dice + binary cross-entropy on the mask logits.
+
+Inference (`medfound prompt RUN_DIR IMAGE --box x0,y0,x1,y1 [--box ...] --out DIR`, or `BoxPredictor` in Python):
+the image is encoded once and every box gives its own mask at the image's own resolution.
+
+Evaluation (`medfound evaluate RUN_DIR`): every `eval.split` sample is predicted from its mask's tight box (no
+jitter) on the original image; Dice per sample, per structure (the shard label, e.g. the organ) and overall.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfound.config import FinetuneRecipe
+from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+WEIGHTS, META = "prompt_segmenter.safetensors", "prompt_segmenter.json"
+
+
+def box_from_mask(mask: np.ndarray | torch.Tensor, jitter: float = 0.0, rng: Optional[random.Random] = None
+                  ) -> list[float]:
+    """The bounding box `[x0, y0, x1, y1]` (inclusive pixel indices) of `mask > 0` `[H, W]`; with `jitter`, each
+    side moves outwards by a random amount in [0, jitter] px, clipped to the image (MedSAM's perturbation)."""
+    m = np.asarray(mask) > 0
+    if m.ndim != 2:
+        raise ValueError(f"a box comes from a 2-D mask, got shape {m.shape}")
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        raise ValueError("the mask is empty: there is no structure to put a box around")
+    h, w = m.shape
+    x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+    if jitter > 0:
+        rng = rng or random.Random()
+        x0, y0 = max(0.0, x0 - rng.uniform(0, jitter)), max(0.0, y0 - rng.uniform(0, jitter))
+        x1, y1 = min(w - 1.0, x1 + rng.uniform(0, jitter)), min(h - 1.0, y1 + rng.uniform(0, jitter))
+    return [x0, y0, x1, y1]
+
+
+def _scale_box(box: Sequence[float], src: tuple[int, int], dst: int) -> list[float]:
+    """A box in an (H, W) image -> the same box in the image resized to dst x dst."""
+    h, w = src
+    return [box[0] * dst / w, box[1] * dst / h, box[2] * dst / w, box[3] * dst / h]
+
+
+def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool):
+    """sample -> {"image" `[3, S, S]` (uint8 or float in [0, 1]), "mask" long `[1, S, S]`, "box" `[4]`}."""
+    from medfound.data.transforms import to_image_tensor
+
+    def apply(sample: dict) -> dict:
+        masks = sample.get("masks") or {}
+        if mask not in masks:
+            raise ValueError(f"no '{mask}' mask in sample {sample.get('key')} (members: {sorted(masks)}); set head.mask")
+        m = np.asarray(masks[mask])
+        m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
+        x = to_image_tensor(sample["image"], sample.get("meta"))
+        if tuple(x.shape[-2:]) != m.shape:
+            raise ValueError(f"sample {sample.get('key')}: image {tuple(x.shape[-2:])} and mask {m.shape} differ in size")
+        try:
+            box = box_from_mask(m, jitter if train else 0.0, random.Random(torch.randint(0, 2**31, ()).item()))
+        except ValueError:
+            raise ValueError(f"sample {sample.get('key')}: the '{mask}' mask is empty; drop it from the table") from None
+        image = F.interpolate(x[None].float() if x.dtype != torch.uint8 else x[None], size=(img_size, img_size),
+                              mode="bilinear", antialias=True, align_corners=False)[0]
+        if x.dtype == torch.uint8:
+            image = image.round().clamp(0, 255).to(torch.uint8) if image.dtype != torch.uint8 else image
+        target = F.interpolate(torch.from_numpy(m)[None, None].float(), size=(img_size, img_size), mode="nearest")[0]
+        return {"image": image, "mask": target.long(),
+                "box": torch.tensor(_scale_box(box, m.shape, img_size), dtype=torch.float32)}
+
+    return apply
+
+
+class PromptTask(torch.nn.Module):
+    """Box-prompt segmentation task: Dice (sigmoid, MONAI) + binary cross-entropy, as MedSAM trains."""
+
+    def __init__(self, segmenter: torch.nn.Module, dice_weight: float = 1.0, bce_weight: float = 1.0,
+                 full: bool = False):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.model = segmenter
+        self.dice = DiceLoss(sigmoid=True, squared_pred=True, reduction="mean")
+        self.dice_weight, self.bce_weight, self.full = dice_weight, bce_weight, full
+
+    @property
+    def vit(self) -> torch.nn.Module:
+        return self.model.encoder.vit
+
+    def param_groups(self, cfg):
+        from medfound.adapt.tasks import _groups
+
+        return _groups(self, self.vit, cfg, self.full)
+
+    def forward(self, batch: dict) -> dict:
+        """batch["image"] `[B, 3, S, S]`, batch["box"] `[B, 4]`, optional batch["mask"] `[B, 1, S, S]`."""
+        logits = self.model(batch["image"], batch["box"])
+        out = {"logits": logits}
+        if "mask" in batch:
+            y = batch["mask"].float()
+            out["loss"] = self.dice_weight * self.dice(logits.float(), y) + \
+                self.bce_weight * F.binary_cross_entropy_with_logits(logits.float(), y)
+            with torch.no_grad():
+                p = logits > 0
+                out["dice"] = 2 * (p & (y > 0)).sum() / (p.sum() + (y > 0).sum()).clamp_min(1)
+        return out
+
+
+def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
+    from medfound.adapt.heads.prompt import build_prompt_segmenter
+    from medfound.adapt.tuning import tune_segmenter
+
+    seg = tune_segmenter(build_prompt_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
+    return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full")
+
+
+def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[str, Any]:
+    """Train, export (`export/prompt_segmenter.safetensors` + json, and the adapted backbone as a timm folder in
+    `export/backbone`), evaluate -> eval.json."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save
+
+    from medfound.adapt.tuning import merged_copy, merged_segmenter, print_parameter_table
+    from medfound.data.pipeline import make_loader, shard_sets
+    from medfound.evaluate.report import evaluate_run
+    from medfound.publish.export import export_model, read_lineage
+    from medfound.train.loop import fit
+    from medfound.workflows import _lineage, _seed_per_rank, _start
+
+    accelerator, run_dir, resume, text = _start(recipe, command)
+    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
+    task = build_prompt_task(recipe)
+    if accelerator.is_main_process:
+        print_parameter_table(task, recipe.tuning, backbone="model.net.encoder.vit.")
+    _seed_per_rank(recipe, accelerator)
+    d, h = recipe.data, recipe.head
+    transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True)
+
+    def loader(epoch: int):
+        return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
+                           seed=recipe.trainer.seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer,
+                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction)
+
+    state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
+                accelerator=accelerator, config_text=text, resume_from=resume, normalize=d.normalizer())
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
+                               "main": accelerator.is_main_process}
+    if state.preempted or not accelerator.is_main_process:
+        return summary
+    task = accelerator.unwrap_model(task)
+    parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
+    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"box-prompt segmentation (MedSAM-style), "
+                       f"{recipe.tuning}, Dice + BCE, boxes from masks jittered by up to {h.box_jitter} px", parent)
+    lineage.update(tuning=recipe.tuning, head=h.model_dump())
+    merged = merged_segmenter(task.model).eval()
+    export = run_dir / "export"
+    prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
+    export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
+                 license=recipe.card.license, adapter=task.vit if recipe.tuning == "lora" else None)
+    atomic_write_bytes(export / WEIGHTS, save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))
+    atomic_write_json(export / META, {"medfound": lineage, "head": h.model_dump(), "img_size": d.img_size,
+                                      "mean": list(d.mean), "std": list(d.std)})
+    report = evaluate_run(run_dir)
+    summary.update(export=str(export), eval=report["metrics"], eval_file=str(run_dir / "eval.json"))
+    return summary
+
+
+class BoxPredictor:
+    """Masks from boxes on images of any size: `BoxPredictor.from_run("runs/medsam").predict(image, boxes)`.
+
+    The image is resized to the model's input, encoded once, and each box decoded; the logits are resized back to
+    the image and thresholded at probability `threshold`.
+    """
+
+    def __init__(self, segmenter: torch.nn.Module, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 device: str = "cpu"):
+        from medfound.data.transforms import Normalize
+
+        self.model = segmenter.eval().to(device)
+        self.img_size, self.device = img_size, device
+        self.normalize = Normalize(mean, std).to(device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: Optional[str] = None) -> "BoxPredictor":
+        from medfound.evaluate.report import load_run_recipe
+
+        run_dir = Path(run_dir)
+        recipe = load_run_recipe(run_dir)
+        if not isinstance(recipe, FinetuneRecipe) or recipe.task != "prompt":
+            raise ValueError(f"{run_dir} is not a box-prompt run (head.type=box_prompt)")
+        meta = json.loads((run_dir / "export" / META).read_text())
+        return cls(load_prompt_segmenter(run_dir, recipe), meta["img_size"], meta["mean"], meta["std"],
+                   device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @torch.no_grad()
+    def predict(self, image: Any, boxes: Sequence[Sequence[float]], threshold: float = 0.5,
+                return_probs: bool = False) -> np.ndarray:
+        """image (PIL, `[H, W]` or `[H, W, 3]` array), boxes `[K, 4]` (x0, y0, x1, y1 in image pixels) -> bool masks
+        `[K, H, W]` (or probabilities with `return_probs`)."""
+        from medfound.data.transforms import to_image_tensor
+
+        x = to_image_tensor(image)
+        h, w = x.shape[-2:]
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) == 0:
+            raise ValueError("give at least one box (x0, y0, x1, y1)")
+        bad = [b.tolist() for b in boxes if not (0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h)]
+        if bad:
+            raise ValueError(f"boxes {bad} are not x0 < x1 <= {w}, y0 < y1 <= {h} inside the {w}x{h} image")
+        s = self.img_size
+        img = F.interpolate(x[None].float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        img = self.normalize(img.div(255.0) if x.dtype == torch.uint8 else img).to(self.device)
+        scaled = torch.tensor([_scale_box(b, (h, w), s) for b in boxes], dtype=torch.float32, device=self.device)
+        embedding = self.model.embed(img)
+        logits = self.model.decode(embedding, (s, s), scaled)
+        probs = torch.sigmoid(F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False))[:, 0]
+        probs = probs.cpu().numpy()
+        return probs if return_probs else probs > threshold
+
+
+def load_prompt_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
+    """The trained network, rebuilt from the recipe (the ViT's structure from export/backbone) and loaded strictly."""
+    from safetensors.torch import load_file
+
+    from medfound.workflows import _structure
+
+    export = Path(run_dir) / "export"
+    structure = _structure(recipe, export / "backbone")
+    task = build_prompt_task(recipe.model_copy(update={"tuning": "full", "backbone": structure}))
+    try:
+        task.model.load_state_dict(load_file(str(export / WEIGHTS)))
+    except RuntimeError as e:
+        raise RuntimeError(f"{export}/{WEIGHTS} does not fit the network the run's recipe builds "
+                           f"(was the recipe edited?): {e}") from None
+    return task.model.eval()
+
+
+def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
+    """Dice of every `split` sample from its mask's tight box, at the original resolution -> eval.json."""
+    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.evaluate.report import _dataset, _record
+
+    run_dir = Path(run_dir)
+    urls, (manifest,) = shard_urls(recipe.data.shards[:1], split)
+    predictor = BoxPredictor.from_run(run_dir)
+    names = manifest.label_schema.names
+    mask_name = recipe.head.mask
+
+    def raw(sample):
+        return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
+
+    loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
+                         train=False, collate_fn=lambda s: s[0])
+    start = time.time()
+    rows = []
+    for sample in loader:
+        m = sample["mask"]
+        m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
+        box = box_from_mask(m)
+        pred = predictor.predict(sample["image"], [box])[0]
+        dice = 2 * float((pred & m).sum()) / max(1, int(pred.sum() + m.sum()))
+        label = sample.get("label")
+        rows.append({"key": sample["key"], "structure": names[label] if label is not None and names else None,
+                     "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
+    if not rows:
+        raise ValueError(f"split '{split}' of {recipe.data.shards[0]} yielded no samples")
+    per_structure: dict[str, list[float]] = {}
+    for r in rows:
+        per_structure.setdefault(r["structure"] or "all", []).append(r["dice"])
+    report = {
+        "task": "prompt_segmentation",
+        "dataset": _dataset(manifest, recipe.data.shards[0], split, len(rows)),
+        "model": {"export": str(run_dir / "export"), "sha256": sha256_file(run_dir / "export" / WEIGHTS)},
+        "metrics": {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
+                    "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)},
+        "per_structure": {k: {"dice": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(per_structure.items())},
+        "per_sample": rows,
+        "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each predicted "
+                                "from the tight bounding box of its ground-truth mask (no jitter), threshold 0.5",
+                        "dice_by_structure_mean": "mean over structures of their mean Dice"},
+        **_record([], [], start),
+    }
+    atomic_write_json(run_dir / "eval.json", report)
+    return report
+
+
+def segment_boxes(run_dir: str | Path, image_path: str | Path, boxes: Sequence[Sequence[float]], out: str | Path,
+                  threshold: float = 0.5) -> list[Path]:
+    """`medfound prompt`: one mask PNG (0/255) per box and an overlay of all of them -> the written paths."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image_path, out = Path(image_path), Path(out)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image {image_path} not found")
+    for b in boxes:
+        if len(b) != 4:
+            raise ValueError(f"--box {','.join(map(str, b))}: give four numbers x0,y0,x1,y1")
+    with Image.open(image_path) as im:
+        image = im.convert("RGB")
+    masks = BoxPredictor.from_run(run_dir).predict(image, boxes, threshold=threshold)
+    colours = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 150, 60)]
+    overlay = np.asarray(image, dtype=np.float64).copy()
+    written = []
+
+    def png(img: Image.Image, path: Path) -> None:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+
+    for i, m in enumerate(masks):
+        png(Image.fromarray((m * 255).astype(np.uint8)), out / f"mask_{i}.png")
+        overlay[m] = 0.5 * overlay[m] + 0.5 * np.array(colours[i % len(colours)])
+    canvas = Image.fromarray(overlay.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for i, b in enumerate(boxes):
+        draw.rectangle(list(b), outline=colours[i % len(colours)], width=2)
+    png(canvas, out / "overlay.png")
+    return written

@@ -1,0 +1,146 @@
+"""MedSAM-style box prompts: boxes from masks, the prompt encoder and two-way decoder, tuning, prediction, CLI."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from medfound.adapt.prompt import box_from_mask
+
+from helpers import DATA, ROOT, assert_gradients_only_where_trainable
+
+
+def _recipe(tuning: str, extra: list[str] | None = None):
+    from medfound.config import load_recipe
+
+    return load_recipe(ROOT / "adapt" / "medsam.yaml", [
+        "backbone.weights=null", "backbone.name=vit_tiny_patch16_224",
+        "backbone.model_args={img_size: 32, patch_size: 8, depth: 2, embed_dim: 64, num_heads: 2}",
+        "data.img_size=32", "head.dim=32", "head.heads=2", "head.mlp_dim=64", f"tuning={tuning}", *(extra or [])])
+
+
+def test_box_from_mask_is_the_tight_box_and_jitter_only_enlarges_it():
+    m = np.zeros((50, 60), np.uint8)
+    m[10:21, 30:41] = 255
+    assert box_from_mask(m) == [30.0, 10.0, 40.0, 20.0]
+    rng = random.Random(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = box_from_mask(m, jitter=20, rng=rng)
+        assert 10 <= x0 <= 30 and 0 <= y0 <= 10 and 40 <= x1 <= 59 and 20 <= y1 <= 40
+    with pytest.raises(ValueError, match="empty"):
+        box_from_mask(np.zeros((4, 4)))
+
+
+def test_training_transform_scales_the_box_with_the_image():
+    from medfound.adapt.prompt import build_prompt_transform
+
+    img = np.zeros((100, 200, 3), np.uint8)
+    mask = np.zeros((100, 200), np.uint8)
+    mask[20:40, 100:150] = 1
+    out = build_prompt_transform(50, "mask", 0, train=True)({"image": img, "masks": {"mask": mask}, "key": "k"})
+    assert out["image"].shape == (3, 50, 50) and out["mask"].shape == (1, 50, 50)
+    torch.testing.assert_close(out["box"], torch.tensor([100 * 50 / 200, 20 * 50 / 100, 149 * 50 / 200, 39 * 50 / 100]))
+    with pytest.raises(ValueError, match="empty"):
+        build_prompt_transform(50, "mask", 20, train=True)({"image": img, "masks": {"mask": mask * 0}, "key": "k"})
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full", "linear_probe", "last_k"])
+def test_every_tuning_strategy_shapes_and_gradients(tuning):
+    from medfound.adapt.prompt import build_prompt_task
+
+    torch.manual_seed(0)
+    task = build_prompt_task(_recipe(tuning))
+    for n, p in task.named_parameters():  # peft starts B at zero, which leaves A without gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    seg = task.model
+    x = torch.randn(2, 3, 32, 32)
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 31.0, 31.0]])
+    points = torch.tensor([[[5.0, 5.0], [0.0, 0.0]], [[10.0, 12.0], [20.0, 20.0]]])
+    labels = torch.tensor([[1, -1], [1, 0]])
+    logits = seg(x, boxes, points, labels)  # boxes and points together reach every prompt parameter
+    assert logits.shape == (2, 1, 32, 32)
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).long()
+    out = task({"image": x, "box": boxes, "mask": mask})
+    (out["loss"] + logits.sum()).backward()
+    assert_gradients_only_where_trainable(task, f"box_prompt/{tuning}")
+
+
+def test_several_boxes_over_one_image_match_one_box_at_a_time():
+    from medfound.adapt.prompt import build_prompt_task
+
+    torch.manual_seed(0)
+    seg = build_prompt_task(_recipe("full")).model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0], [10.0, 1.0, 30.0, 12.0], [0.0, 0.0, 31.0, 31.0]])
+    with torch.no_grad():
+        together = seg.decode(seg.embed(x), (32, 32), boxes)
+        alone = torch.cat([seg(x, b[None]) for b in boxes])
+    assert together.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])  # the box matters
+
+
+def test_lora_merged_equals_unmerged():
+    from medfound.adapt.prompt import build_prompt_task
+    from medfound.adapt.tuning import merged_segmenter
+
+    torch.manual_seed(0)
+    seg = build_prompt_task(_recipe("lora")).model.eval()
+    with torch.no_grad():  # move the adapters off zero so merging has something to do
+        for n, p in seg.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        x, b = torch.randn(2, 3, 32, 32), torch.tensor([[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 31.0, 31.0]])
+        torch.testing.assert_close(merged_segmenter(seg).eval()(x, b), seg(x, b), rtol=1e-5, atol=1e-5)
+        assert "lora" not in " ".join(merged_segmenter(seg).state_dict())
+
+
+def test_prompt_encoder_refuses_bad_prompts():
+    from medfound.adapt.heads.prompt import PromptEncoder
+
+    enc = PromptEncoder(16)
+    with pytest.raises(ValueError, match="give a box or points"):
+        enc((32, 32))
+    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+        enc((32, 32), boxes=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="labels"):
+        enc((32, 32), points=torch.zeros(1, 2, 2))
+
+
+def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(organ_shards, pretrained, tmp_path):
+    """Train briefly on the bundled CT structures, then segment MedSAM's tutorial box and a second box at once."""
+    from PIL import Image
+
+    from medfound.adapt.prompt import BoxPredictor
+    from medfound.cli import main
+    from medfound.config import load_recipe
+    from medfound.workflows import publish_run, run_finetune
+
+    overrides = [f"backbone.weights={pretrained / 'export'}", "backbone.model_args={img_size: 64}",
+                 f"data.shards=[{organ_shards}]", "data.img_size=64", "data.batch_size=2", "head.dim=32",
+                 "head.heads=2", "head.mlp_dim=64", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=3",
+                 "trainer.progress=false", "trainer.loggers=[]", "tuning=lora"]
+    run_finetune(load_recipe(ROOT / "adapt" / "medsam.yaml", overrides))
+    image = Image.open(DATA / "ct_organs" / "medsam_img_demo.png")
+    predictor = BoxPredictor.from_run(tmp_path / "run")
+    masks = predictor.predict(image, [[95, 255, 190, 350], [300, 100, 400, 200]])
+    assert masks.shape == (2, image.height, image.width) and masks.dtype == bool
+    probs = predictor.predict(image, [[95, 255, 190, 350]], return_probs=True)
+    assert probs.shape == (1, image.height, image.width) and 0 <= probs.min() <= probs.max() <= 1
+    with pytest.raises(ValueError, match="inside the"):
+        predictor.predict(image, [[10, 10, 5, 20]])
+    out = tmp_path / "cli"
+    rc = main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
+               "--box", "95,255,190,350", "--box", "300,100,400,200", "--out", str(out)])
+    assert rc == 0 and {p.name for p in out.iterdir()} == {"mask_0.png", "mask_1.png", "overlay.png"}
+    cli_mask = np.asarray(Image.open(out / "mask_0.png")) > 0
+    assert (cli_mask == masks[0]).all()
+    import timm
+    timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)  # reusable ViT
+    assert (tmp_path / "run" / "export" / "backbone" / "adapter").is_dir()
+    with pytest.raises(ValueError, match="box-prompt run"):
+        publish_run(tmp_path / "run", tmp_path / "pub")
