@@ -46,6 +46,12 @@ def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
     return accelerator, run_dir, resume, text
 
 
+def run_summary(run_dir: Path, state, accelerator) -> dict[str, Any]:
+    """What every training verb returns (and the CLI prints); stages add export and eval keys."""
+    return {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
+            "main": accelerator.is_main_process}
+
+
 def _has_accelerator() -> bool:
     """True when a GPU-like device exists. Without one, accelerate must be told cpu=True, or processes started
     by torchrun / accelerate launch would each train alone instead of forming a gloo process group."""
@@ -178,8 +184,7 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
     state = fit(objective, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume,
                 normalize=recipe.data.normalizer())
-    summary = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
-               "main": accelerator.is_main_process}
+    summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
@@ -222,8 +227,7 @@ def run_segment(recipe: FinetuneRecipe, command: str = "medfound finetune") -> d
     state = fit(task, _train_loader(recipe, sets, manifests, labelled=False), trainer=recipe.trainer,
                 optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator,
                 config_text=text, resume_from=resume, normalize=segment_normalizer(recipe))
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
-                               "main": accelerator.is_main_process}
+    summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
     task = accelerator.unwrap_model(task)
@@ -282,8 +286,7 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     state = fit(task, _train_loader(recipe, sets, manifests, labelled=True), trainer=recipe.trainer, optim=recipe.optim,
                 lr=recipe.derived.lr, run_dir=run_dir, accelerator=accelerator, config_text=text, resume_from=resume,
                 normalize=recipe.data.normalizer())
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
-                               "main": accelerator.is_main_process}
+    summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
     task = accelerator.unwrap_model(task)

@@ -40,7 +40,7 @@ def run_mil(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[
     from medfound.adapt.tasks import build_mil_task
     from medfound.evaluate.report import evaluate_run
     from medfound.train.loop import fit
-    from medfound.workflows import _lineage, _seed_per_rank, _start
+    from medfound.workflows import _lineage, _seed_per_rank, _start, run_summary
 
     accelerator, run_dir, resume, text = _start(recipe, command)
     bags = Path(recipe.data.shards[0])
@@ -59,8 +59,7 @@ def run_mil(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[
 
     state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
                 accelerator=accelerator, config_text=text, resume_from=resume, normalize=None)
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
-                               "main": accelerator.is_main_process}
+    summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
     task = accelerator.unwrap_model(task)
@@ -104,7 +103,7 @@ def load_mil(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
 def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
     """Slide-level metrics on `split` of the bag folder, attention heatmaps -> eval.json."""
     from medfound.evaluate.heatmap import save_heatmap
-    from medfound.evaluate.metrics import DEFINITIONS, classification_metrics, multilabel_metrics
+    from medfound.evaluate.metrics import DEFINITIONS, score_with_sites
     from medfound.evaluate.report import _record
 
     run_dir = Path(run_dir)
@@ -138,16 +137,7 @@ def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str,
         sites += batch.get("site", [None] * len(batch["key"]))
     probs, labels = np.concatenate(probs), np.concatenate(labels)
 
-    def score(idx, name):
-        if multilabel:
-            return multilabel_metrics(probs[idx], labels[idx], schema.names, split=name)
-        return classification_metrics(probs[idx], labels[idx], schema.type, schema.names, split=name)
-
-    result = score(slice(None), split)
-    by_site = {}
-    for site in sorted({s for s in sites if s}):
-        idx = np.array([s == site for s in sites])
-        by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
+    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split)
     report = {
         "task": "mil",
         "label_type": schema.type,

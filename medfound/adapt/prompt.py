@@ -137,7 +137,7 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
     from medfound.evaluate.report import evaluate_run
     from medfound.publish.export import export_model, read_lineage
     from medfound.train.loop import fit
-    from medfound.workflows import _lineage, _seed_per_rank, _start
+    from medfound.workflows import _lineage, _seed_per_rank, _start, run_summary
 
     accelerator, run_dir, resume, text = _start(recipe, command)
     sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
@@ -155,8 +155,7 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
 
     state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
                 accelerator=accelerator, config_text=text, resume_from=resume, normalize=d.normalizer())
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "step": state.step, "preempted": state.preempted,
-                               "main": accelerator.is_main_process}
+    summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
     task = accelerator.unwrap_model(task)

@@ -149,3 +149,19 @@ def aggregate_units(probs: np.ndarray, labels: np.ndarray, units: list[tuple], r
         p_out.append(q)
         y_out.append(labels[idx].max(0))
     return np.stack(p_out), np.stack(y_out), list(order)
+
+
+def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_type: str, class_names: list[str],
+                     split: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(metrics of the whole split, {site: {"n", metrics...}}) for single-label or multi-label predictions; sites
+    holds one entry (or None) per sample."""
+    def score(idx, name):
+        if label_type == "multilabel":
+            return multilabel_metrics(probs[idx], labels[idx], class_names, split=name)
+        return classification_metrics(probs[idx], labels[idx], label_type, class_names, split=name)
+
+    by_site = {}
+    for site in sorted({s for s in sites if s}):
+        idx = np.array([s == site for s in sites])
+        by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
+    return score(slice(None), split), by_site

@@ -17,7 +17,7 @@ import torch
 import medfound
 from medfound.config import FinetuneRecipe, load_recipe
 from medfound.data.pipeline import make_loader, shard_urls
-from medfound.evaluate.metrics import DEFINITIONS, classification_metrics, multilabel_metrics
+from medfound.evaluate.metrics import DEFINITIONS, classification_metrics, multilabel_metrics, score_with_sites
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -91,16 +91,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
     if threshold is not None:
         labels = (labels >= threshold).astype(np.int64)
 
-    def score(idx, name):
-        if multilabel:
-            return multilabel_metrics(probs[idx], labels[idx], schema.names, split=name)
-        return classification_metrics(probs[idx], labels[idx], schema.type, schema.names, split=name)
-
-    result = score(slice(None), split)
-    by_site = {}
-    for site in sorted({s for s in sites if s}):
-        idx = np.array([s == site for s in sites])
-        by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
+    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split)
     units = None
     if agg is not None:
         from medfound.evaluate.metrics import aggregate_units
