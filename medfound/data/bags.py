@@ -131,7 +131,7 @@ def bag_loader(directory: str | Path, split: str, batch_size: int, *, train: boo
     index = read_bags(directory)
     schema = bag_schema(index)
     slides = slides_of(index, split, directory)
-    rng = random.Random(hash((seed, epoch, "bags")) & 0x7FFFFFFF)
+    rng = random.Random(seed * 1_000_003 + epoch)  # ints only: str hashes differ between processes
     order = list(slides)
     if train:
         if balanced:
@@ -168,7 +168,8 @@ class Mosaic:
     def add(self, x: int, y: int, image: Any) -> None:
         from PIL import Image
 
-        small = max(1, min(self.extent // 8, image.size[0] if hasattr(image, "size") else self.extent))
+        side = image.size[0] if isinstance(image, Image.Image) else np.asarray(image).shape[1]
+        small = max(1, min(side, 64))  # enough for a 1024-px thumbnail of a mini-slide; bounded memory for a WSI
         im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
         self.tiles.append((x, y, im.convert("RGB").resize((small, small))))
 
