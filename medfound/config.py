@@ -323,7 +323,15 @@ class BoxPromptHeadConfig(Strict):
     mlp_dim: int = Field(2048, gt=0)
     mask: str = Field("mask", description="the mask member of the shards (one structure per sample)")
     box_jitter: int = Field(20, ge=0, description="training boxes from masks, each side moved outwards by a random "
-                                                  "0..box_jitter px of the original image (MedSAM: 20)")
+                                                  "0..box_jitter px of the (cropped) image (MedSAM: 20)")
+    crop_to_box: Optional[float] = Field(
+        None, ge=0, description="None: the model sees the whole image (MedSAM; one encoding serves every box). A "
+                                "number: it sees a square window around each box with this margin (a fraction of "
+                                "the box side on each side), resized to data.img_size (DEXTR-style; far better with "
+                                "little training data or small structures, one encoding per box)")
+    augment: bool = Field(True, description="training: random windows containing the structure (40-100% of the "
+                                            "image side), flips, brightness/contrast jitter; MedSAM uses none, "
+                                            "having 1.5 M masks")
     dice_weight: float = Field(1.0, ge=0)
     bce_weight: float = Field(1.0, ge=0)
 

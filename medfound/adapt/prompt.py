@@ -1,7 +1,8 @@
 """Box-prompt segmentation (MedSAM) end to end: training boxes from masks, training, export, prediction, evaluation.
 
 Training (`medfound finetune adapt/medsam.yaml`): each sample is one image and one structure's mask; the image is
-resized to `data.img_size`, the box is the mask's bounding box with each side moved outwards by a random 0..20 px
+resized to `data.img_size` (after a random window around the structure, flips and intensity jitter unless
+`head.augment=false`), the box is the mask's bounding box with each side moved outwards by a random 0..20 px
 (MedSAM), and the loss is Dice + binary cross-entropy on the mask logits.
 
 Inference (`medfound prompt RUN_DIR IMAGE --box x0,y0,x1,y1 [--box ...] --out DIR`, or `BoxPredictor` in Python):
@@ -54,8 +55,46 @@ def _scale_box(box: Sequence[float], src: tuple[int, int], dst: int) -> list[flo
     return [box[0] * dst / w, box[1] * dst / h, box[2] * dst / w, box[3] * dst / h]
 
 
-def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool):
-    """sample -> {"image" `[3, S, S]` (uint8 or float in [0, 1]), "mask" long `[1, S, S]`, "box" `[4]`}."""
+def _crop_around(box: Sequence[float], h: int, w: int, zoom: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A random square-ish window (y0, x0, y1, x1) of the image that contains `box` whole: its side is a random
+    fraction `zoom` of the image's, never smaller than the box, placed at random around it."""
+    g = torch.empty(3).uniform_()
+    frac = zoom[0] + (zoom[1] - zoom[0]) * float(g[0])
+    ch = int(min(h, max(box[3] - box[1] + 1, round(h * frac))))
+    cw = int(min(w, max(box[2] - box[0] + 1, round(w * frac))))
+    y_lo, y_hi = max(0, int(box[3]) + 1 - ch), min(int(box[1]), h - ch)
+    x_lo, x_hi = max(0, int(box[2]) + 1 - cw), min(int(box[0]), w - cw)
+    y0 = y_lo + int(round(float(g[1]) * max(0, y_hi - y_lo)))
+    x0 = x_lo + int(round(float(g[2]) * max(0, x_hi - x_lo)))
+    return y0, x0, y0 + ch, x0 + cw
+
+
+def box_window(box: Sequence[float], margin: float, shift: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int]:
+    """The square window (y0, x0, side) around `box` with `margin` x the box's longer side on each side, its centre
+    moved by `shift` x side; it may reach outside the image (`crop_padded` pads with zeros)."""
+    bw, bh = box[2] - box[0] + 1, box[3] - box[1] + 1
+    side = max(4, int(round(max(bw, bh) * (1 + 2 * margin))))
+    cx, cy = (box[0] + box[2]) / 2 + shift[0] * side, (box[1] + box[3]) / 2 + shift[1] * side
+    return int(round(cy - side / 2)), int(round(cx - side / 2)), side
+
+
+def crop_padded(x: torch.Tensor, y0: int, x0: int, side: int) -> torch.Tensor:
+    """`x[..., y0:y0+side, x0:x0+side]` with zeros where the window leaves the image."""
+    h, w = x.shape[-2:]
+    pad = (max(0, -x0), max(0, x0 + side - w), max(0, -y0), max(0, y0 + side - h))
+    if any(pad):
+        x = F.pad(x, pad)
+        y0, x0 = y0 + pad[2], x0 + pad[0]
+    return x[..., y0:y0 + side, x0:x0 + side]
+
+
+def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool, augment: bool = True,
+                           crop_to_box: Optional[float] = None):
+    """sample -> {"image" `[3, S, S]` (uint8 or float in [0, 1]), "mask" long `[1, S, S]`, "box" `[4]`}.
+
+    Training with `augment`: a random window that contains the structure (40-100% of the image side: the same
+    structure at other scales and positions), random flips and brightness/contrast jitter, so that the decoder
+    learns to follow the box rather than to recall where structures sat in the few training images."""
     from medfound.data.transforms import to_image_tensor
 
     def apply(sample: dict) -> dict:
@@ -67,17 +106,34 @@ def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool)
         x = to_image_tensor(sample["image"], sample.get("meta"))
         if tuple(x.shape[-2:]) != m.shape:
             raise ValueError(f"sample {sample.get('key')}: image {tuple(x.shape[-2:])} and mask {m.shape} differ in size")
+        target = torch.from_numpy(m)
         try:
-            box = box_from_mask(m, jitter if train else 0.0, random.Random(torch.randint(0, 2**31, ()).item()))
+            tight = box_from_mask(m)
         except ValueError:
             raise ValueError(f"sample {sample.get('key')}: the '{mask}' mask is empty; drop it from the table") from None
-        image = F.interpolate(x[None].float() if x.dtype != torch.uint8 else x[None], size=(img_size, img_size),
-                              mode="bilinear", antialias=True, align_corners=False)[0]
-        if x.dtype == torch.uint8:
-            image = image.round().clamp(0, 255).to(torch.uint8) if image.dtype != torch.uint8 else image
-        target = F.interpolate(torch.from_numpy(m)[None, None].float(), size=(img_size, img_size), mode="nearest")[0]
-        return {"image": image, "mask": target.long(),
-                "box": torch.tensor(_scale_box(box, m.shape, img_size), dtype=torch.float32)}
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if crop_to_box is not None:  # the window the predictor will cut around the user's box, varied in training
+            margin, shift = crop_to_box, (0.0, 0.0)
+            if train and augment:
+                margin = crop_to_box * float(torch.empty(()).uniform_(0.5, 1.5))
+                shift = tuple(float(v) for v in torch.empty(2).uniform_(-0.1, 0.1))
+            y0, x0, side = box_window(tight, margin, shift)
+            x, target = crop_padded(x, y0, x0, side), crop_padded(target, y0, x0, side)
+        elif train and augment:
+            y0, x0, y1, x1 = _crop_around(tight, *m.shape, zoom=(0.4, 1.0))
+            x, target = x[:, y0:y1, x0:x1], target[y0:y1, x0:x1]
+        if train and augment:
+            for axis in (-1, -2):
+                if torch.rand(()) < 0.5:
+                    x, target = x.flip(axis), target.flip(axis)
+            contrast, brightness = 1 + 0.2 * (2 * torch.rand(()) - 1), 0.1 * (2 * torch.rand(()) - 1)
+            x = ((x - x.mean()) * contrast + x.mean() + brightness).clamp(0, 1)
+        box = box_from_mask(target.numpy(), jitter if train else 0.0, random.Random(torch.randint(0, 2**31, ()).item()))
+        image = F.interpolate(x[None], size=(img_size, img_size), mode="bilinear", antialias=True,
+                              align_corners=False)[0].clamp(0, 1)
+        out_mask = F.interpolate(target[None, None].float(), size=(img_size, img_size), mode="nearest")[0]
+        return {"image": image, "mask": out_mask.long(),
+                "box": torch.tensor(_scale_box(box, tuple(target.shape), img_size), dtype=torch.float32)}
 
     return apply
 
@@ -146,7 +202,8 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
         print_parameter_table(task, recipe.tuning, backbone="model.net.encoder.vit.")
     _seed_per_rank(recipe, accelerator)
     d, h = recipe.data, recipe.head
-    transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True)
+    transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
+                                       crop_to_box=h.crop_to_box)
 
     def loader(epoch: int):
         return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
@@ -184,11 +241,11 @@ class BoxPredictor:
     """
 
     def __init__(self, segmenter: torch.nn.Module, img_size: int, mean: Sequence[float], std: Sequence[float],
-                 device: str = "cpu"):
+                 device: str = "cpu", crop_to_box: Optional[float] = None):
         from medfound.data.transforms import Normalize
 
         self.model = segmenter.eval().to(device)
-        self.img_size, self.device = img_size, device
+        self.img_size, self.device, self.crop_to_box = img_size, device, crop_to_box
         self.normalize = Normalize(mean, std).to(device)
 
     @classmethod
@@ -201,7 +258,7 @@ class BoxPredictor:
             raise ValueError(f"{run_dir} is not a box-prompt run (head.type=box_prompt)")
         meta = json.loads((run_dir / "export" / META).read_text())
         return cls(load_prompt_segmenter(run_dir, recipe), meta["img_size"], meta["mean"], meta["std"],
-                   device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                   device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
     @torch.no_grad()
     def predict(self, image: Any, boxes: Sequence[Sequence[float]], threshold: float = 0.5,
@@ -219,14 +276,34 @@ class BoxPredictor:
         if bad:
             raise ValueError(f"boxes {bad} are not x0 < x1 <= {w}, y0 < y1 <= {h} inside the {w}x{h} image")
         s = self.img_size
-        img = F.interpolate(x[None].float(), size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        img = self.normalize(img.div(255.0) if x.dtype == torch.uint8 else img).to(self.device)
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.crop_to_box is not None:
+            probs = np.stack([self._predict_in_window(x, b) for b in boxes])
+            return probs if return_probs else probs > threshold
+        img = F.interpolate(x[None], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        img = self.normalize(img).to(self.device)
         scaled = torch.tensor([_scale_box(b, (h, w), s) for b in boxes], dtype=torch.float32, device=self.device)
         embedding = self.model.embed(img)
         logits = self.model.decode(embedding, (s, s), scaled)
         probs = torch.sigmoid(F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False))[:, 0]
         probs = probs.cpu().numpy()
         return probs if return_probs else probs > threshold
+
+    def _predict_in_window(self, x: torch.Tensor, box: np.ndarray) -> np.ndarray:
+        """crop_to_box models: the window around the box, resized, segmented, pasted back -> probabilities [H, W]."""
+        h, w = x.shape[-2:]
+        s = self.img_size
+        y0, x0, side = box_window(box, self.crop_to_box)
+        window = F.interpolate(crop_padded(x, y0, x0, side)[None], size=(s, s), mode="bilinear", antialias=True,
+                               align_corners=False)
+        local = [box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]
+        scaled = torch.tensor([_scale_box(local, (side, side), s)], dtype=torch.float32, device=self.device)
+        logits = self.model(self.normalize(window).to(self.device), scaled)
+        p = torch.sigmoid(F.interpolate(logits.float(), size=(side, side), mode="bilinear", align_corners=False))[0, 0]
+        out = torch.zeros(h, w)
+        ys, xs = slice(max(0, y0), min(h, y0 + side)), slice(max(0, x0), min(w, x0 + side))
+        out[ys, xs] = p.cpu()[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        return out.numpy()
 
 
 def load_prompt_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:

@@ -40,11 +40,32 @@ def test_training_transform_scales_the_box_with_the_image():
     img = np.zeros((100, 200, 3), np.uint8)
     mask = np.zeros((100, 200), np.uint8)
     mask[20:40, 100:150] = 1
-    out = build_prompt_transform(50, "mask", 0, train=True)({"image": img, "masks": {"mask": mask}, "key": "k"})
+    plain = build_prompt_transform(50, "mask", 0, train=True, augment=False)
+    out = plain({"image": img, "masks": {"mask": mask}, "key": "k"})
     assert out["image"].shape == (3, 50, 50) and out["mask"].shape == (1, 50, 50)
     torch.testing.assert_close(out["box"], torch.tensor([100 * 50 / 200, 20 * 50 / 100, 149 * 50 / 200, 39 * 50 / 100]))
     with pytest.raises(ValueError, match="empty"):
         build_prompt_transform(50, "mask", 20, train=True)({"image": img, "masks": {"mask": mask * 0}, "key": "k"})
+
+
+def test_augmented_samples_keep_the_whole_structure_inside_the_jittered_box():
+    from medfound.adapt.prompt import build_prompt_transform
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    mask = np.zeros((120, 90), np.uint8)
+    mask[70:100, 5:30] = 255
+    transform = build_prompt_transform(48, "mask", 20, train=True)
+    sizes = set()
+    for _ in range(50):
+        out = transform({"image": img, "masks": {"mask": mask}, "key": "k"})
+        ys, xs = np.nonzero(out["mask"][0].numpy())
+        x0, y0, x1, y1 = out["box"].tolist()
+        assert x0 <= xs.min() + 1 and y0 <= ys.min() + 1 and x1 >= xs.max() - 1 and y1 >= ys.max() - 1
+        assert 0 <= x0 and x1 <= 48 and 0 <= y0 and y1 <= 48 and 0 <= out["image"].min() <= out["image"].max() <= 1
+        sizes.add(int(out["mask"].sum()))
+    assert len(sizes) > 10  # the structure appears at many scales
 
 
 @pytest.mark.parametrize("tuning", ["lora", "full", "linear_probe", "last_k"])
@@ -144,3 +165,26 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     assert (tmp_path / "run" / "export" / "backbone" / "adapter").is_dir()
     with pytest.raises(ValueError, match="box-prompt run"):
         publish_run(tmp_path / "run", tmp_path / "pub")
+
+
+def test_box_windows_are_square_centred_and_padded_outside_the_image():
+    from medfound.adapt.prompt import box_window, crop_padded
+
+    assert box_window([100, 20, 149, 39], 0.25) == (-8, 87, 75)  # 50 px box side * 1.5, centred on (124.5, 29.5)
+    x = torch.arange(12.0).reshape(1, 3, 4)
+    out = crop_padded(x, -1, 2, 3)
+    assert out.tolist() == [[[0.0, 0.0, 0.0], [2.0, 3.0, 0.0], [6.0, 7.0, 0.0]]]
+
+
+def test_crop_to_box_prediction_pastes_each_window_back_into_the_image():
+    from medfound.adapt.prompt import BoxPredictor, build_prompt_task
+
+    torch.manual_seed(0)
+    seg = build_prompt_task(_recipe("full", ["head.crop_to_box=0.25"])).model
+    predictor = BoxPredictor(seg, 32, (0.5,) * 3, (0.25,) * 3, crop_to_box=0.25)
+    image = np.random.default_rng(0).integers(0, 255, (60, 90), dtype=np.uint8)
+    probs = predictor.predict(image, [[0, 0, 20, 10], [50, 30, 89, 59]], return_probs=True)
+    assert probs.shape == (2, 60, 90)
+    # the first box's window is 32 px square from (-11, -6): only its part inside the image is pasted
+    assert (probs[0][:, 27:] == 0).all() and (probs[0][27:, :] == 0).all() and probs[0][:20, :20].max() > 0
+    assert (probs[1][:, :40] == 0).all() and probs[1][30:, 50:].max() > 0
