@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 import time
 from collections import Counter
@@ -53,6 +52,13 @@ def monuseg_slides(work: Path) -> Path:
     return write_csv(rows, work / "slides.csv")
 
 
+def small_copy(src: Path, dest: Path, side: int = 512) -> None:
+    """A heatmap for the repository: at most `side` px, palette PNG."""
+    im = Image.open(src).convert("RGB")
+    im.thumbnail((side, side))
+    im.quantize(colors=256).save(dest, optimize=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "mil")
@@ -84,7 +90,7 @@ def main() -> int:
     majority = Counter(r["label"] for r in csv.DictReader(open(table)) if r["split"] == "train").most_common(1)[0][0]
     chance = sum(r["label"] == majority for r in test) / len(test)
     heat = sorted((out / "heatmaps").glob("*.png"))[0]
-    shutil.copy(heat, ROOT / "benchmarks" / "results" / "mil_heatmap_monuseg.png")
+    small_copy(heat, ROOT / "benchmarks" / "results" / "mil_heatmap_monuseg.png")
 
     # the SVS slides: the same path, end to end
     svs_dir = work / "svs"
@@ -104,8 +110,8 @@ def main() -> int:
          "head.hidden_dim=64", "head.attention_dim=32", "data.batch_size=2", "trainer.max_steps=50",
          f"trainer.output_dir={work / 'svs_abmil'}", "trainer.resume=null"])
     svs = json.loads((work / "svs_abmil" / "eval.json").read_text())
-    shutil.copy(work / "svs_abmil" / "heatmaps" / "TCGA-CR-7395-01A-01-TS1_small.png",
-                ROOT / "benchmarks" / "results" / "mil_heatmap_tcga_cr.png")
+    small_copy(work / "svs_abmil" / "heatmaps" / "TCGA-CR-7395-01A-01-TS1_small.png",
+               ROOT / "benchmarks" / "results" / "mil_heatmap_tcga_cr.png")
     index = json.loads((bags / "bags.json").read_text())
     result = {
         "dataset": "MoNuSeg tiles as mini-slides, organ of origin (7 classes), split stratified by organ",
