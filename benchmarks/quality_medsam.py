@@ -106,6 +106,7 @@ def main() -> int:
                                 "command": f"medfound prompt {out.relative_to(ROOT)} data/ct_organs/medsam_img_demo.png "
                                            "--box 95,255,190,350 --out runs/medsam_demo"},
               "minutes": round((time.time() - start) / 60, 1), "hardware": "2 CPU cores"}
+    result = json.loads(json.dumps(result).replace(f"{ROOT}/", ""))  # repository-relative paths in the record
     save_result("medsam_ct", result, ("dice", "box_fill_dice", "dice_by_structure_mean"))
     return 0
 

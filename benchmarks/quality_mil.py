@@ -130,6 +130,7 @@ def main() -> int:
         "heatmap": "benchmarks/results/mil_heatmap_monuseg.png",
         "minutes": round((time.time() - start) / 60, 1), "hardware": "2 CPU cores",
     }
+    result = json.loads(json.dumps(result).replace(f"{ROOT}/", ""))  # repository-relative paths in the record
     save_result("mil_monuseg", result, ("accuracy", "balanced_accuracy", "chance_accuracy"))
     return 0
 
