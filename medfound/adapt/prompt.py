@@ -89,7 +89,7 @@ def crop_padded(x: torch.Tensor, y0: int, x0: int, side: int) -> torch.Tensor:
 
 
 def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool, augment: bool = True,
-                           crop_to_box: Optional[float] = None):
+                           crop_to_box: Optional[float] = None, window: Optional[str] = None):
     """sample -> {"image" `[3, S, S]` (uint8 or float in [0, 1]), "mask" long `[1, S, S]`, "box" `[4]`}.
 
     Training with `augment`: a random window that contains the structure (40-100% of the image side: the same
@@ -103,7 +103,7 @@ def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool,
             raise ValueError(f"no '{mask}' mask in sample {sample.get('key')} (members: {sorted(masks)}); set head.mask")
         m = np.asarray(masks[mask])
         m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
-        x = to_image_tensor(sample["image"], sample.get("meta"))
+        x = to_image_tensor(sample["image"], sample.get("meta"), window)  # DICOM: rescale + window (data.window)
         if tuple(x.shape[-2:]) != m.shape:
             raise ValueError(f"sample {sample.get('key')}: image {tuple(x.shape[-2:])} and mask {m.shape} differ in size")
         target = torch.from_numpy(m)
@@ -203,7 +203,7 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
     _seed_per_rank(recipe, accelerator)
     d, h = recipe.data, recipe.head
     transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
-                                       crop_to_box=h.crop_to_box)
+                                       crop_to_box=h.crop_to_box, window=d.window)
 
     def loader(epoch: int):
         return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
