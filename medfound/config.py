@@ -402,6 +402,9 @@ class AggregateConfig(Strict):
 
 class EvalConfig(Strict):
     split: str = "test"
+    bootstrap: int = Field(1000, ge=0, description="resamples for 95% stratified bootstrap intervals of the "
+                                                   "classification and MIL metrics (0: none)")
+    seed: int = Field(0, description="seed of the bootstrap resampling")
     aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "
                                                                    "(classification)")
 

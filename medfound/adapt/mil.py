@@ -137,7 +137,8 @@ def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str,
         sites += batch.get("site", [None] * len(batch["key"]))
     probs, labels = np.concatenate(probs), np.concatenate(labels)
 
-    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split)
+    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split,
+                                       recipe.eval.bootstrap, recipe.eval.seed)
     report = {
         "task": "mil",
         "label_type": schema.type,
@@ -149,6 +150,9 @@ def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str,
                   "backbone": index["backbone"]},
         "metrics": result["metrics"],
         "per_class": result["per_class"],
+        **({"intervals": result["bootstrap"]["intervals"],
+            "bootstrap": {k: v for k, v in result["bootstrap"].items() if k != "intervals"}}
+           if "bootstrap" in result else {}),
         "by_site": by_site,
         "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
                     "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]} for i, k in enumerate(keys)],

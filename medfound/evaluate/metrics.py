@@ -152,9 +152,10 @@ def aggregate_units(probs: np.ndarray, labels: np.ndarray, units: list[tuple], r
 
 
 def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_type: str, class_names: list[str],
-                     split: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                     split: str, resamples: int = 0, seed: int = 0) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(metrics of the whole split, {site: {"n", metrics...}}) for single-label or multi-label predictions; sites
-    holds one entry (or None) per sample."""
+    holds one entry (or None) per sample. With `resamples` > 0 the split's result also holds "bootstrap": 95%
+    stratified bootstrap intervals of every metric (evaluate/bootstrap.py)."""
     def score(idx, name):
         if label_type == "multilabel":
             return multilabel_metrics(probs[idx], labels[idx], class_names, split=name)
@@ -164,4 +165,14 @@ def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_t
     for site in sorted({s for s in sites if s}):
         idx = np.array([s == site for s in sites])
         by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
-    return score(slice(None), split), by_site
+    result = score(slice(None), split)
+    if resamples:
+        from medfound.evaluate.bootstrap import bootstrap_intervals
+
+        def metric_fn(p, y):
+            if label_type == "multilabel":
+                return multilabel_metrics(p, y, class_names, split=split)["metrics"]
+            return classification_metrics(p, y, label_type, class_names, split=split)["metrics"]
+
+        result["bootstrap"] = bootstrap_intervals(probs, labels, metric_fn, resamples, seed)
+    return result, by_site

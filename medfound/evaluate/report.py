@@ -91,7 +91,8 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
     if threshold is not None:
         labels = (labels >= threshold).astype(np.int64)
 
-    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split)
+    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split,
+                                       recipe.eval.bootstrap, recipe.eval.seed)
     units = None
     if agg is not None:
         from medfound.evaluate.metrics import aggregate_units
@@ -111,6 +112,9 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         "model": {"export": str(export), "sha256": sha256_file(export / "model.safetensors")},
         "metrics": result["metrics"],
         "per_class": result["per_class"],
+        **({"intervals": result["bootstrap"]["intervals"],
+            "bootstrap": {k: v for k, v in result["bootstrap"].items() if k != "intervals"}}
+           if "bootstrap" in result else {}),
         "by_site": by_site,
         **({"units": units} if units else {}),
         "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},

@@ -1,0 +1,57 @@
+"""Bootstrap intervals: nominal coverage on a problem with a known AUROC, determinism, and the eval.json record."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from medfound.evaluate.bootstrap import bootstrap_intervals
+from medfound.evaluate.metrics import classification_metrics
+
+
+def _auroc_only(p, y):
+    return {"auroc": classification_metrics(p, y, "binary", ["neg", "pos"])["metrics"]["auroc"]}
+
+
+def test_intervals_cover_the_true_auroc_at_about_the_nominal_rate():
+    """Scores N(d, 1) for positives and N(0, 1) for negatives have AUROC Phi(d / sqrt 2) = 0.80 exactly."""
+    d = math.sqrt(2) * 0.8416212335729143
+    rng = np.random.default_rng(0)
+    hits, trials = 0, 60
+    for t in range(trials):
+        y = np.repeat([0, 1], 60)
+        score = rng.normal(size=120) + d * y
+        p1 = 1 / (1 + np.exp(-score))
+        probs = np.stack([1 - p1, p1], axis=1)
+        lo, hi = bootstrap_intervals(probs, y, _auroc_only, resamples=300, seed=t)["intervals"]["auroc"]
+        hits += lo <= 0.8 <= hi
+    assert 0.85 <= hits / trials <= 1.0, hits / trials  # nominal 0.95; 60 trials give about +-0.03
+
+
+def test_intervals_are_seeded_stratified_and_contain_the_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 150)
+    logits = rng.normal(size=(150, 3)) + 1.2 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    def fn(pp, yy):
+        return classification_metrics(pp, yy, "ordinal", ["a", "b", "c"])["metrics"]
+
+    a = bootstrap_intervals(p, y, fn, resamples=200, seed=3)
+    b = bootstrap_intervals(p, y, fn, resamples=200, seed=3)
+    assert a == b and a["method"].startswith("percentile bootstrap, stratified")
+    point = fn(p, y)
+    for name in ("auroc", "accuracy", "balanced_accuracy", "kappa_quadratic"):
+        lo, hi = a["intervals"][name]
+        assert lo <= point[name] <= hi and hi - lo > 0
+
+
+def test_finetune_eval_json_carries_intervals(finetuned):
+    report = json.loads((finetuned / "eval.json").read_text())
+    assert report["bootstrap"]["resamples"] == 1000 and report["bootstrap"]["level"] == 0.95
+    for name, value in report["metrics"].items():
+        if value is not None:
+            lo, hi = report["intervals"][name]
+            assert lo <= value <= hi, name
