@@ -71,6 +71,22 @@ def endpoint_counts(counts: list[int] | None, threshold: int | None) -> list[int
     return [sum(counts[:threshold]), sum(counts[threshold:])]
 
 
+def label_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool, weights: torch.Tensor | None,
+               label_smoothing: float) -> dict[str, torch.Tensor]:
+    """{"loss", "accuracy"} for logits `[B, K]`: multi-label -> sigmoid BCE with `weights` as pos_weight and
+    label-wise accuracy at 0.5; single-label -> cross-entropy with class `weights` and label smoothing, top-1."""
+    w = None if weights is None else weights.to(logits.device)
+    if multilabel:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w)
+        with torch.no_grad():
+            accuracy = ((logits > 0) == (y > 0.5)).float().mean()
+    else:
+        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == y).float().mean()
+    return {"loss": loss, "accuracy": accuracy}
+
+
 class ClassificationTask(nn.Module):
     """Image classification: single-label (binary, multi-class, ordinal grades) with cross-entropy, or multi-label
     findings (CheXNet, Rajpurkar et al. 2017) with a sigmoid per finding and binary cross-entropy.
@@ -115,15 +131,7 @@ class ClassificationTask(nn.Module):
             y = batch["label"]
             if self.threshold is not None:
                 y = (y >= self.threshold).long()
-            w = None if self.weights is None else self.weights.to(logits.device)
-            if self.multilabel:
-                out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w)
-                with torch.no_grad():
-                    out["accuracy"] = ((logits > 0) == (y > 0.5)).float().mean()
-            else:
-                out["loss"] = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.label_smoothing)
-                with torch.no_grad():
-                    out["accuracy"] = (logits.argmax(-1) == y).float().mean()
+            out.update(label_loss(logits, y, self.multilabel, self.weights, self.label_smoothing))
         return out
 
 
@@ -193,14 +201,7 @@ class MILTask(nn.Module):
         logits, attention = self.model(batch["features"], batch.get("mask"))
         out = {"logits": logits, "attention": attention}
         if "label" in batch:
-            y = batch["label"]
-            w = None if self.weights is None else self.weights.to(logits.device)
-            if self.multilabel:
-                out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), y.float(), pos_weight=w)
-            else:
-                out["loss"] = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=self.label_smoothing)
-                with torch.no_grad():
-                    out["accuracy"] = (logits.argmax(-1) == y).float().mean()
+            out.update(label_loss(logits, batch["label"], self.multilabel, self.weights, self.label_smoothing))
         return out
 
 
