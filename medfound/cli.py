@@ -7,8 +7,10 @@
     medfound finetune RECIPE [key=value ...]         LoRA / full / linear-probe fine-tuning -> export + eval.json
     medfound plan SHARDS --out RECIPE                nnU-Net-style segmentation recipe from a data fingerprint
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
-    medfound evaluate RUN_DIR [--split S]            RUN_DIR/eval.json
-    medfound publish RUN_DIR --out DIR               Hugging Face-style folder with a model card
+    medfound evaluate RUN_DIR [EXTERNAL ...]         RUN_DIR/eval.json, predictions.csv, report/report.md
+    medfound publish RUN_DIR --out DIR [--push ID]   Hugging Face-style folder with a model card (+ upload)
+    medfound card check DIR                          verify a card's numbers and hashes against its folder
+    medfound card push DIR --repo ID [--dry-run]     upload a checked folder to the Hugging Face Hub
 
 Heavy libraries (torch, timm) are imported only by the verbs that need them, so a recipe typo is
 reported in well under a second.
@@ -137,8 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for mask_<i>.png (0/255) and overlay.png")
     s.add_argument("--threshold", type=float, default=0.5)
 
-    s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json")
+    s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/")
     s.add_argument("run_dir")
+    s.add_argument("external", nargs="*", help="external-site shard sets scored beside the internal split "
+                                               "(default: the recipe's eval.external)")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
 
     s = sub.add_parser("publish", help="RUN_DIR -> Hugging Face-style folder with model card")
@@ -146,7 +150,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--name", help="model name in the card (default: the --out folder name)")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--push", metavar="REPO_ID", help="then upload the folder to this Hugging Face Hub repo")
+    s.add_argument("--dry-run", action="store_true", help="list what --push would upload; no network")
+    s.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+    s = sub.add_parser("card", help="check or push a published folder")
+    card = s.add_subparsers(dest="card_verb", required=True)
+    c = card.add_parser("check", help="verify the card's numbers against eval.json and its weight hashes")
+    c.add_argument("dir")
+    c = card.add_parser("push", help="upload a published folder (after the check) to the Hugging Face Hub")
+    c.add_argument("dir")
+    c.add_argument("--repo", help="Hub repo id, e.g. my-org/retina-vit (needed unless --dry-run)")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--private", action="store_true")
     return p
+
+
+def _print_push(push: dict) -> None:
+    if push.get("dry_run"):
+        print(f"dry run: would upload {len(push['files'])} files ({push['bytes']:,} bytes) to "
+              f"{push['repo_id'] or '<REPO_ID>'}:")
+        for f in push["files"]:
+            print(f"  {f['path']}  {f['bytes']:,} bytes")
+    else:
+        print(f"uploaded {len(push['files'])} files ({push['bytes']:,} bytes) to {push['repo_id']}: {push['url']}")
 
 
 def _load(args: argparse.Namespace, kind: Optional[str]):
@@ -169,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"medfound {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError, TypeError,
-            FloatingPointError, KeyError) as e:
+            FloatingPointError, KeyError, ConnectionError) as e:
         if args.traceback:
             traceback.print_exc()
         print(f"medfound {args.verb}: error: {e}", file=sys.stderr)
@@ -222,14 +249,36 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.verb == "evaluate":
         from medfound.evaluate.report import evaluate_run
-        report = evaluate_run(args.run_dir, args.split)
+        report = evaluate_run(args.run_dir, args.split, external=args.external or None)
         print(json.dumps(report["metrics"], indent=2))
-        print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+        for e in report.get("external", []):
+            print(f"external {e['name']} ({e['num_samples']}): " + json.dumps(e["metrics"]))
+        print(f"wrote {Path(args.run_dir) / 'eval.json'}" +
+              (f" and {Path(args.run_dir) / 'report' / 'report.md'}" if (Path(args.run_dir) / "report").is_dir()
+               else ""))
         return 0
     if args.verb == "publish":
-        result = workflows.publish_run(args.run_dir, args.out, overwrite=args.overwrite, name=args.name)
-        print(f"published {result['out']}: {', '.join(result['files'])} "
-              f"(timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})")
+        result = workflows.publish_run(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
+                                       push=args.push, dry_run=args.dry_run, private=args.private)
+        print(f"published {result['out']}: {', '.join(result['files'])}"
+              + (f" (timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})"
+                 if "reload_max_abs_diff" in result else "") + "; card checked against the folder")
+        if "push" in result:
+            _print_push(result["push"])
+        return 0
+    if args.verb == "card":
+        if args.card_verb == "check":
+            from medfound.publish.check import check_card
+            problems = check_card(args.dir)
+            for p in problems:
+                print(f"MISMATCH: {p}", file=sys.stderr)
+            if problems:
+                print(f"{args.dir}: the card does not match its folder ({len(problems)} problems)", file=sys.stderr)
+                return 1
+            print(f"{args.dir}: the card matches eval.json and the weights' sha256")
+            return 0
+        from medfound.publish.hub import push_folder
+        _print_push(push_folder(args.dir, args.repo, dry_run=args.dry_run, private=args.private))
         return 0
     if args.verb == "import":
         from medfound.importing import import_checkpoint

@@ -121,8 +121,13 @@ class DataConfig(Strict):
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="virtual epoch of a resampled stream, all "
                                                                      "processes together (default: the sets' sizes)")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more samples than this fail to decode")
-    balanced_sampling: bool = Field(False, description="single-label training: keep each sample with probability "
-                                                       "n_rarest / n_its_class, so classes arrive equally often")
+    balanced_sampling: Union[bool, Literal["class", "site", "class+site"]] = Field(
+        False, description="rejection sampling of the training stream: class (= true; single-label) keeps a sample "
+                           "with probability n_rarest / n_its_class so classes arrive equally often; site does the "
+                           "same over the samples' sites (multi-site training); class+site both")
+    stain_normalize: bool = Field(False, description="H&E: Macenko stain normalisation of every RGB image to a "
+                                                     "reference stain matrix (MONAI NormalizeHEStains), in training "
+                                                     "and evaluation; a per-image domain-adaptation step")
     augment: Literal["mae", "light", "none", "he", "dino"] = "light"
     window: Optional[Literal["lung", "mediastinum", "bone", "brain", "abdomen", "file"]] = Field(
         None, description="CT/DICOM intensity window preset; default: the file's own window")
@@ -155,6 +160,22 @@ class DataConfig(Strict):
                                global_crops=self.multicrop.global_crops, local_crops=self.multicrop.local_crops,
                                local_size=self.multicrop.local_size, normalize=False)
 
+    def prepare(self, transform):
+        """`transform` preceded by the per-image steps these settings ask for (stain normalisation)."""
+        if not self.stain_normalize:
+            return transform
+        from medfound.data.stain import StainNormalized
+
+        return StainNormalized(transform)
+
+    @property
+    def balance_classes(self) -> bool:
+        return self.balanced_sampling in (True, "class", "class+site")
+
+    @property
+    def balance_sites(self) -> bool:
+        return self.balanced_sampling in ("site", "class+site")
+
     def normalizer(self):
         """Finishes a batch on the device: uint8 or [0, 1] images -> (x - mean) / std."""
         from medfound.data.transforms import Normalize
@@ -169,6 +190,10 @@ class CardConfig(Strict):
     demo: bool = Field(False, description="mark the card as a demonstration model, not for any clinical use")
     summary: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
+    gated_prompt: Optional[str] = Field(None, description="gated access on the Hub: the text users must accept "
+                                                          "(adds extra_gated_prompt / extra_gated_fields)")
+    gated_fields: list[str] = Field(default_factory=lambda: ["Name", "Affiliation", "Country"],
+                                    description="gated access: what users must fill in")
 
 
 class Derived(Strict):
@@ -402,9 +427,18 @@ class AggregateConfig(Strict):
 
 class EvalConfig(Strict):
     split: str = "test"
-    bootstrap: int = Field(1000, ge=0, description="resamples for 95% stratified bootstrap intervals of the "
-                                                   "classification and MIL metrics (0: none)")
+    bootstrap: int = Field(1000, ge=0, description="resamples for 95% bootstrap intervals of every metric "
+                                                   "(classification and MIL: stratified by class; segmentation: "
+                                                   "over images) and of per-site results (0: none)")
     seed: int = Field(0, description="seed of the bootstrap resampling")
+    specificity: float = Field(0.9, gt=0, lt=1, description="binary tasks: the specificity at which "
+                                                            "sens_at_spec is read off the ROC curve")
+    external: list[Path] = Field(default_factory=list, description="external-site shard sets scored beside the "
+                                                                   "internal test split, with the drop and its "
+                                                                   "interval (classification and segmentation)")
+    external_split: Optional[str] = Field(None, description="split of the external sets to score (default: all "
+                                                            "their samples)")
+    report: bool = Field(True, description="also write RUN_DIR/report/report.md with PNG plots")
     aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "
                                                                    "(classification)")
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +15,7 @@ import torch
 import medfound
 from medfound.config import BackboneConfig, Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
 from medfound.data.manifest import Manifest, read_manifest
-from medfound.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from medfound.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +61,9 @@ def _has_accelerator() -> bool:
 
 def _dataset_record(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "modality": m.modality, "site": m.site, "digest": m.digest, "counts": m.counts,
-            "source": {k: v for k, v in m.source.items() if k in ("files", "license", "attribution")}}
+            "source": {k: v for k, v in m.source.items() if k in ("files", "license", "attribution")},
+            **({"mpp": m.ingest["mpp"]} if m.ingest.get("mpp") else {}),
+            **({"deidentification": m.deidentification} if m.deidentification else {})}
 
 
 def _lineage(recipe, state, manifests: list[Manifest], stage: str, objective: str, parent: dict) -> dict[str, Any]:
@@ -101,10 +102,21 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
         transform, labelled = build_seg_transform(recipe.segment, train=True, window=d.window), False
     else:
         transform = d.transform(train=True)
+    transform = d.prepare(transform)
     schema = manifests[0].label_schema
     samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)
-    keep = None
-    if d.balanced_sampling:
+    keep = site_keep = None
+    if d.balance_sites:
+        from collections import Counter
+
+        from medfound.data.pipeline import site_balanced_keep
+
+        by_site: Counter = Counter()
+        for m in manifests:
+            by_site.update(m.counts.get("by_site") or ({m.site: m.counts["by_split"].get(d.train_split, 0)}
+                                                       if m.site else {}))
+        site_keep = site_balanced_keep(dict(by_site))
+    if d.balance_classes:
         if not labelled or schema.type in ("none", "multilabel"):
             raise ValueError("data.balanced_sampling draws single-label classes equally often; for multi-label "
                              "findings use head.class_weights=balanced (a pos_weight per finding) instead")
@@ -123,7 +135,7 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
                            seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                            resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
                            num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
-                           max_bad_fraction=d.max_bad_fraction, class_keep=keep)
+                           max_bad_fraction=d.max_bad_fraction, class_keep=keep, site_keep=site_keep)
     return loader
 
 
@@ -341,62 +353,11 @@ def rebuild_trained(run_dir: Path) -> torch.nn.Module:
     return merged_copy(task.model)
 
 
-def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None) -> dict:
-    """RUN_DIR -> a Hugging Face-style folder: model.safetensors, config.json, README.md card (+ eval.json,
-    training_config.yaml, adapter/). The export is first checked against the checkpoint through timm."""
-    import timm
+def publish_run(run_dir: str | Path, out: str | Path, **kwargs: Any) -> dict:
+    """RUN_DIR -> a Hugging Face-style folder with its model card (medfound.publish.folder.publish_run)."""
+    from medfound.publish.folder import publish_run as publish
 
-    from medfound.evaluate.report import load_run_recipe
-    from medfound.publish.card import render_card
-    from medfound.publish.export import check_reload, read_lineage
-
-    run_dir, out = Path(run_dir), Path(out)
-    recipe = load_run_recipe(run_dir)
-    if isinstance(recipe, FinetuneRecipe) and recipe.task == "segmentation":
-        raise ValueError(f"{run_dir} is a segmentation run: publishing segmentation networks with a card is not "
-                         f"implemented yet. Its network is {run_dir}/export/segmenter.safetensors (rebuild it with "
-                         "medfound.evaluate.report.load_segmenter); a ViT run's adapted backbone is the timm folder "
-                         f"{run_dir}/export/backbone")
-    if isinstance(recipe, FinetuneRecipe) and recipe.task == "prompt":
-        raise ValueError(f"{run_dir} is a box-prompt run: publishing it with a card is not implemented yet (issue 7). "
-                         f"Its network is {run_dir}/export/prompt_segmenter.safetensors (load it with "
-                         f"medfound.adapt.prompt.BoxPredictor.from_run); its adapted backbone is the timm folder "
-                         f"{run_dir}/export/backbone")
-    if isinstance(recipe, FinetuneRecipe) and recipe.task == "mil":
-        raise ValueError(f"{run_dir} is a slide-level MIL run: its head is {run_dir}/export/mil.safetensors (load it "
-                         "with medfound.adapt.mil.load_mil); publish the tile backbone that made the bags instead")
-    export = run_dir / "export"
-    if not (export / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "
-                                f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
-    evaluation = None
-    if isinstance(recipe, FinetuneRecipe):
-        if not (run_dir / "eval.json").is_file():
-            raise FileNotFoundError(f"{run_dir}/eval.json missing: run `medfound evaluate {run_dir}` first")
-        evaluation = json.loads((run_dir / "eval.json").read_text())
-        weights_sha = sha256_file(export / "model.safetensors")
-        if evaluation["model"]["sha256"] != weights_sha:
-            raise ValueError(f"{run_dir}/eval.json was computed on other weights than {export} "
-                             f"(sha256 {evaluation['model']['sha256'][:12]} vs {weights_sha[:12]}); "
-                             f"re-run `medfound evaluate {run_dir}`")
-    reference = rebuild_trained(run_dir)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
-            src = export / item
-            if src.is_dir():
-                shutil.copytree(src, tmp / item)
-            elif src.is_file():
-                shutil.copy2(src, tmp / item)
-        diff = check_reload(tmp, reference)
-        shutil.copy2(run_dir / "config.yaml", tmp / "training_config.yaml")
-        if evaluation is not None:
-            atomic_write_json(tmp / "eval.json", evaluation)
-        model = timm.create_model(f"local-dir:{tmp}", pretrained=True)
-        card = render_card(model, read_lineage(tmp), evaluation, sha256_file(tmp / "model.safetensors"),
-                           name=name or out.name, license=recipe.card.license, demo=recipe.card.demo,
-                           summary=recipe.card.summary, tags=recipe.card.tags)
-        card.save(str(tmp / "README.md"))
-    return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
+    return publish(run_dir, out, **kwargs)
 
 
 def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "auto",

@@ -51,10 +51,13 @@ def run_mil(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[
     _seed_per_rank(recipe, accelerator)
     d, h = recipe.data, recipe.head
     rank, world = accelerator.process_index, accelerator.num_processes
+    if d.balance_sites or d.stain_normalize:
+        raise ValueError("MIL trains on stored tile features: data.balanced_sampling=site and data.stain_normalize "
+                         "act on images; stain-normalise when extracting the bags' tiles instead")
 
     def loader(epoch: int):
         batches = bag_loader(bags, d.train_split, d.batch_size, train=True, seed=recipe.trainer.seed, epoch=epoch,
-                             max_tiles=h.max_tiles, balanced=d.balanced_sampling)
+                             max_tiles=h.max_tiles, balanced=d.balance_classes)
         return (b for i, b in enumerate(batches) if i % world == rank)
 
     state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
@@ -103,8 +106,8 @@ def load_mil(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
 def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
     """Slide-level metrics on `split` of the bag folder, attention heatmaps -> eval.json."""
     from medfound.evaluate.heatmap import save_heatmap
-    from medfound.evaluate.metrics import DEFINITIONS, score_with_sites
-    from medfound.evaluate.report import _record
+    from medfound.evaluate.metrics import score_with_sites
+    from medfound.evaluate.report import _record, scored_block
 
     run_dir = Path(run_dir)
     bags = Path(recipe.data.shards[0])
@@ -137,8 +140,9 @@ def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str,
         sites += batch.get("site", [None] * len(batch["key"]))
     probs, labels = np.concatenate(probs), np.concatenate(labels)
 
-    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split,
-                                       recipe.eval.bootstrap, recipe.eval.seed)
+    ev = recipe.eval
+    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split, ev.bootstrap, ev.seed,
+                                       ev.specificity)
     report = {
         "task": "mil",
         "label_type": schema.type,
@@ -148,17 +152,15 @@ def evaluate_mil(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str,
                     "bags_digest": index["digest"], "num_samples": int(len(labels)), "unit": "slide"},
         "model": {"export": str(run_dir / "export"), "sha256": sha256_file(run_dir / "export" / "mil.safetensors"),
                   "backbone": index["backbone"]},
-        "metrics": result["metrics"],
-        "per_class": result["per_class"],
-        **({"intervals": result["bootstrap"]["intervals"],
-            "bootstrap": {k: v for k, v in result["bootstrap"].items() if k != "intervals"}}
-           if "bootstrap" in result else {}),
-        "by_site": by_site,
+        **scored_block(result, by_site, schema.type),
         "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
                     "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]} for i, k in enumerate(keys)],
         "heatmaps": str(run_dir / "heatmaps") if recipe.head.heatmaps else None,
-        "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},
         **_record(result["warnings"], [], start),
     }
     atomic_write_json(run_dir / "eval.json", report)
+    if ev.report:
+        from medfound.evaluate.markdown import write_report
+
+        write_report(run_dir, report, predictions=[("internal", probs, labels, keys, sites)])
     return report

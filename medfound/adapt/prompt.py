@@ -340,7 +340,7 @@ def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[s
     loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
                          train=False, collate_fn=lambda s: s[0])
     start = time.time()
-    rows = []
+    rows, overlays = [], []
     for sample in loader:
         m = sample["mask"]
         m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
@@ -350,6 +350,10 @@ def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[s
         label = sample.get("label")
         rows.append({"key": sample["key"], "structure": names[label] if label is not None and names else None,
                      "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
+        if len(overlays) < 4:
+            img = np.asarray(sample["image"], dtype=np.float32)
+            overlays.append({"key": sample["key"], "image": img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
+                             "truth": m.astype(np.int64), "pred": pred.astype(np.int64), "dice": {"dice/box": dice}})
     if not rows:
         raise ValueError(f"split '{split}' of {recipe.data.shards[0]} yielded no samples")
     per_structure: dict[str, list[float]] = {}
@@ -362,6 +366,7 @@ def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[s
         "metrics": {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
                     "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)},
         "per_structure": {k: {"dice": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(per_structure.items())},
+        **_prompt_intervals(rows, recipe.eval),
         "per_sample": rows,
         "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each predicted "
                                 "from the tight bounding box of its ground-truth mask (no jitter), threshold 0.5",
@@ -369,7 +374,23 @@ def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[s
         **_record([], [], start),
     }
     atomic_write_json(run_dir / "eval.json", report)
+    if recipe.eval.report:
+        from medfound.evaluate.markdown import write_report
+
+        write_report(run_dir, report, overlays={"internal": overlays})
     return report
+
+
+def _prompt_intervals(rows: list[dict], ev) -> dict[str, Any]:
+    """95% bootstrap interval of the mean Dice over samples (eval.bootstrap resamples; none when 0)."""
+    if not ev.bootstrap:
+        return {}
+    from medfound.evaluate.bootstrap import percentile_interval, resample_means
+
+    means = resample_means(np.array([[r["dice"]] for r in rows]), ev.bootstrap, ev.seed)[:, 0]
+    return {"intervals": {"dice": percentile_interval(means)},
+            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95,
+                          "method": "percentile bootstrap over samples"}}
 
 
 def segment_boxes(run_dir: str | Path, image_path: str | Path, boxes: Sequence[Sequence[float]], out: str | Path,

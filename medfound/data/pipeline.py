@@ -224,14 +224,32 @@ def balanced_keep(counts: Sequence[int]) -> list[float]:
     return [min(present) / v if v else 0.0 for v in n]
 
 
-def _balanced(keep: Sequence[float], seed: int, epoch: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
-    """Drop raw samples of frequent classes (before decoding, so dropped samples cost nothing)."""
+def site_balanced_keep(site_counts: dict[str, int]) -> dict[str, float]:
+    """Per site, the probability of keeping a sample so that every site arrives equally often: n_smallest / n_site
+    (`site_counts`: samples per site, e.g. the manifests' `counts.by_site`)."""
+    present = {k: int(v) for k, v in site_counts.items() if v}
+    if len(present) < 2:
+        raise ValueError(f"site-balanced sampling needs samples from at least two sites, got {site_counts or 'none'} "
+                         "(samples carry a site when sharded with --site or a table's site column)")
+    low = min(present.values())
+    return {k: low / v for k, v in present.items()}
+
+
+def _balanced(keep: Optional[Sequence[float]], seed: int, epoch: int, site_keep: Optional[dict[str, float]] = None
+              ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Drop raw samples of frequent classes and/or sites (before decoding, so dropped samples cost nothing; the
+    site is read from the sample's JSON meta; samples without a class or site are kept)."""
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(_seed(seed, epoch, rank, worker, 7))
         for sample in src:
-            c = int(sample["cls"]) if "cls" in sample else None
-            if c is None or c >= len(keep) or rng.random() < keep[c]:
+            p = 1.0
+            if keep is not None and "cls" in sample:
+                c = int(sample["cls"])
+                p = keep[c] if c < len(keep) else 1.0
+            if site_keep is not None and "json" in sample:
+                p *= site_keep.get(json.loads(sample["json"]).get("site"), 1.0)
+            if p >= 1.0 or rng.random() < p:
                 yield sample
     return stage
 
@@ -270,13 +288,15 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
                 samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
                 max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
-                collate_fn: Callable[[list[dict]], dict] = collate, keep_meta: Sequence[str] = ()) -> DataLoader:
+                site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
+                keep_meta: Sequence[str] = ()) -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
     every sample exactly once in shard order (per rank and worker). resampled=True (training only) mixes
     the shard sets by `weights` (default: proportional to their shard counts) for `samples_per_epoch`.
-    `class_keep` (training): per class, the probability of keeping a sample (`balanced_keep`). `keep_meta`: JSON
+    `class_keep` (training): per class, the probability of keeping a sample (`balanced_keep`); `site_keep` the same
+    per site (`site_balanced_keep`). `keep_meta`: JSON
     meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts).
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
@@ -293,8 +313,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                   wds.split_by_worker, tar_samples]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
-    if class_keep is not None:
-        stages.append(_balanced(class_keep, seed, epoch))
+    if class_keep is not None or site_keep is not None:
+        stages.append(_balanced(class_keep, seed, epoch, site_keep))
     stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta))
     dataset = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(_seed(seed, epoch))

@@ -9,6 +9,14 @@
   retinopathy grades), where a grade-4 called grade-3 is a smaller error than grade-4 called grade-0.
 - multi-label findings (CheXNet): a sigmoid probability per finding; AUROC and average precision per finding,
   their macro means over findings with both positives and negatives in the split, and label-wise accuracy at 0.5.
+- auprc: average precision (area under the precision-recall curve); binary -> the positive class, multi-class ->
+  macro mean of one-vs-rest values over the classes present.
+- sens_at_spec: binary: the highest sensitivity among thresholds whose specificity is at least the target
+  (`eval.specificity`, default 0.90), read off the ROC curve; the threshold is reported beside it.
+- ece: expected calibration error over 15 equal-width probability bins, sum_b n_b/N |observed_b - predicted_b|.
+  Binary and multi-label: the predicted probability of the positive class (finding) against the observed
+  frequency; multi-class and ordinal: the top-label confidence against accuracy (Guo et al. 2017).
+  `calibration()` gives the bins themselves (the reliability diagram).
 """
 
 from __future__ import annotations
@@ -31,7 +39,50 @@ DEFINITIONS = {
     "kappa_quadratic": "Cohen's kappa with quadratic weights (ordinal grades only)",
     "auprc": "multi-label: macro mean over findings of the average precision (area under the precision-recall curve)",
     "label_accuracy": "multi-label: share of (sample, finding) pairs right at probability threshold 0.5",
+    "sens_at_spec": "binary: highest sensitivity at a threshold whose specificity is >= the target (eval.specificity)",
+    "ece": "expected calibration error, 15 equal-width bins (binary/multi-label: positive probability vs observed "
+           "frequency; multi-class/ordinal: top-label confidence vs accuracy)",
 }
+AUPRC_SINGLE = ("binary: average precision of the positive class; multi-class/ordinal: macro mean of one-vs-rest "
+                "average precision over classes present in the split")
+CALIBRATION_BINS = 15
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, label_type: str, n_bins: int = CALIBRATION_BINS
+                ) -> dict[str, Any]:
+    """Reliability-diagram bins and the ECE they give (definitions above).
+
+    Returns {"ece", "kind", "bins": [{"lo", "hi", "n", "predicted", "observed"}]} (empty bins left out)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if label_type == "multilabel":
+        conf, hit, kind = p.ravel(), (y > 0.5).ravel().astype(float), "positive probability (every finding)"
+    elif p.shape[1] == 2:
+        conf, hit, kind = p[:, 1], (y == 1).astype(float), "positive probability"
+    else:
+        conf, hit, kind = p.max(1), (p.argmax(1) == y).astype(float), "top-label confidence"
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # bins (lo, hi], first [0, hi]
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = which == b
+        if not sel.any():
+            continue
+        pred, obs = float(conf[sel].mean()), float(hit[sel].mean())
+        ece += sel.sum() / len(conf) * abs(obs - pred)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()), "predicted": pred,
+                     "observed": obs})
+    return {"ece": float(ece), "kind": kind, "bins": bins}
+
+
+def sensitivity_at_specificity(scores: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float]:
+    """(highest sensitivity with specificity >= target, its threshold) of positive-class scores."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, scores)
+    ok = fpr <= 1.0 - target + 1e-12
+    i = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
+    return float(tpr[i]), float(min(thr[i], 1.0))
 
 
 def _nan_to_none(v: float) -> Optional[float]:
@@ -39,11 +90,14 @@ def _nan_to_none(v: float) -> Optional[float]:
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: str, class_names: list[str],
-                           split: str = "test") -> dict[str, Any]:
+                           split: str = "test", specificity: float = 0.9) -> dict[str, Any]:
     """Metrics for predicted class probabilities `probs` `[N, K]` against integer `labels` `[N]`.
 
-    Returns {"metrics": {...}, "per_class": {name: {"auroc", "n"}}, "warnings": [...]}, NaNs as None.
+    Returns {"metrics": {...}, "per_class": {name: {"n", "auroc", "auprc"}}, "warnings": [...]}, NaNs as None;
+    binary splits with both classes also get "operating_point" (the sens_at_spec threshold).
     """
+    from torchmetrics.functional.classification import binary_average_precision
+
     probs_t = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n, k = probs_t.shape
@@ -56,18 +110,20 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: st
     per_class: dict[str, dict[str, Any]] = {}
     for c, name in enumerate(class_names):
         count = int((y == c).sum())
-        auc = float("nan")
+        auc = ap = float("nan")
         if 0 < count < n:
             auc = float(binary_auroc(probs_t[:, c], (y == c).long()))
-        per_class[name] = {"n": count, "auroc": _nan_to_none(auc)}
+            ap = float(binary_average_precision(probs_t[:, c], (y == c).long()))
+        per_class[name] = {"n": count, "auroc": _nan_to_none(auc), "auprc": _nan_to_none(ap)}
     if len(present) < 2:
         only = ", ".join(class_names[c] for c in present) or "none"
         msg = f"split '{split}' holds a single class ({only}): AUROC is undefined and reported as null"
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
-        auroc = float("nan")
+        auroc = auprc = float("nan")
     elif k == 2:
         auroc = float(binary_auroc(probs_t[:, 1], y))
+        auprc = per_class[class_names[1]]["auprc"]
     else:
         missing = [class_names[c] for c in range(k) if c not in present]
         if missing:
@@ -75,20 +131,27 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: st
             warnings.warn(msg, stacklevel=2)
             notes.append(msg)
         auroc = float(np.mean([per_class[class_names[c]]["auroc"] for c in present]))
+        auprc = float(np.mean([per_class[class_names[c]]["auprc"] for c in present]))
     pred = probs_t.argmax(dim=1)
     metrics: dict[str, Any] = {
         "auroc": _nan_to_none(auroc),
         "accuracy": float(multiclass_accuracy(pred, y, num_classes=k, average="micro")) if k > 2 else
         float((pred == y).float().mean()),
         "balanced_accuracy": float(np.mean([float((pred[y == c] == c).float().mean()) for c in present])),
+        "auprc": _nan_to_none(auprc),
     }
+    out: dict[str, Any] = {}
     if k == 2 and len(present) == 2:
         metrics["sensitivity"] = float((pred[y == 1] == 1).float().mean())
         metrics["specificity"] = float((pred[y == 0] == 0).float().mean())
+        sens, thr = sensitivity_at_specificity(probs_t[:, 1].numpy(), y.numpy(), specificity)
+        metrics["sens_at_spec"] = sens
+        out["operating_point"] = {"specificity_target": specificity, "threshold": thr}
     if label_type == "ordinal":
         metrics["kappa_quadratic"] = _nan_to_none(float(multiclass_cohen_kappa(pred, y, num_classes=k,
                                                                                 weights="quadratic")))
-    return {"metrics": metrics, "per_class": per_class, "warnings": notes}
+    metrics["ece"] = calibration(probs_t.numpy(), y.numpy(), label_type)["ece"]
+    return {"metrics": metrics, "per_class": per_class, "warnings": notes, **out}
 
 
 def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str], split: str = "test"
@@ -121,7 +184,8 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[
         notes.append(msg)
     metrics = {"auroc": _nan_to_none(float(np.mean(aucs)) if aucs else float("nan")),
                "auprc": _nan_to_none(float(np.mean(aps)) if aps else float("nan")),
-               "label_accuracy": float(((p > 0.5) == (y > 0.5)).float().mean())}
+               "label_accuracy": float(((p > 0.5) == (y > 0.5)).float().mean()),
+               "ece": calibration(p.numpy(), y.numpy(), "multilabel")["ece"]}
     return {"metrics": metrics, "per_class": per_class, "warnings": notes}
 
 
@@ -151,28 +215,39 @@ def aggregate_units(probs: np.ndarray, labels: np.ndarray, units: list[tuple], r
     return np.stack(p_out), np.stack(y_out), list(order)
 
 
+def metric_definitions(metrics: dict[str, Any], label_type: str) -> dict[str, str]:
+    """The definitions of the metrics present, for eval.json and the card."""
+    out = {k: v for k, v in DEFINITIONS.items() if k in metrics}
+    if "auprc" in out and label_type != "multilabel":
+        out["auprc"] = AUPRC_SINGLE
+    return out
+
+
 def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_type: str, class_names: list[str],
-                     split: str, resamples: int = 0, seed: int = 0) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(metrics of the whole split, {site: {"n", metrics...}}) for single-label or multi-label predictions; sites
-    holds one entry (or None) per sample. With `resamples` > 0 the split's result also holds "bootstrap": 95%
-    stratified bootstrap intervals of every metric (evaluate/bootstrap.py)."""
-    def score(idx, name):
+                     split: str, resamples: int = 0, seed: int = 0, specificity: float = 0.9,
+                     keep_values: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(metrics of the whole split, {site: {"n", metrics..., "intervals"}}) for single-label or multi-label
+    predictions; sites holds one entry (or None) per sample. With `resamples` > 0 the split's result holds
+    "bootstrap" (95% stratified bootstrap intervals of every metric, evaluate/bootstrap.py; `keep_values` keeps the
+    resample values) and every site gets its own "intervals"."""
+    from medfound.evaluate.bootstrap import bootstrap_intervals
+
+    def score(p, y, name):
         if label_type == "multilabel":
-            return multilabel_metrics(probs[idx], labels[idx], class_names, split=name)
-        return classification_metrics(probs[idx], labels[idx], label_type, class_names, split=name)
+            return multilabel_metrics(p, y, class_names, split=name)
+        return classification_metrics(p, y, label_type, class_names, split=name, specificity=specificity)
 
     by_site = {}
     for site in sorted({s for s in sites if s}):
         idx = np.array([s == site for s in sites])
-        by_site[site] = {"n": int(idx.sum()), **score(idx, f"{split}/{site}")["metrics"]}
-    result = score(slice(None), split)
+        by_site[site] = {"n": int(idx.sum()), **score(probs[idx], labels[idx], f"{split}/{site}")["metrics"]}
+        if resamples:
+            by_site[site]["intervals"] = bootstrap_intervals(
+                probs[idx], labels[idx], lambda p, y, n=f"{split}/{site}": score(p, y, n)["metrics"], resamples,
+                seed)["intervals"]
+    result = score(probs, labels, split)
     if resamples:
-        from medfound.evaluate.bootstrap import bootstrap_intervals
-
-        def metric_fn(p, y):
-            if label_type == "multilabel":
-                return multilabel_metrics(p, y, class_names, split=split)["metrics"]
-            return classification_metrics(p, y, label_type, class_names, split=split)["metrics"]
-
-        result["bootstrap"] = bootstrap_intervals(probs, labels, metric_fn, resamples, seed)
+        result["bootstrap"] = bootstrap_intervals(probs, labels, lambda p, y: score(p, y, split)["metrics"],
+                                                  resamples, seed, keep_values=keep_values)
+    result["calibration"] = calibration(probs, labels, label_type)
     return result, by_site

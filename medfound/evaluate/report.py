@@ -17,7 +17,7 @@ import torch
 import medfound
 from medfound.config import FinetuneRecipe, load_recipe
 from medfound.data.pipeline import make_loader, shard_urls
-from medfound.evaluate.metrics import DEFINITIONS, classification_metrics, multilabel_metrics, score_with_sites
+from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, score_with_sites
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -49,8 +49,10 @@ def load_run_recipe(run_dir: Path) -> Any:
     return load_recipe(path)
 
 
-def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate `RUN_DIR/export` on the run's labelled shard set (`eval.split`, or `split`); write eval.json."""
+def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None
+                 ) -> dict[str, Any]:
+    """Evaluate `RUN_DIR/export` on the run's labelled shard set (`eval.split`, or `split`) and on the external
+    shard sets (`eval.external`, or `external`); write eval.json, predictions and report/report.md."""
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     if not isinstance(recipe, FinetuneRecipe):
@@ -63,6 +65,13 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         raise FileNotFoundError(f"{export} has no {weights.name}: the run has not finished; "
                                 "continue it with `medfound finetune RECIPE trainer.resume=auto`")
     split = split or recipe.eval.split
+    if external:
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"external": [Path(e) for e in
+                                                                                              external]})})
+    if recipe.eval.external and recipe.task in ("mil", "prompt"):
+        raise ValueError(f"eval.external is scored for classification and segmentation runs; {run_dir} is a "
+                         f"{recipe.task} run: evaluate the external bags/shards as its own split instead "
+                         "(`medfound evaluate RUN --split S` after adding them to the run's data)")
     if recipe.task == "segmentation":
         return evaluate_segmentation(run_dir, recipe, split)
     if recipe.task == "mil":
@@ -73,26 +82,90 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
         from medfound.adapt.prompt import evaluate_prompt
 
         return evaluate_prompt(run_dir, recipe, split)
-    shards = recipe.data.shards[0]
-    urls, (manifest,) = shard_urls([shards], split)
-    model = timm.create_model(f"local-dir:{export}", pretrained=True)
-    d = recipe.data
+    return evaluate_classification(run_dir, recipe, split)
+
+
+def split_urls(shards: Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
+    """Shard paths of `split` of a shard set (None: every split, as for an external site), its manifest and the
+    splits used."""
+    from medfound.data.manifest import read_manifest
+
+    if split is not None:
+        urls, (manifest,) = shard_urls([shards], split)
+        return urls, manifest, [split]
+    manifest = read_manifest(shards)
+    return [u for sp in manifest.splits for u in shard_urls([shards], sp)[0]], manifest, list(manifest.splits)
+
+
+def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: str) -> dict[str, Any]:
+    """The eval.json fields of a scored classification split (also MIL): metrics, per-class values, intervals,
+    calibration bins, the operating point, per-site results and the definitions."""
+    from medfound.evaluate.metrics import metric_definitions
+
+    boot = result.get("bootstrap")
+    return {
+        "metrics": result["metrics"],
+        "per_class": result["per_class"],
+        **({"intervals": boot["intervals"],
+            "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+        **({"operating_point": result["operating_point"]} if "operating_point" in result else {}),
+        "calibration": result["calibration"],
+        "by_site": by_site,
+        "definitions": metric_definitions(result["metrics"], label_type),
+    }
+
+
+def external_block(name: str, path: Path, splits: list[str], n: int, result: dict[str, Any], by_site: dict,
+                   internal: dict[str, Any]) -> dict[str, Any]:
+    """One external set beside the internal test: its metrics and intervals, and the drop (external - internal)
+    of every metric with the interval of the difference of the two independent bootstraps."""
+    from medfound.evaluate.bootstrap import difference_interval
+
+    metrics = result["metrics"]
+    drop = {k: (None if v is None or internal["metrics"].get(k) is None else float(v - internal["metrics"][k]))
+            for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    entry = {"name": name, "path": str(path), "splits": splits, "num_samples": int(n), "metrics": metrics,
+             "drop": drop, "by_site": by_site}
+    ext_boot, int_boot = result.get("bootstrap"), internal.get("bootstrap")
+    if ext_boot and int_boot:
+        entry["intervals"] = ext_boot["intervals"]
+        entry["drop_intervals"] = {k: difference_interval(ext_boot["values"][k], int_boot["values"][k])
+                                   for k in drop if k in ext_boot["values"] and k in int_boot["values"]}
+    return entry
+
+
+def evaluate_classification(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
+    """Score the timm export on `split` of the run's shards, and on every external set -> eval.json (+ report)."""
     from medfound.adapt.tasks import endpoint
 
+    export = run_dir / "export"
+    shards = recipe.data.shards[0]
+    urls, manifest, _ = split_urls(shards, split)
+    model = timm.create_model(f"local-dir:{export}", pretrained=True)
+    d, ev = recipe.data, recipe.eval
     threshold = recipe.head.binary_threshold
     schema = endpoint(manifest.label_schema, threshold)
     multilabel = schema.type == "multilabel"
-    agg = recipe.eval.aggregate
-    loader = make_loader(urls, transform=d.transform(train=False), batch_size=d.eval_batch_size, labelled=True,
-                         train=False, num_workers=d.num_workers, num_classes=schema.num_classes, multilabel=multilabel,
-                         max_bad_fraction=d.max_bad_fraction, keep_meta=agg.by if agg else ())
-    start = time.time()
-    probs, labels, keys, sites, skipped, metas = predict(model, loader, d.normalizer(), multilabel)
-    if threshold is not None:
-        labels = (labels >= threshold).astype(np.int64)
+    agg = ev.aggregate
+    external = list(ev.external)
 
-    result, by_site = score_with_sites(probs, labels, sites, schema.type, schema.names, split,
-                                       recipe.eval.bootstrap, recipe.eval.seed)
+    def run(urls: list[str], keep=()):
+        loader = make_loader(urls, transform=d.prepare(d.transform(train=False)), batch_size=d.eval_batch_size,
+                             labelled=True, train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
+                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep)
+        probs, labels, keys, sites, skipped, metas = predict(model, loader, d.normalizer(), multilabel)
+        if threshold is not None:
+            labels = (labels >= threshold).astype(np.int64)
+        return probs, labels, keys, sites, skipped, metas
+
+    def score(probs, labels, sites, name):
+        return score_with_sites(probs, labels, sites, schema.type, schema.names, name, ev.bootstrap, ev.seed,
+                                ev.specificity, keep_values=bool(external))
+
+    start = time.time()
+    probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else ())
+    result, by_site = score(probs, labels, sites, split)
+    warnings = list(result["warnings"])
     units = None
     if agg is not None:
         from medfound.evaluate.metrics import aggregate_units
@@ -103,25 +176,59 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None) -> dict[str, 
             classification_metrics(up, uy, schema.type, schema.names, split=f"{split}/units")
         units = {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
                  "metrics": scored["metrics"], "per_class": scored["per_class"]}
-        result["warnings"] += scored["warnings"]
+        warnings += scored["warnings"]
+    predictions = [("internal", probs, labels, keys, sites)]
+    externals = []
+    for ext in external:
+        ext = Path(ext)
+        e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
+        e_schema = endpoint(e_manifest.label_schema, threshold)
+        if e_schema.names != schema.names:
+            raise ValueError(f"external set {ext} has classes {e_schema.names}, the model {schema.names}: an external "
+                             "set must share the label schema (re-shard it with the same class names)")
+        e_probs, e_labels, e_keys, e_sites, e_skipped, _ = run(e_urls)
+        e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {e_manifest.name}")
+        warnings += e_result["warnings"] + ([f"external {e_manifest.name}: {len(e_skipped)} undecodable samples "
+                                             "skipped"] if e_skipped else [])
+        entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result)
+        entry["calibration"] = e_result["calibration"]
+        externals.append(entry)
+        predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
     report = {
         "task": "classification",
         "label_type": schema.type,
         "class_names": schema.names,
         "dataset": _dataset(manifest, shards, split, len(labels)),
         "model": {"export": str(export), "sha256": sha256_file(export / "model.safetensors")},
-        "metrics": result["metrics"],
-        "per_class": result["per_class"],
-        **({"intervals": result["bootstrap"]["intervals"],
-            "bootstrap": {k: v for k, v in result["bootstrap"].items() if k != "intervals"}}
-           if "bootstrap" in result else {}),
-        "by_site": by_site,
+        **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
-        "definitions": {k: v for k, v in DEFINITIONS.items() if k in result["metrics"]},
-        **_record(result["warnings"], skipped, start),
+        **({"external": externals} if externals else {}),
+        **_record(warnings, skipped, start),
     }
+    write_predictions(run_dir / "predictions.csv", schema.names, predictions)
     atomic_write_json(run_dir / "eval.json", report)
+    if ev.report:
+        from medfound.evaluate.markdown import write_report
+
+        write_report(run_dir, report, predictions=predictions)
     return report
+
+
+def write_predictions(path: Path, class_names: list[str], sets: list[tuple]) -> None:
+    """One row per scored sample: set, key, site, label(s), probability per class -> CSV (atomic)."""
+    import csv
+    import io
+
+    from medfound.io import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["set", "key", "site", "label", *[f"p_{c}" for c in class_names]])
+    for name, probs, labels, keys, sites in sets:
+        for i, key in enumerate(keys):
+            label = " ".join(str(int(v)) for v in labels[i]) if np.ndim(labels[i]) else int(labels[i])
+            w.writerow([name, key, sites[i] or "", label, *[f"{float(p):.6f}" for p in probs[i]]])
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _dataset(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
@@ -165,31 +272,62 @@ def load_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
 
 
 def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
-    """Sliding-window inference over every `split` image, Dice/HD95 per image and class -> eval.json."""
+    """Sliding-window inference over every `split` image (and every external set), Dice/HD95 per image and class
+    with bootstrap intervals -> eval.json, report/report.md with overlays."""
     from medfound.data.seg_transforms import build_seg_transform
     from medfound.evaluate.segmentation import CONVENTIONS, SegmentationScorer, predict_probs
     from medfound.workflows import segment_normalizer
 
-    seg, d = recipe.segment, recipe.data
+    seg, d, ev = recipe.segment, recipe.data, recipe.eval
     shards = recipe.data.shards[0]
-    urls, (manifest,) = shard_urls([shards], split)
+    urls, manifest, _ = split_urls(shards, split)
     model = load_segmenter(run_dir, recipe)
     normalize = segment_normalizer(recipe)
-    loader = make_loader(urls, transform=build_seg_transform(seg, train=False, window=d.window), batch_size=1,
-                         labelled=False, train=False, num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction)
-    scorer = SegmentationScorer(seg.names, hd=seg.hd95)
-    start, skipped = time.time(), []
-    for batch in loader:
-        skipped += batch.pop("_bad", [])
-        image = batch["image"] if normalize is None else normalize(batch["image"])
-        probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
-        roi = batch["roi"][0, 0] if "roi" in batch else None
-        key = batch["key"][0]
-        spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-        scorer.add(key, probs, batch["mask"][0, 0], roi, spacing)
-    if not scorer.per_image:
-        raise ValueError(f"split '{split}' of {shards} yielded no samples to evaluate")
+    n_overlays = 4
+
+    def score_set(urls: list[str], name: str):
+        loader = make_loader(urls, transform=d.prepare(build_seg_transform(seg, train=False, window=d.window)),
+                             batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
+                             max_bad_fraction=d.max_bad_fraction)
+        scorer, skipped, overlays = SegmentationScorer(seg.names, hd=seg.hd95), [], []
+        for batch in loader:
+            skipped += batch.pop("_bad", [])
+            image = batch["image"] if normalize is None else normalize(batch["image"])
+            probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
+            roi = batch["roi"][0, 0] if "roi" in batch else None
+            key = batch["key"][0]
+            spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+            row = scorer.add(key, probs, batch["mask"][0, 0], roi, spacing)
+            if batch.get("site") and batch["site"][0]:
+                row["site"] = batch["site"][0]
+            if len(overlays) < n_overlays:
+                overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
+                                 "truth": batch["mask"][0, 0].numpy(), "pred": probs.argmax(0).numpy(),
+                                 "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
+        if not scorer.per_image:
+            raise ValueError(f"{name} yielded no samples to evaluate")
+        return scorer, skipped, overlays
+
+    start = time.time()
+    scorer, skipped, overlays = score_set(urls, f"split '{split}' of {shards}")
     result = scorer.result()
+    boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
+    externals, warnings, ext_overlays = [], [], {}
+    for ext in ev.external:
+        ext = Path(ext)
+        e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
+        e_scorer, e_skipped, e_over = score_set(e_urls, f"external set {ext}")
+        e_result = e_scorer.result()
+        if boot:
+            e_result["bootstrap"] = e_scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=True)
+        entry = external_block(e_manifest.name, ext, e_splits, len(e_scorer.per_image),
+                               {"metrics": e_result["metrics"], **({"bootstrap": e_result["bootstrap"]} if boot else {})},
+                               {}, {"metrics": result["metrics"], **({"bootstrap": boot} if boot else {})})
+        entry["per_class"] = e_result["per_class"]
+        entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
+        externals.append(entry)
+        ext_overlays[e_manifest.name] = e_over
+        warnings += [f"external {e_manifest.name}: {len(e_skipped)} undecodable samples skipped"] if e_skipped else []
     report = {
         "task": "segmentation",
         "class_names": seg.names,
@@ -198,10 +336,19 @@ def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str) -> 
                   "sha256": sha256_file(run_dir / "export" / "segmenter.safetensors"), "head": recipe.head.type},
         "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
                       "roi": seg.roi},
-        **result,
+        "metrics": result["metrics"],
+        **({"intervals": boot["intervals"],
+            "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+        "per_class": result["per_class"],
+        "by_site": scorer.by_site(ev.bootstrap, ev.seed),
+        "per_image": result["per_image"],
+        **({"external": externals} if externals else {}),
         "definitions": CONVENTIONS,
-        **_record([], skipped, start),
+        **_record(warnings, skipped, start),
     }
     atomic_write_json(run_dir / "eval.json", report)
-    return report
+    if ev.report:
+        from medfound.evaluate.markdown import write_report
 
+        write_report(run_dir, report, overlays={"internal": overlays, **ext_overlays})
+    return report

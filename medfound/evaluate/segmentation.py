@@ -104,7 +104,20 @@ class SegmentationScorer:
         self.per_image.append(row)
         return row
 
-    def result(self) -> dict[str, Any]:
+    def by_site(self, resamples: int = 0, seed: int = 0) -> dict[str, dict[str, Any]]:
+        """{site: {"n", "dice", "hd95", "intervals"}} over the images whose rows carry a `site`."""
+        out = {}
+        for site in sorted({r["site"] for r in self.per_image if r.get("site")}):
+            sub = SegmentationScorer(self.names, self.hd)
+            sub.per_image = [r for r in self.per_image if r.get("site") == site]
+            res = sub.result(pixels=False)
+            out[site] = {"n": len(sub.per_image), **res["metrics"]}
+            if resamples:
+                out[site]["intervals"] = {k: v for k, v in sub.bootstrap(resamples, seed)["intervals"].items()
+                                          if "/" not in k}
+        return out
+
+    def result(self, pixels: bool = True) -> dict[str, Any]:
         per_class: dict[str, dict[str, Any]] = {}
         for name in self.names[1:]:
             dice = [r[f"dice/{name}"] for r in self.per_image]
@@ -118,11 +131,36 @@ class SegmentationScorer:
         if self.hd:
             hds = [e["hd95"] for e in per_class.values() if e.get("hd95") is not None]
             metrics["hd95"] = float(np.mean(hds)) if hds else None
-        if self.binary and self._probs:
+        if pixels and self.binary and self._probs:
             metrics.update(pixel_metrics(np.concatenate(self._probs), np.concatenate(self._truth)))
         clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                  for r in self.per_image]
         return {"metrics": metrics, "per_class": per_class, "per_image": clean}
+
+    def bootstrap(self, resamples: int = 1000, seed: int = 0, keep_values: bool = False) -> dict[str, Any]:
+        """95% percentile intervals of Dice and HD95 (the class means and each class), resampling images with
+        replacement; an image whose score is NaN (the conventions above) is left out of that class's mean, as in
+        the point estimate. Pooled pixel metrics get no interval."""
+        from medfound.evaluate.bootstrap import percentile_interval, resample_means
+
+        kinds = ["dice"] + (["hd95"] if self.hd else [])
+        names = self.names[1:]
+        cols = [f"{m}/{n}" for m in kinds for n in names]
+        table = np.array([[np.nan if r[c] is None else r[c] for c in cols] for r in self.per_image], dtype=float)
+        means = resample_means(table, resamples, seed)
+        values: dict[str, np.ndarray] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for j, m in enumerate(kinds):
+                block = means[:, j * len(names):(j + 1) * len(names)]
+                values[m] = np.nanmean(block, axis=1)
+                for i, n in enumerate(names):
+                    values[f"{m}/{n}"] = block[:, i]
+        out = {"intervals": {k: percentile_interval(v) for k, v in values.items()}, "resamples": resamples,
+               "seed": seed, "level": 0.95, "method": "percentile bootstrap over images"}
+        if keep_values:
+            out["values"] = values
+        return out
 
 
 def pixel_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, Optional[float]]:

@@ -1,8 +1,10 @@
 """The model card, rendered with huggingface_hub's ModelCard from the run's own record.
 
-Every number in the card comes from a file: `eval.json` (metrics), the manifests (data counts and
-digests, through the export's lineage block), `logs/metrics.jsonl` (compute time, via the lineage)
-and the weights themselves (parameter count, sha256). Nothing is typed by hand.
+Every number in the card comes from a file: `eval.json` (metrics, intervals, per-site and external results, written
+by `evaluate.markdown.evaluation_sections`, the same code as report.md), the manifests (data counts and digests,
+through the export's lineage block), `logs/metrics.jsonl` (compute time, via the lineage) and the weights themselves
+(parameter count, sha256). Nothing is typed by hand, and `medfound card check` (publish/check.py) re-derives the
+evaluation and the hashes to prove the card still matches its folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,26 @@ import medfound
 
 TEMPLATE = "template.md"
 METRIC_TYPES = {"auroc": "roc_auc", "accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy",
-                "kappa_quadratic": "cohen_kappa"}
+                "kappa_quadratic": "cohen_kappa", "auprc": "average_precision", "dice": "dice", "hd95": "hd95",
+                "ece": "expected_calibration_error", "sens_at_spec": "sensitivity_at_specificity"}
+TASK_TYPES = {"classification": "image-classification", "mil": "image-classification",
+              "segmentation": "image-segmentation", "prompt_segmentation": "mask-generation"}
+EVAL_BEGIN, EVAL_END = "<!-- medfound:evaluation (generated from eval.json; `medfound card check` verifies it) -->", \
+    "<!-- /medfound:evaluation -->"
+PLACEHOLDER, IMAGE_PLACEHOLDER = "PATH_TO_THIS_FOLDER", "IMAGE.png"
+METHOD_CITATIONS = {  # keyword in a stage's objective or tuning -> reference
+    "mae": 'He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (MAE).',
+    "dino": 'Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024.',
+    "lora": 'Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.',
+    "mil": 'Ilse et al., "Attention-based Deep Multiple Instance Learning", ICML 2018.',
+    "box-prompt": 'Ma et al., "Segment anything in medical images" (MedSAM), Nature Communications 2024.',
+    "unetr": 'Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image Segmentation", WACV 2022.',
+    "transunet": 'Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation", 2021.',
+    "attention_unet": 'Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018.',
+    "unet ": 'Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation", MICCAI 2015.',
+    "vnet": 'Milletari et al., "V-Net: Fully Convolutional Neural Networks for Volumetric Medical Image '
+            'Segmentation", 3DV 2016.',
+}
 
 
 def template_path() -> Path:
@@ -42,55 +63,157 @@ def _stages(lineage: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _counts(d: dict[str, Any], used: Optional[str]) -> str:
     splits = d.get("by_split", {})
-    text = ", ".join(f"{v:,} {k}" for k, v in splits.items()) + " images"
-    return f"trained on the {splits.get(used, 0):,} '{used}' images ({text})" if used in splits else text
+    text = ", ".join(f"{v:,} {k}" for k, v in splits.items()) + " samples"
+    sites = d.get("by_site") or {}
+    if sites:
+        text += "; per site " + ", ".join(f"{k} {v:,}" for k, v in sites.items())
+    return f"trained on the {splits.get(used, 0):,} '{used}' samples ({text})" if used in splits else text
 
 
-def render_card(model: torch.nn.Module, lineage: dict[str, Any], evaluation: Optional[dict[str, Any]],
-                weights_sha256: str, name: str, license: str, demo: bool, summary: Optional[str],
-                tags: list[str]) -> ModelCard:
-    stages = _stages(lineage)
+def training_datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every data set of every stage of the lineage, once per (digest, stage)."""
     datasets, seen = [], set()
-    for s in stages:
+    for s in _stages(lineage):
         for d in s.get("datasets", []):
-            if (d["digest"], s["stage"]) in seen:
+            key = (d.get("digest"), s["stage"])
+            if key in seen:
                 continue
-            seen.add((d["digest"], s["stage"]))
-            src = d.get("source", {})
-            datasets.append({"name": d["name"], "role": s["stage"], "modality": d["modality"], "site": d.get("site"),
-                             "counts": _counts(d["counts"], s.get("split")), "digest": d["digest"],
-                             "source": ", ".join(f.get("name", "?") for f in src.get("files", [])),
-                             "license": src.get("license"), "attribution": src.get("attribution")})
-    modalities = sorted({d["modality"] for d in datasets})
+            seen.add(key)
+            src = d.get("source", {}) if isinstance(d.get("source"), dict) else {}
+            counts = d.get("counts")
+            datasets.append({"name": d.get("name", "?"), "role": s["stage"], "modality": d.get("modality", "other"),
+                             "site": d.get("site"), "mpp": d.get("mpp"),
+                             "counts": _counts(counts, s.get("split")) if counts else
+                             f"{d.get('slides', '?')} slides (bags digest {d.get('bags_digest', '?')})",
+                             "digest": d.get("digest", "?"),
+                             "source": ", ".join(f.get("name", "?") for f in src.get("files", [])) or "not recorded",
+                             "license": src.get("license") or d.get("license"),
+                             "attribution": src.get("attribution") or d.get("attribution"),
+                             "deidentification": d.get("deidentification")})
+    return datasets
+
+
+def timm_details(model: torch.nn.Module, class_names: list[str], label_type: Optional[str]) -> list[tuple[str, str]]:
     cfg = model.pretrained_cfg
-    class_names = lineage.get("label_schema", {}).get("names", [])
-    eval_results = []
-    if evaluation:
-        ds = evaluation["dataset"]
-        for k, v in evaluation["metrics"].items():
-            if v is not None:
-                eval_results.append(EvalResult(task_type="image-classification", dataset_type=ds["name"],
-                                               dataset_name=ds["name"], dataset_split=ds["split"],
-                                               metric_type=METRIC_TYPES.get(k, k), metric_name=k,
-                                               metric_value=round(float(v), 4)))
+    rows = [("architecture", f"`{cfg.get('architecture')}` (timm), {sum(p.numel() for p in model.parameters()):,} "
+                             "parameters"),
+            ("input", f"{cfg['input_size'][1]}x{cfg['input_size'][2]} px, {cfg['input_size'][0]} channels"),
+            ("features", f"{model.num_features}-d, pooling `{getattr(model, 'global_pool', '?')}`")]
+    if class_names:
+        rows.append(("output", f"{len(class_names)} classes ({label_type}): {', '.join(class_names)}"))
+    return rows
+
+
+def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], recipe: Any) -> dict[str, Any]:
+    """preprocessing.json: what a user must do to an image before the model sees it."""
+    mpps = sorted({d["mpp"] for d in datasets if d.get("mpp")})
+    return {"modality": sorted({d["modality"] for d in datasets}),
+            "microns_per_pixel": mpps[0] if len(mpps) == 1 else (mpps or None),
+            "ct_window": getattr(recipe.data, "window", None), **input_cfg}
+
+
+def timm_snippet(class_names: list[str]) -> str:
+    lines = ["import timm, torch", "from PIL import Image", "",
+             f'folder = "{PLACEHOLDER}"  # or huggingface_hub.snapshot_download("REPO_ID")']
+    if class_names:
+        lines += ['model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # the classifier']
+    lines += ['backbone = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()  # features',
+              "config = timm.data.resolve_data_config({}, model=backbone)  # the training preprocessing",
+              "transform = timm.data.create_transform(**config)",
+              f'x = transform(Image.open("{IMAGE_PLACEHOLDER}").convert("RGB"))[None]',
+              "with torch.no_grad():",
+              "    features = backbone(x)  # [1, num_features]"]
+    if class_names:
+        lines += ["    probs = model(x).softmax(-1)  # [1, num_classes], classes in config.json label_names"]
+    return "\n".join(lines)
+
+
+NETWORK_SNIPPETS = {
+    "segmentation": ["from medfound.evaluate.report import load_segmenter",
+                     "from medfound.evaluate.segmentation import predict_probs",
+                     "model = load_segmenter(folder, recipe)  # the trained network, eval mode",
+                     "# probs = predict_probs(model, image[None], recipe.segment.patch_size, recipe.segment.overlap)"],
+    "prompt": ["from medfound.adapt.prompt import BoxPredictor",
+               "predictor = BoxPredictor.from_run(folder)",
+               "# masks = predictor.predict(image, [[x0, y0, x1, y1]])  # one boolean mask per box"],
+    "mil": ["from medfound.adapt.mil import load_mil",
+            "head = load_mil(folder, recipe)  # attention-MIL head over the tile features of its backbone",
+            "# out = head({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"],
+}
+
+
+def network_snippet(task: str) -> str:
+    return "\n".join(["import torch", "from pathlib import Path", "from medfound.config import load_recipe", "",
+                      f'folder = Path("{PLACEHOLDER}")', 'recipe = load_recipe(folder / "config.yaml")',
+                      *NETWORK_SNIPPETS[task]])
+
+
+def eval_results(evaluation: Optional[dict[str, Any]]) -> list[EvalResult]:
+    """model-index entries: the internal split's metrics, then each external set's."""
+    if not evaluation:
+        return []
+    out = []
+    task_type = TASK_TYPES.get(evaluation["task"], "image-classification")
+    ds = evaluation["dataset"]
+    sets = [(ds["name"], ds["split"], evaluation["metrics"])]
+    sets += [(e["name"], "+".join(e["splits"]), e["metrics"]) for e in evaluation.get("external", [])]
+    for name, split, metrics in sets:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None:
+                out.append(EvalResult(task_type=task_type, dataset_type=name, dataset_name=name, dataset_split=split,
+                                      metric_type=METRIC_TYPES.get(k, k), metric_name=k,
+                                      metric_value=round(float(v), 4)))
+    return out
+
+
+def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], tags: list[str],
+                lineage: dict[str, Any], evaluation: Optional[dict[str, Any]], weights: list[tuple[str, str]],
+                details: list[tuple[str, str]], preprocessing: dict[str, Any], load_snippet: str,
+                pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
+                gated_fields: Optional[list[str]] = None) -> ModelCard:
+    from medfound.evaluate.markdown import evaluation_sections
+
+    stages = _stages(lineage)
+    datasets = training_datasets(lineage)
+    modalities = sorted({d["modality"] for d in datasets})
+    extra: dict[str, Any] = {}
+    if gated_prompt:
+        extra["extra_gated_prompt"] = gated_prompt
+        extra["extra_gated_fields"] = {f: "text" for f in (gated_fields or ["Name", "Affiliation"])} | \
+            {"I will not use this model for clinical decisions without local validation": "checkbox"}
     card_data = ModelCardData(
-        license=license, library_name="timm", model_name=name, tags=sorted({"medfound", "medical-imaging", *modalities,
-                                                                           *(["demo"] if demo else []), *tags}),
-        pipeline_tag="image-classification" if class_names else "image-feature-extraction",
-        datasets=sorted({d["name"] for d in datasets}) or None, eval_results=eval_results or None)
-    hardware = sorted({s.get("hardware", "unknown hardware") for s in stages if s.get("stage") != "import"})
-    citations = sorted({d["attribution"] for d in datasets if d.get("attribution")})
+        license=license, library_name=library_name, model_name=name,
+        tags=sorted({"medfound", "medical-imaging", *modalities, *(["demo"] if demo else []), *tags}),
+        pipeline_tag=pipeline_tag, datasets=sorted({d["name"] for d in datasets}) or None,
+        eval_results=eval_results(evaluation) or None, **extra)
+    train_stages = [s for s in stages if s.get("stage") != "import"]
+    hardware = sorted({s.get("hardware", "unknown hardware") for s in train_stages})
+    seconds = sum(s.get("train_seconds", 0) for s in stages)
+    gpu = any("CPU" not in h for h in hardware)
+    deid = [f"{d['name']}: {d['deidentification'].get('summary', d['deidentification'])}" for d in datasets
+            if d.get("deidentification")]
+    evaluation_md = "\n".join([EVAL_BEGIN, *evaluation_sections(evaluation, level="###"), EVAL_END]) \
+        if evaluation else None
+    external_drops = []
+    for e in (evaluation or {}).get("external", []):
+        for k, v in e["drop"].items():
+            if v is not None and k in ("auroc", "dice"):
+                external_drops.append(f"{k} changes by {v:+.4f} on {e['name']}")
     return ModelCard.from_template(
         card_data, template_path=str(template_path()), model_name=name, demo=demo,
-        summary=summary or f"A `{cfg.get('architecture')}` backbone trained with medfound "
+        summary=summary or f"A `{architecture}` model trained with medfound "
                            f"({' then '.join(s['objective'] for s in stages)}).",
-        architecture=cfg.get("architecture"), num_params=sum(p.numel() for p in model.parameters()),
-        input_size=tuple(cfg["input_size"]), mean=tuple(round(m, 3) for m in cfg["mean"]),
-        std=tuple(round(s, 3) for s in cfg["std"]), num_features=model.num_features,
-        global_pool=getattr(model, "global_pool", "?"), class_names=class_names,
-        label_type=lineage.get("label_schema", {}).get("type"), weights_sha256=weights_sha256,
+        details=details, weights=weights, preprocessing=preprocessing,
         medfound_version=medfound.__version__, timm_version=timm.__version__, torch_version=torch.__version__,
-        modalities=modalities, datasets=datasets,
+        modalities=modalities, datasets=datasets, deidentification=deid,
         stages=[{**s, "minutes": round(s.get("train_seconds", 0) / 60, 1)} for s in stages],
-        total_minutes=round(sum(s.get("train_seconds", 0) for s in stages) / 60, 1), hardware_list=", ".join(hardware),
-        evaluation=evaluation, citations=citations)
+        total_minutes=round(seconds / 60, 1), compute_hours=round(seconds / 3600, 3),
+        compute_unit="GPU-hours" if gpu else "CPU-hours", hardware_list=", ".join(hardware) or "not recorded",
+        evaluation=evaluation, evaluation_md=evaluation_md, external_drops=external_drops,
+        load_snippet=load_snippet, citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
+        method_citations=method_citations(stages))
+
+
+def method_citations(stages: list[dict[str, Any]]) -> list[str]:
+    text = " ".join(f"{s.get('objective', '')} {s.get('tuning', '')} " for s in stages).lower()
+    return [ref for key, ref in METHOD_CITATIONS.items() if key in text]

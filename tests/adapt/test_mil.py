@@ -177,9 +177,14 @@ def test_mil_run_trains_evaluates_and_reloads(bags, tmp_path):
     assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 2
     assert load_mil(tmp_path / "run", load_recipe(tmp_path / "run" / "config.yaml")).model.in_dim == \
         index["backbone"]["feature_dim"]
+    from medfound.publish.check import check_card
     from medfound.workflows import publish_run
-    with pytest.raises(ValueError, match="MIL run"):
-        publish_run(tmp_path / "run", tmp_path / "pub")
+    publish_run(tmp_path / "run", tmp_path / "pub")
+    assert check_card(tmp_path / "pub") == []
+    reloaded = load_mil(tmp_path / "pub", load_recipe(tmp_path / "pub" / "config.yaml"))
+    assert reloaded.model.in_dim == index["backbone"]["feature_dim"]
+    assert "Ilse et al." in (tmp_path / "pub" / "README.md").read_text()
+    assert (tmp_path / "run" / "report" / "roc.png").is_file()
 
 
 def test_extract_cli(bags, pretrained, tmp_path, capsys):

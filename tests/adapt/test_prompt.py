@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -163,8 +164,14 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     import timm
     timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)  # reusable ViT
     assert (tmp_path / "run" / "export" / "backbone" / "adapter").is_dir()
-    with pytest.raises(ValueError, match="box-prompt run"):
-        publish_run(tmp_path / "run", tmp_path / "pub")
+    publish_run(tmp_path / "run", tmp_path / "pub")  # the network with its card, loadable from the folder
+    from medfound.publish.check import check_card
+    assert check_card(tmp_path / "pub") == []
+    published = BoxPredictor.from_run(tmp_path / "pub").predict(image, [[95, 255, 190, 350]])
+    assert (published[0] == masks[0]).all()
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    lo, hi = report["intervals"]["dice"]
+    assert lo <= report["metrics"]["dice"] <= hi
 
 
 def test_box_windows_are_square_centred_and_padded_outside_the_image():

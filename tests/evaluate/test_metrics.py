@@ -64,7 +64,7 @@ def test_absent_class_is_skipped_in_the_macro_average():
         out = classification_metrics(p, y, "multiclass", ["a", "b", "c", "d"])
     expected = np.mean([roc_auc_score(y == c, p[:, c]) for c in range(3)])
     assert out["metrics"]["auroc"] == pytest.approx(expected, abs=1e-6)
-    assert out["per_class"]["d"] == {"n": 0, "auroc": None}
+    assert out["per_class"]["d"] == {"n": 0, "auroc": None, "auprc": None}
 
 
 def test_shape_mismatch_is_explained():
@@ -122,3 +122,76 @@ def test_units_combine_views_by_mean_or_max_and_take_the_highest_label():
     hot = np.array([[1, 0], [0, 0], [0, 1], [0, 0]])
     _, y, _ = aggregate_units(probs, hot, units, "max")
     assert y.tolist() == [[1, 0], [0, 1]]
+
+
+def test_auprc_matches_sklearn_binary_and_macro_one_vs_rest():
+    from sklearn.metrics import average_precision_score
+
+    p, y = _probs(300, 2, seed=4)
+    m = classification_metrics(p, y, "binary", ["neg", "pos"])["metrics"]
+    assert m["auprc"] == pytest.approx(average_precision_score(y, p[:, 1]), abs=1e-6)
+    p, y = _probs(400, 4, seed=5)
+    out = classification_metrics(p, y, "multiclass", list("abcd"))
+    per = [average_precision_score(y == c, p[:, c]) for c in range(4)]
+    assert out["metrics"]["auprc"] == pytest.approx(np.mean(per), abs=1e-6)
+    assert out["per_class"]["c"]["auprc"] == pytest.approx(per[2], abs=1e-6)
+
+
+def test_sensitivity_at_fixed_specificity_golden():
+    # 10 negatives (one of them scored 0.90) and 5 positives, worked by hand
+    neg = np.array([0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.90])
+    pos = np.array([0.50, 0.60, 0.70, 0.80, 0.95])
+    s = np.concatenate([neg, pos])
+    y = np.array([0] * 10 + [1] * 5)
+    p = np.stack([1 - s, s], 1).astype(np.float32)
+    out = classification_metrics(p, y, "binary", ["neg", "pos"], specificity=0.9)
+    # threshold 0.5 keeps 9/10 negatives below (spec 0.9) and all 5 positives above -> sensitivity 1.0
+    assert out["metrics"]["sens_at_spec"] == pytest.approx(1.0)
+    assert out["operating_point"] == {"specificity_target": 0.9, "threshold": pytest.approx(0.5)}
+    out = classification_metrics(p, y, "binary", ["neg", "pos"], specificity=0.95)
+    # specificity 1.0 needs a threshold above 0.90: only 0.95 is caught -> 1/5
+    assert out["metrics"]["sens_at_spec"] == pytest.approx(0.2)
+
+
+def test_ece_matches_torchmetrics_and_the_bins_add_up():
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
+
+    from medfound.evaluate.metrics import calibration
+
+    p, y = _probs(500, 2, seed=6)
+    m = classification_metrics(p, y, "binary", ["neg", "pos"])["metrics"]
+    ref = binary_calibration_error(torch.tensor(p[:, 1]), torch.tensor(y), n_bins=15)
+    assert m["ece"] == pytest.approx(float(ref), abs=1e-5)
+    p, y = _probs(500, 5, seed=7)
+    m = classification_metrics(p, y, "ordinal", list("abcde"))["metrics"]
+    ref = multiclass_calibration_error(torch.tensor(p), torch.tensor(y), num_classes=5, n_bins=15)
+    assert m["ece"] == pytest.approx(float(ref), abs=1e-5)
+    cal = calibration(p, y, "ordinal")
+    assert sum(b["n"] for b in cal["bins"]) == 500 and cal["kind"] == "top-label confidence"
+    assert all(b["lo"] <= b["predicted"] <= b["hi"] for b in cal["bins"])
+    # perfectly calibrated by construction: outcomes drawn at the predicted probability -> small ECE
+    rng = np.random.default_rng(0)
+    q = rng.uniform(size=20000)
+    yy = (rng.uniform(size=20000) < q).astype(int)
+    assert calibration(np.stack([1 - q, q], 1), yy, "binary")["ece"] < 0.02
+
+
+def test_per_site_results_carry_their_own_intervals():
+    from medfound.evaluate.markdown import site_table
+    from medfound.evaluate.metrics import score_with_sites
+
+    p, y = _probs(300, 2, seed=8)
+    sites = ["A"] * 150 + ["B"] * 100 + [None] * 50
+    result, by_site = score_with_sites(p, y, sites, "binary", ["neg", "pos"], "test", resamples=200, seed=1)
+    assert set(by_site) == {"A", "B"} and by_site["A"]["n"] == 150 and by_site["B"]["n"] == 100
+    assert by_site["A"]["auroc"] == pytest.approx(roc_auc_score(y[:150], p[:150, 1]), abs=1e-6)
+    for site in ("A", "B"):
+        lo, hi = by_site[site]["intervals"]["auroc"]
+        assert lo <= by_site[site]["auroc"] <= hi
+    # the smaller site has the wider interval
+    width = {s: np.diff(by_site[s]["intervals"]["auroc"])[0] for s in by_site}
+    assert width["B"] > width["A"] * 0.9
+    rows = site_table(by_site, ["auroc"])
+    assert rows[2].startswith(f"| A | 150 | {by_site['A']['auroc']:.4f} (")
+    assert result["calibration"]["bins"]

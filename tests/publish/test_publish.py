@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -45,7 +46,8 @@ def test_export_reproduces_the_checkpoint_through_timm(finetuned):
 
 def test_published_folder_and_card(published, finetuned):
     assert sorted(p.name for p in published.iterdir()) == ["README.md", "adapter", "config.json", "eval.json",
-                                                         "model.safetensors", "training_config.yaml"]
+                                                         "model.safetensors", "preprocessing.json", "report",
+                                                         "training_config.yaml"]
     evaluation = json.loads((finetuned / "eval.json").read_text())
     card = ModelCard.load(published / "README.md")
     assert card.data.library_name == "timm" and card.data.license == "cc-by-4.0"
@@ -61,14 +63,19 @@ def test_published_folder_and_card(published, finetuned):
     assert "4 optimizer steps" in text and "3 optimizer steps" in text  # fine-tuning and pretraining stages
 
 
-def test_card_loading_snippet_runs(published):
+def test_card_loading_snippet_runs(published, tmp_path):
     text = ModelCard.load(published / "README.md").text
     snippet = text.split("## How to load it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     scope: dict = {}
-    exec(snippet.replace("PATH_TO_THIS_FOLDER", str(published)), scope)
-    assert scope["model"].num_classes == 5 and scope["features"].num_classes == 0
-    x = scope["transform"](__import__("PIL.Image", fromlist=["Image"]).new("RGB", (28, 28)))
-    assert tuple(x.shape) == (3, 32, 32)
+    from PIL import Image
+
+    image = tmp_path / "fundus.png"
+    Image.fromarray(np.full((28, 28, 3), 120, np.uint8)).save(image)
+    exec(snippet.replace("PATH_TO_THIS_FOLDER", str(published)).replace("IMAGE.png", str(image)), scope)
+    assert scope["model"].num_classes == 5 and scope["backbone"].num_classes == 0
+    assert tuple(scope["x"].shape) == (1, 3, 32, 32)
+    assert tuple(scope["probs"].shape) == (1, 5) and float(scope["probs"].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert tuple(scope["features"].shape) == (1, scope["backbone"].num_features)
 
 
 def test_publish_refuses_stale_eval_and_existing_output(finetuned, published, tmp_path):

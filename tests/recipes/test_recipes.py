@@ -147,9 +147,25 @@ def test_segment_recipe_runs_two_steps(path: Path, seg_shards, pretrained, tmp_p
     from medfound.evaluate.report import evaluate_run
     again = evaluate_run(tmp_path / "run")  # rebuilt from the recipe + export alone: the same numbers
     assert again["metrics"] == report["metrics"]
+    assert again["intervals"]["dice"] is None or again["intervals"]["dice"][0] <= again["metrics"]["dice"] + 1e-4  # 4-decimal intervals
+    assert (tmp_path / "run" / "report" / "report.md").is_file()
+    assert list((tmp_path / "run" / "report").glob("overlay_internal_*.png"))
+    _publish_and_run_the_card_snippet(tmp_path / "run", tmp_path / "pub")
+
+
+def _publish_and_run_the_card_snippet(run: Path, out: Path) -> dict:
+    """Publish a network run: the folder passes `card check`, and the card's loading snippet runs on it."""
+    from medfound.publish.check import check_card
     from medfound.workflows import publish_run
-    with pytest.raises(ValueError, match="segmentation run"):
-        publish_run(tmp_path / "run", tmp_path / "pub")
+
+    publish_run(run, out)
+    assert check_card(out) == []
+    text = (out / "README.md").read_text()
+    snippet = text.split("## How to load it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(snippet.replace("PATH_TO_THIS_FOLDER", str(out)), scope)
+    assert (out / "export").is_dir() and (out / "config.yaml").is_file() and (out / "preprocessing.json").is_file()
+    return scope
 
 
 @pytest.mark.slow

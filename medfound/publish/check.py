@@ -1,0 +1,94 @@
+r"""`medfound card check DIR`: prove a published folder's card still says what its files say.
+
+Checked:
+- every `| weights | \`FILE\`, sha256 \`HEX\` |` row of the card against the sha256 of FILE in the folder;
+- the generated evaluation section (between the medfound:evaluation markers) against the same Markdown rendered
+  afresh from the folder's eval.json (`evaluate.markdown.evaluation_sections`): every number of every metric,
+  interval, per-class, per-site and external row;
+- the YAML model-index results against eval.json;
+- eval.json's own record of the weights it scored against the main weights file.
+Returns the mismatches, each naming the file, line or metric; the CLI exits non-zero when there is any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import zip_longest
+from pathlib import Path
+
+from medfound.io import sha256_file
+
+WEIGHTS_ROW = re.compile(r"^\| weights \| `([^`]+)`, sha256 `([0-9a-f]{64})` \|\s*$", re.M)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _line_problem(i: int, got: str | None, want: str | None) -> str:
+    if got is None:
+        return f"card evaluation section ends early: eval.json also gives line {i} '{want}'"
+    if want is None:
+        return f"card evaluation line {i} '{got}' is not in eval.json's evaluation"
+    g, w = NUMBER.findall(got), NUMBER.findall(want)
+    for a, b in zip(g, w):
+        if a != b:
+            return f"card evaluation line {i} says {a} where eval.json gives {b}: '{got.strip()}'"
+    return f"card evaluation line {i} differs from eval.json: '{got.strip()}' vs '{want.strip()}'"
+
+
+def check_card(folder: str | Path) -> list[str]:
+    from huggingface_hub import ModelCard
+
+    from medfound.evaluate.markdown import evaluation_sections
+    from medfound.publish.card import EVAL_BEGIN, EVAL_END, eval_results
+
+    folder = Path(folder)
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return [f"{readme} missing: not a published medfound folder (run `medfound publish RUN --out DIR`)"]
+    text = readme.read_text()
+    problems = []
+    rows = WEIGHTS_ROW.findall(text)
+    if not rows:
+        problems.append(f"{readme} names no weights with a sha256 (a '| weights | `FILE`, sha256 `HEX` |' row)")
+    actual = {}
+    for file, sha in rows:
+        path = folder / file
+        if not path.is_file():
+            problems.append(f"the card names weights {file}, which is not in {folder}")
+            continue
+        actual[file] = sha256_file(path)
+        if actual[file] != sha:
+            problems.append(f"weights {file}: the card says sha256 {sha[:16]}…, the file has {actual[file][:16]}… "
+                            "(the weights changed after the card was written; re-publish the run)")
+    eval_path = folder / "eval.json"
+    has_block = EVAL_BEGIN in text and EVAL_END in text
+    if not eval_path.is_file():
+        if has_block:
+            problems.append(f"the card reports an evaluation but {eval_path} is missing")
+        return problems
+    evaluation = json.loads(eval_path.read_text())
+    if rows and rows[0][0] in actual and evaluation["model"]["sha256"] != actual[rows[0][0]]:
+        problems.append(f"eval.json scored weights with sha256 {evaluation['model']['sha256'][:16]}…, not "
+                        f"{rows[0][0]} ({actual[rows[0][0]][:16]}…)")
+    if not has_block:
+        problems.append(f"{eval_path} is in the folder but the card has no generated evaluation section")
+    else:
+        block = text.split(EVAL_BEGIN, 1)[1].split(EVAL_END, 1)[0]
+        got = [ln.rstrip() for ln in block.strip("\n").splitlines()]
+        want = [ln.rstrip() for ln in "\n".join(evaluation_sections(evaluation, level="###")).strip("\n").splitlines()]
+        for i, (g, w) in enumerate(zip_longest(got, want), start=1):
+            if g != w:
+                problems.append(_line_problem(i, g, w))
+                break
+    expected = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value for r in eval_results(evaluation)}
+    found = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value
+             for r in (ModelCard.load(readme).data.eval_results or [])}
+    for key, v in found.items():
+        if key not in expected:
+            problems.append(f"model-index result {key[2]} on {key[0]}/{key[1]} is not in eval.json")
+        elif round(float(v), 4) != expected[key]:
+            problems.append(f"model-index {key[2]} on {key[0]}/{key[1]}: the card says {v}, eval.json gives "
+                            f"{expected[key]}")
+    for key in expected.keys() - found.keys():
+        problems.append(f"model-index lacks {key[2]} on {key[0]}/{key[1]} (eval.json gives {expected[key]})")
+    return problems

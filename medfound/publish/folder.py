@@ -1,0 +1,201 @@
+"""`medfound publish RUN_DIR --out DIR`: a run -> a Hugging Face-style folder with its model card.
+
+Backbone and classification runs (pretraining, `task: classification`):
+    model.safetensors + config.json (timm `local-dir:`; LoRA merged), adapter/ (peft format, LoRA runs),
+    preprocessing.json, training_config.yaml, eval.json, report/ (plots), README.md (the card).
+Network runs (`task: segmentation | prompt | mil`): the trained network with its recipe, loadable by medfound:
+    export/ (the network's safetensors + json, and for ViT heads the adapted backbone as a timm folder in
+    export/backbone), config.yaml, preprocessing.json, eval.json, report/, README.md.
+
+The folder is written atomically. Before anything is written the export is proven to be the trained model (timm
+reload of the checkpoint's rebuild for backbones; the eval.json hash for networks), and the card is checked
+against the folder (`check_card`) before the rename, so a drifting card is never published.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from medfound.config import FinetuneRecipe
+from medfound.io import atomic_dir, atomic_write_json, sha256_file
+
+NETWORKS = {  # task -> (main weights file in export/, its json, the loader the card shows)
+    "segmentation": ("segmenter.safetensors", "segmenter.json"),
+    "prompt": ("prompt_segmenter.safetensors", "prompt_segmenter.json"),
+    "mil": ("mil.safetensors", "mil.json"),
+}
+
+
+def _evaluation(run_dir: Path, weights: Path) -> dict[str, Any]:
+    if not (run_dir / "eval.json").is_file():
+        raise FileNotFoundError(f"{run_dir}/eval.json missing: run `medfound evaluate {run_dir}` first")
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    sha = sha256_file(weights)
+    if evaluation["model"]["sha256"] != sha:
+        raise ValueError(f"{run_dir}/eval.json was computed on other weights than {weights} "
+                         f"(sha256 {evaluation['model']['sha256'][:12]} vs {sha[:12]}); "
+                         f"re-run `medfound evaluate {run_dir}`")
+    return evaluation
+
+
+def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None,
+                push: Optional[str] = None, dry_run: bool = False, private: bool = False) -> dict:
+    """RUN_DIR -> the folder above; then `push` it to the Hub repo (or, with `dry_run`, list what would go)."""
+    from medfound.evaluate.report import load_run_recipe
+
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    if isinstance(recipe, FinetuneRecipe) and recipe.task in NETWORKS:
+        result = _publish_network(run_dir, out, recipe, overwrite, name)
+    else:
+        result = _publish_timm(run_dir, out, recipe, overwrite, name)
+    if push or dry_run:
+        from medfound.publish.hub import push_folder
+
+        result["push"] = push_folder(out, push, dry_run=dry_run, private=private)
+    return result
+
+
+def _card_options(recipe: Any, name: str) -> dict[str, Any]:
+    c = recipe.card
+    return {"name": name, "license": c.license, "demo": c.demo, "summary": c.summary, "tags": c.tags,
+            "gated_prompt": c.gated_prompt, "gated_fields": c.gated_fields}
+
+
+def _finish(tmp: Path, run_dir: Path, card) -> None:
+    """Copy the evaluation report, save the card and verify it against the folder before the rename."""
+    from medfound.publish.check import check_card
+
+    if (run_dir / "report").is_dir():
+        shutil.copytree(run_dir / "report", tmp / "report")
+    card.save(str(tmp / "README.md"))
+    problems = check_card(tmp)
+    if problems:
+        raise RuntimeError("the rendered card does not match its folder (a medfound bug; nothing was published): "
+                           + "; ".join(problems))
+
+
+def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: Optional[str]) -> dict:
+    import timm
+
+    from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
+    from medfound.publish.card import preprocessing as preprocessing_for
+    from medfound.publish.export import check_reload, read_lineage
+    from medfound.workflows import rebuild_trained
+
+    export = run_dir / "export"
+    if not (export / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "
+                                f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
+    evaluation = _evaluation(run_dir, export / "model.safetensors") if isinstance(recipe, FinetuneRecipe) else None
+    reference = rebuild_trained(run_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
+            src = export / item
+            if src.is_dir():
+                shutil.copytree(src, tmp / item)
+            elif src.is_file():
+                shutil.copy2(src, tmp / item)
+        diff = check_reload(tmp, reference)
+        shutil.copy2(run_dir / "config.yaml", tmp / "training_config.yaml")
+        if evaluation is not None:
+            atomic_write_json(tmp / "eval.json", evaluation)
+        model = timm.create_model(f"local-dir:{tmp}", pretrained=True)
+        lineage = read_lineage(tmp)
+        cfg = model.pretrained_cfg
+        prep = preprocessing_for({k: cfg.get(k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+                                 training_datasets(lineage), recipe)
+        atomic_write_json(tmp / "preprocessing.json", prep)
+        schema = lineage.get("label_schema", {})
+        class_names = schema.get("names", []) if evaluation else []
+        card = render_card(**_card_options(recipe, name or out.name), lineage=lineage, evaluation=evaluation,
+                           weights=[("model.safetensors", sha256_file(tmp / "model.safetensors"))],
+                           details=timm_details(model, class_names, schema.get("type")), preprocessing=prep,
+                           load_snippet=timm_snippet(class_names), architecture=cfg.get("architecture"),
+                           pipeline_tag="image-classification" if class_names else "image-feature-extraction",
+                           library_name="timm")
+        _finish(tmp, run_dir, card)
+    return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
+
+
+def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite: bool, name: Optional[str]) -> dict:
+    from safetensors import safe_open
+
+    from medfound.publish.card import network_snippet, render_card, training_datasets
+    from medfound.publish.card import preprocessing as preprocessing_for
+
+    weights_name, meta_name = NETWORKS[recipe.task]
+    export = run_dir / "export"
+    if not (export / weights_name).is_file():
+        raise FileNotFoundError(f"{export}/{weights_name} missing: the run has not finished "
+                                "(continue it with `medfound finetune RECIPE trainer.resume=auto`)")
+    evaluation = _evaluation(run_dir, export / weights_name)
+    meta = json.loads((export / meta_name).read_text())
+    lineage = meta["medfound"]
+    with safe_open(str(export / weights_name), "pt") as f:
+        n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    details = [("network", f"`{recipe.head.type}` ({recipe.task}), {n_params:,} parameters"),
+               ("tuning", recipe.tuning)]
+    backbone_cfg = export / "backbone" / "config.json"
+    if backbone_cfg.is_file():
+        details.append(("backbone", f"`{json.loads(backbone_cfg.read_text())['architecture']}` (timm folder "
+                                    "`export/backbone`, adapted weights merged)"))
+    elif recipe.task == "mil":
+        b = meta["backbone"]
+        details.append(("tile features", f"{meta['feature_dim']}-d from `{b.get('arch', '?')}` (sha256 "
+                                         f"`{b.get('sha256', '?')}`): extract bags with that backbone"))
+    if recipe.task == "segmentation":
+        details.append(("classes", ", ".join(recipe.segment.names)))
+        seg = recipe.segment
+        input_cfg = {"spatial_dims": seg.spatial_dims, "patch_size": seg.patch_size, "overlap": seg.overlap,
+                     "intensity": seg.intensity, "clip": seg.clip, "stats": seg.stats, "spacing": seg.spacing}
+        if seg.intensity == "imagenet":
+            input_cfg.update(mean=list(recipe.data.mean), std=list(recipe.data.std))
+        pipeline_tag = "image-segmentation"
+    elif recipe.task == "prompt":
+        input_cfg = {"input_size": meta.get("img_size"), "mean": list(recipe.data.mean), "std": list(recipe.data.std),
+                     "prompt": "one box per structure, x0,y0,x1,y1 in pixels", "crop_to_box": recipe.head.crop_to_box}
+        pipeline_tag = "mask-generation"
+    else:
+        input_cfg = {"input": "a bag of tile features [N, D] from the backbone above", "max_tiles": recipe.head.max_tiles
+                     if hasattr(recipe.head, "max_tiles") else None}
+        pipeline_tag = "image-classification"
+    prep = preprocessing_for(input_cfg, training_datasets(lineage), recipe)
+    files = [weights_name] + (["backbone/model.safetensors"] if (export / "backbone" / "model.safetensors").is_file()
+                              else [])
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        shutil.copytree(export, tmp / "export")
+        shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
+        atomic_write_json(tmp / "eval.json", evaluation)
+        atomic_write_json(tmp / "preprocessing.json", prep)
+        _load_network(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
+        card = render_card(**_card_options(recipe, name or out.name), lineage=lineage, evaluation=evaluation,
+                           weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
+                           details=details, preprocessing=prep, load_snippet=network_snippet(recipe.task),
+                           architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound")
+        _finish(tmp, run_dir, card)
+    return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _load_network(folder: Path, recipe: FinetuneRecipe):
+    if recipe.task == "segmentation":
+        from medfound.evaluate.report import load_segmenter
+
+        return load_segmenter(folder, recipe)
+    if recipe.task == "prompt":
+        from medfound.adapt.prompt import BoxPredictor
+
+        return BoxPredictor.from_run(folder)
+    from medfound.adapt.mil import load_mil
+
+    return load_mil(folder, recipe)

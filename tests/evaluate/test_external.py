@@ -1,0 +1,99 @@
+"""External-site validation: an external shard set scored beside the internal test, with the drop and the
+interval of the drop, in eval.json, report.md and the card; a set with another label schema is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfound.cli import main
+from medfound.evaluate.report import evaluate_run
+
+from helpers import DATA
+
+
+@pytest.fixture(scope="module")
+def external_run(finetuned, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the tiny fine-tuned run, and RetinaMNIST's validation images sharded as a second site."""
+    from medfound.workflows import shard
+
+    root = tmp_path_factory.mktemp("external")
+    ext = root / "site_b"
+    shard("npz", DATA / "medmnist" / "retinamnist_demo.npz", ext, name="retina_site_b", modality="fundus",
+          label_type="ordinal", label_names=["no DR", "mild", "moderate", "severe", "proliferative"],
+          site="site-B")
+    run = root / "run"
+    shutil.copytree(finetuned, run)
+    return run, ext
+
+
+def test_external_set_is_scored_beside_the_internal_split(external_run, capsys):
+    run, ext = external_run
+    assert main(["evaluate", str(run), str(ext)]) == 0
+    assert "external retina_site_b" in capsys.readouterr().out
+    report = json.loads((run / "eval.json").read_text())
+    (e,) = report["external"]
+    assert e["name"] == "retina_site_b" and sorted(e["splits"]) == ["test", "train", "val"] and e["num_samples"] == 1120
+    assert set(e["by_site"]) == {"site-B"} and e["by_site"]["site-B"]["n"] == 1120
+    for k in ("auroc", "accuracy", "kappa_quadratic", "ece"):
+        assert e["drop"][k] == pytest.approx(e["metrics"][k] - report["metrics"][k])
+        lo, hi = e["drop_intervals"][k]
+        assert lo - 1e-4 <= e["drop"][k] <= hi + 1e-4
+        # the drop's interval is wider than either set's own: both sets' sampling error adds up
+        assert hi - lo > (e["intervals"][k][1] - e["intervals"][k][0]) - 1e-4
+    rows = (run / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + 400 + 1120 and rows[-1].startswith("retina_site_b,")
+    md = (run / "report" / "report.md").read_text()
+    assert "## External validation" in md and f"{e['drop']['auroc']:.4f}" in md
+    assert (run / "report" / "roc.png").is_file()
+
+
+def test_external_results_reach_the_card_and_pass_the_check(external_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from medfound.publish.check import check_card
+    from medfound.workflows import publish_run
+
+    run, ext = external_run
+    evaluate_run(run, external=[ext])
+    publish_run(run, tmp_path / "pub")
+    assert check_card(tmp_path / "pub") == []
+    text = (tmp_path / "pub" / "README.md").read_text()
+    assert "### External validation" in text and "Measured on external data: auroc changes by" in text
+    names = {r.dataset_name for r in ModelCard.load(tmp_path / "pub" / "README.md").data.eval_results}
+    assert names == {"retinamnist", "retina_site_b"}
+
+
+def test_external_set_with_other_classes_is_refused(external_run, shards):
+    run, _ = external_run
+    with pytest.raises(ValueError, match="must share the label schema"):
+        evaluate_run(run, external=[shards["pneumonia"]])
+
+
+def test_drop_interval_of_two_known_sets():
+    from medfound.evaluate.bootstrap import bootstrap_intervals, difference_interval
+
+    rng = np.random.default_rng(0)
+
+    def data(shift, n=300):
+        y = rng.integers(0, 2, n)
+        s = rng.normal(size=n) + shift * y
+        return np.stack([1 - 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-s))], 1), y
+
+    from sklearn.metrics import roc_auc_score
+
+    def fn(p, y):
+        return {"auroc": roc_auc_score(y, p[:, 1])}
+
+    (pa, ya), (pb, yb) = data(2.0), data(0.5)  # AUROC about 0.92 and 0.64: a real drop
+    a = bootstrap_intervals(pa, ya, fn, 300, seed=1, keep_values=True)
+    b = bootstrap_intervals(pb, yb, fn, 300, seed=2, keep_values=True)
+    lo, hi = difference_interval(b["values"]["auroc"], a["values"]["auroc"])
+    assert hi < 0  # the drop is significant
+    same = difference_interval(a["values"]["auroc"], bootstrap_intervals(pa, ya, fn, 300, seed=3,
+                                                                        keep_values=True)["values"]["auroc"])
+    assert same[0] < 0 < same[1]  # the same data against itself: no drop

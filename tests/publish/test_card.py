@@ -1,0 +1,137 @@
+"""The model card cannot drift: every section renders, `medfound card check` passes on a fresh folder and fails,
+naming the mismatch, when a number in the card is edited or the weights change; pushing checks first, lists files
+on a dry run and fails fast without a token or a network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from medfound.cli import main
+from medfound.publish.check import check_card
+from medfound.publish.hub import push_folder
+from medfound.workflows import publish_run
+
+SECTIONS = ["## Model details", "## Preprocessing", "## Intended use and out-of-scope use", "## Training data",
+            "## Training procedure", "## Evaluation", "## Bias, risks and limitations", "## Environmental impact",
+            "## How to load it", "## Citation"]
+
+
+@pytest.fixture(scope="module")
+def card_folder(finetuned, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("card") / "model"
+    publish_run(finetuned, out, name="tiny-card")
+    return out
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_card_renders_every_section_with_intervals_and_preprocessing(card_folder):
+    text = (card_folder / "README.md").read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    evaluation = json.loads((card_folder / "eval.json").read_text())
+    lo, hi = evaluation["intervals"]["auroc"]
+    assert f"| auroc | {evaluation['metrics']['auroc']:.4f} | {lo:.4f} – {hi:.4f} |" in text
+    assert "Per class" in text and "research" in text and "distribution shift" in text
+    assert "De-identification" in text and "CPU-hours" in text
+    prep = json.loads((card_folder / "preprocessing.json").read_text())
+    assert prep["input_size"] == [3, 32, 32] and prep["mean"] == [0.485, 0.456, 0.406]
+    assert set(prep["modality"]) == {"fundus", "cxr", "pathology"} and prep["microns_per_pixel"] == 1.0
+    card = ModelCard.load(card_folder / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "timm"
+    assert (card_folder / "report" / "roc.png").is_file() and (card_folder / "report" / "reliability.png").is_file()
+
+
+def test_card_check_passes_on_a_fresh_folder(card_folder, capsys):
+    assert check_card(card_folder) == []
+    assert main(["card", "check", str(card_folder)]) == 0
+    assert "matches" in capsys.readouterr().out
+
+
+def test_card_check_fails_when_a_number_is_edited(card_folder, tmp_path, capsys):
+    folder = _copy(card_folder, tmp_path)
+    evaluation = json.loads((folder / "eval.json").read_text())
+    true = f"{evaluation['metrics']['accuracy']:.4f}"
+    readme = folder / "README.md"
+    text = readme.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| accuracy |"))
+    readme.write_text(text.replace(row, row.replace(f"| {true} |", "| 0.9900 |")))
+    problems = check_card(folder)
+    assert len(problems) == 1 and f"says 0.9900 where eval.json gives {true}" in problems[0]
+    assert main(["card", "check", str(folder)]) == 1
+    assert "0.9900" in capsys.readouterr().err
+
+
+def test_card_check_fails_when_an_interval_or_the_model_index_is_edited(card_folder, tmp_path):
+    folder = _copy(card_folder, tmp_path)
+    evaluation = json.loads((folder / "eval.json").read_text())
+    readme = folder / "README.md"
+    text = readme.read_text()
+    lo = f"{evaluation['intervals']['auroc'][0]:.4f}"
+    row = next(line for line in text.splitlines() if line.startswith("| auroc |"))
+    readme.write_text(text.replace(row, row.replace(lo, "0.0001")))
+    assert any("0.0001" in p for p in check_card(folder))
+    readme.write_text(text.replace(f"value: {round(evaluation['metrics']['auroc'], 4)}", "value: 0.99", 1))
+    problems = check_card(folder)
+    assert problems and "model-index auroc" in problems[0] and "0.99" in problems[0]
+
+
+def test_card_check_fails_when_the_weights_change(card_folder, tmp_path):
+    folder = _copy(card_folder, tmp_path)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    problems = check_card(folder)
+    assert any(p.startswith("weights model.safetensors: the card says sha256") for p in problems)
+    assert any("eval.json scored weights" in p for p in problems)
+    (folder / "eval.json").unlink()
+    assert any("eval.json is missing" in p for p in check_card(folder))
+
+
+def test_dry_run_lists_the_files_without_network(card_folder, capsys):
+    out = push_folder(card_folder, "org/model", dry_run=True)
+    paths = {f["path"] for f in out["files"]}
+    assert {"README.md", "model.safetensors", "config.json", "eval.json", "preprocessing.json"} <= paths
+    assert out["bytes"] == sum(f["bytes"] for f in out["files"]) and out["dry_run"] is True
+    assert main(["card", "push", str(card_folder), "--repo", "org/model", "--dry-run"]) == 0
+    assert "would upload" in capsys.readouterr().out
+
+
+def test_push_fails_fast_without_token_or_network(card_folder, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(RuntimeError, match="no Hugging Face token.*medfound card push"):
+        push_folder(card_folder, "org/model")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    start = time.time()
+    with pytest.raises(ConnectionError, match="cannot reach http://127.0.0.1:9"):
+        push_folder(card_folder, "org/model")
+    assert time.time() - start < 10
+    folder = _copy(card_folder, tmp_path)  # a drifted card is never pushed
+    (folder / "README.md").write_text((folder / "README.md").read_text().replace("| auroc | ", "| auroc | 9"))
+    with pytest.raises(ValueError, match="not pushed"):
+        push_folder(folder, "org/model", dry_run=True)
+
+
+def test_gated_access_fields(finetuned, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finetuned, run)
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(cfg.replace("gated_prompt: null", "gated_prompt: Research use only."))
+    publish_run(run, tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.extra_gated_prompt == "Research use only."
+    assert "Affiliation" in card.data.extra_gated_fields
