@@ -39,15 +39,18 @@ demo: $(STAMP)
 	$(MF) finetune adapt/demo_classify_lora.yaml
 	@echo "== 5/6 evaluate on the official RetinaMNIST test split =="
 	$(MF) evaluate $(DEMO)/finetune
-	@echo "== 6/6 publish a timm-loadable folder with its model card =="
-	$(MF) publish $(DEMO)/finetune --out $(DEMO)/model --name medfound-demo-vit-tiny-retinamnist --overwrite
+	@echo "== 6/6 publish timm-loadable folders with their model cards (backbone and classifier), check the cards =="
+	$(MF) publish $(DEMO)/pretrain --out $(DEMO)/backbone --name medfound-demo-vit-tiny-mae --overwrite
+	$(MF) publish $(DEMO)/finetune --out $(DEMO)/model --name medfound-demo-vit-tiny-retinamnist --overwrite --dry-run
+	$(MF) card check $(DEMO)/model
 	@echo
 	@echo "Demo outputs:"
 	@echo "  shards + manifests    $(DEMO)/shards/{retinamnist,pneumoniamnist,he_cmu1}/manifest.json"
 	@echo "  pretraining run       $(DEMO)/pretrain  (config.yaml, logs/metrics.jsonl, logs/tensorboard, checkpoints/, export/)"
 	@echo "  fine-tuning run       $(DEMO)/finetune  (same layout, plus eval.json and export/adapter/)"
-	@echo "  evaluation            $(DEMO)/finetune/eval.json"
-	@echo "  published model       $(DEMO)/model     (model.safetensors, config.json, README.md model card)"
+	@echo "  evaluation            $(DEMO)/finetune/eval.json, predictions.csv, report/report.md (+ PNG plots)"
+	@echo "  published backbone    $(DEMO)/backbone  (model.safetensors, config.json, preprocessing.json, README.md card)"
+	@echo "  published model       $(DEMO)/model     (the same + eval.json, adapter/, report/; card checked)"
 	@echo "  load it:  $(BIN)/python -c \"import timm; print(timm.create_model('local-dir:$(DEMO)/model', pretrained=True))\""
 
 test: $(STAMP)

@@ -32,6 +32,13 @@ MONUSEG = SHARED / "monuseg"
 ARMS = {"baseline": [], "site_balanced": ["data.balanced_sampling=site"], "stain_norm": ["data.stain_normalize=true"]}
 
 
+def spread(by_site: dict[str, float]) -> dict:
+    """How evenly a model does across the unseen sites: the worst site and the standard deviation over sites."""
+    worst = min(by_site, key=by_site.get)
+    return {"external_worst_site": [worst, by_site[worst]],
+            "external_site_sd": float(np.std(list(by_site.values())))}
+
+
 def site(tile: str) -> str:
     return f"TCGA-{tile.split('-')[1]}"
 
@@ -93,6 +100,7 @@ def main() -> int:
             "drop": e["drop"]["dice"], "drop_ci": e["drop_intervals"]["dice"],
             "internal_by_site": {k: v["dice"] for k, v in r["by_site"].items()},
             "external_by_site": {k: v["dice"] for k, v in e["by_site"].items()},
+            **spread({k: v["dice"] for k, v in e["by_site"].items()}),
             "minutes": round((time.time() - start) / 60, 1),
             "finetune_command": shlex.join(["medfound", "finetune", "adapt/segment_unet.yaml", *overrides]).replace(
                 f"{ROOT}/", ""),
@@ -111,7 +119,8 @@ def main() -> int:
     save_result("monuseg_sites", result, ("steps",))
     for arm, r in result["arms"].items():
         print(f"{arm:14s} internal {r['internal_dice']:.3f} {r['internal_ci']}  external {r['external_dice']:.3f} "
-              f"{r['external_ci']}  drop {r['drop']:+.3f} {r['drop_ci']}")
+              f"{r['external_ci']}  drop {r['drop']:+.3f} {r['drop_ci']}  worst site {r['external_worst_site']}  "
+              f"site sd {r['external_site_sd']:.3f}")
     return 0
 
 

@@ -32,13 +32,17 @@ def test_finetune_evaluate_publish_verbs(tuning, shards, pretrained, tmp_path, c
     assert f"(tuning: {tuning})" in out.err  # the trainable-parameter table
     report = json.loads((run / "eval.json").read_text())
     assert report["dataset"]["num_samples"] == 624 and report["label_type"] == "binary"
-    assert set(report["metrics"]) == {"auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity"}
+    assert set(report["metrics"]) == {"auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
+                                      "sens_at_spec", "ece"}
+    assert report["operating_point"]["specificity_target"] == 0.9 and report["calibration"]["bins"]
     assert (run / "export" / "adapter").exists() == (tuning == "lora")
     (run / "eval.json").unlink()
     assert main(["evaluate", str(run)]) == 0
     assert json.loads((run / "eval.json").read_text())["metrics"] == report["metrics"]
-    assert main(["publish", str(run), "--out", str(tmp_path / "model")]) == 0
-    assert "README.md" in capsys.readouterr().out
+    assert main(["publish", str(run), "--out", str(tmp_path / "model"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "README.md" in out and "card checked" in out and "would upload" in out
+    assert main(["card", "check", str(tmp_path / "model")]) == 0
 
 
 @pytest.mark.slow

@@ -32,6 +32,10 @@ def fmt(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.4f}"
 
 
+def fmt_signed(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):+.4f}"
+
+
 def fmt_interval(iv: Optional[list[float]]) -> str:
     return "—" if not iv else f"{iv[0]:.4f} – {iv[1]:.4f}"
 
@@ -76,7 +80,7 @@ def external_table(report: dict[str, Any], keys: list[str]) -> list[str]:
     for e in report.get("external", []):
         for k in keys:
             rows.append(f"| external: {e['name']} | {e['num_samples']} | {k} | {fmt(e['metrics'].get(k))} "
-                        f"({fmt_interval(e.get('intervals', {}).get(k))}) | {fmt(e['drop'].get(k))} "
+                        f"({fmt_interval(e.get('intervals', {}).get(k))}) | {fmt_signed(e['drop'].get(k))} "
                         f"({fmt_interval(e.get('drop_intervals', {}).get(k))}) |")
     return rows
 

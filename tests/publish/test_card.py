@@ -135,3 +135,23 @@ def test_gated_access_fields(finetuned, tmp_path):
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.extra_gated_prompt == "Research use only."
     assert "Affiliation" in card.data.extra_gated_fields
+
+
+def test_a_pretraining_run_publishes_a_feature_extractor_card(pretrained, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "backbone"
+    publish_run(pretrained, out)
+    assert check_card(out) == []
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and not card.data.eval_results
+    text = card.text
+    assert "not evaluated on a labelled task" in text and "Masked Autoencoders" in text
+    snippet = text.split("## How to load it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "model = " not in snippet  # no classifier to load
+    image = tmp_path / "tile.png"
+    Image.new("RGB", (40, 40), (200, 120, 180)).save(image)
+    scope: dict = {}
+    exec(snippet.replace("PATH_TO_THIS_FOLDER", str(out)).replace("IMAGE.png", str(image)), scope)
+    assert tuple(scope["features"].shape) == (1, scope["backbone"].num_features)
+    assert (out / "mae_decoder.safetensors").is_file() and not (out / "eval.json").exists()
