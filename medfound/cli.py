@@ -7,7 +7,7 @@
     medfound finetune RECIPE [key=value ...]         LoRA / full / linear-probe fine-tuning -> export + eval.json
     medfound plan SHARDS --out RECIPE                nnU-Net-style segmentation recipe from a data fingerprint
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
-    medfound evaluate RUN_DIR [EXTERNAL ...]         RUN_DIR/eval.json, predictions.csv, report/report.md
+    medfound evaluate RUN_OR_MODEL [EXTERNAL ...]    eval.json, predictions.csv, report/report.md (--out DIR)
     medfound publish RUN_DIR --out DIR [--push ID]   Hugging Face-style folder with a model card (+ upload)
     medfound card check DIR                          verify a card's numbers and hashes against its folder
     medfound card push DIR --repo ID [--dry-run]     upload a checked folder to the Hugging Face Hub
@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("external", nargs="*", help="external-site shard sets scored beside the internal split "
                                                "(default: the recipe's eval.external)")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
+    s.add_argument("--out", help="folder for eval.json, predictions.csv and report/ (default: RUN_DIR; required "
+                                 "for a published folder)")
 
     s = sub.add_parser("publish", help="RUN_DIR -> Hugging Face-style folder with model card")
     s.add_argument("run_dir")
@@ -249,13 +251,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.verb == "evaluate":
         from medfound.evaluate.report import evaluate_run
-        report = evaluate_run(args.run_dir, args.split, external=args.external or None)
+        report = evaluate_run(args.run_dir, args.split, external=args.external or None, out=args.out)
         print(json.dumps(report["metrics"], indent=2))
         for e in report.get("external", []):
             print(f"external {e['name']} ({e['num_samples']}): " + json.dumps(e["metrics"]))
-        print(f"wrote {Path(args.run_dir) / 'eval.json'}" +
-              (f" and {Path(args.run_dir) / 'report' / 'report.md'}" if (Path(args.run_dir) / "report").is_dir()
-               else ""))
+        dest = Path(args.out or args.run_dir)
+        print(f"wrote {dest / 'eval.json'}" + (f" and {dest / 'report' / 'report.md'}" if (dest / "report").is_dir()
+                                               else ""))
         return 0
     if args.verb == "publish":
         result = workflows.publish_run(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,

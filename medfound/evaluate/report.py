@@ -49,21 +49,36 @@ def load_run_recipe(run_dir: Path) -> Any:
     return load_recipe(path)
 
 
-def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None
-                 ) -> dict[str, Any]:
-    """Evaluate `RUN_DIR/export` on the run's labelled shard set (`eval.split`, or `split`) and on the external
-    shard sets (`eval.external`, or `external`); write eval.json, predictions and report/report.md."""
+def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,
+                 out: Optional[str | Path] = None) -> dict[str, Any]:
+    """Evaluate a run's export (or a published folder) on the run's labelled shard set (`eval.split`, or `split`)
+    and on the external shard sets (`eval.external`, or `external`); write eval.json, predictions and
+    report/report.md into `out` (default: the run directory; a published timm folder needs `out`, so the folder and
+    its card stay as published)."""
     run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
+    published = (run_dir / "README.md").is_file() and not (run_dir / "checkpoints").exists()
+    if published:  # `medfound publish` output: timm (training_config.yaml + model.safetensors) or a network folder
+        timm_folder = (run_dir / "training_config.yaml").is_file()
+        recipe = load_recipe(run_dir / ("training_config.yaml" if timm_folder else "config.yaml"))
+        export = run_dir if timm_folder else run_dir / "export"
+        if out is None:
+            raise ValueError(f"{run_dir} is a published folder: give --out DIR for the evaluation, so the folder and "
+                             "its checked card stay as published")
+    else:
+        recipe, export = load_run_recipe(run_dir), run_dir / "export"
+    out = Path(out) if out is not None else run_dir
     if not isinstance(recipe, FinetuneRecipe):
         raise ValueError(f"{run_dir} is a {recipe.kind} run: evaluate a finetune run (pretraining has no labels; "
                          "fine-tune its export with `medfound finetune` first)")
-    export = run_dir / "export"
     weights = export / {"segmentation": "segmenter.safetensors", "mil": "mil.safetensors",
                         "prompt": "prompt_segmenter.safetensors"}.get(recipe.task, "model.safetensors")
     if not weights.is_file():
         raise FileNotFoundError(f"{export} has no {weights.name}: the run has not finished; "
                                 "continue it with `medfound finetune RECIPE trainer.resume=auto`")
+    if out != run_dir and recipe.task in ("mil", "prompt"):
+        raise ValueError(f"--out is for classification and segmentation runs; a {recipe.task} run writes its "
+                         f"evaluation into {run_dir}")
+    out.mkdir(parents=True, exist_ok=True)
     split = split or recipe.eval.split
     if external:
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"external": [Path(e) for e in
@@ -73,7 +88,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Opt
                          f"{recipe.task} run: evaluate the external bags/shards as its own split instead "
                          "(`medfound evaluate RUN --split S` after adding them to the run's data)")
     if recipe.task == "segmentation":
-        return evaluate_segmentation(run_dir, recipe, split)
+        return evaluate_segmentation(run_dir, recipe, split, out)
     if recipe.task == "mil":
         from medfound.adapt.mil import evaluate_mil
 
@@ -82,7 +97,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Opt
         from medfound.adapt.prompt import evaluate_prompt
 
         return evaluate_prompt(run_dir, recipe, split)
-    return evaluate_classification(run_dir, recipe, split)
+    return evaluate_classification(export, recipe, split, out)
 
 
 def split_urls(shards: Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
@@ -134,11 +149,11 @@ def external_block(name: str, path: Path, splits: list[str], n: int, result: dic
     return entry
 
 
-def evaluate_classification(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
-    """Score the timm export on `split` of the run's shards, and on every external set -> eval.json (+ report)."""
+def evaluate_classification(export: Path, recipe: FinetuneRecipe, split: str, out: Path) -> dict[str, Any]:
+    """Score the timm folder `export` on `split` of the run's shards, and on every external set -> `out`/eval.json,
+    predictions.csv, report/."""
     from medfound.adapt.tasks import endpoint
 
-    export = run_dir / "export"
     shards = recipe.data.shards[0]
     urls, manifest, _ = split_urls(shards, split)
     model = timm.create_model(f"local-dir:{export}", pretrained=True)
@@ -205,12 +220,12 @@ def evaluate_classification(run_dir: Path, recipe: FinetuneRecipe, split: str) -
         **({"external": externals} if externals else {}),
         **_record(warnings, skipped, start),
     }
-    write_predictions(run_dir / "predictions.csv", schema.names, predictions)
-    atomic_write_json(run_dir / "eval.json", report)
+    write_predictions(out / "predictions.csv", schema.names, predictions)
+    atomic_write_json(out / "eval.json", report)
     if ev.report:
         from medfound.evaluate.markdown import write_report
 
-        write_report(run_dir, report, predictions=predictions)
+        write_report(out, report, predictions=predictions)
     return report
 
 
@@ -271,7 +286,8 @@ def load_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
     return task.model.eval()
 
 
-def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
+def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str, out: Optional[Path] = None
+                          ) -> dict[str, Any]:
     """Sliding-window inference over every `split` image (and every external set), Dice/HD95 per image and class
     with bootstrap intervals -> eval.json, report/report.md with overlays."""
     from medfound.data.seg_transforms import build_seg_transform
@@ -346,9 +362,10 @@ def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str) -> 
         "definitions": CONVENTIONS,
         **_record(warnings, skipped, start),
     }
-    atomic_write_json(run_dir / "eval.json", report)
+    out = Path(out) if out is not None else run_dir
+    atomic_write_json(out / "eval.json", report)
     if ev.report:
         from medfound.evaluate.markdown import write_report
 
-        write_report(run_dir, report, overlays={"internal": overlays, **ext_overlays})
+        write_report(out, report, overlays={"internal": overlays, **ext_overlays})
     return report

@@ -64,6 +64,9 @@ def _stages(lineage: dict[str, Any]) -> list[dict[str, Any]]:
 def _counts(d: dict[str, Any], used: Optional[str]) -> str:
     splits = d.get("by_split", {})
     text = ", ".join(f"{v:,} {k}" for k, v in splits.items()) + " samples"
+    modalities = d.get("by_modality") or {}
+    if len(modalities) > 1:
+        text += "; per modality " + ", ".join(f"{k} {v:,}" for k, v in modalities.items())
     sites = d.get("by_site") or {}
     if sites:
         text += "; per site " + ", ".join(f"{k} {v:,}" for k, v in sites.items())
@@ -86,11 +89,26 @@ def training_datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
                              "counts": _counts(counts, s.get("split")) if counts else
                              f"{d.get('slides', '?')} slides (bags digest {d.get('bags_digest', '?')})",
                              "digest": d.get("digest", "?"),
-                             "source": ", ".join(f.get("name", "?") for f in src.get("files", [])) or "not recorded",
+                             "source": _source_files(src.get("files")),
                              "license": src.get("license") or d.get("license"),
                              "attribution": src.get("attribution") or d.get("attribution"),
                              "deidentification": d.get("deidentification")})
     return datasets
+
+
+def _source_files(files: Any) -> str:
+    if isinstance(files, int):
+        return f"{files:,} files"
+    return ", ".join(f.get("name", "?") for f in files or []) or "not recorded"
+
+
+def _deid_text(deid: dict[str, Any]) -> str:
+    parts = [deid.get("method")]
+    if deid.get("patient_token"):
+        parts.append(f"patient IDs replaced by {deid['patient_token']}")
+    if deid.get("files_deidentified") is not None:
+        parts.append(f"{deid['files_deidentified']:,} files de-identified")
+    return "; ".join(p for p in parts if p) or str(deid)
 
 
 def timm_details(model: torch.nn.Module, class_names: list[str], label_type: Optional[str]) -> list[tuple[str, str]]:
@@ -107,9 +125,12 @@ def timm_details(model: torch.nn.Module, class_names: list[str], label_type: Opt
 def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], recipe: Any) -> dict[str, Any]:
     """preprocessing.json: what a user must do to an image before the model sees it."""
     mpps = sorted({d["mpp"] for d in datasets if d.get("mpp")})
+    stain = "Macenko, MONAI NormalizeHEStains defaults, before everything else" \
+        if getattr(recipe.data, "stain_normalize", False) else None
     return {"modality": sorted({d["modality"] for d in datasets}),
             "microns_per_pixel": mpps[0] if len(mpps) == 1 else (mpps or None),
-            "ct_window": getattr(recipe.data, "window", None), **input_cfg}
+            "ct_window": getattr(recipe.data, "window", None), **({"stain_normalization": stain} if stain else {}),
+            **input_cfg}
 
 
 def timm_snippet(class_names: list[str]) -> str:
@@ -190,8 +211,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
     hardware = sorted({s.get("hardware", "unknown hardware") for s in train_stages})
     seconds = sum(s.get("train_seconds", 0) for s in stages)
     gpu = any("CPU" not in h for h in hardware)
-    deid = [f"{d['name']}: {d['deidentification'].get('summary', d['deidentification'])}" for d in datasets
-            if d.get("deidentification")]
+    deid = [f"{d['name']}: {_deid_text(d['deidentification'])}" for d in datasets if d.get("deidentification")]
     evaluation_md = "\n".join([EVAL_BEGIN, *evaluation_sections(evaluation, level="###"), EVAL_END]) \
         if evaluation else None
     external_drops = []

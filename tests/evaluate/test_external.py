@@ -68,6 +68,24 @@ def test_external_results_reach_the_card_and_pass_the_check(external_run, tmp_pa
     assert names == {"retinamnist", "retina_site_b"}
 
 
+def test_a_published_folder_is_evaluated_into_another_folder(external_run, tmp_path, capsys):
+    """`medfound evaluate MODEL_DIR EXTERNAL --out DIR`: a hospital scores a downloaded model on its own shards; the
+    published folder and its checked card stay as they were."""
+    from medfound.publish.check import check_card
+    from medfound.workflows import publish_run
+
+    run, ext = external_run
+    evaluate_run(run)
+    publish_run(run, tmp_path / "pub")
+    assert main(["evaluate", str(tmp_path / "pub"), str(ext)]) == 1
+    assert "give --out DIR" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "pub"), str(ext), "--out", str(tmp_path / "ours")]) == 0
+    ours = json.loads((tmp_path / "ours" / "eval.json").read_text())
+    assert ours["external"][0]["name"] == "retina_site_b" and (tmp_path / "ours" / "report" / "report.md").is_file()
+    assert ours["metrics"] == json.loads((run / "eval.json").read_text())["metrics"]
+    assert check_card(tmp_path / "pub") == [] and not (tmp_path / "pub" / "predictions.csv").exists()
+
+
 def test_external_set_with_other_classes_is_refused(external_run, shards):
     run, _ = external_run
     with pytest.raises(ValueError, match="must share the label schema"):

@@ -155,3 +155,34 @@ def test_a_pretraining_run_publishes_a_feature_extractor_card(pretrained, tmp_pa
     exec(snippet.replace("PATH_TO_THIS_FOLDER", str(out)).replace("IMAGE.png", str(image)), scope)
     assert tuple(scope["features"].shape) == (1, scope["backbone"].num_features)
     assert (out / "mae_decoder.safetensors").is_file() and not (out / "eval.json").exists()
+
+
+def test_training_data_lists_dicom_sources_modalities_sites_and_deidentification():
+    from medfound.publish.card import _deid_text, training_datasets
+
+    deid = {"method": "allow-list: only these tags are read into meta; all others are dropped",
+            "patient_token": "HMAC-SHA256(salt, PatientID), first 16 hex digits", "files_deidentified": 1234}
+    lineage = {"stage": "fine-tuning", "split": "train", "datasets": [
+        {"name": "cxr_archive", "modality": "mixed", "site": "hospital-A", "digest": "abc",
+         "counts": {"by_split": {"train": 900, "test": 334}, "by_modality": {"cr": 700, "dx": 534},
+                    "by_site": {"hospital-A": 1234}},
+         "source": {"files": 1234}, "deidentification": deid}]}
+    (d,) = training_datasets(lineage)
+    assert d["source"] == "1,234 files" and d["site"] == "hospital-A"
+    assert "trained on the 900 'train' samples" in d["counts"] and "per modality cr 700, dx 534" in d["counts"]
+    assert "per site hospital-A 1,234" in d["counts"]
+    text = _deid_text(deid)
+    assert text.startswith("allow-list") and "patient IDs replaced by HMAC" in text and "1,234 files" in text
+
+
+def test_preprocessing_records_stain_normalisation_and_mpp():
+    from types import SimpleNamespace
+
+    from medfound.publish.card import preprocessing
+
+    recipe = SimpleNamespace(data=SimpleNamespace(stain_normalize=True, window=None))
+    prep = preprocessing({"patch_size": [128, 128]}, [{"modality": "pathology", "mpp": 0.5}], recipe)
+    assert prep["stain_normalization"].startswith("Macenko") and prep["microns_per_pixel"] == 0.5
+    assert prep["patch_size"] == [128, 128] and prep["modality"] == ["pathology"]
+    recipe.data.stain_normalize = False
+    assert "stain_normalization" not in preprocessing({}, [{"modality": "ct"}], recipe)
