@@ -76,13 +76,20 @@ def calibration(probs: np.ndarray, labels: np.ndarray, label_type: str, n_bins: 
 
 
 def sensitivity_at_specificity(scores: np.ndarray, y: np.ndarray, target: float) -> tuple[float, float]:
-    """(highest sensitivity with specificity >= target, its threshold) of positive-class scores."""
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thr = roc_curve(y, scores)
-    ok = fpr <= 1.0 - target + 1e-12
-    i = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
-    return float(tpr[i]), float(min(thr[i], 1.0))
+    """(highest sensitivity with specificity >= target, its threshold: predict positive when score >= it) of
+    positive-class scores; the ROC curve's points at every distinct score (numpy: this runs in every bootstrap
+    resample). No threshold reaches the target -> (0.0, 1.0)."""
+    scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, t = scores[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last sample of each distinct score
+    tps = np.cumsum(t)[last]
+    fps = last + 1 - tps
+    ok = np.flatnonzero(fps <= (1.0 - target) * (~y).sum() + 1e-9)
+    if len(ok) == 0:
+        return 0.0, 1.0
+    i = ok[-1]  # TPR only grows with FPR: the last admissible point has the highest sensitivity
+    return float(tps[i] / max(y.sum(), 1)), float(min(s[last[i]], 1.0))
 
 
 def _nan_to_none(v: float) -> Optional[float]:

@@ -115,3 +115,23 @@ def test_drop_interval_of_two_known_sets():
     same = difference_interval(a["values"]["auroc"], bootstrap_intervals(pa, ya, fn, 300, seed=3,
                                                                         keep_values=True)["values"]["auroc"])
     assert same[0] < 0 < same[1]  # the same data against itself: no drop
+
+
+def test_a_single_class_external_site_warns_and_never_crashes(external_run, tmp_path):
+    """An external site that only sent healthy eyes: AUROC is undefined (null + a warning naming the set), the
+    other metrics and their drops are still reported, and the report and card still render."""
+    from medfound.workflows import shard
+
+    run, _ = external_run
+    with np.load(DATA / "medmnist" / "retinamnist_demo.npz") as z:
+        keep = z["test_labels"][:, 0] == 0
+        np.savez(tmp_path / "healthy.npz", test_images=z["test_images"][keep], test_labels=z["test_labels"][keep])
+    shard("npz", tmp_path / "healthy.npz", tmp_path / "healthy", name="healthy_site", modality="fundus",
+          label_type="ordinal", label_names=["no DR", "mild", "moderate", "severe", "proliferative"])
+    with pytest.warns(UserWarning, match="external healthy_site' holds a single class"):
+        report = evaluate_run(run, external=[tmp_path / "healthy"])
+    (e,) = report["external"]
+    assert e["metrics"]["auroc"] is None and e["drop"]["auroc"] is None and e["intervals"].get("auroc") is None
+    assert e["metrics"]["accuracy"] is not None and e["drop_intervals"]["accuracy"] is not None
+    assert any("healthy_site" in w for w in report["warnings"])
+    assert "| external: healthy_site | 174 | auroc | n/a (—) | n/a (—) |" in (run / "report" / "report.md").read_text()

@@ -195,3 +195,22 @@ def test_per_site_results_carry_their_own_intervals():
     rows = site_table(by_site, ["auroc"])
     assert rows[2].startswith(f"| A | 150 | {by_site['A']['auroc']:.4f} (")
     assert result["calibration"]["bins"]
+
+
+def test_sensitivity_at_specificity_matches_the_full_sklearn_roc_curve_with_ties():
+    from sklearn.metrics import roc_curve
+
+    from medfound.evaluate.metrics import sensitivity_at_specificity
+
+    rng = np.random.default_rng(9)
+    for _ in range(100):
+        n = int(rng.integers(6, 150))
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        s = np.round(rng.uniform(size=n), 2)  # many tied scores
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        for target in (0.5, 0.9, 0.95):
+            sens, thr = sensitivity_at_specificity(s, y, target)
+            assert sens == pytest.approx(tpr[fpr <= 1 - target + 1e-12].max())
+            if sens > 0:  # the threshold reproduces the operating point
+                assert (s[y == 1] >= thr).mean() == pytest.approx(sens)
+                assert (s[y == 0] < thr).mean() >= target - 1e-12
