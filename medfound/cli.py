@@ -277,7 +277,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
             if problems:
                 print(f"{args.dir}: the card does not match its folder ({len(problems)} problems)", file=sys.stderr)
                 return 1
-            print(f"{args.dir}: the card matches eval.json and the weights' sha256")
+            checked = "weights' sha256, preprocessing" + (", eval.json" if (Path(args.dir) / "eval.json").is_file()
+                                                          else "")
+            print(f"{args.dir}: the card matches its folder ({checked})")
             return 0
         from medfound.publish.hub import push_folder
         _print_push(push_folder(args.dir, args.repo, dry_run=args.dry_run, private=args.private))

@@ -6,7 +6,8 @@ Checked:
   afresh from the folder's eval.json (`evaluate.markdown.evaluation_sections`): every number of every metric,
   interval, per-class, per-site and external row;
 - the YAML model-index results against eval.json;
-- eval.json's own record of the weights it scored against the main weights file.
+- eval.json's own record of the weights it scored against the main weights file;
+- the Preprocessing table against preprocessing.json, and that against config.json's pretrained_cfg (timm).
 Returns the mismatches, each naming the file, line or metric; the CLI exits non-zero when there is any.
 """
 
@@ -35,6 +36,36 @@ def _line_problem(i: int, got: str | None, want: str | None) -> str:
     return f"card evaluation line {i} differs from eval.json: '{got.strip()}' vs '{want.strip()}'"
 
 
+def _cell(v) -> str:
+    """A preprocessing value as the card's table prints it (template.md)."""
+    if v is None:
+        return "—"
+    return ", ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _check_preprocessing(folder: Path, text: str) -> list[str]:
+    """The card's Preprocessing table against preprocessing.json, and (timm folders) preprocessing.json against the
+    pretrained_cfg timm itself will apply."""
+    path = folder / "preprocessing.json"
+    if not path.is_file():
+        return [f"{path} missing: the card's preprocessing cannot be verified"]
+    prep = json.loads(path.read_text())
+    problems = []
+    section = text.split("## Preprocessing", 1)[1].split("\n## ", 1)[0] if "## Preprocessing" in text else ""
+    rows = dict(re.findall(r"^\| (\w+) \| (.*) \|$", section, re.M))
+    for k, v in prep.items():
+        if rows.get(k) != _cell(v):
+            problems.append(f"card preprocessing '{k}' says {rows.get(k)!r}, preprocessing.json gives {_cell(v)!r}")
+    config = folder / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+        for k in ("input_size", "mean", "std", "interpolation", "crop_pct"):
+            if k in prep and k in cfg and _cell(prep[k]) != _cell(cfg[k]):
+                problems.append(f"preprocessing.json {k} {prep[k]} differs from config.json pretrained_cfg {cfg[k]} "
+                                "(what timm applies)")
+    return problems
+
+
 def check_card(folder: str | Path) -> list[str]:
     from huggingface_hub import ModelCard
 
@@ -60,6 +91,7 @@ def check_card(folder: str | Path) -> list[str]:
         if actual[file] != sha:
             problems.append(f"weights {file}: the card says sha256 {sha[:16]}…, the file has {actual[file][:16]}… "
                             "(the weights changed after the card was written; re-publish the run)")
+    problems += _check_preprocessing(folder, text)
     eval_path = folder / "eval.json"
     has_block = EVAL_BEGIN in text and EVAL_END in text
     if not eval_path.is_file():

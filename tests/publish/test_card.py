@@ -186,3 +186,13 @@ def test_preprocessing_records_stain_normalisation_and_mpp():
     assert prep["patch_size"] == [128, 128] and prep["modality"] == ["pathology"]
     recipe.data.stain_normalize = False
     assert "stain_normalization" not in preprocessing({}, [{"modality": "ct"}], recipe)
+
+
+def test_card_check_fails_when_preprocessing_drifts(card_folder, tmp_path):
+    folder = _copy(card_folder, tmp_path)
+    prep = json.loads((folder / "preprocessing.json").read_text())
+    prep["mean"] = [0.5, 0.5, 0.5]
+    (folder / "preprocessing.json").write_text(json.dumps(prep))
+    problems = check_card(folder)
+    assert any("card preprocessing 'mean'" in p for p in problems)
+    assert any("differs from config.json pretrained_cfg" in p for p in problems)
