@@ -191,7 +191,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
                 lineage: dict[str, Any], evaluation: Optional[dict[str, Any]], weights: list[tuple[str, str]],
                 details: list[tuple[str, str]], preprocessing: dict[str, Any], load_snippet: str,
                 pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
-                gated_fields: Optional[list[str]] = None) -> ModelCard:
+                gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None) -> ModelCard:
     from medfound.evaluate.markdown import evaluation_sections
 
     stages = _stages(lineage)
@@ -230,7 +230,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
         total_minutes=round(seconds / 60, 1), compute_hours=round(seconds / 3600, 3),
         compute_unit="GPU-hours" if gpu else "CPU-hours", hardware_list=", ".join(hardware) or "not recorded",
         evaluation=evaluation, evaluation_md=evaluation_md, external_drops=external_drops,
-        load_snippet=load_snippet, citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
+        load_snippet=load_snippet, plots=plots or [], citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
         method_citations=method_citations(stages))
 
 

@@ -59,10 +59,18 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
     return result
 
 
-def _card_options(recipe: Any, name: str) -> dict[str, Any]:
+PLOTS = {"roc.png": "ROC with 95% bootstrap bands", "reliability.png": "Reliability diagram",
+         "confusion.png": "Confusion matrix"}
+
+
+def _card_options(recipe: Any, name: str, run_dir: Path) -> dict[str, Any]:
     c = recipe.card
+    report = run_dir / "report"
+    plots = [(title, f"report/{f}") for f, title in PLOTS.items() if (report / f).is_file()]
+    plots += [(f"Prediction overlay {p.stem.rsplit('_', 1)[-1]}", f"report/{p.name}")
+              for p in sorted(report.glob("overlay_internal_*.png"))[:2]]
     return {"name": name, "license": c.license, "demo": c.demo, "summary": c.summary, "tags": c.tags,
-            "gated_prompt": c.gated_prompt, "gated_fields": c.gated_fields}
+            "gated_prompt": c.gated_prompt, "gated_fields": c.gated_fields, "plots": plots}
 
 
 def _finish(tmp: Path, run_dir: Path, card) -> None:
@@ -71,6 +79,8 @@ def _finish(tmp: Path, run_dir: Path, card) -> None:
 
     if (run_dir / "report").is_dir():
         shutil.copytree(run_dir / "report", tmp / "report")
+    if (run_dir / "heatmaps").is_dir():  # MIL: report.md links ../heatmaps
+        shutil.copytree(run_dir / "heatmaps", tmp / "heatmaps")
     card.save(str(tmp / "README.md"))
     problems = check_card(tmp)
     if problems:
@@ -111,7 +121,7 @@ def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: 
         atomic_write_json(tmp / "preprocessing.json", prep)
         schema = lineage.get("label_schema", {})
         class_names = schema.get("names", []) if evaluation else []
-        card = render_card(**_card_options(recipe, name or out.name), lineage=lineage, evaluation=evaluation,
+        card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[("model.safetensors", sha256_file(tmp / "model.safetensors"))],
                            details=timm_details(model, class_names, schema.get("type")), preprocessing=prep,
                            load_snippet=timm_snippet(class_names), architecture=cfg.get("architecture"),
@@ -172,7 +182,7 @@ def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite
         atomic_write_json(tmp / "eval.json", evaluation)
         atomic_write_json(tmp / "preprocessing.json", prep)
         _load_network(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
-        card = render_card(**_card_options(recipe, name or out.name), lineage=lineage, evaluation=evaluation,
+        card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
                            details=details, preprocessing=prep, load_snippet=network_snippet(recipe.task),
                            architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound")

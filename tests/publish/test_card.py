@@ -50,6 +50,7 @@ def test_card_renders_every_section_with_intervals_and_preprocessing(card_folder
     card = ModelCard.load(card_folder / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "timm"
     assert (card_folder / "report" / "roc.png").is_file() and (card_folder / "report" / "reliability.png").is_file()
+    assert "![ROC with 95% bootstrap bands](report/roc.png)" in text and "](report/confusion.png)" in text
 
 
 def test_card_check_passes_on_a_fresh_folder(card_folder, capsys):
