@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="use file/slide names in sample keys (only for public data whose names carry no PHI)")
     s.add_argument("--salt", help="secret for patient tokens and keys (default: derived from the inputs' bytes, "
                                   "never stored); give the same salt to every shard set of one cohort")
+    s.add_argument("--skipped-list", metavar="CSV",
+                   help="write the skipped inputs' file names (index,path,reason) to this local file, outside --out; "
+                        "the console shows only their index in the sorted input list (names can carry PHI)")
+    s.add_argument("--allow-burned-in", action="store_true",
+                   help="dicom: ingest images that may show PHI in their pixels (BurnedInAnnotation=YES, or "
+                        "ultrasound / secondary captures without BurnedInAnnotation=NO); only after cleaning them")
     g = s.add_argument_group("images, dicom, volumes")
     g.add_argument("--table", help="CSV or Parquet. images: path,label|labels[,patient_id,site,split,laterality,view,mask,fov,mask_NAME]; "
                                    "dicom: path,label|labels[,split,site]; wsi: slide,label|labels[,split,site]; "
@@ -296,6 +302,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
                                                  "keep_names", "salt", "fov", "layout", "axis", "patch")}
+        if args.allow_burned_in:
+            options["allow_burned_in"] = True
+        if args.skipped_list and Path(args.out).resolve() in Path(args.skipped_list).resolve().parents:
+            raise ValueError(f"--skipped-list {args.skipped_list} is inside --out {args.out}: file names never go into "
+                             "a shard set; write the list elsewhere")
         m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
                                      site=args.site, license=args.license, attribution=args.attribution,
                                      max_count=args.max_count, max_mb=args.shard_size_mb, overwrite=args.overwrite,
@@ -305,12 +316,29 @@ def _run(args: argparse.Namespace, command: str) -> int:
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_modality'].items())}) to {args.out}; "
               f"digest {m.digest[:16]}")
         if m.deidentification:
-            print(f"de-identified: {m.deidentification['files_deidentified']} files (allow-listed tags only; "
-                  f"patient IDs as salted tokens, salt {m.deidentification['salt']})")
+            d = m.deidentification
+            burned = d.get("burned_in", {})
+            print(f"de-identified: {d['files_deidentified']} files (allow-listed tags only; coded values only"
+                  + (f", {sum(d['dropped_values'].values())} free-text values dropped" if d.get("dropped_values") else "")
+                  + f"; patient IDs as salted tokens, salt {d['salt']})"
+                  + (f"; {burned['refused']} refused for burned-in PHI" if burned.get("refused") else "")
+                  + (f"; {burned['allowed']} possibly burned-in allowed by --allow-burned-in" if burned.get("allowed")
+                     else ""))
         if skipped:
-            print(f"skipped {len(skipped)} files:")
-            for path, reason in skipped:
-                print(f"  {path}: {reason}")
+            print(f"skipped {len(skipped)} files (by index in the sorted input list; names are not printed"
+                  + (f", see {args.skipped_list}" if args.skipped_list else ": --skipped-list CSV writes them") + "):")
+            for index, _, reason in skipped:
+                print(f"  input #{index}: {reason}")
+            if args.skipped_list:
+                import csv
+                import io
+
+                buf = io.StringIO()
+                w = csv.writer(buf)
+                w.writerow(["index", "path", "reason"])
+                w.writerows(skipped)
+                from medfound.io import atomic_write_text
+                atomic_write_text(args.skipped_list, buf.getvalue())
         return 0
     if args.verb == "inspect":
         bad = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `optim.blr=inf` or `weight_decay=nan` is a typo-class error caught before any work,
+    # not a run whose first update turns every weight NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,6 +37,14 @@ class TrainerConfig(Strict):
     """Keys every recipe shares (`trainer.*`)."""
 
     output_dir: Path = Field(description="run directory: config.yaml, logs/, checkpoints/, export/")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if v is None or not str(v).strip():
+            raise ValueError("trainer.output_dir is empty (it would write into the current directory); give the run "
+                             "its own folder, e.g. trainer.output_dir=runs/my_run")
+        return v
     max_steps: int = Field(gt=0, description="optimizer steps to run (after gradient accumulation)")
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints; one is always written at the end")
     resume: Optional[str] = Field(None, description="'auto' (continue from checkpoints/last if present) or a checkpoint dir")
@@ -121,6 +131,10 @@ class DataConfig(Strict):
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="virtual epoch of a resampled stream, all "
                                                                      "processes together (default: the sets' sizes)")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more samples than this fail to decode")
+    verify: Literal["size", "sha256"] = Field(
+        "size", description="checks of every shard read in training against its manifest: size = byte size before "
+                            "and sample count after reading (free); sha256 = also the checksum (one more pass over "
+                            "each shard). Evaluation always checks sha256")
     balanced_sampling: Union[bool, Literal["class", "site", "class+site"]] = Field(
         False, description="rejection sampling of the training stream: class (= true; single-label) keeps a sample "
                            "with probability n_rarest / n_its_class so classes arrive equally often; site does the "

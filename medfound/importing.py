@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from medfound.io import sha256_file
+from medfound.io import check_replaceable, sha256_file
 
 FORMATS = ("retfound", "mae", "uni", "dinov2", "timm")
 CONTAINERS = ("model", "state_dict", "teacher", "model_ema", "module")
@@ -152,6 +152,8 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    if overwrite:
+        check_replaceable(out, "model")
     if fmt == "timm" and source.is_dir() and (source / "config.json").is_file():
         cfg = json.loads((source / "config.json").read_text())
         model = model or cfg["architecture"]

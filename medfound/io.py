@@ -63,18 +63,94 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# What a folder medfound replaces with --overwrite must already be: the marker file of the same kind of output.
+OUTPUT_KINDS = {"shards": "a shard set (manifest.json)", "model": "a published or imported model (config.json or "
+                "export/*.json with a medfound block)", "bags": "a bag folder (bags.json)"}
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory: its config.yaml beside checkpoints/ or the run lock."""
+    return (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / LOCK_NAME).exists())
+
+
+def _has_medfound_block(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()).get("medfound"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_kind(path: Path) -> str | None:
+    """Which medfound output `path` is by its marker file (see OUTPUT_KINDS), or None."""
+    manifest = path / "manifest.json"
+    if manifest.is_file() and b"medfound-shards/" in manifest.read_bytes()[:4096] + manifest.read_bytes()[-4096:]:
+        return "shards"
+    if (path / "bags.json").is_file():
+        return "bags"
+    if _has_medfound_block(path / "config.json") or any(_has_medfound_block(p) for p in path.glob("export/*.json")):
+        return "model"
+    return None
+
+
+def _run_dir_inside(path: Path, depth: int = 4, budget: int = 20000) -> Path | None:
+    """A run directory at or below `path` (a bounded walk), or None."""
+    todo, seen = [(path, 0)], 0
+    while todo:
+        d, level = todo.pop()
+        if is_run_dir(d):
+            return d
+        if level >= depth:
+            continue
+        try:
+            with os.scandir(d) as entries:
+                for e in entries:
+                    seen += 1
+                    if seen > budget:
+                        return None
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append((Path(e.path), level + 1))
+        except OSError:
+            continue
+    return None
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """Raise unless `path` may be replaced by a new output of `kind`: it must be absent, empty, or hold that
+    kind's marker; never a run directory or a folder containing one. Nothing medfound did not write is deleted."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; choose another output")
+    run = _run_dir_inside(path)
+    if run is not None:
+        where = "is" if run == path else f"contains one ({run})"
+        raise FileExistsError(f"refusing to replace {path}: it {where} a training run directory (checkpoints, logs); "
+                              "--overwrite never deletes a run. Choose another output folder")
+    found = output_kind(path)
+    if found != kind:
+        what = f"is {OUTPUT_KINDS[found]}" if found else "holds files medfound did not write"
+        raise FileExistsError(f"refusing to replace {path} with --overwrite: it {what}, and --overwrite only "
+                              f"replaces {OUTPUT_KINDS[kind]}. Choose another output folder, or empty this one yourself")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; rename it to `path` only on success.
 
     With `overwrite=False` an existing non-empty `path` is an error before any work is done; with
-    `overwrite=True` the old directory is replaced only after the new one is complete.
+    `overwrite=True` the old directory is replaced only after the new one is complete, and, for a user-facing
+    output `kind` (OUTPUT_KINDS), only when it is that kind of output (`check_replaceable`). Temporary siblings
+    left by a killed write of the same `path` (older than a day, or of a dead process) are removed first.
     """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} already exists and is not empty; choose another output or pass --overwrite")
+    if overwrite and kind is not None:
+        check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    clean_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -83,7 +159,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{os.getpid()}.old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -93,3 +169,72 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: Path, max_age_s: float = 86400.0) -> list[Path]:
+    """Remove `.NAME.*.tmp` / `.NAME.*.old` siblings of `path` that a killed write left: those naming a process
+    that no longer runs (on this host), or older than `max_age_s`. Returns what was removed."""
+    import time
+
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*"):
+        parts = p.name[len(path.name) + 2:].split(".")
+        if p.suffix not in (".tmp", ".old") or not p.is_dir() or len(parts) not in (2, 3) or len(parts[0]) != 8:
+            continue
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        stale = (pid is not None and pid != os.getpid() and not _alive(pid)) or \
+            time.time() - p.stat().st_mtime > max_age_s
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+LOCK_NAME = ".medfound.lock"
+_held: dict[str, int] = {}  # resolved directory -> open lock file descriptor of this process
+
+
+def lock_dir(path: str | os.PathLike) -> Path:
+    """Take this process's exclusive lock on a run directory (`DIR/.medfound.lock`), or raise naming the holder.
+
+    The lock is an `flock` on the file, so the kernel drops it when its holder exits, however it exits (SIGKILL
+    included): a lock file left behind by a dead run is stale and simply taken over. The file records the
+    holder's pid and host for the message. A process may take the same lock again (a resumed run in one
+    process); `unlock_dir` releases it, and so does the process ending."""
+    import fcntl
+    import socket
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _held:
+        return path / LOCK_NAME
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FileExistsError(f"{path} is in use by another medfound run ({holder}); two runs in one directory "
+                              "would mix their outputs. Wait for it, or choose another trainer.output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[key] = fd
+    return path / LOCK_NAME
+
+
+def unlock_dir(path: str | os.PathLike) -> None:
+    """Release `lock_dir(path)` if this process holds it."""
+    fd = _held.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)

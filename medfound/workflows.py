@@ -15,7 +15,7 @@ import torch
 import medfound
 from medfound.config import BackboneConfig, Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
 from medfound.data.manifest import Manifest, read_manifest
-from medfound.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from medfound.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_replaceable, lock_dir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,6 +37,8 @@ def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
     recipe.derived = Derived(world_size=world, global_batch_size=global_batch, lr=lr,
                              medfound_version=medfound.__version__)
     run_dir = Path(t.output_dir)
+    if accelerator.is_main_process:
+        lock_dir(run_dir)  # one writer per run directory; held until this process exits
     resume = resolve_resume(t, run_dir)
     text = dump_recipe(recipe, header=f"resolved by medfound {medfound.__version__} on "
                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\ncommand: {command}")
@@ -135,7 +137,8 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
                            seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                            resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
                            num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
-                           max_bad_fraction=d.max_bad_fraction, class_keep=keep, site_keep=site_keep)
+                           max_bad_fraction=d.max_bad_fraction, class_keep=keep, site_keep=site_keep,
+                           verify=d.verify)
     return loader
 
 
@@ -372,6 +375,8 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     from medfound.data.shards import write_shard_set
 
     name = name or Path(out).name
+    if overwrite:  # before the ingest: --overwrite replaces only an earlier shard set
+        check_replaceable(out, "shards")
     ingested = get_reader(kind)(input, site=site, name=name, **options)
     source = dict(ingested.source)
     if license:

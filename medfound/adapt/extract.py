@@ -90,7 +90,7 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
     if not slides:
         raise ValueError(f"{shards} has no tiles")
     records = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="bags") as tmp:
         for name in sorted(slides):
             s = slides[name]
             info = bag_info.get(name, {})

@@ -208,7 +208,7 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
     def loader(epoch: int):
         return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
                            seed=recipe.trainer.seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer,
-                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction)
+                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction, verify=d.verify)
 
     state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
                 accelerator=accelerator, config_text=text, resume_from=resume, normalize=d.normalizer())
@@ -338,7 +338,7 @@ def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[s
         return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
 
     loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
-                         train=False, collate_fn=lambda s: s[0])
+                         train=False, collate_fn=lambda s: s[0], verify="sha256")
     start = time.time()
     rows, overlays = [], []
     for sample in loader:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medfound.config import Strict
 from medfound.io import atomic_write_json, sha256_file
@@ -50,12 +51,34 @@ class LabelSchema(Strict):
         return len(self.names)
 
 
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\.tar$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 class ShardInfo(Strict):
     path: str = Field(description="file name relative to the shard-set directory")
     split: str
     count: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # A manifest is data: a shard path must be a plain file name inside its set. A scheme (`pipe:` runs a
+        # shell command in webdataset's opener), a `/`, `..` or an absolute path is refused here, before any
+        # reader sees it.
+        if not SHARD_NAME.match(v) or ".." in v:
+            raise ValueError(f"shard path {v!r} is not a plain .tar file name inside the shard set (letters, digits, "
+                             "'_', '-', '.'; no '/', '..', scheme or absolute path)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not SHA256.match(v):
+            raise ValueError(f"sha256 {v!r} is not 64 lower-case hex digits")
+        return v
 
 
 class Manifest(Strict):
@@ -142,18 +165,44 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 
 def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) -> list[str]:
-    """Check every shard's presence, size and sha256 against the manifest; return the problems found."""
+    """Check every shard against the manifest: presence, byte size, sha256, and (reading it) its sample count;
+    and that no sample key is in two shards. Returns the problems found, each naming the shard."""
+    from medfound.data.tario import ShardError, base_plus_ext, iter_members
+
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     problems = []
+    owner: dict[str, str] = {}
     for s in manifest.shards:
         p = directory / s.path
         if not p.is_file():
             problems.append(f"{p}: missing (listed in {MANIFEST_NAME})")
-        elif p.stat().st_size != s.bytes:
+            continue
+        if p.stat().st_size != s.bytes:
             problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {s.bytes} (truncated or replaced)")
-        elif sha256_file(p) != s.sha256:
+            continue
+        if sha256_file(p) != s.sha256:
             problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
+            continue
+        keys: list[str] = []
+        try:
+            for member in iter_members(str(p)):
+                key = base_plus_ext(member["fname"])[0] or member["fname"]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+        except ShardError as e:
+            problems.append(str(e))
+            continue
+        if len(keys) != s.count:
+            problems.append(f"{p}: holds {len(keys)} samples, manifest says {s.count}")
+        for key in keys:
+            if key in owner:
+                problems.append(f"{p}: sample key {key!r} is also in {owner[key]} (a key must be unique in the set)")
+            owner.setdefault(key, s.path)
+    total = sum(s.count for s in manifest.shards)
+    if manifest.counts.get("total") not in (None, total):
+        problems.append(f"{directory / MANIFEST_NAME}: counts.total {manifest.counts['total']} but its shards list "
+                        f"{total} samples")
     return problems
 
 

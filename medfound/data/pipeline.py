@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medfound.data.manifest import Manifest, read_manifest
-from medfound.data.tario import tar_samples
+from medfound.data.tario import Verify, shard_stage, tar_samples
 
 log = logging.getLogger("medfound.data")
 MIN_BAD_TO_JUDGE = 10
@@ -194,8 +194,8 @@ def _endless(urls: list[str], rng: random.Random) -> Iterator[dict]:
         yield {"url": rng.choice(urls)}
 
 
-def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int, seed: int, epoch: int
-                  ) -> Callable[[], Iterator[dict]]:
+def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int, seed: int, epoch: int,
+                  verify: Verify = "size") -> Callable[[], Iterator[dict]]:
     """Resampled, weighted mixing of shard sets for this (rank, worker): `samples` raw samples in all
     across ranks x workers; each set is an endless stream of shards drawn with replacement."""
     if len(weights) != len(sets):
@@ -206,7 +206,8 @@ def mixed_samples(sets: list[list[str]], weights: Sequence[float], samples: int,
     def gen() -> Iterator[dict]:
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         base = _seed(seed, epoch, rank, worker)
-        streams = [iter(tar_samples(_endless(urls, random.Random(_seed(base, k))))) for k, urls in enumerate(sets)]
+        streams = [iter(tar_samples(_endless(urls, random.Random(_seed(base, k))), verify))
+                   for k, urls in enumerate(sets)]
         pick = random.Random(base)
         for _ in range(math.ceil(samples / (world * workers))):
             k = pick.choices(range(len(sets)), weights=weights)[0]
@@ -289,7 +290,7 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
                 max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
                 site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
-                keep_meta: Sequence[str] = ()) -> DataLoader:
+                keep_meta: Sequence[str] = (), verify: Verify = "size") -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
@@ -297,7 +298,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     the shard sets by `weights` (default: proportional to their shard counts) for `samples_per_epoch`.
     `class_keep` (training): per class, the probability of keeping a sample (`balanced_keep`); `site_keep` the same
     per site (`site_balanced_keep`). `keep_meta`: JSON
-    meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts).
+    meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts). `verify`: each shard's
+    size and sample count against its manifest (`size`), or also its sha256 (`sha256`); see `medfound.data.tario`.
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
     if resampled:
@@ -305,12 +307,12 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
             raise ValueError("resampled streams are for training; evaluation reads every sample once")
         w = list(weights) if weights is not None else [float(len(s)) for s in sets]
         total = samples_per_epoch or sum(len(s) for s in sets) * 1000
-        stages: list = [mixed_samples(sets, w, total, seed, epoch)]
+        stages: list = [mixed_samples(sets, w, total, seed, epoch, verify)]
     else:
         if weights is not None:
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
         stages = [_shard_order([u for s in sets for u in s], train, seed, epoch), wds.split_by_node,
-                  wds.split_by_worker, tar_samples]
+                  wds.split_by_worker, shard_stage(verify)]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     if class_keep is not None or site_keep is not None:

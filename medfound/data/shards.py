@@ -178,7 +178,7 @@ def write_shard_set(
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     fields: Counter = Counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="shards") as tmp:
         writers: dict[str, _SplitWriter] = {}
         try:
             for s in samples:

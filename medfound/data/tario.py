@@ -6,20 +6,33 @@ are plain ustar archives of regular files, whose headers are fixed 512-byte reco
 checksum. `iter_members` reads those directly, verifies each header's checksum, and understands the PAX
 and GNU long-name records other writers add; the first header that is anything else (links, sparse files,
 base-256 sizes) hands the rest of the file to `tarfile`.
-Remote or piped URLs (`pipe:`, `s3://`, ...) go through webdataset's own opener. Either way the members
-are grouped into samples by webdataset's `group_by_keys`, so keys and suffixes follow its rules.
+The members are grouped into samples by webdataset's `group_by_keys`, so keys and suffixes follow its rules.
+
+Only local files are opened: a URL (`pipe:`, `http:`, ...) is never handed to webdataset's opener, whose `pipe:`
+runs a shell command, so a crafted manifest cannot execute anything.
+
+Verification while streaming (`tar_samples(verify=...)`), against the manifest of the shard's own folder:
+- `size` (the default on every read): the file's byte size before reading, and its sample count after the last
+  member (a shard cut at a member boundary parses cleanly but comes up short); a member whose header claims more
+  bytes than the file holds is a named error, never a `MemoryError`;
+- `sha256`: also the file's sha256 before reading (one extra pass over the file; evaluation and `inspect` use it).
+A mismatch raises `ShardError` naming the shard and the fix.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
-from typing import Iterator
+from typing import Iterator, Literal, Optional
 
-import webdataset as wds
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
+
+from medfound.io import sha256_file
 
 _BLOCK = 512
+VERIFY = ("size", "sha256")
+Verify = Literal["size", "sha256"]
 
 
 class ShardError(ValueError):
@@ -61,6 +74,7 @@ def iter_members(url: str) -> Iterator[dict]:
     sparse files, base-256 sizes) hands the rest of the file to `tarfile`.
     """
     fix = f"; check it with `medfound inspect {os.path.dirname(url) or '.'}` and re-create it"
+    file_size = os.path.getsize(url)
     with open(url, "rb", buffering=1 << 20) as f:
         pending: dict[str, str] = {}
         while True:
@@ -81,6 +95,10 @@ def iter_members(url: str) -> Iterator[dict]:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
             if kind in (b"0", b"\0") and "size" in pending:
                 size = int(pending["size"])
+            if size > file_size - offset - _BLOCK:
+                raise ShardError(f"shard {url} ends inside member {name.decode(errors='replace')} (truncated or a "
+                                 f"corrupt header: it claims {size} bytes at byte {offset}, the file holds "
+                                 f"{max(file_size - offset - _BLOCK, 0)} more){fix}")
             data = f.read(size)
             if len(data) < size:
                 raise ShardError(f"shard {url} ends inside member {name.decode(errors='replace')} (truncated){fix}")
@@ -97,17 +115,81 @@ def iter_members(url: str) -> Iterator[dict]:
                 pending = {}
 
 
-def tar_samples(src: Iterator[dict]) -> Iterator[dict]:
-    """Pipeline stage: `{"url"}` dicts in, webdataset samples (`__key__`, `__url__`, one entry per suffix) out."""
+def _manifest_shards(directory: str) -> Optional[dict[str, dict]]:
+    """The shards listed in `directory/manifest.json` (file name -> entry), or None when there is no manifest.
+    Read as plain JSON (the manifest's schema and digest are checked where the shard set is opened)."""
+    path = os.path.join(directory or ".", "manifest.json")
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); re-create the shard set with `medfound shard`") from None
+    return {s["path"]: s for s in doc.get("shards", []) if isinstance(s, dict) and "path" in s}
+
+
+class _Expectations:
+    """Per folder, the manifest's entries, read once per stream."""
+
+    def __init__(self) -> None:
+        self.by_dir: dict[str, Optional[dict[str, dict]]] = {}
+
+    def __call__(self, url: str) -> Optional[dict]:
+        directory, name = os.path.split(url)
+        if directory not in self.by_dir:
+            self.by_dir[directory] = _manifest_shards(directory)
+        listed = self.by_dir[directory]
+        if listed is None:
+            return None
+        if name not in listed:
+            raise ShardError(f"shard {url} is not listed in {os.path.join(directory, 'manifest.json')}; "
+                             "read shard sets through their manifest (`medfound inspect` lists them)")
+        return listed[name]
+
+
+def _verified_members(url: str, expected: Optional[dict], verify: str) -> Iterator[dict]:
+    """`iter_members(url)`, checked against its manifest entry: size (and sha256) first, sample count at the end."""
+    fix = f"; check it with `medfound inspect {os.path.dirname(url) or '.'}` and re-create the shard set"
+    if expected is not None:
+        size = os.path.getsize(url)
+        if size != expected.get("bytes"):
+            raise ShardError(f"shard {url} is {size} bytes, its manifest says {expected.get('bytes')} "
+                             f"(truncated or replaced){fix}")
+        if verify == "sha256":
+            if sha256_file(url) != expected.get("sha256"):
+                raise ShardError(f"shard {url}: sha256 differs from its manifest (corrupt or replaced){fix}")
+    count, last = 0, None
+    for member in iter_members(url):
+        key = base_plus_ext(member["fname"])[0] or member["fname"]
+        if key != last:
+            count, last = count + 1, key
+        yield member
+    if expected is not None and count != expected.get("count"):
+        raise ShardError(f"shard {url} holds {count} samples, its manifest says {expected.get('count')} "
+                         f"(cut at a member boundary, or replaced){fix}")
+
+
+def tar_samples(src: Iterator[dict], verify: Verify = "size") -> Iterator[dict]:
+    """Pipeline stage: `{"url"}` dicts in, webdataset samples (`__key__`, `__url__`, one entry per suffix) out.
+
+    Every URL must be a local shard file; those in a folder with a manifest are verified at level `verify`."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify={verify!r}: choose one of {', '.join(VERIFY)}")
+    expect = _Expectations()
+
     def members() -> Iterator[dict]:
         for item in src:
-            url = item["url"]
-            if os.path.isfile(url):
-                yield from iter_members(url)
-            else:
-                for sample in wds.tarfile_to_samples()(iter([item])):
-                    key, u = sample.pop("__key__"), sample.pop("__url__", url)
-                    sample.pop("__local_path__", None)
-                    for suffix, data in sample.items():
-                        yield {"fname": f"{key}.{suffix}", "data": data, "__url__": u}
+            url = str(item["url"])
+            if not os.path.isfile(url):
+                raise ShardError(f"shard {url} is not a local file (missing, or a URL: only files listed in a "
+                                 "shard set's manifest are read); check the set with `medfound inspect`")
+            yield from _verified_members(url, expect(url), verify)
     return group_by_keys(members())
+
+
+def shard_stage(verify: Verify = "size"):
+    """`tar_samples` at a verification level, as a webdataset pipeline stage."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        return tar_samples(src, verify)
+    return stage

@@ -167,7 +167,8 @@ def evaluate_classification(export: Path, recipe: FinetuneRecipe, split: str, ou
     def run(urls: list[str], keep=()):
         loader = make_loader(urls, transform=d.prepare(d.transform(train=False)), batch_size=d.eval_batch_size,
                              labelled=True, train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
-                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep)
+                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep,
+                             verify="sha256")
         probs, labels, keys, sites, skipped, metas = predict(model, loader, d.normalizer(), multilabel)
         if threshold is not None:
             labels = (labels >= threshold).astype(np.int64)
@@ -304,7 +305,7 @@ def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str, out
     def score_set(urls: list[str], name: str):
         loader = make_loader(urls, transform=d.prepare(build_seg_transform(seg, train=False, window=d.window)),
                              batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
-                             max_bad_fraction=d.max_bad_fraction)
+                             max_bad_fraction=d.max_bad_fraction, verify="sha256")
         scorer, skipped, overlays = SegmentationScorer(seg.names, hd=seg.hd95), [], []
         for batch in loader:
             skipped += batch.pop("_bad", [])

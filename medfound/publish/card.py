@@ -189,6 +189,7 @@ def eval_results(evaluation: Optional[dict[str, Any]]) -> list[EvalResult]:
 
 def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], tags: list[str],
                 lineage: dict[str, Any], evaluation: Optional[dict[str, Any]], weights: list[tuple[str, str]],
+                files: Optional[list[tuple[str, str, str]]] = None,
                 details: list[tuple[str, str]], preprocessing: dict[str, Any], load_snippet: str,
                 pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
                 gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None) -> ModelCard:
@@ -223,7 +224,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
         card_data, template_path=str(template_path()), model_name=name, demo=demo,
         summary=summary or f"A `{architecture}` model trained with medfound "
                            f"({' then '.join(s['objective'] for s in stages)}).",
-        details=details, weights=weights, preprocessing=preprocessing,
+        details=details, weights=weights, files=files or [], preprocessing=preprocessing,
         medfound_version=medfound.__version__, timm_version=timm.__version__, torch_version=torch.__version__,
         modalities=modalities, datasets=datasets, deidentification=deid,
         stages=[{**s, "minutes": round(s.get("train_seconds", 0) / 60, 1)} for s in stages],

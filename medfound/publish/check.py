@@ -1,7 +1,10 @@
 r"""`medfound card check DIR`: prove a published folder's card still says what its files say.
 
 Checked:
-- every `| weights | \`FILE\`, sha256 \`HEX\` |` row of the card against the sha256 of FILE in the folder;
+- every `| weights | \`FILE\`, sha256 \`HEX\` |` row of the card against the sha256 of FILE in the folder, and
+  likewise every `| config |` and `| adapter |` row (config.json / the network's json, each LoRA adapter file), and
+  that every adapter file in the folder has a row (a swapped or added adapter file is caught);
+- the label names of config.json (timm) or export/*.json (networks) against eval.json's class names;
 - the generated evaluation section (between the medfound:evaluation markers) against the same Markdown rendered
   afresh from the folder's eval.json (`evaluate.markdown.evaluation_sections`): every number of every metric,
   interval, per-class, per-site and external row;
@@ -21,6 +24,7 @@ from pathlib import Path
 from medfound.io import sha256_file
 
 WEIGHTS_ROW = re.compile(r"^\| weights \| `([^`]+)`, sha256 `([0-9a-f]{64})` \|\s*$", re.M)
+FILE_ROW = re.compile(r"^\| (config|adapter) \| `([^`]+)`, sha256 `([0-9a-f]{64})` \|\s*$", re.M)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -66,6 +70,25 @@ def _check_preprocessing(folder: Path, text: str) -> list[str]:
     return problems
 
 
+def _check_label_names(folder: Path, evaluation: dict) -> list[str]:
+    """The class names the weights are loaded with (config.json's label_names for timm, class_names in a network's
+    json) must be eval.json's, in order: a reversed list would silently swap every prediction."""
+    want = evaluation.get("class_names")
+    if not want:
+        return []
+    problems = []
+    sources = [folder / "config.json"] + sorted(folder.glob("export/*.json"))
+    for path in sources:
+        if not path.is_file():
+            continue
+        cfg = json.loads(path.read_text())
+        names = cfg.get("label_names", cfg.get("class_names"))
+        if names is not None and list(names) != list(want):
+            problems.append(f"{path.relative_to(folder)} names the classes {names}, eval.json scored {want}: the "
+                            "label order changed after evaluation; re-publish the run")
+    return problems
+
+
 def check_card(folder: str | Path) -> list[str]:
     from huggingface_hub import ModelCard
 
@@ -91,6 +114,17 @@ def check_card(folder: str | Path) -> list[str]:
         if actual[file] != sha:
             problems.append(f"weights {file}: the card says sha256 {sha[:16]}…, the file has {actual[file][:16]}… "
                             "(the weights changed after the card was written; re-publish the run)")
+    for label, file, sha in FILE_ROW.findall(text):
+        path = folder / file
+        if not path.is_file():
+            problems.append(f"the card names {label} file {file}, which is not in {folder}")
+        elif sha256_file(path) != sha:
+            problems.append(f"{label} file {file}: its sha256 differs from the card's (changed after publishing; "
+                            "re-publish the run)")
+    described = {f for _, f, _ in FILE_ROW.findall(text)}
+    for path in sorted(folder.glob("adapter/**/*")) + sorted(folder.glob("export/backbone/adapter/**/*")):
+        if path.is_file() and path.relative_to(folder).as_posix() not in described:
+            problems.append(f"adapter file {path.relative_to(folder).as_posix()} is not described by the card")
     problems += _check_preprocessing(folder, text)
     eval_path = folder / "eval.json"
     has_block = EVAL_BEGIN in text and EVAL_END in text
@@ -99,6 +133,7 @@ def check_card(folder: str | Path) -> list[str]:
             problems.append(f"the card reports an evaluation but {eval_path} is missing")
         return problems
     evaluation = json.loads(eval_path.read_text())
+    problems += _check_label_names(folder, evaluation)
     if rows and rows[0][0] in actual and evaluation["model"]["sha256"] != actual[rows[0][0]]:
         problems.append(f"eval.json scored weights with sha256 {evaluation['model']['sha256'][:16]}…, not "
                         f"{rows[0][0]} ({actual[rows[0][0]][:16]}…)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medfound.config import FinetuneRecipe
-from medfound.io import atomic_dir, atomic_write_json, sha256_file
+from medfound.io import atomic_dir, atomic_write_json, check_replaceable, sha256_file
 
 NETWORKS = {  # task -> (main weights file in export/, its json, the loader the card shows)
     "segmentation": ("segmenter.safetensors", "segmenter.json"),
@@ -47,6 +47,8 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
     from medfound.evaluate.report import load_run_recipe
 
     run_dir, out = Path(run_dir), Path(out)
+    if overwrite:  # before any work: --overwrite replaces only an earlier published folder, never a run
+        check_replaceable(out, "model")
     recipe = load_run_recipe(run_dir)
     if isinstance(recipe, FinetuneRecipe) and recipe.task in NETWORKS:
         result = _publish_network(run_dir, out, recipe, overwrite, name)
@@ -61,6 +63,16 @@ def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, n
 
 PLOTS = {"roc.png": "ROC with 95% bootstrap bands", "reliability.png": "Reliability diagram",
          "confusion.png": "Confusion matrix"}
+
+
+def described_files(folder: Path, configs: list[str], adapters: list[str]) -> list[tuple[str, str, str]]:
+    """The card's hashed rows besides the weights: the configs that say what the weights are (architecture, label
+    names, head) and every file of a LoRA adapter, as (label, path, sha256); `medfound card check` verifies each."""
+    rows = [("config", c, sha256_file(folder / c)) for c in configs if (folder / c).is_file()]
+    for a in adapters:
+        rows += [("adapter", p.relative_to(folder).as_posix(), sha256_file(p))
+                 for p in sorted((folder / a).rglob("*")) if p.is_file()]
+    return rows
 
 
 def _card_options(recipe: Any, name: str, run_dir: Path) -> dict[str, Any]:
@@ -102,7 +114,7 @@ def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: 
                                 f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
     evaluation = _evaluation(run_dir, export / "model.safetensors") if isinstance(recipe, FinetuneRecipe) else None
     reference = rebuild_trained(run_dir)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
         for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
             src = export / item
             if src.is_dir():
@@ -123,6 +135,7 @@ def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: 
         class_names = schema.get("names", []) if evaluation else []
         card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[("model.safetensors", sha256_file(tmp / "model.safetensors"))],
+                           files=described_files(tmp, ["config.json"], ["adapter"]),
                            details=timm_details(model, class_names, schema.get("type")), preprocessing=prep,
                            load_snippet=timm_snippet(class_names), architecture=cfg.get("architecture"),
                            pipeline_tag="image-classification" if class_names else "image-feature-extraction",
@@ -176,7 +189,7 @@ def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite
     prep = preprocessing_for(input_cfg, training_datasets(lineage), recipe)
     files = [weights_name] + (["backbone/model.safetensors"] if (export / "backbone" / "model.safetensors").is_file()
                               else [])
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
         shutil.copytree(export, tmp / "export")
         shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
         atomic_write_json(tmp / "eval.json", evaluation)
@@ -184,6 +197,9 @@ def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite
         _load_network(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
         card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
+                           files=described_files(tmp, sorted(p.relative_to(tmp).as_posix()
+                                                             for p in (tmp / "export").glob("*.json")),
+                                                 ["export/backbone/adapter"]),
                            details=details, preprocessing=prep, load_snippet=network_snippet(recipe.task),
                            architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound")
         _finish(tmp, run_dir, card)

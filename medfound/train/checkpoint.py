@@ -59,10 +59,12 @@ def restore_rng(scalars: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 
 
 def save_checkpoint(root: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    ranks: list[dict[str, Any]], config_text: str, keep: int = 2) -> Path:
-    """Write `root/step_NNNNNNNN` atomically, point `root/last` at it, prune to the newest `keep`.
+                    ranks: list[dict[str, Any]], config_text: str, keep: int = 2,
+                    protect: Optional[Path] = None) -> Path:
+    """Write `root/step_NNNNNNNN` atomically, point `root/last` at it, prune to the `keep` newest written.
 
     `ranks`: per process {"epoch", "batch_in_epoch", "rng" (capture_rng scalars), "rng_tensors"}.
+    `protect`: a checkpoint never pruned (the one this run resumed from).
     """
     root = Path(root)
     target = root / step_dir_name(state["step"])
@@ -75,9 +77,31 @@ def save_checkpoint(root: Path, module: nn.Module, optimizer: torch.optim.Optimi
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "ranks": per_rank}, indent=1))
         (tmp / "config.yaml").write_text(config_text)
     atomic_write_text(root / LAST, target.name + "\n")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep, keep_also=[target] + ([Path(protect)] if protect is not None else []))
     return target
+
+
+def _written(path: Path) -> tuple[float, str]:
+    state = path / "trainer_state.json"
+    return (state.stat().st_mtime if state.is_file() else 0.0, path.name)
+
+
+def prune(root: Path, keep: int, keep_also: list[Path]) -> list[Path]:
+    """Delete all but the `keep` most recently written checkpoints of `root` (by write time, not step number: after
+    resuming an older checkpoint the newest are the resumed branch), never one in `keep_also`, nor the one `last`
+    names. Only `step_*` directories holding a trainer_state.json are touched. Returns what was deleted."""
+    root = Path(root)
+    named = (root / LAST).read_text().strip() if (root / LAST).is_file() else None
+    spared = {p.resolve() for p in keep_also}
+    ckpts = sorted((p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").is_file()),
+                   key=_written, reverse=True)
+    deleted = []
+    for old in ckpts[keep:]:
+        if old.resolve() in spared or old.name == named:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        deleted.append(old)
+    return deleted
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:

@@ -157,6 +157,13 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     ckpt_root = run_dir / "checkpoints"
 
     def checkpoint() -> Optional[Path]:
+        broken = next((n for n, t in inner.state_dict().items()
+                       if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if _any_rank(accelerator, broken is not None):
+            raise FloatingPointError(
+                f"the weights became non-finite by step {state.step} ({broken or 'on another rank'}); this state was "
+                f"not saved. Lower optim.lr / optim.blr or check optim.weight_decay; the last good checkpoint is "
+                f"{latest_checkpoint(ckpt_root)}.")
         scalars, tensors = capture_rng()
         everyone = gather_object([{"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": scalars,
                                    "rng_tensors": tensors}])
@@ -164,7 +171,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         if main:
             shared = {k: getattr(state, k) for k in _SHARED}
             path = save_checkpoint(ckpt_root, inner, optimizer, shared, everyone, config_text,
-                                   keep=trainer.keep_checkpoints)
+                                   keep=trainer.keep_checkpoints, protect=resume_from)
         accelerator.wait_for_everyone()
         return path
 

@@ -53,17 +53,23 @@ def dicom_set(tmp_path_factory):
 def test_every_file_is_written_or_reported(dicom_set):
     src, out, console = dicom_set
     m = read_manifest(out)
-    files = sorted(p.name for p in src.iterdir() if p.is_file())
-    reported = {line.split(":")[0].strip() for line in console.splitlines() if line.startswith("  ")}
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    reported = {files[int(line.split("#")[1].split(":")[0])] for line in console.splitlines()
+                if line.startswith("  input #")}
     written = m.deidentification["files_deidentified"]
     assert written + m.skipped["count"] == len(files)
-    assert reported == {"liver.dcm", "PROVENANCE.txt"}  # a SEG object and a text file, each with its reason
+    # a SEG object, a text file and an ultrasound without BurnedInAnnotation=NO, each with its reason
+    assert reported == {"liver.dcm", "PROVENANCE.txt", "US1_J2KR.dcm"}
     assert m.skipped["by_reason"] == {"segmentation object (SEG), not an image": 1,
-                                      "not a DICOM file (no DICM preamble)": 1}
+                                      "not a DICOM file (no DICM preamble)": 1,
+                                      "may carry burned-in text (modality US without BurnedInAnnotation=NO)": 1}
     assert "bad_sequence.dcm" not in reported  # the malformed file is read, never crashes the run
     assert m.counts["total"] == written - 1 + 10  # the 10-frame MR gives one sample per frame
-    assert m.modality == "mixed" and m.counts["by_modality"] == {"ct": 3, "cxr": 1, "mr": 12, "us": 2, "xray": 1}
-    assert f"de-identified: {written} files" in console
+    assert m.modality == "mixed" and m.counts["by_modality"] == {"ct": 3, "cxr": 1, "mr": 12, "us": 1, "xray": 1}
+    assert f"de-identified: {written} files" in console and "1 refused for burned-in PHI" in console
+    burned = m.deidentification["burned_in"]
+    assert burned["refused"] == 1 and burned["allowed"] == 0 and burned["policy"].startswith("refused")
+    assert not any(name in console for name in files)  # skipped files are shown by index only (names carry PHI)
 
 
 def test_no_phi_in_any_byte(dicom_set):
@@ -109,3 +115,81 @@ def test_rescale_window_and_monochrome1():
     assert np.allclose(inverted.numpy(), 1 - lung.numpy())
     with pytest.raises(ValueError, match="unknown window"):
         to_unit_image(stored, meta, window="liver")
+
+
+def _crafted(path: Path, *, burned: str | None = None, modality: str = "CT", body_part: str = "CHEST",
+             patient: str = "DOE^JOHN", sop_class: str = "1.2.840.10008.5.1.4.1.1.2") -> Path:
+    """A small valid DICOM file built in the test (never a checked-in crafted file)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined, ds.PatientID, ds.PatientName = modality, body_part, patient, patient
+    if burned is not None:
+        ds.BurnedInAnnotation = burned
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = (np.arange(64, dtype=np.uint8)).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def _shard(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "dicom", str(src), "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_burned_in_pixels_are_refused_unless_allowed(tmp_path):
+    pytest.importorskip("pydicom")
+    src = tmp_path / "in"
+    _crafted(src / "DOE_JOHN_PID12345" / "a_yes.dcm", burned="YES")
+    _crafted(src / "DOE_JOHN_PID12345" / "b_us_absent.dcm", modality="US", sop_class="1.2.840.10008.5.1.4.1.1.6.1")
+    _crafted(src / "c_sc_absent.dcm", modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7")
+    _crafted(src / "d_us_no.dcm", burned="NO", modality="US", sop_class="1.2.840.10008.5.1.4.1.1.6.1")
+    _crafted(src / "e_ct.dcm")
+    proc = _shard(src, tmp_path / "refused", "--skipped-list", str(tmp_path / "skipped.csv"))
+    assert proc.returncode == 0, proc.stderr
+    m = read_manifest(tmp_path / "refused")
+    assert m.counts["total"] == 2 and m.deidentification["files_deidentified"] == 2
+    assert m.skipped["count"] == 3
+    assert m.skipped["by_reason"] == {
+        "burned-in annotation (BurnedInAnnotation=YES): the pixels may show PHI": 1,
+        "may carry burned-in text (modality US without BurnedInAnnotation=NO)": 1,
+        "may carry burned-in text (secondary capture without BurnedInAnnotation=NO)": 1}
+    assert m.deidentification["burned_in"]["refused"] == 3
+    console = proc.stdout + proc.stderr
+    assert "DOE_JOHN" not in console and "PID12345" not in console and "input #0:" in console
+    listed = (tmp_path / "skipped.csv").read_text()  # the mapping the user asked for, outside the shard set
+    assert "DOE_JOHN_PID12345/a_yes.dcm" in listed and listed.startswith("index,path,reason")
+    allowed = _shard(src, tmp_path / "allowed", "--allow-burned-in")
+    assert allowed.returncode == 0, allowed.stderr
+    m = read_manifest(tmp_path / "allowed")
+    assert m.counts["total"] == 5 and m.deidentification["burned_in"]["allowed"] == 3
+    assert m.deidentification["burned_in"]["policy"].startswith("allowed with --allow-burned-in")
+    inside = _shard(src, tmp_path / "x", "--skipped-list", str(tmp_path / "x" / "skipped.csv"))
+    assert inside.returncode == 1 and "inside --out" in inside.stderr and not (tmp_path / "x").exists()
+
+
+def test_free_text_in_coded_tags_is_dropped(tmp_path):
+    pytest.importorskip("pydicom")
+    src = tmp_path / "in"
+    _crafted(src / "a.dcm", body_part="JOHNATHAN")
+    _crafted(src / "b.dcm", body_part="chest")
+    proc = _shard(src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    blobs = list(_members(out).values()) + [(out / "manifest.json").read_bytes(), (proc.stdout + proc.stderr).encode()]
+    assert not any(b"JOHNATHAN" in b for b in blobs)
+    parts = sorted(str(json.loads(v)["dicom"]["body_part"]) for k, v in _members(out).items() if k.endswith(".json"))
+    assert parts == ["CHEST", "None"]  # a defined term is kept (normalised); free text is dropped
+    assert read_manifest(out).deidentification["dropped_values"] == {"BodyPartExamined": 1}

@@ -14,7 +14,7 @@ from medfound.data.ingest.wsi import otsu_threshold, read_wsi
 from medfound.data.manifest import read_manifest
 from medfound.workflows import shard
 
-from helpers import DATA, shared, tar_metas
+from helpers import DATA, ROOT, shared, tar_metas
 
 
 def _image_folder(tmp_path: Path, n: int = 60) -> Path:
@@ -126,3 +126,38 @@ def test_otsu_separates_two_modes():
     t = otsu_threshold(v)
     assert v[v < 100].max() <= t < v[v > 100].min()  # separates the modes
     assert 90 < t < 130  # and sits mid-gap, not at the edge of one mode
+
+
+def _table_set(tmp_path, rows: str, *args: str):
+    """An images folder of real PneumoniaMNIST pixels with the given CSV, sharded through the CLI."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    arr = np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz")["train_images"]
+    for i in range(4):
+        Image.fromarray(arr[i]).save(folder / f"{i}.png")
+    (folder / "labels.csv").write_text(rows)
+    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "images", str(folder), "--out",
+                           str(tmp_path / "out"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("rows,args,message", [
+    ("path,lable\n0.png,0\n1.png,1\n", [], "unknown column 'lable'; did you mean 'label'?"),
+    ("path,label,patientid\n0.png,0,p1\n1.png,1,p1\n", [], "unknown column 'patientid'; did you mean 'patient_id'?"),
+    ("path,label\n0.png,normal\n1.png,banana\n", ["--label-names", "normal,pneumonia"],
+     "table row 3: label 'banana' is not one of the class names"),
+    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", ["--label-names", "normal,pneumonia"], "table row 4: label 7 outside 0..1"),
+    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", [], "leave classes [2, 3, 4, 5, 6] without a sample"),
+])
+def test_silent_table_mistakes_are_errors_naming_the_row_or_column(tmp_path, rows, args, message):
+    proc = _table_set(tmp_path, rows, *args)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_correct_table_still_shards(tmp_path):
+    proc = _table_set(tmp_path, "path,label,patient_id,mask_x\n0.png,normal,p1,\n1.png,pneumonia,p2,\n",
+                      "--label-names", "normal,pneumonia")
+    assert proc.returncode == 0, proc.stderr

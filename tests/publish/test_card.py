@@ -208,3 +208,25 @@ def test_committed_model_cards_match_their_records(folder):
     assert problems and all("which is not in" in p for p in problems), problems
     text = (folder / "README.md").read_text()
     assert all(s in text for s in SECTIONS)
+
+
+def test_card_check_catches_reversed_label_names_and_a_swapped_adapter(card_folder, tmp_path):
+    folder = _copy(card_folder, tmp_path)
+    config = folder / "config.json"
+    cfg = json.loads(config.read_text())
+    assert cfg["label_names"] == json.loads((folder / "eval.json").read_text())["class_names"]
+    cfg["label_names"] = cfg["label_names"][::-1]
+    config.write_text(json.dumps(cfg))
+    problems = check_card(folder)
+    assert any(p.startswith("config.json names the classes") for p in problems)
+    assert any("config file config.json: its sha256 differs" in p for p in problems)
+
+    folder = _copy(card_folder, tmp_path / "b")
+    adapter = next((folder / "adapter").glob("*.safetensors"))
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 1  # another adapter's weights under the same name
+    adapter.write_bytes(bytes(data))
+    (folder / "adapter" / "extra.safetensors").write_bytes(b"x")
+    problems = check_card(folder)
+    assert any(f"adapter file adapter/{adapter.name}: its sha256 differs" in p for p in problems)
+    assert any("adapter file adapter/extra.safetensors is not described by the card" in p for p in problems)

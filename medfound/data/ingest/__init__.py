@@ -10,13 +10,14 @@ salted HMAC tokens (`patient_token`), used to split by patient and to detect lea
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import hmac
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pydantic import ValidationError
 
@@ -48,11 +49,32 @@ def patient_token(salt: bytes, patient_id: str) -> str:
     return hmac.new(salt, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def read_table(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV or Parquet table as dicts of strings (Parquet needs pyarrow: pip install medfound[parquet])."""
+def check_columns(path: Path, found: Iterable[str], known: Sequence[str], prefixes: Sequence[str] = ()) -> None:
+    """Refuse a column the reader would silently ignore (`lable` makes a set unlabelled, `patientid` lets patients
+    leak across splits), naming the nearest known column."""
+    for column in found:
+        if column in known or any(column.startswith(p) and len(column) > len(p) for p in prefixes):
+            continue
+        near = difflib.get_close_matches(column.strip().lower(), list(known), n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ValueError(f"{path}: unknown column '{column}'{hint} This table's columns are "
+                         f"{', '.join(known)}{''.join(', ' + p + 'NAME' for p in prefixes)}; rename or drop it")
+
+
+def read_table(path: str | Path, known: Optional[Sequence[str]] = None, prefixes: Sequence[str] = ()
+               ) -> list[dict[str, str]]:
+    """Rows of a CSV or Parquet table as dicts of strings (Parquet needs pyarrow: pip install medfound[parquet]).
+    With `known`, a column outside it (or the `prefixes`) is an error naming the nearest known column."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table {path} not found")
+    rows = _read_rows(path)
+    if known is not None and rows:
+        check_columns(path, rows[0].keys(), known, prefixes)
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
@@ -85,18 +107,35 @@ def table_labels(rows: list[dict[str, str]], label_type: Optional[str], label_na
             raise ValueError("the 'labels' column is empty in every row")
         index = {n: i for i, n in enumerate(names)}
 
+        line = {id(r): i + 2 for i, r in enumerate(rows)}
+
         def to_multi(row: dict[str, str]) -> list[int]:
             found = _split_labels(row["labels"])
             unknown = [n for n in found if n not in index]
             if unknown:
-                raise ValueError(f"labels {unknown} are not among the class names {names}; add them to --label-names")
+                raise ValueError(f"table row {line.get(id(row))}: labels {unknown} are not among the class names "
+                                 f"{names}; add them to --label-names")
             return sorted(index[n] for n in found)
+        if label_names is not None:
+            for r in rows:
+                to_multi(r)
         return LabelSchema(type="multilabel", names=list(names)), to_multi
     missing = [i + 2 for i, r in enumerate(rows) if str(r.get("label", "")).strip() == ""]
     if missing:
         raise ValueError(f"table rows {missing[:5]} have no label but others do; label every row or none")
+    line = {id(r): i + 2 for i, r in enumerate(rows)}
     schema, to_index = label_schema_for([r["label"] for r in rows], label_type, label_names)
-    return schema, lambda row: to_index(row["label"])
+    if label_names is not None:  # every label must be one the user named, checked before any work
+        for r in rows:
+            _named(to_index, r["label"], line[id(r)])
+    return schema, lambda row: _named(to_index, row["label"], line.get(id(row)))
+
+
+def _named(to_index: Callable[[Any], int], value: Any, line: Optional[int]) -> int:
+    try:
+        return to_index(value)
+    except ValueError as e:
+        raise ValueError(f"table row {line}: {e}" if line else str(e)) from None
 
 
 def label_schema_for(values: list[Any], label_type: Optional[str], label_names: Optional[list[str]]
@@ -114,7 +153,13 @@ def label_schema_for(values: list[Any], label_type: Optional[str], label_names: 
     as_int = all(re.fullmatch(r"-?\d+", str(v).strip()) for v in present)
     if label_names is None:
         if as_int:
-            label_names = [str(i) for i in range(max(int(str(v)) for v in present) + 1)]
+            seen = {int(str(v)) for v in present}
+            label_names = [str(i) for i in range(max(seen) + 1)]
+            gaps = [i for i in range(max(seen)) if i not in seen]
+            if gaps or min(seen) < 0:
+                raise ValueError(f"the integer labels {sorted(seen)} leave classes {gaps or 'below 0'} without a sample "
+                                 "(a typo such as 7 in a 0/1 column makes a binary set 8-class); fix the labels, or "
+                                 "name every class in index order with --label-names")
         else:
             label_names = sorted({str(v).strip() for v in present})
     index = {n: i for i, n in enumerate(label_names)}

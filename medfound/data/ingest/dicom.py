@@ -14,6 +14,16 @@ institution, physicians, accession numbers or UIDs. Keys and the patient token a
 a salt that is `--salt` when given, else derived from the inputs' own bytes (so only someone holding the
 original files can recompute it) and never stored. The patient token is used to split by patient
 (no patient in two splits) and lets `medfound inspect` find leakage; it cannot be reversed without the salt.
+
+Coded values only: the kept tags that could carry free text (Modality, BodyPartExamined, ViewPosition, laterality,
+PhotometricInterpretation) are copied only when they are DICOM defined terms (`VOCABULARY`, PS3.3 / PS3.16);
+anything else (`BodyPartExamined: JOHNATHAN`) is dropped and counted in the manifest's de-identification block.
+
+Burned-in text (PS3.15 Annex E): pixels are not scrubbed, so images that may show PHI in their pixels are
+refused, counted with their reason: `BurnedInAnnotation=YES`, and, when the attribute is absent, the kinds
+known to burn text in (ultrasound, secondary captures: Modality US, SC, OT, XC, ES, DOC, or a Secondary Capture SOP
+class). `allow_burned_in=True` (`--allow-burned-in`, after the user has cleaned the pixels) takes them; the
+decision is recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -38,6 +48,33 @@ KEPT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "ImageLaterality", 
              "NumberOfFrames")
 MODALITY_MAP = {"CT": "ct", "MR": "mr", "US": "us", "MG": "mammography", "OP": "fundus", "OPT": "oct",
                 "SM": "pathology", "XA": "xray", "RF": "xray", "PX": "xray", "IO": "xray"}
+BURNS_IN = ("US", "SC", "OT", "XC", "ES", "DOC")  # modalities whose pixels commonly carry burned-in text
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # SOP class prefix of every secondary capture storage class
+# DICOM defined terms of the kept coded tags (PS3.3 C.7.3.1, C.8.11.5.1.1, C.7.6.3.1.2; PS3.16 Annex L)
+VOCABULARY = {
+    "Modality": frozenset(
+        "AR AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR "
+        "M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT "
+        "RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SC SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL "
+        "XC".split()),
+    "BodyPartExamined": frozenset(
+        "ABDOMEN ABDOMENPELVIS ADRENAL ANKLE ANUS AORTA APPENDIX ARM AXILLA BACK BILEDUCT BLADDER BRAIN BREAST "
+        "BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS "
+        "CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM EAR ELBOW ENDOMETRIUM "
+        "ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FIBULA FINGER FOOT FOREARM GALLBLADDER HAND HEAD HEADNECK HEART "
+        "HIP HUMERUS IAC ILEUM ILIUM JAW JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LOWEREXTREMITY LSPINE LSSPINE LUNG "
+        "MANDIBLE MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY "
+        "PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RADIUS RECTUM RETINA RIB SACRUM SCALP SCAPULA "
+        "SCLERA SCROTUM SELLA SHOULDER SINUS SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH "
+        "THUMB THYMUS THYROID TIBIA TLSPINE TMJ TOE TONGUE TRACHEA TSPINE ULNA UPPEREXTREMITY URETER URETHRA UTERUS "
+        "VAGINA VULVA WHOLEBODY WRIST ZYGOMA".split()),
+    "ViewPosition": frozenset(
+        "AP PA LL RL RLD LLD RLO LLO LAT LATERAL CC MLO ML LM LMO FB SIO XCC XCCL XCCM AT CV ISO".split()),
+    "Laterality": frozenset("R L U B".split()),
+    "PhotometricInterpretation": frozenset(
+        "MONOCHROME1 MONOCHROME2 PALETTE_COLOR RGB YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420 YBR_ICT "
+        "YBR_RCT".split()),
+}
 NO_IMAGE = {"SEG": "segmentation object (SEG), not an image", "RTSTRUCT": "RT structure set, not an image",
             "RTDOSE": "RT dose grid, not an image", "RTPLAN": "RT plan, not an image", "SR": "structured report",
             "ECG": "waveform, not an image", "PR": "presentation state, not an image", "KO": "key-object selection"}
@@ -76,16 +113,47 @@ def _first(value: Any) -> Optional[float]:
         return None
 
 
-def _meta(ds: Any, frame: int, frames: int, shift: int) -> dict[str, Any]:
+def coded(ds: Any, tag: str, vocabulary: str, dropped: Counter) -> Optional[str]:
+    """The tag's value when it is one of the DICOM defined terms of `vocabulary`, else None (counted in `dropped`):
+    a coded tag may hold free text, and free text may be a name."""
+    raw = str(ds.get(tag, "") or "").strip()
+    if not raw:
+        return None
+    value = raw.upper().replace(" ", "_" if vocabulary == "PhotometricInterpretation" else "")
+    if value in VOCABULARY[vocabulary]:
+        return value
+    dropped[tag] += 1
+    return None
+
+
+def burned_in_reason(ds: Any) -> Optional[str]:
+    """Why the pixels may show PHI (PS3.15 Annex E), or None: BurnedInAnnotation YES, or absent for a modality or
+    SOP class that commonly burns text in."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "burned-in annotation (BurnedInAnnotation=YES): the pixels may show PHI"
+    if flag == "NO":
+        return None
+    code = str(ds.get("Modality", "") or "").strip().upper()
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if code in BURNS_IN or sop.startswith(SECONDARY_CAPTURE):
+        kind = "secondary capture" if sop.startswith(SECONDARY_CAPTURE) or code in ("SC", "OT") else f"modality {code}"
+        return f"may carry burned-in text ({kind} without BurnedInAnnotation=NO)"
+    return None
+
+
+def _meta(ds: Any, frame: int, frames: int, shift: int, dropped: Counter) -> dict[str, Any]:
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    photometric = coded(ds, "PhotometricInterpretation", "PhotometricInterpretation", dropped)
+    laterality = coded(ds, "ImageLaterality", "Laterality", dropped) or coded(ds, "Laterality", "Laterality", dropped)
     return {"dicom": {
-        "modality": str(ds.get("Modality", "")),
-        "body_part": str(ds.get("BodyPartExamined", "")) or None,
-        "view": str(ds.get("ViewPosition", "")) or None,
-        "laterality": str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")) or None,
-        "photometric": str(ds.get("PhotometricInterpretation", "")),
-        "invert": str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        "modality": coded(ds, "Modality", "Modality", dropped) or "",
+        "body_part": coded(ds, "BodyPartExamined", "BodyPartExamined", dropped),
+        "view": coded(ds, "ViewPosition", "ViewPosition", dropped),
+        "laterality": laterality,
+        "photometric": (photometric or "").replace("_", " "),
+        "invert": photometric == "MONOCHROME1",
         "bits_stored": int(ds.get("BitsStored", 8) or 8),
         "rescale": [_first(ds.get("RescaleSlope")) or 1.0, _first(ds.get("RescaleIntercept")) or 0.0],
         "shift": shift,
@@ -116,7 +184,7 @@ def _store(frame: np.ndarray) -> tuple[np.ndarray, int]:
 def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional[str | Path] = None,
                label_type: Optional[str] = None, label_names: Optional[list[str]] = None,
                split_fractions: Optional[dict[str, float]] = None, site: Optional[str] = None,
-               keep_names: bool = False, name: str = "dicom", **_: object) -> Ingested:
+               keep_names: bool = False, name: str = "dicom", allow_burned_in: bool = False, **_: object) -> Ingested:
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -133,7 +201,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
         raise ValueError(f"no files in {input}")
     hashes = [sha256_file(p) for p in files]
     key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + "".join(hashes).encode()).digest()
-    rows = {r["path"]: r for r in read_table(table)} if table else {}
+    rows = {r["path"]: r for r in read_table(table, ("path", "label", "labels", "split", "site"))} if table else {}
     schema, to_label = table_labels(list(rows.values()), label_type, label_names)
     fractions = split_fractions or DEFAULT_FRACTIONS
     skipped: dict[str, Any] = {"count": 0, "by_reason": {}, "files": []}
@@ -142,49 +210,63 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
             "patient_token": "HMAC-SHA256(salt, PatientID), first 16 hex digits; used to split by patient",
             "keys": "HMAC-SHA256(salt, SOPInstanceUID) + frame number",
             "salt": "given with --salt" if salt else "derived from the input files' bytes; not stored",
+            "coded_values": "Modality, BodyPartExamined, ViewPosition, laterality and PhotometricInterpretation are "
+                            "kept only as DICOM defined terms; other values are dropped",
+            "dropped_values": {},
+            "burned_in": {"policy": "allowed with --allow-burned-in: pixels are NOT cleaned; the user vouches for them"
+                          if allow_burned_in else "refused: BurnedInAnnotation=YES, or absent for US/SC/OT/XC/ES/DOC "
+                                                  "and secondary captures (PS3.15 Annex E)",
+                          "refused": 0, "allowed": 0},
+            "pixels": "not scrubbed: text burned into pixels beyond these rules is the user's to remove",
             "files_deidentified": 0}
+    dropped: Counter = Counter()
     modalities: Counter = Counter()
 
     def token(value: str) -> str:
         return patient_token(key_salt, value)
 
-    def skip(path: Path, reason: str) -> None:
+    def skip(index: int, path: Path, reason: str) -> None:
         skipped["count"] += 1
         skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + 1
-        skipped["files"].append((path.relative_to(root).as_posix(), reason))
+        skipped["files"].append((index, path.relative_to(root).as_posix(), reason))
 
     def samples():
         with _quiet(pydicom):
             yield from _samples()
 
     def _samples():
-        for path, digest in zip(files, hashes):
+        for index, (path, digest) in enumerate(zip(files, hashes)):
             rel = path.relative_to(root).as_posix()
             try:
                 ds = pydicom.dcmread(path, force=False)
             except InvalidDicomError:
-                skip(path, "not a DICOM file (no DICM preamble)")
+                skip(index, path, "not a DICOM file (no DICM preamble)")
                 continue
             except Exception as e:  # malformed files must never stop the run
-                skip(path, f"unreadable DICOM ({type(e).__name__})")
+                skip(index, path, f"unreadable DICOM ({type(e).__name__})")
                 continue
             try:
                 code = str(ds.get("Modality", "")).upper()
                 if code in NO_IMAGE:
-                    skip(path, NO_IMAGE[code])
+                    skip(index, path, NO_IMAGE[code])
                     continue
                 if "PixelData" not in ds:
-                    skip(path, "no pixel data")
+                    skip(index, path, "no pixel data")
+                    continue
+                burned = burned_in_reason(ds)
+                if burned and not allow_burned_in:
+                    deid["burned_in"]["refused"] += 1
+                    skip(index, path, burned)
                     continue
                 try:
                     pixels = _pixels(ds)
                 except (ImportError, RuntimeError, NotImplementedError) as e:
                     syntax = ds.file_meta.get("TransferSyntaxUID", None)
-                    skip(path, f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): "
+                    skip(index, path, f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): "
                                f"{type(e).__name__}; pip install medfound[dicom] for JPEG/JPEG 2000 decoders")
                     continue
                 if rows and rel not in rows:
-                    skip(path, "no row in the label table")
+                    skip(index, path, "no row in the label table")
                     continue
                 row = rows.get(rel, {})
                 patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
@@ -194,17 +276,21 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                 base = safe_key(Path(rel).with_suffix("").as_posix(), True) if keep_names else "d" + token(instance)
                 modality = _modality(ds)
                 label = to_label(row) if rows else None
-                out = []
+                out, frame_dropped = [], Counter()
                 for i, frame in enumerate(pixels):
                     stored, shift = _store(np.asarray(frame))
                     out.append({"key": f"{base}_f{i:04d}", "image": stored, "split": split, "label": label,
                                 "site": (row.get("site") or "").strip() or site, "modality": modality,
-                                "patient": group, "meta": _meta(ds, i, len(pixels), shift)})
+                                "patient": group, "meta": _meta(ds, i, len(pixels), shift, frame_dropped)})
             except Exception as e:  # a malformed element read late (e.g. a broken sequence)
-                skip(path, f"malformed DICOM ({type(e).__name__})")
+                skip(index, path, f"malformed DICOM ({type(e).__name__})")
                 continue
             modalities[modality] += 1
             deid["files_deidentified"] += 1
+            deid["burned_in"]["allowed"] += bool(burned)
+            for tag in frame_dropped:  # counted once per file, not per frame
+                dropped[tag] += 1
+            deid["dropped_values"] = dict(sorted(dropped.items()))
             yield from out
 
     source = {"files": len(files), "content_digest": hashlib.sha256(b"medfound-source\0" +

@@ -31,6 +31,7 @@ from medfound.io import sha256_file
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 TABLE_NAMES = ("labels.csv", "labels.parquet")
+IMAGE_COLUMNS = ("path", "label", "labels", "patient_id", "site", "split", "laterality", "view", "mask", "fov")
 
 
 def split_for_token(token: str, fractions: dict[str, float]) -> str:
@@ -72,7 +73,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                                     "[,patient_id,site,split,laterality,view,mask,fov] (paths relative to the image folder)")
         table = found[0]
     table = Path(table)
-    rows = read_table(table)
+    rows = read_table(table, IMAGE_COLUMNS, prefixes=("mask_",))
     if not rows:
         raise ValueError(f"{table} has no rows")
     if "path" not in rows[0]:

@@ -124,7 +124,7 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
     patch = list(patch or [64, 64, 16])
     if layout == "patches" and (len(patch) != 3 or min(patch) < 1):
         raise ValueError(f"--patch needs three positive sizes, got {patch}")
-    rows = read_table(table) if table else pair_files(folder)
+    rows = read_table(table, ("path", "mask", "label", "labels", "patient_id", "site", "split")) if table else pair_files(folder)
     if not rows:
         raise ValueError(f"no volumes ({', '.join(SUFFIXES)}) in {folder}")
     schema, to_label = table_labels(rows, label_type, label_names)

@@ -125,7 +125,7 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
         raise ValueError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) in {input}")
     rows: dict[str, dict[str, str]] = {}
     if table:
-        rows = {r["slide"]: r for r in read_table(table)}
+        rows = {r["slide"]: r for r in read_table(table, ("slide", "label", "labels", "split", "site"))}
         unknown = sorted(set(rows) - {p.name for p in slides})
         if unknown:
             raise ValueError(f"{table}: slides {unknown[:5]} are not in {input}")

@@ -1,0 +1,67 @@
+"""Atomic outputs: --overwrite replaces only a medfound output of the same kind (never a run, never unrelated
+files), and temporaries left by a killed write are cleaned on the next write."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medfound.io import atomic_dir, check_replaceable, clean_stale_temporaries
+
+from helpers import DATA, ROOT
+
+
+def _shard(out, *extra):
+    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "npz",
+                           str(DATA / "medmnist" / "pneumoniamnist_demo.npz"), "--out", str(out), "--max-count", "64",
+                           *extra], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_overwrite_replaces_a_shard_set_but_never_unrelated_files(tmp_path):
+    out = tmp_path / "set"
+    assert _shard(out).returncode == 0
+    again = _shard(out, "--overwrite")
+    assert again.returncode == 0, again.stderr  # a shard set is replaced by a shard set
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    proc = _shard(mine, "--overwrite")
+    assert proc.returncode == 1 and "holds files medfound did not write" in proc.stderr
+    assert (mine / "chapter1.tex").read_text() == "years of work" and sorted(os.listdir(mine)) == ["chapter1.tex"]
+
+
+def test_overwrite_never_replaces_or_contains_a_run(finetuned, tmp_path):
+    from medfound.publish.folder import publish_run
+
+    before = sorted(p.relative_to(finetuned) for p in finetuned.rglob("*"))
+    with pytest.raises(FileExistsError, match="is a training run directory"):
+        publish_run(finetuned, finetuned, overwrite=True)
+    with pytest.raises(FileExistsError, match="contains one"):
+        check_replaceable(finetuned.parent, "model")
+    proc = subprocess.run([sys.executable, "-m", "medfound.cli", "import", str(finetuned / "export"), "--format", "timm",
+                           "--out", str(finetuned), "--overwrite"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "training run directory" in proc.stderr
+    assert sorted(p.relative_to(finetuned) for p in finetuned.rglob("*")) == before
+    with pytest.raises(FileExistsError, match="is a shard set"):  # kinds do not mix either
+        out = tmp_path / "s"
+        assert _shard(out).returncode == 0
+        check_replaceable(out, "model")
+
+
+def test_stale_temporaries_of_a_killed_write_are_cleaned(tmp_path):
+    target = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.0123abcd.{dead.stdout.strip()}.tmp"
+    stale.mkdir()
+    (stale / "half.tar").write_bytes(b"x")
+    live = tmp_path / f".out.4567abcd.{os.getpid()}.tmp"  # this process's own, still being written
+    live.mkdir()
+    unrelated = tmp_path / ".out.notes.tmp"  # not a name medfound makes
+    unrelated.mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("done")
+    assert not stale.exists() and live.exists() and unrelated.exists() and (target / "a").read_text() == "done"
+    assert clean_stale_temporaries(target) == []
