@@ -15,9 +15,16 @@ tissue or not, so there are enough); `drive` - the 40 DRIVE colour fundus photog
 ../shared/data/drive. Each is repeated `--epochs` times per measurement.
 
     python benchmarks/data_throughput.py [--source he|drive] [--workers 2] [--repeats 3]
+    python benchmarks/data_throughput.py --verify-overhead [--source he|drive]
 
 Prints samples/s per variant (median of the repeats) and the ratios; writes
 benchmarks/results/data_throughput.json. Measurements of this machine, not assertions.
+
+`--verify-overhead` instead measures what streaming verification costs (docs/data.md): the same shard files read
+with no manifest beside them (nothing to check: the baseline), at `verify=size` (byte size before, sample count
+after each shard: the default on every read) and at `verify=sha256`; once for the raw tar stage alone (the
+worst case: no decoding to hide behind) and once for the full training pipeline (decode + MAE augmentation).
+Prints `ratio=` (verified / unverified time) for each.
 """
 
 from __future__ import annotations
@@ -94,6 +101,49 @@ def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int)
     }
 
 
+def verify_overhead(urls: list[str], work: Path, repeats: int, epochs: int, batch: int) -> dict:
+    """Seconds to stream the shards with no manifest (no checks), verify=size and verify=sha256, interleaved."""
+    import shutil
+
+    from medfound.data.pipeline import make_loader
+    from medfound.data.tario import tar_samples
+    from medfound.data.transforms import build_transform
+
+    bare = work / "bare"
+    bare.mkdir()
+    plain = [str(shutil.copy2(u, bare / Path(u).name)) for u in urls]  # the same bytes, no manifest.json beside
+    transform = build_transform("mae", 224, MEAN, STD, normalize=False)
+    runs = {"raw": {}, "pipeline": {}}
+    variants = {"unverified": (plain, "size"), "size": (urls, "size"), "sha256": (urls, "sha256")}
+    for r in range(repeats + 1):
+        for name, (files, level) in variants.items():
+            start = time.perf_counter()
+            n = 0
+            for _ in range(epochs * 20):  # the raw stage is ~50x faster: more passes for a stable time
+                n += sum(1 for _ in tar_samples(iter({"url": u} for u in files), level))
+            raw = time.perf_counter() - start
+            start = time.perf_counter()
+            m = 0
+            for e in range(epochs):
+                m += sum(len(b["key"]) for b in make_loader(files, transform=transform, batch_size=batch, labelled=False,
+                                                             train=True, seed=0, epoch=e, shuffle_buffer=64,
+                                                             verify=level))
+            pipe = time.perf_counter() - start
+            if r:  # the first round warms the page cache
+                runs["raw"].setdefault(name, []).append(raw)
+                runs["pipeline"].setdefault(name, []).append(pipe)
+    out = {}
+    for stage, times in runs.items():
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for level in ("size", "sha256"):
+            ratio = med[level] / med["unverified"]
+            out[f"{stage}_{level}"] = ratio
+            print(f"{stage:8s} verify={level:6s} {med[level]:.3f} s vs unverified {med['unverified']:.3f} s  "
+                  f"ratio={ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
+    return {"median_seconds": {k: {n: statistics.median(v) for n, v in t.items()} for k, t in runs.items()},
+            "ratios": out}
+
+
 def count(batch) -> int:
     return len(batch["key"]) if isinstance(batch, dict) else len(batch[0])
 
@@ -106,7 +156,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="passes over the tiles per measurement")
     p.add_argument("--out", help="results file (default benchmarks/results/data_throughput_SOURCE.json)")
+    p.add_argument("--verify-overhead", action="store_true", help="measure streaming verification's cost instead")
     a = p.parse_args()
+    if a.verify_overhead:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            urls, _, n = prepare(Path(tmp), a.source)
+            result = verify_overhead(urls, Path(tmp), a.repeats, a.epochs, a.batch)
+        out = Path(a.out or ROOT / "benchmarks" / "results" / f"verify_overhead_{a.source}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, "
+                                   f"{os.cpu_count()} CPUs", "settings": vars(a), "tiles": n, **result}, indent=2))
+        print(f"{a.source}: {n} samples x {a.epochs} epochs; wrote {out}")
+        return
     a.out = a.out or str(ROOT / "benchmarks" / "results" / f"data_throughput_{a.source}.json")
     torch.set_num_threads(1)  # the workers do the work; keep the main process from competing
     from medfound.data.transforms import Normalize

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--salt", help="secret for patient tokens and keys (default: derived from the inputs' bytes, "
                                   "never stored); give the same salt to every shard set of one cohort")
     s.add_argument("--skipped-list", metavar="CSV",
-                   help="write the skipped inputs' file names (index,path,reason) to this local file, outside --out; "
+                   help="write the skipped inputs' file names (input,path,reason) to this local file, outside --out; "
                         "the console shows only their index in the sorted input list (names can carry PHI)")
     s.add_argument("--allow-burned-in", action="store_true",
                    help="dicom: ingest images that may show PHI in their pixels (BurnedInAnnotation=YES, or "
@@ -204,11 +204,40 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"medfound {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError, TypeError,
-            FloatingPointError, KeyError, ConnectionError) as e:
+            FloatingPointError, KeyError, ConnectionError, OSError) as e:
         if args.traceback:
             traceback.print_exc()
-        print(f"medfound {args.verb}: error: {e}", file=sys.stderr)
+        print(f"medfound {args.verb}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # a library's own error on bad input (unpickling, safetensors header, tar)
+        if args.traceback or not _is_input_error(e):
+            raise
+        print(f"medfound {args.verb}: error: {_one_line(e)} (--traceback shows where)", file=sys.stderr)
+        return 1
+
+
+def _is_input_error(e: BaseException) -> bool:
+    import pickle
+    import tarfile
+
+    return isinstance(e, (pickle.UnpicklingError, tarfile.TarError)) or type(e).__name__ == "SafetensorError"
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; a failed write (full disk, read-only) names the file and the fix."""
+    from medfound.io import write_failure
+
+    reason = write_failure(e)
+    if reason is not None and "writing checkpoint" not in str(e):
+        where = getattr(e, "filename", None)
+        return (f"{reason}{f' writing {where}' if where else ''}: free space or write elsewhere; outputs are written "
+                "atomically, so what was there before is intact")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename and str(e.filename) not in e.strerror else e.strerror
+    if _is_input_error(e):  # a library's message: its first line only
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:500] if text else ''}"
+    return str(e)
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -325,17 +354,18 @@ def _run(args: argparse.Namespace, command: str) -> int:
                   + (f"; {burned['allowed']} possibly burned-in allowed by --allow-burned-in" if burned.get("allowed")
                      else ""))
         if skipped:
-            print(f"skipped {len(skipped)} files (by index in the sorted input list; names are not printed"
-                  + (f", see {args.skipped_list}" if args.skipped_list else ": --skipped-list CSV writes them") + "):")
-            for index, _, reason in skipped:
-                print(f"  input #{index}: {reason}")
+            print(f"skipped {len(skipped)} files (by table row, or index in the sorted input list; names are not "
+                  "printed" + (f", see {args.skipped_list}" if args.skipped_list else ": --skipped-list CSV writes them")
+                  + "):")
+            for ref, _, reason in skipped:
+                print(f"  {ref}: {reason}")
             if args.skipped_list:
                 import csv
                 import io
 
                 buf = io.StringIO()
                 w = csv.writer(buf)
-                w.writerow(["index", "path", "reason"])
+                w.writerow(["input", "path", "reason"])
                 w.writerows(skipped)
                 from medfound.io import atomic_write_text
                 atomic_write_text(args.skipped_list, buf.getvalue())

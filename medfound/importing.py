@@ -55,7 +55,12 @@ def load_weights(source: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {source} not found")
     if source.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(source))
+        try:
+            return load_file(str(source))
+        except Exception as e:  # a bad header, a truncated file
+            raise CheckpointError(f"{source} is not a readable safetensors file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}): corrupt or truncated; download or export it "
+                                  "again") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(source, map_location="cpu", weights_only=True)

@@ -18,6 +18,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def write_failure(e: BaseException) -> str | None:
+    """A short reason when `e` is a failed write (full disk, quota, read-only file system), else None. torch.save
+    reports a full disk as a RuntimeError ("enforce fail ... unexpected pos") and safetensors as a SafetensorError
+    ("No space left on device (os error 28)"), not as an OSError."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return "the file system is read-only"
+    text = str(e)
+    if (isinstance(e, RuntimeError) and ("unexpected pos" in text or "enforce fail" in text)) or \
+            "No space left on device" in text or "os error 28" in text:
+        return "no space left on the device"
+    return None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

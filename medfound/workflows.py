@@ -369,7 +369,8 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest.
 
     `modality="auto"` takes it from the data (DICOM tags; "mixed" when several) and is "other" elsewhere.
-    Returns (manifest, skipped) where skipped lists (relative path, reason) for inputs not written.
+    Returns (manifest, skipped) where skipped lists (reference, relative path, reason) for inputs not written; the
+    reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
     from medfound.data.ingest import get_reader
     from medfound.data.shards import write_shard_set

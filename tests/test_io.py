@@ -14,22 +14,21 @@ from medfound.io import atomic_dir, check_replaceable, clean_stale_temporaries
 from helpers import DATA, ROOT
 
 
-def _shard(out, *extra):
-    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "npz",
-                           str(DATA / "medmnist" / "pneumoniamnist_demo.npz"), "--out", str(out), "--max-count", "64",
-                           *extra], cwd=ROOT, capture_output=True, text=True)
+def _shard(out, overwrite=False):
+    from medfound.workflows import shard
+
+    return shard("npz", DATA / "medmnist" / "pneumoniamnist_demo.npz", out, max_count=64, overwrite=overwrite)[0]
 
 
 def test_overwrite_replaces_a_shard_set_but_never_unrelated_files(tmp_path):
     out = tmp_path / "set"
-    assert _shard(out).returncode == 0
-    again = _shard(out, "--overwrite")
-    assert again.returncode == 0, again.stderr  # a shard set is replaced by a shard set
+    first = _shard(out)
+    assert _shard(out, overwrite=True).digest == first.digest  # a shard set is replaced by a shard set
     mine = tmp_path / "thesis"
     mine.mkdir()
     (mine / "chapter1.tex").write_text("years of work")
-    proc = _shard(mine, "--overwrite")
-    assert proc.returncode == 1 and "holds files medfound did not write" in proc.stderr
+    with pytest.raises(FileExistsError, match="holds files medfound did not write"):
+        _shard(mine, overwrite=True)
     assert (mine / "chapter1.tex").read_text() == "years of work" and sorted(os.listdir(mine)) == ["chapter1.tex"]
 
 
@@ -45,10 +44,9 @@ def test_overwrite_never_replaces_or_contains_a_run(finetuned, tmp_path):
                            "--out", str(finetuned), "--overwrite"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "training run directory" in proc.stderr
     assert sorted(p.relative_to(finetuned) for p in finetuned.rglob("*")) == before
+    _shard(tmp_path / "s")
     with pytest.raises(FileExistsError, match="is a shard set"):  # kinds do not mix either
-        out = tmp_path / "s"
-        assert _shard(out).returncode == 0
-        check_replaceable(out, "model")
+        check_replaceable(tmp_path / "s", "model")
 
 
 def test_stale_temporaries_of_a_killed_write_are_cleaned(tmp_path):

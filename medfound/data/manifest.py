@@ -167,7 +167,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) -> list[str]:
     """Check every shard against the manifest: presence, byte size, sha256, and (reading it) its sample count;
     and that no sample key is in two shards. Returns the problems found, each naming the shard."""
-    from medfound.data.tario import ShardError, base_plus_ext, iter_members
+    from medfound.data.tario import ShardError, iter_members, sample_key
 
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
@@ -187,7 +187,7 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
         keys: list[str] = []
         try:
             for member in iter_members(str(p)):
-                key = base_plus_ext(member["fname"])[0] or member["fname"]
+                key = sample_key(member["fname"])
                 if not keys or keys[-1] != key:
                     keys.append(key)
         except ShardError as e:

@@ -73,6 +73,16 @@ def _load_member(name: str, data: bytes) -> Any:
         return im
 
 
+def _check_finite(sample: dict) -> None:
+    """A few NaN voxels would turn a whole batch's loss NaN: such a sample is refused (skipped and counted)."""
+    for name in ("image", "crops"):
+        value = sample.get(name)
+        for t in (value if isinstance(value, list) else [value]):
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"non-finite values (NaN/Inf) in the {name} after the transform: "
+                                 f"{int((~torch.isfinite(t)).sum())} of {t.numel()}")
+
+
 def _seed(*parts: int) -> int:
     return hash(tuple(parts)) & 0x7FFFFFFF
 
@@ -115,6 +125,8 @@ class _Decoder:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         out = self.transform({"image": _load_member(image_member, sample[image_member]), "meta": meta,
                               "masks": masks, "key": key})
+        for o in (out if isinstance(out, list) else [out]):
+            _check_finite(o)
         if isinstance(out, list):  # several training crops from one decoded image (segmentation)
             return [dict(o, key=key, **({"site": meta["site"]} if meta.get("site") else {})) for o in out]
         out = dict(out, key=key)
@@ -131,13 +143,19 @@ class _Decoder:
                 if "labels.json" not in sample:
                     raise ValueError("no multi-label labels (.labels.json)")
                 hot = torch.zeros(self.num_classes)
-                hot[json.loads(sample["labels.json"])] = 1.0
+                hot[[self._in_range(int(i)) for i in json.loads(sample["labels.json"])]] = 1.0
                 out["label"] = hot
             else:
                 if "cls" not in sample:
                     raise ValueError("no label (.cls); fine-tuning needs a labelled shard set")
-                out["label"] = int(sample["cls"])
+                out["label"] = self._in_range(int(sample["cls"]))
         return out
+
+    def _in_range(self, label: int) -> int:
+        if self.num_classes and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} outside the manifest's classes 0..{self.num_classes - 1} (a corrupt or "
+                             "edited shard)")
+        return label
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         total, bad, by_url, pending = 0, 0, Counter(), []

@@ -211,7 +211,7 @@ def write_shard_set(
             counts["by_label"] = {sp: {label_schema.names[int(k)]: v for k, v in c.items()}
                                   for sp, c in counts["by_label"].items()}
         if skipped:
-            skipped = {k: v for k, v in skipped.items() if k != "files"}
+            skipped = {k: v for k, v in skipped.items() if k != "files"} if skipped.get("count", 1) else None
         manifest = Manifest(name=name, modality=set_modality, site=site, label_schema=label_schema, source=source,
                             ingest=ingest, shards=shards, counts=counts, fields=sorted(fields),
                             bags=list(bags) if bags is not None else None, skipped=skipped or None,

@@ -26,7 +26,7 @@ import os
 import tarfile
 from typing import Iterator, Literal, Optional
 
-from webdataset.tariterators import base_plus_ext, group_by_keys
+from webdataset.tariterators import group_by_keys
 
 from medfound.io import sha256_file
 
@@ -115,18 +115,27 @@ def iter_members(url: str) -> Iterator[dict]:
                 pending = {}
 
 
+_MANIFESTS: dict[tuple, dict[str, dict]] = {}  # (path, mtime_ns, size) -> shards: parsed once per process
+
+
 def _manifest_shards(directory: str) -> Optional[dict[str, dict]]:
     """The shards listed in `directory/manifest.json` (file name -> entry), or None when there is no manifest.
-    Read as plain JSON (the manifest's schema and digest are checked where the shard set is opened)."""
+    Read as plain JSON (the manifest's schema and digest are checked where the shard set is opened), and parsed
+    again only when the file changes."""
     path = os.path.join(directory or ".", "manifest.json")
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
+        st = os.stat(path)
     except FileNotFoundError:
         return None
-    except ValueError as e:
-        raise ShardError(f"{path} is not valid JSON ({e}); re-create the shard set with `medfound shard`") from None
-    return {s["path"]: s for s in doc.get("shards", []) if isinstance(s, dict) and "path" in s}
+    stamp = (path, st.st_mtime_ns, st.st_size)
+    if stamp not in _MANIFESTS:
+        try:
+            with open(path, "rb") as f:
+                doc = json.load(f)
+        except ValueError as e:
+            raise ShardError(f"{path} is not valid JSON ({e}); re-create the shard set with `medfound shard`") from None
+        _MANIFESTS[stamp] = {s["path"]: s for s in doc.get("shards", []) if isinstance(s, dict) and "path" in s}
+    return _MANIFESTS[stamp]
 
 
 class _Expectations:
@@ -148,6 +157,13 @@ class _Expectations:
         return listed[name]
 
 
+def sample_key(fname: str) -> str:
+    """The sample a member belongs to, as webdataset groups them: the name up to the first '.' of its last path
+    component (`a/b.seg.png` -> `a/b`)."""
+    dot = fname.find(".", fname.rfind("/") + 1)
+    return fname if dot < 0 else fname[:dot]
+
+
 def _verified_members(url: str, expected: Optional[dict], verify: str) -> Iterator[dict]:
     """`iter_members(url)`, checked against its manifest entry: size (and sha256) first, sample count at the end."""
     fix = f"; check it with `medfound inspect {os.path.dirname(url) or '.'}` and re-create the shard set"
@@ -161,7 +177,7 @@ def _verified_members(url: str, expected: Optional[dict], verify: str) -> Iterat
                 raise ShardError(f"shard {url}: sha256 differs from its manifest (corrupt or replaced){fix}")
     count, last = 0, None
     for member in iter_members(url):
-        key = base_plus_ext(member["fname"])[0] or member["fname"]
+        key = sample_key(member["fname"])
         if key != last:
             count, last = count + 1, key
         yield member

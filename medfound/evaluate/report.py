@@ -166,7 +166,8 @@ def evaluate_classification(export: Path, recipe: FinetuneRecipe, split: str, ou
 
     def run(urls: list[str], keep=()):
         loader = make_loader(urls, transform=d.prepare(d.transform(train=False)), batch_size=d.eval_batch_size,
-                             labelled=True, train=False, num_workers=d.num_workers, num_classes=schema.num_classes,
+                             labelled=True, train=False, num_workers=d.num_workers,
+                             num_classes=manifest.label_schema.num_classes,  # the stored labels' range, not the endpoint's
                              multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep,
                              verify="sha256")
         probs, labels, keys, sites, skipped, metas = predict(model, loader, d.normalizer(), multilabel)

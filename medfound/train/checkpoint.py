@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from medfound.io import atomic_dir, atomic_write_text
+from medfound.io import atomic_dir, atomic_write_text, write_failure
 
 LAST = "last"
 
@@ -70,13 +70,24 @@ def save_checkpoint(root: Path, module: nn.Module, optimizer: torch.optim.Optimi
     target = root / step_dir_name(state["step"])
     tensors = {f"rank{r}.{k}": v for r, d in enumerate(ranks) for k, v in d["rng_tensors"].items()}
     per_rank = [{"epoch": d["epoch"], "batch_in_epoch": d["batch_in_epoch"], "rng": d["rng"]} for d in ranks]
-    with atomic_dir(target, overwrite=True) as tmp:
-        save_model(module, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(tensors, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "ranks": per_rank}, indent=1))
-        (tmp / "config.yaml").write_text(config_text)
-    atomic_write_text(root / LAST, target.name + "\n")
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            save_model(module, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(tensors, str(tmp / "rng.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "ranks": per_rank}, indent=1))
+            (tmp / "config.yaml").write_text(config_text)
+        atomic_write_text(root / LAST, target.name + "\n")
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        previous = (root / LAST).read_text().strip() if (root / LAST).is_file() else None
+        raise OSError(e.errno if isinstance(e, OSError) else 28,
+                      f"writing checkpoint {target} failed: {reason}. Free space or point trainer.output_dir at a "
+                      f"larger disk, then resume with trainer.resume=auto; "
+                      + (f"{root / previous} (the last complete checkpoint) is intact" if previous else
+                         "no earlier checkpoint exists")) from None
     prune(root, keep, keep_also=[target] + ([Path(protect)] if protect is not None else []))
     return target
 
@@ -122,16 +133,34 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: Optional[torch.opt
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} is not a medfound checkpoint (no model.safetensors)")
     # strict=False only to collect both key lists for one readable error; any difference raises below
-    missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
+    except Exception as e:  # safetensors' header errors, truncation
+        if isinstance(e, RuntimeError) and "size mismatch" in str(e):
+            raise RuntimeError(f"checkpoint {path} does not fit the model built from the recipe ({str(e).splitlines()[0]}). "
+                               "Was the recipe changed since the checkpoint was written?") from None
+        raise ValueError(f"checkpoint file {path / 'model.safetensors'} is unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}): corrupt or truncated. Resume from another checkpoint "
+                         f"(trainer.resume={path.parent}/step_NNNNNNNN)") from None
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not fit the model built from the recipe: "
                            f"missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, "
                            f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}. "
                            "Was the recipe changed since the checkpoint was written?")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "rng.safetensors"))
+        try:
+            saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # an UnpicklingError for anything but tensors and numbers; a truncated zip
+            raise ValueError(f"checkpoint file {path / 'optimizer.pt'} cannot be loaded safely ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}): corrupt, truncated or not written by medfound. "
+                             f"Resume from another checkpoint") from None
+        optimizer.load_state_dict(saved)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "rng.safetensors"))
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "resume from another checkpoint") from None
     state["_rng_tensors"] = [{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rank{r}.")}
                              for r in range(len(state["ranks"]))]
     for r, d in enumerate(state["ranks"]):

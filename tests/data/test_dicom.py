@@ -170,7 +170,7 @@ def test_burned_in_pixels_are_refused_unless_allowed(tmp_path):
     console = proc.stdout + proc.stderr
     assert "DOE_JOHN" not in console and "PID12345" not in console and "input #0:" in console
     listed = (tmp_path / "skipped.csv").read_text()  # the mapping the user asked for, outside the shard set
-    assert "DOE_JOHN_PID12345/a_yes.dcm" in listed and listed.startswith("index,path,reason")
+    assert "DOE_JOHN_PID12345/a_yes.dcm" in listed and listed.startswith("input,path,reason")
     allowed = _shard(src, tmp_path / "allowed", "--allow-burned-in")
     assert allowed.returncode == 0, allowed.stderr
     m = read_manifest(tmp_path / "allowed")
@@ -193,3 +193,16 @@ def test_free_text_in_coded_tags_is_dropped(tmp_path):
     parts = sorted(str(json.loads(v)["dicom"]["body_part"]) for k, v in _members(out).items() if k.endswith(".json"))
     assert parts == ["CHEST", "None"]  # a defined term is kept (normalised); free text is dropped
     assert read_manifest(out).deidentification["dropped_values"] == {"BodyPartExamined": 1}
+
+
+def test_a_duplicate_instance_is_skipped_and_counted(tmp_path):
+    pytest.importorskip("pydicom")
+    src = tmp_path / "in"
+    first = _crafted(src / "a.dcm")
+    (src / "b_copy.dcm").write_bytes(first.read_bytes())  # the same instance exported twice
+    _crafted(src / "c.dcm")
+    proc = _shard(src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    m = read_manifest(tmp_path / "out")
+    assert m.counts["total"] == 2
+    assert m.skipped["by_reason"] == {"duplicate instance (the same SOPInstanceUID as input #0)": 1}

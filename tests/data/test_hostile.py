@@ -51,6 +51,20 @@ def _offsets(path: Path) -> list[tuple[str, int]]:
         return [(m.name, m.offset) for m in t.getmembers()]
 
 
+def _relabel(shard: Path, new) -> None:
+    """Rewrite the shard with each `.cls` member replaced by `new(index, old_label)` (None: unchanged)."""
+    out = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        i = 0
+        for member in src.getmembers():
+            payload = src.extractfile(member).read()
+            if member.name.endswith(".cls"):
+                label = new(i, int(payload))
+                payload, i = (payload if label is None else str(label).encode()), i + 1
+            dst.addfile(member, io.BytesIO(payload))
+    shard.write_bytes(out.getvalue())
+
+
 def _loader(urls, verify="size"):
     return make_loader(urls, transform=T_EVAL, batch_size=64, labelled=True, train=False, verify=verify)
 
@@ -91,14 +105,9 @@ def test_rewritten_labels_are_caught_by_sha256(shards, tmp_path):
     d = _copy(shards["retina"], tmp_path / "set")
     urls, _ = shard_urls([d], "test")
     shard = Path(urls[0])
-    out = io.BytesIO()
-    with tarfile.open(shard) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-        for member in src.getmembers():
-            payload = src.extractfile(member).read()
-            if member.name.endswith(".cls"):
-                payload = str((int(payload) + 1) % 5).encode()  # every label moved, same sizes
-            dst.addfile(member, io.BytesIO(payload))
-    shard.write_bytes(out.getvalue().ljust(shard.stat().st_size, b"\0")[: shard.stat().st_size])
+    size = shard.stat().st_size
+    _relabel(shard, lambda i, old: (old + 1) % 5)  # every label moved, same sizes
+    assert shard.stat().st_size == size
     assert [len(b["key"]) for b in _loader(urls)]  # size + count cannot see it (documented: training's default)
     with pytest.raises(ShardError, match=f"{shard.name}: sha256 differs from its manifest"):
         [b for b in _loader(urls, verify="sha256")]
@@ -154,3 +163,71 @@ def test_evaluation_verifies_sha256_and_stops_on_a_tampered_external_set(finetun
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=f"{shard.name}: sha256 differs"):
         evaluate_run(finetuned, external=[str(d)], out=str(tmp_path / "eval"))
+
+
+def test_an_out_of_range_label_is_a_named_error_at_read_time(shards, tmp_path):
+    d = _copy(shards["retina"], tmp_path / "set")
+    urls, _ = shard_urls([d], "test")
+    shard = Path(urls[0])
+    _relabel(shard, lambda i, old: 9 if i == 0 else None)  # one sample's label edited out of range
+    _resync(d, shard.name)
+    loader = make_loader(urls[:1], transform=T_EVAL, batch_size=64, labelled=True, train=False, num_classes=5,
+                         max_bad_fraction=1.0)
+    batches = list(loader)
+    bad = [r for b in batches for r in b.get("_bad", [])]
+    assert len(bad) == 1 and "label 9 outside the manifest's classes 0..4" in bad[0]
+    assert all(int(b["label"].max()) < 5 for b in batches)
+    with pytest.raises(ValueError, match="could not be decoded"):
+        list(make_loader(urls[:1], transform=T_EVAL, batch_size=64, labelled=True, train=False, num_classes=5,
+                         max_bad_fraction=0.0))
+
+
+def test_a_sample_with_nan_voxels_is_skipped_not_averaged_into_the_batch(tmp_path):
+    import numpy as np
+
+    from medfound.data.manifest import LabelSchema
+    from medfound.data.shards import write_shard_set
+
+    images = [np.full((16, 16), 100.0 + i, dtype=np.float32) for i in range(4)]
+    images[2][3, 5] = np.nan
+    write_shard_set(({"key": f"s{i}", "image": im, "split": "train"} for i, im in enumerate(images)),
+                    tmp_path / "set", name="nan", modality="ct", label_schema=LabelSchema(type="none"),
+                    source={}, ingest={"kind": "test"})
+    urls, _ = shard_urls([tmp_path / "set"], "train")
+    batches = list(make_loader(urls, transform=build_transform("none", 16, (0.5,) * 3, (0.5,) * 3, train=False),
+                               batch_size=8, labelled=False, train=False, max_bad_fraction=0.5))
+    keys = [k for b in batches for k in b["key"]]
+    bad = [r for b in batches for r in b.get("_bad", [])]
+    assert keys == ["s0", "s1", "s3"] and len(bad) == 1 and "s2" in bad[0] and "non-finite values" in bad[0]
+    assert all(torch_finite(b["image"]) for b in batches)
+
+
+def torch_finite(t) -> bool:
+    import torch
+    return bool(torch.isfinite(t.float()).all())
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_one_line_naming_the_fix_and_keeps_what_was_written(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "256k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk path is not exercised")
+    try:
+        args = [sys.executable, "-m", "medfound.cli", "shard", "npz", str(ROOT / "data" / "medmnist" /
+                "pneumoniamnist_demo.npz"), "--max-count", "64"]
+        small = subprocess.run(args + ["--out", str(disk / "small"), "--shard-size-mb", "0.05"], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert small.returncode in (0, 1)
+        before = sorted(p.name for p in disk.iterdir())
+        proc = subprocess.run(args + ["--out", str(disk / "big")], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "no space left on the device" in proc.stderr and "intact" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert sorted(p.name for p in disk.iterdir()) == before  # no half-written set, nothing else touched
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -71,13 +71,13 @@ def test_single_class_table_is_explained(tmp_path):
     assert m.label_schema.names == ["normal", "pneumonia"]
 
 
-def test_images_errors_name_the_row(tmp_path):
+def test_a_missing_image_is_skipped_and_named_by_its_row(tmp_path):
     folder = _image_folder(tmp_path, n=4)
     with open(folder / "labels.csv", "a") as f:
         f.write("img/missing.png,normal,MRN9,siteA\n")
-    with pytest.raises(FileNotFoundError, match="row 6: image .*missing.png not found"):
-        shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
-    assert not (tmp_path / "s").exists()
+    m, skipped = shard("images", folder, tmp_path / "s", modality="cxr", label_names=["normal", "pneumonia"])
+    assert m.counts["total"] == 4 and m.skipped == {"count": 1, "by_reason": {"image file not found": 1}}
+    assert skipped == [("table row 6", "img/missing.png", "image file not found")]
 
 
 def test_wsi_tiles_at_the_stated_mpp(shards):
@@ -128,36 +128,61 @@ def test_otsu_separates_two_modes():
     assert 90 < t < 130  # and sits mid-gap, not at the edge of one mode
 
 
-def _table_set(tmp_path, rows: str, *args: str):
-    """An images folder of real PneumoniaMNIST pixels with the given CSV, sharded through the CLI."""
-    import subprocess
-    import sys
-
+def _table_set(tmp_path, rows: str, label_names=None):
+    """An images folder of real PneumoniaMNIST pixels with the given CSV, sharded."""
     folder = tmp_path / "imgs"
     folder.mkdir(exist_ok=True)
     arr = np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz")["train_images"]
     for i in range(4):
         Image.fromarray(arr[i]).save(folder / f"{i}.png")
     (folder / "labels.csv").write_text(rows)
-    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "images", str(folder), "--out",
-                           str(tmp_path / "out"), *args], cwd=ROOT, capture_output=True, text=True)
+    return shard("images", folder, tmp_path / "out", label_names=label_names)
 
 
-@pytest.mark.parametrize("rows,args,message", [
-    ("path,lable\n0.png,0\n1.png,1\n", [], "unknown column 'lable'; did you mean 'label'?"),
-    ("path,label,patientid\n0.png,0,p1\n1.png,1,p1\n", [], "unknown column 'patientid'; did you mean 'patient_id'?"),
-    ("path,label\n0.png,normal\n1.png,banana\n", ["--label-names", "normal,pneumonia"],
-     "table row 3: label 'banana' is not one of the class names"),
-    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", ["--label-names", "normal,pneumonia"], "table row 4: label 7 outside 0..1"),
-    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", [], "leave classes [2, 3, 4, 5, 6] without a sample"),
+NAMES = ["normal", "pneumonia"]
+
+
+@pytest.mark.parametrize("rows,names,message", [
+    ("path,lable\n0.png,0\n1.png,1\n", None, "unknown column 'lable'; did you mean 'label'?"),
+    ("path,label,patientid\n0.png,0,p1\n1.png,1,p1\n", None, "unknown column 'patientid'; did you mean 'patient_id'?"),
+    ("path,label\n0.png,normal\n1.png,banana\n", NAMES, "table row 3: label 'banana' is not one of the class names"),
+    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", NAMES, "table row 4: label 7 outside 0..1"),
+    ("path,label\n0.png,0\n1.png,1\n2.png,7\n", None, "leave classes [2, 3, 4, 5, 6] without a sample"),
 ])
-def test_silent_table_mistakes_are_errors_naming_the_row_or_column(tmp_path, rows, args, message):
-    proc = _table_set(tmp_path, rows, *args)
-    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+def test_silent_table_mistakes_are_errors_naming_the_row_or_column(tmp_path, rows, names, message):
+    with pytest.raises(ValueError) as e:
+        _table_set(tmp_path, rows, names)
+    assert message in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_correct_table_still_shards(tmp_path):
-    proc = _table_set(tmp_path, "path,label,patient_id,mask_x\n0.png,normal,p1,\n1.png,pneumonia,p2,\n",
-                      "--label-names", "normal,pneumonia")
+    m, _ = _table_set(tmp_path, "path,label,patient_id,mask_x\n0.png,normal,p1,\n1.png,pneumonia,p2,\n", NAMES)
+    assert m.counts["total"] == 2
+
+
+def test_bad_images_are_skipped_counted_and_named_by_row(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    arr = np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz")["train_images"]
+    for i in range(3):
+        Image.fromarray(arr[i]).save(folder / f"{i}.png")
+    (folder / "truncated.png").write_bytes((folder / "0.png").read_bytes()[:60])
+    Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32), mode="F").save(folder / "float.tif")
+    Image.new("L", (3000, 3000)).save(folder / "bomb.png")  # 9 Mpx: over the limit the test sets below
+    rows = "path,label\n0.png,0\n1.png,1\n2.png,0\ntruncated.png,1\nfloat.tif,0\nbomb.png,1\nmissing.png,0\n"
+    (folder / "labels.csv").write_text(rows)
+    script = ("import sys, PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = 4_000_000; from medfound.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", script, "shard", "images", str(folder), "--out", str(tmp_path / "o"),
+                           "--label-names", "normal,pneumonia"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    m = read_manifest(tmp_path / "o")
+    assert m.counts["total"] == 3 and m.skipped["count"] == 4
+    reasons = m.skipped["by_reason"]
+    assert reasons["image file not found"] == 1 and reasons["cannot decode the image (OSError)"] == 1
+    assert any(r.startswith("32-bit image (PIL mode F)") for r in reasons)
+    assert any(r.startswith("over the decompression-bomb limit of 4,000,000 pixels") for r in reasons)
+    assert "table row 5: cannot decode" in proc.stdout and "truncated.png" not in proc.stdout

@@ -108,3 +108,53 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_stale(tmp_path, shards)
     assert (run / LOCK_NAME).read_text().startswith(f"pid {holder.pid} ")  # left behind by a killed holder...
     lock_dir(run)  # ...and taken over: the kernel released its flock
     unlock_dir(run)
+
+
+def test_a_damaged_checkpoint_is_one_named_error(tmp_path):
+    from medfound.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    _fit(_Linear(), run, max_steps=1)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 16)  # a garbage header
+    with pytest.raises(ValueError, match=r"model.safetensors is unreadable .*corrupt or truncated.*trainer.resume="):
+        load_checkpoint(ckpt, _Linear())
+    _fit(_Linear(), tmp_path / "r2", max_steps=1)
+    ckpt = latest_checkpoint(tmp_path / "r2" / "checkpoints")
+    import pickle
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Path("x")))  # an object, not tensors
+    with pytest.raises(ValueError, match="optimizer.pt cannot be loaded safely"):
+        load_checkpoint(ckpt, _Linear(), torch.optim.AdamW(_Linear().parameters()))
+
+
+def test_a_corrupt_weights_file_is_one_line_on_the_cli(tmp_path):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes((2 ** 40).to_bytes(8, "little") + b"{}")  # a header length far past the end
+    proc = subprocess.run([sys.executable, "-m", "medfound.cli", "import", str(bad), "--format", "timm", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not a readable safetensors file" in proc.stderr
+
+
+def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk path is not exercised")
+    try:
+        class Wide(torch.nn.Module):  # 7.5k parameters: ~30 KB of weights, ~60 KB of AdamW state per checkpoint
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.ones(3, 2500))
+
+            def forward(self, batch):
+                return {"loss": (batch["image"].float().mean(dim=(2, 3)) @ self.w).pow(2).mean() * 1e-6}
+
+        run = disk / "run"
+        with pytest.raises(OSError, match=r"writing checkpoint .*step_00000002 failed: no space left on the device"
+                                          r".*step_00000001 \(the last complete checkpoint\) is intact"):
+            _fit(Wide(), run, max_steps=3, keep_checkpoints=5)
+        assert latest_checkpoint(run / "checkpoints").name == "step_00000001"
+        assert not list((run / "checkpoints").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -31,7 +31,8 @@ class Ingested:
     source: dict[str, Any]
     settings: dict[str, Any] = field(default_factory=dict)
     # filled while `samples` is consumed:
-    skipped: Optional[dict[str, Any]] = None          # {"count", "by_reason", "files": [(relative path, reason)]}
+    # {"count", "by_reason", "files": [(reference without PHI, e.g. "input #3", relative path, reason)]}
+    skipped: Optional[dict[str, Any]] = None
     deidentification: Optional[dict[str, Any]] = None
     bags: Optional[list[dict[str, Any]]] = None       # slide-level bags for MIL
     modalities: Optional[Counter] = None              # per-sample modalities seen (a mixed archive)

@@ -220,6 +220,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
             "pixels": "not scrubbed: text burned into pixels beyond these rules is the user's to remove",
             "files_deidentified": 0}
     dropped: Counter = Counter()
+    instances: dict[str, int] = {}  # SOPInstanceUID -> index of the input that brought it
     modalities: Counter = Counter()
 
     def token(value: str) -> str:
@@ -228,7 +229,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
     def skip(index: int, path: Path, reason: str) -> None:
         skipped["count"] += 1
         skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + 1
-        skipped["files"].append((index, path.relative_to(root).as_posix(), reason))
+        skipped["files"].append((f"input #{index}", path.relative_to(root).as_posix(), reason))
 
     def samples():
         with _quiet(pydicom):
@@ -273,6 +274,10 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                 group = token(patient) if patient else token("file:" + digest)
                 split = (row.get("split") or "").strip() or split_for_token(group, fractions)
                 instance = str(ds.get("SOPInstanceUID", "") or digest)
+                if instance in instances:
+                    skip(index, path, f"duplicate instance (the same SOPInstanceUID as input #{instances[instance]})")
+                    continue
+                instances[instance] = index
                 base = safe_key(Path(rel).with_suffix("").as_posix(), True) if keep_names else "d" + token(instance)
                 modality = _modality(ds)
                 label = to_label(row) if rows else None

@@ -46,15 +46,32 @@ def split_for_token(token: str, fractions: dict[str, float]) -> str:
     return list(fractions)[-1]
 
 
+class BadImage(ValueError):
+    """An image file that cannot become a sample: skipped and counted, never the end of the ingest. `reason` says
+    why without the file's name (names can carry PHI)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 def _open(path: Path, where: str) -> Image.Image:
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: image {path} not found")
+        raise BadImage(where, "image file not found")
     try:
         with Image.open(path) as im:
+            if im.mode in ("F", "I", "I;32", "I;32B", "I;32S"):
+                raise BadImage(where, f"32-bit image (PIL mode {im.mode}): store it as 8- or 16-bit, or as a volume "
+                                      "(`medfound shard volumes`)")
             im.load()
             return im.convert("RGB") if im.mode in ("RGBA", "P", "CMYK", "LA", "YCbCr") else im.copy()
-    except OSError as e:
-        raise ValueError(f"{where}: cannot decode {path} ({e})") from e
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage(where, f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels: tile it "
+                              "first, or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or foreign files
+        raise BadImage(where, f"cannot decode the image ({type(e).__name__})") from None
 
 
 def _mask_columns(columns: list[str]) -> list[str]:
@@ -87,6 +104,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + table.read_bytes()).digest()
 
     repeated = {p for p, n in Counter(r["path"] for r in rows).items() if n > 1}
+    skipped: dict = {"count": 0, "by_reason": {}, "files": []}
 
     def samples():
         from medfound.data.fundus import crop_to_fov, detect_fov
@@ -94,10 +112,16 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
         for i, r in enumerate(rows):
             where = f"{table} row {i + 2}"
             rel = r["path"]
-            img = _open(folder / rel, where)
-            masks = {c if c in ("mask", "fov") else c.removeprefix("mask_"):
-                     np.asarray(_open(folder / r[c], f"{where}, column {c}").convert("L"))
-                     for c in mask_cols if (r.get(c) or "").strip()}
+            try:
+                img = _open(folder / rel, where)
+                masks = {c if c in ("mask", "fov") else c.removeprefix("mask_"):
+                         np.asarray(_open(folder / r[c], f"{where}, column {c}").convert("L"))
+                         for c in mask_cols if (r.get(c) or "").strip()}
+            except BadImage as e:  # one bad file must not end the ingest: skip it, count it, say why
+                skipped["count"] += 1
+                skipped["by_reason"][e.reason] = skipped["by_reason"].get(e.reason, 0) + 1
+                skipped["files"].append((f"table row {i + 2}", rel, e.reason))
+                continue
             for name, m in masks.items():
                 if m.shape != (img.height, img.width):
                     raise ValueError(f"{where}: {name} mask is {m.shape[1]}x{m.shape[0]} but the image is "
@@ -130,4 +154,4 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names, "masks": mask_cols, "fov": fov}
-    return Ingested(samples(), schema, source, settings)
+    return Ingested(samples(), schema, source, settings, skipped=skipped)
