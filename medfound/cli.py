@@ -383,7 +383,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
             if problems:
                 print(f"  -> re-create the shard set with `medfound shard ... --out {d} --overwrite`")
             else:
-                print("  all checksums verified")
+                print("  all checksums verified, samples recounted, keys unique")
             if leakage:
                 print(f"  LEAKAGE {len(leakage)} patients appear in more than one split, e.g. "
                       + "; ".join(f"patient {p}: {', '.join(v)}" for p, v in list(leakage.items())[:3]))

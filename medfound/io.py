@@ -100,8 +100,12 @@ def _has_medfound_block(path: Path) -> bool:
 def output_kind(path: Path) -> str | None:
     """Which medfound output `path` is by its marker file (see OUTPUT_KINDS), or None."""
     manifest = path / "manifest.json"
-    if manifest.is_file() and b"medfound-shards/" in manifest.read_bytes()[:4096] + manifest.read_bytes()[-4096:]:
-        return "shards"
+    if manifest.is_file():
+        try:
+            if str(json.loads(manifest.read_text()).get("format", "")).startswith("medfound-shards/"):
+                return "shards"
+        except (OSError, ValueError, AttributeError):
+            pass
     if (path / "bags.json").is_file():
         return "bags"
     if _has_medfound_block(path / "config.json") or any(_has_medfound_block(p) for p in path.glob("export/*.json")):
