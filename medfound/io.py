@@ -113,8 +113,9 @@ def output_kind(path: Path) -> str | None:
     return None
 
 
-def _run_dir_inside(path: Path, depth: int = 4, budget: int = 20000) -> Path | None:
-    """A run directory at or below `path` (a bounded walk), or None."""
+def _run_dir_inside(path: Path, depth: int = 4, max_dirs: int = 2000) -> Path | None:
+    """A run directory at or below `path` (a walk over folders `depth` deep), or None. A tree with more than
+    `max_dirs` folders is not walked to the end, so it counts as holding one: never replaced unseen."""
     todo, seen = [(path, 0)], 0
     while todo:
         d, level = todo.pop()
@@ -125,10 +126,10 @@ def _run_dir_inside(path: Path, depth: int = 4, budget: int = 20000) -> Path | N
         try:
             with os.scandir(d) as entries:
                 for e in entries:
-                    seen += 1
-                    if seen > budget:
-                        return None
                     if e.is_dir(follow_symlinks=False):
+                        seen += 1
+                        if seen > max_dirs:
+                            return path
                         todo.append((Path(e.path), level + 1))
         except OSError:
             continue
@@ -144,6 +145,9 @@ def check_replaceable(path: str | os.PathLike, kind: str) -> None:
     if not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; choose another output")
     run = _run_dir_inside(path)
+    if run == path and not is_run_dir(path):
+        raise FileExistsError(f"refusing to replace {path}: it holds too many folders to rule out a training run "
+                              "directory inside; --overwrite never deletes a run. Choose another output folder")
     if run is not None:
         where = "is" if run == path else f"contains one ({run})"
         raise FileExistsError(f"refusing to replace {path}: it {where} a training run directory (checkpoints, logs); "

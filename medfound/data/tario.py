@@ -138,23 +138,16 @@ def _manifest_shards(directory: str) -> Optional[dict[str, dict]]:
     return _MANIFESTS[stamp]
 
 
-class _Expectations:
-    """Per folder, the manifest's entries, read once per stream."""
-
-    def __init__(self) -> None:
-        self.by_dir: dict[str, Optional[dict[str, dict]]] = {}
-
-    def __call__(self, url: str) -> Optional[dict]:
-        directory, name = os.path.split(url)
-        if directory not in self.by_dir:
-            self.by_dir[directory] = _manifest_shards(directory)
-        listed = self.by_dir[directory]
-        if listed is None:
-            return None
-        if name not in listed:
-            raise ShardError(f"shard {url} is not listed in {os.path.join(directory, 'manifest.json')}; "
-                             "read shard sets through their manifest (`medfound inspect` lists them)")
-        return listed[name]
+def _expected(url: str) -> Optional[dict]:
+    """The manifest entry of the shard at `url` (from the manifest beside it), or None when there is no manifest."""
+    directory, name = os.path.split(url)
+    listed = _manifest_shards(directory)
+    if listed is None:
+        return None
+    if name not in listed:
+        raise ShardError(f"shard {url} is not listed in {os.path.join(directory, 'manifest.json')}; "
+                         "read shard sets through their manifest (`medfound inspect` lists them)")
+    return listed[name]
 
 
 def sample_key(fname: str) -> str:
@@ -186,21 +179,30 @@ def _verified_members(url: str, expected: Optional[dict], verify: str) -> Iterat
                          f"(cut at a member boundary, or replaced){fix}")
 
 
+def shard_keys(url: str, expected: dict, verify: Verify = "sha256") -> list[str]:
+    """The sample keys of one shard, in order, read with every check of `_verified_members` against `expected`
+    (a manifest entry: bytes, sha256, count); raises ShardError naming the shard."""
+    keys: list[str] = []
+    for member in _verified_members(url, expected, verify):
+        key = sample_key(member["fname"])
+        if not keys or keys[-1] != key:
+            keys.append(key)
+    return keys
+
+
 def tar_samples(src: Iterator[dict], verify: Verify = "size") -> Iterator[dict]:
     """Pipeline stage: `{"url"}` dicts in, webdataset samples (`__key__`, `__url__`, one entry per suffix) out.
 
     Every URL must be a local shard file; those in a folder with a manifest are verified at level `verify`."""
     if verify not in VERIFY:
         raise ValueError(f"verify={verify!r}: choose one of {', '.join(VERIFY)}")
-    expect = _Expectations()
-
     def members() -> Iterator[dict]:
         for item in src:
             url = str(item["url"])
             if not os.path.isfile(url):
                 raise ShardError(f"shard {url} is not a local file (missing, or a URL: only files listed in a "
                                  "shard set's manifest are read); check the set with `medfound inspect`")
-            yield from _verified_members(url, expect(url), verify)
+            yield from _verified_members(url, _expected(url), verify)
     return group_by_keys(members())
 
 

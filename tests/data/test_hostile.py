@@ -98,7 +98,7 @@ def test_a_shard_cut_at_a_member_boundary_is_caught_while_streaming(shards, tmp_
     _resync(d, shard.name)  # size and sha256 now agree: only the count tells
     with pytest.raises(ShardError, match=rf"{shard.name} holds 1 samples, its manifest says {m.shards[0].count}"):
         [b for b in _loader(urls, verify="sha256")]
-    assert any(f"holds 1 samples, manifest says {m.shards[0].count}" in p for p in verify_shards(d))
+    assert any(f"holds 1 samples, its manifest says {m.shards[0].count}" in p for p in verify_shards(d))
 
 
 def test_rewritten_labels_are_caught_by_sha256(shards, tmp_path):
