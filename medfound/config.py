@@ -65,6 +65,16 @@ class TrainerConfig(Strict):
     visualize_every: Optional[int] = Field(None, gt=0, description="save the objective's picture (MAE reconstructions) "
                                                                    "to logs/images every N steps")
     compile: bool = Field(False, description="torch.compile the module (PyTorch 2)")
+    strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = Field(
+        "ddp", description="how weights are spread over processes: ddp (replicated), fsdp (FSDP2: parameters, "
+                           "gradients and optimizer state sharded per block, DCP checkpoints), zero1/zero2/zero3 "
+                           "(DeepSpeed ZeRO stages; needs the [deepspeed] extra). docs/scaling.md")
+    deepspeed_config: Optional[Path] = Field(None, description="zero*: a DeepSpeed JSON adding ZeRO tuning "
+                                                               "(launch/deepspeed/zero3.json); batch, accumulation, "
+                                                               "clipping and precision always come from the recipe")
+    activation_checkpointing: bool = Field(False, description="recompute each transformer block's activations in "
+                                                              "backward (timm set_grad_checkpointing): less memory, "
+                                                              "~30% more compute")
 
 
 class OptimConfig(Strict):

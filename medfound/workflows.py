@@ -30,6 +30,10 @@ def _start(recipe: PretrainRecipe | FinetuneRecipe, command: str):
 
     t = recipe.trainer
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not _has_accelerator())
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):  # an accelerate config with its own plugin
+        raise ValueError(f"the accelerate config asks for {accelerator.distributed_type.value}; medfound shards with "
+                         "trainer.strategy (fsdp, zero1, zero2, zero3) in the recipe instead: launch with "
+                         "launch/accelerate/fsdp.yaml (or multi_gpu.yaml) and set trainer.strategy")
     set_seed(t.seed)
     world = accelerator.num_processes
     global_batch = recipe.data.batch_size * t.grad_accum_steps * world
@@ -204,7 +208,7 @@ def run_pretrain(recipe: PretrainRecipe, command: str = "medfound pretrain") -> 
         return summary
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
     lineage = _lineage(recipe, state, manifests, "pretraining", _objective_text(recipe.objective), parent)
-    trained = accelerator.unwrap_model(objective)
+    trained = state.module
     extra = {"mae_decoder.safetensors": trained.decoder_bytes()} if recipe.objective.name == "mae" else None
     diff = export_model(trained.export_backbone(), run_dir / "export", data=recipe.data, lineage=lineage,
                         license=recipe.card.license, extra_files=extra)
@@ -245,7 +249,7 @@ def run_segment(recipe: FinetuneRecipe, command: str = "medfound finetune") -> d
     summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
-    task = accelerator.unwrap_model(task)
+    task = state.module
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone and recipe.backbone.weights else {}
     seg = recipe.segment
     tuning = {"lora": f"LoRA (r={recipe.lora.r}, alpha={recipe.lora.alpha})", "full": "full fine-tuning",
@@ -304,7 +308,7 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
-    task = accelerator.unwrap_model(task)
+    task = state.module
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
     objective = {"lora": f"LoRA (r={recipe.lora.r}, alpha={recipe.lora.alpha}) + classifier",
                  "full": "full fine-tuning", "linear_probe": "linear probe (frozen backbone)",

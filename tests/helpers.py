@@ -110,3 +110,21 @@ def assert_gradients_only_where_trainable(module: Any, label: str) -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{label}: no gradient for {n}"
         else:
             assert p.grad is None, f"{label}: frozen {n} got a gradient"
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out

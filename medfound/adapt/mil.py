@@ -65,7 +65,7 @@ def run_mil(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[
     summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
-    task = accelerator.unwrap_model(task)
+    task = state.module
     loss = "sigmoid BCE per finding" if schema.type == "multilabel" else "cross-entropy"
     lineage = _lineage(recipe, state, [], "slide-level MIL", f"gated-attention MIL (Ilse et al. 2018), {loss}, "
                        "frozen tile features", {})

@@ -215,7 +215,7 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
     summary = run_summary(run_dir, state, accelerator)
     if state.preempted or not accelerator.is_main_process:
         return summary
-    task = accelerator.unwrap_model(task)
+    task = state.module
     parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
     lineage = _lineage(recipe, state, manifests, "fine-tuning", f"box-prompt segmentation (MedSAM-style), "
                        f"{recipe.tuning}, Dice + BCE, boxes from masks jittered by up to {h.box_jitter} px", parent)

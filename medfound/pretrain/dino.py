@@ -126,6 +126,11 @@ class DINOv2(nn.Module):
         """The teacher's backbone: the EMA model DINOv2 (and UNI) release."""
         return self.teacher["backbone"]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Beyond the transformer blocks, FSDP shards each projection head (student and teacher alike, so the
+        EMA update stays a local operation on matching shards)."""
+        return [h for net in (self.student, self.teacher) for k, h in net.items() if k != "backbone"]
+
     def teacher_temp(self, step: int) -> float:
         lo, hi = self.cfg["teacher_temp"]
         warm = self.cfg["teacher_temp_warmup_steps"]
@@ -218,6 +223,11 @@ class DINOv2(nn.Module):
     def momentum(self, step: int, max_steps: int) -> float:
         start, end = self.cfg["momentum"]
         return _cosine(start, end, step, max_steps)
+
+    @property
+    def touches_gradients(self) -> bool:
+        """True when `before_optimizer_step` cancels gradients (the strategies that cannot do that refuse)."""
+        return self.cfg["freeze_last_layer_steps"] > 0
 
     def before_optimizer_step(self, step: int, max_steps: int) -> None:
         if step < self.cfg["freeze_last_layer_steps"]:

@@ -11,17 +11,20 @@ Everything numeric lives here once: gradient accumulation (each micro-batch loss
 micro-batches, so the update equals one big batch), clipping, learning rate and weight decay as pure
 functions of the step, non-finite steps skipped (all ranks agree) and a stop after
 `trainer.max_bad_steps` of them in a row, and checkpoints complete enough to resume exactly: weights,
-optimizer, and for every rank its data position and RNG states. Distribution and mixed precision come
-from accelerate: the same loop runs on one CPU or under `accelerate launch` / `torchrun` on many GPUs.
+optimizer, and for every rank its data position and RNG states. The process group and mixed precision come
+from accelerate; how the module is spread over the processes is the strategy's (`trainer.strategy`:
+ddp, fsdp, zero1/2/3; train/strategy.py): the same loop runs on one CPU or under `accelerate launch` /
+`torchrun` on many GPUs. Optional module hooks for strategies: `fsdp_units()` (extra modules FSDP shards on
+their own, e.g. DINOv2's heads) and `touches_gradients` (True when `before_optimizer_step` edits gradients,
+which zero* refuses).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -29,13 +32,14 @@ import torch
 import torch.nn as nn
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from medfound.config import OptimConfig, TrainerConfig
-from medfound.train.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from medfound.train.checkpoint import capture_rng, latest_checkpoint, restore_rng, save_checkpoint
 from medfound.train.logging import MetricsLogger
 from medfound.train.optim import build_optimizer, lr_at, wd_at
+from medfound.train.strategy import DDPStrategy, FSDPStrategy, first_nonfinite
 
 
 @dataclass
@@ -48,6 +52,7 @@ class TrainState:
     epoch: int = 0             # data epoch in progress
     batch_in_epoch: int = 0    # micro-batches of this epoch already consumed
     preempted: bool = False
+    module: Optional[nn.Module] = field(default=None, repr=False)  # after fit: the trained plain module (main process)
 
 
 _SHARED = ("step", "images_seen", "train_seconds", "skipped_steps")
@@ -111,6 +116,33 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+def build_strategy(accelerator: Accelerator, trainer: TrainerConfig):
+    """The run's strategy object for `trainer.strategy` (one of STRATEGIES)."""
+    if trainer.strategy.startswith("zero"):
+        from medfound.train.zero import ZeroStrategy  # imports deepspeed: only for runs that ask for it
+
+        return ZeroStrategy(accelerator, trainer, stage=int(trainer.strategy[-1]))
+    return {"ddp": DDPStrategy, "fsdp": FSDPStrategy}[trainer.strategy](accelerator, trainer)
+
+
+class Coordinator:
+    """What a checkpoint write needs from the process group (save_checkpoint's `coordinator`)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.accelerator.num_processes == 1:
+            return obj
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        return _any_rank(self.accelerator, flag)
+
+
 def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trainer: TrainerConfig, optim: OptimConfig,
         lr: float, run_dir: Path, accelerator: Accelerator, config_text: str,
         resume_from: Optional[Path] = None, normalize: Optional[nn.Module] = None) -> TrainState:
@@ -129,11 +161,11 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     run_dir = Path(run_dir)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     accum = trainer.grad_accum_steps
-    optimizer = build_optimizer(module, optim, lr)
+    strategy = build_strategy(accelerator, trainer)
+    model, optimizer, inner, saved = strategy.setup(module, lambda m: build_optimizer(m, optim, lr), resume_from)
     state = TrainState()
     pending_rng = None
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, module, optimizer)
+    if saved is not None:
         ranks = saved["ranks"]
         mine = ranks[rank] if len(ranks) == world else ranks[0]
         if len(ranks) != world:
@@ -142,13 +174,11 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         state = TrainState(**{k: saved[k] for k in _SHARED if k in saved}, epoch=mine["epoch"],
                            batch_in_epoch=mine["batch_in_epoch"])
         pending_rng = (mine["rng"], saved["_rng_tensors"][mine["rng_index"]])
+        written = saved.get("strategy", "ddp")
         accelerator.print(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, "
-                          f"batch {state.batch_in_epoch})")
-    if trainer.compile:
-        module = torch.compile(module)
-    model, optimizer = accelerator.prepare(module, optimizer)
-    inner = accelerator.unwrap_model(model, keep_torch_compile=False) if trainer.compile else \
-        accelerator.unwrap_model(model)
+                          f"batch {state.batch_in_epoch})" + (f"; written under trainer.strategy={written}, "
+                                                               f"continuing under {trainer.strategy}"
+                                                               if written != trainer.strategy else ""))
     if normalize is not None:
         normalize = normalize.to(accelerator.device)
     logger = MetricsLogger(run_dir, trainer.loggers, enabled=main, wandb_mode=trainer.wandb_mode,
@@ -157,8 +187,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     ckpt_root = run_dir / "checkpoints"
 
     def checkpoint() -> Optional[Path]:
-        broken = next((n for n, t in inner.state_dict().items()
-                       if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None)
+        broken = first_nonfinite(inner)
         if _any_rank(accelerator, broken is not None):
             raise FloatingPointError(
                 f"the weights became non-finite by step {state.step} ({broken or 'on another rank'}); this state was "
@@ -167,11 +196,10 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         scalars, tensors = capture_rng()
         everyone = gather_object([{"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": scalars,
                                    "rng_tensors": tensors}])
-        path = None
-        if main:
-            shared = {k: getattr(state, k) for k in _SHARED}
-            path = save_checkpoint(ckpt_root, inner, optimizer, shared, everyone, config_text,
-                                   keep=trainer.keep_checkpoints, protect=resume_from)
+        shared = {**{k: getattr(state, k) for k in _SHARED}, "strategy": trainer.strategy}
+        path = save_checkpoint(ckpt_root, inner, optimizer, shared, everyone, config_text,
+                               keep=trainer.keep_checkpoints, protect=resume_from, write_weights=strategy.write_weights,
+                               fmt=strategy.checkpoint_format, coordinator=Coordinator(accelerator))
         accelerator.wait_for_everyone()
         return path
 
@@ -199,8 +227,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     logger.log(state.step, {"skipped_samples": bad}, prefix="data")
                 batch = to_device(batch, accelerator.device, normalize)
                 sync = (micro + 1) % accum == 0
-                no_sync = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-                with no_sync:
+                with strategy.gradient_sync(model, sync):
                     with accelerator.autocast():
                         out = model(batch)
                     loss = out["loss"]
@@ -208,7 +235,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                         cycle_bad = True
                         last_bad = (f"loss {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
                                     f"{state.batch_in_epoch}, first keys {batch.get('key', [])[:4]})")
-                    accelerator.backward(loss / accum)  # every rank runs backward, finite or not (DDP)
+                    strategy.backward(loss / accum)  # every rank runs backward, finite or not (DDP)
                 micro += 1
                 state.batch_in_epoch += 1
                 n_images = len(batch["key"]) * world
@@ -228,12 +255,23 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     group["weight_decay"] = wd_now * group.get("wd_scale", 1.0)
                 grad_norm = None
                 if trainer.clip_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), trainer.clip_grad_norm))
-                    if not math.isfinite(grad_norm) and not cycle_bad:
+                    grad_norm = strategy.clip_grad_norm(model, trainer.clip_grad_norm)  # None: clipped in step
+                    if grad_norm is not None and not math.isfinite(grad_norm) and not cycle_bad:
                         cycle_bad = True
                         last_bad = f"gradient norm {grad_norm} at step {state.step} (epoch {state.epoch})"
-                if _any_rank(accelerator, cycle_bad):
-                    optimizer.zero_grad(set_to_none=True)  # the weights never see a non-finite update
+                bad_now = _any_rank(accelerator, cycle_bad)
+                if bad_now:
+                    strategy.skip(optimizer)  # the weights never see a non-finite update
+                else:
+                    inner_hook = getattr(inner, "before_optimizer_step", None)
+                    if inner_hook is not None:
+                        inner_hook(state.step, trainer.max_steps)
+                    if not strategy.step(optimizer):  # zero*: DeepSpeed found the gradient norm non-finite
+                        bad_now, last_bad = True, f"non-finite gradient norm at step {state.step} (epoch {state.epoch})"
+                    strategy.zero_grad(optimizer)
+                    if grad_norm is None:
+                        grad_norm = strategy.grad_norm()
+                if bad_now:
                     state.skipped_steps += 1
                     bad_in_a_row += 1
                     cycle_bad = False
@@ -249,11 +287,6 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                             f"good checkpoint is {last} (intact).")
                     continue
                 bad_in_a_row = 0
-                inner_hook = getattr(inner, "before_optimizer_step", None)
-                if inner_hook is not None:
-                    inner_hook(state.step, trainer.max_steps)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 hook = getattr(inner, "after_optimizer_step", None)
                 if hook is not None:
                     hook(state.step, trainer.max_steps)
@@ -298,6 +331,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 state.batch_in_epoch = 0
     bar.close()
     logger.close()
+    if not state.preempted:
+        state.module = strategy.export_module(inner)
     return state
 
 

@@ -1,6 +1,9 @@
-"""Run by tests/train/test_distributed.py under torch.distributed.run: train a tiny classifier for a few steps
-on real fundus images and save the final weights. Each process takes its slice of every global batch, so
-N processes with per-process batch B see exactly what one process with batch N * B sees."""
+"""Run by tests/train/test_distributed.py and test_sharded.py under torch.distributed.run: train a tiny classifier
+for a few steps on real fundus images under a `trainer.strategy` and save the final weights. Each process takes
+its slice of every global batch, so N processes with per-process batch B see exactly what one process with batch
+N * B sees. With `nan_at` = g, one image of global batch g is NaN: every rank must skip that step.
+
+    ddp_worker.py OUT GLOBAL_BATCH STEPS ACCUM [STRATEGY [NAN_AT]]"""
 
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from medfound.data.manifest import LabelSchema  # noqa: E402
 from medfound.train.loop import fit  # noqa: E402
 
 
-def main(out: str, global_batch: int, steps: int, accum: int) -> None:
+def main(out: str, global_batch: int, steps: int, accum: int, strategy: str = "ddp", nan_at: int = -1) -> None:
     acc = Accelerator(cpu=True)
     world, rank = acc.num_processes, acc.process_index
     z = np.load(ROOT / "data" / "medmnist" / "retinamnist_demo.npz")
     images = torch.from_numpy(z["train_images"][: global_batch * steps]).permute(0, 3, 1, 2).float() / 255.0
     images = torch.nn.functional.interpolate(images, size=32, mode="bilinear", align_corners=False)
+    if nan_at >= 0:
+        images[nan_at * global_batch + global_batch - 1] = float("nan")
     labels = torch.from_numpy(z["train_labels"][: global_batch * steps, 0].astype(np.int64))
     per_rank = global_batch // world // accum
 
@@ -46,12 +51,14 @@ def main(out: str, global_batch: int, steps: int, accum: int) -> None:
     head = attach_classifier(model, 5)
     task = ClassificationTask(apply_tuning(model, "full", head), head, LabelSchema(type="ordinal", names=list("01234")))
     trainer = TrainerConfig(output_dir=Path(out).parent / f"run{world}", max_steps=steps, checkpoint_every=1000,
-                            log_every=1, progress=False, loggers=[], grad_accum_steps=accum)
-    fit(task, loader, trainer=trainer, optim=OptimConfig(lr=2e-3, weight_decay=0.05, warmup_steps=1), lr=2e-3,
+                            log_every=1, progress=False, loggers=[], grad_accum_steps=accum, strategy=strategy)
+    state = fit(task, loader, trainer=trainer, optim=OptimConfig(lr=2e-3, weight_decay=0.05, warmup_steps=1), lr=2e-3,
         run_dir=trainer.output_dir, accelerator=acc, config_text="test\n")
     if acc.is_main_process:
-        save_file({k: v.contiguous() for k, v in acc.unwrap_model(task).state_dict().items()}, out)
+        print(f"skipped_steps={state.skipped_steps}", flush=True)
+        save_file({k: v.contiguous() for k, v in state.module.state_dict().items()}, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6],
+         *(int(a) for a in sys.argv[6:7]))
