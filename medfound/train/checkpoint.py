@@ -441,10 +441,10 @@ def weights_only_loads():
 def load_zero_plain(path: Path, module: nn.Module, optimizer=None) -> None:
     """A zero checkpoint into a plain module on one process (evaluation, rebuilding the trained model): the
     fp32 weights consolidated from every rank's partition by DeepSpeed, loaded strictly. Optimizer state is
-    not carried across (resume a zero run under the same zero strategy and number of processes)."""
+    not carried into a plain module (resume a zero run under a zero strategy, on any number of processes)."""
     if optimizer is not None:
-        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint: resume it with its trainer.strategy and number "
-                         "of processes, or convert it with ds_to_universal (docs/scaling.md)")
+        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint: resume it under trainer.strategy=zero1/zero2/zero3 "
+                         "(any number of processes), or start a new run from its export (backbone.weights=RUN/export)")
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -15,8 +15,10 @@ not finite (`engine.was_step_applied()`); the loop counts that as a skipped step
 Checkpoints (`format: zero`) are DeepSpeed's own: every rank writes its partition of the optimizer (and for
 stage 3 parameter) state in parallel into `zero/` of the checkpoint folder. DeepSpeed reads them with
 `torch.load`; medfound forces `weights_only=True` around it (`weights_only_loads`), with only DeepSpeed's own
-plain data classes allowed, so a crafted file cannot run code. DeepSpeed loads them on the same number of processes only; to go to
-another number, convert with DeepSpeed's `ds_to_universal` (docs/scaling.md). Evaluation and export read
+plain data classes allowed, so a crafted file cannot run code. DeepSpeed loads them natively on the same number of processes; on
+another number medfound converts the checkpoint once with DeepSpeed's `ds_to_universal` (into
+`zero_universal/` beside it) and loads that universal checkpoint (`checkpoint.load_universal`): weights and
+optimizer state exact (tested 2 -> 4). Evaluation and export read
 them on one process through DeepSpeed's fp32 consolidation (`load_zero_plain`).
 """
 
@@ -34,6 +36,7 @@ from medfound.train.checkpoint import (ZERO_DIR, ZERO_TAG, import_deepspeed, rea
                                        with_rng)
 from medfound.train.strategy import DDPStrategy, meta_shell, report_shards, set_activation_checkpointing
 
+UNIVERSAL_DIR = "zero_universal"  # ds_to_universal's conversion of a zero checkpoint, made when the world size changes
 _RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
@@ -97,29 +100,35 @@ class ZeroStrategy(DDPStrategy):
                 f"its optimizer partitions itself, so it cannot continue that run under {self.name}. Resume it "
                 "under trainer.strategy=ddp or fsdp (they read each other's checkpoints), or start a new run from "
                 "its weights (backbone.weights=RUN/export)")
-        if resume_from is not None and written.get("world_size") != self.world:
+        universal = resume_from is not None and written.get("world_size") != self.world
+        if universal:
             n = written.get("world_size")
-            raise ValueError(
-                f"{resume_from} is a DeepSpeed ZeRO checkpoint written by {n} processes; DeepSpeed reloads "
-                f"it on {n} only (this run has {self.world}). Convert it first: python -m "
-                f"deepspeed.checkpoint.ds_to_universal --input_folder {resume_from}/{ZERO_DIR}/{ZERO_TAG} "
-                "--output_folder DIR (docs/scaling.md), or resume on the same number of processes")
+            self.accelerator.print(
+                f"{resume_from} is a DeepSpeed ZeRO checkpoint written by {n} processes and this run has {self.world}: "
+                "converting it to a DeepSpeed universal checkpoint (ds_to_universal) to load it here; weights and "
+                "optimizer resume exactly, the data order and RNG do not")
+            if self.main:
+                to_universal(Path(resume_from))
+            self.accelerator.wait_for_everyone()
         optimizer = make_optimizer(module)
 
         self._shell = meta_shell(module) if self.main else None  # the plain module export fills in
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=deepspeed_config(self.trainer, self.stage),
-            dist_init_required=False)
+        config = deepspeed_config(self.trainer, self.stage)
+        if universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                          dist_init_required=False)
         self.engine = engine
         params = list(engine.module.parameters())
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         report_shards(self.name, self.accelerator.process_index, self.world, held,
                       sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params))
         if resume_from is not None:
+            folder = Path(resume_from) / (UNIVERSAL_DIR if universal else ZERO_DIR)
             with weights_only_loads():
-                path, _ = engine.load_checkpoint(str(Path(resume_from) / ZERO_DIR), tag=ZERO_TAG, load_module_strict=True,
+                path, _ = engine.load_checkpoint(str(folder), tag=ZERO_TAG, load_module_strict=True,
                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"{resume_from}/{ZERO_DIR} holds no DeepSpeed checkpoint")
@@ -176,6 +185,27 @@ class ZeroStrategy(DDPStrategy):
         buffers = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if k not in full}
         self._shell.load_state_dict({**buffers, **full}, strict=True, assign=True)
         return self._shell
+
+
+def to_universal(checkpoint: Path) -> Path:
+    """DeepSpeed's `ds_to_universal` of a zero checkpoint, into `checkpoint/zero_universal` (once; atomic), read
+    weights-only. A universal checkpoint loads on any number of processes (`checkpoint.load_universal`)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from medfound.io import atomic_dir
+
+    target = Path(checkpoint) / UNIVERSAL_DIR
+    if (target / "latest_universal").is_file():
+        return target
+    with atomic_dir(target, overwrite=True) as tmp:
+        args = argparse.Namespace(input_folder=str(Path(checkpoint) / ZERO_DIR / ZERO_TAG),
+                                  output_folder=str(tmp / ZERO_TAG), num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=False)
+        with weights_only_loads():
+            ds_to_universal.main(args)
+    return target
 
 
 def _gathered(p: nn.Parameter, stage: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ pretraining run's checkpoint under a strategy on this many processes and write i
 the same strategy. The test compares both checkpoints tensor by tensor: resharding N -> M (and one format ->
 another) must keep weights and optimizer exact.
 
-    sharded_worker.py RUN_DIR STRATEGY CHECKPOINT OUT_ROOT [CHECKPOINT OUT_ROOT ...]
+    sharded_worker.py RUN_DIR STRATEGY CHECKPOINT OUT_ROOT [STRATEGY CHECKPOINT OUT_ROOT ...]
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def reshard(acc: Accelerator, run_dir: str, strategy: str, checkpoint: str, out_
 
 if __name__ == "__main__":
     accelerator = Accelerator(cpu=True)
-    run, strategy_name, *pairs = sys.argv[1:]
-    for i in range(0, len(pairs), 2):
-        written = reshard(accelerator, run, strategy_name, pairs[i], pairs[i + 1])
+    run, *jobs = sys.argv[1:]
+    for i in range(0, len(jobs), 3):
+        written = reshard(accelerator, run, *jobs[i:i + 3])
         if accelerator.is_main_process:
             print(f"wrote {written}", flush=True)
