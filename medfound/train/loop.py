@@ -117,7 +117,7 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def build_strategy(accelerator: Accelerator, trainer: TrainerConfig):
-    """The run's strategy object for `trainer.strategy` (one of STRATEGIES)."""
+    """The run's strategy object for `trainer.strategy` (the names config.TrainerConfig.strategy allows)."""
     if trainer.strategy.startswith("zero"):
         from medfound.train.zero import ZeroStrategy  # imports deepspeed: only for runs that ask for it
 

@@ -30,9 +30,6 @@ import torch.nn as nn
 
 from medfound.train.checkpoint import dcp_options, load_checkpoint, read_trainer_state, save_dcp, write_full_weights
 
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor (a DTensor's local shard; any other tensor itself)."""
     to_local = getattr(t, "to_local", None)
@@ -96,7 +93,6 @@ class DDPStrategy:
     """accelerate's DDP; one process is the same with world size 1."""
 
     name = "ddp"
-    sharded = False
     checkpoint_format = "full"
 
     def __init__(self, accelerator, trainer) -> None:
@@ -161,10 +157,12 @@ class FSDPStrategy(DDPStrategy):
     """FSDP2 per transformer block + root; DCP checkpoints."""
 
     name = "fsdp"
-    sharded = True
     checkpoint_format = "dcp"
 
     def setup(self, module, make_optimizer, resume_from):
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -175,21 +173,17 @@ class FSDPStrategy(DDPStrategy):
             set_activation_checkpointing(module)
         device = self.accelerator.device
         module.to(device)
-        self._shell = meta_shell(module) if self.main else None
+        # one process shards too when it is in a process group (a 1-GPU benchmark of the fsdp path)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self._shell = meta_shell(module) if self.main and self.distributed else None  # export's plain module
         saved, full_optim = None, None
         if resume_from is not None and read_trainer_state(resume_from).get("format", "full") == "full":
             # a full-state checkpoint (ddp, or medfound before the strategies): load it into the plain module and
             # an optimizer over it, then hand the optimizer state over by parameter name after sharding
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
             plain_optimizer = make_optimizer(module)
             saved = load_checkpoint(resume_from, module, plain_optimizer)
             full_optim = get_optimizer_state_dict(module, plain_optimizer, options=StateDictOptions(full_state_dict=True))
             del plain_optimizer
-        import torch.distributed as dist
-
-        # one process shards too when it is in a process group (a 1-GPU benchmark of the fsdp path)
-        self.distributed = dist.is_available() and dist.is_initialized()
         if self.distributed:
             mesh = init_device_mesh(device.type, (self.world,))
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -201,8 +195,6 @@ class FSDPStrategy(DDPStrategy):
         report_shards(self.name, self.accelerator.process_index, self.world,
                       sum(local(p).numel() for p in module.parameters()), sum(p.numel() for p in module.parameters()))
         if full_optim is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             set_optimizer_state_dict(module, optimizer, full_optim, options=StateDictOptions(full_state_dict=True))
         elif resume_from is not None:
             saved = load_checkpoint(resume_from, module, optimizer, distributed=self.distributed)

@@ -71,7 +71,6 @@ def deepspeed_config(trainer, stage: int) -> dict[str, Any]:
 class ZeroStrategy(DDPStrategy):
     """DeepSpeed ZeRO stage 1/2/3 through `deepspeed.initialize` with medfound's AdamW groups."""
 
-    sharded = True
     checkpoint_format = "zero"
 
     def __init__(self, accelerator, trainer, stage: int) -> None:
