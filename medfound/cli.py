@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="npz (MedMNIST layout), images (folder + CSV/Parquet table), dicom, wsi, volumes (NRRD/NIfTI)")
     s.add_argument("input", help="the archive: .npz file, image folder, DICOM file/folder, slide file/folder, "
                                  "volume folder")
-    s.add_argument("--out", required=True, help="output shard-set directory")
+    s.add_argument("--out", required=True, help="output shard-set directory, or an s3:// / gs:// prefix (shards uploaded first, manifest.json last)")
     s.add_argument("--name", help="data set name (default: the --out folder name)")
     s.add_argument("--modality", default="auto",
                    help="fundus, oct, cxr, xray, mammography, ct, mr, us, pathology, other; auto (default): from the "

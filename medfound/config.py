@@ -12,16 +12,25 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
+
+from medfound.data.location import check_location
 
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key and the fix."""
+
+
+ShardLocation = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v),
+                          AfterValidator(check_location)]
+"""A shard-set folder or a remote prefix (`s3://`, `gs://`, `https://`; see `medfound.data.location`)."""
 
 
 class Strict(BaseModel):
@@ -126,7 +135,8 @@ class MultiCropConfig(Strict):
 class DataConfig(Strict):
     """Which shard sets to read and how to turn samples into tensors."""
 
-    shards: list[Path] = Field(min_length=1, description="shard-set directories, each with a manifest.json")
+    shards: list[ShardLocation] = Field(min_length=1, description="shard sets, each a folder or an s3:// gs:// "
+                                                                  "https:// prefix holding a manifest.json")
     train_split: str = "train"
     eval_split: str = "test"
     img_size: Optional[int] = Field(None, gt=0, description="model input edge in pixels (segmentation uses "
@@ -457,7 +467,8 @@ class EvalConfig(Strict):
     seed: int = Field(0, description="seed of the bootstrap resampling")
     specificity: float = Field(0.9, gt=0, lt=1, description="binary tasks: the specificity at which "
                                                             "sens_at_spec is read off the ROC curve")
-    external: list[Path] = Field(default_factory=list, description="external-site shard sets scored beside the "
+    external: list[ShardLocation] = Field(default_factory=list, description="external-site shard sets (folders or "
+                                                                            "URLs) scored beside the "
                                                                    "internal test split, with the drop and its "
                                                                    "interval (classification and segmentation)")
     external_split: Optional[str] = Field(None, description="split of the external sets to score (default: all "
@@ -661,7 +672,8 @@ def _friendly(err: ValidationError, source: str, kind: str | None) -> ConfigErro
             lines.append(f"'kind' must be one of {', '.join(RECIPE_KINDS)} (got {kind!r})")
         else:
             lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
-    return ConfigError(f"invalid recipe {source}:\n  - " + "\n  - ".join(lines))
+    text = f"invalid recipe {source}:\n  - " + "\n  - ".join(lines)
+    return ConfigError(re.sub(r"(\w+://)[^/@\s'\"]*@", r"\1***@", text))  # a URL's credentials are never echoed
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None,

@@ -376,10 +376,29 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     Returns (manifest, skipped) where skipped lists (reference, relative path, reason) for inputs not written; the
     reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
+    from medfound.data import location
     from medfound.data.ingest import get_reader
-    from medfound.data.shards import write_shard_set
+    from medfound.data.shards import upload_shard_set, write_shard_set
 
-    name = name or Path(out).name
+    remote = location.is_url(out)
+    name = name or location.basename(out)
+    if remote:  # written locally in a staging folder, then uploaded shards first and the manifest last
+        out = location.check_location(out)
+        if not overwrite and location.exists(location.join(out, "manifest.json")):
+            raise FileExistsError(f"{location.redact(out)} already holds a shard set (manifest.json); pass "
+                                  "--overwrite to replace it, or choose another --out")
+        import shutil
+        import tempfile
+
+        staging = Path(tempfile.mkdtemp(prefix="medfound-shards-"))
+        try:
+            manifest, skipped = shard(kind, input, staging / name, name=name, modality=modality, site=site,
+                                      license=license, attribution=attribution, max_count=max_count, max_mb=max_mb,
+                                      **options)
+            upload_shard_set(staging / name, out, overwrite=overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return manifest, skipped
     if overwrite:  # before the ingest: --overwrite replaces only an earlier shard set
         check_replaceable(out, "shards")
     ingested = get_reader(kind)(input, site=site, name=name, **options)

@@ -146,15 +146,28 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """Read and validate `directory/manifest.json`; errors name the file and the fix."""
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        hint = "" if directory.exists() else " (the directory does not exist)"
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}{hint}: create the shard set with "
-                                f"`medfound shard KIND INPUT --out {directory}`")
+    """Read and validate `directory/manifest.json` (a local folder or a remote location, `medfound.data.location`);
+    errors name the file and the fix."""
+    from medfound.data import location
+
+    if location.is_url(directory):
+        url = location.join(location.check_location(directory), MANIFEST_NAME)
+        try:
+            text, path = location.read_bytes(url).decode("utf-8", "replace"), location.redact(url)
+        except location.RemoteNotFound:
+            raise FileNotFoundError(f"no {MANIFEST_NAME} at {location.redact(url)}: write the shard set there "
+                                    f"(`medfound shard KIND INPUT --out {location.redact(str(directory))}`) or fix "
+                                    "the location") from None
+    else:
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            hint = "" if directory.exists() else " (the directory does not exist)"
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}{hint}: create the shard set with "
+                                    f"`medfound shard KIND INPUT --out {directory}`")
+        text = path.read_text()
     try:
-        manifest = Manifest.model_validate_json(path.read_text())
+        manifest = Manifest.model_validate_json(text)
     except ValidationError as e:
         raise ValueError(f"{path} is not a valid medfound manifest ({e.error_count()} problems): {e}; "
                          "re-create the shard set with `medfound shard`") from None
@@ -167,15 +180,15 @@ def read_manifest(directory: str | Path) -> Manifest:
 def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) -> list[str]:
     """Check every shard against the manifest: presence, byte size, sha256, and (reading it) its sample count;
     and that no sample key is in two shards. Returns the problems found, each naming the shard."""
+    from medfound.data import location
     from medfound.data.tario import ShardError, shard_keys
 
-    directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     problems = []
     owner: dict[str, str] = {}
     for s in manifest.shards:
-        p = directory / s.path
-        if not p.is_file():
+        p = location.join(directory, s.path)
+        if not location.exists(p):
             problems.append(f"{p}: missing (listed in {MANIFEST_NAME})")
             continue
         try:  # the streaming checks at their strictest: size, sha256, then every header and the sample count
@@ -189,7 +202,7 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
             owner.setdefault(key, s.path)
     total = sum(s.count for s in manifest.shards)
     if manifest.counts.get("total") not in (None, total):
-        problems.append(f"{directory / MANIFEST_NAME}: counts.total {manifest.counts['total']} but its shards list "
+        problems.append(f"{location.join(directory, MANIFEST_NAME)}: counts.total {manifest.counts['total']} but its shards list "
                         f"{total} samples")
     return problems
 
@@ -197,18 +210,18 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
 def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) -> Optional[dict[str, list[str]]]:
     """Patient tokens found in more than one split (e.g. from a user's own split column), with their splits;
     None when the samples carry no patient tokens (leakage cannot be checked)."""
-    import tarfile
+    from medfound.data import location
+    from medfound.data.tario import iter_members
 
-    directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     splits: dict[str, set[str]] = {}
     for s in manifest.shards:
-        with tarfile.open(directory / s.path) as tar:
-            for member in tar:
-                if member.name.endswith(".json") and not member.name.endswith(".labels.json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    if meta.get("patient"):
-                        splits.setdefault(meta["patient"], set()).add(meta.get("split", s.split))
+        for member in iter_members(location.join(directory, s.path)):
+            name = member["fname"]
+            if name.endswith(".json") and not name.endswith(".labels.json"):
+                meta = json.loads(member["data"])
+                if meta.get("patient"):
+                    splits.setdefault(meta["patient"], set()).add(meta.get("split", s.split))
     if not splits:
         return None
     return {p: sorted(v) for p, v in sorted(splits.items()) if len(v) > 1}

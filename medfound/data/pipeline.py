@@ -14,7 +14,11 @@ Two ways to read:
   replacement from each shard set and mixes the sets with `weights` (e.g. 40% fundus, 30% chest X-ray,
   30% pathology), for `samples_per_epoch` samples in all (a virtual epoch), through a shuffle buffer.
 Order is a pure function of (seed, epoch, rank, worker), so the loop resumes exactly by rebuilding the
-epoch's loader and skipping the batches already consumed.
+epoch's loader and skipping the batches already consumed. Skipping does not decode them: every training batch
+carries `_pos` (worker, raw sample index, output index within that sample, outputs so far), the loop keeps the
+last one per worker in its checkpoint, and `ResumableLoader.resume_at` makes each worker read and drop the raw tar
+samples before that position (no image decode, no transform) and stand in cheap placeholder batches for the
+consumed ones, so the DataLoader's worker round-robin, and with it the batch order, is unchanged.
 
 Undecodable samples are skipped, logged with their key and shard, and counted; when more than
 `max_bad_fraction` of the samples seen fail (judged once 10 have failed, or at the end of the stream)
@@ -38,6 +42,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from medfound.data import location
 from medfound.data.manifest import Manifest, read_manifest
 from medfound.data.tario import Verify, shard_stage, tar_samples
 
@@ -52,7 +57,8 @@ def shard_urls(dirs: Sequence[str | Path], split: str) -> tuple[list[str], list[
 
 
 def shard_sets(dirs: Sequence[str | Path], split: str) -> tuple[list[list[str]], list[Manifest]]:
-    """Per shard set, the paths of its `split` shards; and the manifests."""
+    """Per shard set (a local folder or a remote location), the paths or URLs of its `split` shards; and the
+    manifests."""
     sets, manifests = [], []
     for d in dirs:
         m = read_manifest(d)
@@ -60,7 +66,7 @@ def shard_sets(dirs: Sequence[str | Path], split: str) -> tuple[list[list[str]],
         if not shards:
             raise ValueError(f"shard set {d} has no '{split}' split (it has {', '.join(m.splits)}); "
                              f"set data.train_split / data.eval_split / eval.split to one of those")
-        sets.append([str(Path(d) / s.path) for s in shards])
+        sets.append([location.join(d, s.path) for s in shards])
         manifests.append(m)
     return sets, manifests
 
@@ -107,13 +113,45 @@ class _LazyMasks(dict):
         return [(k, self[k]) for k in self]
 
 
+SKIPPED = {"_skipped": True}  # stands in, in a resumed epoch, for an output consumed before the checkpoint
+
+
+class _SampleRNG:
+    """Python's, NumPy's and torch's CPU generators seeded for one sample, and given back as they were after it.
+
+    A training sample's augmentation is then a function of (seed, epoch, rank, worker, its index in the stream)
+    alone: it does not depend on what was decoded before it, so a resumed stream that skips the consumed samples
+    without decoding them augments the rest exactly as the uninterrupted one; and with `num_workers=0` the data's
+    draws no longer move the model's random stream (dropout, masking)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        py, npy, pt = self.saved
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+
+
 class _Decoder:
-    """Decode + transform inside the worker; skip, log and count what fails."""
+    """Decode + transform inside the worker; skip, log and count what fails. With `track` (training), each sample is
+    augmented under its own seed (`_SampleRNG`) and each output carries `_pos` = (worker, raw index, output index
+    within the sample, outputs so far); `resume` (worker -> the last `_pos[1:]` consumed) makes the stream start
+    right after it without decoding what came before."""
 
     def __init__(self, transform: Callable, labelled: bool, num_classes: int, multilabel: bool,
-                 max_bad_fraction: float, keep_meta: Sequence[str] = ()):
+                 max_bad_fraction: float, keep_meta: Sequence[str] = (), track: bool = False, seed: int = 0,
+                 epoch: int = 0):
         self.transform, self.labelled, self.num_classes = transform, labelled, num_classes
         self.multilabel, self.max_bad_fraction, self.keep_meta = multilabel, max_bad_fraction, tuple(keep_meta)
+        self.track, self.resume, self.seed, self.epoch = track, {}, seed, epoch
 
     def decode(self, sample: dict) -> dict:
         key = sample.get("__key__")
@@ -159,10 +197,21 @@ class _Decoder:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         total, bad, by_url, pending = 0, 0, Counter(), []
-        for sample in src:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        base = _seed(self.seed, self.epoch, rank, worker, 11)
+        start_raw, start_sub, outputs = self.resume.get(worker, (-1, -1, 0))
+        for _ in range(outputs):
+            yield SKIPPED
+        for raw, sample in enumerate(src):
+            if raw < start_raw:  # consumed before the checkpoint: the tar members were read, nothing is decoded
+                continue
             total += 1
             try:
-                out = self.decode(sample)
+                if self.track:
+                    with _SampleRNG(_seed(base, raw)):
+                        out = self.decode(sample)
+                else:
+                    out = self.decode(sample)
             except Exception as e:  # one bad sample must not stop a run; too many must
                 bad += 1
                 url = sample.get("__url__")
@@ -173,8 +222,17 @@ class _Decoder:
                 self._judge(total, bad, by_url, end=False)
                 continue
             outs = out if isinstance(out, list) else [out]
+            if raw == start_raw:  # the sample the checkpoint stopped inside (several crops per image): its last
+                outs = outs[start_sub + 1:]  # crops, augmented as before thanks to the per-sample seed
+                if not outs:
+                    continue
             if pending:
                 outs[0]["_bad"], pending = pending, []
+            if self.track:
+                first = 0 if raw != start_raw else start_sub + 1
+                for j, o in enumerate(outs):
+                    outputs += 1
+                    o["_pos"] = (worker, raw, first + j, outputs)
             yield from outs
         self._judge(total, bad, by_url, end=True)
 
@@ -186,7 +244,7 @@ class _Decoder:
         url, n = by_url.most_common(1)[0]
         raise ValueError(f"{bad} of {total} samples could not be decoded (more than data.max_bad_fraction="
                          f"{self.max_bad_fraction}); most ({n}) from shard {url}. Check it with `medfound inspect "
-                         f"{Path(str(url)).parent}` and re-create it, or raise data.max_bad_fraction")
+                         f"{location.split(str(url))[0]}` and re-create it, or raise data.max_bad_fraction")
 
 
 def _shard_order(urls: list[str], shuffle: bool, seed: int, epoch: int) -> Callable[[], Iterator[dict]]:
@@ -302,6 +360,38 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class _Tracked:
+    """A collate function that turns placeholder outputs into `{"_skipped": n}` batches and hands the last sample's
+    `_pos` on as the batch's."""
+
+    def __init__(self, collate_fn: Callable[[list[dict]], dict]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[dict]) -> dict:
+        skipped = sum(s is SKIPPED or s.get("_skipped") is True for s in samples)
+        if skipped:
+            if skipped != len(samples):
+                raise RuntimeError("a resumed batch mixes skipped and new samples: the saved data position does "
+                                   "not fit this loader (another data.batch_size?); resume with the same data settings")
+            return {"_skipped": skipped}
+        pos = samples[-1]["_pos"]
+        batch = self.collate_fn([{k: v for k, v in s.items() if k != "_pos"} for s in samples])
+        batch["_pos"] = pos
+        return batch
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose batches carry `_pos`, and which can start an epoch after a saved position without
+    decoding what came before it (`resume_at`)."""
+
+    def resume_at(self, positions: dict) -> None:
+        """`positions`: worker -> (raw index, output index, outputs so far) of the last sample consumed, as the
+        batches' `_pos[1:]`; call before iterating. The first batches are then `{"_skipped": n}` placeholders, one
+        per batch consumed before, in the same worker order."""
+        decoder = self.dataset.pipeline[-1]
+        decoder.resume = {int(w): tuple(int(x) for x in p) for w, p in positions.items()}
+
+
 def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch_size: int, labelled: bool,
                 train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
                 drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
@@ -335,9 +425,10 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     if class_keep is not None or site_keep is not None:
         stages.append(_balanced(class_keep, seed, epoch, site_keep))
-    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta))
+    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta, track=train,
+                           seed=seed, epoch=epoch))
     dataset = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(_seed(seed, epoch))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                      drop_last=train if drop_last is None else drop_last, generator=generator,
-                      persistent_workers=False)
+    return (ResumableLoader if train else DataLoader)(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Tracked(collate_fn) if train else collate_fn,
+        drop_last=train if drop_last is None else drop_last, generator=generator, persistent_workers=False)

@@ -219,3 +219,34 @@ def write_shard_set(
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_manifest(tmp, manifest)
     return manifest
+
+
+def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) -> None:
+    """Copy the finished shard set in `local` to the remote prefix `url`: the shards first, `manifest.json` last, so
+    a reader sees the old set, no set, or the whole new one, never a manifest whose shards are still uploading.
+    With `overwrite`, the old manifest is removed before any shard is replaced and the old set's unlisted shards
+    after the new manifest is up; without it an existing set at `url` is refused."""
+    from medfound.data import location
+    from medfound.data.manifest import MANIFEST_NAME, read_manifest
+
+    local = Path(local)
+    target = location.join(url, MANIFEST_NAME)
+    old = None
+    if location.exists(target):
+        if not overwrite:
+            raise FileExistsError(f"{location.redact(url)} already holds a shard set ({MANIFEST_NAME}); pass "
+                                  "--overwrite to replace it, or choose another --out")
+        try:
+            old = read_manifest(url)
+        except ValueError:
+            old = None
+        location.remove(target)
+    new = read_manifest(local)
+    for s in new.shards:
+        location.upload(local / s.path, location.join(url, s.path))
+    location.upload(local / MANIFEST_NAME, target)
+    if old is not None:
+        keep = {s.path for s in new.shards}
+        for s in old.shards:
+            if s.path not in keep:
+                location.remove(location.join(url, s.path))

@@ -81,7 +81,7 @@ def evaluate_run(run_dir: str | Path, split: Optional[str] = None, external: Opt
     out.mkdir(parents=True, exist_ok=True)
     split = split or recipe.eval.split
     if external:
-        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"external": [Path(e) for e in
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"external": [str(e) for e in
                                                                                               external]})})
     if recipe.eval.external and recipe.task in ("mil", "prompt"):
         raise ValueError(f"eval.external is scored for classification and segmentation runs; {run_dir} is a "
@@ -130,7 +130,7 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
     }
 
 
-def external_block(name: str, path: Path, splits: list[str], n: int, result: dict[str, Any], by_site: dict,
+def external_block(name: str, path: str, splits: list[str], n: int, result: dict[str, Any], by_site: dict,
                    internal: dict[str, Any]) -> dict[str, Any]:
     """One external set beside the internal test: its metrics and intervals, and the drop (external - internal)
     of every metric with the interval of the difference of the two independent bootstraps."""
@@ -197,7 +197,7 @@ def evaluate_classification(export: Path, recipe: FinetuneRecipe, split: str, ou
     predictions = [("internal", probs, labels, keys, sites)]
     externals = []
     for ext in external:
-        ext = Path(ext)
+        ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
         e_schema = endpoint(e_manifest.label_schema, threshold)
         if e_schema.names != schema.names:
@@ -332,7 +332,7 @@ def evaluate_segmentation(run_dir: Path, recipe: FinetuneRecipe, split: str, out
     boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
     externals, warnings, ext_overlays = [], [], {}
     for ext in ev.external:
-        ext = Path(ext)
+        ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
         e_scorer, e_skipped, e_over = score_set(e_urls, f"external set {ext}")
         e_result = e_scorer.result()

@@ -99,7 +99,8 @@ def save_checkpoint(root: Path, module: nn.Module, optimizer: Optional[torch.opt
     from the main process for ddp, every rank's shards for fsdp / zero); only when every rank succeeded does
     the main process add trainer_state.json, rng.safetensors and config.yaml and rename the folder, then
     replace `last`. A kill at any moment leaves `last` naming a complete checkpoint.
-    `ranks`: per process {"epoch", "batch_in_epoch", "rng" (capture_rng scalars), "rng_tensors"}.
+    `ranks`: per process {"epoch", "batch_in_epoch", "rng" (capture_rng scalars), "rng_tensors"}, and optionally
+    "data_position" (per DataLoader worker, where its stream stands: `medfound.data.pipeline.ResumableLoader`).
     `protect`: a checkpoint never pruned (the one this run resumed from).
     `coordinator`: .main, .broadcast(obj) (main's object to all), .any(flag) (True on all if any rank's flag).
     """
@@ -108,7 +109,8 @@ def save_checkpoint(root: Path, module: nn.Module, optimizer: Optional[torch.opt
     write_weights = write_weights or write_full_weights
     target = root / step_dir_name(state["step"])
     tensors = {f"rank{r}.{k}": v for r, d in enumerate(ranks) for k, v in d["rng_tensors"].items()}
-    per_rank = [{"epoch": d["epoch"], "batch_in_epoch": d["batch_in_epoch"], "rng": d["rng"]} for d in ranks]
+    per_rank = [{"epoch": d["epoch"], "batch_in_epoch": d["batch_in_epoch"], "rng": d["rng"],
+                 **({"data_position": d["data_position"]} if d.get("data_position") else {})} for d in ranks]
     error: Optional[BaseException] = None
     ctx, tmp = None, None
     if coord.main:

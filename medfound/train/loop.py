@@ -165,6 +165,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     model, optimizer, inner, saved = strategy.setup(module, lambda m: build_optimizer(m, optim, lr), resume_from)
     state = TrainState()
     pending_rng = None
+    data_position: dict[str, list[int]] = {}  # this epoch, per DataLoader worker: the last `_pos` consumed
     if saved is not None:
         ranks = saved["ranks"]
         mine = ranks[rank] if len(ranks) == world else ranks[0]
@@ -173,6 +174,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                               "weights and optimizer resume exactly, the data order and RNG do not")
         state = TrainState(**{k: saved[k] for k in _SHARED if k in saved}, epoch=mine["epoch"],
                            batch_in_epoch=mine["batch_in_epoch"])
+        if len(ranks) == world and mine.get("data_position"):
+            data_position = dict(mine["data_position"])
         pending_rng = (mine["rng"], saved["_rng_tensors"][mine["rng_index"]])
         written = saved.get("strategy", "ddp")
         accelerator.print(f"resuming from {resume_from} at step {state.step} (epoch {state.epoch}, "
@@ -195,7 +198,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 f"{latest_checkpoint(ckpt_root)}.")
         scalars, tensors = capture_rng()
         everyone = gather_object([{"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "rng": scalars,
-                                   "rng_tensors": tensors}])
+                                   "rng_tensors": tensors, "data_position": dict(data_position)}])
         shared = {**{k: getattr(state, k) for k in _SHARED}, "strategy": trainer.strategy}
         path = save_checkpoint(ckpt_root, inner, optimizer, shared, everyone, config_text,
                                keep=trainer.keep_checkpoints, protect=resume_from, write_weights=strategy.write_weights,
@@ -210,10 +213,19 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     micro, cycle_bad, bad_in_a_row, last_bad = 0, False, 0, ""
     with _Preemption() as preempt:
         while state.step < trainer.max_steps:
-            iterator = iter(make_loader(state.epoch))
+            loader = make_loader(state.epoch)
+            fast = bool(state.batch_in_epoch and data_position and hasattr(loader, "resume_at"))
+            if fast:  # the workers read and drop what was consumed, without decoding it
+                loader.resume_at(data_position)
+            elif not state.batch_in_epoch:
+                data_position = {}
+            iterator = iter(loader)
             seen_this_epoch = 0
             for _ in range(state.batch_in_epoch):  # exact resume: replay the data position
-                next(iterator)
+                replayed = next(iterator)
+                if fast and "_skipped" not in replayed:
+                    raise RuntimeError("resuming the data stream: a decoded batch came where a skipped one was due; "
+                                       "the checkpoint's data position does not fit this loader")
                 seen_this_epoch += 1
             if pending_rng is not None:
                 restore_rng(*pending_rng)
@@ -221,6 +233,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
             step_start = time.time()
             for batch in iterator:
                 seen_this_epoch += 1
+                pos = batch.pop("_pos", None)
+                if pos is not None:
+                    data_position[str(pos[0])] = list(pos[1:])
                 bad = batch.pop("_bad", None)
                 if bad:
                     window.setdefault("bad_samples", []).append(float(len(bad)))
@@ -329,6 +344,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                                      "data.batch_size (batches are full-size in training); lower data.batch_size")
                 state.epoch += 1
                 state.batch_in_epoch = 0
+                data_position = {}
     bar.close()
     logger.close()
     if not state.preempted:

@@ -147,6 +147,8 @@ def test_resume_after_preemption_is_exact(shards, tmp_path):
     state = _fit(first, preempting, _trainer(run))
     assert state.preempted and state.step == 7
     assert latest_checkpoint(run / "checkpoints").name == "step_00000007"
+    saved = json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())
+    assert saved["ranks"][0]["data_position"]  # so the resume skips the consumed batches without decoding them
     second = _task(seed=123, drop_path_rate=0.1)  # different init: everything must come from the checkpoint
     state = _fit(second, make_loader, _trainer(run, resume="auto"),
                  resume=resolve_resume(_trainer(run, resume="auto"), run))
