@@ -52,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("shard", help="raw archive -> WebDataset shards + manifest.json")
-    s.add_argument("kind", choices=["npz", "images", "dicom", "wsi", "volumes"],
-                   help="npz (MedMNIST layout), images (folder + CSV/Parquet table), dicom, wsi, volumes (NRRD/NIfTI)")
-    s.add_argument("input", help="the archive: .npz file, image folder, DICOM file/folder, slide file/folder, "
-                                 "volume folder")
+    s.add_argument("kind", choices=["npz", "images", "dicom", "wsi", "volumes", "merge"],
+                   help="npz (MedMNIST layout), images (folder + CSV/Parquet table), dicom, wsi, volumes (NRRD/NIfTI); "
+                        "merge: join the part folders written with --part into one shard set")
+    s.add_argument("input", nargs="+", help="the archive: .npz file, image folder, DICOM file/folder, slide "
+                                            "file/folder, volume folder; for merge: every part folder")
     s.add_argument("--out", required=True, help="output shard-set directory, or an s3:// / gs:// prefix (shards uploaded first, manifest.json last)")
     s.add_argument("--name", help="data set name (default: the --out folder name)")
     s.add_argument("--modality", default="auto",
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
     s.add_argument("--shard-size-mb", type=float, default=64.0, help="bytes per shard, in MB (default 64)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing shard set (only once complete)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes that decode, de-identify and encode (default: all cores); the shards are "
+                        "byte-identical to --workers 1")
+    s.add_argument("--part", metavar="I/N", help="ingest part I of N of the sorted inputs (0-based, e.g. a SLURM array "
+                                                "task); join the parts with `medfound shard merge PART_DIRS --out DIR`")
     s.add_argument("--keep-names", action="store_true",
                    help="use file/slide names in sample keys (only for public data whose names carry no PHI)")
     s.add_argument("--salt", help="secret for patient tokens and keys (default: derived from the inputs' bytes, "
@@ -327,7 +333,21 @@ def _run(args: argparse.Namespace, command: str) -> int:
               + (f"; MAE decoder kept ({r['mae_decoder']})" if r["mae_decoder"] else "")
               + (f"; dropped {len(r['dropped'])} non-backbone keys: {', '.join(r['dropped'][:6])}" if r["dropped"] else ""))
         return 0
+    if args.verb == "shard" and args.kind == "merge":
+        from medfound.data.shards import merge_parts
+
+        m = merge_parts(args.input, args.out, overwrite=args.overwrite)
+        print(f"merged {m.ingest['merged_parts']} parts: {len(m.shards)} shards ({m.counts['total']} samples: "
+              f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}) to {args.out}; "
+              f"digest {m.digest[:16]}")
+        return 0
     if args.verb == "shard":
+        from medfound.data.ingest.parallel import default_workers
+
+        if len(args.input) != 1:
+            raise ValueError(f"medfound shard {args.kind} takes one input (got {len(args.input)}); several part "
+                             "folders are joined with `medfound shard merge`")
+        args.input = args.input[0]
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
                                                  "keep_names", "salt", "fov", "layout", "axis", "patch")}
@@ -339,7 +359,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
                                      site=args.site, license=args.license, attribution=args.attribution,
                                      max_count=args.max_count, max_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                     **options)
+                                     workers=args.workers or default_workers(), part=args.part, **options)
         print(f"wrote {len(m.shards)} shards ({m.counts['total']} samples: "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}; modalities "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_modality'].items())}) to {args.out}; "

@@ -369,10 +369,13 @@ def publish_run(run_dir: str | Path, out: str | Path, **kwargs: Any) -> dict:
 
 def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "auto",
           site: Optional[str] = None, license: Optional[str] = None, attribution: Optional[str] = None,
-          max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, **options: Any):
+          max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, workers: int = 1,
+          part: Optional[str] = None, **options: Any):
     """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest.
 
     `modality="auto"` takes it from the data (DICOM tags; "mixed" when several) and is "other" elsewhere.
+    `workers` processes decode and encode (byte-identical output to one); `part="I/N"` ingests only part I of N of
+    the inputs (a deterministic split; `medfound shard merge` joins the parts), see medfound.data.ingest.parallel.
     Returns (manifest, skipped) where skipped lists (reference, relative path, reason) for inputs not written; the
     reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
@@ -394,33 +397,37 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
         try:
             manifest, skipped = shard(kind, input, staging / name, name=name, modality=modality, site=site,
                                       license=license, attribution=attribution, max_count=max_count, max_mb=max_mb,
-                                      **options)
+                                      workers=workers, part=part, **options)
             upload_shard_set(staging / name, out, overwrite=overwrite)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest, skipped
     if overwrite:  # before the ingest: --overwrite replaces only an earlier shard set
         check_replaceable(out, "shards")
+    from medfound.data.ingest.parallel import encoded_samples, parse_part
+
+    part_index, parts = parse_part(part)
     ingested = get_reader(kind)(input, site=site, name=name, **options)
+    settings = dict(ingested.settings, **({"part": [part_index, parts]} if parts > 1 else {}))
     source = dict(ingested.source)
     if license:
         source["license"] = license
     if attribution:
         source["attribution"] = attribution
-    skipped = ingested.skipped if ingested.skipped is not None else None
-
     def modality_of_set() -> str:
         if modality != "auto":
             return modality
         seen = ingested.modalities or {}
         return next(iter(seen)) if len(seen) == 1 else "mixed" if seen else "other"
 
+    stream = encoded_samples(ingested, _per_sample_modality(ingested.samples, modality), ingested.label_schema,
+                             workers=workers, part=part_index, parts=parts)
     manifest = write_shard_set(
-        _per_sample_modality(ingested.samples, modality), out, name=name, modality=modality_of_set, site=site,
-        label_schema=ingested.label_schema, source=source, ingest=ingested.settings, max_count=max_count,
-        max_mb=max_mb, overwrite=overwrite, bags=ingested.bags, skipped=skipped,
-        deidentification=ingested.deidentification)
-    return manifest, (skipped or {}).get("files", [])
+        stream, out, name=name, modality=modality_of_set, site=site,
+        label_schema=ingested.label_schema, source=source, ingest=settings, max_count=max_count,
+        max_mb=max_mb, overwrite=overwrite, bags=ingested.bags, skipped=ingested.skipped,
+        deidentification=ingested.deidentification)  # filled in place while `stream` is consumed
+    return manifest, (ingested.skipped or {}).get("files", [])
 
 
 def _per_sample_modality(samples, modality: str):

@@ -26,6 +26,7 @@ import json
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -107,6 +108,19 @@ class _SplitWriter:
         self.writer = None
 
 
+@dataclass
+class Encoded:
+    """A sample already encoded into its tar record (by an ingest worker process) and its summary for the counts."""
+
+    record: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def encode_sample(s: dict[str, Any], label_schema: LabelSchema) -> Encoded:
+    """The tar record of one sample and its small summary for the manifest's counts; ValueError names the sample."""
+    return Encoded(*_record(s, label_schema))
+
+
 def _record(s: dict[str, Any], label_schema: LabelSchema) -> tuple[dict[str, Any], dict[str, Any]]:
     """The tar record of one sample and its small summary for the manifest's counts."""
     key = str(s["key"])
@@ -181,8 +195,8 @@ def write_shard_set(
     with atomic_dir(out, overwrite=overwrite, kind="shards") as tmp:
         writers: dict[str, _SplitWriter] = {}
         try:
-            for s in samples:
-                record, summary = _record(s, label_schema)
+            for s in samples:  # sample dicts, or samples a worker process already encoded
+                record, summary = (s.record, s.summary) if isinstance(s, Encoded) else _record(s, label_schema)
                 if record["__key__"] in seen:
                     raise ValueError(f"duplicate sample key {record['__key__']!r}: every sample in a shard set "
                                      "needs its own key")
@@ -250,3 +264,119 @@ def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) ->
         for s in old.shards:
             if s.path not in keep:
                 location.remove(location.join(url, s.path))
+
+
+def _sum_into(target: dict[str, Any], add: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts of counts added key by key (the manifest's counts, skipped reasons, de-identification tallies);
+    other values must agree and are kept."""
+    for k, v in add.items():
+        if isinstance(v, dict):
+            _sum_into(target.setdefault(k, {}), v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            target[k] = target.get(k, 0) + v
+        else:
+            target.setdefault(k, v)
+    return target
+
+
+def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> Manifest:
+    """One shard set from the parts written by `medfound shard ... --part I/N` (any order of `part_dirs`).
+
+    Every part is verified first (manifest digest, every shard's size, sha256 and sample count); the parts must be
+    exactly 0..N-1 of one ingest (same source, settings, label schema and name), and no sample key may be in two
+    parts. The shards are copied (hard-linked where the file system allows) and numbered per split in part order;
+    counts, skipped inputs and de-identification tallies are summed; bags are concatenated. Nothing is written
+    under `out` unless all of that holds."""
+    import os
+    import shutil
+
+    from medfound.data.manifest import read_manifest
+    from medfound.data.tario import ShardError, shard_keys
+
+    if not part_dirs:
+        raise ValueError("shard merge needs the part folders: medfound shard merge PART_DIR... --out DIR")
+    parts: dict[int, tuple[Path, Manifest]] = {}
+    total_parts = None
+    for d in map(Path, part_dirs):
+        m = read_manifest(d)
+        where = m.ingest.get("part")
+        if not (isinstance(where, list) and len(where) == 2):
+            raise ValueError(f"{d} is not a part (its manifest has no ingest.part): write parts with "
+                             "`medfound shard KIND INPUT --part I/N --out PART_DIR`")
+        i, n = int(where[0]), int(where[1])
+        if total_parts is None:
+            total_parts = n
+        elif n != total_parts:
+            raise ValueError(f"{d} is part {i} of {n}, but {parts[min(parts)][0]} is of {total_parts}: the parts come "
+                             "from different --part N")
+        if i in parts:
+            raise ValueError(f"part {i}/{n} is given twice ({parts[i][0]} and {d}): the parts overlap")
+        parts[i] = (d, m)
+    missing = sorted(set(range(total_parts)) - set(parts))
+    if missing:
+        raise ValueError(f"parts {', '.join(f'{i}/{total_parts}' for i in missing)} are missing (given "
+                         f"{', '.join(f'{i}/{total_parts}' for i in sorted(parts))}); ingest them with --part "
+                         "before merging")
+    order = [parts[i] for i in range(total_parts)]
+    first_dir, first = order[0]
+
+    def comparable(m: Manifest, field: str) -> Any:
+        value = getattr(m, field)
+        return {k: v for k, v in value.items() if k != "part"} if field == "ingest" else value
+
+    def same(field: str, m: Manifest, d: Path) -> None:
+        if comparable(m, field) != comparable(first, field):
+            raise ValueError(f"{d} and {first_dir} differ in {field}: the parts come from different ingests (same "
+                             "input, options and --name are needed)")
+
+    owner: dict[str, Path] = {}
+    for d, m in order:
+        for field in ("name", "label_schema", "source", "ingest", "site"):
+            same(field, m, d)
+        for s in m.shards:
+            try:
+                keys = shard_keys(str(d / s.path), s.model_dump(), "sha256")
+            except (ShardError, FileNotFoundError) as e:
+                raise ValueError(f"part {d} is damaged: {e}; re-ingest that part") from None
+            for key in keys:
+                if key in owner:
+                    raise ValueError(f"sample {key!r} is in {owner[key]} and in {d}: the parts overlap")
+                owner[key] = d
+    with atomic_dir(out, overwrite=overwrite, kind="shards") as tmp:
+        shards: list[ShardInfo] = []
+        next_index: Counter = Counter()
+        for d, m in order:
+            for s in sorted(m.shards, key=lambda s: s.path):
+                name = f"{s.split}-{next_index[s.split]:06d}.tar"
+                next_index[s.split] += 1
+                try:
+                    os.link(d / s.path, tmp / name)
+                except OSError:
+                    shutil.copyfile(d / s.path, tmp / name)
+                shards.append(s.model_copy(update={"path": name}))
+        counts: dict[str, Any] = {}
+        skipped: dict[str, Any] = {}
+        deid: dict[str, Any] = {}
+        for _, m in order:
+            _sum_into(counts, m.counts)
+            _sum_into(skipped, m.skipped or {})
+            _sum_into(deid, m.deidentification or {})
+        order_of = {"train": 0, "val": 1, "test": 2}
+        for k in ("by_split", "by_label"):
+            counts[k] = dict(sorted(counts.get(k, {}).items(), key=lambda kv: (order_of.get(kv[0], 9), kv[0])))
+        for k in ("by_site", "by_modality"):
+            counts[k] = dict(sorted(counts.get(k, {}).items()))
+        if "dropped_values" in deid:
+            deid["dropped_values"] = dict(sorted(deid["dropped_values"].items()))
+        modalities = {m.modality for _, m in order}
+        bags = [b for _, m in order for b in (m.bags or [])] if any(m.bags is not None for _, m in order) else None
+        ingest = {k: v for k, v in first.ingest.items() if k != "part"} | {"merged_parts": total_parts}
+        manifest = Manifest(name=first.name, modality=modalities.pop() if len(modalities) == 1 else "mixed",
+                            site=first.site, label_schema=first.label_schema, source=first.source, ingest=ingest,
+                            shards=sorted(shards, key=lambda i: i.path), counts=counts,
+                            fields=sorted({f for _, m in order for f in (m.fields or [])}), bags=bags,
+                            skipped=skipped or None, deidentification=deid or None,
+                            medfound_version=medfound.__version__,
+                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_manifest(tmp, manifest)
+    return manifest

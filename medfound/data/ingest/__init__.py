@@ -36,6 +36,16 @@ class Ingested:
     deidentification: Optional[dict[str, Any]] = None
     bags: Optional[list[dict[str, Any]]] = None       # slide-level bags for MIL
     modalities: Optional[Counter] = None              # per-sample modalities seen (a mixed archive)
+    # which inputs (by index in the reader's fixed input order) this process reads; None: all. Set before `samples`
+    # is consumed (`medfound.data.ingest.parallel`: --workers and --part); a reader calls `wants(i)` once per input,
+    # in order, before any work on it
+    select: Optional[Callable[[int], bool]] = None
+    # True when samples from several processes are merged: checks across inputs (duplicate DICOM instances) are then
+    # made where they merge, not in the reader
+    cross_process: bool = False
+
+    def wants(self, index: int) -> bool:
+        return self.select is None or self.select(index)
 
 
 def safe_key(name: str, keep_names: bool) -> str:

@@ -181,6 +181,14 @@ def _store(frame: np.ndarray) -> tuple[np.ndarray, int]:
     return frame, 0  # wider or float: kept exactly as .npy
 
 
+DUPLICATE_KEY = "_instance"  # per sample: (token of its SOPInstanceUID, relative path), so that output merged from
+# several processes drops duplicates exactly as one process does (medfound.data.ingest.parallel); never written
+
+
+def duplicate_reason(first: int) -> str:
+    return f"duplicate instance (the same SOPInstanceUID as input #{first})"
+
+
 def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional[str | Path] = None,
                label_type: Optional[str] = None, label_names: Optional[list[str]] = None,
                split_fractions: Optional[dict[str, float]] = None, site: Optional[str] = None,
@@ -237,6 +245,8 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
 
     def _samples():
         for index, (path, digest) in enumerate(zip(files, hashes)):
+            if not result.wants(index):
+                continue
             rel = path.relative_to(root).as_posix()
             try:
                 ds = pydicom.dcmread(path, force=False)
@@ -274,10 +284,9 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                 group = token(patient) if patient else token("file:" + digest)
                 split = (row.get("split") or "").strip() or split_for_token(group, fractions)
                 instance = str(ds.get("SOPInstanceUID", "") or digest)
-                if instance in instances:
-                    skip(index, path, f"duplicate instance (the same SOPInstanceUID as input #{instances[instance]})")
+                if instance in instances and not result.cross_process:  # else checked where the processes merge
+                    skip(index, path, duplicate_reason(instances[instance]))
                     continue
-                instances[instance] = index
                 base = safe_key(Path(rel).with_suffix("").as_posix(), True) if keep_names else "d" + token(instance)
                 modality = _modality(ds)
                 label = to_label(row) if rows else None
@@ -286,10 +295,12 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                     stored, shift = _store(np.asarray(frame))
                     out.append({"key": f"{base}_f{i:04d}", "image": stored, "split": split, "label": label,
                                 "site": (row.get("site") or "").strip() or site, "modality": modality,
-                                "patient": group, "meta": _meta(ds, i, len(pixels), shift, frame_dropped)})
+                                "patient": group, "meta": _meta(ds, i, len(pixels), shift, frame_dropped),
+                                DUPLICATE_KEY: (token(instance), rel)})
             except Exception as e:  # a malformed element read late (e.g. a broken sequence)
                 skip(index, path, f"malformed DICOM ({type(e).__name__})")
                 continue
+            instances[instance] = index  # a file is a duplicate of one that was written, never of a skipped one
             modalities[modality] += 1
             deid["files_deidentified"] += 1
             deid["burned_in"]["allowed"] += bool(burned)
@@ -304,5 +315,6 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
     settings = {"kind": "dicom", "split": "table column" if split_column else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names,
                 "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
-    return Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
-                    modalities=modalities)
+    result = Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
+                      modalities=modalities)
+    return result

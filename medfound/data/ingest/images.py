@@ -110,6 +110,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
         from medfound.data.fundus import crop_to_fov, detect_fov
 
         for i, r in enumerate(rows):
+            if not result.wants(i):
+                continue
             where = f"{table} row {i + 2}"
             rel = r["path"]
             try:
@@ -154,4 +156,5 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names, "masks": mask_cols, "fov": fov}
-    return Ingested(samples(), schema, source, settings, skipped=skipped)
+    result = Ingested(samples(), schema, source, settings, skipped=skipped)
+    return result

@@ -59,15 +59,20 @@ def read_npz(path: str | Path, *, label_type: Optional[str] = None, label_names:
         schema, to_index = label_schema_for(all_labels, label_type, label_names)
 
     def samples():
+        index = -1
         for s in splits:
             images = arrays[f"{s}_images"]
             if images.dtype != np.uint8:
                 raise ValueError(f"{path}: {s}_images has dtype {images.dtype}; expected uint8")
             for i, img in enumerate(images):
+                index += 1
+                if not result.wants(index):
+                    continue
                 y = labels[s]
                 yield {"key": f"{path.stem}_{s}_{i:06d}", "image": img, "split": s, "site": site,
                        "label": None if y is None else to_index(y[i] if multi else int(y[i])), "meta": {"index": i}}
 
     source = {"files": [{"name": path.name, "sha256": sha256_file(path)}]}
     settings = {"kind": "npz", "splits": {s: int(len(arrays[f"{s}_images"])) for s in splits}}
-    return Ingested(samples(), schema, source, settings)
+    result = Ingested(samples(), schema, source, settings)
+    return result

@@ -133,7 +133,9 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
         b"medfound-salt\0" + "".join(sorted(r["path"] for r in rows)).encode()).digest()
 
     def samples():
-        for r in rows:
+        for index, r in enumerate(rows):
+            if not result.wants(index):
+                continue
             path = folder / r["path"]
             image, spacing, codes = load_volume(path)
             mask = None
@@ -183,4 +185,5 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
     settings = {"kind": "volumes", "layout": layout, "axis": axis, "patch": patch if layout == "patches" else None,
                 "pairs": "table" if table else "X_image + X_label file names", "keep_names": keep_names,
                 "reader": "monai.transforms.LoadImage (RAS)"}
-    return Ingested(samples(), schema, source, settings)
+    result = Ingested(samples(), schema, source, settings)
+    return result

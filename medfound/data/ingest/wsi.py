@@ -133,7 +133,9 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
     bags: list[dict] = []
 
     def samples():
-        for p in slides:
+        for index, p in enumerate(slides):
+            if not result.wants(index):
+                continue
             r = rows.get(p.name, {})
             if table and not r:
                 raise ValueError(f"{p.name} has no row in {table}; add it or move the slide out of {input}")
@@ -152,4 +154,5 @@ def read_wsi(input: str | Path, *, mpp: float = 0.5, tile_size: int = 224, min_t
     settings = {"kind": "wsi", "mpp": mpp, "tile_size": tile_size, "min_tissue": min_tissue, "backend": backend,
                 "tissue_detection": "Otsu on HSV saturation of a <=1024 px thumbnail", "slide_mpp_override": slide_mpp,
                 "keep_names": keep_names}
-    return Ingested(samples(), schema, source, settings, bags=bags)
+    result = Ingested(samples(), schema, source, settings, bags=bags)
+    return result
