@@ -136,12 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", help="trainer.output_dir of the recipe (default runs/NAME_plan)")
 
     s = sub.add_parser("extract", help="embed WSI tiles with a frozen backbone into per-slide MIL bags")
-    s.add_argument("shards", help="a tile shard set from `medfound shard wsi` (slide labels via its --table)")
+    s.add_argument("shards", help="a tile shard set from `medfound shard wsi` (a folder or an s3:// gs:// https:// "
+                                  "prefix; slide labels via its --table)")
     s.add_argument("--backbone", required=True, help="an export folder (RUN_DIR/export, `medfound import` output)")
-    s.add_argument("--out", required=True, help="the bag folder to write (bags.json + one file per slide)")
+    s.add_argument("--out", required=True, help="the bag folder to write (bags.json + one file per slide); a rerun "
+                                                "reuses the bags an earlier (killed) run made with the same backbone")
     s.add_argument("--format", choices=["safetensors", "h5"], default="safetensors")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (GPU: 256-1024)")
+    s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="GPU: run the backbone under bf16 autocast (default) or in fp32; the CPU always uses fp32")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding tiles per process")
+    s.add_argument("--overwrite", action="store_true", help="replace bags made by another backbone")
 
     s = sub.add_parser("prompt", help="segment the structures inside boxes with a box-prompt (MedSAM) run")
     s.add_argument("run_dir", help="a run of a head.type=box_prompt recipe (e.g. adapt/medsam.yaml)")
@@ -282,13 +287,18 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "extract":
         from medfound.adapt.extract import extract_bags
         index = extract_bags(args.shards, args.backbone, args.out, batch_size=args.batch_size, format=args.format,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, precision=args.precision, num_workers=args.num_workers)
+        if not index:  # ranks > 0 under torchrun: rank 0 reports
+            return 0
         splits: dict[str, int] = {}
         for s in index["slides"]:
             splits[s["split"]] = splits.get(s["split"], 0) + 1
         tiles = sum(s["tiles"] for s in index["slides"])
+        t = index["throughput"]
+        rate = f", {t['tiles_per_s']} tiles/s on {t['processes']} process(es)" if t["tiles_per_s"] else ""
         print(f"wrote {len(index['slides'])} bags ({tiles} tiles, {index['backbone']['feature_dim']}-d features from "
-              f"{index['backbone']['architecture']}; slides per split {splits}) to {args.out} in {index['seconds']} s")
+              f"{index['backbone']['architecture']}; slides per split {splits}) to {args.out} in {index['seconds']} s"
+              f"{rate}; {t['slides_embedded']} slides embedded, {t['slides_reused']} reused from an earlier run")
         return 0
     if args.verb == "evaluate":
         from medfound.evaluate.report import evaluate_run

@@ -398,7 +398,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
                 max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
                 site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
-                keep_meta: Sequence[str] = (), verify: Verify = "size") -> DataLoader:
+                keep_meta: Sequence[str] = (), verify: Verify = "size",
+                sample_filter: Optional[Callable[[dict], bool]] = None, split_by_node: bool = True) -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
@@ -408,6 +409,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     per site (`site_balanced_keep`). `keep_meta`: JSON
     meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts). `verify`: each shard's
     size and sample count against its manifest (`size`), or also its sha256 (`sha256`); see `medfound.data.tario`.
+    `sample_filter`: raw sample (tar members as bytes) -> keep?, applied before decoding. `split_by_node=False`
+    (finite streams): every rank reads every shard (a caller that splits the samples itself, e.g. by slide).
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
     if resampled:
@@ -419,12 +422,14 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     else:
         if weights is not None:
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
-        stages = [_shard_order([u for s in sets for u in s], train, seed, epoch), wds.split_by_node,
-                  wds.split_by_worker, shard_stage(verify)]
+        stages = [_shard_order([u for s in sets for u in s], train, seed, epoch)] + \
+            ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker, shard_stage(verify)]
     if train and shuffle_buffer > 1:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     if class_keep is not None or site_keep is not None:
         stages.append(_balanced(class_keep, seed, epoch, site_keep))
+    if sample_filter is not None:
+        stages.append(wds.select(sample_filter))
     stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta, track=train,
                            seed=seed, epoch=epoch))
     dataset = wds.DataPipeline(*stages)

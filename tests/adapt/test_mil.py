@@ -194,4 +194,6 @@ def test_extract_cli(bags, pretrained, tmp_path, capsys):
     assert main(["extract", str(bags.parent / "tiles"), "--backbone", str(pretrained / "export"), "--out", str(out)]) == 0
     assert "wrote 1 bags" in capsys.readouterr().out
     assert json.loads((out / "bags.json").read_text())["digest"] == json.loads((bags / "bags.json").read_text())["digest"]
-    assert main(["extract", str(bags.parent / "tiles"), "--backbone", str(pretrained / "export"), "--out", str(out)]) == 1
+    # a rerun reuses the finished bags (same backbone sha256) and embeds nothing
+    assert main(["extract", str(bags.parent / "tiles"), "--backbone", str(pretrained / "export"), "--out", str(out)]) == 0
+    assert "0 slides embedded, 1 reused" in capsys.readouterr().out
