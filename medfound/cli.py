@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None,
                    help="processes that decode, de-identify and encode (default: all cores); the shards are "
                         "byte-identical to --workers 1")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an ingest that was killed or failed: its finished shards (kept in .NAME.partial "
+                        "beside --out, checked against their sha256) stay, their inputs are not read again, the "
+                        "rest is redone; the result is byte-identical to an uninterrupted run")
     s.add_argument("--part", metavar="I/N", help="ingest part I of N of the sorted inputs (0-based, e.g. a SLURM array "
                                                 "task); join the parts with `medfound shard merge PART_DIRS --out DIR`")
     s.add_argument("--keep-names", action="store_true",
@@ -353,6 +357,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.verb == "shard":
         from medfound.data.ingest.parallel import default_workers
+        from medfound.data.location import is_url
 
         if len(args.input) != 1:
             raise ValueError(f"medfound shard {args.kind} takes one input (got {len(args.input)}); several part "
@@ -369,7 +374,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
                                      site=args.site, license=args.license, attribution=args.attribution,
                                      max_count=args.max_count, max_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                     workers=args.workers or default_workers(), part=args.part, **options)
+                                     workers=args.workers or default_workers(), part=args.part,
+                                     resumable=not is_url(args.out), resume=args.resume, **options)
         print(f"wrote {len(m.shards)} shards ({m.counts['total']} samples: "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}; modalities "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_modality'].items())}) to {args.out}; "

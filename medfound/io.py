@@ -160,13 +160,16 @@ def check_replaceable(path: str | os.PathLike, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | None = None,
+               staging: Path | None = None) -> Iterator[Path]:
     """Build a directory under a temporary sibling name; rename it to `path` only on success.
 
     With `overwrite=False` an existing non-empty `path` is an error before any work is done; with
     `overwrite=True` the old directory is replaced only after the new one is complete, and, for a user-facing
     output `kind` (OUTPUT_KINDS), only when it is that kind of output (`check_replaceable`). Temporary siblings
     left by a killed write of the same `path` (older than a day, or of a dead process) are removed first.
+    `staging`: build in this existing folder instead of a fresh temporary one, and keep it when the build fails
+    (a resumable write: `medfound shard --resume` continues from it).
     """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -175,8 +178,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
         check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp")
-    tmp.mkdir()
+    if staging is None:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp")
+        tmp.mkdir()
+    else:
+        tmp = Path(staging)
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -192,7 +198,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        if tmp.exists():
+        if tmp.exists() and staging is None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

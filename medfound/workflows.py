@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -370,12 +371,14 @@ def publish_run(run_dir: str | Path, out: str | Path, **kwargs: Any) -> dict:
 def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] = None, modality: str = "auto",
           site: Optional[str] = None, license: Optional[str] = None, attribution: Optional[str] = None,
           max_count: int = 1000, max_mb: float = 64.0, overwrite: bool = False, workers: int = 1,
-          part: Optional[str] = None, **options: Any):
+          part: Optional[str] = None, resumable: bool = False, resume: bool = False, **options: Any):
     """`medfound shard KIND INPUT --out DIR`: ingest with the KIND reader, write shards + manifest.
 
     `modality="auto"` takes it from the data (DICOM tags; "mixed" when several) and is "other" elsewhere.
     `workers` processes decode and encode (byte-identical output to one); `part="I/N"` ingests only part I of N of
     the inputs (a deterministic split; `medfound shard merge` joins the parts), see medfound.data.ingest.parallel.
+    `resumable` builds in `.NAME.partial` beside `out` with a progress journal, kept if the ingest fails or is
+    killed; `resume` (implies resumable) continues such a partial ingest (medfound.data.shards.Journal).
     Returns (manifest, skipped) where skipped lists (reference, relative path, reason) for inputs not written; the
     reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
@@ -397,7 +400,7 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
         try:
             manifest, skipped = shard(kind, input, staging / name, name=name, modality=modality, site=site,
                                       license=license, attribution=attribution, max_count=max_count, max_mb=max_mb,
-                                      workers=workers, part=part, **options)
+                                      workers=workers, part=part, **options)  # not resumable: a temporary folder
             upload_shard_set(staging / name, out, overwrite=overwrite)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -407,6 +410,8 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     from medfound.data.ingest.parallel import encoded_samples, parse_part
 
     part_index, parts = parse_part(part)
+    if not overwrite and Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose another output or pass --overwrite")
     ingested = get_reader(kind)(input, site=site, name=name, **options)
     settings = dict(ingested.settings, **({"part": [part_index, parts]} if parts > 1 else {}))
     source = dict(ingested.source)
@@ -420,13 +425,25 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
         seen = ingested.modalities or {}
         return next(iter(seen)) if len(seen) == 1 else "mixed" if seen else "other"
 
+    journal = None
+    if resumable or resume:
+        from medfound.data.shards import Journal
+
+        fingerprint = hashlib.sha256(json.dumps(
+            {"kind": kind, "name": name, "modality": modality, "site": site, "source": source, "settings": settings,
+             "schema": ingested.label_schema.model_dump(), "max_count": max_count, "max_mb": max_mb},
+            sort_keys=True, default=str).encode()).hexdigest()
+        journal = Journal(out, fingerprint, resume)
+        if journal.resumed:
+            print(f"--resume: kept {len(journal.shards)} finished shards ({len(journal.done_keys)} samples) from "
+                  f"{journal.dir}", flush=True)
     stream = encoded_samples(ingested, _per_sample_modality(ingested.samples, modality), ingested.label_schema,
-                             workers=workers, part=part_index, parts=parts)
+                             workers=workers, part=part_index, parts=parts, journal=journal)
     manifest = write_shard_set(
         stream, out, name=name, modality=modality_of_set, site=site,
         label_schema=ingested.label_schema, source=source, ingest=settings, max_count=max_count,
         max_mb=max_mb, overwrite=overwrite, bags=ingested.bags, skipped=ingested.skipped,
-        deidentification=ingested.deidentification)  # filled in place while `stream` is consumed
+        deidentification=ingested.deidentification, journal=journal)  # side records: filled while consumed
     return manifest, (ingested.skipped or {}).get("files", [])
 
 

@@ -70,12 +70,15 @@ def encode(value: Any) -> tuple[str, bytes]:
 
 
 class _SplitWriter:
-    """Rolls one split's samples over numbered shards."""
+    """Rolls one split's samples over numbered shards, from shard `start` (a resumed ingest); `on_close` hears of
+    every finished shard with its samples' keys and summaries."""
 
-    def __init__(self, root: Path, split: str, max_count: int, max_bytes: int):
+    def __init__(self, root: Path, split: str, max_count: int, max_bytes: int, start: int = 0,
+                 on_close: Optional[Callable[[ShardInfo, list[str], list[dict]], None]] = None):
         self.root, self.split, self.max_count, self.max_bytes = root, split, max_count, max_bytes
-        self.index, self.writer, self.count, self.bytes = 0, None, 0, 0
+        self.index, self.writer, self.count, self.bytes = start, None, 0, 0
         self.done: list[ShardInfo] = []
+        self.on_close, self.keys, self.summaries = on_close, [], []
 
     def _name(self) -> str:
         return f"{self.split}-{self.index:06d}.tar"
@@ -92,6 +95,8 @@ class _SplitWriter:
         self.writer.write(record)
         self.count += 1
         self.bytes += size
+        if self.on_close is not None:
+            self.keys.append(record["__key__"])
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -103,9 +108,13 @@ class _SplitWriter:
             return
         self.writer.close()
         path = self.root / self._name()
-        self.done.append(ShardInfo(path=path.name, split=self.split, count=self.count,
-                                   bytes=path.stat().st_size, sha256=sha256_file(path)))
+        info = ShardInfo(path=path.name, split=self.split, count=self.count, bytes=path.stat().st_size,
+                         sha256=sha256_file(path))
+        self.done.append(info)
         self.writer = None
+        if self.on_close is not None:
+            self.on_close(info, self.keys, self.summaries)
+            self.keys, self.summaries = [], []
 
 
 @dataclass
@@ -181,6 +190,7 @@ def write_shard_set(
     bags: Optional[Iterable[dict[str, Any]]] = None,
     skipped: Optional[dict[str, Any]] = None,
     deidentification: Optional[dict[str, Any]] = None,
+    journal: Optional["Journal"] = None,
 ) -> Manifest:
     """Write `samples` as shards under `out` with a manifest; return the manifest.
 
@@ -188,11 +198,17 @@ def write_shard_set(
     ingest while `samples` is consumed: they are read after the last sample. `skipped` may list the files
     skipped under "files"; only the counts go into the manifest (file names can carry PHI). Raises ValueError naming the sample for a bad key, a duplicate
     key or a label outside the schema; nothing is written under `out` then.
+    `journal` (a resumable ingest): build in its staging folder, record every finished shard there, start each
+    split after the shards it already holds (those samples are not in `samples`), and keep the folder on failure.
     """
-    records: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    fields: Counter = Counter()
-    with atomic_dir(out, overwrite=overwrite, kind="shards") as tmp:
+    records: list[dict[str, Any]] = list(journal.summaries) if journal else []
+    seen: set[str] = set(journal.done_keys) if journal else set()
+    fields: Counter = Counter(journal.fields) if journal else Counter()
+
+    def on_close(info: ShardInfo, keys: list[str], summaries: list[dict]) -> None:
+        journal.add_shard(info, keys, summaries, sorted(fields))  # type: ignore[union-attr]
+
+    with atomic_dir(out, overwrite=overwrite, kind="shards", staging=journal.dir if journal else None) as tmp:
         writers: dict[str, _SplitWriter] = {}
         try:
             for s in samples:  # sample dicts, or samples a worker process already encoded
@@ -204,8 +220,12 @@ def write_shard_set(
                 fields.update(k for k in record if k != "__key__")
                 split = summary["split"]
                 if split not in writers:
-                    writers[split] = _SplitWriter(tmp, split, max_count, int(max_mb * 1024 * 1024))
+                    writers[split] = _SplitWriter(tmp, split, max_count, int(max_mb * 1024 * 1024),
+                                                  start=journal.next_index(split) if journal else 0,
+                                                  on_close=on_close if journal else None)
                 writers[split].write(record)
+                if journal:
+                    writers[split].summaries.append(summary)
                 records.append(summary)
         except BaseException:
             for w in writers.values():
@@ -216,7 +236,8 @@ def write_shard_set(
         if not records:
             why = f"; skipped: {skipped}" if skipped else ""
             raise ValueError(f"no samples to write for {name!r}: check the input ({source}){why}")
-        shards = sorted((i for w in writers.values() for i in w.done), key=lambda i: i.path)
+        shards = sorted([i for w in writers.values() for i in w.done] + (journal.shards if journal else []),
+                        key=lambda i: i.path)
         set_modality = modality() if callable(modality) else modality
         for r in records:
             r["modality"] = r["modality"] or set_modality
@@ -231,6 +252,8 @@ def write_shard_set(
                             bags=list(bags) if bags is not None else None, skipped=skipped or None,
                             deidentification=deidentification, medfound_version=medfound.__version__,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if journal:
+            journal.finish()
         write_manifest(tmp, manifest)
     return manifest
 
@@ -380,3 +403,118 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_manifest(tmp, manifest)
     return manifest
+
+
+JOURNAL_NAME = ".progress.jsonl"
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a resumable ingest of `out` builds: `.NAME.partial` beside it (kept after a failure or a kill)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+class Journal:
+    """The progress of a resumable ingest, in `.NAME.partial/.progress.jsonl` (JSON lines, appended and fsynced at
+    every finished shard): the ingest's fingerprint, then per input its sample keys, the change it made to the
+    reader's side records (skipped files, de-identification counts, bags) and its DICOM instance token, and per
+    finished shard its manifest entry, keys and count summaries.
+
+    Resuming keeps the shards whose files still match their sha256 (per split, the unbroken run of them from the
+    first), deletes everything else in the folder, and skips, without decoding them, the inputs whose every sample is
+    in a kept shard; the other inputs are read again and only their samples not in a kept shard are written. The
+    result is byte-identical to an uninterrupted ingest."""
+
+    def __init__(self, out: str | Path, fingerprint: str, resume: bool):
+        import shutil
+
+        self.dir = partial_dir(out)
+        self.path = self.dir / JOURNAL_NAME
+        self.fingerprint = fingerprint
+        self.shards: list[ShardInfo] = []
+        self.summaries: list[dict[str, Any]] = []
+        self.done_keys: set[str] = set()
+        self.fields: list[str] = []
+        self.items: dict[int, dict[str, Any]] = {}
+        self.resumed = False
+        self._pending: list[str] = []
+        if resume and self.path.is_file():
+            self._load()
+            self.resumed = True
+        else:
+            if resume:
+                print(f"--resume: no partial ingest at {self.dir}; starting from the first input", flush=True)
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            self._write([json.dumps({"t": "start", "fingerprint": fingerprint})])
+
+    def _load(self) -> None:
+        lines = []
+        for raw in self.path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:  # the last line of a killed write
+                break
+        if not lines or lines[0].get("t") != "start" or lines[0].get("fingerprint") != self.fingerprint:
+            raise ValueError(f"--resume: the partial ingest in {self.dir} was started with other inputs or options "
+                             "(the fingerprint differs); rerun without --resume to start over")
+        broken: set[str] = set()
+        keep: set[str] = {JOURNAL_NAME}
+        for line in lines[1:]:
+            if line["t"] == "item":
+                self.items[int(line["i"])] = line
+            elif line["t"] == "shard":
+                info = ShardInfo(**line["info"])
+                p = self.dir / info.path
+                ok = info.split not in broken and p.is_file() and p.stat().st_size == info.bytes and \
+                    sha256_file(p) == info.sha256
+                if not ok:
+                    broken.add(info.split)
+                    continue
+                self.shards.append(info)
+                keep.add(info.path)
+                self.done_keys.update(line["keys"])
+                self.summaries.extend(line["summaries"])
+                self.fields = line["fields"]
+        for p in self.dir.iterdir():  # a half-written shard, or one that no longer matches its record
+            if p.name not in keep:
+                p.unlink()
+        # the journal rewritten as what was kept, so that later appends extend a consistent file
+        kept = [json.dumps(lines[0])] + [json.dumps(v) for _, v in sorted(self.items.items())]
+        kept += [json.dumps(line) for line in lines[1:] if line["t"] == "shard" and line["info"]["path"] in keep]
+        from medfound.io import atomic_write_text
+
+        atomic_write_text(self.path, "\n".join(kept) + "\n")
+
+    def next_index(self, split: str) -> int:
+        return sum(1 for s in self.shards if s.split == split)
+
+    def skippable(self, i: int) -> Optional[dict[str, Any]]:
+        """The journal line of input `i` when all its samples are in kept shards (it need not be read again)."""
+        item = self.items.get(i)
+        if item is not None and all(k in self.done_keys for k in item["keys"]):
+            return item
+        return None
+
+    def add_item(self, i: int, keys: list[str], side: dict[str, Any], instance: Optional[str]) -> None:
+        self._pending.append(json.dumps({"t": "item", "i": i, "keys": keys, "side": side, "instance": instance},
+                                        default=list))
+
+    def add_shard(self, info: ShardInfo, keys: list[str], summaries: list[dict], fields: list[str]) -> None:
+        self._pending.append(json.dumps({"t": "shard", "info": info.model_dump(), "keys": keys,
+                                         "summaries": summaries, "fields": fields}))
+        self._write(self._pending)
+        self._pending = []
+
+    def _write(self, lines: list[str]) -> None:
+        import os
+
+        with open(self.path, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> None:
+        """The ingest is complete: the journal goes before the folder becomes the shard set."""
+        self.path.unlink(missing_ok=True)

@@ -152,3 +152,65 @@ def test_the_slurm_array_script_ingests_parts_then_merges(tmp_path):
     assert proc.returncode == 0, proc.stderr
     whole, _ = shard("npz", RETINA, tmp_path / "whole", name="retina", max_count=100)
     assert read_manifest(out).counts == whole.counts and verify_shards(out) == []
+
+
+def _cli_shard(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "medfound.cli", "shard", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_failed_ingest_resumes_from_its_finished_shards(tmp_path):
+    (tmp_path / "img").mkdir()
+    folder = _image_folder(tmp_path / "img")
+    good = (folder / "img31_mask.png").read_bytes()
+    clean = _cli_shard("images", str(folder), "--out", str(tmp_path / "clean"), "--name", "s", "--max-count", "4")
+    assert clean.returncode == 0, clean.stderr
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "img31_mask.png")  # row 33 breaks the ingest
+    out = tmp_path / "out"
+    failed = _cli_shard("images", str(folder), "--out", str(out), "--name", "s", "--max-count", "4")
+    assert failed.returncode == 1 and "row 33" in failed.stderr
+    partial = tmp_path / ".out.partial"
+    kept = sorted(p.name for p in partial.glob("*.tar"))
+    assert kept and not out.exists()  # the finished shards are kept aside; nothing under --out
+    (folder / "img31_mask.png").write_bytes(good)
+    damaged = partial / kept[0]
+    damaged.write_bytes(damaged.read_bytes()[:-512])  # a kept shard that no longer matches: redone
+    resumed = _cli_shard("images", str(folder), "--out", str(out), "--name", "s", "--max-count", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--resume: kept" in resumed.stdout
+    _identical(tmp_path / "clean", out)
+    assert not partial.exists()
+    # another option than the partial ingest's is refused, naming the folder
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "img31_mask.png")
+    assert _cli_shard("images", str(folder), "--out", str(tmp_path / "o3"), "--name", "s").returncode == 1
+    again = _cli_shard("images", str(folder), "--out", str(tmp_path / "o3"), "--name", "s", "--max-count", "8",
+                       "--resume")
+    assert again.returncode == 1 and "fingerprint differs" in again.stderr and ".o3.partial" in again.stderr
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_shards(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    npz = DATA / "medmnist" / "pneumoniamnist_demo.npz"
+    args = ["npz", str(npz), "--name", "p", "--max-count", "40", "--workers", "2"]
+    assert _cli_shard(*args, "--out", str(tmp_path / "whole")).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "medfound.cli", "shard", *args, "--out", str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / ".out.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob("*.tar"))) < 6 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the ingest ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _cli_shard(*args, "--out", str(tmp_path / "out"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--resume: kept" in resumed.stdout and " 0 finished shards" not in resumed.stdout
+    _identical(tmp_path / "whole", tmp_path / "out")

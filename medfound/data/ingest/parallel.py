@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 from medfound.data.ingest import Ingested
 from medfound.data.ingest.dicom import DUPLICATE_KEY, duplicate_reason
 from medfound.data.manifest import LabelSchema
-from medfound.data.shards import Encoded, encode_sample
+from medfound.data.shards import Journal, encode_sample
 
 CHUNK = 32           # messages a worker sends at once
 QUEUE_CHUNKS = 8     # chunks a worker may have in flight: the bound on memory per worker
@@ -94,16 +94,33 @@ def _apply(target: Any, delta: Any) -> Any:
     return delta
 
 
+def _put(out: Any, item: Any, parent: int) -> None:
+    """`out.put(item)`, giving up (exiting) when the parent process is gone (killed): never a blocked orphan."""
+    while True:
+        try:
+            out.put(item, timeout=5.0)
+            return
+        except queue.Full:
+            if os.getppid() != parent:
+                os._exit(1)
+
+
+def _apply_side(ingested: Ingested, change: dict[str, Any]) -> None:
+    for k, d in change.items():
+        setattr(ingested, k, _apply(getattr(ingested, k), d))
+
+
 def _worker(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, part: int, parts: int, worker: int,
-            workers: int, out: Any) -> None:
+            workers: int, out: Any, journal: Optional[Journal], parent: int) -> None:
     """Runs in a forked child: the reader's generator over this worker's inputs, encoded, sent in input order as
-    ("rec", input, Encoded, instance) ... ("end", input, side-record change) per input, then ("done",)."""
+    ("rec", input, Encoded, instance) ... ("end", input, side-record change) per input, or ("skip", input) for one a
+    resumed ingest already holds, then ("done",)."""
     buf: list[tuple] = []
     state = {"current": None, "count": 0, "before": None}
 
     def flush() -> None:
         if buf:
-            out.put(list(buf))
+            _put(out, list(buf), parent)
             buf.clear()
 
     def finish() -> None:
@@ -121,6 +138,9 @@ def _worker(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, par
         state["count"] += 1
         if j % workers != worker:
             return False
+        if journal is not None and journal.skippable(i) is not None:
+            buf.append(("skip", i))  # every sample of it is in a kept shard: not decoded again
+            return False
         state["current"], state["before"] = i, _side(ingested)
         return True
 
@@ -136,33 +156,37 @@ def _worker(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, par
         flush()
     except BaseException as e:  # sent to the parent, which stops the ingest naming the input
         buf.clear()
-        out.put([("error", state["current"], isinstance(e, ValueError), f"{type(e).__name__}: {e}",
-                  "".join(traceback.format_exception(type(e), e, e.__traceback__))[-4000:])])
+        _put(out, [("error", state["current"], isinstance(e, ValueError), f"{type(e).__name__}: {e}",
+                    "".join(traceback.format_exception(type(e), e, e.__traceback__))[-4000:])], parent)
     finally:
         out.close()
         out.join_thread()
 
 
 def encoded_samples(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, *, workers: int = 1,
-                    part: int = 0, parts: int = 1) -> Iterator[Any]:
+                    part: int = 0, parts: int = 1, journal: Optional[Journal] = None) -> Iterator[Any]:
     """The samples of `stream` (the reader's `ingested.samples`, possibly wrapped) for part `part` of `parts`, decoded
     and encoded by `workers` processes, in input order; `ingested`'s side records are filled as one process would.
-    With one worker and one part this is `stream` itself."""
-    if workers <= 1 and parts == 1:
+    With a `journal` (a resumable ingest) every input's outcome is recorded there, and inputs a resumed journal
+    already holds are skipped. With one worker, one part and no journal this is `stream` itself."""
+    if workers <= 1 and parts == 1 and journal is None:
         return iter(stream)
-    if workers > 1 and "fork" not in mp.get_all_start_methods():  # pragma: no cover - Windows
-        print("warning: --workers needs fork (POSIX); ingesting in one process", file=sys.stderr)
-        workers = 1
-    return _merged(ingested, stream, schema, max(1, workers), part, parts)
+    if "fork" not in mp.get_all_start_methods():  # pragma: no cover - Windows
+        if journal is None and parts == 1:
+            print("warning: --workers needs fork (POSIX); ingesting in one process", file=sys.stderr)
+            return iter(stream)
+        raise RuntimeError("--part and --resume need fork (a POSIX system)")
+    return _merged(ingested, stream, schema, max(1, workers), part, parts, journal)
 
 
 def _merged(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, workers: int, part: int,
-            parts: int) -> Iterator[Any]:
+            parts: int, journal: Optional[Journal]) -> Iterator[Any]:
     ctx = mp.get_context("fork")
     ingested.cross_process = True
     queues = [ctx.Queue(maxsize=QUEUE_CHUNKS) for _ in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(ingested, stream, schema, part, parts, w, workers, queues[w]),
-                         daemon=True, name=f"medfound-ingest-{w}") for w in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(ingested, stream, schema, part, parts, w, workers, queues[w], journal,
+                                               os.getpid()), daemon=True, name=f"medfound-ingest-{w}")
+             for w in range(workers)]
     for p in procs:
         p.start()
     pending: list[list[tuple]] = [[] for _ in range(workers)]
@@ -186,10 +210,18 @@ def _merged(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, wor
         while True:
             w = j % workers
             drop: Optional[tuple[str, str]] = None
-            first = True
+            first, keys, token = True, [], None
             msg = next_message(w)
             if msg[0] == "done":
                 break
+            if msg[0] == "skip":  # a resumed ingest holds all of it: its recorded outcome stands in
+                item = journal.items[msg[1]]  # type: ignore[union-attr]
+                _apply_side(ingested, item["side"])
+                if item.get("instance"):
+                    instances[item["instance"]] = msg[1]
+                last[w] = msg[1]
+                j += 1
+                continue
             while True:
                 kind = msg[0]
                 if kind == "rec":
@@ -202,19 +234,20 @@ def _merged(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, wor
                             instances[token] = i
                     first = False
                     if drop is None:
-                        yield enc
+                        key = enc.record["__key__"]
+                        keys.append(key)
+                        if journal is None or key not in journal.done_keys:  # else already in a kept shard
+                            yield enc
                 elif kind == "end":
                     _, i, change = msg
                     last[w] = i
-                    if drop is None:
-                        for k, d in change.items():
-                            setattr(ingested, k, _apply(getattr(ingested, k), d))
-                    else:
+                    if drop is not None:
                         rel, reason = drop
-                        sk = ingested.skipped
-                        sk["count"] += 1
-                        sk["by_reason"][reason] = sk["by_reason"].get(reason, 0) + 1
-                        sk["files"].append((f"input #{i}", rel, reason))
+                        change = {"skipped": {"count": 1, "by_reason": {reason: 1},
+                                              "files": [(f"input #{i}", rel, reason)]}}
+                    _apply_side(ingested, change)
+                    if journal is not None:
+                        journal.add_item(i, keys, change, token if drop is None else None)
                     break
                 elif kind == "error":
                     _, i, bad_input, text, trace = msg
