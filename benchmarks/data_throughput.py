@@ -16,6 +16,7 @@ tissue or not, so there are enough); `drive` - the 40 DRIVE colour fundus photog
 
     python benchmarks/data_throughput.py [--source he|drive] [--workers 2] [--repeats 3]
     python benchmarks/data_throughput.py --verify-overhead [--source he|drive]
+    python benchmarks/data_throughput.py --remote [--source he|drive]
 
 Prints samples/s per variant (median of the repeats) and the ratios; writes
 benchmarks/results/data_throughput.json. Measurements of this machine, not assertions.
@@ -25,6 +26,12 @@ with no manifest beside them (nothing to check: the baseline), at `verify=size` 
 after each shard: the default on every read) and at `verify=sha256`; once for the raw tar stage alone (the
 worst case: no decoding to hide behind) and once for the full training pipeline (decode + MAE augmentation).
 Prints `ratio=` (verified / unverified time) for each.
+
+`--remote` instead streams the same shard set from local disk, from an HTTP server and from an S3-compatible
+server (both on 127.0.0.1, started here: Python's http.server and moto[server]), through the full training pipeline
+(decode + MAE augmentation) at verify=size and at verify=sha256, and prints images/s and `ratio=` (remote / local).
+On one machine this measures medfound's remote reading path (fsspec, read-ahead, the spooled sha256 download), not a
+network: a real object store adds its latency and bandwidth.
 """
 
 from __future__ import annotations
@@ -144,6 +151,72 @@ def verify_overhead(urls: list[str], work: Path, repeats: int, epochs: int, batc
             "ratios": out}
 
 
+def remote_throughput(work: Path, repeats: int, epochs: int, batch: int, workers: int) -> dict:
+    """images/s of the training pipeline over local, HTTP and S3 copies of one shard set, interleaved."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.transforms import build_transform
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    # both servers in their own processes, as a real server would be (not competing for this process's GIL)
+    http_port, s3_port = free_port(), free_port()
+    servers = [subprocess.Popen([sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1",
+                                 "--directory", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}")
+    for port in (http_port, s3_port):
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="medfound-bench")
+    for f in sorted((work / "shards").iterdir()):
+        client.upload_file(str(f), "medfound-bench", f"shards/{f.name}")
+    sets = {"local": str(work / "shards"), "http": f"http://127.0.0.1:{http_port}/shards",
+            "s3": "s3://medfound-bench/shards"}
+    transform = build_transform("mae", 224, MEAN, STD, normalize=False)
+    rates: dict = {}
+    try:
+        for r in range(repeats + 1):
+            for level in ("size", "sha256"):
+                for name, where in sets.items():
+                    urls, _ = shard_urls([where], "train")
+                    seen, start = 0, time.perf_counter()
+                    # one loader over the shards listed `epochs` times: one long epoch, as in real training, so the
+                    # workers' one-off client set-up (~0.2 s for S3) is paid once, not per short pass
+                    for b in make_loader(urls * epochs, transform=transform, batch_size=batch, labelled=False,
+                                         train=True, seed=0, epoch=r, shuffle_buffer=64, num_workers=workers,
+                                         verify=level):
+                        seen += len(b["key"])
+                    if r:
+                        rates.setdefault(level, {}).setdefault(name, []).append(seen / (time.perf_counter() - start))
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+    out = {"samples_per_s": rates, "ratios": {}}
+    for level, by in rates.items():
+        med = {k: statistics.median(v) for k, v in by.items()}
+        for name in ("http", "s3"):
+            ratio = med[name] / med["local"]
+            out["ratios"][f"{name}_{level}"] = ratio
+            print(f"verify={level:6s} {name:5s} {med[name]:7.1f} images/s vs local {med['local']:7.1f}  ratio={ratio:.3f}")
+    return out
+
+
 def count(batch) -> int:
     return len(batch["key"]) if isinstance(batch, dict) else len(batch[0])
 
@@ -157,7 +230,18 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="passes over the tiles per measurement")
     p.add_argument("--out", help="results file (default benchmarks/results/data_throughput_SOURCE.json)")
     p.add_argument("--verify-overhead", action="store_true", help="measure streaming verification's cost instead")
+    p.add_argument("--remote", action="store_true", help="local vs HTTP vs S3 (servers on 127.0.0.1) instead")
     a = p.parse_args()
+    if a.remote:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, n = prepare(Path(tmp), a.source)
+            result = remote_throughput(Path(tmp), a.repeats, a.epochs, a.batch, a.workers)
+        out = Path(a.out or ROOT / "benchmarks" / "results" / f"remote_throughput_{a.source}.json")
+        out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, "
+                                   f"{os.cpu_count()} CPUs", "settings": vars(a), "tiles": n, **result}, indent=2))
+        print(f"{a.source}: {n} samples x {a.epochs} epochs; wrote {out}")
+        return
     if a.verify_overhead:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as tmp:

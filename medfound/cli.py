@@ -371,11 +371,22 @@ def _run(args: argparse.Namespace, command: str) -> int:
         if args.skipped_list and Path(args.out).resolve() in Path(args.skipped_list).resolve().parents:
             raise ValueError(f"--skipped-list {args.skipped_list} is inside --out {args.out}: file names never go into "
                              "a shard set; write the list elsewhere")
-        m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
-                                     site=args.site, license=args.license, attribution=args.attribution,
-                                     max_count=args.max_count, max_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                     workers=args.workers or default_workers(), part=args.part,
-                                     resumable=not is_url(args.out), resume=args.resume, **options)
+        try:
+            m, skipped = workflows.shard(args.kind, args.input, args.out, name=args.name, modality=args.modality,
+                                         site=args.site, license=args.license, attribution=args.attribution,
+                                         max_count=args.max_count, max_mb=args.shard_size_mb,
+                                         overwrite=args.overwrite, workers=args.workers or default_workers(),
+                                         part=args.part, resumable=not is_url(args.out), resume=args.resume, **options)
+        except Exception as e:
+            from medfound.data.shards import partial_dir
+
+            kept = [] if is_url(args.out) or args.traceback else list(partial_dir(args.out).glob("*.tar"))
+            if not kept:
+                raise
+            print(f"medfound shard: error: {_one_line(e)}; {len(kept)} finished shards are kept in "
+                  f"{partial_dir(args.out)}: fix the cause and rerun the same command with --resume to continue from "
+                  "them", file=sys.stderr)
+            return 1
         print(f"wrote {len(m.shards)} shards ({m.counts['total']} samples: "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_split'].items())}; modalities "
               f"{', '.join(f'{k} {v}' for k, v in m.counts['by_modality'].items())}) to {args.out}; "

@@ -228,6 +228,8 @@ def test_a_full_disk_is_one_line_naming_the_fix_and_keeps_what_was_written(tmp_p
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "no space left on the device" in proc.stderr and "intact" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-        assert sorted(p.name for p in disk.iterdir()) == before  # no half-written set, nothing else touched
+        # no half-written set under --out and nothing else touched; the finished shards wait, hidden, for --resume
+        assert sorted(p.name for p in disk.iterdir()) == sorted(before + [".big.partial"])
+        assert not (disk / "big").exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
