@@ -113,8 +113,9 @@ def _filesystem(url: str):
     try:
         return fsspec.filesystem("gcs" if scheme == "gs" else scheme, **options)
     except ImportError as e:
-        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, "aiohttp")
-        raise ImportError(f"reading {scheme}:// shards needs {package}: pip install medfound[remote]") from e
+        package, extra = {"s3": ("s3fs", "remote"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}.get(
+            scheme, ("aiohttp", "remote"))
+        raise ImportError(f"reading {scheme}:// shards needs {package}: pip install medfound[{extra}]") from e
 
 
 def _cause(e: BaseException) -> str:

@@ -204,3 +204,12 @@ def test_shard_writes_straight_to_s3_and_overwrites_only_when_asked(shards, s3):
     assert len(after) < len(before)  # the old set's unlisted shards are gone
     assert after == {"written/retina/manifest.json"} | {f"written/retina/{s.path}" for s in manifest.shards}
     assert verify_shards(url) == []
+
+
+def test_extract_reads_tiles_from_a_web_server_like_local_disk(shards, served, pretrained, tmp_path):
+    from medfound.adapt.extract import extract_bags
+
+    local = extract_bags(shards["he"], pretrained / "export", tmp_path / "local")
+    remote = extract_bags(f"{served[0]}/he", pretrained / "export", tmp_path / "remote")
+    assert remote["digest"] == local["digest"] and remote["slides"] == local["slides"]
+    assert remote["source"]["shards"] == f"{served[0]}/he"
