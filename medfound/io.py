@@ -264,6 +264,18 @@ def lock_dir(path: str | os.PathLike) -> Path:
     return path / LOCK_NAME
 
 
+def drop_inherited_locks(*_: object) -> None:
+    """In a forked child (a DataLoader worker): close the run-directory lock descriptors inherited from the parent.
+    An flock lives as long as any descriptor of it is open, so a worker outliving a killed run (it notices its
+    parent's death only seconds later) would otherwise keep the run locked against `trainer.resume=auto`."""
+    for fd in list(_held.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
 def unlock_dir(path: str | os.PathLike) -> None:
     """Release `lock_dir(path)` if this process holds it."""
     fd = _held.pop(str(Path(path).resolve()), None)

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from medfound.data import location
 from medfound.data.manifest import Manifest, read_manifest
 from medfound.data.tario import Verify, shard_stage, tar_samples
+from medfound.io import drop_inherited_locks
 
 log = logging.getLogger("medfound.data")
 MIN_BAD_TO_JUDGE = 10
@@ -436,4 +437,5 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     generator = torch.Generator().manual_seed(_seed(seed, epoch))
     return (ResumableLoader if train else DataLoader)(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Tracked(collate_fn) if train else collate_fn,
-        drop_last=train if drop_last is None else drop_last, generator=generator, persistent_workers=False)
+        drop_last=train if drop_last is None else drop_last, generator=generator, persistent_workers=False,
+        worker_init_fn=drop_inherited_locks if num_workers else None)

@@ -45,7 +45,7 @@ def test_pretrain_recipe_runs_two_steps(path: Path, shards, tmp_path):
     assert summary["step"] == 2 and Path(summary["export"], "model.safetensors").is_file()
 
 
-OVERFIT_STEPS = 150
+OVERFIT_STEPS = 200  # 150 reached Dice 0.89-0.94 over trainer.seed 0-2 (per-sample augmentation seeds); 200: 0.96
 CLASSIFY = [p for p in ADAPT if load_recipe(p).task == "classification"]
 SEGMENT = [p for p in ADAPT if load_recipe(p).task == "segmentation"]
 PROMPT = [p for p in ADAPT if load_recipe(p).task == "prompt"]
