@@ -146,6 +146,10 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     resampled: bool = Field(False, description="draw shards with replacement and mix the sets (pretraining)")
+    global_order: bool = Field(False, description="finite training streams: one sample order per (seed, epoch) on "
+                                                  "any number of processes, so a run resumed on another number of "
+                                                  "processes neither repeats nor skips a sample; every process reads "
+                                                  "every shard's bytes (it decodes only its own samples)")
     weights: Optional[list[float]] = Field(None, description="mixing weight per shard set (resampled only); "
                                                              "default: proportional to the sets' sizes")
     samples_per_epoch: Optional[int] = Field(None, gt=0, description="virtual epoch of a resampled stream, all "
@@ -176,6 +180,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _mixing(self) -> "DataConfig":
+        if self.global_order and self.resampled:
+            raise ValueError("data.global_order orders a finite epoch; a resampled stream (data.resampled=true) has "
+                             "no epoch order to keep: set one of them to false")
         if self.weights is not None:
             if not self.resampled:
                 raise ValueError("data.weights mixes shard sets in a resampled stream: set data.resampled=true")

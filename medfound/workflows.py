@@ -143,7 +143,7 @@ def _train_loader(recipe, sets: list[list[str]], manifests: list[Manifest], labe
                            resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
                            num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
                            max_bad_fraction=d.max_bad_fraction, class_keep=keep, site_keep=site_keep,
-                           verify=d.verify)
+                           verify=d.verify, global_order=d.global_order)
     return loader
 
 

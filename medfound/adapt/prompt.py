@@ -208,7 +208,8 @@ def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> di
     def loader(epoch: int):
         return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
                            seed=recipe.trainer.seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer,
-                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction, verify=d.verify)
+                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction, verify=d.verify,
+                           global_order=d.global_order)
 
     state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
                 accelerator=accelerator, config_text=text, resume_from=resume, normalize=d.normalizer())

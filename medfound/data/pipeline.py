@@ -209,7 +209,8 @@ class _Decoder:
             total += 1
             try:
                 if self.track:
-                    with _SampleRNG(_seed(base, raw)):
+                    gpos = sample.get("__gpos__")  # global order: seeded by the epoch position, not the process
+                    with _SampleRNG(_seed(base, raw) if gpos is None else _seed(self.seed, self.epoch, 13, gpos)):
                         out = self.decode(sample)
                 else:
                     out = self.decode(sample)
@@ -234,6 +235,8 @@ class _Decoder:
                 for j, o in enumerate(outs):
                     outputs += 1
                     o["_pos"] = (worker, raw, first + j, outputs)
+                    if "__gpos__" in sample:
+                        o["_gpos"] = sample["__gpos__"]
             yield from outs
         self._judge(total, bad, by_url, end=True)
 
@@ -313,13 +316,13 @@ def site_balanced_keep(site_counts: dict[str, int]) -> dict[str, float]:
     return {k: low / v for k, v in present.items()}
 
 
-def _balanced(keep: Optional[Sequence[float]], seed: int, epoch: int, site_keep: Optional[dict[str, float]] = None
-              ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+def _balanced(keep: Optional[Sequence[float]], seed: int, epoch: int, site_keep: Optional[dict[str, float]] = None,
+              global_rng: bool = False) -> Callable[[Iterator[dict]], Iterator[dict]]:
     """Drop raw samples of frequent classes and/or sites (before decoding, so dropped samples cost nothing; the
     site is read from the sample's JSON meta; samples without a class or site are kept)."""
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(_seed(seed, epoch, rank, worker, 7))
+        rng = random.Random(_seed(seed, epoch, 7) if global_rng else _seed(seed, epoch, rank, worker, 7))
         for sample in src:
             p = 1.0
             if keep is not None and "cls" in sample:
@@ -376,8 +379,10 @@ class _Tracked:
                                    "not fit this loader (another data.batch_size?); resume with the same data settings")
             return {"_skipped": skipped}
         pos = samples[-1]["_pos"]
-        batch = self.collate_fn([{k: v for k, v in s.items() if k != "_pos"} for s in samples])
+        batch = self.collate_fn([{k: v for k, v in s.items() if k not in ("_pos", "_gpos")} for s in samples])
         batch["_pos"] = pos
+        if "_gpos" in samples[-1]:
+            batch["_gpos"] = samples[-1]["_gpos"] + 1  # the global position after this batch
         return batch
 
 
@@ -392,6 +397,41 @@ class ResumableLoader(DataLoader):
         decoder = self.dataset.pipeline[-1]
         decoder.resume = {int(w): tuple(int(x) for x in p) for w, p in positions.items()}
 
+    def resume_global(self, position: int) -> None:
+        """Global order (`global_order=True`): start this epoch at global sample position `position` (every sample
+        before it was consumed by some process of the run that saved it, on any number of processes)."""
+        for stage in self.dataset.pipeline:
+            if isinstance(stage, _GlobalTake):
+                stage.start = int(position)
+                return
+        raise ValueError("resume_global needs a loader made with global_order=True")
+
+
+def _global_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """A shuffle buffer seeded by (seed, epoch) only: the same global order in every process."""
+    def stage(src: Iterator[Any]) -> Iterator[Any]:
+        return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(_seed(seed, epoch, 17)))(src)
+    return stage
+
+
+class _GlobalTake:
+    """Global order: every process reads the whole epoch's stream (tar members only), numbers its samples from 0,
+    and keeps, from `start` on, the batches it owns: global batch g (of `batch_size` samples) goes to rank
+    g % world, and that rank's h-th batch to DataLoader worker h % workers (the DataLoader's own round-robin). A
+    run resumed at position P on any number of processes therefore reads every sample from P on exactly once."""
+
+    def __init__(self, batch_size: int, start: int = 0):
+        self.batch_size, self.start = batch_size, start
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        for p, sample in enumerate(src):
+            if p < self.start:
+                continue
+            g = (p - self.start) // self.batch_size
+            if g % world == rank and (g // world) % workers == worker:
+                yield dict(sample, __gpos__=p)
+
 
 def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch_size: int, labelled: bool,
                 train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
@@ -400,7 +440,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
                 site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
                 keep_meta: Sequence[str] = (), verify: Verify = "size",
-                sample_filter: Optional[Callable[[dict], bool]] = None, split_by_node: bool = True) -> DataLoader:
+                sample_filter: Optional[Callable[[dict], bool]] = None, split_by_node: bool = True,
+                global_order: bool = False) -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
@@ -412,6 +453,9 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     size and sample count against its manifest (`size`), or also its sha256 (`sha256`); see `medfound.data.tario`.
     `sample_filter`: raw sample (tar members as bytes) -> keep?, applied before decoding. `split_by_node=False`
     (finite streams): every rank reads every shard (a caller that splits the samples itself, e.g. by slide).
+    `global_order=True` (finite training streams): one sample order per (seed, epoch), the same on any number of
+    processes (`_GlobalTake`); every process reads every shard's bytes and decodes only its own samples, so a run
+    resumed on another number of processes (`ResumableLoader.resume_global`) neither repeats nor skips a sample.
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
     if resampled:
@@ -420,15 +464,21 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
         w = list(weights) if weights is not None else [float(len(s)) for s in sets]
         total = samples_per_epoch or sum(len(s) for s in sets) * 1000
         stages: list = [mixed_samples(sets, w, total, seed, epoch, verify)]
+    elif global_order:
+        if not train or weights is not None:
+            raise ValueError("global_order is for finite training streams (not resampled, not evaluation)")
+        stages = [_shard_order([u for s in sets for u in s], True, seed, epoch), shard_stage(verify)]
     else:
         if weights is not None:
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
         stages = [_shard_order([u for s in sets for u in s], train, seed, epoch)] + \
             ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker, shard_stage(verify)]
     if train and shuffle_buffer > 1:
-        stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
+        stages.append((_global_shuffle if global_order else _seeded_shuffle)(shuffle_buffer, seed, epoch))
     if class_keep is not None or site_keep is not None:
-        stages.append(_balanced(class_keep, seed, epoch, site_keep))
+        stages.append(_balanced(class_keep, seed, epoch, site_keep, global_rng=global_order))
+    if global_order:
+        stages.append(_GlobalTake(batch_size))
     if sample_filter is not None:
         stages.append(wds.select(sample_filter))
     stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta, track=train,

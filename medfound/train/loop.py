@@ -165,16 +165,25 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     model, optimizer, inner, saved = strategy.setup(module, lambda m: build_optimizer(m, optim, lr), resume_from)
     state = TrainState()
     pending_rng = None
-    data_position: dict[str, list[int]] = {}  # this epoch, per DataLoader worker: the last `_pos` consumed
+    data_position: dict[str, Any] = {}  # this epoch, per DataLoader worker: the last `_pos` consumed (+ "global")
+    global_start: Optional[int] = None  # a global-order stream resumed: the epoch's first unconsumed position
     if saved is not None:
         ranks = saved["ranks"]
         mine = ranks[rank] if len(ranks) == world else ranks[0]
+        global_order = all("global" in (r.get("data_position") or {}) for r in ranks)
         if len(ranks) != world:
             accelerator.print(f"warning: {resume_from} was written by {len(ranks)} processes, this run has {world}: "
-                              "weights and optimizer resume exactly, the data order and RNG do not")
+                              "weights and optimizer resume exactly; " +
+                              ("the data continues at its global position (data.global_order: no sample of the epoch "
+                               "repeated or skipped), the RNG streams do not" if global_order else
+                               "the data order and RNG do not (data.global_order=true would keep the data exact)"))
         state = TrainState(**{k: saved[k] for k in _SHARED if k in saved}, epoch=mine["epoch"],
                            batch_in_epoch=mine["batch_in_epoch"])
-        if len(ranks) == world and mine.get("data_position"):
+        if global_order:
+            # a global-order stream: everything before the furthest position was consumed, on any number of ranks
+            global_start = max(int(r["data_position"]["global"]) for r in ranks)
+            state.batch_in_epoch = 0
+        elif len(ranks) == world and mine.get("data_position"):
             data_position = dict(mine["data_position"])
         pending_rng = (mine["rng"], saved["_rng_tensors"][mine["rng_index"]])
         written = saved.get("strategy", "ddp")
@@ -215,7 +224,10 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         while state.step < trainer.max_steps:
             loader = make_loader(state.epoch)
             fast = bool(state.batch_in_epoch and data_position and hasattr(loader, "resume_at"))
-            if fast:  # the workers read and drop what was consumed, without decoding it
+            if global_start is not None:  # global order: the same positions, whatever the number of processes
+                loader.resume_global(global_start)
+                data_position, global_start = {"global": global_start}, None
+            elif fast:  # the workers read and drop what was consumed, without decoding it
                 loader.resume_at(data_position)
             elif not state.batch_in_epoch:
                 data_position = {}
@@ -236,6 +248,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 pos = batch.pop("_pos", None)
                 if pos is not None:
                     data_position[str(pos[0])] = list(pos[1:])
+                gpos = batch.pop("_gpos", None)
+                if gpos is not None:
+                    data_position["global"] = max(int(gpos), int(data_position.get("global", 0)))
                 bad = batch.pop("_bad", None)
                 if bad:
                     window.setdefault("bad_samples", []).append(float(len(bad)))

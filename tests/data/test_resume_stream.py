@@ -78,3 +78,50 @@ def test_a_position_that_does_not_fit_the_loader_is_refused(shards):
     loader.resume_at({"0": [20, 0, 21]})  # 21 outputs: not a whole number of batches of 16
     with pytest.raises(RuntimeError, match="mixes skipped and new samples"):
         list(loader)
+
+
+def _ranked(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+@pytest.mark.parametrize("after", [1, 4])
+def test_global_order_resumes_on_another_number_of_processes_with_each_key_once(shards, monkeypatch, after):
+    sets, _ = shard_sets([shards["pneumonia"]], "train")
+    t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
+    kw = dict(transform=t, batch_size=16, labelled=True, train=True, seed=3, epoch=2, shuffle_buffer=100,
+              num_workers=2, global_order=True)
+    _ranked(monkeypatch, 0, 1)
+    whole = [k for b in make_loader(sets[0], **kw) for k in b["key"]]  # the epoch on one process
+    before, position = [], 0
+    for rank in (0, 1):  # two processes consume 10 batches each, then the run is "killed"
+        _ranked(monkeypatch, rank, 2)
+        for i, b in enumerate(make_loader(sets[0], **kw)):
+            if i == 10:
+                break
+            before += b["key"]
+            position = max(position, b["_gpos"])
+    assert position == 10 * 2 * 16
+    after_keys = []
+    for rank in range(after):  # resumed on `after` processes at the saved global position
+        _ranked(monkeypatch, rank, after)
+        loader = make_loader(sets[0], **kw)
+        loader.resume_global(position)
+        after_keys += [k for b in loader for k in b["key"]]
+    consumed = before + after_keys
+    assert len(consumed) == len(set(consumed))  # no sample twice
+    # and none skipped: the same samples as the uninterrupted epoch (whose last partial batch is dropped too)
+    assert set(consumed) == set(whole) and len(consumed) == len(whole)
+
+
+def test_global_order_is_refused_where_it_has_no_meaning(shards):
+    from medfound.config import ConfigError, load_recipe
+
+    from helpers import ROOT
+
+    sets, _ = shard_sets([shards["pneumonia"]], "train")
+    t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
+    with pytest.raises(ValueError, match="finite training streams"):
+        make_loader(sets[0], transform=t, batch_size=8, labelled=True, train=False, global_order=True)
+    with pytest.raises(ConfigError, match="global_order orders a finite epoch"):
+        load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", ["data.global_order=true"])
