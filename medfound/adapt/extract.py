@@ -8,6 +8,7 @@ trains on the stored features, so one extraction serves many slide-level tasks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -144,7 +145,7 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
     slides: dict[str, dict[str, Any]] = {}
     tiles_done, start = 0, time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and precision == "bf16" \
-        else _NoAutocast()
+        else contextlib.nullcontext()
 
     def finish(name: str) -> None:
         s = slides.pop(name)
@@ -249,14 +250,6 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
         if started:
             dist.destroy_process_group()  # gloo aborts at exit when its group is left open
     return index
-
-
-class _NoAutocast:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _check_out(out: Path, backbone_sha: str, overwrite: bool) -> None:

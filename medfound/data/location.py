@@ -148,6 +148,17 @@ def _fail(url: str, e: BaseException, what: str) -> RemoteError:
     return kind(f"cannot {what} {redact(url)}: {cause}")
 
 
+def _remote(url: str, what: str, call: Any) -> Any:
+    """`call(filesystem)` for the remote `url`; the library's own errors (DNS, refused, 403, timeout) become one
+    `RemoteError` naming the URL and the cause. A missing package stays an ImportError naming the extra."""
+    try:
+        return call(_filesystem(url))
+    except ImportError:
+        raise
+    except Exception as e:
+        raise _fail(url, e, what) from None
+
+
 def exists(url: str) -> bool:
     """Whether the file `url` exists; a server that cannot be reached is an error (fsspec's own `exists` would
     say False for it)."""
@@ -163,12 +174,7 @@ def exists(url: str) -> bool:
 def size(url: str) -> int:
     if not is_url(url):
         return os.path.getsize(url)
-    try:
-        return int(_filesystem(url).size(url))
-    except ImportError:
-        raise
-    except Exception as e:
-        raise _fail(url, e, "read") from None
+    return int(_remote(url, "read", lambda fs: fs.size(url)))
 
 
 def read_bytes(url: str) -> bytes:
@@ -176,12 +182,7 @@ def read_bytes(url: str) -> bytes:
     if not is_url(url):
         with open(url, "rb") as f:
             return f.read()
-    try:
-        return _filesystem(url).cat_file(url)
-    except ImportError:
-        raise
-    except Exception as e:
-        raise _fail(url, e, "read") from None
+    return _remote(url, "read", lambda fs: fs.cat_file(url))
 
 
 def open_binary(url: str, block_size: int = 8 << 20) -> IO[bytes]:
@@ -189,14 +190,11 @@ def open_binary(url: str, block_size: int = 8 << 20) -> IO[bytes]:
     requests, so any web server will do), or `block_size` range reads with read-ahead (object stores)."""
     if not is_url(url):
         return open(url, "rb", buffering=1 << 20)
-    try:
-        if urlsplit(url).scheme.lower() in ("http", "https"):
-            return _Chunked(_filesystem(url).open(url, "rb", block_size=0), url, block_size)
-        return _Chunked(_filesystem(url).open(url, "rb", block_size=block_size, cache_type="none"), url, block_size)
-    except ImportError:
-        raise
-    except Exception as e:
-        raise _fail(url, e, "open") from None
+    if urlsplit(url).scheme.lower() in ("http", "https"):
+        f = _remote(url, "open", lambda fs: fs.open(url, "rb", block_size=0))
+    else:
+        f = _remote(url, "open", lambda fs: fs.open(url, "rb", block_size=block_size, cache_type="none"))
+    return _Chunked(f, url, block_size)
 
 
 class _Chunked(io.RawIOBase):
@@ -245,20 +243,8 @@ class _Chunked(io.RawIOBase):
 
 def upload(local: str | os.PathLike, url: str) -> None:
     """Copy the local file `local` to `url` (a whole-object PUT: readers never see part of it)."""
-    try:
-        _filesystem(url).put_file(str(local), url)
-    except ImportError:
-        raise
-    except Exception as e:
-        raise _fail(url, e, "write") from None
+    _remote(url, "write", lambda fs: fs.put_file(str(local), url))
 
 
 def remove(url: str) -> None:
-    try:
-        fs = _filesystem(url)
-        if fs.exists(url):
-            fs.rm_file(url)
-    except ImportError:
-        raise
-    except Exception as e:
-        raise _fail(url, e, "delete") from None
+    _remote(url, "delete", lambda fs: fs.rm_file(url) if fs.exists(url) else None)

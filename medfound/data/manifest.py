@@ -117,10 +117,15 @@ class Manifest(Strict):
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def by_split_order(counts: dict[str, Any]) -> dict[str, Any]:
+    """`counts` keyed by split, in the manifest's order: train, val, test, then the others alphabetically."""
+    order = {"train": 0, "val": 1, "test": 2}
+    return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
+
+
 def count_table(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts per split, per split x label (each label of a multi-label sample counts), per site and per
     modality, from one small record per sample."""
-    order = {"train": 0, "val": 1, "test": 2}
     by_split = Counter(r["split"] for r in records)
     by_label: dict[str, Counter] = {}
     for r in records:
@@ -132,9 +137,8 @@ def count_table(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "total": len(records),
         "by_modality": dict(sorted(by_modality.items())),
-        "by_split": dict(sorted(by_split.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))),
-        "by_label": {k: dict(sorted(v.items())) for k, v in sorted(by_label.items(),
-                                                                   key=lambda kv: (order.get(kv[0], 9), kv[0]))},
+        "by_split": by_split_order(dict(by_split)),
+        "by_label": by_split_order({k: dict(sorted(v.items())) for k, v in by_label.items()}),
         "by_site": dict(sorted(by_site.items())),
     }
 

@@ -35,7 +35,7 @@ import webdataset as wds
 from PIL import Image
 
 import medfound
-from medfound.data.manifest import LabelSchema, Manifest, ShardInfo, count_table, write_manifest
+from medfound.data.manifest import LabelSchema, Manifest, ShardInfo, by_split_order, count_table, write_manifest
 from medfound.io import atomic_dir, sha256_file
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -384,9 +384,8 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
             _sum_into(counts, m.counts)
             _sum_into(skipped, m.skipped or {})
             _sum_into(deid, m.deidentification or {})
-        order_of = {"train": 0, "val": 1, "test": 2}
         for k in ("by_split", "by_label"):
-            counts[k] = dict(sorted(counts.get(k, {}).items(), key=lambda kv: (order_of.get(kv[0], 9), kv[0])))
+            counts[k] = by_split_order(counts.get(k, {}))
         for k in ("by_site", "by_modality"):
             counts[k] = dict(sorted(counts.get(k, {}).items()))
         if "dropped_values" in deid:
