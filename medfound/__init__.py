@@ -6,3 +6,16 @@ and a verb of the `medfound` command line (see `medfound --help`).
 """
 
 __version__ = "0.1.0"
+
+
+def load(folder_or_run):
+    """The trained model of a run directory or a published folder, whatever its task kind: a timm module
+    (pretraining: the encoder; classification: the classifier), a segmentation network `[B, C, *S]` -> logits, a
+    `BoxPredictor` (`.predict(image, boxes)`) or an attention-MIL head; in eval mode.
+
+        import medfound
+        model = medfound.load("runs/demo/finetune")
+    """
+    from medfound.workflows import load as load_run
+
+    return load_run(folder_or_run)

@@ -20,12 +20,6 @@ import torch.nn as nn
 from medfound.config import BackboneConfig, ConfigError
 
 
-def import_checkpoint(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Map a RETFound / MAE / UNI / DINOv2 / timm checkpoint into a timm backbone export (medfound.importing)."""
-    from medfound.importing import import_checkpoint as _import
-    return _import(*args, **kwargs)
-
-
 def create_backbone(cfg: BackboneConfig, num_classes: int = 0, **kwargs: Any) -> nn.Module:
     """`timm.create_model` from a recipe's `backbone` section.
 

@@ -2,7 +2,9 @@
 
     medfound shard KIND INPUT --out DIR [options]    raw archive -> WebDataset shards + manifest.json
     medfound inspect SHARDS [SHARDS ...]             summary + verify every shard's checksum
-    medfound validate RECIPE [key=value ...]         check a recipe without running it
+    medfound ls [recipes|heads|objectives|tunings|ingest|tasks]   what is shipped and registered, one line each
+    medfound cp RECIPE DEST                          copy a shipped recipe to edit
+    medfound validate RECIPE [key=value ...] [--print]  check a recipe without running it (--print: resolved)
     medfound pretrain RECIPE [key=value ...]         self-supervised pretraining -> RUN_DIR/export
     medfound finetune RECIPE [key=value ...]         LoRA / full / linear-probe fine-tuning -> export + eval.json
     medfound plan SHARDS --out RECIPE                nnU-Net-style segmentation recipe from a data fingerprint
@@ -28,6 +30,7 @@ from typing import Optional
 
 from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
+from medfound.registry import HEADS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
 
 
 def _csv(value: str) -> list[str]:
@@ -52,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("shard", help="raw archive -> WebDataset shards + manifest.json")
-    s.add_argument("kind", choices=["npz", "images", "dicom", "wsi", "volumes", "merge"],
-                   help="npz (MedMNIST layout), images (folder + CSV/Parquet table), dicom, wsi, volumes (NRRD/NIfTI); "
-                        "merge: join the part folders written with --part into one shard set")
+    import medfound.data.ingest  # noqa: F401  (registers the ingest kinds; torch-free)
+
+    s.add_argument("kind", choices=[*INGEST_KINDS.names(), "merge"],
+                   help="; ".join(f"{e.name}: {e.description}" for e in INGEST_KINDS)
+                   + "; merge: join the part folders written with --part into one shard set")
     s.add_argument("input", nargs="+", help="the archive: .npz file, image folder, DICOM file/folder, slide "
                                             "file/folder, volume folder; for merge: every part folder")
     s.add_argument("--out", required=True, help="output shard-set directory, or an s3:// / gs:// prefix (shards uploaded first, manifest.json last)")
@@ -118,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(verb, help=text)
         s.add_argument("recipe", help="a recipe YAML path, or a recipe name from pretrain/ or adapt/")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-4 trainer.max_steps=50")
+        if verb == "validate":
+            s.add_argument("--print", action="store_true", dest="print_recipe",
+                           help="print the resolved recipe (every default spelled out, the task kind, and the values "
+                                "derived at run start for one process)")
+
+    s = sub.add_parser("ls", help="list shipped recipes and registered heads, objectives, tunings, ingest kinds, tasks")
+    s.add_argument("what", nargs="?", default="all",
+                   choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "metrics", "tasks"])
+
+    s = sub.add_parser("cp", help="copy a shipped recipe (a name from `medfound ls recipes`) to edit it")
+    s.add_argument("recipe", help="a recipe name, e.g. demo_mae_tiny or medsam")
+    s.add_argument("dest", help="the file (or folder) to write; an existing file is never replaced")
 
     s = sub.add_parser("import", help="RETFound / MAE / UNI / DINOv2 / timm weights -> a timm backbone export")
     s.add_argument("source", help="checkpoint file (.pth, .bin, .safetensors) or a timm/HF folder")
@@ -255,21 +272,83 @@ def _one_line(e: BaseException) -> str:
     return str(e)
 
 
+def _listing(what: str) -> list[str]:
+    """`medfound ls`: one line per shipped recipe or registered component."""
+    from medfound.config import TASK_KEYS, list_recipes
+
+    lines: list[str] = []
+    if what in ("all", "recipes"):
+        for folder, recipes in list_recipes().items():
+            lines.append(f"recipes ({folder}/):")
+            lines += [f"  {name:28s} {first}" for name, _, first in recipes]
+    for key, title, reg in (("heads", "heads (head.type)", HEADS), ("objectives", "objectives (objective.name)",
+                                                                  OBJECTIVES),
+                            ("tunings", "tunings (tuning)", TUNINGS), ("ingest", "ingest kinds (medfound shard KIND)",
+                                                                       INGEST_KINDS), ("metrics", "metrics", METRICS)):
+        if key == "metrics" and what in ("all", key):
+            import medfound.evaluate.metrics  # noqa: F401  (registers them; imports torch, so only when asked)
+        if what in ("all", key):
+            lines.append(f"{title}:")
+            lines += [f"  {e.name:28s} {e.description}" + (f" [task: {e.config.task}]" if key == "heads" else "")
+                      for e in reg]
+    if what in ("all", "tasks"):
+        lines.append("tasks (recipe.task; chosen by the head):")
+        lines += [f"  {k.name:28s} {k.runs}: reads data.{{{', '.join(sorted(k.data))}}}" for k in TASK_KEYS.values()]
+    return lines
+
+
+def _copy_recipe(name: str, dest: str) -> Path:
+    """`medfound cp`: a shipped recipe -> DEST (a file, or a folder to put NAME.yaml in); never replaces a file."""
+    from medfound.config import list_recipes
+    from medfound.io import atomic_write_text
+
+    found = [p for recipes in list_recipes().values() for n, p, _ in recipes if n == Path(name).stem]
+    if not found:
+        raise ConfigError(f"no shipped recipe named {name!r}: `medfound ls recipes` lists them")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / found[0].name
+    if target.exists():
+        raise FileExistsError(f"{target} exists; choose another destination (medfound cp never replaces a file)")
+    atomic_write_text(target, found[0].read_text())
+    return target
+
+
+def _print_resolved(recipe) -> None:
+    """`validate --print`: the recipe with every default, its task, and the values derived at start (1 process)."""
+    from medfound.config import Derived, dump_recipe
+    from medfound import __version__ as version
+
+    if recipe.derived is None:
+        batch = recipe.data.batch_size * recipe.trainer.grad_accum_steps
+        lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * batch / 256
+        recipe = recipe.model_copy(update={"derived": Derived(world_size=1, global_batch_size=batch, lr=lr,
+                                                              medfound_version=version)})
+    print(dump_recipe(recipe, header=f"task: {recipe.task}\nderived: for 1 process (world_size x batch scales the "
+                                     "lr of optim.blr recipes)"), end="")
+
+
 def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "validate":
         path, recipe = _load(args, None)
-        print(f"{path}: valid {recipe.kind} recipe")
+        if args.print_recipe:
+            _print_resolved(recipe)
+        else:
+            print(f"{path}: valid {recipe.kind} recipe ({recipe.task})")
+        return 0
+    if args.verb == "ls":
+        print("\n".join(_listing(args.what)))
+        return 0
+    if args.verb == "cp":
+        target = _copy_recipe(args.recipe, args.dest)
+        print(f"wrote {target}: edit it, then `medfound validate {target}`")
         return 0
     recipe = _load(args, args.verb)[1] if args.verb in ("pretrain", "finetune") else None  # fail fast on typos
     from medfound import workflows
 
-    if args.verb == "pretrain":
-        summary = workflows.run_pretrain(recipe, command)
-        _report(summary, "pretrain")
-        return 0
-    if args.verb == "finetune":
-        summary = workflows.run_finetune(recipe, command)
-        _report(summary, "finetune")
+    if args.verb in ("pretrain", "finetune"):
+        summary = workflows.train(recipe, command)
+        _report(summary, args.verb)
         return 0
     if args.verb == "plan":
         from medfound.adapt.plan import write_plan
@@ -285,7 +364,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.verb == "prompt":
         from medfound.adapt.prompt import segment_boxes
-        for path in segment_boxes(args.run_dir, args.image, args.box, args.out, threshold=args.threshold):
+        from medfound.run import read_run
+
+        if read_run(args.run_dir).recipe.task != "box_prompt":
+            raise ValueError(f"{args.run_dir} is not a box-prompt run (head.type=box_prompt)")
+        predictor = workflows.load(args.run_dir)
+        for path in segment_boxes(predictor, args.image, args.box, args.out, threshold=args.threshold):
             print(f"wrote {path}")
         return 0
     if args.verb == "extract":
@@ -305,8 +389,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
               f"{rate}; {t['slides_embedded']} slides embedded, {t['slides_reused']} reused from an earlier run")
         return 0
     if args.verb == "evaluate":
-        from medfound.evaluate.report import evaluate_run
-        report = evaluate_run(args.run_dir, args.split, external=args.external or None, out=args.out)
+        report = workflows.evaluate(args.run_dir, args.split, external=args.external or None, out=args.out)
         print(json.dumps(report["metrics"], indent=2))
         for e in report.get("external", []):
             print(f"external {e['name']} ({e['num_samples']}): " + json.dumps(e["metrics"]))
@@ -315,7 +398,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                                                else ""))
         return 0
     if args.verb == "publish":
-        result = workflows.publish_run(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
+        result = workflows.publish(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
                                        push=args.push, dry_run=args.dry_run, private=args.private)
         print(f"published {result['out']}: {', '.join(result['files'])}"
               + (f" (timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})"

@@ -68,10 +68,10 @@ def test_finetuned_checkpoint_drops_its_head(tmp_path):
     _equal(tmp_path / "out", mae.encoder.state_dict())
 
 
-def _dinov2_state(registers: int = 0) -> tuple[dict, dict]:
+def _dinov2_state(registers: int = 0, depth: int = VIT["depth"]) -> tuple[dict, dict]:
     """facebookresearch/dinov2 hub layout: cls_token, pos_embed incl. the class position, mask_token,
     optional register_tokens, LayerScale ls1/ls2.gamma."""
-    vit = _vit(init_values=1e-5)
+    vit = _vit(init_values=1e-5, depth=depth)
     ref = vit.state_dict()
     sd = {**ref, "mask_token": torch.zeros(1, 64)}
     if registers:
@@ -102,12 +102,13 @@ def test_dinov2_with_registers(tmp_path):
 
 
 def test_dinov2_training_checkpoint_teacher_and_block_chunks(tmp_path):
-    sd, ref = _dinov2_state()
+    sd, ref = _dinov2_state(depth=4)
     chunked = {}
-    for k, v in sd.items():  # FSDP block chunks: blocks.<chunk>.<i>
+    assert len({k.split(".")[1] for k in sd if k.startswith("blocks.")}) >= 3  # chunk index != block index
+    for k, v in sd.items():  # FSDP block chunks: blocks.<chunk>.<i>, two blocks per chunk
         if k.startswith("blocks."):
             i = int(k.split(".")[1])
-            k = f"blocks.{i // 1}.{i}." + k.split(".", 2)[2]
+            k = f"blocks.{i // 2}.{i}." + k.split(".", 2)[2]
         chunked[f"teacher.backbone.{k}"] = v
         chunked[f"student.backbone.{k}"] = v * 0
     chunked["teacher.dino_head.last_layer.weight"] = torch.zeros(10, 4)

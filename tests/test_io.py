@@ -33,7 +33,7 @@ def test_overwrite_replaces_a_shard_set_but_never_unrelated_files(tmp_path):
 
 
 def test_overwrite_never_replaces_or_contains_a_run(finetuned, tmp_path):
-    from medfound.publish.folder import publish_run
+    from medfound.workflows import publish_run
 
     before = sorted(p.relative_to(finetuned) for p in finetuned.rglob("*"))
     with pytest.raises(FileExistsError, match="is a training run directory"):

@@ -43,7 +43,7 @@ def _masks_of(sample: dict) -> list[str]:
 
 def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
     """Statistics of a shard set's `split` that the plan is derived from (see the module docstring)."""
-    from medfound.data.pipeline import _load_member, shard_urls
+    from medfound.data.pipeline import decode_member, shard_urls
     from medfound.data.tario import tar_samples
 
     urls, (manifest,) = shard_urls([shards], split)
@@ -55,7 +55,7 @@ def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = 
     for sample in tar_samples({"url": u} for u in urls):
         key = sample["__key__"]
         member = "png" if "png" in sample else "npy"
-        image = np.asarray(_load_member(member, sample[member]))
+        image = np.asarray(decode_member(member, sample[member]))
         meta = json.loads(sample["json"]) if "json" in sample else {}
         names = _masks_of(sample)
         if mask_name is None:
@@ -68,7 +68,7 @@ def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = 
             raise ValueError(f"{shards}: sample {key} has no '{mask_name}' mask (it has {', '.join(names) or 'none'}); "
                              "pass --mask with one of those")
         ext = next(k for k in sample if k.startswith(mask_name + "."))
-        m = np.asarray(_load_member(ext.split(".", 1)[1], sample[ext]))
+        m = np.asarray(decode_member(ext.split(".", 1)[1], sample[ext]))
         volume = image.ndim == 3 and image.shape[-1] not in (1, 3, 4)
         spatial = image.shape if volume else image.shape[:2]
         channels.add(1 if volume or image.ndim == 2 else image.shape[-1])

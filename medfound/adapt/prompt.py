@@ -1,11 +1,15 @@
 """Box-prompt segmentation (MedSAM) end to end: training boxes from masks, training, export, prediction, evaluation.
 
+This module holds the network-side pieces (boxes, transforms, the task module, the predictor); the run lifecycle
+(training data, export, evaluation, loading) is the `box_prompt` task kind, medfound/tasks/box_prompt.py.
+
 Training (`medfound finetune adapt/medsam.yaml`): each sample is one image and one structure's mask; the image is
 resized to `data.img_size` (after a random window around the structure, flips and intensity jitter unless
 `head.augment=false`), the box is the mask's bounding box with each side moved outwards by a random 0..20 px
 (MedSAM), and the loss is Dice + binary cross-entropy on the mask logits.
 
-Inference (`medfound prompt RUN_DIR IMAGE --box x0,y0,x1,y1 [--box ...] --out DIR`, or `BoxPredictor` in Python):
+Inference (`medfound prompt RUN_DIR IMAGE --box x0,y0,x1,y1 [--box ...] --out DIR`, or `medfound.load(RUN_DIR)`,
+a `BoxPredictor`, in Python):
 the image is encoded once and every box gives its own mask at the image's own resolution.
 
 Evaluation (`medfound evaluate RUN_DIR`): every `eval.split` sample is predicted from its mask's tight box (no
@@ -14,9 +18,7 @@ jitter) on the original image; Dice per sample, per structure (the shard label, 
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from medfound.config import FinetuneRecipe
-from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
-
-WEIGHTS, META = "prompt_segmenter.safetensors", "prompt_segmenter.json"
+from medfound.io import atomic_write_bytes
 
 
 def box_from_mask(mask: np.ndarray | torch.Tensor, jitter: float = 0.0, rng: Optional[random.Random] = None
@@ -155,9 +155,9 @@ class PromptTask(torch.nn.Module):
         return self.model.encoder.vit
 
     def param_groups(self, cfg):
-        from medfound.adapt.tasks import _groups
+        from medfound.adapt.tasks import task_param_groups
 
-        return _groups(self, self.vit, cfg, self.full)
+        return task_param_groups(self, self.vit, cfg, self.full)
 
     def forward(self, batch: dict) -> dict:
         """batch["image"] `[B, 3, S, S]`, batch["box"] `[B, 4]`, optional batch["mask"] `[B, 1, S, S]`."""
@@ -181,61 +181,8 @@ def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
     return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full")
 
 
-def run_prompt(recipe: FinetuneRecipe, command: str = "medfound finetune") -> dict[str, Any]:
-    """Train, export (`export/prompt_segmenter.safetensors` + json, and the adapted backbone as a timm folder in
-    `export/backbone`), evaluate -> eval.json."""
-    from types import SimpleNamespace
-
-    from safetensors.torch import save
-
-    from medfound.adapt.tuning import merged_copy, merged_segmenter, print_parameter_table
-    from medfound.data.pipeline import make_loader, shard_sets
-    from medfound.evaluate.report import evaluate_run
-    from medfound.publish.export import export_model, read_lineage
-    from medfound.train.loop import fit
-    from medfound.workflows import _lineage, _seed_per_rank, _start, run_summary
-
-    accelerator, run_dir, resume, text = _start(recipe, command)
-    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
-    task = build_prompt_task(recipe)
-    if accelerator.is_main_process:
-        print_parameter_table(task, recipe.tuning, backbone="model.net.encoder.vit.")
-    _seed_per_rank(recipe, accelerator)
-    d, h = recipe.data, recipe.head
-    transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
-                                       crop_to_box=h.crop_to_box, window=d.window)
-
-    def loader(epoch: int):
-        return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=False, train=True,
-                           seed=recipe.trainer.seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer,
-                           num_workers=d.num_workers, max_bad_fraction=d.max_bad_fraction, verify=d.verify,
-                           global_order=d.global_order)
-
-    state = fit(task, loader, trainer=recipe.trainer, optim=recipe.optim, lr=recipe.derived.lr, run_dir=run_dir,
-                accelerator=accelerator, config_text=text, resume_from=resume, normalize=d.normalizer())
-    summary = run_summary(run_dir, state, accelerator)
-    if state.preempted or not accelerator.is_main_process:
-        return summary
-    task = state.module
-    parent = read_lineage(recipe.backbone.weights) if recipe.backbone.weights else {}
-    lineage = _lineage(recipe, state, manifests, "fine-tuning", f"box-prompt segmentation (MedSAM-style), "
-                       f"{recipe.tuning}, Dice + BCE, boxes from masks jittered by up to {h.box_jitter} px", parent)
-    lineage.update(tuning=recipe.tuning, head=h.model_dump())
-    merged = merged_segmenter(task.model).eval()
-    export = run_dir / "export"
-    prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
-    export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
-                 license=recipe.card.license, adapter=task.vit if recipe.tuning == "lora" else None)
-    atomic_write_bytes(export / WEIGHTS, save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))
-    atomic_write_json(export / META, {"medfound": lineage, "head": h.model_dump(), "img_size": d.img_size,
-                                      "mean": list(d.mean), "std": list(d.std)})
-    report = evaluate_run(run_dir)
-    summary.update(export=str(export), eval=report["metrics"], eval_file=str(run_dir / "eval.json"))
-    return summary
-
-
 class BoxPredictor:
-    """Masks from boxes on images of any size: `BoxPredictor.from_run("runs/medsam").predict(image, boxes)`.
+    """Masks from boxes on images of any size: `medfound.load("runs/medsam").predict(image, boxes)`.
 
     The image is resized to the model's input, encoded once, and each box decoded; the logits are resized back to
     the image and thresholded at probability `threshold`.
@@ -248,18 +195,6 @@ class BoxPredictor:
         self.model = segmenter.eval().to(device)
         self.img_size, self.device, self.crop_to_box = img_size, device, crop_to_box
         self.normalize = Normalize(mean, std).to(device)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: Optional[str] = None) -> "BoxPredictor":
-        from medfound.evaluate.report import load_run_recipe
-
-        run_dir = Path(run_dir)
-        recipe = load_run_recipe(run_dir)
-        if not isinstance(recipe, FinetuneRecipe) or recipe.task != "prompt":
-            raise ValueError(f"{run_dir} is not a box-prompt run (head.type=box_prompt)")
-        meta = json.loads((run_dir / "export" / META).read_text())
-        return cls(load_prompt_segmenter(run_dir, recipe), meta["img_size"], meta["mean"], meta["std"],
-                   device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
     @torch.no_grad()
     def predict(self, image: Any, boxes: Sequence[Sequence[float]], threshold: float = 0.5,
@@ -307,96 +242,10 @@ class BoxPredictor:
         return out.numpy()
 
 
-def load_prompt_segmenter(run_dir: Path, recipe: FinetuneRecipe) -> torch.nn.Module:
-    """The trained network, rebuilt from the recipe (the ViT's structure from export/backbone) and loaded strictly."""
-    from safetensors.torch import load_file
-
-    from medfound.workflows import _structure
-
-    export = Path(run_dir) / "export"
-    structure = _structure(recipe, export / "backbone")
-    task = build_prompt_task(recipe.model_copy(update={"tuning": "full", "backbone": structure}))
-    try:
-        task.model.load_state_dict(load_file(str(export / WEIGHTS)))
-    except RuntimeError as e:
-        raise RuntimeError(f"{export}/{WEIGHTS} does not fit the network the run's recipe builds "
-                           f"(was the recipe edited?): {e}") from None
-    return task.model.eval()
-
-
-def evaluate_prompt(run_dir: Path, recipe: FinetuneRecipe, split: str) -> dict[str, Any]:
-    """Dice of every `split` sample from its mask's tight box, at the original resolution -> eval.json."""
-    from medfound.data.pipeline import make_loader, shard_urls
-    from medfound.evaluate.report import _dataset, _record
-
-    run_dir = Path(run_dir)
-    urls, (manifest,) = shard_urls(recipe.data.shards[:1], split)
-    predictor = BoxPredictor.from_run(run_dir)
-    names = manifest.label_schema.names
-    mask_name = recipe.head.mask
-
-    def raw(sample):
-        return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
-
-    loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
-                         train=False, collate_fn=lambda s: s[0], verify="sha256")
-    start = time.time()
-    rows, overlays = [], []
-    for sample in loader:
-        m = sample["mask"]
-        m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
-        box = box_from_mask(m)
-        pred = predictor.predict(sample["image"], [box])[0]
-        dice = 2 * float((pred & m).sum()) / max(1, int(pred.sum() + m.sum()))
-        label = sample.get("label")
-        rows.append({"key": sample["key"], "structure": names[label] if label is not None and names else None,
-                     "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
-        if len(overlays) < 4:
-            img = np.asarray(sample["image"], dtype=np.float32)
-            overlays.append({"key": sample["key"], "image": img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
-                             "truth": m.astype(np.int64), "pred": pred.astype(np.int64), "dice": {"dice/box": dice}})
-    if not rows:
-        raise ValueError(f"split '{split}' of {recipe.data.shards[0]} yielded no samples")
-    per_structure: dict[str, list[float]] = {}
-    for r in rows:
-        per_structure.setdefault(r["structure"] or "all", []).append(r["dice"])
-    report = {
-        "task": "prompt_segmentation",
-        "dataset": _dataset(manifest, recipe.data.shards[0], split, len(rows)),
-        "model": {"export": str(run_dir / "export"), "sha256": sha256_file(run_dir / "export" / WEIGHTS)},
-        "metrics": {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
-                    "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)},
-        "per_structure": {k: {"dice": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(per_structure.items())},
-        **_prompt_intervals(rows, recipe.eval),
-        "per_sample": rows,
-        "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each predicted "
-                                "from the tight bounding box of its ground-truth mask (no jitter), threshold 0.5",
-                        "dice_by_structure_mean": "mean over structures of their mean Dice"},
-        **_record([], [], start),
-    }
-    atomic_write_json(run_dir / "eval.json", report)
-    if recipe.eval.report:
-        from medfound.evaluate.markdown import write_report
-
-        write_report(run_dir, report, overlays={"internal": overlays})
-    return report
-
-
-def _prompt_intervals(rows: list[dict], ev) -> dict[str, Any]:
-    """95% bootstrap interval of the mean Dice over samples (eval.bootstrap resamples; none when 0)."""
-    if not ev.bootstrap:
-        return {}
-    from medfound.evaluate.bootstrap import percentile_interval, resample_means
-
-    means = resample_means(np.array([[r["dice"]] for r in rows]), ev.bootstrap, ev.seed)[:, 0]
-    return {"intervals": {"dice": percentile_interval(means)},
-            "bootstrap": {"resamples": ev.bootstrap, "seed": ev.seed, "level": 0.95,
-                          "method": "percentile bootstrap over samples"}}
-
-
-def segment_boxes(run_dir: str | Path, image_path: str | Path, boxes: Sequence[Sequence[float]], out: str | Path,
-                  threshold: float = 0.5) -> list[Path]:
-    """`medfound prompt`: one mask PNG (0/255) per box and an overlay of all of them -> the written paths."""
+def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequence[Sequence[float]],
+                  out: str | Path, threshold: float = 0.5) -> list[Path]:
+    """`medfound prompt`: one mask PNG (0/255) per box and an overlay of all of them -> the written paths.
+    `predictor`: `medfound.load(RUN_DIR)` of a box-prompt run."""
     import io
 
     from PIL import Image, ImageDraw
@@ -409,7 +258,7 @@ def segment_boxes(run_dir: str | Path, image_path: str | Path, boxes: Sequence[S
             raise ValueError(f"--box {','.join(map(str, b))}: give four numbers x0,y0,x1,y1")
     with Image.open(image_path) as im:
         image = im.convert("RGB")
-    masks = BoxPredictor.from_run(run_dir).predict(image, boxes, threshold=threshold)
+    masks = predictor.predict(image, boxes, threshold=threshold)
     colours = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 150, 60)]
     overlay = np.asarray(image, dtype=np.float64).copy()
     written = []

@@ -17,7 +17,7 @@ from medfound.config import FinetuneRecipe, OptimConfig, SegmentConfig
 from medfound.data.manifest import LabelSchema
 
 
-def _groups(module: nn.Module, vit: nn.Module | None, cfg: OptimConfig, full: bool) -> list[dict]:
+def task_param_groups(module: nn.Module, vit: nn.Module | None, cfg: OptimConfig, full: bool) -> list[dict]:
     """AdamW groups: with full fine-tuning and `optim.layer_decay`, the ViT's blocks get layer-wise lr decay
     (BEiT; timm's param_groups_layer_decay) and the head the full lr; otherwise plain weight-decay groups."""
     from timm.optim import param_groups_weight_decay
@@ -120,7 +120,7 @@ class ClassificationTask(nn.Module):
 
         if self.full and (cfg.layer_decay is not None or cfg.patch_embed_lr_mult != 1.0):
             return vit_param_groups(self.model, cfg)
-        return _groups(self, None, cfg, False)
+        return task_param_groups(self, None, cfg, False)
 
     def forward(self, batch: dict) -> dict:
         """batch["image"] `[B, 3, H, W]`, optional batch["label"] (long `[B]`, or multi-hot float `[B, K]`)
@@ -161,7 +161,7 @@ class SegmentationTask(nn.Module):
         return None if encoder is None else encoder.vit
 
     def param_groups(self, cfg: OptimConfig) -> list[dict]:
-        return _groups(self, self.vit, cfg, self.full)
+        return task_param_groups(self, self.vit, cfg, self.full)
 
     def forward(self, batch: dict) -> dict:
         """batch["image"] `[B, C, *S]`, optional batch["mask"] long `[B, 1, *S]` -> {"logits", "loss"?, "dice"?}."""
@@ -208,7 +208,7 @@ class MILTask(nn.Module):
 def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: LabelSchema,
                    class_counts: list[int] | None = None, num_train: int | None = None) -> MILTask:
     """The ABMIL task of a recipe with `head.type=abmil` over `feature_dim`-d tile features."""
-    from medfound.adapt.heads.mil import GatedAttentionMIL
+    from medfound.adapt.heads.mil import build_abmil
 
     if label_schema.type == "none":
         raise ValueError("the bags are unlabelled: slide-level training needs slide labels (a --table for "
@@ -217,25 +217,26 @@ def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: Label
     multilabel = label_schema.type == "multilabel"
     if multilabel and h.label_smoothing:
         raise ValueError("head.label_smoothing applies to single-label cross-entropy; set it to 0 for multi-label data")
-    head = GatedAttentionMIL(feature_dim, label_schema.num_classes, hidden_dim=h.hidden_dim,
-                             attention_dim=h.attention_dim, dropout=h.dropout)
+    head = build_abmil(recipe, feature_dim, label_schema.num_classes)
     weights = class_weights(h.class_weights, class_counts, multilabel, num_train)
     if weights is not None and len(weights) != label_schema.num_classes:
         raise ValueError(f"head.class_weights has {len(weights)} entries for {label_schema.num_classes} classes")
     return MILTask(head, label_schema, h.label_smoothing, weights)
 
 
-def build_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None = None,
-               class_counts: list[int] | None = None, num_train: int | None = None) -> nn.Module:
-    """The task module a finetune recipe describes: backbone (+ weights) -> head -> tuning. `class_counts` and
-    `num_train` (the training split's) resolve `head.class_weights=balanced`."""
-    if recipe.task == "mil":
-        raise ValueError("head.type=abmil builds from its bag folder: use build_mil_task")
-    if recipe.task == "segmentation":
-        from medfound.adapt.heads.segment import build_segmenter
+def build_segmentation_task(recipe: FinetuneRecipe) -> SegmentationTask:
+    """The segmentation task of a recipe: the registered network for head.type, tuned, with Dice + CE."""
+    from medfound.adapt.heads.segment import build_segmenter
 
-        seg = tune_segmenter(build_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
-        return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full")
+    seg = tune_segmenter(build_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
+    return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full")
+
+
+def build_classification_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None,
+                              class_counts: list[int] | None = None, num_train: int | None = None
+                              ) -> ClassificationTask:
+    """The classification task a recipe describes: backbone (+ weights) -> timm classifier -> tuning.
+    `class_counts` and `num_train` (the training split's) resolve `head.class_weights=balanced`."""
     if label_schema is None or label_schema.type == "none":
         raise ValueError(f"shard set {recipe.data.shards[0]} is unlabelled; fine-tuning needs labels")
     threshold = recipe.head.binary_threshold

@@ -72,7 +72,7 @@ def shard_sets(dirs: Sequence[str | Path], split: str) -> tuple[list[list[str]],
     return sets, manifests
 
 
-def _load_member(name: str, data: bytes) -> Any:
+def decode_member(name: str, data: bytes) -> Any:
     if name.endswith("npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
     with Image.open(io.BytesIO(data)) as im:
@@ -100,7 +100,7 @@ class _LazyMasks(dict):
     def __getitem__(self, name: str) -> np.ndarray:
         value = super().__getitem__(name)
         if isinstance(value, tuple):
-            value = np.asarray(_load_member(*value))
+            value = np.asarray(decode_member(*value))
             super().__setitem__(name, value)
         return value
 
@@ -162,7 +162,7 @@ class _Decoder:
         masks = _LazyMasks({k.rsplit(".", 1)[0]: (k, v) for k, v in sample.items()
                             if k.endswith((".png", ".npy")) and "." in k})
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        out = self.transform({"image": _load_member(image_member, sample[image_member]), "meta": meta,
+        out = self.transform({"image": decode_member(image_member, sample[image_member]), "meta": meta,
                               "masks": masks, "key": key})
         for o in (out if isinstance(out, list) else [out]):
             _check_finite(o)

@@ -39,7 +39,7 @@ from torchvision.transforms import v2 as T
 
 WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
            "abdomen": (40.0, 400.0)}  # (centre, width) in Hounsfield units
-AUGMENTS = ("none", "light", "mae", "he", "dino")
+from medfound.config.data import AUGMENT_PRESETS as AUGMENTS  # noqa: E402  (the names the schema accepts)
 _BICUBIC = T.InterpolationMode.BICUBIC
 
 # Ruifrok & Johnston (2001) stain vectors for haematoxylin, eosin and DAB, rows = stains, cols = RGB
@@ -186,10 +186,12 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
                                                 antialias=True),
                             RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), ToFloat(),
                             HEDJitter(hed_sigma), norm])]
-    else:  # dino
+    elif augment == "dino":
         views = [T.Compose([_dino_view(img_size, (0.32, 1.0), 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2), norm])
                  for i in range(global_crops)]
         views += [T.Compose([_dino_view(local_size, (0.05, 0.32), 0.5, 0.0), norm]) for _ in range(local_crops)]
+    else:  # a preset named in config.data.AUGMENT_DESCRIPTIONS but not built here
+        raise NotImplementedError(f"augment preset {augment!r} has no transform in medfound.data.transforms")
 
     def apply(sample: Any) -> Any:
         if isinstance(sample, Image.Image):

@@ -47,7 +47,7 @@ def ordered(metrics: dict[str, Any]) -> list[str]:
 
 def headline(report: dict[str, Any]) -> list[str]:
     """The metrics shown in per-site and external tables."""
-    if report["task"] in ("segmentation", "prompt_segmentation"):
+    if report["task"] in ("segmentation", "box_prompt", "prompt_segmentation"):  # prompt_segmentation: older eval.json
         return [k for k in ("dice", "hd95") if k in report["metrics"]]
     keys = ["auroc", "auprc", "accuracy", "balanced_accuracy", "sens_at_spec", "kappa_quadratic", "ece"]
     return [k for k in keys if k in report["metrics"]]

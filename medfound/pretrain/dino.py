@@ -256,3 +256,20 @@ class DINOv2(nn.Module):
         groups += [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(heads, cfg.weight_decay)]
         groups.append({"params": [self.mask_token], "weight_decay": 0.0, "lr_scale": 1.0})
         return groups
+
+
+def build_dinov2(recipe, encoder: nn.Module, decoder_from=None) -> DINOv2:
+    """objective.name=dinov2 (medfound.registry.OBJECTIVES): DINOv2 + iBOT + KoLeo around `encoder`."""
+    o, mc = recipe.objective, recipe.data.multicrop
+    pe = encoder.patch_embed
+    if mc.local_size != recipe.data.img_size and getattr(pe, "strict_img_size", True) and \
+            not getattr(pe, "dynamic_img_size", False):
+        raise ValueError(f"local crops of {mc.local_size} px need a backbone that takes several image sizes: set "
+                         "backbone.model_args.dynamic_img_size=true")
+    return DINOv2(encoder, out_dim=o.out_dim, hidden_dim=o.hidden_dim, bottleneck_dim=o.bottleneck_dim,
+                  head_layers=o.head_layers, ibot_separate_head=o.ibot_separate_head, mask_ratio=o.mask_ratio,
+                  mask_probability=o.mask_probability, student_temp=o.student_temp, teacher_temp=o.teacher_temp,
+                  teacher_temp_warmup_steps=o.teacher_temp_warmup_steps, momentum=o.momentum, centering=o.centering,
+                  center_momentum=o.center_momentum, dino_weight=o.dino_weight, ibot_weight=o.ibot_weight,
+                  koleo_weight=o.koleo_weight, freeze_last_layer_steps=o.freeze_last_layer_steps,
+                  global_crops=mc.global_crops)

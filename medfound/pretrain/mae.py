@@ -12,6 +12,9 @@ mean squared error on masked patches only, optionally against per-patch normalis
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
@@ -184,3 +187,15 @@ class MAE(nn.Module):
         rows = [torch.cat([v[i] for v in views], dim=2) for i in range(images.shape[0])]
         pixels = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype("uint8")
         return Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+
+
+def build_mae(recipe, encoder: nn.Module, decoder_from: Optional[Path] = None) -> MAE:
+    """objective.name=mae (medfound.registry.OBJECTIVES): MAE around `encoder`; `decoder_from`: an export folder
+    whose `mae_decoder.safetensors` (when present) continues pretraining with its decoder."""
+    o = recipe.objective
+    mae = MAE(encoder, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
+              mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss)
+    mae.display_stats = (tuple(recipe.data.mean), tuple(recipe.data.std))
+    if decoder_from is not None and (Path(decoder_from) / "mae_decoder.safetensors").is_file():
+        mae.load_decoder(Path(decoder_from) / "mae_decoder.safetensors")
+    return mae

@@ -18,13 +18,9 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import medfound
+from medfound.evaluate.metrics import hub_metric_type
 
 TEMPLATE = "template.md"
-METRIC_TYPES = {"auroc": "roc_auc", "accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy",
-                "kappa_quadratic": "cohen_kappa", "auprc": "average_precision", "dice": "dice", "hd95": "hd95",
-                "ece": "expected_calibration_error", "sens_at_spec": "sensitivity_at_specificity"}
-TASK_TYPES = {"classification": "image-classification", "mil": "image-classification",
-              "segmentation": "image-segmentation", "prompt_segmentation": "mask-generation"}
 EVAL_BEGIN, EVAL_END = "<!-- medfound:evaluation (generated from eval.json; `medfound card check` verifies it) -->", \
     "<!-- /medfound:evaluation -->"
 PLACEHOLDER, IMAGE_PLACEHOLDER = "PATH_TO_THIS_FOLDER", "IMAGE.png"
@@ -149,32 +145,12 @@ def timm_snippet(class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-NETWORK_SNIPPETS = {
-    "segmentation": ["from medfound.evaluate.report import load_segmenter",
-                     "from medfound.evaluate.segmentation import predict_probs",
-                     "model = load_segmenter(folder, recipe)  # the trained network, eval mode",
-                     "# probs = predict_probs(model, image[None], recipe.segment.patch_size, recipe.segment.overlap)"],
-    "prompt": ["from medfound.adapt.prompt import BoxPredictor",
-               "predictor = BoxPredictor.from_run(folder)",
-               "# masks = predictor.predict(image, [[x0, y0, x1, y1]])  # one boolean mask per box"],
-    "mil": ["from medfound.adapt.mil import load_mil",
-            "head = load_mil(folder, recipe)  # attention-MIL head over the tile features of its backbone",
-            "# out = head({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"],
-}
-
-
-def network_snippet(task: str) -> str:
-    return "\n".join(["import torch", "from pathlib import Path", "from medfound.config import load_recipe", "",
-                      f'folder = Path("{PLACEHOLDER}")', 'recipe = load_recipe(folder / "config.yaml")',
-                      *NETWORK_SNIPPETS[task]])
-
-
-def eval_results(evaluation: Optional[dict[str, Any]]) -> list[EvalResult]:
-    """model-index entries: the internal split's metrics, then each external set's."""
+def eval_results(evaluation: Optional[dict[str, Any]], task_type: str) -> list[EvalResult]:
+    """model-index entries (`task_type`: the Hub pipeline tag): the internal split's metrics, then each external
+    set's."""
     if not evaluation:
         return []
     out = []
-    task_type = TASK_TYPES.get(evaluation["task"], "image-classification")
     ds = evaluation["dataset"]
     sets = [(ds["name"], ds["split"], evaluation["metrics"])]
     sets += [(e["name"], "+".join(e["splits"]), e["metrics"]) for e in evaluation.get("external", [])]
@@ -182,7 +158,7 @@ def eval_results(evaluation: Optional[dict[str, Any]]) -> list[EvalResult]:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and v is not None:
                 out.append(EvalResult(task_type=task_type, dataset_type=name, dataset_name=name, dataset_split=split,
-                                      metric_type=METRIC_TYPES.get(k, k), metric_name=k,
+                                      metric_type=hub_metric_type(k), metric_name=k,
                                       metric_value=round(float(v), 4)))
     return out
 
@@ -207,7 +183,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
         license=license, library_name=library_name, model_name=name,
         tags=sorted({"medfound", "medical-imaging", *modalities, *(["demo"] if demo else []), *tags}),
         pipeline_tag=pipeline_tag, datasets=sorted({d["name"] for d in datasets}) or None,
-        eval_results=eval_results(evaluation) or None, **extra)
+        eval_results=eval_results(evaluation, pipeline_tag) or None, **extra)
     train_stages = [s for s in stages if s.get("stage") != "import"]
     hardware = sorted({s.get("hardware", "unknown hardware") for s in train_stages})
     seconds = sum(s.get("train_seconds", 0) for s in stages)

@@ -147,9 +147,10 @@ def check_card(folder: str | Path) -> list[str]:
             if g != w:
                 problems.append(_line_problem(i, g, w))
                 break
-    expected = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value for r in eval_results(evaluation)}
-    found = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value
-             for r in (ModelCard.load(readme).data.eval_results or [])}
+    card_data = ModelCard.load(readme).data
+    expected = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value
+                for r in eval_results(evaluation, card_data.pipeline_tag or "image-classification")}
+    found = {(r.dataset_name, r.dataset_split, r.metric_name): r.metric_value for r in (card_data.eval_results or [])}
     for key, v in found.items():
         if key not in expected:
             problems.append(f"model-index result {key[2]} on {key[0]}/{key[1]} is not in eval.json")

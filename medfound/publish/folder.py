@@ -3,7 +3,7 @@
 Backbone and classification runs (pretraining, `task: classification`):
     model.safetensors + config.json (timm `local-dir:`; LoRA merged), adapter/ (peft format, LoRA runs),
     preprocessing.json, training_config.yaml, eval.json, report/ (plots), README.md (the card).
-Network runs (`task: segmentation | prompt | mil`): the trained network with its recipe, loadable by medfound:
+Network runs (tasks segmentation, box_prompt, mil): the trained network with its recipe, loadable by medfound:
     export/ (the network's safetensors + json, and for ViT heads the adapted backbone as a timm folder in
     export/backbone), config.yaml, preprocessing.json, eval.json, report/, README.md.
 
@@ -20,13 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medfound.config import FinetuneRecipe
-from medfound.io import atomic_dir, atomic_write_json, check_replaceable, sha256_file
-
-NETWORKS = {  # task -> (main weights file in export/, its json, the loader the card shows)
-    "segmentation": ("segmenter.safetensors", "segmenter.json"),
-    "prompt": ("prompt_segmenter.safetensors", "prompt_segmenter.json"),
-    "mil": ("mil.safetensors", "mil.json"),
-}
+from medfound.io import atomic_dir, atomic_write_json, sha256_file
 
 
 def _evaluation(run_dir: Path, weights: Path) -> dict[str, Any]:
@@ -39,26 +33,6 @@ def _evaluation(run_dir: Path, weights: Path) -> dict[str, Any]:
                          f"(sha256 {evaluation['model']['sha256'][:12]} vs {sha[:12]}); "
                          f"re-run `medfound evaluate {run_dir}`")
     return evaluation
-
-
-def publish_run(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None,
-                push: Optional[str] = None, dry_run: bool = False, private: bool = False) -> dict:
-    """RUN_DIR -> the folder above; then `push` it to the Hub repo (or, with `dry_run`, list what would go)."""
-    from medfound.evaluate.report import load_run_recipe
-
-    run_dir, out = Path(run_dir), Path(out)
-    if overwrite:  # before any work: --overwrite replaces only an earlier published folder, never a run
-        check_replaceable(out, "model")
-    recipe = load_run_recipe(run_dir)
-    if isinstance(recipe, FinetuneRecipe) and recipe.task in NETWORKS:
-        result = _publish_network(run_dir, out, recipe, overwrite, name)
-    else:
-        result = _publish_timm(run_dir, out, recipe, overwrite, name)
-    if push or dry_run:
-        from medfound.publish.hub import push_folder
-
-        result["push"] = push_folder(out, push, dry_run=dry_run, private=private)
-    return result
 
 
 PLOTS = {"roc.png": "ROC with 95% bootstrap bands", "reliability.png": "Reliability diagram",
@@ -100,20 +74,20 @@ def _finish(tmp: Path, run_dir: Path, card) -> None:
                            + "; ".join(problems))
 
 
-def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: Optional[str]) -> dict:
+def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bool, name: Optional[str]) -> dict:
+    """A run whose export is a timm folder (pretraining, classification; `task` its TaskSpec) -> the folder."""
     import timm
 
     from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
     from medfound.publish.card import preprocessing as preprocessing_for
     from medfound.publish.export import check_reload, read_lineage
-    from medfound.workflows import rebuild_trained
 
     export = run_dir / "export"
     if not (export / "model.safetensors").is_file():
         raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "
                                 f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
     evaluation = _evaluation(run_dir, export / "model.safetensors") if isinstance(recipe, FinetuneRecipe) else None
-    reference = rebuild_trained(run_dir)
+    reference = task.rebuild(run_dir, recipe)
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
         for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
             src = export / item
@@ -144,13 +118,17 @@ def _publish_timm(run_dir: Path, out: Path, recipe: Any, overwrite: bool, name: 
     return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
 
 
-def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite: bool, name: Optional[str]) -> dict:
+def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any, overwrite: bool,
+                    name: Optional[str]) -> dict:
+    """A run of a network task (segmentation, box prompt, MIL; `task` its TaskSpec, which says what the network is,
+    what input it takes and how it loads) -> the folder; the published folder is loaded by `task.load` before the
+    card is written, as the card's snippet (`medfound.load`) does."""
     from safetensors import safe_open
 
-    from medfound.publish.card import network_snippet, render_card, training_datasets
+    from medfound.publish.card import render_card, training_datasets
     from medfound.publish.card import preprocessing as preprocessing_for
 
-    weights_name, meta_name = NETWORKS[recipe.task]
+    weights_name, meta_name = task.weights_file, task.meta_file
     export = run_dir / "export"
     if not (export / weights_name).is_file():
         raise FileNotFoundError(f"{export}/{weights_name} missing: the run has not finished "
@@ -160,32 +138,15 @@ def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite
     lineage = meta["medfound"]
     with safe_open(str(export / weights_name), "pt") as f:
         n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    details = [("network", f"`{recipe.head.type}` ({recipe.task}), {n_params:,} parameters"),
+    details = [("network", f"`{recipe.head.type}` ({task.name}), {n_params:,} parameters"),
                ("tuning", recipe.tuning)]
     backbone_cfg = export / "backbone" / "config.json"
     if backbone_cfg.is_file():
         details.append(("backbone", f"`{json.loads(backbone_cfg.read_text())['architecture']}` (timm folder "
                                     "`export/backbone`, adapted weights merged)"))
-    elif recipe.task == "mil":
-        b = meta["backbone"]
-        details.append(("tile features", f"{meta['feature_dim']}-d from `{b.get('arch', '?')}` (sha256 "
-                                         f"`{b.get('sha256', '?')}`): extract bags with that backbone"))
-    if recipe.task == "segmentation":
-        details.append(("classes", ", ".join(recipe.segment.names)))
-        seg = recipe.segment
-        input_cfg = {"spatial_dims": seg.spatial_dims, "patch_size": seg.patch_size, "overlap": seg.overlap,
-                     "intensity": seg.intensity, "clip": seg.clip, "stats": seg.stats, "spacing": seg.spacing}
-        if seg.intensity == "imagenet":
-            input_cfg.update(mean=list(recipe.data.mean), std=list(recipe.data.std))
-        pipeline_tag = "image-segmentation"
-    elif recipe.task == "prompt":
-        input_cfg = {"input_size": meta.get("img_size"), "mean": list(recipe.data.mean), "std": list(recipe.data.std),
-                     "prompt": "one box per structure, x0,y0,x1,y1 in pixels", "crop_to_box": recipe.head.crop_to_box}
-        pipeline_tag = "mask-generation"
-    else:
-        input_cfg = {"input": "a bag of tile features [N, D] from the backbone above", "max_tiles": recipe.head.max_tiles
-                     if hasattr(recipe.head, "max_tiles") else None}
-        pipeline_tag = "image-classification"
+    task_details, input_cfg = task.publish_details(recipe, meta, export)
+    details += task_details
+    pipeline_tag = task.pipeline_tag
     prep = preprocessing_for(input_cfg, training_datasets(lineage), recipe)
     files = [weights_name] + (["backbone/model.safetensors"] if (export / "backbone" / "model.safetensors").is_file()
                               else [])
@@ -194,13 +155,13 @@ def _publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, overwrite
         shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
         atomic_write_json(tmp / "eval.json", evaluation)
         atomic_write_json(tmp / "preprocessing.json", prep)
-        _load_network(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
+        task.load(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
         card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
                            files=described_files(tmp, sorted(p.relative_to(tmp).as_posix()
                                                              for p in (tmp / "export").glob("*.json")),
                                                  ["export/backbone/adapter"]),
-                           details=details, preprocessing=prep, load_snippet=network_snippet(recipe.task),
+                           details=details, preprocessing=prep, load_snippet=task.load_snippet(),
                            architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound")
         _finish(tmp, run_dir, card)
     return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}
@@ -211,17 +172,3 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-def _load_network(folder: Path, recipe: FinetuneRecipe):
-    if recipe.task == "segmentation":
-        from medfound.evaluate.report import load_segmenter
-
-        return load_segmenter(folder, recipe)
-    if recipe.task == "prompt":
-        from medfound.adapt.prompt import BoxPredictor
-
-        return BoxPredictor.from_run(folder)
-    from medfound.adapt.mil import load_mil
-
-    return load_mil(folder, recipe)

@@ -149,10 +149,10 @@ def test_mil_run_trains_evaluates_and_reloads(bags, tmp_path):
     """Two slides' worth of bags (the same real slide under two labels) so the head has something to separate."""
     import shutil
 
-    from medfound.adapt.mil import load_mil
+    import medfound
     from medfound.config import load_recipe
     from medfound.data.bags import read_bags
-    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import evaluate as evaluate_run
     from medfound.workflows import run_finetune
 
     from helpers import ROOT
@@ -175,16 +175,22 @@ def test_mil_run_trains_evaluates_and_reloads(bags, tmp_path):
     again = evaluate_run(tmp_path / "run")
     assert again["metrics"] == summary["eval"]
     assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 2
-    assert load_mil(tmp_path / "run", load_recipe(tmp_path / "run" / "config.yaml")).model.in_dim == \
+    assert medfound.load(tmp_path / "run").model.in_dim == \
         index["backbone"]["feature_dim"]
     from medfound.publish.check import check_card
     from medfound.workflows import publish_run
     publish_run(tmp_path / "run", tmp_path / "pub")
     assert check_card(tmp_path / "pub") == []
-    reloaded = load_mil(tmp_path / "pub", load_recipe(tmp_path / "pub" / "config.yaml"))
+    reloaded = medfound.load(tmp_path / "pub")
     assert reloaded.model.in_dim == index["backbone"]["feature_dim"]
     assert "Ilse et al." in (tmp_path / "pub" / "README.md").read_text()
     assert (tmp_path / "run" / "report" / "roc.png").is_file()
+    # an external bag folder and --out work for MIL too (here the same bags, all splits: a drop of exactly 0)
+    ext = evaluate_run(tmp_path / "pub", external=[two], out=tmp_path / "ext")
+    (entry,) = ext["external"]
+    assert entry["num_samples"] == 2 and entry["drop"]["accuracy"] == 0.0 and entry["drop"]["auroc"] == 0.0
+    assert (tmp_path / "ext" / "predictions.csv").read_text().count("\n") == 1 + 2 + 2
+    assert len(list((tmp_path / "ext" / "heatmaps").glob("*.png"))) == 2
 
 
 def test_extract_cli(bags, pretrained, tmp_path, capsys):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import medfound
 from medfound.adapt.prompt import box_from_mask
 
 from helpers import DATA, ROOT, assert_gradients_only_where_trainable
@@ -137,7 +138,6 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     """Train briefly on the bundled CT structures, then segment MedSAM's tutorial box and a second box at once."""
     from PIL import Image
 
-    from medfound.adapt.prompt import BoxPredictor
     from medfound.cli import main
     from medfound.config import load_recipe
     from medfound.workflows import publish_run, run_finetune
@@ -148,7 +148,7 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
                  "trainer.progress=false", "trainer.loggers=[]", "tuning=lora"]
     run_finetune(load_recipe(ROOT / "adapt" / "medsam.yaml", overrides))
     image = Image.open(DATA / "ct_organs" / "medsam_img_demo.png")
-    predictor = BoxPredictor.from_run(tmp_path / "run")
+    predictor = medfound.load(tmp_path / "run")
     masks = predictor.predict(image, [[95, 255, 190, 350], [300, 100, 400, 200]])
     assert masks.shape == (2, image.height, image.width) and masks.dtype == bool
     probs = predictor.predict(image, [[95, 255, 190, 350]], return_probs=True)
@@ -167,11 +167,25 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     publish_run(tmp_path / "run", tmp_path / "pub")  # the network with its card, loadable from the folder
     from medfound.publish.check import check_card
     assert check_card(tmp_path / "pub") == []
-    published = BoxPredictor.from_run(tmp_path / "pub").predict(image, [[95, 255, 190, 350]])
+    published = medfound.load(tmp_path / "pub").predict(image, [[95, 255, 190, 350]])
     assert (published[0] == masks[0]).all()
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     lo, hi = report["intervals"]["dice"]
     assert lo <= report["metrics"]["dice"] <= hi
+    # external sets and --out work for box prompts too: the published folder scored on the organ set (all splits)
+    from medfound.workflows import evaluate
+
+    before = (tmp_path / "run" / "eval.json").read_bytes()
+    ext = evaluate(tmp_path / "pub", external=[organ_shards], out=tmp_path / "ext")
+    assert ext["task"] == "box_prompt" and (tmp_path / "ext" / "eval.json").is_file()
+    (entry,) = ext["external"]
+    assert entry["num_samples"] > report["dataset"]["num_samples"] and 0 <= entry["metrics"]["dice"] <= 1
+    assert entry["drop"]["dice"] == pytest.approx(entry["metrics"]["dice"] - ext["metrics"]["dice"])
+    lo, hi = entry["drop_intervals"]["dice"]
+    assert lo <= entry["drop"]["dice"] <= hi
+    assert ext["metrics"] == report["metrics"]  # the internal split scored again from the published folder
+    assert (tmp_path / "run" / "eval.json").read_bytes() == before
+    assert "External" in (tmp_path / "ext" / "report" / "report.md").read_text()
 
 
 def test_box_windows_are_square_centred_and_padded_outside_the_image():

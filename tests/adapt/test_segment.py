@@ -7,26 +7,27 @@ import pytest
 import torch
 
 from medfound.adapt.heads.unetr import default_indices
-from medfound.adapt.tasks import SegmentationTask, build_task
+from medfound.adapt.tasks import SegmentationTask
+from medfound.adapt.tasks import build_segmentation_task as build_task
 from medfound.adapt.tuning import merged_segmenter
 from medfound.config import ConfigError, FinetuneRecipe, OptimConfig
+from medfound.registry import HEADS as HEAD_REGISTRY
 
 from helpers import TINY_VIT, assert_gradients_only_where_trainable
 
 VIT = {"name": "vit_tiny_patch16_224", "model_args": {**TINY_VIT, "depth": 3}}
 BASE = {"kind": "finetune", "data": {"shards": ["unused"], "batch_size": 2}, "optim": {"lr": 1e-3},
         "trainer": {"output_dir": "unused", "max_steps": 1}}
-HEADS = {  # name -> (head section, spatial dims, uses a ViT)
-    "unetr": ({"type": "unetr", "feature_size": 8}, 2, True),
-    "unetr3d": ({"type": "unetr", "feature_size": 8}, 3, True),
-    "transunet": ({"type": "transunet", "decoder_channels": [32, 16, 8]}, 2, True),
-    "unet": ({"type": "unet", "channels": [8, 16, 32]}, 2, False),
-    "attention_unet": ({"type": "attention_unet", "channels": [8, 16, 32]}, 2, False),
-    "unet3d": ({"type": "unet", "channels": [8, 16, 32], "strides": [[2, 2, 1], 2]}, 3, False),
-    "vnet": ({"type": "vnet"}, 3, False),
-}
-CASES = [(h, t) for h, (_, _, vit) in HEADS.items() for t in (("lora", "full", "linear_probe", "last_k") if vit
-                                                                else ("full",))]
+TINY = {"unetr": {"feature_size": 8}, "transunet": {"decoder_channels": [32, 16, 8]}, "unet": {"channels": [8, 16, 32]},
+        "attention_unet": {"channels": [8, 16, 32]}}  # small widths; a new head runs at its defaults
+TINY_3D = {"unet": {"strides": [[2, 2, 1], 2]}}  # anisotropic pooling, as `medfound plan` writes for volumes
+HEADS = {  # every registered segmentation head in every dimension it allows -> (head section, dims, uses a ViT)
+    e.name + ("3d" if sd == 3 and len(e.config.spatial_dims) > 1 else ""):
+        ({"type": e.name, **TINY.get(e.name, {}), **(TINY_3D.get(e.name, {}) if sd == 3 else {})}, sd,
+         e.config.backbone == "vit")
+    for e in HEAD_REGISTRY if e.config.task == "segmentation" for sd in e.config.spatial_dims}
+CASES = [(h, t) for h, (section, _, _) in HEADS.items() for t in HEAD_REGISTRY.get(section["type"]).config.tunings]
+VIT_HEADS = [h for h, (_, _, vit) in HEADS.items() if vit]
 ODD = {2: (37, 45), 3: (19, 30, 21)}
 
 
@@ -82,7 +83,7 @@ def test_shapes_and_gradients_reach_exactly_the_trainable_parameters(head, tunin
         assert trainable_vit == vit
 
 
-@pytest.mark.parametrize("head", ["unetr", "unetr3d", "transunet"])
+@pytest.mark.parametrize("head", VIT_HEADS)
 def test_lora_merged_equals_unmerged(head):
     task = task_for(head, "lora")
     for n, p in task.named_parameters():

@@ -154,7 +154,7 @@ def test_a_member_claiming_more_bytes_than_the_file_is_a_named_error(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_verifies_sha256_and_stops_on_a_tampered_external_set(finetuned, shards, tmp_path):
-    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import evaluate as evaluate_run
 
     d = _copy(shards["retina"], tmp_path / "external")
     shard = Path(shard_urls([d], "test")[0][0])

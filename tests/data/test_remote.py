@@ -142,7 +142,7 @@ def test_pretraining_from_http_and_s3_matches_local_disk(shards, served, s3, tmp
 
 
 def test_evaluation_of_remote_external_sets_matches_local(finetuned, shards, served, s3, tmp_path):
-    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import evaluate as evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(finetuned, run)

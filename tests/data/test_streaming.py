@@ -132,15 +132,16 @@ def test_fundus_crop_uses_the_stored_fov_mask():
 
 def test_uint8_batches_are_normalised_on_the_device_like_the_float_path(shards):
     from medfound.config import DataConfig
+    from medfound.data.loaders import eval_image_transform, normalizer
     from medfound.data.pipeline import collate
 
     d = DataConfig(shards=[shards["retina"]], img_size=32, batch_size=8)
     urls, _ = shard_urls([shards["retina"]], "test")
-    raw = next(iter(make_loader(urls, transform=d.transform(train=False), batch_size=8, labelled=True, train=False)))
+    raw = next(iter(make_loader(urls, transform=eval_image_transform(d), batch_size=8, labelled=True, train=False)))
     ref = next(iter(make_loader(urls, transform=build_transform("none", 32, d.mean, d.std, train=False),
                                 batch_size=8, labelled=True, train=False)))
     assert raw["image"].dtype == torch.uint8  # 4x less to move between processes and to the GPU
-    assert torch.allclose(d.normalizer()(raw["image"]), ref["image"], atol=1e-5)
+    assert torch.allclose(normalizer(d)(raw["image"]), ref["image"], atol=1e-5)
     mixed = collate([{"image": torch.full((3, 2, 2), 255, dtype=torch.uint8), "key": "a"},
                      {"image": torch.full((3, 2, 2), 0.5), "key": "b"}])
     assert mixed["image"].dtype == torch.float32 and mixed["image"][0].max() == 1.0  # 8-bit brought to [0, 1]
@@ -159,8 +160,8 @@ def test_masks_are_decoded_only_when_a_transform_reads_them(tmp_path, monkeypatc
                     label_schema=LabelSchema(type="none"), source={}, ingest={})
     urls, _ = shard_urls([tmp_path / "s"], "train")
     calls = Counter()
-    real = pipeline._load_member
-    monkeypatch.setattr(pipeline, "_load_member", lambda name, data: calls.update([name]) or real(name, data))
+    real = pipeline.decode_member
+    monkeypatch.setattr(pipeline, "decode_member", lambda name, data: calls.update([name]) or real(name, data))
     list(make_loader(urls, transform=T_EVAL, batch_size=2, labelled=False, train=False))
     assert calls == Counter({"png": 4})  # masks untouched
     crop = build_transform("none", 8, (0.5,) * 3, (0.5,) * 3, train=False, fundus_crop=True)

@@ -29,7 +29,7 @@ def test_intervals_cover_the_true_auroc_at_about_the_nominal_rate():
         probs = np.stack([1 - p1, p1], axis=1)
         lo, hi = bootstrap_intervals(probs, y, _auroc_only, resamples=300, seed=t)["intervals"]["auroc"]
         hits += lo <= 0.8 <= hi
-    assert 0.88 <= hits / trials <= 1.0, hits / trials  # nominal 0.95 (measured 0.9625); 80 trials: about +-0.025
+    assert 0.88 <= hits / trials <= 0.99, hits / trials  # nominal 0.95 (measured 0.9625); 80 trials: about +-0.025
 
 
 def test_intervals_are_seeded_stratified_and_contain_the_estimate():

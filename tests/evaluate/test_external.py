@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medfound.cli import main
-from medfound.evaluate.report import evaluate_run
+from medfound.workflows import evaluate as evaluate_run
 
 from helpers import DATA
 

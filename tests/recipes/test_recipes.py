@@ -48,7 +48,7 @@ def test_pretrain_recipe_runs_two_steps(path: Path, shards, tmp_path):
 OVERFIT_STEPS = 200  # 150 reached Dice 0.89-0.94 over trainer.seed 0-2 (per-sample augmentation seeds); 200: 0.96
 CLASSIFY = [p for p in ADAPT if load_recipe(p).task == "classification"]
 SEGMENT = [p for p in ADAPT if load_recipe(p).task == "segmentation"]
-PROMPT = [p for p in ADAPT if load_recipe(p).task == "prompt"]
+PROMPT = [p for p in ADAPT if load_recipe(p).task == "box_prompt"]
 MIL = [p for p in ADAPT if load_recipe(p).task == "mil"]
 CNN = ["backbone.weights=null", "data.img_size=32", "data.batch_size=8"]
 # recipes that need other data than the RetinaMNIST shards, or keep their own CNN architecture (shrunk input)
@@ -144,7 +144,7 @@ def test_segment_recipe_runs_two_steps(path: Path, seg_shards, pretrained, tmp_p
     if full.backbone is not None:  # the adapted ViT is also a timm backbone
         import timm
         timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)
-    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import evaluate as evaluate_run
     again = evaluate_run(tmp_path / "run")  # rebuilt from the recipe + export alone: the same numbers
     assert again["metrics"] == report["metrics"]
     assert again["intervals"]["dice"] is None or again["intervals"]["dice"][0] <= again["metrics"]["dice"] + 1e-4  # 4-decimal intervals
@@ -188,7 +188,7 @@ def test_3d_unet_overfits_the_bundled_breast_volume(seg_shards, tmp_path):
 def test_a_segmentation_export_that_does_not_fit_its_recipe_is_refused(seg_shards, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from medfound.evaluate.report import evaluate_run
+    from medfound.workflows import evaluate as evaluate_run
     from medfound.workflows import run_finetune
 
     run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",

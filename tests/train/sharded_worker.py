@@ -16,7 +16,7 @@ from accelerate import Accelerator
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from medfound.evaluate.report import load_run_recipe  # noqa: E402
+from medfound.run import load_run_recipe  # noqa: E402
 from medfound.train.checkpoint import capture_rng, save_checkpoint  # noqa: E402
 from medfound.train.loop import Coordinator, build_strategy  # noqa: E402
 from medfound.train.optim import build_optimizer  # noqa: E402

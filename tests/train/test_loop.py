@@ -29,24 +29,12 @@ from medfound.train.optim import lr_at
 from helpers import TINY_VIT
 
 
-def _task(seed: int = 0, **vit) -> ClassificationTask:
+def _task(shards, seed: int = 0, **vit) -> ClassificationTask:
+    """A tiny classifier over RetinaMNIST's label schema (only the tests that train ask for the shards)."""
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **{**TINY_VIT, **vit})
     head = attach_classifier(model, 5)
-    return ClassificationTask(apply_tuning(model, "full", head), head, read_manifest_schema())
-
-
-_SCHEMA = None
-
-
-def read_manifest_schema():
-    return _SCHEMA
-
-
-@pytest.fixture(autouse=True)
-def _schema(shards):
-    global _SCHEMA
-    _SCHEMA = read_manifest(shards["retina"]).label_schema
+    return ClassificationTask(apply_tuning(model, "full", head), head, read_manifest(shards["retina"]).label_schema)
 
 
 def _loader_factory(shards, augment="light", batch_size=16):
@@ -94,7 +82,7 @@ def _fixed(make_loader):
 
 
 def test_finetune_overfits_a_fixed_batch(shards, tmp_path):
-    task = _task()
+    task = _task(shards)
     loader = _fixed(_loader_factory(shards, augment="none"))
     batch = next(iter(loader(0)))
     with torch.no_grad():
@@ -129,7 +117,7 @@ def _weights(module):
 
 def test_resume_after_preemption_is_exact(shards, tmp_path):
     make_loader = _loader_factory(shards)
-    full = _task(drop_path_rate=0.1)  # drop-path and augmentation use the RNG that resume must restore
+    full = _task(shards, drop_path_rate=0.1)  # drop-path and augmentation use the RNG that resume must restore
     _fit(full, make_loader, _trainer(tmp_path / "full"))
     reference = _weights(full)
 
@@ -143,13 +131,13 @@ def test_resume_after_preemption_is_exact(shards, tmp_path):
             yield batch
 
     run = tmp_path / "interrupted"
-    first = _task(drop_path_rate=0.1)
+    first = _task(shards, drop_path_rate=0.1)
     state = _fit(first, preempting, _trainer(run))
     assert state.preempted and state.step == 7
     assert latest_checkpoint(run / "checkpoints").name == "step_00000007"
     saved = json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())
     assert saved["ranks"][0]["data_position"]  # so the resume skips the consumed batches without decoding them
-    second = _task(seed=123, drop_path_rate=0.1)  # different init: everything must come from the checkpoint
+    second = _task(shards, seed=123, drop_path_rate=0.1)  # different init: everything must come from the checkpoint
     state = _fit(second, make_loader, _trainer(run, resume="auto"),
                  resume=resolve_resume(_trainer(run, resume="auto"), run))
     assert state.step == 12 and state.epoch == reference_epoch(shards)
@@ -166,7 +154,7 @@ def reference_epoch(shards):
 
 def test_existing_run_needs_resume(tmp_path, shards):
     run = tmp_path / "r"
-    _fit(_task(), _fixed(_loader_factory(shards)), _trainer(run, max_steps=2))
+    _fit(_task(shards), _fixed(_loader_factory(shards)), _trainer(run, max_steps=2))
     with pytest.raises(FileExistsError, match="trainer.resume=auto"):
         resolve_resume(_trainer(run), run)
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
@@ -222,7 +210,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_good_checkpoint(tm
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     big = _loader_factory(shards, augment="none", batch_size=16)
     small = _loader_factory(shards, augment="none", batch_size=8)
-    a, b = _task(), _task()
+    a, b = _task(shards), _task(shards)
     _fit(a, big, _trainer(tmp_path / "a", max_steps=3, checkpoint_every=100))
     _fit(b, small, _trainer(tmp_path / "b", max_steps=3, checkpoint_every=100, grad_accum_steps=2))
     wa, wb = _weights(a), _weights(b)

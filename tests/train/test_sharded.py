@@ -146,7 +146,7 @@ def test_sigkill_then_resume_equals_uninterrupted(strategy, mae_runs, shards, tm
 
 def _plain(run: Path, checkpoint: Path):
     """The run's module and optimizer, plain (one process), loaded from `checkpoint`."""
-    from medfound.evaluate.report import load_run_recipe
+    from medfound.run import load_run_recipe
     from medfound.train.checkpoint import load_checkpoint
     from medfound.train.optim import build_optimizer
     from medfound.workflows import build_objective
@@ -212,7 +212,7 @@ def test_fsdp_checkpoints_reshard_and_todays_full_state_checkpoint_continues(mae
 def _assert_same_zero_state(run: Path, a: Path, b: Path) -> None:
     """Two zero checkpoints (any numbers of processes) hold the same weights and AdamW state: compared through
     DeepSpeed's fp32 consolidation and its universal per-parameter files (read weights-only)."""
-    from medfound.evaluate.report import load_run_recipe
+    from medfound.run import load_run_recipe
     from medfound.train.checkpoint import load_checkpoint, weights_only_loads
     from medfound.train.zero import to_universal
     from medfound.workflows import build_objective
@@ -254,7 +254,7 @@ def test_sharded_exports_are_the_consolidated_checkpoint_and_publish(mae_runs, t
 def test_dcp_metadata_is_never_unpickled_into_code(mae_runs, tmp_path):
     import shutil
 
-    from medfound.evaluate.report import load_run_recipe
+    from medfound.run import load_run_recipe
     from medfound.train.checkpoint import load_checkpoint
     from medfound.workflows import build_objective
 

@@ -54,3 +54,10 @@ class GatedAttentionMIL(nn.Module):
         attention = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=1).to(h.dtype)
         slide = torch.einsum("bn,bnd->bd", attention, h.masked_fill(~mask[..., None], 0.0))
         return self.classifier(slide), attention
+
+
+def build_abmil(recipe, feature_dim: int, num_classes: int) -> GatedAttentionMIL:
+    """head.type=abmil: the gated-attention head over `feature_dim`-d tile features (medfound.registry.HEADS)."""
+    h = recipe.head
+    return GatedAttentionMIL(feature_dim, num_classes, hidden_dim=h.hidden_dim, attention_dim=h.attention_dim,
+                             dropout=h.dropout)

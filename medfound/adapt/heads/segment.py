@@ -55,42 +55,41 @@ def in_channels(spatial_dims: int) -> int:
 
 
 def build_segmenter(recipe: FinetuneRecipe) -> Segmenter:
-    """The recipe's segmentation network, its ViT backbone (if any) built and loaded by `create_backbone`."""
+    """The recipe's segmentation network: the builder registered for `head.type` (medfound.registry.HEADS)."""
+    from medfound.registry import HEADS
+
+    entry = HEADS.get(recipe.head.type)
+    if entry.config.task != "segmentation":
+        raise ValueError(f"head.type={recipe.head.type} is a {entry.config.task} head, not a segmentation network")
+    return entry.load()(recipe)
+
+
+def build_unet(recipe: FinetuneRecipe) -> Segmenter:
+    """MONAI's residual U-Net (`unet`) or Attention U-Net (`attention_unet`), from scratch."""
+    from monai.networks.nets import AttentionUnet, UNet
+
     head, seg = recipe.head, recipe.segment
     sd, k = seg.spatial_dims, seg.num_classes
     cin = in_channels(sd)
-    if head.type in ("unet", "attention_unet"):
-        from monai.networks.nets import AttentionUnet, UNet
-
-        strides = getattr(head, "strides", None) or [2] * (len(head.channels) - 1)
-        per_axis = [[s] * sd if isinstance(s, int) else list(s) for s in strides]
-        if any(len(s) != sd for s in per_axis):
-            raise ValueError(f"head.strides={strides}: give one stride per axis ({sd}) or a single number per level")
-        if head.type == "unet":
-            net = UNet(sd, cin, k, channels=head.channels, strides=per_axis, num_res_units=head.num_res_units,
-                       dropout=head.dropout)
-        else:
-            net = AttentionUnet(sd, cin, k, channels=head.channels, strides=strides, dropout=head.dropout)
-        return Segmenter(net, tuple(math.prod(s[a] for s in per_axis) for a in range(sd)))
-    if head.type == "vnet":
-        from monai.networks.nets import VNet
-
-        net = VNet(spatial_dims=3, in_channels=cin, out_channels=k, dropout_prob_down=head.dropout or None,
-                   dropout_prob_up=(head.dropout or None, head.dropout))
-        return Segmenter(net, (16,) * 3)
-
-    from medfound.adapt.heads.transunet import TransUNet
-    from medfound.adapt.heads.unetr import UNETR, ViTEncoder
-    from medfound.backbones import create_backbone
-
-    args = {"dynamic_img_size": True}
-    if sd == 2:
-        args["img_size"] = tuple(seg.patch_size)  # the position embedding is resampled to the crop on load
-    vit = create_backbone(recipe.backbone, num_classes=0, **args)
-    encoder = ViTEncoder(vit, spatial_dims=sd, in_channels=cin)
-    if head.type == "unetr":
-        net = UNETR(encoder, k, feature_size=head.feature_size, indices=head.indices)
+    strides = getattr(head, "strides", None) or [2] * (len(head.channels) - 1)
+    per_axis = [[s] * sd if isinstance(s, int) else list(s) for s in strides]
+    if any(len(s) != sd for s in per_axis):
+        raise ValueError(f"head.strides={strides}: give one stride per axis ({sd}) or a single number per level")
+    if head.type == "unet":
+        net = UNet(sd, cin, k, channels=head.channels, strides=per_axis, num_res_units=head.num_res_units,
+                   dropout=head.dropout)
+    elif head.type == "attention_unet":
+        net = AttentionUnet(sd, cin, k, channels=head.channels, strides=strides, dropout=head.dropout)
     else:
-        net = TransUNet(encoder, k, cnn=head.cnn, decoder_channels=head.decoder_channels)
-    p = encoder.patch_size
-    return Segmenter(net, tuple(math.lcm(pi, 2 ** max(1, round(math.log2(pi)))) for pi in p))
+        raise ValueError(f"build_unet builds head.type unet or attention_unet, not {head.type}")
+    return Segmenter(net, tuple(math.prod(s[a] for s in per_axis) for a in range(sd)))
+
+
+def build_vnet(recipe: FinetuneRecipe) -> Segmenter:
+    """MONAI's V-Net for volumes, from scratch; input edges are padded to multiples of 16."""
+    from monai.networks.nets import VNet
+
+    head, seg = recipe.head, recipe.segment
+    net = VNet(spatial_dims=3, in_channels=in_channels(3), out_channels=seg.num_classes,
+               dropout_prob_down=head.dropout or None, dropout_prob_up=(head.dropout or None, head.dropout))
+    return Segmenter(net, (16,) * 3)

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medfound.adapt.heads.unetr import ViTEncoder
+from medfound.adapt.heads.segment import Segmenter
+from medfound.adapt.heads.unetr import ViTEncoder, vit_segmenter
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -102,3 +103,9 @@ class TransUNet(nn.Module):
         logits = self.out(d)
         return logits if logits.shape[2:] == size else F.interpolate(logits, size=size, mode="bilinear",
                                                                      align_corners=False)
+
+
+def build_transunet(recipe) -> Segmenter:
+    """head.type=transunet: TransUNet over the recipe's ViT backbone (medfound.registry.HEADS)."""
+    h = recipe.head
+    return vit_segmenter(recipe, lambda enc, k: TransUNet(enc, k, cnn=h.cnn, decoder_channels=h.decoder_channels))

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medfound.adapt.heads.segment import Segmenter, in_channels
 from medfound.backbones import vit_geometry
 
 
@@ -153,3 +154,26 @@ class UNETR(nn.Module):
             d = self.ups[level](d, skips[level])
         logits = self.out(d)
         return logits if list(size) == fine else F.interpolate(logits, size=size, mode=mode, align_corners=False)
+
+
+def build_unetr(recipe) -> Segmenter:
+    """head.type=unetr: UNETR over the recipe's ViT backbone (medfound.registry.HEADS)."""
+    h = recipe.head
+    return vit_segmenter(recipe, lambda enc, k: UNETR(enc, k, feature_size=h.feature_size, indices=h.indices))
+
+
+def vit_segmenter(recipe, decoder) -> Segmenter:
+    """A ViT head: the recipe's backbone (built and loaded by `create_backbone`) as an encoder of 2-D or 3-D input,
+    `decoder(encoder, num_classes)` on top; the divisor is the patch (at least 2 per level of upsampling)."""
+    from medfound.backbones import create_backbone
+
+    seg = recipe.segment
+    sd = seg.spatial_dims
+    args = {"dynamic_img_size": True}
+    if sd == 2:
+        args["img_size"] = tuple(seg.patch_size)  # the position embedding is resampled to the crop on load
+    vit = create_backbone(recipe.backbone, num_classes=0, **args)
+    encoder = ViTEncoder(vit, spatial_dims=sd, in_channels=in_channels(sd))
+    net = decoder(encoder, seg.num_classes)
+    p = encoder.patch_size
+    return Segmenter(net, tuple(math.lcm(pi, 2 ** max(1, round(math.log2(pi)))) for pi in p))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from pydantic import ValidationError
 
 from medfound.data.manifest import LabelSchema
+from medfound.registry import INGEST_KINDS
 
 
 @dataclass
@@ -197,23 +198,21 @@ def label_schema_for(values: list[Any], label_type: Optional[str], label_names: 
         raise ValueError(f"--label-type {label_type} with classes {label_names}: {e.errors()[0]['msg']}") from None
 
 
+INGEST_KINDS.register("npz", builder="medfound.data.ingest.npz:read_npz",
+                      description="MedMNIST-layout .npz (train/val/test images and labels)")
+INGEST_KINDS.register("images", builder="medfound.data.ingest.images:read_images",
+                      description="a folder of PNG/JPEG/TIFF + a CSV/Parquet table (labels, patients, sites, masks)")
+INGEST_KINDS.register("dicom", builder="medfound.data.ingest.dicom:read_dicom",
+                      description="DICOM files or folders, de-identified (PS3.15 basic profile), 2-D or multi-frame")
+INGEST_KINDS.register("wsi", builder="medfound.data.ingest.wsi:read_wsi",
+                      description="whole-slide images (SVS/TIFF) tiled at a target um/px with tissue detection")
+INGEST_KINDS.register("volumes", builder="medfound.data.ingest.volumes:read_volumes",
+                      description="NRRD/NIfTI volumes (+ label maps) as volumes, slices or patches")
+
+
 def get_reader(kind: str) -> Callable[..., Ingested]:
-    if kind == "npz":
-        from medfound.data.ingest.npz import read_npz
-        return read_npz
-    if kind == "images":
-        from medfound.data.ingest.images import read_images
-        return read_images
-    if kind == "wsi":
-        from medfound.data.ingest.wsi import read_wsi
-        return read_wsi
-    if kind == "dicom":
-        from medfound.data.ingest.dicom import read_dicom
-        return read_dicom
-    if kind == "volumes":
-        from medfound.data.ingest.volumes import read_volumes
-        return read_volumes
-    raise ValueError(f"unknown shard kind {kind!r}: choose one of {', '.join(KINDS)}")
+    """The reader registered for `medfound shard KIND` (medfound.registry.INGEST_KINDS)."""
+    return INGEST_KINDS.get(kind).load()
 
 
-KINDS = ("npz", "images", "dicom", "wsi", "volumes")
+KINDS = tuple(INGEST_KINDS.names())

@@ -1,0 +1,41 @@
+"""`eval.*`: how a fine-tuned run is scored."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from medfound.config.base import ShardLocation, Strict
+
+
+class AggregateConfig(Strict):
+    """Score units made of several images, e.g. a breast seen in CC and MLO views (McKinney et al. 2020)."""
+
+    by: list[str] = Field(min_length=1, description="sample fields (the shard's JSON meta: patient, laterality, view, "
+                                                    "...) whose values together name a unit; [patient, laterality] = "
+                                                    "one breast")
+    reduce: Literal["mean", "max"] = Field("mean", description="how the unit's image probabilities combine")
+
+
+class EvalConfig(Strict):
+    """How `medfound evaluate` (and the end of `medfound finetune`) scores the run's export."""
+
+    split: str = Field("test", description="split of the run's shard set (or bag folder) that is scored")
+    bootstrap: int = Field(1000, ge=0, description="resamples for 95% bootstrap intervals of every metric "
+                                                   "(classification and MIL: stratified by class; segmentation: "
+                                                   "over images) and of per-site results (0: none)")
+    seed: int = Field(0, description="seed of the bootstrap resampling")
+    specificity: float = Field(0.9, gt=0, lt=1, description="binary tasks: the specificity at which "
+                                                            "sens_at_spec is read off the ROC curve")
+    external: list[ShardLocation] = Field(default_factory=list, description="external-site shard sets (folders or "
+                                                                            "URLs; MIL: bag folders) scored beside "
+                                                                            "the internal test split, with the drop "
+                                                                            "and its interval")
+    external_split: Optional[str] = Field(None, description="split of the external sets to score (default: all "
+                                                            "their samples)")
+    report: bool = Field(True, description="also write RUN_DIR/report/report.md with PNG plots")
+    aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "
+                                                                   "(classification)")
+
+

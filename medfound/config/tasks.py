@@ -1,0 +1,88 @@
+"""Which `data.*` and `eval.*` keys each task kind reads, so a recipe that sets one it ignores fails at validation.
+
+This is the torch-free half of a task kind (the behaviour is `medfound.tasks`): the recipe validator rejects, before
+any work starts, a key the run's task would silently ignore, naming the key and why. A key counts as set when it
+differs from its default, so a resolved `config.yaml` (which spells out every default) still loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGE_STREAM = frozenset({"shards", "train_split", "eval_split", "batch_size", "num_workers", "shuffle_buffer",
+                          "resampled", "global_order", "weights", "samples_per_epoch", "max_bad_fraction", "verify",
+                          "balanced_sampling", "stain_normalize", "window", "mean", "std"})
+IMAGE_TRANSFORM = frozenset({"img_size", "augment", "fundus_crop", "hed_sigma", "crop_scale", "multicrop"})
+NO_CLASS_BALANCE = (False, "site")
+
+
+@dataclass(frozen=True)
+class TaskKeys:
+    """The keys one task kind reads (`data`, `eval`), the values it accepts where it reads only some (`values`),
+    and why it ignores the rest (`why`: key -> reason; `default_why` otherwise)."""
+
+    name: str
+    runs: str  # "box-prompt runs": the subject of the messages
+    data: frozenset[str]
+    eval: frozenset[str] = frozenset()
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)
+    default_why: str = ""
+
+
+ALL_EVAL = frozenset({"split", "bootstrap", "seed", "specificity", "external", "external_split", "report", "aggregate"})
+
+TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
+    TaskKeys("pretrain", "pretraining runs", IMAGE_STREAM | IMAGE_TRANSFORM, values={
+        "balanced_sampling": NO_CLASS_BALANCE}, why={
+        "eval_batch_size": "pretraining has no evaluation",
+        "balanced_sampling": "pretraining has no labels to balance: use 'site' or false"}),
+    TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | {"eval_batch_size"},
+             ALL_EVAL),
+    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM, ALL_EVAL - {"specificity", "aggregate"}, values={
+        "balanced_sampling": NO_CLASS_BALANCE}, why={
+        "img_size": "crops are segment.patch_size",
+        "eval_batch_size": "evaluation slides a window over one image at a time",
+        "balanced_sampling": "it draws single-label classes equally often and masks have no image class (for rare "
+                             "structures raise segment.foreground_fraction); 'site' balances sites",
+        "specificity": "there is no ROC operating point in segmentation",
+        "aggregate": "images are scored one by one"},
+        default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
+    TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | {"img_size"}, ALL_EVAL - {"specificity", "aggregate"},
+             values={"balanced_sampling": NO_CLASS_BALANCE}, why={
+        "eval_batch_size": "evaluation predicts one image and box at a time",
+        "balanced_sampling": "a sample's label names its structure, not a class to balance; 'site' balances sites",
+        "specificity": "there is no ROC operating point for box prompts",
+        "aggregate": "images are scored one by one"},
+        default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
+    TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",
+                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"},
+             values={"balanced_sampling": (False, True, "class")}, why={
+        "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
+        "aggregate": "the unit is already the slide"},
+        default_why="they train on stored tile features, not images: image settings apply when extracting the "
+                    "bags (`medfound extract`)"),
+)}
+
+
+def unused_key_errors(task: str, data: Any, eval: Any = None) -> list[str]:
+    """One message per `data.*` / `eval.*` key set (different from its default) that `task` does not read."""
+    spec = TASK_KEYS[task]
+    errors = []
+    for section, model, read in (("data", data, spec.data), ("eval", eval, spec.eval)):
+        if model is None:
+            continue
+        for key, info in type(model).model_fields.items():
+            value = getattr(model, key)
+            if key in read:
+                allowed = spec.values.get(key)
+                if allowed is None or any(value == a and type(value) is type(a) for a in allowed):
+                    continue
+            elif value == info.get_default(call_default_factory=True):
+                continue
+            why = spec.why.get(key, spec.default_why)
+            shown = value.model_dump() if hasattr(value, "model_dump") else value
+            errors.append(f"{spec.runs} do not use {section}.{key}={shown!r}" + (f": {why}" if why else "")
+                          + "; remove it from the recipe")
+    return errors

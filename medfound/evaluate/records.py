@@ -1,0 +1,96 @@
+"""The pieces every eval.json is made of, public so that each task kind's evaluation assembles its record from
+them: the scored shard paths of a split, the dataset block, the scored-classification block, the external-set block
+(with the drop and its interval), predictions.csv, and the tail (warnings, skipped samples, timing, provenance)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+import medfound
+from medfound.data.pipeline import shard_urls
+
+
+def split_urls(shards: Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
+    """Shard paths of `split` of a shard set (None: every split, as for an external site), its manifest and the
+    splits used."""
+    from medfound.data.manifest import read_manifest
+
+    if split is not None:
+        urls, (manifest,) = shard_urls([shards], split)
+        return urls, manifest, [split]
+    manifest = read_manifest(shards)
+    return [u for sp in manifest.splits for u in shard_urls([shards], sp)[0]], manifest, list(manifest.splits)
+
+
+def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: str) -> dict[str, Any]:
+    """The eval.json fields of a scored classification split (also MIL): metrics, per-class values, intervals,
+    calibration bins, the operating point, per-site results and the definitions."""
+    from medfound.evaluate.metrics import metric_definitions
+
+    boot = result.get("bootstrap")
+    return {
+        "metrics": result["metrics"],
+        "per_class": result["per_class"],
+        **({"intervals": boot["intervals"],
+            "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+        **({"operating_point": result["operating_point"]} if "operating_point" in result else {}),
+        "calibration": result["calibration"],
+        "by_site": by_site,
+        "definitions": metric_definitions(result["metrics"], label_type),
+    }
+
+
+def external_block(name: str, path: str, splits: list[str], n: int, result: dict[str, Any], by_site: dict,
+                   internal: dict[str, Any]) -> dict[str, Any]:
+    """One external set beside the internal test: its metrics and intervals, and the drop (external - internal)
+    of every metric with the interval of the difference of the two independent bootstraps."""
+    from medfound.evaluate.bootstrap import difference_interval
+
+    metrics = result["metrics"]
+    drop = {k: (None if v is None or internal["metrics"].get(k) is None else float(v - internal["metrics"][k]))
+            for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    entry = {"name": name, "path": str(path), "splits": splits, "num_samples": int(n), "metrics": metrics,
+             "drop": drop, "by_site": by_site}
+    ext_boot, int_boot = result.get("bootstrap"), internal.get("bootstrap")
+    if ext_boot and int_boot:
+        entry["intervals"] = ext_boot["intervals"]
+        entry["drop_intervals"] = {k: difference_interval(ext_boot["values"][k], int_boot["values"][k])
+                                   for k in drop if k in ext_boot["values"] and k in int_boot["values"]}
+    return entry
+
+
+
+def write_predictions(path: Path, class_names: list[str], sets: list[tuple]) -> None:
+    """One row per scored sample: set, key, site, label(s), probability per class -> CSV (atomic)."""
+    import csv
+    import io
+
+    from medfound.io import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["set", "key", "site", "label", *[f"p_{c}" for c in class_names]])
+    for name, probs, labels, keys, sites in sets:
+        for i, key in enumerate(keys):
+            label = " ".join(str(int(v)) for v in labels[i]) if np.ndim(labels[i]) else int(labels[i])
+            w.writerow([name, key, sites[i] or "", label, *[f"{float(p):.6f}" for p in probs[i]]])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
+    """eval.json's `dataset`: the scored shard set, split and sample count."""
+    return {"name": manifest.name, "path": str(shards), "split": split, "modality": manifest.modality,
+            "manifest_digest": manifest.digest, "num_samples": int(n)}
+
+
+def record_tail(warnings: list[str], skipped: list[str], start: float) -> dict[str, Any]:
+    """The tail every eval.json carries: warnings, skipped samples, timing and provenance."""
+    return {"warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
+            "skipped_samples": skipped, "seconds": round(time.time() - start, 2),
+            "medfound_version": medfound.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+

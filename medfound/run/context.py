@@ -1,0 +1,94 @@
+"""RunContext: what every training run sets up before its first step, in one object (was a 4-tuple)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import medfound
+from medfound.config import Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
+from medfound.io import atomic_write_text, lock_dir
+
+
+@dataclass
+class RunContext:
+    """The accelerator, the run directory, the checkpoint to resume from and the resolved config text of one run."""
+
+    recipe: PretrainRecipe | FinetuneRecipe
+    accelerator: Any
+    run_dir: Path
+    resume: Optional[Path]
+    config_text: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def seed_per_rank(self) -> None:
+        """After the model is built from the shared seed: give each process its own stream for masks, crops and
+        dropout (otherwise every rank draws the same MAE masks and crop boxes for different images)."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.recipe.trainer.seed + self.rank)
+
+    def fit(self, module: Any, loader: Callable[[int], Any], normalize: Any):
+        """The one training loop (medfound.train.loop.fit) with this run's settings -> its TrainState."""
+        from medfound.train.loop import fit
+
+        r = self.recipe
+        return fit(module, loader, trainer=r.trainer, optim=r.optim, lr=r.derived.lr, run_dir=self.run_dir,
+                   accelerator=self.accelerator, config_text=self.config_text, resume_from=self.resume,
+                   normalize=normalize)
+
+    def summary(self, state) -> dict[str, Any]:
+        """What every training verb returns (and the CLI prints); stages add export and eval keys."""
+        return {"run_dir": str(self.run_dir), "step": state.step, "preempted": state.preempted, "main": self.is_main}
+
+
+def has_accelerator() -> bool:
+    """True when a GPU-like device exists. Without one, accelerate must be told cpu=True, or processes started
+    by torchrun / accelerate launch would each train alone instead of forming a gloo process group."""
+    import torch
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available()
+
+
+def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunContext:
+    """Accelerator, seeds, derived values (world size, global batch, lr), the run lock and RUN_DIR/config.yaml."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from medfound.train.loop import resolve_resume
+
+    t = recipe.trainer
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=not has_accelerator())
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):  # an accelerate config with its own plugin
+        raise ValueError(f"the accelerate config asks for {accelerator.distributed_type.value}; medfound shards with "
+                         "trainer.strategy (fsdp, zero1, zero2, zero3) in the recipe instead: launch with "
+                         "launch/accelerate/fsdp.yaml (or multi_gpu.yaml) and set trainer.strategy")
+    set_seed(t.seed)
+    world = accelerator.num_processes
+    global_batch = recipe.data.batch_size * t.grad_accum_steps * world
+    lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * global_batch / 256
+    recipe.derived = Derived(world_size=world, global_batch_size=global_batch, lr=lr,
+                             medfound_version=medfound.__version__)
+    run_dir = Path(t.output_dir)
+    if accelerator.is_main_process:
+        lock_dir(run_dir)  # one writer per run directory; held until this process exits
+    resume = resolve_resume(t, run_dir)
+    text = dump_recipe(recipe, header=f"resolved by medfound {medfound.__version__} on "
+                                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\ncommand: {command}")
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "config.yaml", text)
+    return RunContext(recipe, accelerator, run_dir, resume, text)

@@ -1,0 +1,86 @@
+"""TaskSpec: what one task kind fills in of the one run lifecycle, and the registry of task kinds.
+
+    build -> train loader -> fit (the one loop) -> export -> evaluate -> load -> publish
+
+`medfound.workflows.train / evaluate / publish` look the task up (`task_for(recipe)`) and call these methods; a task
+never calls a dispatcher, and loading a trained model is always the task's `load`, never done by an evaluation or
+publishing module. The keys a task reads are declared torch-free in `medfound.config.tasks.TASK_KEYS` (the recipe
+validator rejects the rest before any work); `keys` links to that declaration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
+
+from medfound.config import TASK_KEYS
+
+
+@dataclass
+class TrainData:
+    """What a task reads before it builds its module: shard paths and manifests (image tasks) or a bag index (MIL)."""
+
+    sets: list[list[str]] = field(default_factory=list)
+    manifests: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TaskSpec(Protocol):
+    """One task kind. Attributes: `name` (the one name: recipe.task, eval.json's task, TASKS' key), `stage` (the
+    lineage's stage), `weights_file` (the main weights in export/), `meta_file` (the json beside it; None for timm
+    folders), `pipeline_tag` (the Hub's task), `capabilities` (`timm_export`: the export is a timm folder;
+    `evaluate`: it has labels to score; `external`: eval.external is scored; `out`: evaluation can write elsewhere)."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    weights_file: ClassVar[str]
+    meta_file: ClassVar[Optional[str]]
+    pipeline_tag: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]]
+
+    def training_data(self, recipe) -> TrainData: ...
+    def build(self, recipe, data: TrainData) -> Any: ...
+    def parameter_table(self, module, recipe) -> None: ...
+    def train_loader(self, recipe, data: TrainData, ctx) -> Callable[[int], Any]: ...
+    def normalizer(self, recipe) -> Any: ...
+    def describe(self, recipe, data: TrainData) -> str: ...
+    def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]: ...
+    def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]: ...
+    def load(self, folder: Path, recipe) -> Any: ...
+    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]: ...
+    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]: ...
+    def load_snippet(self) -> str: ...
+
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(cls: type) -> type:
+    """Class decorator: register one instance of a TaskSpec under its `name` (unique, declared in TASK_KEYS)."""
+    spec = cls()
+    if spec.name in TASKS:
+        raise ValueError(f"a task kind named {spec.name!r} is already registered ({type(TASKS[spec.name]).__name__})")
+    if spec.name not in TASK_KEYS:
+        raise ValueError(f"task {spec.name!r}: declare the data.*/eval.* keys it reads in medfound.config.tasks")
+    missing = [m for m in ("training_data", "build", "train_loader", "normalizer", "describe", "lineage", "export",
+                           "load", "evaluate", "publish_details", "load_snippet", "parameter_table")
+               if not callable(getattr(spec, m, None))]
+    if missing:
+        raise TypeError(f"task {spec.name!r} lacks {', '.join(missing)}")
+    TASKS[spec.name] = spec
+    return cls
+
+
+def task_for(recipe) -> TaskSpec:
+    """The task kind that runs `recipe` (recipe.task)."""
+    try:
+        return TASKS[recipe.task]
+    except KeyError:
+        raise ValueError(f"no task kind {recipe.task!r} is registered: choose one of {', '.join(TASKS)}") from None
+
+
+NETWORK_SNIPPET = """import medfound
+
+model = medfound.load("{folder}")  # {what}"""

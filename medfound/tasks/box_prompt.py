@@ -1,0 +1,206 @@
+"""Task kind `box_prompt`: MedSAM-style box-prompt segmentation (head.type=box_prompt). Each training sample is one
+image and one structure's mask; the box comes from the mask (jittered). The export is
+`prompt_segmenter.safetensors` + `prompt_segmenter.json` and the adapted backbone as a timm folder in
+export/backbone. Evaluation predicts every sample from its mask's tight box on the original image (Dice per sample,
+per structure and overall, with bootstrap intervals), on the internal split and on every external set."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, register_task
+from medfound.tasks.images import ImageNetwork
+from medfound.tasks.segmentation import load_strict
+
+
+
+@register_task
+class BoxPromptTask(ImageNetwork):
+    name = "box_prompt"
+    weights_file = "prompt_segmenter.safetensors"
+    meta_file = "prompt_segmenter.json"
+    pipeline_tag = "mask-generation"
+
+    def build(self, recipe, data: TrainData):
+        from medfound.adapt.prompt import build_prompt_task
+
+        return build_prompt_task(recipe)
+
+    def train_loader(self, recipe, data: TrainData, ctx):
+        from medfound.adapt.prompt import build_prompt_transform
+        from medfound.data.loaders import image_train_loader
+
+        d, h = recipe.data, recipe.head
+        transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
+                                           crop_to_box=h.crop_to_box, window=d.window)
+        return image_train_loader(d, recipe.trainer.seed, data.sets, data.manifests, transform, labelled=False)
+
+    def normalizer(self, recipe):
+        from medfound.data.loaders import normalizer
+
+        return normalizer(recipe.data)
+
+    def describe(self, recipe, data: TrainData) -> str:
+        return (f"box-prompt segmentation (MedSAM-style), {recipe.tuning}, Dice + BCE, boxes from masks jittered by "
+                f"up to {recipe.head.box_jitter} px")
+
+    def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
+        record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
+                         parent_lineage(recipe.backbone))
+        record.update(tuning=recipe.tuning, head=recipe.head.model_dump())
+        return record
+
+    def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
+        from types import SimpleNamespace
+
+        from safetensors.torch import save
+
+        from medfound.adapt.tuning import merged_copy, merged_segmenter
+        from medfound.publish.export import export_model
+
+        d, h = recipe.data, recipe.head
+        merged = merged_segmenter(module.model).eval()
+        prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
+        export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
+                     license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None)
+        atomic_write_bytes(export / self.weights_file,
+                           save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))
+        atomic_write_json(export / self.meta_file, {"medfound": lineage, "head": h.model_dump(), "img_size": d.img_size,
+                                                    "mean": list(d.mean), "std": list(d.std)})
+        return {}
+
+    def network(self, folder: Path, recipe):
+        """The trained network, rebuilt from the recipe (the ViT's structure from export/backbone) and loaded
+        strictly; eval mode."""
+        export = Path(folder) / "export"
+        from medfound.adapt.prompt import build_prompt_task
+
+        structure = backbone_structure(recipe, export / "backbone")
+        task = build_prompt_task(recipe.model_copy(update={"tuning": "full", "backbone": structure}))
+        load_strict(task.model, export / self.weights_file, "network")
+        return task.model.eval()
+
+    def load(self, folder: Path, recipe, device=None):
+        """A BoxPredictor: `predict(image, boxes)` -> one boolean mask per box at the image's resolution."""
+        import torch
+
+        from medfound.adapt.prompt import BoxPredictor
+
+        meta = json.loads((Path(folder) / "export" / self.meta_file).read_text())
+        return BoxPredictor(self.network(folder, recipe), meta["img_size"], meta["mean"], meta["std"],
+                            device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
+
+    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
+        from medfound.evaluate.records import dataset_block, external_block, record_tail, split_urls
+
+        predictor = self.load(run.path, recipe)
+        ev = recipe.eval
+        start = time.time()
+        urls, manifest, _ = split_urls(recipe.data.shards[0], split)
+        rows, overlays = score_boxes(predictor, urls, manifest, recipe.head.mask, f"split '{split}' of "
+                                     f"{recipe.data.shards[0]}")
+        internal = dice_summary(rows, ev, keep_values=bool(ev.external))
+        externals, ext_overlays = [], {}
+        for ext in ev.external:
+            e_urls, e_manifest, e_splits = split_urls(str(ext), ev.external_split)
+            e_rows, e_over = score_boxes(predictor, e_urls, e_manifest, recipe.head.mask, f"external set {ext}")
+            e_sum = dice_summary(e_rows, ev, keep_values=True)
+            entry = external_block(e_manifest.name, str(ext), e_splits, len(e_rows),
+                                   {"metrics": e_sum["metrics"], **({"bootstrap": e_sum["boot"]} if e_sum["boot"]
+                                                                    else {})}, {},
+                                   {"metrics": internal["metrics"], **({"bootstrap": internal["boot"]}
+                                                                       if internal["boot"] else {})})
+            entry["per_structure"] = e_sum["per_structure"]
+            externals.append(entry)
+            ext_overlays[e_manifest.name] = e_over
+        report = {
+            "task": self.name,
+            "dataset": dataset_block(manifest, recipe.data.shards[0], split, len(rows)),
+            "model": {"export": str(run.export), "sha256": sha256_file(run.export / self.weights_file)},
+            "metrics": internal["metrics"],
+            "per_structure": internal["per_structure"],
+            **({"intervals": internal["boot"]["intervals"],
+                "bootstrap": {k: v for k, v in internal["boot"].items() if k not in ("intervals", "values")}}
+               if internal["boot"] else {}),
+            "per_sample": rows,
+            **({"external": externals} if externals else {}),
+            "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each "
+                                    "predicted from the tight bounding box of its ground-truth mask (no jitter), "
+                                    "threshold 0.5",
+                            "dice_by_structure_mean": "mean over structures of their mean Dice"},
+            **record_tail([], [], start),
+        }
+        atomic_write_json(out / "eval.json", report)
+        if ev.report:
+            from medfound.evaluate.markdown import write_report
+
+            write_report(out, report, overlays={"internal": overlays, **ext_overlays})
+        return report
+
+    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
+        input_cfg = {"input_size": meta.get("img_size"), "mean": list(recipe.data.mean), "std": list(recipe.data.std),
+                     "prompt": "one box per structure, x0,y0,x1,y1 in pixels", "crop_to_box": recipe.head.crop_to_box}
+        return [], input_cfg
+
+    def load_snippet(self) -> str:
+        return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="a BoxPredictor") + \
+            "\n# masks = model.predict(image, [[x0, y0, x1, y1]])  # one boolean mask per box"
+
+
+def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str) -> tuple[list[dict], list[dict]]:
+    """Every sample of `urls` predicted from its mask's tight box -> per-sample rows and up to four overlays."""
+    from medfound.adapt.prompt import box_from_mask
+    from medfound.data.pipeline import make_loader
+
+    names = manifest.label_schema.names
+
+    def raw(sample):
+        return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
+
+    loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
+                         train=False, collate_fn=lambda s: s[0], verify="sha256")
+    rows, overlays = [], []
+    for sample in loader:
+        m = sample["mask"]
+        m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
+        box = box_from_mask(m)
+        pred = predictor.predict(sample["image"], [box])[0]
+        dice = 2 * float((pred & m).sum()) / max(1, int(pred.sum() + m.sum()))
+        label = sample.get("label")
+        rows.append({"key": sample["key"], "structure": names[label] if label is not None and names else None,
+                     "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
+        if len(overlays) < 4:
+            img = np.asarray(sample["image"], dtype=np.float32)
+            overlays.append({"key": sample["key"], "image": img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
+                             "truth": m.astype(np.int64), "pred": pred.astype(np.int64), "dice": {"dice/box": dice}})
+    if not rows:
+        raise ValueError(f"{what} yielded no samples")
+    return rows, overlays
+
+
+def dice_summary(rows: list[dict], ev, keep_values: bool = False) -> dict[str, Any]:
+    """Mean Dice, mean of the per-structure means, per-structure values and (eval.bootstrap > 0) the 95% percentile
+    bootstrap interval of the mean Dice over samples (`values`: the resampled means, for drop intervals)."""
+    per_structure: dict[str, list[float]] = {}
+    for r in rows:
+        per_structure.setdefault(r["structure"] or "all", []).append(r["dice"])
+    metrics = {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
+               "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)}
+    boot = None
+    if ev.bootstrap:
+        from medfound.evaluate.bootstrap import percentile_interval, resample_means
+
+        means = resample_means(np.array([[r["dice"]] for r in rows]), ev.bootstrap, ev.seed)[:, 0]
+        boot = {"intervals": {"dice": percentile_interval(means)}, "resamples": ev.bootstrap, "seed": ev.seed,
+                "level": 0.95, "method": "percentile bootstrap over samples",
+                **({"values": {"dice": means}} if keep_values else {})}
+    return {"metrics": metrics, "boot": boot,
+            "per_structure": {k: {"dice": round(float(np.mean(v)), 4), "n": len(v)}
+                              for k, v in sorted(per_structure.items())}}

@@ -1,0 +1,74 @@
+"""What the image task kinds share: reading the training shard sets, the input-size check, and the behaviour of
+the kinds whose export is a timm folder (pretraining, classification): loading through timm, the checkpoint a
+rebuild starts from, the timm loading snippet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+
+from medfound.tasks.base import TrainData
+
+
+def image_training_data(recipe) -> TrainData:
+    """The training split's shard paths per set and the sets' manifests."""
+    from medfound.data.pipeline import shard_sets
+
+    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
+    return TrainData(sets, manifests)
+
+
+def check_img_size(model, img_size: int) -> None:
+    """A timm ViT with a fixed input size must be trained at that size."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "strict_img_size", False) and tuple(pe.img_size) != (img_size, img_size):
+        raise ValueError(f"data.img_size={img_size} but the backbone takes {tuple(pe.img_size)} images; set "
+                         f"data.img_size={pe.img_size[0]} or backbone.model_args.img_size={img_size}")
+
+
+class TimmExport:
+    """Task kinds whose export (RUN_DIR/export) is a timm `local-dir:` folder."""
+
+    def normalizer(self, recipe):
+        from medfound.data.loaders import normalizer
+
+        return normalizer(recipe.data)
+
+    def load(self, folder: Path, recipe) -> Any:
+        """The exported model through timm (the classifier, or the encoder of a pretraining run), eval mode."""
+        import timm
+
+        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+    @staticmethod
+    def checkpoint(run_dir: Path) -> Path:
+        from medfound.train.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/last)")
+        return ckpt
+
+    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
+        raise TypeError(f"{self.name} runs publish as timm folders (medfound.publish.folder.publish_timm)")
+
+    def load_snippet(self) -> str:
+        return ""  # publish_timm writes timm's own snippet (medfound.publish.card.timm_snippet)
+
+
+class ImageNetwork:
+    """Image task kinds whose network is a medfound module with its ViT (if any) at `model.net.encoder.vit`
+    (segmentation, box prompts): shard-set training data and the parameter table over that ViT."""
+
+    capabilities = frozenset({"evaluate", "external", "out"})
+    stage = "fine-tuning"
+
+    def training_data(self, recipe) -> TrainData:
+        return image_training_data(recipe)
+
+    def parameter_table(self, module, recipe) -> None:
+        from medfound.adapt.tuning import print_parameter_table
+
+        print_parameter_table(module, recipe.tuning, backbone="model.net.encoder.vit.")  # a CNN: all head

@@ -1,0 +1,234 @@
+"""Task kind `mil`: slide-level classification with gated-attention MIL (head.type=abmil) over a bag folder of tile
+features from `medfound extract` (data.shards[0]); the backbone that made them stays frozen.
+
+Export: `export/mil.safetensors` (the head's weights) + `mil.json` (head settings, feature width, label schema, the
+bag folder's backbone record and digest, lineage). Evaluation: slide-level metrics as for images, per site when
+slides carry one, on the internal split and every external bag folder (eval.external, extracted with the same
+backbone), the five most-attended tiles per slide, and `heatmaps/<slide>.png` beside eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.run import lineage
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, register_task
+from medfound.tasks.segmentation import load_strict
+
+
+def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], int]:
+    """Per-class slide counts of `split` of a bag folder and its number of slides."""
+    from medfound.data.bags import bag_schema, slides_of
+
+    schema = bag_schema(index)
+    slides = slides_of(index, split, directory)
+    counts = [0] * schema.num_classes
+    for s in slides:
+        for c in (s["label"] if isinstance(s["label"], list) else [s["label"]]):
+            counts[int(c)] += 1
+    return counts, len(slides)
+
+
+@register_task
+class MILTask:
+    name = "mil"
+    stage = "slide-level MIL"
+    weights_file = "mil.safetensors"
+    meta_file = "mil.json"
+    pipeline_tag = "image-classification"
+    capabilities = frozenset({"evaluate", "external", "out"})
+
+    def training_data(self, recipe) -> TrainData:
+        from medfound.data.bags import bag_schema, read_bags
+
+        bags = Path(recipe.data.shards[0])
+        index = read_bags(bags)
+        counts, n_train = slide_counts(index, recipe.data.train_split, bags)
+        return TrainData(extra={"bags": bags, "index": index, "schema": bag_schema(index), "counts": counts,
+                                "n_train": n_train})
+
+    def build(self, recipe, data: TrainData):
+        from medfound.adapt.tasks import build_mil_task
+
+        x = data.extra
+        return build_mil_task(recipe, x["index"]["backbone"]["feature_dim"], x["schema"], x["counts"], x["n_train"])
+
+    def parameter_table(self, module, recipe) -> None:
+        return None
+
+    def train_loader(self, recipe, data: TrainData, ctx):
+        from medfound.data.bags import bag_loader
+
+        d, h = recipe.data, recipe.head
+        bags, rank, world = data.extra["bags"], ctx.rank, ctx.world
+
+        def loader(epoch: int):
+            batches = bag_loader(bags, d.train_split, d.batch_size, train=True, seed=recipe.trainer.seed, epoch=epoch,
+                                 max_tiles=h.max_tiles, balanced=d.balance_classes)
+            return (b for i, b in enumerate(batches) if i % world == rank)
+        return loader
+
+    def normalizer(self, recipe):
+        return None  # features, not images
+
+    def describe(self, recipe, data: TrainData) -> str:
+        loss = "sigmoid BCE per finding" if data.extra["schema"].type == "multilabel" else "cross-entropy"
+        return f"gated-attention MIL (Ilse et al. 2018), {loss}, frozen tile features"
+
+    def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
+        index = data.extra["index"]
+        record = lineage(recipe, state, [], self.stage, self.describe(recipe, data), {})
+        record["datasets"] = [{**index["source"], "bags_digest": index["digest"], "slides": len(index["slides"])}]
+        record["images_seen"] = state.images_seen  # slides
+        return record
+
+    def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
+        from safetensors.torch import save
+
+        index = data.extra["index"]
+        weights = {k: v.detach().contiguous() for k, v in module.model.state_dict().items()}
+        atomic_write_bytes(export / self.weights_file, save(weights))
+        atomic_write_json(export / self.meta_file, {
+            "head": recipe.head.model_dump(), "feature_dim": index["backbone"]["feature_dim"],
+            "label_schema": data.extra["schema"].model_dump(), "backbone": index["backbone"],
+            "bags_digest": index["digest"], "medfound": lineage})
+        return {}
+
+    def load(self, folder: Path, recipe) -> Any:
+        """The trained ABMIL task, loaded strictly from export/mil.safetensors; eval mode.
+        `{"features": [B, N, D], "mask": [B, N]}` -> {"logits", "attention"}."""
+        from medfound.adapt.tasks import build_mil_task
+        from medfound.data.manifest import LabelSchema
+
+        export = Path(folder) / "export"
+        meta = json.loads((export / self.meta_file).read_text())
+        head = recipe.head.model_copy(update={"class_weights": None})
+        task = build_mil_task(recipe.model_copy(update={"head": head}), meta["feature_dim"],
+                              LabelSchema(**meta["label_schema"]))
+        load_strict(task.model, export / self.weights_file, "head")
+        return task.eval()
+
+    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
+        from medfound.data.bags import bag_schema, read_bags
+        from medfound.evaluate.metrics import score_with_sites
+        from medfound.evaluate.records import external_block, record_tail, scored_block, write_predictions
+
+        bags = Path(recipe.data.shards[0])
+        index = read_bags(bags)
+        schema = bag_schema(index)
+        meta = json.loads((run.export / self.meta_file).read_text())
+        task = self.load(run.path, recipe)
+        ev = recipe.eval
+        start = time.time()
+        heatmaps = Path(out) / "heatmaps" if recipe.head.heatmaps else None
+        internal = score_bags(task, bags, index, meta, split, recipe.data.eval_batch_size, heatmaps)
+        probs, labels, keys, sites, top = internal
+
+        def score(p, y, s, name):
+            return score_with_sites(p, y, s, schema.type, schema.names, name, ev.bootstrap, ev.seed, ev.specificity,
+                                    keep_values=bool(ev.external))
+
+        result, by_site = score(probs, labels, sites, split)
+        warnings = list(result["warnings"])
+        predictions = [("internal", probs, labels, keys, sites)]
+        externals = []
+        for ext in ev.external:
+            e_index = read_bags(Path(ext))
+            e_schema = bag_schema(e_index)
+            if e_schema.names != schema.names:
+                raise ValueError(f"external bags {ext} have classes {e_schema.names}, the model {schema.names}: an "
+                                 "external set must share the label schema")
+            e_split = ev.external_split
+            e_probs, e_labels, e_keys, e_sites, _ = score_bags(task, Path(ext), e_index, meta, e_split,
+                                                               recipe.data.eval_batch_size, None)
+            name = e_index["source"]["name"]
+            e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {name}")
+            warnings += e_result["warnings"]
+            splits = [e_split] if e_split else sorted({s["split"] for s in e_index["slides"]})
+            entry = external_block(name, str(ext), splits, len(e_labels), e_result, e_by_site, result)
+            entry["calibration"] = e_result["calibration"]
+            externals.append(entry)
+            predictions.append((name, e_probs, e_labels, e_keys, e_sites))
+        multilabel = schema.type == "multilabel"
+        report = {
+            "task": self.name,
+            "label_type": schema.type,
+            "class_names": schema.names,
+            "dataset": {"name": index["source"]["name"], "path": str(bags), "split": split,
+                        "modality": index["source"]["modality"], "manifest_digest": index["source"]["digest"],
+                        "bags_digest": index["digest"], "num_samples": int(len(labels)), "unit": "slide"},
+            "model": {"export": str(run.export), "sha256": sha256_file(run.export / self.weights_file),
+                      "backbone": index["backbone"]},
+            **scored_block(result, by_site, schema.type),
+            "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
+                        "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]}
+                       for i, k in enumerate(keys)],
+            "heatmaps": str(heatmaps) if heatmaps else None,
+            **({"external": externals} if externals else {}),
+            **record_tail(warnings, [], start),
+        }
+        write_predictions(Path(out) / "predictions.csv", schema.names, predictions)
+        atomic_write_json(Path(out) / "eval.json", report)
+        if ev.report:
+            from medfound.evaluate.markdown import write_report
+
+            write_report(out, report, predictions=predictions)
+        return report
+
+    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
+        b = meta["backbone"]
+        details = [("tile features", f"{meta['feature_dim']}-d from `{b.get('arch', '?')}` (sha256 "
+                                     f"`{b.get('sha256', '?')}`): extract bags with that backbone")]
+        return details, {"input": "a bag of tile features [N, D] from the backbone above",
+                         "max_tiles": recipe.head.max_tiles}
+
+    def load_snippet(self) -> str:
+        return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the attention-MIL head over the tile "
+                                      "features of its backbone") + \
+            "\n# out = model({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"
+
+
+def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], batch_size: int,
+               heatmaps: Optional[Path]):
+    """Slide probabilities, labels, keys and sites of `split` (None: every slide) of a bag folder, the five
+    most-attended tiles per slide, and (`heatmaps`) one attention heatmap PNG per slide."""
+    import torch
+
+    from medfound.data.bags import bag_loader, bag_schema
+    from medfound.evaluate.heatmap import save_heatmap
+
+    if meta["backbone"]["sha256"] != index["backbone"]["sha256"]:
+        raise ValueError(f"{bags} was extracted with another backbone ({index['backbone']['path']}) than the one "
+                         f"the head was trained on ({meta['backbone']['path']}); re-extract or point data.shards at "
+                         "the original bags")
+    multilabel = bag_schema(index).type == "multilabel"
+    records = {s["slide"]: s for s in index["slides"]}
+    probs, labels, keys, sites, top = [], [], [], [], {}
+    splits = [split] if split else sorted({s["split"] for s in index["slides"]})
+    with torch.no_grad():
+        for sp in splits:
+            for batch in bag_loader(bags, sp, batch_size, train=False):
+                out = task(batch)
+                logits = out["logits"].float()
+                probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy())
+                labels.append(batch["label"].numpy())
+                for i, slide in enumerate(batch["key"]):
+                    n = int(batch["mask"][i].sum())
+                    att, coords = out["attention"][i, :n].numpy(), batch["coords"][i, :n].numpy()
+                    order = np.argsort(-att)[:5]
+                    top[slide] = [{"x": int(coords[j][0]), "y": int(coords[j][1]),
+                                   "attention": round(float(att[j]), 5)} for j in order]
+                    if heatmaps is not None:
+                        save_heatmap(bags, records[slide], att, coords,
+                                     heatmaps / f"{records[slide]['file'].rsplit('.', 1)[0]}.png")
+                keys += batch["key"]
+                sites += batch.get("site", [None] * len(batch["key"]))
+    if not probs:
+        raise ValueError(f"split {split!r} of the bag folder {bags} holds no slides")
+    return np.concatenate(probs), np.concatenate(labels), keys, sites, top

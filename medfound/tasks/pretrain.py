@@ -1,0 +1,78 @@
+"""Task kind `pretrain`: a self-supervised objective (the one registered for objective.name) over a timm backbone;
+the export is the encoder as a timm folder (+ the MAE decoder, to continue pretraining)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from medfound.config import BackboneConfig, PretrainRecipe
+from medfound.registry import OBJECTIVES
+from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.tasks.base import TrainData, register_task
+from medfound.tasks.images import TimmExport, check_img_size, image_training_data
+
+
+def build_objective(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None):
+    """The recipe's objective (registered for objective.name) around a backbone built from `backbone` (default: the
+    recipe's, whose export's MAE decoder, if any, is loaded too)."""
+    from medfound.backbones import create_backbone
+
+    encoder = create_backbone(backbone or recipe.backbone, num_classes=0)
+    weights = recipe.backbone.weights if backbone is None else None
+    return OBJECTIVES.build(recipe.objective.name, recipe, encoder, weights)
+
+
+@register_task
+class PretrainTask(TimmExport):
+    name = "pretrain"
+    stage = "pretraining"
+    weights_file = "model.safetensors"
+    meta_file = None
+    pipeline_tag = "image-feature-extraction"
+    capabilities = frozenset({"timm_export"})
+
+    def training_data(self, recipe) -> TrainData:
+        return image_training_data(recipe)
+
+    def build(self, recipe, data: TrainData):
+        objective = build_objective(recipe)
+        check_img_size(objective.export_backbone(), recipe.data.img_size)
+        return objective
+
+    def parameter_table(self, module, recipe) -> None:
+        return None
+
+    def train_loader(self, recipe, data: TrainData, ctx):
+        from medfound.data.loaders import image_train_loader, train_image_transform
+
+        return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests,
+                                  train_image_transform(recipe.data), labelled=False)
+
+    def describe(self, recipe, data: TrainData) -> str:
+        return recipe.objective.describe()
+
+    def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
+        return lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
+                       parent_lineage(recipe.backbone))
+
+    def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
+        from medfound.publish.export import export_model
+
+        extra = {"mae_decoder.safetensors": module.decoder_bytes()} if hasattr(module, "decoder_bytes") else None
+        diff = export_model(module.export_backbone(), export, data=recipe.data, lineage=lineage,
+                            license=recipe.card.license, extra_files=extra)
+        return {"reload_max_abs_diff": diff}
+
+    def rebuild(self, run_dir: Path, recipe) -> Any:
+        """The trained encoder rebuilt from the recipe and the newest checkpoint (the reference an export must
+        reproduce)."""
+        from medfound.train.checkpoint import load_checkpoint
+
+        objective = build_objective(recipe, backbone_structure(recipe, run_dir / "export"))
+        load_checkpoint(self.checkpoint(run_dir), objective)
+        return objective.export_backbone()
+
+    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
+        raise ValueError(f"{run.path} is a pretrain run: evaluate a finetune run (pretraining has no labels; "
+                         "fine-tune its export with `medfound finetune` first)")

@@ -1,0 +1,147 @@
+"""The package's layering: no import cycle (function-level imports included), no underscore-private name imported
+across modules, and imports only go downward (docs/architecture.md, "Layers")."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "medfound"
+
+# a module may import its own layer and the ones below it; layer -> the top-level names in it
+LAYERS = [
+    ("config", {"config", "registry", "io", "data.location"}),
+    ("data", {"data", "backbones"}),
+    ("modules", {"pretrain", "adapt", "train.optim"}),  # nn.Modules, tuning, optimizer groups and schedules
+    ("services", {"train", "evaluate", "publish", "run", "importing"}),
+    ("tasks", {"tasks"}),
+    ("verbs", {"workflows", "cli", "__init__"}),
+]
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        rel = p.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+MODS = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    while name and name not in MODS:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, str]]:
+    """(imported module, imported name or "") for every import in the file, at any depth."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, "") for a in node.names if a.name.split(".")[0] == "medfound"]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.split(".")[0] != "medfound":
+                continue
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                out.append((full, "") if full in MODS else (base, a.name))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _edges() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODS}
+    for m, p in MODS.items():
+        for target, _ in _imports(m, p):
+            r = _resolve(target)
+            if r and r != m and not m.startswith(r + "."):  # importing one's own ancestor package is a facade
+                edges[m].add(r)
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(edges[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+def _layer(module: str) -> int:
+    rel = module.removeprefix("medfound").lstrip(".") or "__init__"
+    best = None
+    for i, (_, names) in enumerate(LAYERS):
+        for n in names:
+            if rel == n or rel.startswith(n + "."):
+                if best is None or len(n) > best[1]:
+                    best = (i, len(n))
+    assert best is not None, f"{module} is in no layer of tests/test_layering.py: add it"
+    return best[0]
+
+
+def test_the_walker_sees_function_level_imports_and_finds_a_planted_cycle():
+    edges = _edges()
+    assert "medfound.workflows" in edges["medfound.cli"]  # imported inside a function in cli.py
+    planted = {k: set(v) for k, v in edges.items()}
+    planted["medfound.io"].add("medfound.cli")
+    assert any("medfound.io" in c and "medfound.cli" in c for c in _cycles(planted))
+
+
+def test_no_import_cycle():
+    assert _cycles(_edges()) == []
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = [f"{m} imports {name} from {target}" for m, p in MODS.items() for target, name in _imports(m, p)
+           if name.startswith("_") and not name.startswith("__") and _resolve(target) != m]
+    assert bad == []
+
+
+@pytest.mark.parametrize("module", sorted(MODS))
+def test_imports_only_go_downward(module):
+    up = sorted(t for t in _edges()[module] if _layer(t) > _layer(module))
+    assert up == [], f"{module} (layer {LAYERS[_layer(module)][0]}) imports from higher layers: {up}"

@@ -1,0 +1,270 @@
+"""Everything registered is covered here without a hand-kept list: heads, objectives, tunings, ingest kinds and
+task kinds; the strict per-task keys; `medfound ls`, `cp` and `validate --print`."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import yaml
+
+from medfound.cli import main
+from medfound.config import TASK_KEYS, ConfigError, PretrainRecipe, load_recipe
+from medfound.config.data import DataConfig
+from medfound.config.eval import EvalConfig
+import medfound.data.ingest  # noqa: F401  (registers the ingest kinds)
+import medfound.evaluate.metrics  # noqa: F401  (registers the metrics)
+from medfound.registry import HEADS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS, Registry
+
+from helpers import ROOT
+
+
+@pytest.mark.parametrize("entry", list(HEADS), ids=lambda e: e.name)
+def test_every_head_is_in_the_schema_has_a_builder_and_a_task(entry):
+    from medfound.tasks import TASKS
+
+    assert typing.get_args(entry.config.model_fields["type"].annotation) == (entry.name,)
+    assert entry.config.task in TASKS and entry.config.task in TASK_KEYS
+    assert callable(entry.load()) and entry.description
+    assert set(entry.config.tunings) <= set(TUNINGS.names())
+    from medfound.config import HeadConfig
+
+    assert entry.config in typing.get_args(typing.get_args(HeadConfig)[0])  # the head.type union
+
+
+@pytest.mark.parametrize("entry", list(OBJECTIVES), ids=lambda e: e.name)
+def test_every_objective_is_in_the_schema_and_builds_a_pretraining_module(entry, tmp_path):
+    import torch
+
+    from medfound.tasks.pretrain import build_objective
+
+    augment = entry.config.augments[0]
+    data = {"shards": [str(tmp_path)], "img_size": 32, "batch_size": 2, "augment": augment,
+            **({"multicrop": {"local_size": 32, "local_crops": 1}} if augment == "dino" else {})}
+    recipe = PretrainRecipe(kind="pretrain", objective={"name": entry.name, **(
+        {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8} if entry.name == "dinov2" else
+        {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2})},
+        backbone={"name": "vit_tiny_patch16_224", "model_args": {"img_size": 32, "patch_size": 8, "depth": 1,
+                                                                 "embed_dim": 32, "num_heads": 2}},
+        data=data, optim={"lr": 1e-3}, trainer={"output_dir": str(tmp_path / "run"), "max_steps": 1})
+    module = build_objective(recipe)
+    assert isinstance(module, torch.nn.Module) and hasattr(module, "export_backbone")
+    assert recipe.objective.describe()
+
+
+@pytest.mark.parametrize("entry", list(INGEST_KINDS), ids=lambda e: e.name)
+def test_every_ingest_kind_has_a_reader_and_a_cli_choice(entry, capsys):
+    assert callable(entry.load())
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    assert entry.name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("registry", [HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, METRICS], ids=lambda r: r.kind)
+def test_unknown_names_list_the_known_ones_and_names_are_unique(registry):
+    with pytest.raises(ValueError, match=f"unknown {registry.key.replace('.', '[.]')} 'nope': choose one of "
+                                         f"{registry.names()[0]}"):
+        registry.get("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.names()[0], description="again")
+
+
+def test_the_card_names_metrics_as_the_hub_does():
+    from medfound.evaluate.metrics import DEFINITIONS, hub_metric_type
+
+    assert set(DEFINITIONS) <= set(METRICS.names())
+    assert hub_metric_type("auroc") == "roc_auc" and hub_metric_type("not_registered") == "not_registered"
+
+
+def test_a_registry_imports_its_builder_only_when_asked():
+    r = Registry("thing", "thing.name")
+    r.register("lazy", description="d", builder="medfound.does_not_exist:build")
+    with pytest.raises(ModuleNotFoundError):
+        r.build("lazy")
+    with pytest.raises(ValueError, match="module:attribute"):
+        r.register("bad", description="d", builder="no_colon")
+
+
+def test_every_task_kind_fills_in_the_lifecycle():
+    from medfound.tasks import TASKS, TaskSpec
+
+    assert set(TASKS) == set(TASK_KEYS) == {"pretrain", "classification", "segmentation", "box_prompt", "mil"}
+    for spec in TASKS.values():
+        assert isinstance(spec, TaskSpec), spec.name
+        assert spec.weights_file.endswith(".safetensors") and spec.pipeline_tag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict keys: one example recipe per task kind; every key the kind does not read, set, is refused by name
+# ---------------------------------------------------------------------------------------------------------------
+EXAMPLES = {"pretrain": "pretrain/demo_mae_tiny.yaml", "classification": "adapt/demo_classify_lora.yaml",
+            "segmentation": "adapt/segment_unet.yaml", "box_prompt": "adapt/medsam.yaml", "mil": "adapt/uni_abmil.yaml"}
+NON_DEFAULT = {"train_split": "x", "eval_split": "x", "img_size": 48, "eval_batch_size": 3, "num_workers": 1,
+               "shuffle_buffer": 7, "resampled": True, "global_order": True, "samples_per_epoch": 5,
+               "max_bad_fraction": 0.5, "verify": "sha256", "balanced_sampling": "site", "stain_normalize": True,
+               "augment": "he", "window": "lung", "fundus_crop": True, "hed_sigma": 0.1, "crop_scale": [0.5, 1.0],
+               "multicrop": {"local_crops": 2}, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2],
+               "split": "val", "bootstrap": 10, "seed": 3, "specificity": 0.8, "external_split": "test",
+               "report": False, "aggregate": {"by": ["patient"]}}
+UNREAD = [(task, section, key) for task, spec in TASK_KEYS.items()
+          for section, model, read in (("data", DataConfig, spec.data), ("eval", EvalConfig, spec.eval))
+          if task != "pretrain" or section == "data"
+          for key in model.model_fields if key not in read and key in NON_DEFAULT]
+
+
+def test_the_example_recipes_exist_for_every_task():
+    assert set(EXAMPLES) == set(TASK_KEYS)
+    for task, path in EXAMPLES.items():
+        assert load_recipe(ROOT / path).task == task
+
+
+@pytest.mark.parametrize("task,section,key", UNREAD, ids=lambda v: str(v))
+def test_a_key_the_task_does_not_read_is_refused_by_name(task, section, key):
+    value = yaml.safe_dump(NON_DEFAULT[key], default_flow_style=True).strip()
+    with pytest.raises(ConfigError, match=f"do not use {section}[.]{key}="):
+        load_recipe(ROOT / EXAMPLES[task], [f"{section}.{key}={value}"])
+
+
+def test_the_issue_examples_are_refused_or_honoured():
+    # box prompts now go through the shared image loader: site balancing, stain normalisation, resampling work
+    r = load_recipe(ROOT / "adapt" / "medsam.yaml", ["data.balanced_sampling=site", "data.stain_normalize=true",
+                                                      "data.resampled=true"])
+    assert r.data.balance_sites and r.data.stain_normalize
+    with pytest.raises(ConfigError, match="box-prompt runs do not use data.augment='he'"):
+        load_recipe(ROOT / "adapt" / "medsam.yaml", ["data.augment=he"])
+    with pytest.raises(ConfigError, match="MIL runs do not use data.img_size=224.*data.resampled=True"):
+        load_recipe(ROOT / "adapt" / "uni_abmil.yaml", ["data.img_size=224", "data.resampled=true"])
+    with pytest.raises(ConfigError, match="segmentation runs do not use data.balanced_sampling=True"):
+        load_recipe(ROOT / "adapt" / "segment_unet.yaml", ["data.balanced_sampling=true"])
+
+
+def test_a_resolved_config_with_every_default_still_loads(tmp_path):
+    from medfound.config import dump_recipe
+
+    for path in EXAMPLES.values():
+        (tmp_path / "config.yaml").write_text(dump_recipe(load_recipe(ROOT / path)))
+        assert load_recipe(tmp_path / "config.yaml").model_dump() == load_recipe(ROOT / path).model_dump()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# discoverability
+# ---------------------------------------------------------------------------------------------------------------
+def test_ls_lists_recipes_and_every_registered_component(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, METRICS):
+        for e in reg:
+            assert f"  {e.name} " in out and e.description in out
+    assert "demo_mae_tiny" in out and "medsam" in out
+    assert main(["ls", "heads"]) == 0 and "mae " not in capsys.readouterr().out
+
+
+def test_cp_copies_a_shipped_recipe_and_never_replaces_a_file(tmp_path, capsys):
+    assert main(["cp", "medsam", str(tmp_path)]) == 0
+    copied = tmp_path / "medsam.yaml"
+    assert copied.read_text() == (ROOT / "adapt" / "medsam.yaml").read_text()
+    assert main(["cp", "medsam", str(copied)]) == 1 and "never replaces" in capsys.readouterr().err
+    assert main(["cp", "nope", str(tmp_path / "x.yaml")]) == 2
+
+
+def test_validate_print_shows_the_resolved_recipe_with_its_task_and_derived_values(capsys):
+    assert main(["validate", "demo_classify_lora", "optim.warmup_steps=3", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# task: classification")
+    resolved = yaml.safe_load(out)
+    assert resolved["optim"]["warmup_steps"] == 3 and resolved["derived"]["world_size"] == 1
+    assert resolved["data"]["shuffle_buffer"] is not None  # every default spelled out
+    assert resolved["derived"]["global_batch_size"] == resolved["data"]["batch_size"]
+
+
+def test_every_schema_field_has_a_description():
+    from pydantic import BaseModel
+
+    from medfound.config import RECIPE_KINDS
+
+    seen, missing = set(), []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, f in model.model_fields.items():
+            if not f.description:
+                missing.append(f"{prefix}{name}")
+            for arg in [f.annotation, *typing.get_args(f.annotation)] + [a for t in typing.get_args(f.annotation)
+                                                                          for a in typing.get_args(t)]:
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    walk(arg, f"{prefix}{name}.")
+
+    for kind in RECIPE_KINDS.values():
+        walk(kind, "")
+    assert missing == []
+
+
+PLUGIN = '''
+"""A third-party segmentation head in one file: its config (with its rules), its registration, its builder."""
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from medfound.config.base import Strict
+from medfound.config.heads import HeadRules
+from medfound.registry import HEADS
+
+
+class TinyConvHeadConfig(HeadRules, Strict):
+    task: ClassVar[str] = "segmentation"
+    backbone: ClassVar[str] = "none"
+    tunings: ClassVar[tuple] = ("full",)
+    tuning_why: ClassVar[str] = "is a CNN: set tuning=full"
+
+    type: Literal["tiny_conv"] = Field("tiny_conv", description="the head")
+    width: int = Field(4, description="channels")
+
+
+def build(recipe):
+    import torch.nn as nn
+
+    from medfound.adapt.heads.segment import Segmenter, in_channels
+
+    sd, k = recipe.segment.spatial_dims, recipe.segment.num_classes
+    conv = nn.Conv2d if sd == 2 else nn.Conv3d
+    net = nn.Sequential(conv(in_channels(sd), recipe.head.width, 3, padding=1), nn.ReLU(), conv(recipe.head.width, k, 1))
+    return Segmenter(net, (1,) * sd)
+
+
+HEADS.register("tiny_conv", config=TinyConvHeadConfig, builder="tinyconv_plugin:build",
+               description="a one-layer test head from a plugin")
+'''
+
+
+def test_a_third_party_head_registers_through_the_entry_point_group(tmp_path):
+    """One file + an entry point: the head validates, is listed, builds and trains through the segmentation task."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tinyconv_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "tinyconv_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyconv-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[medfound.plugins]\ntiny_conv = tinyconv_plugin\n")
+    code = f'''
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+import torch
+from medfound.cli import main
+from medfound.config import load_recipe
+from medfound.tasks import task_for
+r = load_recipe({str(ROOT / "adapt" / "segment_unet.yaml")!r}, ["head={{type: tiny_conv, width: 3}}"])
+spec = task_for(r)
+module = spec.build(r, None)
+out = module({{"image": torch.randn(2, 3, 16, 16), "mask": torch.randint(0, 2, (2, 1, 16, 16))}})
+out["loss"].backward()
+print("logits", tuple(out["logits"].shape), spec.name)
+main(["ls", "heads"])
+'''
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "logits (2, 2, 16, 16) segmentation" in done.stdout
+    assert "tiny_conv" in done.stdout and "a one-layer test head from a plugin" in done.stdout
