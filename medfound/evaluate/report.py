@@ -44,10 +44,10 @@ def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilab
     return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
 
 
-def evaluate_classification(model: torch.nn.Module, export: Path, recipe: FinetuneRecipe, split: str, out: Path
+def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: FinetuneRecipe, split: str, out: Path
                             ) -> dict[str, Any]:
-    """Score `model` (the timm folder `export`, loaded) on `split` of the run's shards, and on every external set
-    -> `out`/eval.json, predictions.csv, report/."""
+    """Score `model` (the timm folder of `weights`, loaded) on `split` of the run's shards, and on every external
+    set -> `out`/eval.json, predictions.csv, report/."""
     from medfound.adapt.tasks import endpoint
 
     shards = recipe.data.shards[0]
@@ -111,7 +111,7 @@ def evaluate_classification(model: torch.nn.Module, export: Path, recipe: Finetu
         "label_type": schema.type,
         "class_names": schema.names,
         "dataset": dataset_block(manifest, shards, split, len(labels)),
-        "model": {"export": str(export), "sha256": sha256_file(export / "model.safetensors")},
+        "model": {"export": str(weights.parent), "sha256": sha256_file(weights)},
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
         **({"external": externals} if externals else {}),
@@ -126,11 +126,12 @@ def evaluate_classification(model: torch.nn.Module, export: Path, recipe: Finetu
     return report
 
 
-def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.Module], export: Path,
+def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.Module], weights: Path,
                           recipe: FinetuneRecipe, split: str, out: Path) -> dict[str, Any]:
     """Sliding-window inference of `model` (`[B, C, *S]` -> logits) over every `split` image (and every external
     set), Dice/HD95 per image and class with bootstrap intervals -> `out`/eval.json, report/report.md with overlays.
-    `normalize`: the device-side normaliser (None where the transform already normalised)."""
+    `weights`: the file `model` was loaded from (eval.json records its sha256); `normalize`: the device-side
+    normaliser (None where the transform already normalised)."""
     from medfound.data.seg_transforms import build_seg_transform
     from medfound.evaluate.segmentation import CONVENTIONS, SegmentationScorer, predict_probs
 
@@ -186,8 +187,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "task": "segmentation",
         "class_names": seg.names,
         "dataset": dataset_block(manifest, shards, split, len(scorer.per_image)),
-        "model": {"export": str(export), "sha256": sha256_file(export / "segmenter.safetensors"),
-                  "head": recipe.head.type},
+        "model": {"export": str(weights.parent), "sha256": sha256_file(weights), "head": recipe.head.type},
         "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
                       "roi": seg.roi},
         "metrics": result["metrics"],

@@ -76,20 +76,18 @@ def _finish(tmp: Path, run_dir: Path, card) -> None:
 
 def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bool, name: Optional[str]) -> dict:
     """A run whose export is a timm folder (pretraining, classification; `task` its TaskSpec) -> the folder."""
-    import timm
-
     from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
     from medfound.publish.card import preprocessing as preprocessing_for
     from medfound.publish.export import check_reload, read_lineage
 
     export = run_dir / "export"
-    if not (export / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{export}/model.safetensors missing: the run has not finished "
+    if not (export / task.weights_file).is_file():
+        raise FileNotFoundError(f"{export}/{task.weights_file} missing: the run has not finished "
                                 f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
-    evaluation = _evaluation(run_dir, export / "model.safetensors") if isinstance(recipe, FinetuneRecipe) else None
+    evaluation = _evaluation(run_dir, export / task.weights_file) if "evaluate" in task.capabilities else None
     reference = task.rebuild(run_dir, recipe)
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
-        for item in ("model.safetensors", "config.json", "adapter", "mae_decoder.safetensors"):
+        for item in (task.weights_file, "config.json", "adapter", "mae_decoder.safetensors"):
             src = export / item
             if src.is_dir():
                 shutil.copytree(src, tmp / item)
@@ -99,7 +97,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
         shutil.copy2(run_dir / "config.yaml", tmp / "training_config.yaml")
         if evaluation is not None:
             atomic_write_json(tmp / "eval.json", evaluation)
-        model = timm.create_model(f"local-dir:{tmp}", pretrained=True)
+        model = task.load(tmp, recipe)  # the published folder, loaded as the task loads it
         lineage = read_lineage(tmp)
         cfg = model.pretrained_cfg
         prep = preprocessing_for({k: cfg.get(k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
@@ -108,7 +106,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
         schema = lineage.get("label_schema", {})
         class_names = schema.get("names", []) if evaluation else []
         card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
-                           weights=[("model.safetensors", sha256_file(tmp / "model.safetensors"))],
+                           weights=[(task.weights_file, sha256_file(tmp / task.weights_file))],
                            files=described_files(tmp, ["config.json"], ["adapter"]),
                            details=timm_details(model, class_names, schema.get("type")), preprocessing=prep,
                            load_snippet=timm_snippet(class_names), architecture=cfg.get("architecture"),

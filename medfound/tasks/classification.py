@@ -95,4 +95,5 @@ class ClassificationTask(TimmExport):
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.evaluate.report import evaluate_classification
 
-        return evaluate_classification(self.load(run.export, recipe), run.export, recipe, split, out)
+        return evaluate_classification(self.load(run.export, recipe), run.export / self.weights_file, recipe, split,
+                                       out)

@@ -103,8 +103,8 @@ class SegmentationTask(ImageNetwork):
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.evaluate.report import evaluate_segmentation
 
-        return evaluate_segmentation(self.load(run.path, recipe), self.normalizer(recipe), run.export, recipe, split,
-                                     out)
+        return evaluate_segmentation(self.load(run.path, recipe), self.normalizer(recipe),
+                                     run.export / self.weights_file, recipe, split, out)
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
         seg = recipe.segment
