@@ -124,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="a recipe YAML path, or a recipe name from pretrain/ or adapt/")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-4 trainer.max_steps=50")
         if verb == "validate":
+            s.add_argument("--no-paths", action="store_true",
+                           help="check the schema only, not that the shard sets, weights and files it names exist")
             s.add_argument("--print", action="store_true", dest="print_recipe",
                            help="print the resolved recipe (every default spelled out, the task kind, and the values "
                                 "derived at run start for one process)")
@@ -314,6 +316,33 @@ def _copy_recipe(name: str, dest: str) -> Path:
     return target
 
 
+def missing_paths(recipe) -> list[str]:
+    """What the recipe names that does not exist (local paths only; URLs are checked when the run reads them),
+    each with the command that makes it."""
+    from medfound.data.location import is_url
+
+    out = []
+    mil = recipe.task == "mil"
+    for i, shards in enumerate(recipe.data.shards):
+        want = "bags.json" if mil else "manifest.json"
+        if not is_url(shards) and not (Path(shards) / want).is_file():
+            make = ("`medfound extract TILE_SHARDS --backbone EXPORT --out " if mil else
+                    "`medfound shard KIND INPUT --out ") + f"{shards}` makes it"
+            out.append(f"data.shards[{i}]: {shards} holds no {want} ({make})")
+    for i, ext in enumerate(getattr(getattr(recipe, "eval", None), "external", []) or []):
+        want = "bags.json" if mil else "manifest.json"
+        if not is_url(ext) and not (Path(ext) / want).is_file():
+            out.append(f"eval.external[{i}]: {ext} holds no {want}")
+    backbone = getattr(recipe, "backbone", None)
+    if backbone is not None and backbone.weights is not None and not (Path(backbone.weights) / "config.json").is_file():
+        out.append(f"backbone.weights: {backbone.weights} holds no config.json (a run's export: `medfound pretrain "
+                   f"RECIPE` writes RUN_DIR/export; `medfound import` converts published weights)")
+    ds = recipe.trainer.deepspeed_config
+    if ds is not None and not Path(ds).is_file():
+        out.append(f"trainer.deepspeed_config: {ds} does not exist")
+    return out
+
+
 def _print_resolved(recipe) -> None:
     """`validate --print`: the recipe with every default, its task, and the values derived at start (1 process)."""
     from medfound.config import Derived, dump_recipe
@@ -331,10 +360,19 @@ def _print_resolved(recipe) -> None:
 def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "validate":
         path, recipe = _load(args, None)
+        missing = [] if args.no_paths else missing_paths(recipe)
         if args.print_recipe:
             _print_resolved(recipe)
-        else:
-            print(f"{path}: valid {recipe.kind} recipe ({recipe.task})")
+        if missing:
+            print(f"{path}: the schema is valid, but {len(missing)} path(s) do not exist:", file=sys.stderr)
+            for line in missing:
+                print(f"  - {line}", file=sys.stderr)
+            print("  (relative paths are read from the current directory; --no-paths checks the schema only)",
+                  file=sys.stderr)
+            return 1
+        if not args.print_recipe:
+            print(f"{path}: valid {recipe.kind} recipe ({recipe.task})"
+                  + ("" if args.no_paths else "; every path it names exists"))
         return 0
     if args.verb == "ls":
         print("\n".join(_listing(args.what)))

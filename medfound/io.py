@@ -56,6 +56,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +192,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
         tmp = Path(staging)
     try:
         yield tmp
+        mask = current_umask()
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.is_symlink():
+                # the umask's normal mode (0644 / 0755 under umask 022): libraries that write 0600 files
+                # (safetensors) would otherwise publish weights that nobody else on a shared server can read
+                os.chmod(f, (0o777 if f.stat().st_mode & 0o111 else 0o666) & ~mask)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():

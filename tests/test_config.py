@@ -103,9 +103,27 @@ def test_recipe_errors_do_not_import_torch():
 def test_cli_validate(capsys):
     from medfound.cli import main
 
-    assert main(["validate", str(ADAPT)]) == 0
+    assert main(["validate", str(ADAPT), "--no-paths"]) == 0
     assert "valid finetune recipe" in capsys.readouterr().out
-    assert main(["validate", "demo_mae_tiny", "trainer.seed=3"]) == 0
+    assert main(["validate", "demo_mae_tiny", "trainer.seed=3", "--no-paths"]) == 0
+
+
+def test_cli_validate_names_the_paths_that_do_not_exist(capsys, tmp_path, shards):
+    """Issue 17, item 3: a recipe naming missing shard sets or weights is not reported as valid."""
+    from medfound.cli import main
+
+    rc = main(["validate", str(ADAPT), f"data.shards=[{tmp_path / 'nope'}]", f"backbone.weights={tmp_path / 'w'}",
+               f"eval.external=[{tmp_path / 'ext'}]"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "3 path(s) do not exist" in err
+    assert f"data.shards[0]: {tmp_path / 'nope'} holds no manifest.json (`medfound shard KIND INPUT --out" in err
+    assert "backbone.weights:" in err and "eval.external[0]:" in err
+    assert main(["validate", str(ADAPT), f"data.shards=[{tmp_path / 'nope'}]", "--no-paths"]) == 0
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert main(["validate", str(ADAPT), f"data.shards=[{shards['retina']}]", f"backbone.weights={export}"]) == 0
+    assert "every path it names exists" in capsys.readouterr().out
 
 
 def test_missing_or_unknown_kind(tmp_path):

@@ -63,3 +63,19 @@ def test_stale_temporaries_of_a_killed_write_are_cleaned(tmp_path):
         (tmp / "a").write_text("done")
     assert not stale.exists() and live.exists() and unrelated.exists() and (target / "a").read_text() == "done"
     assert clean_stale_temporaries(target) == []
+
+
+def test_atomic_dir_gives_files_the_umasks_normal_mode(tmp_path):
+    """safetensors writes 0600 files; a published folder must be readable as the umask allows (issue 17, item 9)."""
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "weights.safetensors", 0o600)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "sub" / "run.sh", 0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out" / "sub" / "run.sh").stat().st_mode & 0o777 == 0o755

@@ -63,6 +63,18 @@ def test_published_folder_and_card(published, finetuned):
     assert "4 optimizer steps" in text and "3 optimizer steps" in text  # fine-tuning and pretraining stages
 
 
+def test_published_files_have_the_umasks_normal_mode(published):
+    """Weights (safetensors writes 0600) and the LoRA adapter are readable as every other file is."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.relative_to(published).as_posix(): p.stat().st_mode & 0o777 for p in published.rglob("*")
+             if p.is_file()}
+    assert "model.safetensors" in modes and "adapter/adapter_model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def test_card_loading_snippet_runs(published, tmp_path):
     text = ModelCard.load(published / "README.md").text
     snippet = text.split("## How to load it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
