@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
     g.add_argument("--patch", type=lambda v: [int(x) for x in v.split(",")], help="patch size, e.g. 64,64,16")
     g = s.add_argument_group("wsi")
-    g.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel of the tiles (default 0.5)")
+    g.add_argument("--mpp", type=float, help="wsi: target micrometres per pixel of the tiles (default 0.5); images: "
+                                             "the images' resolution, recorded in the manifest and the model card")
     g.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp (default 224)")
     g.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
     g.add_argument("--slide-mpp", type=float, help="scan resolution for slides without mpp metadata")
@@ -484,6 +485,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
             raise ValueError(f"medfound shard {args.kind} takes one input (got {len(args.input)}); several part "
                              "folders are joined with `medfound shard merge`")
         args.input = args.input[0]
+        if args.mpp is not None and args.kind not in ("wsi", "images"):
+            raise ValueError(f"--mpp is for wsi (the tiles' um/px) and images (the images' um/px); {args.kind} inputs "
+                             "carry their own spacing (DICOM PixelSpacing, volume headers): drop --mpp")
+        if args.mpp is None and args.kind == "wsi":
+            args.mpp = 0.5
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
                                                  "keep_names", "salt", "fov", "layout", "axis", "patch")}

@@ -186,3 +186,18 @@ def test_bad_images_are_skipped_counted_and_named_by_row(tmp_path):
     assert any(r.startswith("32-bit image (PIL mode F)") for r in reasons)
     assert any(r.startswith("over the decompression-bomb limit of 4,000,000 pixels") for r in reasons)
     assert "table row 5: cannot decode" in proc.stdout and "truncated.png" not in proc.stdout
+
+
+def test_images_mpp_is_recorded_and_refused_where_it_means_nothing(tmp_path, capsys):
+    """Issue 17, item 13: `--mpp` for an image folder was accepted and dropped; it now reaches the manifest (and so
+    the lineage and the card's preprocessing), and kinds with their own spacing refuse it."""
+    from medfound.cli import main
+    from medfound.run import dataset_record
+
+    assert main(["shard", "images", str(DATA / "ct_organs"), "--table", str(DATA / "ct_organs" / "organs.csv"),
+                 "--out", str(tmp_path / "he"), "--mpp", "0.495", "--workers", "1"]) == 0
+    m = read_manifest(tmp_path / "he")
+    assert m.ingest["mpp"] == 0.495 and dataset_record(m)["mpp"] == 0.495
+    assert main(["shard", "npz", str(DATA / "medmnist" / "retinamnist_demo.npz"), "--out", str(tmp_path / "n"),
+                 "--mpp", "0.5"]) == 1
+    assert "--mpp is for wsi" in capsys.readouterr().err and not (tmp_path / "n").exists()

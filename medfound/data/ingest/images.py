@@ -81,8 +81,11 @@ def _mask_columns(columns: list[str]) -> list[str]:
 def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label_type: Optional[str] = None,
                 label_names: Optional[list[str]] = None, site: Optional[str] = None,
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
-                salt: Optional[str] = None, fov: str = "none", **_: object) -> Ingested:
+                salt: Optional[str] = None, fov: str = "none", mpp: Optional[float] = None,
+                **_: object) -> Ingested:
     folder = Path(folder)
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"--mpp {mpp}: give the images' resolution in micrometres per pixel (> 0), e.g. 0.25")
     if table is None:
         found = [folder / n for n in TABLE_NAMES if (folder / n).is_file()]
         if not found:
@@ -155,6 +158,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
-                "keep_names": keep_names, "masks": mask_cols, "fov": fov}
+                "keep_names": keep_names, "masks": mask_cols, "fov": fov,
+                **({"mpp": mpp} if mpp is not None else {})}  # microscopy: the images' um/px (card, lineage)
     result = Ingested(samples(), schema, source, settings, skipped=skipped)
     return result
