@@ -346,14 +346,10 @@ def missing_paths(recipe) -> list[str]:
 
 def _print_resolved(recipe) -> None:
     """`validate --print`: the recipe with every default, its task, and the values derived at start (1 process)."""
-    from medfound.config import Derived, dump_recipe
-    from medfound import __version__ as version
+    from medfound.config import derive, dump_recipe
 
     if recipe.derived is None:
-        batch = recipe.data.batch_size * recipe.trainer.grad_accum_steps
-        lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * batch / 256
-        recipe = recipe.model_copy(update={"derived": Derived(world_size=1, global_batch_size=batch, lr=lr,
-                                                              medfound_version=version)})
+        recipe = recipe.model_copy(update={"derived": derive(recipe, 1, __version__)})
     print(dump_recipe(recipe, header=f"task: {recipe.task}\nderived: for 1 process (world_size x batch scales the "
                                      "lr of optim.blr recipes)"), end="")
 

@@ -20,7 +20,7 @@ from medfound.config.heads import (CNN_HEADS, SEGMENT_HEADS, ABMILHeadConfig, At
 from medfound.config.loading import (apply_overrides, dump_recipe, find_recipe, list_recipes, load_recipe,
                                      parse_overrides, recipe_dirs)
 from medfound.config.objectives import DINOConfig, MAEConfig
-from medfound.config.recipes import RECIPE_KINDS, FinetuneRecipe, PretrainRecipe, Recipe
+from medfound.config.recipes import RECIPE_KINDS, FinetuneRecipe, PretrainRecipe, Recipe, derive
 from medfound.config.run import BackboneConfig, CardConfig, Derived, LoraConfig, OptimConfig, TrainerConfig
 from medfound.config.tasks import TASK_KEYS
 
@@ -29,5 +29,5 @@ __all__ = ["ConfigError", "ShardLocation", "Strict", "AUGMENT_PRESETS", "DataCon
            "BoxPromptHeadConfig", "ClassifyHeadConfig", "HeadConfig", "SegmentConfig", "TransUNetHeadConfig",
            "UNETRHeadConfig", "UNetHeadConfig", "VNetHeadConfig", "apply_overrides", "dump_recipe", "find_recipe",
            "list_recipes", "load_recipe", "parse_overrides", "recipe_dirs", "DINOConfig", "MAEConfig", "RECIPE_KINDS",
-           "FinetuneRecipe", "PretrainRecipe", "Recipe", "BackboneConfig", "CardConfig", "Derived", "LoraConfig",
+           "FinetuneRecipe", "PretrainRecipe", "Recipe", "derive", "BackboneConfig", "CardConfig", "Derived", "LoraConfig",
            "OptimConfig", "TrainerConfig", "TASK_KEYS"]

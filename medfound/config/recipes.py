@@ -123,6 +123,14 @@ class FinetuneRecipe(Strict):
         return self
 
 
+def derive(recipe: PretrainRecipe | FinetuneRecipe, world_size: int, version: str) -> Derived:
+    """The values fixed at run start: global batch = data.batch_size x grad_accum_steps x world_size, and
+    lr = optim.lr, or optim.blr x global batch / 256 (MAE's rule)."""
+    global_batch = recipe.data.batch_size * recipe.trainer.grad_accum_steps * world_size
+    lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * global_batch / 256
+    return Derived(world_size=world_size, global_batch_size=global_batch, lr=lr, medfound_version=version)
+
+
 Recipe = Annotated[Union[PretrainRecipe, FinetuneRecipe], Field(discriminator="kind")]
 RECIPE_ADAPTER = TypeAdapter(Recipe)
 RECIPE_KINDS = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}

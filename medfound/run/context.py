@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import medfound
-from medfound.config import Derived, FinetuneRecipe, PretrainRecipe, dump_recipe
+from medfound.config import FinetuneRecipe, PretrainRecipe, derive, dump_recipe
 from medfound.io import atomic_write_text, lock_dir
 
 
@@ -78,11 +78,7 @@ def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunConte
                          "trainer.strategy (fsdp, zero1, zero2, zero3) in the recipe instead: launch with "
                          "launch/accelerate/fsdp.yaml (or multi_gpu.yaml) and set trainer.strategy")
     set_seed(t.seed)
-    world = accelerator.num_processes
-    global_batch = recipe.data.batch_size * t.grad_accum_steps * world
-    lr = recipe.optim.lr if recipe.optim.lr is not None else recipe.optim.blr * global_batch / 256
-    recipe.derived = Derived(world_size=world, global_batch_size=global_batch, lr=lr,
-                             medfound_version=medfound.__version__)
+    recipe.derived = derive(recipe, accelerator.num_processes, medfound.__version__)
     run_dir = Path(t.output_dir)
     if accelerator.is_main_process:
         lock_dir(run_dir)  # one writer per run directory; held until this process exits

@@ -81,6 +81,17 @@ def task_for(recipe) -> TaskSpec:
         raise ValueError(f"no task kind {recipe.task!r} is registered: choose one of {', '.join(TASKS)}") from None
 
 
+def load_strict(model, path: Path, what: str) -> None:
+    """Load safetensors `path` into `model` strictly, naming the file when the recipe no longer fits it."""
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} does not fit the {what} the run's recipe builds (was the recipe edited?): "
+                           f"{e}") from None
+
+
 NETWORK_SNIPPET = """import medfound
 
 model = medfound.load("{folder}")  # {what}"""

@@ -15,9 +15,8 @@ import numpy as np
 
 from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medfound.run import backbone_structure, lineage, parent_lineage
-from medfound.tasks.base import NETWORK_SNIPPET, TrainData, register_task
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
-from medfound.tasks.segmentation import load_strict
 
 
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medfound.run import lineage
-from medfound.tasks.base import NETWORK_SNIPPET, TrainData, register_task
-from medfound.tasks.segmentation import load_strict
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 
 
 def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], int]:

@@ -9,22 +9,11 @@ from typing import Any
 
 from medfound.io import atomic_write_bytes, atomic_write_json
 from medfound.run import backbone_structure, lineage, parent_lineage
-from medfound.tasks.base import NETWORK_SNIPPET, TrainData, register_task
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
 
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha})", "full": "full fine-tuning", "linear_probe": "frozen backbone",
                "last_k": "last {k} blocks"}
-
-
-def load_strict(model, path: Path, what: str) -> None:
-    """Load safetensors `path` into `model` strictly, naming the file when the recipe no longer fits it."""
-    from safetensors.torch import load_file
-
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} does not fit the {what} the run's recipe builds (was the recipe edited?): "
-                           f"{e}") from None
 
 
 @register_task
