@@ -196,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--push", metavar="REPO_ID", help="then upload the folder to this Hugging Face Hub repo")
     s.add_argument("--dry-run", action="store_true", help="list what --push would upload; no network")
     s.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    s.add_argument("--base-model", metavar="REPO_ID", help="the Hub id of the backbone the run started from (card "
+                                                           "metadata base_model, the LoRA adapter's base; default: "
+                                                           "the recipe's card.base_model)")
 
     s = sub.add_parser("card", help="check or push a published folder")
     card = s.add_subparsers(dest="card_verb", required=True)
@@ -434,7 +437,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.verb == "publish":
         result = workflows.publish(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
-                                       push=args.push, dry_run=args.dry_run, private=args.private)
+                                   push=args.push, dry_run=args.dry_run, private=args.private,
+                                   base_model=args.base_model)
         print(f"published {result['out']}: {', '.join(result['files'])}"
               + (f" (timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})"
                  if "reload_max_abs_diff" in result else "") + "; card checked against the folder")

@@ -105,20 +105,25 @@ def rebuild_trained(run_dir: Path):
 
 
 def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None,
-            push: Optional[str] = None, dry_run: bool = False, private: bool = False) -> dict:
+            push: Optional[str] = None, dry_run: bool = False, private: bool = False,
+            base_model: Optional[str] = None) -> dict:
     """RUN_DIR -> a Hugging Face-style folder with its model card (medfound.publish.folder); then `push` it to the
-    Hub repo (or, with `dry_run`, list what would go)."""
+    Hub repo (or, with `dry_run`, list what would go). `base_model` (a Hub id) overrides the recipe's
+    card.base_model; `push` is recorded as card.repo_id (the card's `hf-hub:` snippet)."""
     from medfound.publish import folder
 
     run_dir, out = Path(run_dir), Path(out)
     if overwrite:  # before any work: --overwrite replaces only an earlier published folder, never a run
         check_replaceable(out, "model")
     run = read_run(run_dir)
-    spec = task_for(run.recipe)
+    card = run.recipe.card
+    recipe = run.recipe.model_copy(update={"card": card.model_copy(update={
+        "base_model": base_model or card.base_model, "repo_id": push or card.repo_id})})
+    spec = task_for(recipe)
     if "timm_export" in spec.capabilities:
-        result = folder.publish_timm(run_dir, out, run.recipe, spec, overwrite, name)
+        result = folder.publish_timm(run_dir, out, recipe, spec, overwrite, name)
     else:
-        result = folder.publish_network(run_dir, out, run.recipe, spec, overwrite, name)
+        result = folder.publish_network(run_dir, out, recipe, spec, overwrite, name)
     if push or dry_run:
         from medfound.publish.hub import push_folder
 

@@ -100,6 +100,11 @@ class CardConfig(Strict):
     demo: bool = Field(False, description="mark the card as a demonstration model, not for any clinical use")
     summary: Optional[str] = Field(None, description="the card's first paragraph (default: architecture and stages)")
     tags: list[str] = Field(default_factory=list, description="extra Hub tags")
+    base_model: Optional[str] = Field(None, description="the Hub id of the backbone this model was trained from "
+                                                        "(card metadata `base_model`, the LoRA adapter's base); "
+                                                        "`medfound publish --base-model` sets it too")
+    repo_id: Optional[str] = Field(None, description="the Hub id this model will be published as (the card's "
+                                                     "`hf-hub:` loading snippet); `medfound publish --push` sets it")
     gated_prompt: Optional[str] = Field(None, description="gated access on the Hub: the text users must accept "
                                                           "(adds extra_gated_prompt / extra_gated_fields)")
     gated_fields: list[str] = Field(default_factory=lambda: ["Name", "Affiliation", "Country"],

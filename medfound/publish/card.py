@@ -24,18 +24,46 @@ TEMPLATE = "template.md"
 EVAL_BEGIN, EVAL_END = "<!-- medfound:evaluation (generated from eval.json; `medfound card check` verifies it) -->", \
     "<!-- /medfound:evaluation -->"
 PLACEHOLDER, IMAGE_PLACEHOLDER = "PATH_TO_THIS_FOLDER", "IMAGE.png"
-METHOD_CITATIONS = {  # keyword in a stage's objective or tuning -> reference
-    "mae": 'He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (MAE).',
-    "dino": 'Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024.',
-    "lora": 'Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.',
-    "mil": 'Ilse et al., "Attention-based Deep Multiple Instance Learning", ICML 2018.',
-    "box-prompt": 'Ma et al., "Segment anything in medical images" (MedSAM), Nature Communications 2024.',
-    "unetr": 'Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image Segmentation", WACV 2022.',
-    "transunet": 'Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation", 2021.',
-    "attention_unet": 'Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018.',
-    "unet ": 'Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image Segmentation", MICCAI 2015.',
-    "vnet": 'Milletari et al., "V-Net: Fully Convolutional Neural Networks for Volumetric Medical Image '
-            'Segmentation", 3DV 2016.',
+# keyword in a stage's objective or tuning -> (BibTeX key, entry type, fields); the card lists each as a line and
+# as BibTeX (the bibliographic records of the papers the methods come from)
+METHOD_REFERENCES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "mae": ("he2022mae", "inproceedings", {
+        "author": "He, Kaiming and Chen, Xinlei and Xie, Saining and Li, Yanghao and Doll{\\'a}r, Piotr and "
+                  "Girshick, Ross",
+        "title": "Masked Autoencoders Are Scalable Vision Learners", "booktitle": "CVPR", "year": "2022"}),
+    "dino": ("oquab2024dinov2", "article", {
+        "author": "Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and others",
+        "title": "{DINOv2}: Learning Robust Visual Features without Supervision",
+        "journal": "Transactions on Machine Learning Research", "year": "2024"}),
+    "lora": ("hu2022lora", "inproceedings", {
+        "author": "Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
+                  "Wang, Shean and Wang, Lu and Chen, Weizhu",
+        "title": "{LoRA}: Low-Rank Adaptation of Large Language Models", "booktitle": "ICLR", "year": "2022"}),
+    "mil": ("ilse2018attention", "inproceedings", {
+        "author": "Ilse, Maximilian and Tomczak, Jakub and Welling, Max",
+        "title": "Attention-based Deep Multiple Instance Learning", "booktitle": "ICML", "year": "2018"}),
+    "box-prompt": ("ma2024medsam", "article", {
+        "author": "Ma, Jun and He, Yuting and Li, Feifei and Han, Lin and You, Chenyu and Wang, Bo",
+        "title": "Segment anything in medical images", "journal": "Nature Communications", "volume": "15",
+        "year": "2024"}),
+    "unetr": ("hatamizadeh2022unetr", "inproceedings", {
+        "author": "Hatamizadeh, Ali and Tang, Yucheng and Nath, Vishwesh and others",
+        "title": "{UNETR}: Transformers for 3D Medical Image Segmentation", "booktitle": "WACV", "year": "2022"}),
+    "transunet": ("chen2021transunet", "article", {
+        "author": "Chen, Jieneng and Lu, Yongyi and Yu, Qihang and others",
+        "title": "{TransUNet}: Transformers Make Strong Encoders for Medical Image Segmentation",
+        "journal": "arXiv preprint arXiv:2102.04306", "year": "2021"}),
+    "attention_unet": ("oktay2018attention", "inproceedings", {
+        "author": "Oktay, Ozan and Schlemper, Jo and Le Folgoc, Lo{\\\"\\i}c and others",
+        "title": "Attention {U-Net}: Learning Where to Look for the Pancreas", "booktitle": "MIDL", "year": "2018"}),
+    "unet ": ("ronneberger2015unet", "inproceedings", {
+        "author": "Ronneberger, Olaf and Fischer, Philipp and Brox, Thomas",
+        "title": "{U-Net}: Convolutional Networks for Biomedical Image Segmentation", "booktitle": "MICCAI",
+        "year": "2015"}),
+    "vnet": ("milletari2016vnet", "inproceedings", {
+        "author": "Milletari, Fausto and Navab, Nassir and Ahmadi, Seyed-Ahmad",
+        "title": "{V-Net}: Fully Convolutional Neural Networks for Volumetric Medical Image Segmentation",
+        "booktitle": "3DV", "year": "2016"}),
 }
 
 
@@ -107,14 +135,53 @@ def _deid_text(deid: dict[str, Any]) -> str:
     return "; ".join(p for p in parts if p) or str(deid)
 
 
+def architecture_text(model: torch.nn.Module) -> str:
+    """What the network is, from the module itself: timm's family name says only the family (a patch-4, depth-6
+    model is still `vit_tiny_patch16_224`), so the card states patch, depth, width and heads of a ViT."""
+    cfg = model.pretrained_cfg
+    n = sum(p.numel() for p in model.parameters())
+    parts = []
+    pe, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
+    if pe is not None and blocks is not None:
+        ps = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size, pe.patch_size)
+        parts += [f"patch {ps[0]}" if ps[0] == ps[1] else f"patch {ps[0]}x{ps[1]}", f"depth {len(blocks)}",
+                  f"width {getattr(model, 'embed_dim', model.num_features)}"]
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if len(blocks) else None
+        if heads:
+            parts.append(f"{heads} heads")
+        if getattr(model, "num_prefix_tokens", 0):
+            parts.append(f"{model.num_prefix_tokens} prefix token(s)")
+    built = f" built with {', '.join(parts)}" if parts else ""
+    return f"`{cfg.get('architecture')}` (timm family){built}; {n:,} parameters (config.json `model_args`)"
+
+
+@torch.no_grad()
+def timm_outputs(model: torch.nn.Module) -> str:
+    """The output shapes, measured on one zero input of the model's input size."""
+    c, h, w = model.pretrained_cfg["input_size"]
+    was = model.training
+    model.eval()
+    try:
+        tokens = model.forward_features(torch.zeros(1, c, h, w))
+        pooled = model.forward_head(tokens, pre_logits=True)
+    finally:
+        model.train(was)
+    shape = ", ".join(str(d) for d in tokens.shape[1:])
+    text = f"`forward_features(x)`: [B, {shape}]; pooled features (`num_classes=0`): [B, {pooled.shape[-1]}]"
+    if model.num_classes:
+        text += f"; `model(x)`: logits [B, {model.num_classes}]"
+    return text
+
+
 def timm_details(model: torch.nn.Module, class_names: list[str], label_type: Optional[str]) -> list[tuple[str, str]]:
     cfg = model.pretrained_cfg
-    rows = [("architecture", f"`{cfg.get('architecture')}` (timm), {sum(p.numel() for p in model.parameters()):,} "
-                             "parameters"),
-            ("input", f"{cfg['input_size'][1]}x{cfg['input_size'][2]} px, {cfg['input_size'][0]} channels"),
-            ("features", f"{model.num_features}-d, pooling `{getattr(model, 'global_pool', '?')}`")]
+    rows = [("architecture", architecture_text(model)),
+            ("input", f"[B, {cfg['input_size'][0]}, {cfg['input_size'][1]}, {cfg['input_size'][2]}]: "
+                      f"{cfg['input_size'][1]}x{cfg['input_size'][2]} px, {cfg['input_size'][0]} channels"),
+            ("features", f"{model.num_features}-d, pooling `{getattr(model, 'global_pool', '?')}`"),
+            ("outputs", timm_outputs(model))]
     if class_names:
-        rows.append(("output", f"{len(class_names)} classes ({label_type}): {', '.join(class_names)}"))
+        rows.append(("classes", f"{len(class_names)} ({label_type}): {', '.join(class_names)}"))
     return rows
 
 
@@ -129,9 +196,11 @@ def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], rec
             **input_cfg}
 
 
-def timm_snippet(class_names: list[str]) -> str:
+def timm_snippet(class_names: list[str], repo_id: Optional[str] = None) -> str:
+    hub = repo_id or "REPO_ID"
     lines = ["import timm, torch", "from PIL import Image", "",
-             f'folder = "{PLACEHOLDER}"  # or huggingface_hub.snapshot_download("REPO_ID")']
+             f'folder = "{PLACEHOLDER}"  # this folder; from the Hub: huggingface_hub.snapshot_download("{hub}")',
+             f'# or straight from the Hub: timm.create_model("hf-hub:{hub}", pretrained=True)']
     if class_names:
         lines += ['model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # the classifier']
     lines += ['backbone = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()  # features',
@@ -168,7 +237,8 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
                 files: Optional[list[tuple[str, str, str]]] = None,
                 details: list[tuple[str, str]], preprocessing: dict[str, Any], load_snippet: str,
                 pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
-                gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None) -> ModelCard:
+                gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None,
+                base_model: Optional[str] = None, repo_id: Optional[str] = None) -> ModelCard:
     from medfound.evaluate.markdown import evaluation_sections
 
     stages = _stages(lineage)
@@ -183,7 +253,7 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
         license=license, library_name=library_name, model_name=name,
         tags=sorted({"medfound", "medical-imaging", *modalities, *(["demo"] if demo else []), *tags}),
         pipeline_tag=pipeline_tag, datasets=sorted({d["name"] for d in datasets}) or None,
-        eval_results=eval_results(evaluation, pipeline_tag) or None, **extra)
+        eval_results=eval_results(evaluation, pipeline_tag) or None, base_model=base_model, **extra)
     train_stages = [s for s in stages if s.get("stage") != "import"]
     hardware = sorted({s.get("hardware", "unknown hardware") for s in train_stages})
     seconds = sum(s.get("train_seconds", 0) for s in stages)
@@ -208,9 +278,38 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
         compute_unit="GPU-hours" if gpu else "CPU-hours", hardware_list=", ".join(hardware) or "not recorded",
         evaluation=evaluation, evaluation_md=evaluation_md, external_drops=external_drops,
         load_snippet=load_snippet, plots=plots or [], citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
-        method_citations=method_citations(stages))
+        method_citations=method_citations(stages), bibtex=bibtex(name, stages, repo_id))
+
+
+def _methods(stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, str]]]:
+    text = " ".join(f"{s.get('objective', '')} {s.get('tuning', '')} " for s in stages).lower()
+    return [ref for key, ref in METHOD_REFERENCES.items() if key in text]
 
 
 def method_citations(stages: list[dict[str, Any]]) -> list[str]:
-    text = " ".join(f"{s.get('objective', '')} {s.get('tuning', '')} " for s in stages).lower()
-    return [ref for key, ref in METHOD_CITATIONS.items() if key in text]
+    """One line per method paper the stages used: authors, "title", venue year."""
+    out = []
+    for _, _, f in _methods(stages):
+        first = f["author"].split(" and ")[0].split(",")[0]
+        title = f["title"].replace("{", "").replace("}", "")
+        out.append(f'{first} et al., "{title}", {f.get("booktitle") or f.get("journal")} {f["year"]}.')
+    return out
+
+
+def _bibtex_entry(kind: str, key: str, fields: dict[str, str]) -> str:
+    body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields.items())
+    return f"@{kind}{{{key},\n{body}\n}}"
+
+
+def bibtex(name: str, stages: list[dict[str, Any]], repo_id: Optional[str]) -> str:
+    """The card's BibTeX block: this model (with the medfound version that made it), then each method paper."""
+    import datetime
+    import re
+
+    key = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
+    model = {"title": f"{{{name}}}", "author": "{medfound contributors}",
+             "year": str(datetime.date.today().year),
+             "howpublished": f"\\url{{https://huggingface.co/{repo_id}}}" if repo_id else "a medfound model folder",
+             "note": f"Trained and published with medfound {medfound.__version__}"}
+    return "\n\n".join([_bibtex_entry("misc", key, model)]
+                        + [_bibtex_entry(kind, k, f) for k, kind, f in _methods(stages)])

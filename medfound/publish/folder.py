@@ -78,7 +78,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
     """A run whose export is a timm folder (pretraining, classification; `task` its TaskSpec) -> the folder."""
     from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
     from medfound.publish.card import preprocessing as preprocessing_for
-    from medfound.publish.export import check_reload, read_lineage
+    from medfound.publish.export import check_reload, read_lineage, write_adapter_card
 
     export = run_dir / "export"
     if not (export / task.weights_file).is_file():
@@ -105,13 +105,20 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
         atomic_write_json(tmp / "preprocessing.json", prep)
         schema = lineage.get("label_schema", {})
         class_names = schema.get("names", []) if evaluation else []
+        adapter_dir = tmp / "adapter"
+        if adapter_dir.is_dir() and recipe.card.base_model:  # the Hub id of the base replaces the run's local path
+            base = json.loads((adapter_dir / "base_model.json").read_text())
+            base.update(base_model=recipe.card.base_model, timm_name=f"hf-hub:{recipe.card.base_model}")
+            write_adapter_card(adapter_dir, base, class_names or None)
         card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
                            weights=[(task.weights_file, sha256_file(tmp / task.weights_file))],
                            files=described_files(tmp, ["config.json"], ["adapter"]),
-                           details=timm_details(model, class_names, schema.get("type")), preprocessing=prep,
-                           load_snippet=timm_snippet(class_names), architecture=cfg.get("architecture"),
+                           details=timm_details(model, class_names, schema.get("type")) + base_rows(tmp, recipe),
+                           preprocessing=prep, load_snippet=_hub_snippet(timm_snippet(class_names, recipe.card.repo_id),
+                                                                         recipe),
+                           architecture=cfg.get("architecture"),
                            pipeline_tag="image-classification" if class_names else "image-feature-extraction",
-                           library_name="timm")
+                           library_name="timm", base_model=recipe.card.base_model, repo_id=recipe.card.repo_id)
         _finish(tmp, run_dir, card)
     return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
 
@@ -159,10 +166,31 @@ def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any,
                            files=described_files(tmp, sorted(p.relative_to(tmp).as_posix()
                                                              for p in (tmp / "export").glob("*.json")),
                                                  ["export/backbone/adapter"]),
-                           details=details, preprocessing=prep, load_snippet=task.load_snippet(),
-                           architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound")
+                           details=details + base_rows(tmp / "export" / "backbone", recipe), preprocessing=prep,
+                           load_snippet=_hub_snippet(task.load_snippet(), recipe),
+                           architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound",
+                           base_model=recipe.card.base_model, repo_id=recipe.card.repo_id)
         _finish(tmp, run_dir, card)
     return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def base_rows(folder: Path, recipe: Any) -> list[tuple[str, str]]:
+    """The card's `base model` row: the Hub id (card.base_model / --base-model) or the backbone folder the run
+    started from, with the base weights' sha256 where the adapter recorded it."""
+    record = folder / "adapter" / "base_model.json"
+    sha = json.loads(record.read_text()).get("base_weights_sha256") if record.is_file() else None
+    weights = getattr(getattr(recipe, "backbone", None), "weights", None)
+    base = recipe.card.base_model or (str(weights) if weights else None)
+    if base is None:
+        return []
+    where = f"`{base}`" + (" (Hugging Face Hub)" if recipe.card.base_model else
+                           " (the backbone folder the run started from; `medfound publish --base-model HUB_ID` "
+                           "names its Hub id)")
+    return [("base model", where + (f", weights sha256 `{sha}`" if sha else ""))]
+
+
+def _hub_snippet(snippet: str, recipe: Any) -> str:
+    return snippet.replace("REPO_ID", recipe.card.repo_id) if recipe.card.repo_id else snippet
 
 
 def _numel(shape) -> int:

@@ -94,4 +94,5 @@ def load_strict(model, path: Path, what: str) -> None:
 
 NETWORK_SNIPPET = """import medfound
 
-model = medfound.load("{folder}")  # {what}"""
+model = medfound.load("{folder}")  # {what}
+# from the Hub: medfound.load(huggingface_hub.snapshot_download("REPO_ID"))"""

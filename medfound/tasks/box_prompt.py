@@ -68,7 +68,8 @@ class BoxPromptTask(ImageNetwork):
         merged = merged_segmenter(module.model).eval()
         prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
         export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
-                     license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None)
+                     license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None,
+                     adapter_base_model=recipe.backbone.weights)
         atomic_write_bytes(export / self.weights_file,
                            save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))
         atomic_write_json(export / self.meta_file, {"medfound": lineage, "head": h.model_dump(), "img_size": d.img_size,

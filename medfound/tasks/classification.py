@@ -72,7 +72,8 @@ class ClassificationTask(TimmExport):
 
         adapter = module.model if recipe.tuning == "lora" else None
         diff = export_model(merged_copy(module.model), export, data=recipe.data, lineage=lineage,
-                            license=recipe.card.license, label_names=module.label_schema.names, adapter=adapter)
+                            license=recipe.card.license, label_names=module.label_schema.names, adapter=adapter,
+                            adapter_base_model=recipe.backbone.weights)
         return {"reload_max_abs_diff": diff}
 
     def rebuild(self, run_dir: Path, recipe) -> Any:

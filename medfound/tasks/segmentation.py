@@ -68,7 +68,8 @@ class SegmentationTask(ImageNetwork):
         if module.vit is not None and seg.spatial_dims == 2:  # the adapted backbone, reusable as a timm model
             prep = SimpleNamespace(mean=recipe.data.mean, std=recipe.data.std, img_size=seg.patch_size[-1])
             export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
-                         license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None)
+                         license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None,
+                         adapter_base_model=recipe.backbone.weights)
         state_dict = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
         atomic_write_bytes(export / self.weights_file, save(state_dict))
         atomic_write_json(export / self.meta_file, {"medfound": lineage, "class_names": seg.names,
