@@ -26,6 +26,13 @@ class EvalConfig(Strict):
                                                    "(classification and MIL: stratified by class; segmentation: "
                                                    "over images) and of per-site results (0: none)")
     seed: int = Field(0, description="seed of the bootstrap resampling")
+    interval: Literal["bca", "percentile"] = Field(
+        "bca", description="classification and MIL intervals: bca (bias-corrected and accelerated, Efron 1987; "
+                           "better coverage at small n) or percentile")
+    min_per_class: int = Field(10, ge=0, description="classification and MIL: below this many samples in the "
+                                                     "smallest class (of the split, or of a site) no interval is "
+                                                     "formed; eval.json, report.md and the card say 'too few "
+                                                     "samples for an interval'")
     specificity: float = Field(0.9, gt=0, lt=1, description="binary tasks: the specificity at which "
                                                             "sens_at_spec is read off the ROC curve")
     external: list[ShardLocation] = Field(default_factory=list, description="external-site shard sets (folders or "

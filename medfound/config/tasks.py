@@ -31,7 +31,9 @@ class TaskKeys:
     default_why: str = ""
 
 
-ALL_EVAL = frozenset({"split", "bootstrap", "seed", "specificity", "external", "external_split", "report", "aggregate"})
+ALL_EVAL = frozenset({"split", "bootstrap", "seed", "interval", "min_per_class", "specificity", "external",
+                      "external_split", "report", "aggregate"})
+CLASS_INTERVALS = frozenset({"interval", "min_per_class"})  # classification / MIL intervals (segmentation: images)
 
 TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
     TaskKeys("pretrain", "pretraining runs", IMAGE_STREAM | IMAGE_TRANSFORM, values={
@@ -40,20 +42,26 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "balanced_sampling": "pretraining has no labels to balance: use 'site' or false"}),
     TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | {"eval_batch_size"},
              ALL_EVAL),
-    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM, ALL_EVAL - {"specificity", "aggregate"}, values={
+    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM, ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
+             values={
         "balanced_sampling": NO_CLASS_BALANCE}, why={
         "img_size": "crops are segment.patch_size",
         "eval_batch_size": "evaluation slides a window over one image at a time",
         "balanced_sampling": "it draws single-label classes equally often and masks have no image class (for rare "
                              "structures raise segment.foreground_fraction); 'site' balances sites",
         "specificity": "there is no ROC operating point in segmentation",
+        "interval": "Dice and HD95 intervals are percentile intervals over images",
+        "min_per_class": "intervals are over images, not classes",
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
-    TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | {"img_size"}, ALL_EVAL - {"specificity", "aggregate"},
+    TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | {"img_size"},
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
              values={"balanced_sampling": NO_CLASS_BALANCE}, why={
         "eval_batch_size": "evaluation predicts one image and box at a time",
         "balanced_sampling": "a sample's label names its structure, not a class to balance; 'site' balances sites",
         "specificity": "there is no ROC operating point for box prompts",
+        "interval": "Dice and HD95 intervals are percentile intervals over images",
+        "min_per_class": "intervals are over images, not classes",
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
     TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",

@@ -53,18 +53,23 @@ def headline(report: dict[str, Any]) -> list[str]:
     return [k for k in keys if k in report["metrics"]]
 
 
-def metrics_table(metrics: dict[str, Any], intervals: Optional[dict[str, Any]]) -> list[str]:
+TOO_FEW = "too few samples for an interval"
+
+
+def metrics_table(metrics: dict[str, Any], intervals: Optional[dict[str, Any]], too_few: bool = False) -> list[str]:
     rows = ["| metric | value | 95% CI |", "|---|---|---|"]
     for k in ordered(metrics):
         if isinstance(metrics[k], (int, float)) or metrics[k] is None:
-            rows.append(f"| {k} | {fmt(metrics[k])} | {fmt_interval((intervals or {}).get(k))} |")
+            ci = TOO_FEW if too_few else fmt_interval((intervals or {}).get(k))
+            rows.append(f"| {k} | {fmt(metrics[k])} | {ci} |")
     return rows
 
 
 def site_table(by_site: dict[str, Any], keys: list[str]) -> list[str]:
     rows = ["| site | n | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for site, r in by_site.items():
-        cells = [f"{fmt(r.get(k))} ({fmt_interval(r.get('intervals', {}).get(k))})" if r.get("intervals")
+        cells = [f"{fmt(r.get(k))} ({TOO_FEW})" if r.get("too_few") else
+                 f"{fmt(r.get(k))} ({fmt_interval(r.get('intervals', {}).get(k))})" if r.get("intervals")
                  else fmt(r.get(k)) for k in keys]
         rows.append(f"| {site} | {r['n']} | " + " | ".join(cells) + " |")
     return rows
@@ -74,14 +79,16 @@ def external_table(report: dict[str, Any], keys: list[str]) -> list[str]:
     rows = ["| set | n | metric | value (95% CI) | drop vs internal (95% CI) |", "|---|---|---|---|---|"]
     internal = report["metrics"]
     for k in keys:
+        ci = TOO_FEW if (report.get("bootstrap") or {}).get("too_few") else \
+            fmt_interval(report.get("intervals", {}).get(k))
         rows.append(f"| internal: {report['dataset']['name']} / {report['dataset']['split']} | "
-                    f"{report['dataset']['num_samples']} | {k} | {fmt(internal.get(k))} "
-                    f"({fmt_interval(report.get('intervals', {}).get(k))}) | — |")
+                    f"{report['dataset']['num_samples']} | {k} | {fmt(internal.get(k))} ({ci}) | — |")
     for e in report.get("external", []):
         for k in keys:
+            ci, dci = (TOO_FEW, TOO_FEW) if e.get("too_few") else (fmt_interval(e.get("intervals", {}).get(k)),
+                                                                  fmt_interval(e.get("drop_intervals", {}).get(k)))
             rows.append(f"| external: {e['name']} | {e['num_samples']} | {k} | {fmt(e['metrics'].get(k))} "
-                        f"({fmt_interval(e.get('intervals', {}).get(k))}) | {fmt_signed(e['drop'].get(k))} "
-                        f"({fmt_interval(e.get('drop_intervals', {}).get(k))}) |")
+                        f"({ci}) | {fmt_signed(e['drop'].get(k))} ({dci}) |")
     return rows
 
 
@@ -100,9 +107,14 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
     """The evaluation as Markdown: metrics with intervals, per class, per site, external sets, units. Used by
     report.md and the model card; `medfound card check` re-renders it from eval.json and compares."""
     boot = report.get("bootstrap")
-    lines = [f"{level} Metrics", "", *metrics_table(report["metrics"], report.get("intervals")), ""]
+    too_few = bool(boot and boot.get("too_few"))
+    lines = [f"{level} Metrics", "", *metrics_table(report["metrics"], report.get("intervals"), too_few), ""]
     lines.append(f"Intervals: {boot['method']}, {boot['resamples']} resamples, seed {boot['seed']}, level "
                  f"{boot['level']}." if boot else "No intervals (eval.bootstrap = 0).")
+    if too_few:
+        lines.append(f"No interval is shown: {boot['too_few']}.")
+    if any(r.get("too_few") for r in (report.get("by_site") or {}).values()):
+        lines.append("Sites whose smallest class has fewer than eval.min_per_class samples show no interval.")
     if report.get("operating_point"):
         op = report["operating_point"]
         lines.append(f"sens_at_spec is read at specificity >= {op['specificity_target']:.2f} "

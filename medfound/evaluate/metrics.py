@@ -252,7 +252,8 @@ def metric_definitions(metrics: dict[str, Any], label_type: str) -> dict[str, st
 
 def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_type: str, class_names: list[str],
                      split: str, resamples: int = 0, seed: int = 0, specificity: float = 0.9,
-                     keep_values: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                     keep_values: bool = False, interval: str = "bca", min_per_class: int = 0
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(metrics of the whole split, {site: {"n", metrics..., "intervals"}}) for single-label or multi-label
     predictions; sites holds one entry (or None) per sample. With `resamples` > 0 the split's result holds
     "bootstrap" (95% stratified bootstrap intervals of every metric, evaluate/bootstrap.py; `keep_values` keeps the
@@ -269,12 +270,16 @@ def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_t
         idx = np.array([s == site for s in sites])
         by_site[site] = {"n": int(idx.sum()), **score(probs[idx], labels[idx], f"{split}/{site}")["metrics"]}
         if resamples:
-            by_site[site]["intervals"] = bootstrap_intervals(
-                probs[idx], labels[idx], lambda p, y, n=f"{split}/{site}": score(p, y, n)["metrics"], resamples,
-                seed)["intervals"]
+            boot = bootstrap_intervals(probs[idx], labels[idx],
+                                       lambda p, y, n=f"{split}/{site}": score(p, y, n)["metrics"], resamples, seed,
+                                       method=interval, min_per_class=min_per_class)
+            by_site[site]["intervals"] = boot["intervals"]
+            if "too_few" in boot:
+                by_site[site]["too_few"] = boot["too_few"]
     result = score(probs, labels, split)
     if resamples:
         result["bootstrap"] = bootstrap_intervals(probs, labels, lambda p, y: score(p, y, split)["metrics"],
-                                                  resamples, seed, keep_values=keep_values)
+                                                  resamples, seed, keep_values=keep_values, method=interval,
+                                                  min_per_class=min_per_class)
     result["calibration"] = calibration(probs, labels, label_type)
     return result, by_site

@@ -58,8 +58,12 @@ def external_block(name: str, path: str, splits: list[str], n: int, result: dict
     ext_boot, int_boot = result.get("bootstrap"), internal.get("bootstrap")
     if ext_boot and int_boot:
         entry["intervals"] = ext_boot["intervals"]
-        entry["drop_intervals"] = {k: difference_interval(ext_boot["values"][k], int_boot["values"][k])
+        too_few = ext_boot.get("too_few") or int_boot.get("too_few")
+        entry["drop_intervals"] = {k: None if too_few else difference_interval(ext_boot["values"][k],
+                                                                              int_boot["values"][k])
                                    for k in drop if k in ext_boot["values"] and k in int_boot["values"]}
+        if too_few:
+            entry["too_few"] = too_few
     return entry
 
 

@@ -72,7 +72,8 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
 
     def score(probs, labels, sites, name):
         return score_with_sites(probs, labels, sites, schema.type, schema.names, name, ev.bootstrap, ev.seed,
-                                ev.specificity, keep_values=bool(external))
+                                ev.specificity, keep_values=bool(external), interval=ev.interval,
+                                min_per_class=ev.min_per_class)
 
     start = time.time()
     probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else ())

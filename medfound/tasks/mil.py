@@ -131,7 +131,8 @@ class MILTask:
 
         def score(p, y, s, name):
             return score_with_sites(p, y, s, schema.type, schema.names, name, ev.bootstrap, ev.seed, ev.specificity,
-                                    keep_values=bool(ev.external))
+                                    keep_values=bool(ev.external), interval=ev.interval,
+                                    min_per_class=ev.min_per_class)
 
         result, by_site = score(probs, labels, sites, split)
         warnings = list(result["warnings"])

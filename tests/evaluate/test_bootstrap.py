@@ -58,7 +58,7 @@ def test_intervals_are_seeded_stratified_and_contain_the_estimate():
 
     a = bootstrap_intervals(p, y, fn, resamples=200, seed=3)
     b = bootstrap_intervals(p, y, fn, resamples=200, seed=3)
-    assert a == b and a["method"].startswith("percentile bootstrap, stratified")
+    assert a == b and a["method"].startswith("BCa bootstrap (bias-corrected and accelerated), stratified")
     point = fn(p, y)
     for name in ("auroc", "accuracy", "balanced_accuracy", "kappa_quadratic"):
         lo, hi = a["intervals"][name]
@@ -72,3 +72,50 @@ def test_finetune_eval_json_carries_intervals(finetuned):
         if value is not None:
             lo, hi = report["intervals"][name]
             assert lo <= value <= hi, name
+
+
+def test_bca_matches_scipy_on_a_skewed_statistic():
+    """Our BCa (bias from the resamples, acceleration from the jackknife) against scipy.stats.bootstrap's BCa on the
+    mean of 40 exponential values (skewed, where BCa and percentile differ): equal up to resampling noise."""
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(5).exponential(size=40)
+    probs, labels = x[:, None], np.zeros((40, 1))  # one stratum (2-D labels are resampled as a whole)
+    ours = bootstrap_intervals(probs, labels, lambda p, y: {"mean": float(p.mean())}, resamples=20000, seed=0)
+    pct = bootstrap_intervals(probs, labels, lambda p, y: {"mean": float(p.mean())}, resamples=20000, seed=0,
+                              method="percentile")
+    ref = bootstrap((x,), np.mean, method="BCa", n_resamples=20000, random_state=0).confidence_interval
+    lo, hi = ours["intervals"]["mean"]
+    assert lo == pytest.approx(ref.low, abs=0.01) and hi == pytest.approx(ref.high, abs=0.015), (lo, hi, ref)
+    assert pct["intervals"]["mean"][1] < hi - 0.005  # the skew moves BCa's upper end up: a real correction
+
+
+def test_too_few_samples_give_no_interval_and_say_so():
+    """One sample per class would give a zero-width interval: below eval.min_per_class none is formed, and the
+    report's Markdown (the card's too) says so instead of printing one."""
+    from medfound.evaluate.markdown import evaluation_sections
+
+    y = np.array([0, 1, 1, 1])
+    p = np.stack([1 - np.array([0.2, 0.7, 0.8, 0.4]), np.array([0.2, 0.7, 0.8, 0.4])], 1)
+
+    def fn(pp, yy):
+        return classification_metrics(pp, yy, "binary", ["a", "b"])["metrics"]
+
+    boot = bootstrap_intervals(p, y, fn, resamples=50, seed=0, min_per_class=10)
+    assert set(boot["intervals"].values()) == {None}
+    assert boot["too_few"].startswith("too few samples for an interval: the smallest class has 1 sample(s)")
+    report = {"task": "classification", "metrics": fn(p, y), "intervals": boot["intervals"],
+              "bootstrap": {k: v for k, v in boot.items() if k != "intervals"}}
+    text = "\n".join(evaluation_sections(report))
+    assert "| auroc | 1.0000 | too few samples for an interval |" in text
+    assert "No interval is shown: too few samples for an interval" in text
+    assert bootstrap_intervals(p, y, fn, resamples=50, seed=0, min_per_class=1)["intervals"]["accuracy"] is not None
+
+
+def test_an_eval_recipe_sets_the_interval_method_and_minimum():
+    from medfound.config import EvalConfig
+
+    assert EvalConfig().interval == "bca" and EvalConfig().min_per_class == 10
+    assert EvalConfig(interval="percentile").interval == "percentile"
+    with pytest.raises(ValueError):
+        EvalConfig(interval="basic")
