@@ -57,6 +57,10 @@ class ClassifyHeadConfig(HeadRules, Strict):
     binary_threshold: Optional[int] = Field(
         None, ge=1, description="graded labels: train and evaluate the binary endpoint grade >= this index instead "
                                 "(referable diabetic retinopathy = moderate or worse = 2 on the ICDR 0-4 scale)")
+    positive_class: Optional[str] = Field(
+        None, description="binary tasks: the class name that counts as positive for sensitivity, specificity, "
+                          "AUROC/AUPRC, sens_at_spec and calibration (default: the second class name; BreastMNIST: "
+                          "malignant is the first)")
 
 
 class UNETRHeadConfig(HeadRules, Strict):
@@ -144,6 +148,8 @@ class ABMILHeadConfig(HeadRules, Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="single-label cross-entropy only")
     class_weights: Optional[Union[Literal["balanced"], list[float]]] = Field(
         None, description="as head.class_weights of classify, from the training slides' counts")
+    positive_class: Optional[str] = Field(None, description="binary tasks: the class name that counts as positive "
+                                                            "(default: the second class name), as for classify")
     heatmaps: bool = Field(True, description="evaluation writes RUN_DIR/heatmaps/<slide>.png")
 
 

@@ -118,7 +118,8 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
     if report.get("operating_point"):
         op = report["operating_point"]
         lines.append(f"sens_at_spec is read at specificity >= {op['specificity_target']:.2f} "
-                     f"(threshold {op['threshold']:.4f} on the positive probability).")
+                     f"(threshold {op['threshold']:.4f} on the positive probability)."
+                     + (f" Positive class: {report['positive_class']}." if report.get("positive_class") else ""))
     lines.append("")
     if report.get("per_class"):
         lines += [f"{level} Per class", "", *per_class_table(report["per_class"]), ""]
@@ -175,7 +176,8 @@ def plot_roc(path: Path, report: dict[str, Any], predictions: list[tuple], seed:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     drawn = False
     for s, (set_name, probs, labels, _, _) in enumerate(predictions):
-        columns = [1] if len(names) == 2 and not multilabel else range(len(names))
+        positive = names.index(report["positive_class"]) if report.get("positive_class") in names else 1
+        columns = [positive] if len(names) == 2 and not multilabel else range(len(names))
         for c in columns:
             y = (labels[:, c] > 0.5).astype(int) if multilabel else (labels == c).astype(int)
             if y.min() == y.max():

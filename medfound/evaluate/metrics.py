@@ -36,7 +36,8 @@ DEFINITIONS = {
              "classes present in the split (null when fewer than two classes are present)",
     "accuracy": "top-1 accuracy over all samples",
     "balanced_accuracy": "mean per-class recall over classes present in the split",
-    "sensitivity": "binary: recall of the positive class (second class name) at the argmax decision (p > 0.5)",
+    "sensitivity": "binary: recall of the positive class (eval.json positive_class: head.positive_class, by default "
+                   "the second class name) at the argmax decision (p > 0.5)",
     "specificity": "binary: recall of the negative class at the argmax decision (p > 0.5)",
     "kappa_quadratic": "Cohen's kappa with quadratic weights (ordinal grades only)",
     "auprc": "multi-label: macro mean over findings of the average precision (area under the precision-recall curve)",
@@ -68,8 +69,22 @@ AUPRC_SINGLE = ("binary: average precision of the positive class; multi-class/or
 CALIBRATION_BINS = 15
 
 
-def calibration(probs: np.ndarray, labels: np.ndarray, label_type: str, n_bins: int = CALIBRATION_BINS
-                ) -> dict[str, Any]:
+def positive_index(class_names: list[str], positive_class: Optional[str]) -> int:
+    """The column of the positive class of a binary task: `head.positive_class` by name, else the second name
+    (BreastMNIST's malignant is the first name: set head.positive_class=malignant)."""
+    if positive_class is None:
+        return 1
+    if len(class_names) != 2:
+        raise ValueError(f"head.positive_class={positive_class!r} applies to binary tasks; this one has "
+                         f"{len(class_names)} classes {class_names}: remove it (or set head.binary_threshold)")
+    if positive_class not in class_names:
+        raise ValueError(f"head.positive_class={positive_class!r} is not a class name; the classes are "
+                         f"{class_names}: set it to one of them")
+    return class_names.index(positive_class)
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, label_type: str, n_bins: int = CALIBRATION_BINS,
+                positive: int = 1) -> dict[str, Any]:
     """Reliability-diagram bins and the ECE they give (definitions above).
 
     Returns {"ece", "kind", "bins": [{"lo", "hi", "n", "predicted", "observed"}]} (empty bins left out)."""
@@ -78,7 +93,7 @@ def calibration(probs: np.ndarray, labels: np.ndarray, label_type: str, n_bins: 
     if label_type == "multilabel":
         conf, hit, kind = p.ravel(), (y > 0.5).ravel().astype(float), "positive probability (every finding)"
     elif p.shape[1] == 2:
-        conf, hit, kind = p[:, 1], (y == 1).astype(float), "positive probability"
+        conf, hit, kind = p[:, positive], (y == positive).astype(float), "positive probability"
     else:
         conf, hit, kind = p.max(1), (p.argmax(1) == y).astype(float), "top-label confidence"
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -117,8 +132,9 @@ def _nan_to_none(v: float) -> Optional[float]:
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: str, class_names: list[str],
-                           split: str = "test", specificity: float = 0.9) -> dict[str, Any]:
-    """Metrics for predicted class probabilities `probs` `[N, K]` against integer `labels` `[N]`.
+                           split: str = "test", specificity: float = 0.9, positive: int = 1) -> dict[str, Any]:
+    """Metrics for predicted class probabilities `probs` `[N, K]` against integer `labels` `[N]`; binary tasks
+    score column `positive` as the positive class (`positive_index`).
 
     Returns {"metrics": {...}, "per_class": {name: {"n", "auroc", "auprc"}}, "warnings": [...]}, NaNs as None;
     binary splits with both classes also get "operating_point" (the sens_at_spec threshold).
@@ -149,8 +165,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: st
         notes.append(msg)
         auroc = auprc = float("nan")
     elif k == 2:
-        auroc = float(binary_auroc(probs_t[:, 1], y))
-        auprc = per_class[class_names[1]]["auprc"]
+        auroc = float(binary_auroc(probs_t[:, positive], (y == positive).long()))
+        auprc = per_class[class_names[positive]]["auprc"]
     else:
         missing = [class_names[c] for c in range(k) if c not in present]
         if missing:
@@ -169,15 +185,17 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, label_type: st
     }
     out: dict[str, Any] = {}
     if k == 2 and len(present) == 2:
-        metrics["sensitivity"] = float((pred[y == 1] == 1).float().mean())
-        metrics["specificity"] = float((pred[y == 0] == 0).float().mean())
-        sens, thr = sensitivity_at_specificity(probs_t[:, 1].numpy(), y.numpy(), specificity)
+        pos = y == positive
+        metrics["sensitivity"] = float((pred[pos] == positive).float().mean())
+        metrics["specificity"] = float((pred[~pos] != positive).float().mean())
+        sens, thr = sensitivity_at_specificity(probs_t[:, positive].numpy(), pos.long().numpy(), specificity)
         metrics["sens_at_spec"] = sens
-        out["operating_point"] = {"specificity_target": specificity, "threshold": thr}
+        out["operating_point"] = {"specificity_target": specificity, "threshold": thr,
+                                  "positive_class": class_names[positive]}
     if label_type == "ordinal":
         metrics["kappa_quadratic"] = _nan_to_none(float(multiclass_cohen_kappa(pred, y, num_classes=k,
                                                                                 weights="quadratic")))
-    metrics["ece"] = calibration(probs_t.numpy(), y.numpy(), label_type)["ece"]
+    metrics["ece"] = calibration(probs_t.numpy(), y.numpy(), label_type, positive=positive)["ece"]
     return {"metrics": metrics, "per_class": per_class, "warnings": notes, **out}
 
 
@@ -252,7 +270,7 @@ def metric_definitions(metrics: dict[str, Any], label_type: str) -> dict[str, st
 
 def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_type: str, class_names: list[str],
                      split: str, resamples: int = 0, seed: int = 0, specificity: float = 0.9,
-                     keep_values: bool = False, interval: str = "bca", min_per_class: int = 0
+                     keep_values: bool = False, interval: str = "bca", min_per_class: int = 0, positive: int = 1
                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(metrics of the whole split, {site: {"n", metrics..., "intervals"}}) for single-label or multi-label
     predictions; sites holds one entry (or None) per sample. With `resamples` > 0 the split's result holds
@@ -263,7 +281,8 @@ def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_t
     def score(p, y, name):
         if label_type == "multilabel":
             return multilabel_metrics(p, y, class_names, split=name)
-        return classification_metrics(p, y, label_type, class_names, split=name, specificity=specificity)
+        return classification_metrics(p, y, label_type, class_names, split=name, specificity=specificity,
+                                      positive=positive)
 
     by_site = {}
     for site in sorted({s for s in sites if s}):
@@ -281,5 +300,7 @@ def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_t
         result["bootstrap"] = bootstrap_intervals(probs, labels, lambda p, y: score(p, y, split)["metrics"],
                                                   resamples, seed, keep_values=keep_values, method=interval,
                                                   min_per_class=min_per_class)
-    result["calibration"] = calibration(probs, labels, label_type)
+    result["calibration"] = calibration(probs, labels, label_type, positive=positive)
+    if label_type != "multilabel" and len(class_names) == 2:
+        result["positive_class"] = class_names[positive]
     return result, by_site

@@ -37,6 +37,7 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
         "per_class": result["per_class"],
         **({"intervals": boot["intervals"],
             "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+        **({"positive_class": result["positive_class"]} if "positive_class" in result else {}),
         **({"operating_point": result["operating_point"]} if "operating_point" in result else {}),
         "calibration": result["calibration"],
         "by_site": by_site,

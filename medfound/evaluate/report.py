@@ -17,7 +17,7 @@ import torch
 from medfound.config import FinetuneRecipe
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
-from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, score_with_sites
+from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.records import (dataset_block, external_block, record_tail, scored_block, split_urls,
                                        write_predictions)
 from medfound.io import atomic_write_json, sha256_file
@@ -70,10 +70,12 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
             labels = (labels >= threshold).astype(np.int64)
         return probs, labels, keys, sites, skipped, metas
 
+    positive = positive_index(schema.names, recipe.head.positive_class) if not multilabel else 1
+
     def score(probs, labels, sites, name):
         return score_with_sites(probs, labels, sites, schema.type, schema.names, name, ev.bootstrap, ev.seed,
                                 ev.specificity, keep_values=bool(external), interval=ev.interval,
-                                min_per_class=ev.min_per_class)
+                                min_per_class=ev.min_per_class, positive=positive)
 
     start = time.time()
     probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else ())
@@ -86,7 +88,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         ids = [tuple(str(m[f]) for f in agg.by) for m in metas]
         up, uy, _ = aggregate_units(probs, labels, ids, agg.reduce)
         scored = multilabel_metrics(up, uy, schema.names, split=f"{split}/units") if multilabel else \
-            classification_metrics(up, uy, schema.type, schema.names, split=f"{split}/units")
+            classification_metrics(up, uy, schema.type, schema.names, split=f"{split}/units", positive=positive)
         units = {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
                  "metrics": scored["metrics"], "per_class": scored["per_class"]}
         warnings += scored["warnings"]

@@ -33,8 +33,14 @@ class ClassificationTask(TimmExport):
         return image_training_data(recipe)
 
     def build(self, recipe, data: TrainData):
+        from medfound.adapt.tasks import endpoint
+        from medfound.evaluate.metrics import positive_index
+
         m = data.manifests[0]
         split = recipe.data.train_split
+        schema = endpoint(m.label_schema, recipe.head.binary_threshold)
+        if schema.type != "multilabel":  # a head.positive_class that names no class fails before training
+            positive_index(schema.names, recipe.head.positive_class)
         task = HEADS.build(recipe.head.type, recipe, m.label_schema, m.class_counts(split),
                            m.counts["by_split"].get(split))
         check_img_size(task.model, recipe.data.img_size)

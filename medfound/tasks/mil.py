@@ -54,8 +54,11 @@ class MILTask:
 
     def build(self, recipe, data: TrainData):
         from medfound.adapt.tasks import build_mil_task
+        from medfound.evaluate.metrics import positive_index
 
         x = data.extra
+        if x["schema"].type != "multilabel":  # a head.positive_class that names no class fails before training
+            positive_index(x["schema"].names, recipe.head.positive_class)
         return build_mil_task(recipe, x["index"]["backbone"]["feature_dim"], x["schema"], x["counts"], x["n_train"])
 
     def parameter_table(self, module, recipe) -> None:
@@ -115,7 +118,7 @@ class MILTask:
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.data.bags import bag_schema, read_bags
-        from medfound.evaluate.metrics import score_with_sites
+        from medfound.evaluate.metrics import positive_index, score_with_sites
         from medfound.evaluate.records import external_block, record_tail, scored_block, write_predictions
 
         bags = Path(recipe.data.shards[0])
@@ -129,10 +132,12 @@ class MILTask:
         internal = score_bags(task, bags, index, meta, split, recipe.data.eval_batch_size, heatmaps)
         probs, labels, keys, sites, top = internal
 
+        positive = positive_index(schema.names, recipe.head.positive_class) if schema.type != "multilabel" else 1
+
         def score(p, y, s, name):
             return score_with_sites(p, y, s, schema.type, schema.names, name, ev.bootstrap, ev.seed, ev.specificity,
                                     keep_values=bool(ev.external), interval=ev.interval,
-                                    min_per_class=ev.min_per_class)
+                                    min_per_class=ev.min_per_class, positive=positive)
 
         result, by_site = score(probs, labels, sites, split)
         warnings = list(result["warnings"])

@@ -126,3 +126,50 @@ def test_balanced_sampling_of_multilabel_data_points_to_class_weights(findings_s
                                         "findings") + ["data.balanced_sampling=true"]
     with pytest.raises(ValueError, match="class_weights=balanced"):
         run_finetune(load_recipe(ROOT / "adapt" / "demo_classify_lora.yaml", overrides))
+
+
+def test_positive_class_names_which_class_sensitivity_and_auprc_follow():
+    """Column 0 as the positive class gives exactly the metrics of the flipped problem with column 1 positive."""
+    from medfound.evaluate.metrics import classification_metrics, positive_index
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.25, 200), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], 1)
+    first = classification_metrics(probs, y, "binary", ["malignant", "benign"], positive=0)
+    flipped = classification_metrics(probs[:, ::-1].copy(), 1 - y, "binary", ["benign", "malignant"], positive=1)
+    for k in ("auroc", "auprc", "sensitivity", "specificity", "sens_at_spec", "ece", "accuracy"):
+        assert first["metrics"][k] == pytest.approx(flipped["metrics"][k], abs=1e-9), k
+    assert first["metrics"]["auprc"] == first["per_class"]["malignant"]["auprc"]
+    default = classification_metrics(probs, y, "binary", ["malignant", "benign"])
+    assert default["metrics"]["sensitivity"] == pytest.approx(first["metrics"]["specificity"])
+    assert default["metrics"]["auprc"] != pytest.approx(first["metrics"]["auprc"])
+    assert first["operating_point"]["positive_class"] == "malignant"
+    assert positive_index(["malignant", "benign"], "malignant") == 0
+    with pytest.raises(ValueError, match="not a class name; the classes are"):
+        positive_index(["malignant", "benign"], "cancer")
+    with pytest.raises(ValueError, match="applies to binary tasks"):
+        positive_index(["a", "b", "c"], "a")
+
+
+def test_a_run_with_positive_class_reports_it_and_refuses_an_unknown_name(shards, pretrained, tmp_path):
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_finetune_overrides
+
+    base = tiny_finetune_overrides(shards, pretrained / "export", tmp_path / "run", steps=2, key="pneumonia")
+    recipe = load_recipe(ROOT / "adapt" / "demo_classify_lora.yaml", base + ["head.positive_class=normal",
+                                                                              "eval.bootstrap=20"])
+    run_finetune(recipe)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["positive_class"] == "normal" and report["operating_point"]["positive_class"] == "normal"
+    assert report["metrics"]["auprc"] == report["per_class"]["normal"]["auprc"]
+    assert "Positive class: normal." in (tmp_path / "run" / "report" / "report.md").read_text()
+    bad = load_recipe(ROOT / "adapt" / "demo_classify_lora.yaml",
+                      tiny_finetune_overrides(shards, pretrained / "export", tmp_path / "bad", key="pneumonia")
+                      + ["head.positive_class=Pneumonia"])
+    with pytest.raises(ValueError, match=r"head.positive_class='Pneumonia' is not a class name; the classes are "
+                                         r"\['normal', 'pneumonia'\]"):
+        run_finetune(bad)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
