@@ -1,5 +1,6 @@
 """`medfound` command line: thin argument parsing over `medfound.workflows`.
 
+    medfound demo [--out DIR] [--quick]              the whole pipeline on the bundled sample archive
     medfound shard KIND INPUT --out DIR [options]    raw archive -> WebDataset shards + manifest.json
     medfound inspect SHARDS [SHARDS ...]             summary + verify every shard's checksum
     medfound ls [recipes|heads|objectives|tunings|ingest|tasks]   what is shipped and registered, one line each
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"medfound {__version__}")
     p.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("demo", help="the whole pipeline on the bundled sample archive (as `make demo`)")
+    s.add_argument("--out", default="runs/demo", help="folder for everything the demo writes (default: runs/demo)")
+    s.add_argument("--quick", action="store_true", help="a few optimizer steps per stage (a smoke test, ~1 min)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder at --out")
 
     s = sub.add_parser("shard", help="raw archive -> WebDataset shards + manifest.json")
     import medfound.data.ingest  # noqa: F401  (registers the ingest kinds; torch-free)
@@ -324,14 +330,17 @@ def missing_paths(recipe) -> list[str]:
     """What the recipe names that does not exist (local paths only; URLs are checked when the run reads them),
     each with the command that makes it."""
     from medfound.data.location import is_url
+    from medfound.data.samples import demo_set_command
 
     out = []
     mil = recipe.task == "mil"
     for i, shards in enumerate(recipe.data.shards):
         want = "bags.json" if mil else "manifest.json"
         if not is_url(shards) and not (Path(shards) / want).is_file():
-            make = ("`medfound extract TILE_SHARDS --backbone EXPORT --out " if mil else
-                    "`medfound shard KIND INPUT --out ") + f"{shards}` makes it"
+            demo = None if mil else demo_set_command(Path(shards))
+            make = (f"a demo set: `medfound demo` makes it, or `{demo}`" if demo else
+                    ("`medfound extract TILE_SHARDS --backbone EXPORT --out " if mil else
+                     "`medfound shard KIND INPUT --out ") + f"{shards}` makes it")
             out.append(f"data.shards[{i}]: {shards} holds no {want} ({make})")
     for i, ext in enumerate(getattr(getattr(recipe, "eval", None), "external", []) or []):
         want = "bags.json" if mil else "manifest.json"
@@ -357,7 +366,30 @@ def _print_resolved(recipe) -> None:
                                      "lr of optim.blr recipes)"), end="")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """`medfound demo`: the CLI's own verbs, one after the other, on the bundled sample archive."""
+    from medfound import demo
+
+    out = Path(args.out)
+    data = demo.sample_data()
+    demo.prepare_out(out, args.overwrite)
+    steps = demo.demo_steps(out, data, quick=args.quick)
+    for i, (title, commands) in enumerate(steps, 1):
+        print(f"== {i}/{len(steps)} {title} ==", flush=True)
+        for argv in commands:
+            print("medfound " + " ".join(shlex.quote(a) for a in argv), flush=True)
+            rc = main(argv)
+            if rc:
+                print(f"medfound demo: step {i} failed (exit {rc}); the folder {out} keeps what was written",
+                      file=sys.stderr)
+                return rc
+    print("\n" + demo.outputs(out))
+    return 0
+
+
 def _run(args: argparse.Namespace, command: str) -> int:
+    if args.verb == "demo":
+        return _demo(args)
     if args.verb == "validate":
         path, recipe = _load(args, None)
         missing = [] if args.no_paths else missing_paths(recipe)

@@ -166,7 +166,14 @@ def read_manifest(directory: str | Path) -> Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not path.is_file():
+            from medfound.data.samples import demo_set_command
+
             hint = "" if directory.exists() else " (the directory does not exist)"
+            demo = demo_set_command(directory)
+            if demo:
+                raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}{hint}: it is one of the demo's shard "
+                                        f"sets; `medfound demo --out {directory.parent.parent}` runs the whole demo, "
+                                        f"or make this set with `{demo}`")
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}{hint}: create the shard set with "
                                     f"`medfound shard KIND INPUT --out {directory}`")
         text = path.read_text()
