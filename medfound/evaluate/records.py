@@ -26,6 +26,19 @@ def split_urls(shards: Path, split: Optional[str]) -> tuple[list[str], Any, list
     return [u for sp in manifest.splits for u in shard_urls([shards], sp)[0]], manifest, list(manifest.splits)
 
 
+def eval_progress(manifest, splits: list[str], desc: str, enabled: bool = True):
+    """A tqdm bar over the samples of `splits` of a shard set (images/s, like training's); update it by the batch's
+    sample count. Off with `trainer.progress=false` or TQDM_DISABLE=1."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    by_split = manifest.counts.get("by_split", {})
+    total = sum(by_split.get(s, 0) for s in splits) or None
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=total, desc=desc, unit="img", disable=off, dynamic_ncols=True, mininterval=1.0)
+
+
 def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: str) -> dict[str, Any]:
     """The eval.json fields of a scored classification split (also MIL): metrics, per-class values, intervals,
     calibration bins, the operating point, per-site results and the definitions."""

@@ -18,20 +18,22 @@ from medfound.config import FinetuneRecipe
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
-from medfound.evaluate.records import (dataset_block, external_block, record_tail, scored_block, split_urls,
-                                       write_predictions)
+from medfound.evaluate.records import (dataset_block, eval_progress, external_block, record_tail, scored_block,
+                                       split_urls, write_predictions)
 from medfound.io import atomic_write_json, sha256_file
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilabel: bool = False
+def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilabel: bool = False, bar=None
             ) -> tuple[np.ndarray, np.ndarray, list[str], list[Optional[str]], list[str], list[dict]]:
     """Probabilities `[N, K]` (softmax; multi-label: a sigmoid per finding), labels (`[N]`, or multi-hot `[N, K]`),
     keys and sites for every sample of `loader`, the reports of samples skipped as undecodable, and the samples'
-    kept meta fields (`make_loader(keep_meta=...)`; empty otherwise)."""
+    kept meta fields (`make_loader(keep_meta=...)`; empty otherwise). `bar` (`eval_progress`) counts the images."""
     model.eval()
     probs, labels, keys, sites, skipped, metas = [], [], [], [], [], []
     for batch in loader:
+        if bar is not None:
+            bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
         skipped += batch.pop("_bad", [])
         metas += batch.get("meta", [])
         logits = model(normalize(batch["image"])).float()
@@ -39,6 +41,8 @@ def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilab
         labels.append(batch["label"].numpy())
         keys += batch["key"]
         sites += batch.get("site", [None] * len(batch["key"]))
+    if bar is not None:
+        bar.close()
     if not probs:
         raise ValueError("the evaluation split yielded no samples")
     return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
@@ -59,13 +63,13 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
     agg = ev.aggregate
     external = list(ev.external)
 
-    def run(urls: list[str], keep=()):
+    def run(urls: list[str], keep=(), bar=None):
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
                              labelled=True, train=False, num_workers=d.num_workers,
                              num_classes=manifest.label_schema.num_classes,  # the stored labels' range, not the endpoint's
                              multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep,
                              verify="sha256")
-        probs, labels, keys, sites, skipped, metas = predict(model, loader, normalizer(d), multilabel)
+        probs, labels, keys, sites, skipped, metas = predict(model, loader, normalizer(d), multilabel, bar)
         if threshold is not None:
             labels = (labels >= threshold).astype(np.int64)
         return probs, labels, keys, sites, skipped, metas
@@ -78,7 +82,9 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
                                 min_per_class=ev.min_per_class, positive=positive)
 
     start = time.time()
-    probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else ())
+    show = recipe.trainer.progress
+    probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else (),
+                                                     eval_progress(manifest, [split], f"evaluate {split}", show))
     result, by_site = score(probs, labels, sites, split)
     warnings = list(result["warnings"])
     units = None
@@ -101,7 +107,8 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         if e_schema.names != schema.names:
             raise ValueError(f"external set {ext} has classes {e_schema.names}, the model {schema.names}: an external "
                              "set must share the label schema (re-shard it with the same class names)")
-        e_probs, e_labels, e_keys, e_sites, e_skipped, _ = run(e_urls)
+        e_probs, e_labels, e_keys, e_sites, e_skipped, _ = run(
+            e_urls, bar=eval_progress(e_manifest, e_splits, f"external {e_manifest.name}", show))
         e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {e_manifest.name}")
         warnings += e_result["warnings"] + ([f"external {e_manifest.name}: {len(e_skipped)} undecodable samples "
                                              "skipped"] if e_skipped else [])
@@ -143,12 +150,13 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     urls, manifest, _ = split_urls(shards, split)
     n_overlays = 4
 
-    def score_set(urls: list[str], name: str):
+    def score_set(urls: list[str], name: str, bar):
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
                              batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
                              max_bad_fraction=d.max_bad_fraction, verify="sha256")
         scorer, skipped, overlays = SegmentationScorer(seg.names, hd=seg.hd95), [], []
         for batch in loader:
+            bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
             skipped += batch.pop("_bad", [])
             image = batch["image"] if normalize is None else normalize(batch["image"])
             probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
@@ -162,19 +170,24 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
                 overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
                                  "truth": batch["mask"][0, 0].numpy(), "pred": probs.argmax(0).numpy(),
                                  "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
+        bar.close()
         if not scorer.per_image:
             raise ValueError(f"{name} yielded no samples to evaluate")
         return scorer, skipped, overlays
 
     start = time.time()
-    scorer, skipped, overlays = score_set(urls, f"split '{split}' of {shards}")
+    show = recipe.trainer.progress
+    scorer, skipped, overlays = score_set(urls, f"split '{split}' of {shards}",
+                                          eval_progress(manifest, [split], f"evaluate {split}", show))
     result = scorer.result()
     boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
     externals, warnings, ext_overlays = [], [], {}
     for ext in ev.external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
-        e_scorer, e_skipped, e_over = score_set(e_urls, f"external set {ext}")
+        e_scorer, e_skipped, e_over = score_set(e_urls, f"external set {ext}",
+                                                eval_progress(e_manifest, e_splits, f"external {e_manifest.name}",
+                                                              show))
         e_result = e_scorer.result()
         if boot:
             e_result["bootstrap"] = e_scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=True)
