@@ -25,6 +25,10 @@ class TrainerConfig(Strict):
     max_steps: int = Field(gt=0, description="optimizer steps to run (after gradient accumulation)")
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints; one is always written at the end")
     resume: Optional[str] = Field(None, description="'auto' (continue from checkpoints/last if present) or a checkpoint dir")
+    resume_changes: Literal["refuse", "allow"] = Field(
+        "refuse", description="resuming with a recipe that differs from the checkpoint's: every change is printed; "
+                              "changes that alter what is computed (max_steps, lr, batch, data, model...) are refused "
+                              "unless 'allow' (the run then no longer equals an uninterrupted one)")
     seed: int = Field(0, description="seed of weights, data order, masks and augmentation (each process adds its rank)")
     log_every: int = Field(10, gt=0, description="steps between logged metrics")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast mixed precision (GPUs)")

@@ -87,7 +87,9 @@ def external_table(report: dict[str, Any], keys: list[str]) -> list[str]:
         for k in keys:
             ci, dci = (TOO_FEW, TOO_FEW) if e.get("too_few") else (fmt_interval(e.get("intervals", {}).get(k)),
                                                                   fmt_interval(e.get("drop_intervals", {}).get(k)))
-            rows.append(f"| external: {e['name']} | {e['num_samples']} | {k} | {fmt(e['metrics'].get(k))} "
+            label = f"external: {e['name']}" + (" (the training set, not external)" if e.get("same_as_training")
+                                                 else "")
+            rows.append(f"| {label} | {e['num_samples']} | {k} | {fmt(e['metrics'].get(k))} "
                         f"({ci}) | {fmt_signed(e['drop'].get(k))} ({dci}) |")
     return rows
 

@@ -58,10 +58,42 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
     }
 
 
+def trained_on(export: Path) -> dict[str, str]:
+    """digest -> "STAGE (NAME)" for every data set the exported model and its ancestors were trained on, from the
+    lineage block of the export's config.json (timm folders) or network json."""
+    import json
+
+    export = Path(export)
+    block: dict[str, Any] = {}
+    for f in [export / "config.json", *sorted(export.glob("*.json"))]:
+        if f.is_file():
+            try:
+                found = json.loads(f.read_text()).get("medfound")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(found, dict) and found.get("datasets") is not None:
+                block = found
+                break
+    out: dict[str, str] = {}
+    node: Optional[dict[str, Any]] = block
+    while node:
+        for d in node.get("datasets", []):
+            for key in ("digest", "bags_digest"):
+                if d.get(key):
+                    out.setdefault(d[key], f"{node.get('stage', 'training')} ({d.get('name', '?')})")
+        node = node.get("parent")
+    return out
+
+
 def external_block(name: str, path: str, splits: list[str], n: int, result: dict[str, Any], by_site: dict,
-                   internal: dict[str, Any]) -> dict[str, Any]:
+                   internal: dict[str, Any], digests: tuple = (), trained: Optional[dict[str, str]] = None
+                   ) -> dict[str, Any]:
     """One external set beside the internal test: its metrics and intervals, and the drop (external - internal)
-    of every metric with the interval of the difference of the two independent bootstraps."""
+    of every metric with the interval of the difference of the two independent bootstraps. A set whose manifest
+    (or bags) digest is one the model was trained on (`trained`, from `trained_on`) is not an external site: the
+    entry says so (`same_as_training`, and a warning that reaches eval.json, report.md, the card and the console)."""
+    import warnings as _warnings
+
     from medfound.evaluate.bootstrap import difference_interval
 
     metrics = result["metrics"]
@@ -78,6 +110,13 @@ def external_block(name: str, path: str, splits: list[str], n: int, result: dict
                                    for k in drop if k in ext_boot["values"] and k in int_boot["values"]}
         if too_few:
             entry["too_few"] = too_few
+    hit = next((trained[d] for d in digests if d and d in (trained or {})), None)
+    if hit:
+        entry["same_as_training"] = hit
+        msg = (f"external set {name} ({path}) is the very shard set the model was trained on in {hit} (same manifest "
+               "digest): it is not an external site, and its drop says nothing about another hospital")
+        entry["warnings"] = [msg]
+        _warnings.warn(msg, stacklevel=2)
     return entry
 
 
@@ -105,8 +144,10 @@ def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
             "manifest_digest": manifest.digest, "num_samples": int(n)}
 
 
-def record_tail(warnings: list[str], skipped: list[str], start: float) -> dict[str, Any]:
-    """The tail every eval.json carries: warnings, skipped samples, timing and provenance."""
+def record_tail(warnings: list[str], skipped: list[str], start: float, externals: tuple = ()) -> dict[str, Any]:
+    """The tail every eval.json carries: warnings (the externals' own included), skipped samples, timing and
+    provenance."""
+    warnings = list(warnings) + [w for e in externals for w in e.get("warnings", [])]
     return {"warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
             "skipped_samples": skipped, "seconds": round(time.time() - start, 2),
             "medfound_version": medfound.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -19,7 +19,7 @@ from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.records import (dataset_block, eval_progress, external_block, record_tail, scored_block,
-                                       split_urls, write_predictions)
+                                       split_urls, trained_on, write_predictions)
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -100,6 +100,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         warnings += scored["warnings"]
     predictions = [("internal", probs, labels, keys, sites)]
     externals = []
+    trained = trained_on(weights.parent)
     for ext in external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
@@ -112,7 +113,8 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {e_manifest.name}")
         warnings += e_result["warnings"] + ([f"external {e_manifest.name}: {len(e_skipped)} undecodable samples "
                                              "skipped"] if e_skipped else [])
-        entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result)
+        entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result,
+                               (e_manifest.digest,), trained)
         entry["calibration"] = e_result["calibration"]
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
@@ -125,7 +127,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
         **({"external": externals} if externals else {}),
-        **record_tail(warnings, skipped, start),
+        **record_tail(warnings, skipped, start, externals),
     }
     write_predictions(out / "predictions.csv", schema.names, predictions)
     atomic_write_json(out / "eval.json", report)
@@ -182,6 +184,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     result = scorer.result()
     boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
     externals, warnings, ext_overlays = [], [], {}
+    trained = trained_on(weights.parent)
     for ext in ev.external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
@@ -193,7 +196,8 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
             e_result["bootstrap"] = e_scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=True)
         entry = external_block(e_manifest.name, ext, e_splits, len(e_scorer.per_image),
                                {"metrics": e_result["metrics"], **({"bootstrap": e_result["bootstrap"]} if boot else {})},
-                               {}, {"metrics": result["metrics"], **({"bootstrap": boot} if boot else {})})
+                               {}, {"metrics": result["metrics"], **({"bootstrap": boot} if boot else {})},
+                               (e_manifest.digest,), trained)
         entry["per_class"] = e_result["per_class"]
         entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
         externals.append(entry)
@@ -214,7 +218,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "per_image": result["per_image"],
         **({"external": externals} if externals else {}),
         "definitions": CONVENTIONS,
-        **record_tail(warnings, skipped, start),
+        **record_tail(warnings, skipped, start, externals),
     }
     atomic_write_json(Path(out) / "eval.json", report)
     if ev.report:

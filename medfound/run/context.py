@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import medfound
-from medfound.config import FinetuneRecipe, PretrainRecipe, derive, dump_recipe
+from medfound.config import ConfigError, FinetuneRecipe, PretrainRecipe, derive, dump_recipe
 from medfound.io import atomic_write_text, lock_dir
 
 
@@ -64,6 +64,60 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available()
 
 
+# Keys whose change does not alter what a resumed run computes (logging, checkpoint cadence, evaluation after
+# training, the card, the process count itself: global batch and lr are compared through `derived`).
+HARMLESS = ("trainer.resume", "trainer.resume_changes", "trainer.log_every", "trainer.progress", "trainer.loggers",
+            "trainer.wandb_mode", "trainer.wandb_project", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+            "trainer.visualize_every", "trainer.max_bad_steps", "data.eval_batch_size", "data.eval_split",
+            "data.verify", "data.max_bad_fraction", "eval.", "card.", "derived.medfound_version",
+            "derived.world_size")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_changes(old_text: str, new_text: str) -> list[tuple[str, Any, Any, bool]]:
+    """(key, checkpoint's value, new value, breaks exactness) for every key that differs."""
+    import yaml
+
+    old, new = _flat(yaml.safe_load(old_text) or {}), _flat(yaml.safe_load(new_text) or {})
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            harmless = any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
+            out.append((key, None if a is missing else a, None if b is missing else b, not harmless))
+    return out
+
+
+def check_resume_changes(checkpoint: Path, new_text: str, policy: str, main: bool) -> None:
+    """Print what changed since the checkpoint's recipe (its config.yaml) and refuse changes that break exact
+    continuation unless `policy` is "allow"."""
+    path = Path(checkpoint) / "config.yaml"
+    if not path.is_file():
+        return
+    changes = resume_changes(path.read_text(), new_text)
+    if not changes:
+        return
+    lines = [f"  {k}: {a!r} -> {b!r}" + ("" if not breaking else "  (changes what the run computes)")
+             for k, a, b, breaking in changes]
+    breaking = [k for k, _, _, b in changes if b]
+    if main:
+        print(f"resuming {checkpoint} with a recipe that differs from the checkpoint's:\n" + "\n".join(lines),
+              flush=True)
+    if breaking and policy != "allow":
+        raise ConfigError(f"resuming {checkpoint} with changed {', '.join(breaking)}: the resumed run would not "
+                          "equal an uninterrupted one (e.g. another max_steps reshapes the learning-rate schedule). "
+                          "Undo the change, start a new trainer.output_dir, or set trainer.resume_changes=allow")
+
+
 def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunContext:
     """Accelerator, seeds, derived values (world size, global batch, lr), the run lock and RUN_DIR/config.yaml."""
     from accelerate import Accelerator
@@ -85,6 +139,8 @@ def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunConte
     resume = resolve_resume(t, run_dir)
     text = dump_recipe(recipe, header=f"resolved by medfound {medfound.__version__} on "
                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\ncommand: {command}")
+    if resume is not None:  # before config.yaml is rewritten: a refused resume leaves the run as it was
+        check_resume_changes(resume, text, t.resume_changes, accelerator.is_main_process)
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "config.yaml", text)
     return RunContext(recipe, accelerator, run_dir, resume, text)

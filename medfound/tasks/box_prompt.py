@@ -98,7 +98,7 @@ class BoxPromptTask(ImageNetwork):
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.evaluate.records import dataset_block, external_block, record_tail, split_urls
+        from medfound.evaluate.records import dataset_block, external_block, record_tail, split_urls, trained_on
 
         predictor = self.load(run.path, recipe)
         ev = recipe.eval
@@ -108,6 +108,7 @@ class BoxPromptTask(ImageNetwork):
                                      f"{recipe.data.shards[0]}")
         internal = dice_summary(rows, ev, keep_values=bool(ev.external))
         externals, ext_overlays = [], {}
+        trained = trained_on(run.export)
         for ext in ev.external:
             e_urls, e_manifest, e_splits = split_urls(str(ext), ev.external_split)
             e_rows, e_over = score_boxes(predictor, e_urls, e_manifest, recipe.head.mask, f"external set {ext}")
@@ -116,7 +117,8 @@ class BoxPromptTask(ImageNetwork):
                                    {"metrics": e_sum["metrics"], **({"bootstrap": e_sum["boot"]} if e_sum["boot"]
                                                                     else {})}, {},
                                    {"metrics": internal["metrics"], **({"bootstrap": internal["boot"]}
-                                                                       if internal["boot"] else {})})
+                                                                       if internal["boot"] else {})},
+                                   (e_manifest.digest,), trained)
             entry["per_structure"] = e_sum["per_structure"]
             externals.append(entry)
             ext_overlays[e_manifest.name] = e_over
@@ -135,7 +137,7 @@ class BoxPromptTask(ImageNetwork):
                                     "predicted from the tight bounding box of its ground-truth mask (no jitter), "
                                     "threshold 0.5",
                             "dice_by_structure_mean": "mean over structures of their mean Dice"},
-            **record_tail([], [], start),
+            **record_tail([], [], start, externals),
         }
         atomic_write_json(out / "eval.json", report)
         if ev.report:

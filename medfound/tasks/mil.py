@@ -119,7 +119,8 @@ class MILTask:
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.data.bags import bag_schema, read_bags
         from medfound.evaluate.metrics import positive_index, score_with_sites
-        from medfound.evaluate.records import external_block, record_tail, scored_block, write_predictions
+        from medfound.evaluate.records import (external_block, record_tail, scored_block, trained_on,
+                                               write_predictions)
 
         bags = Path(recipe.data.shards[0])
         index = read_bags(bags)
@@ -143,6 +144,7 @@ class MILTask:
         warnings = list(result["warnings"])
         predictions = [("internal", probs, labels, keys, sites)]
         externals = []
+        trained = trained_on(run.export)
         for ext in ev.external:
             e_index = read_bags(Path(ext))
             e_schema = bag_schema(e_index)
@@ -156,7 +158,8 @@ class MILTask:
             e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {name}")
             warnings += e_result["warnings"]
             splits = [e_split] if e_split else sorted({s["split"] for s in e_index["slides"]})
-            entry = external_block(name, str(ext), splits, len(e_labels), e_result, e_by_site, result)
+            entry = external_block(name, str(ext), splits, len(e_labels), e_result, e_by_site, result,
+                                   (e_index.get("digest"), e_index["source"].get("digest")), trained)
             entry["calibration"] = e_result["calibration"]
             externals.append(entry)
             predictions.append((name, e_probs, e_labels, e_keys, e_sites))
@@ -176,7 +179,7 @@ class MILTask:
                        for i, k in enumerate(keys)],
             "heatmaps": str(heatmaps) if heatmaps else None,
             **({"external": externals} if externals else {}),
-            **record_tail(warnings, [], start),
+            **record_tail(warnings, [], start, externals),
         }
         write_predictions(Path(out) / "predictions.csv", schema.names, predictions)
         atomic_write_json(Path(out) / "eval.json", report)

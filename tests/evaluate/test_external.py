@@ -149,3 +149,17 @@ def test_evaluate_shows_a_progress_bar_per_set_with_images_per_second(external_r
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "evaluate test: 100%" in err and "400/400" in err and "img/s" in err
     assert "external retina_site_b: 100%" in err and "1120/1120" in err
+
+
+def test_the_training_set_given_as_an_external_site_is_named_as_such(external_run, shards, tmp_path, capsys):
+    """Same manifest digest as a data set of the model's lineage: not an external site (warned in the console,
+    eval.json, report.md); a genuinely other set (site_b: another manifest) is not flagged."""
+    run, ext = external_run
+    with pytest.warns(UserWarning, match="is the very shard set the model was trained on in fine-tuning"):
+        assert main(["evaluate", str(run), str(shards["retina"]), str(ext), "--out", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "eval.json").read_text())
+    same, other = report["external"]
+    assert same["same_as_training"] == "fine-tuning (retinamnist)" and "same_as_training" not in other
+    assert any("not an external site" in w for w in report["warnings"])
+    md = (tmp_path / "o" / "report" / "report.md").read_text()
+    assert "external: retinamnist (the training set, not external)" in md and "not an external site" in md

@@ -3,6 +3,7 @@ checkpoint `last` names or the one resumed, one writer per run directory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -158,3 +159,30 @@ def test_a_full_disk_while_checkpointing_names_the_intact_checkpoint(tmp_path):
         assert not list((run / "checkpoints").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_resuming_with_a_changed_recipe_prints_the_changes_and_refuses_breaking_ones(shards, tmp_path, capsys):
+    """A resume with another max_steps was silently accepted: now every change is printed, a change of what the
+    run computes is refused (config.yaml and the checkpoints stay as they were) unless trainer.resume_changes=allow,
+    and logging-only changes pass."""
+    from medfound.workflows import run_pretrain
+
+    run = tmp_path / "run"
+    base = tiny_pretrain_overrides(shards, run, steps=2)
+    run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", base))
+    config_before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    longer = base + ["trainer.resume=auto", "trainer.max_steps=3"]
+    with pytest.raises(ConfigError, match=r"changed trainer.max_steps: the resumed run would not equal an "
+                                          r"uninterrupted one .* trainer.resume_changes=allow"):
+        run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", longer))
+    assert "trainer.max_steps: 2 -> 3  (changes what the run computes)" in capsys.readouterr().out
+    assert (run / "config.yaml").read_text() == config_before
+    # logging-only changes resume (nothing to train: the run is at max_steps) and are listed
+    run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", base + ["trainer.resume=auto",
+                                                                                "trainer.log_every=5"]))
+    out = capsys.readouterr().out
+    assert "trainer.log_every: 1 -> 5" in out and "changes what the run computes" not in out
+    run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", longer + ["trainer.resume_changes=allow"]))
+    assert "trainer.max_steps: 2 -> 3" in capsys.readouterr().out
+    assert json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())["step"] == 3
