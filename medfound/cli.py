@@ -31,6 +31,7 @@ from typing import Optional
 
 from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
+from medfound.data.manifest import MODALITIES
 from medfound.registry import HEADS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
 
 
@@ -182,9 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", help="a run of a head.type=box_prompt recipe (e.g. adapt/medsam.yaml)")
     s.add_argument("image", help="an image file (PNG, JPEG, TIFF)")
     s.add_argument("--box", action="append", required=True, type=lambda v: [float(x) for x in v.split(",")],
-                   help="x0,y0,x1,y1 in image pixels; repeat for several structures (one mask each)")
+                   help="x0,y0,x1,y1 in image pixels (or x,y,w,h with --box-format xywh); repeat for several "
+                        "structures (one mask each)")
+    s.add_argument("--box-format", choices=["xyxy", "xywh"], default="xyxy",
+                   help="xyxy: corners x0,y0,x1,y1 (default); xywh: COCO's x,y,width,height")
     s.add_argument("--out", required=True, help="folder for mask_<i>.png (0/255) and overlay.png")
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="a pixel is in the mask when its predicted probability exceeds this (default 0.5); lower "
+                        "it for faint or thin structures, raise it when masks spill outside the structure")
+    s.add_argument("--modality", choices=[m for m in MODALITIES if m not in ("other", "mixed")],
+                   help="the image's modality; warned about when the run was not trained on it")
 
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/")
     s.add_argument("run_dir")
@@ -436,11 +444,19 @@ def _run(args: argparse.Namespace, command: str) -> int:
         from medfound.adapt.prompt import segment_boxes
         from medfound.run import read_run
 
-        if read_run(args.run_dir).recipe.task != "box_prompt":
+        run = read_run(args.run_dir)
+        if run.recipe.task != "box_prompt":
             raise ValueError(f"{args.run_dir} is not a box-prompt run (head.type=box_prompt)")
+        from medfound.evaluate.records import trained_modalities
+
         predictor = workflows.load(args.run_dir)
-        for path in segment_boxes(predictor, args.image, args.box, args.out, threshold=args.threshold):
+        paths, warnings = segment_boxes(predictor, args.image, args.box, args.out, threshold=args.threshold,
+                                        box_format=args.box_format, modalities=trained_modalities(run.export),
+                                        modality=args.modality)
+        for path in paths:
             print(f"wrote {path}")
+        for w in warnings:
+            print(f"medfound prompt: warning: {w}", file=sys.stderr)
         return 0
     if args.verb == "extract":
         from medfound.adapt.extract import extract_bags

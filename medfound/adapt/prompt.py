@@ -242,10 +242,64 @@ class BoxPredictor:
         return out.numpy()
 
 
+GREY_MODALITIES = frozenset({"ct", "mr", "cxr", "xray", "mammography", "us", "oct"})  # manifest.MODALITIES
+COLOUR_MODALITIES = frozenset({"fundus", "pathology"})
+
+
+def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
+    """COCO boxes `[x, y, w, h]` -> `[x0, y0, x1, y1]`."""
+    return [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in boxes]
+
+
+def modality_warnings(image: Any, trained: Sequence[str], stated: Optional[str] = None) -> list[str]:
+    """Warnings when an image does not look like the run's training modalities: the modality the user states
+    (`--modality`) is not one of them, or a colour image goes to a run trained only on greyscale modalities (CT,
+    MR, X-ray...) or the other way round. The colour test: the mean absolute difference between the channels,
+    over 8 (of 255) is a colour image."""
+    trained = sorted({m for m in trained if m})
+    if not trained:
+        return []
+    out = []
+    if stated is not None and stated not in trained:
+        out.append(f"the image is {stated}, but the run was trained on {', '.join(trained)}: its masks are not "
+                   "validated for this modality")
+    rgb = np.asarray(image, dtype=np.float32)
+    colour = rgb.ndim == 3 and rgb.shape[-1] >= 3 and float(np.mean([
+        np.abs(rgb[..., 0] - rgb[..., 1]).mean(), np.abs(rgb[..., 1] - rgb[..., 2]).mean()])) > 8.0
+    if colour and set(trained) <= GREY_MODALITIES:
+        out.append(f"the image is in colour, but the run was trained on greyscale {', '.join(trained)} images: "
+                   "check that this is the modality the model was made for")
+    elif not colour and set(trained) <= COLOUR_MODALITIES:
+        out.append(f"the image is greyscale, but the run was trained on colour {', '.join(trained)} images: check "
+                   "that this is the modality the model was made for")
+    return out
+
+
+def mask_warnings(masks: np.ndarray, boxes: Sequence[Sequence[float]], threshold: float,
+                  probs: Optional[np.ndarray] = None) -> list[str]:
+    """An empty mask, a mask of the whole image, or one that fills its whole box, each named with the fix."""
+    out = []
+    for i, (m, b) in enumerate(zip(masks, boxes)):
+        x0, y0, x1, y1 = (int(round(v)) for v in b)
+        inside = m[max(0, y0):y1, max(0, x0):x1]
+        peak = f" (highest probability {float(probs[i].max()):.3f})" if probs is not None else ""
+        if not m.any():
+            out.append(f"box {i} {list(b)}: the mask is empty at --threshold {threshold}{peak}; lower --threshold, "
+                       "or check that the box surrounds a structure of the kind the run was trained on")
+        elif m.mean() >= 0.999:
+            out.append(f"box {i} {list(b)}: the mask covers the whole image; raise --threshold or check the image")
+        elif inside.size and inside.mean() >= 0.99:
+            out.append(f"box {i} {list(b)}: the mask fills the whole box (a rectangle, not a structure); raise "
+                       "--threshold, or check the box (COCO boxes are x, y, w, h: --box-format xywh)")
+    return out
+
+
 def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequence[Sequence[float]],
-                  out: str | Path, threshold: float = 0.5) -> list[Path]:
-    """`medfound prompt`: one mask PNG (0/255) per box and an overlay of all of them -> the written paths.
-    `predictor`: `medfound.load(RUN_DIR)` of a box-prompt run."""
+                  out: str | Path, threshold: float = 0.5, box_format: str = "xyxy",
+                  modalities: Sequence[str] = (), modality: Optional[str] = None) -> tuple[list[Path], list[str]]:
+    """`medfound prompt`: one mask PNG (0/255) per box and an overlay of all of them -> (the written paths, the
+    warnings: empty or full masks, an image unlike the run's training `modalities`). `predictor`:
+    `medfound.load(RUN_DIR)` of a box-prompt run; `box_format`: xyxy (x0,y0,x1,y1) or xywh (COCO)."""
     import io
 
     from PIL import Image, ImageDraw
@@ -255,10 +309,22 @@ def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequ
         raise FileNotFoundError(f"image {image_path} not found")
     for b in boxes:
         if len(b) != 4:
-            raise ValueError(f"--box {','.join(map(str, b))}: give four numbers x0,y0,x1,y1")
+            raise ValueError(f"--box {','.join(map(str, b))}: give four numbers x0,y0,x1,y1 (or x,y,w,h with "
+                             "--box-format xywh)")
+    if box_format not in ("xyxy", "xywh"):
+        raise ValueError(f"--box-format {box_format}: choose xyxy (x0,y0,x1,y1) or xywh (COCO x,y,w,h)")
+    if box_format == "xywh":
+        boxes = xywh_to_xyxy(boxes)
     with Image.open(image_path) as im:
         image = im.convert("RGB")
-    masks = predictor.predict(image, boxes, threshold=threshold)
+    try:
+        probs = predictor.predict(image, boxes, return_probs=True)
+    except ValueError as e:
+        if box_format == "xyxy" and "are not x0 < x1" in str(e):
+            raise ValueError(f"{e}; COCO boxes are x, y, w, h: pass --box-format xywh") from None
+        raise
+    masks = probs > threshold
+    warnings = modality_warnings(image, modalities, modality) + mask_warnings(masks, boxes, threshold, probs)
     colours = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 150, 60)]
     overlay = np.asarray(image, dtype=np.float64).copy()
     written = []
@@ -277,4 +343,4 @@ def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequ
     for i, b in enumerate(boxes):
         draw.rectangle(list(b), outline=colours[i % len(colours)], width=2)
     png(canvas, out / "overlay.png")
-    return written
+    return written, warnings

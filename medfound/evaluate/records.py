@@ -58,13 +58,10 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
     }
 
 
-def trained_on(export: Path) -> dict[str, str]:
-    """digest -> "STAGE (NAME)" for every data set the exported model and its ancestors were trained on, from the
-    lineage block of the export's config.json (timm folders) or network json."""
+def _lineage_block(export: Path) -> dict[str, Any]:
     import json
 
     export = Path(export)
-    block: dict[str, Any] = {}
     for f in [export / "config.json", *sorted(export.glob("*.json"))]:
         if f.is_file():
             try:
@@ -72,10 +69,15 @@ def trained_on(export: Path) -> dict[str, str]:
             except (ValueError, AttributeError):
                 continue
             if isinstance(found, dict) and found.get("datasets") is not None:
-                block = found
-                break
+                return found
+    return {}
+
+
+def trained_on(export: Path) -> dict[str, str]:
+    """digest -> "STAGE (NAME)" for every data set the exported model and its ancestors were trained on, from the
+    lineage block of the export's config.json (timm folders) or network json."""
     out: dict[str, str] = {}
-    node: Optional[dict[str, Any]] = block
+    node: Optional[dict[str, Any]] = _lineage_block(export)
     while node:
         for d in node.get("datasets", []):
             for key in ("digest", "bags_digest"):
@@ -83,6 +85,11 @@ def trained_on(export: Path) -> dict[str, str]:
                     out.setdefault(d[key], f"{node.get('stage', 'training')} ({d.get('name', '?')})")
         node = node.get("parent")
     return out
+
+
+def trained_modalities(export: Path) -> list[str]:
+    """The modalities of the data sets the exported model's last stage was trained on."""
+    return sorted({d.get("modality") for d in _lineage_block(export).get("datasets", []) if d.get("modality")})
 
 
 def external_block(name: str, path: str, splits: list[str], n: int, result: dict[str, Any], by_site: dict,

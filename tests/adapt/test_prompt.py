@@ -134,7 +134,8 @@ def test_prompt_encoder_refuses_bad_prompts():
         enc((32, 32), points=torch.zeros(1, 2, 2))
 
 
-def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(organ_shards, pretrained, tmp_path):
+def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(organ_shards, pretrained, tmp_path,
+                                                                                capsys):
     """Train briefly on the bundled CT structures, then segment MedSAM's tutorial box and a second box at once."""
     from PIL import Image
 
@@ -161,6 +162,25 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     assert rc == 0 and {p.name for p in out.iterdir()} == {"mask_0.png", "mask_1.png", "overlay.png"}
     cli_mask = np.asarray(Image.open(out / "mask_0.png")) > 0
     assert (cli_mask == masks[0]).all()
+    # COCO boxes with --box-format xywh give the same masks; without it, the error says so
+    rc = main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
+               "--box", "95,255,95,95", "--box-format", "xywh", "--out", str(tmp_path / "coco")])
+    assert rc == 0 and ((np.asarray(Image.open(tmp_path / "coco" / "mask_0.png")) > 0) == masks[0]).all()
+    capsys.readouterr()
+    assert main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
+                 "--box", "300,100,50,60", "--out", str(tmp_path / "bad")]) == 1
+    assert "COCO boxes are x, y, w, h: pass --box-format xywh" in capsys.readouterr().err
+    # an empty mask, a colour image and a stated modality the run never saw are each named
+    colour = tmp_path / "fundus.png"
+    rgb = np.zeros((256, 256, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 200, 60
+    Image.fromarray(rgb).save(colour)
+    assert main(["prompt", str(tmp_path / "run"), str(colour), "--box", "20,20,80,80", "--threshold", "1.0",
+                 "--modality", "fundus", "--out", str(tmp_path / "warn")]) == 0
+    err = capsys.readouterr().err
+    assert "box 0 [20.0, 20.0, 80.0, 80.0]: the mask is empty at --threshold 1.0 (highest probability" in err
+    assert "the image is fundus, but the run was trained on ct" in err
+    assert "the image is in colour, but the run was trained on greyscale ct images" in err
     import timm
     timm.create_model(f"local-dir:{tmp_path / 'run' / 'export' / 'backbone'}", pretrained=True)  # reusable ViT
     assert (tmp_path / "run" / "export" / "backbone" / "adapter").is_dir()
@@ -176,7 +196,8 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     from medfound.workflows import evaluate
 
     before = (tmp_path / "run" / "eval.json").read_bytes()
-    ext = evaluate(tmp_path / "pub", external=[organ_shards], out=tmp_path / "ext")
+    with pytest.warns(UserWarning, match="is the very shard set the model was trained on"):  # and it is named so
+        ext = evaluate(tmp_path / "pub", external=[organ_shards], out=tmp_path / "ext")
     assert ext["task"] == "box_prompt" and (tmp_path / "ext" / "eval.json").is_file()
     (entry,) = ext["external"]
     assert entry["num_samples"] > report["dataset"]["num_samples"] and 0 <= entry["metrics"]["dice"] <= 1
