@@ -629,6 +629,8 @@ def _report(summary: dict, verb: str) -> None:
     if "export" in summary:
         check = f" (timm reload max abs diff {summary['reload_max_abs_diff']})" if "reload_max_abs_diff" in summary else ""
         print(f"  export: {summary['export']}{check}")
+    if "selected_step" in summary:
+        print(f"  selected: step {summary['selected_step']} (eval.select on the validation split; RUN_DIR/selection)")
     if "eval" in summary:
         print(f"  eval: {json.dumps(summary['eval'])} -> {summary['eval_file']}")
 

@@ -29,14 +29,20 @@ def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound trai
     module = spec.build(recipe, data)
     if ctx.is_main:
         spec.parameter_table(module, recipe)
+    selection = spec.selection(recipe, data, ctx.run_dir)  # eval.every (classification), else None
     ctx.seed_per_rank()
-    state = ctx.fit(module, spec.train_loader(recipe, data, ctx), normalize=spec.normalizer(recipe))
+    state = ctx.fit(module, spec.train_loader(recipe, data, ctx), normalize=spec.normalizer(recipe),
+                    selection=selection)
     summary = ctx.summary(state)
     if state.preempted or not ctx.is_main:
         return summary
     export = ctx.run_dir / "export"
-    summary.update(export=str(export), **spec.export(recipe, state.module, spec.lineage(recipe, state, data), data,
-                                                     export))
+    record = spec.lineage(recipe, state, data)
+    if selection is not None:  # the export is the step that scored best on the validation split
+        selection.restore(state.module)
+        record["selection"] = selection.record()
+        summary["selected_step"] = record["selection"]["best_step"]
+    summary.update(export=str(export), **spec.export(recipe, state.module, record, data, export))
     if "evaluate" in spec.capabilities:
         report = evaluate(ctx.run_dir)
         summary.update(eval=report["metrics"], eval_file=str(ctx.run_dir / "eval.json"))

@@ -32,7 +32,10 @@ class TaskKeys:
 
 
 ALL_EVAL = frozenset({"split", "bootstrap", "seed", "interval", "min_per_class", "specificity", "external",
-                      "external_split", "report", "aggregate"})
+                      "external_split", "report", "aggregate", "every", "select", "select_split"})
+SELECTION = frozenset({"every", "select", "select_split"})  # validation-based model selection (classification)
+SELECTION_WHY = {k: "validation-based model selection (eval.every) is implemented for classification runs"
+                 for k in SELECTION}
 CLASS_INTERVALS = frozenset({"interval", "min_per_class"})  # classification / MIL intervals (segmentation: images)
 
 TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
@@ -42,9 +45,9 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "balanced_sampling": "pretraining has no labels to balance: use 'site' or false"}),
     TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | {"eval_batch_size"},
              ALL_EVAL),
-    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM, ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
-             values={
-        "balanced_sampling": NO_CLASS_BALANCE}, why={
+    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM,
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION, values={
+        "balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
         "img_size": "crops are segment.patch_size",
         "eval_batch_size": "evaluation slides a window over one image at a time",
         "balanced_sampling": "it draws single-label classes equally often and masks have no image class (for rare "
@@ -55,8 +58,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
     TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | {"img_size"},
-             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
-             values={"balanced_sampling": NO_CLASS_BALANCE}, why={
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION,
+             values={"balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
         "eval_batch_size": "evaluation predicts one image and box at a time",
         "balanced_sampling": "a sample's label names its structure, not a class to balance; 'site' balances sites",
         "specificity": "there is no ROC operating point for box prompts",
@@ -65,8 +68,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
     TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",
-                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"},
-             values={"balanced_sampling": (False, True, "class")}, why={
+                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"} - SELECTION,
+             values={"balanced_sampling": (False, True, "class")}, why={**SELECTION_WHY,
         "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
         "aggregate": "the unit is already the slide"},
         default_why="they train on stored tile features, not images: image settings apply when extracting the "

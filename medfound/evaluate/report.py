@@ -48,6 +48,16 @@ def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilab
     return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
 
 
+def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """eval.json's record of validation-based selection (eval.every): which step of how many won, on what."""
+    sel = lineage.get("selection")
+    if not sel:
+        return None
+    return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
+            "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
+            "scored_steps": [h["step"] for h in sel.get("history", [])]}
+
+
 def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: FinetuneRecipe, split: str, out: Path
                             ) -> dict[str, Any]:
     """Score `model` (the timm folder of `weights`, loaded) on `split` of the run's shards, and on every external
@@ -118,12 +128,16 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         entry["calibration"] = e_result["calibration"]
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
+    from medfound.publish.export import read_lineage
+
+    selection = selection_summary(read_lineage(weights.parent))
     report = {
         "task": "classification",
         "label_type": schema.type,
         "class_names": schema.names,
         "dataset": dataset_block(manifest, shards, split, len(labels)),
         "model": {"export": str(weights.parent), "sha256": sha256_file(weights)},
+        **({"selection": selection} if selection else {}),
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
         **({"external": externals} if externals else {}),

@@ -41,14 +41,14 @@ class RunContext:
 
         set_seed(self.recipe.trainer.seed + self.rank)
 
-    def fit(self, module: Any, loader: Callable[[int], Any], normalize: Any):
+    def fit(self, module: Any, loader: Callable[[int], Any], normalize: Any, selection: Any = None):
         """The one training loop (medfound.train.loop.fit) with this run's settings -> its TrainState."""
         from medfound.train.loop import fit
 
         r = self.recipe
         return fit(module, loader, trainer=r.trainer, optim=r.optim, lr=r.derived.lr, run_dir=self.run_dir,
                    accelerator=self.accelerator, config_text=self.config_text, resume_from=self.resume,
-                   normalize=normalize)
+                   normalize=normalize, selection=selection)
 
     def summary(self, state) -> dict[str, Any]:
         """What every training verb returns (and the CLI prints); stages add export and eval keys."""

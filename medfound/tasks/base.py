@@ -52,6 +52,8 @@ class TaskSpec(Protocol):
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]: ...
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]: ...
     def load_snippet(self) -> str: ...
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        """The run's validation-based model selection (`medfound.run.selection.Selection`), or None."""
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -65,7 +67,7 @@ def register_task(cls: type) -> type:
     if spec.name not in TASK_KEYS:
         raise ValueError(f"task {spec.name!r}: declare the data.*/eval.* keys it reads in medfound.config.tasks")
     missing = [m for m in ("training_data", "build", "train_loader", "normalizer", "describe", "lineage", "export",
-                           "load", "evaluate", "publish_details", "load_snippet", "parameter_table")
+                           "load", "evaluate", "publish_details", "load_snippet", "parameter_table", "selection")
                if not callable(getattr(spec, m, None))]
     if missing:
         raise TypeError(f"task {spec.name!r} lacks {', '.join(missing)}")

@@ -82,12 +82,77 @@ class ClassificationTask(TimmExport):
                             adapter_base_model=recipe.backbone.weights)
         return {"reload_max_abs_diff": diff}
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        """eval.every: score eval.select_split during training and export the best step (medfound.run.selection)."""
+        from medfound.config import ConfigError
+        from medfound.registry import METRICS
+        from medfound.run.selection import Selection
+
+        ev = recipe.eval
+        if ev.every is None:
+            return None
+        if recipe.trainer.strategy in ("fsdp", "zero3"):
+            raise ConfigError(f"eval.every scores the model on the main process, which a trainer.strategy="
+                              f"{recipe.trainer.strategy} run has only in shards: use ddp, zero1 or zero2, or drop "
+                              "eval.every and select afterwards")
+        if ev.select not in METRICS.names():
+            raise ConfigError(f"eval.select={ev.select!r} is not a metric; choose one of "
+                              f"{', '.join(METRICS.names())}")
+        counts = data.manifests[0].counts["by_split"]
+        if not counts.get(ev.select_split):
+            raise ConfigError(f"eval.select_split={ev.select_split!r} has no samples in {recipe.data.shards[0]} "
+                              f"(splits: {', '.join(f'{k} {v}' for k, v in counts.items())}); name the validation "
+                              "split, or shard one (--split-fractions)")
+        if ev.select_split == ev.split:
+            raise ConfigError(f"eval.select_split and eval.split are both {ev.split!r}: selecting on the split "
+                              "that reports the metrics makes them optimistic; select on a validation split")
+        return Selection(run_dir, ev.select, ev.select_split, ev.every, lambda module: self.validate(recipe, module))
+
+    def validate(self, recipe, module) -> dict[str, Any]:
+        """The metrics of the training module (eval mode, on its device) on eval.select_split, no intervals."""
+        import torch
+
+        from medfound.adapt.tasks import endpoint
+        from medfound.data.loaders import eval_image_transform, normalizer, prepare
+        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.manifest import read_manifest
+        from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
+
+        d, ev = recipe.data, recipe.eval
+        manifest = read_manifest(d.shards[0])
+        schema = endpoint(manifest.label_schema, recipe.head.binary_threshold)
+        multilabel = schema.type == "multilabel"
+        urls = shard_urls([d.shards[0]], ev.select_split)[0]
+        loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
+                             labelled=True, train=False, num_workers=0, num_classes=manifest.label_schema.num_classes,
+                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, verify="size",
+                             split_by_node=False)  # only the main process validates: all of the split
+        device = next(module.parameters()).device
+        norm = normalizer(d).to(device)
+        probs, labels = [], []
+        with torch.no_grad():
+            for batch in loader:
+                logits = module.model(norm(batch["image"].to(device))).float()
+                probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy())
+                labels.append(batch["label"].numpy())
+        import numpy as np
+
+        p, y = np.concatenate(probs), np.concatenate(labels)
+        if recipe.head.binary_threshold is not None:
+            y = (y >= recipe.head.binary_threshold).astype(np.int64)
+        if multilabel:
+            return multilabel_metrics(p, y, schema.names, split=ev.select_split)["metrics"]
+        return classification_metrics(p, y, schema.type, schema.names, split=ev.select_split,
+                                      specificity=ev.specificity,
+                                      positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
+
     def rebuild(self, run_dir: Path, recipe) -> Any:
         """The trained classifier rebuilt from the recipe and the newest checkpoint, LoRA merged."""
         from medfound.adapt.tasks import build_classification_task
         from medfound.adapt.tuning import merged_copy
         from medfound.data.manifest import LabelSchema
         from medfound.publish.export import read_lineage
+        from medfound.run.selection import apply_selection
         from medfound.train.checkpoint import load_checkpoint
 
         export = Path(run_dir) / "export"
@@ -97,6 +162,7 @@ class ClassificationTask(TimmExport):
         task = build_classification_task(recipe.model_copy(update={"backbone": backbone_structure(recipe, export),
                                                                    "head": head}), schema)
         load_checkpoint(self.checkpoint(run_dir), task)
+        apply_selection(run_dir, task)  # eval.every: the selected step's weights, as the export holds
         return merged_copy(task.model)
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:

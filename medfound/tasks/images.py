@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-
 from medfound.tasks.base import TrainData
 
 
@@ -57,6 +55,9 @@ class TimmExport:
     def load_snippet(self) -> str:
         return ""  # publish_timm writes timm's own snippet (medfound.publish.card.timm_snippet)
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        return None  # pretraining has no labels to select on (classification overrides this)
+
 
 class ImageNetwork:
     """Image task kinds whose network is a medfound module with its ViT (if any) at `model.net.encoder.vit`
@@ -67,6 +68,9 @@ class ImageNetwork:
 
     def training_data(self, recipe) -> TrainData:
         return image_training_data(recipe)
+
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        return None  # eval.every is refused for these kinds by the recipe validator (config/tasks.py)
 
     def parameter_table(self, module, recipe) -> None:
         from medfound.adapt.tuning import print_parameter_table

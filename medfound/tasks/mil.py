@@ -64,6 +64,9 @@ class MILTask:
     def parameter_table(self, module, recipe) -> None:
         return None
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        return None  # eval.every is refused for MIL by the recipe validator (config/tasks.py)
+
     def train_loader(self, recipe, data: TrainData, ctx):
         from medfound.data.bags import bag_loader
 

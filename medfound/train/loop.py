@@ -145,7 +145,8 @@ class Coordinator:
 
 def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trainer: TrainerConfig, optim: OptimConfig,
         lr: float, run_dir: Path, accelerator: Accelerator, config_text: str,
-        resume_from: Optional[Path] = None, normalize: Optional[nn.Module] = None) -> TrainState:
+        resume_from: Optional[Path] = None, normalize: Optional[nn.Module] = None,
+        selection: Optional[Any] = None) -> TrainState:
     """Train `module` for `trainer.max_steps` optimizer steps.
 
     Args:
@@ -155,6 +156,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         lr: the resolved peak learning rate (recipe.derived.lr).
         resume_from: a checkpoint directory to continue from (see `resolve_resume`).
         normalize: applied to `image`/`crops` on the device (the loaders ship unnormalised uint8 batches).
+        selection: validation-based model selection (`medfound.run.selection.Selection`): called on the main
+            process with the unwrapped module at the steps it is `due`, before that step's checkpoint.
     Returns:
         The final TrainState (`preempted=True` when stopped by SIGTERM after checkpointing).
     """
@@ -342,6 +345,10 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                         and hasattr(inner, "visualize"):
                     _save_image(inner.visualize(batch, out), run_dir / "logs" / "images" / f"step_{state.step:08d}.png")
 
+                if selection is not None and selection.due(state.step, trainer.max_steps):
+                    if main:
+                        selection(state.step, inner)
+                    accelerator.wait_for_everyone()
                 if _any_rank(accelerator, preempt.requested):
                     path = checkpoint()
                     accelerator.print(f"\nSIGTERM: checkpoint written to {path}; resume with trainer.resume=auto")

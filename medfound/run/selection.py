@@ -1,0 +1,125 @@
+"""Validation-based model selection (`eval.every`, `eval.select`, `eval.select_split`).
+
+Every `eval.every` optimizer steps, and at the last step, the training loop hands the module to a `Selection`: it
+scores the validation split with the task's `validate` (no bootstrap; the same metric functions as evaluation),
+appends the step's metrics to RUN_DIR/selection/selection.json and, when the selected metric improved (strictly:
+a tie keeps the earlier step), saves the trainable tensors and buffers to RUN_DIR/selection/best.safetensors. Both
+are written atomically, so a preempted run resumes its history; a step scored again after a resume (the same
+weights, by exact resume) replaces its entry. After training the best tensors are loaded into the module before the
+export, so the export, the test metrics (computed once, on it), eval.json and the card all describe the selected
+step. `apply_selection` does the same for a rebuild from the checkpoint (publish's reload check).
+
+The score runs on the main process with the module in eval mode, inside a fork of the RNG state (torch, numpy,
+random), so selection never changes the training run's random draws.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+MINIMISED = frozenset({"ece", "hd95", "loss"})
+DIR = "selection"
+
+
+class Selection:
+    """The selection state of one run; `due(step, max_steps)` says when to call it with the module."""
+
+    def __init__(self, run_dir: Path, metric: str, split: str, every: int,
+                 score: Callable[[Any], dict[str, Any]]) -> None:
+        self.dir = Path(run_dir) / DIR
+        self.metric, self.split, self.every, self.score = metric, split, every, score
+        self.minimise = metric in MINIMISED
+        self.history: dict[int, dict[str, Any]] = {}
+        record = self.dir / "selection.json"
+        if record.is_file():  # a resumed run keeps what it validated before
+            old = json.loads(record.read_text())
+            if (old.get("metric"), old.get("split")) == (metric, split):
+                self.history = {int(h["step"]): h["metrics"] for h in old.get("history", [])}
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.every == 0 or step == max_steps
+
+    def best(self) -> Optional[tuple[int, float]]:
+        scored = [(s, m[self.metric]) for s, m in self.history.items() if m.get(self.metric) is not None]
+        if not scored:
+            return None
+        key = (lambda sv: (sv[1], -sv[0])) if not self.minimise else (lambda sv: (-sv[1], -sv[0]))
+        return max(scored, key=key)
+
+    def __call__(self, step: int, module: Any) -> None:
+        import numpy as np
+        import torch
+        from safetensors.torch import save
+
+        from medfound.io import atomic_write_bytes, atomic_write_json
+
+        was = module.training
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            module.eval()
+            try:
+                metrics = self.score(module)
+            finally:
+                module.train(was)
+        random.setstate(py)
+        np.random.set_state(npy)
+        if self.metric not in metrics:
+            raise ValueError(f"eval.select={self.metric} is not a metric of this task on split '{self.split}' "
+                             f"(it gives {sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}): "
+                             "choose one of those")
+        before = self.best()
+        self.history[step] = metrics
+        now = self.best()
+        if now is not None and now[0] == step and (before is None or before[0] != step):
+            state = trainable_state(module)
+            atomic_write_bytes(self.dir / "best.safetensors",
+                               save(state, metadata={"step": str(step), "metric": self.metric}))
+        atomic_write_json(self.dir / "selection.json", self.record())
+        value = metrics[self.metric]
+        shown = "n/a" if value is None else f"{value:.4f}"
+        best = "n/a" if now is None else f"step {now[0]}, {now[1]:.4f}"
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"validation ({self.split}) at step {step}: {self.metric} {shown} (best: {best})")
+
+    def record(self) -> dict[str, Any]:
+        """The selection block of the lineage and eval.json."""
+        best = self.best()
+        return {"metric": self.metric, "split": self.split, "every": self.every,
+                "direction": "min" if self.minimise else "max",
+                "best_step": None if best is None else best[0], "best_value": None if best is None else best[1],
+                "history": [{"step": s, "metrics": self.history[s]} for s in sorted(self.history)]}
+
+    def restore(self, module: Any) -> None:
+        """Load the best step's tensors into `module` (the export is then the selected checkpoint)."""
+        apply_selection(self.dir.parent, module)
+
+
+def trainable_state(module: Any) -> dict[str, Any]:
+    """The tensors selection keeps: every parameter that trains, and every buffer (the frozen rest cannot change)."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in module.named_buffers()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
+            if k in trainable or k in buffers}
+
+
+def apply_selection(run_dir: Path, module: Any) -> Optional[int]:
+    """If the run selected a checkpoint (RUN_DIR/selection/best.safetensors), load its tensors into `module` and
+    return its step; None when the run had no selection. Every saved tensor must match a tensor of the module."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / DIR / "best.safetensors"
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    missing = set(state) - set(module.state_dict())
+    if missing:
+        raise RuntimeError(f"{path} holds tensors the module does not have ({sorted(missing)[:5]}): it was written "
+                           "for another network; delete RUN_DIR/selection only if you know the run changed")
+    module.load_state_dict(state, strict=False)
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["step"])

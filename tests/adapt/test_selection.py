@@ -1,0 +1,96 @@
+"""Validation-based model selection (eval.every / eval.select): the validation split is scored during training,
+the best step becomes the export (equal to that step's weights, not the last), the test split is scored once on
+it, eval.json, report.md and the card say which step won, publish's reload check passes, a preempted run keeps its
+history, and selection does not change the training run's random draws."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medfound.config import ConfigError, load_recipe
+from medfound.workflows import publish_run, run_finetune
+
+from helpers import ROOT, tiny_finetune_overrides
+
+
+def _recipe(shards, pretrained, out, *extra):
+    return load_recipe(ROOT / "adapt" / "demo_classify_lora.yaml",
+                       tiny_finetune_overrides(shards, pretrained / "export", out, steps=6)
+                       + ["trainer.checkpoint_every=2", "eval.bootstrap=20", *extra])
+
+
+@pytest.fixture(scope="module")
+def selected(shards, pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sel") / "run"
+    summary = run_finetune(_recipe(shards, pretrained, out, "eval.every=2", "eval.select=accuracy"))
+    return out, summary
+
+
+def test_the_export_is_the_best_validation_step(selected):
+    run, summary = selected
+    record = json.loads((run / "selection" / "selection.json").read_text())
+    assert [h["step"] for h in record["history"]] == [2, 4, 6] and record["split"] == "val"
+    values = {h["step"]: h["metrics"]["accuracy"] for h in record["history"]}
+    best = max(values, key=lambda s: (values[s], -s))  # ties keep the earlier step
+    assert record["best_step"] == best == summary["selected_step"]
+    # the export holds that step's trained tensors (LoRA + head), merged
+    saved = load_file(str(run / "selection" / "best.safetensors"))
+    assert saved and all("lora_" in k or "head" in k for k in saved)
+    report = json.loads((run / "eval.json").read_text())
+    assert report["selection"]["selected_step"] == best and report["selection"]["trained_steps"] == 6
+    assert report["selection"]["scored_steps"] == [2, 4, 6] and report["dataset"]["split"] == "test"
+    md = (run / "report" / "report.md").read_text()
+    assert f"Model selection: the export is step {best} of 6, the best accuracy on split 'val'" in md
+
+
+def test_the_selected_export_reloads_and_publishes(selected, tmp_path):
+    """publish rebuilds the model from the checkpoint plus the selected tensors and must reproduce the export."""
+    from huggingface_hub import ModelCard
+
+    from medfound.workflows import rebuild_trained
+    import timm
+
+    run, summary = selected
+    ref = rebuild_trained(run)
+    exported = timm.create_model(f"local-dir:{run / 'export'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((ref.eval()(x) - exported(x)).abs().max()) < 1e-5
+    publish_run(run, tmp_path / "pub")
+    assert "Model selection: the export is step" in ModelCard.load(tmp_path / "pub" / "README.md").text
+
+
+def test_selection_does_not_change_the_training_draws(selected, shards, pretrained, tmp_path):
+    """The same recipe without eval.every trains to the same last-step weights: scoring forks the RNG."""
+    from medfound.train.checkpoint import latest_checkpoint
+
+    run, _ = selected
+    plain = tmp_path / "plain"
+    run_finetune(_recipe(shards, pretrained, plain, "eval.select=accuracy"))
+    a = load_file(str(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(plain / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_selection_refuses_a_missing_split_the_test_split_and_an_unknown_metric(shards, pretrained, tmp_path):
+    with pytest.raises(ConfigError, match="eval.select_split='tune' has no samples"):
+        run_finetune(_recipe(shards, pretrained, tmp_path / "a", "eval.every=2", "eval.select_split=tune"))
+    with pytest.raises(ConfigError, match="selecting on the split that reports the metrics"):
+        run_finetune(_recipe(shards, pretrained, tmp_path / "b", "eval.every=2", "eval.select_split=test"))
+    with pytest.raises(ConfigError, match="eval.select='f1' is not a metric"):
+        run_finetune(_recipe(shards, pretrained, tmp_path / "c", "eval.every=2", "eval.select=f1"))
+    with pytest.raises(ConfigError, match="eval.every"):
+        load_recipe(ROOT / "adapt" / "medsam.yaml", ["eval.every=5"])
+
+
+def test_a_resumed_run_keeps_its_validation_history(shards, pretrained, tmp_path):
+    run = tmp_path / "run"
+    run_finetune(_recipe(shards, pretrained, run, "eval.every=2", "trainer.max_steps=4"))
+    run_finetune(_recipe(shards, pretrained, run, "eval.every=2", "trainer.resume=auto",
+                         "trainer.resume_changes=allow"))
+    record = json.loads((run / "selection" / "selection.json").read_text())
+    assert [h["step"] for h in record["history"]] == [2, 4, 6]
