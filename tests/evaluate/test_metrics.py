@@ -147,7 +147,7 @@ def test_sensitivity_at_fixed_specificity_golden():
     out = classification_metrics(p, y, "binary", ["neg", "pos"], specificity=0.9)
     # threshold 0.5 keeps 9/10 negatives below (spec 0.9) and all 5 positives above -> sensitivity 1.0
     assert out["metrics"]["sens_at_spec"] == pytest.approx(1.0)
-    assert out["operating_point"] == {"specificity_target": 0.9, "threshold": pytest.approx(0.5)}
+    assert out["operating_point"] == {"specificity_target": 0.9, "threshold": pytest.approx(0.5), "positive_class": "pos"}
     out = classification_metrics(p, y, "binary", ["neg", "pos"], specificity=0.95)
     # specificity 1.0 needs a threshold above 0.90: only 0.95 is caught -> 1/5
     assert out["metrics"]["sens_at_spec"] == pytest.approx(0.2)
