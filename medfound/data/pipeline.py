@@ -94,6 +94,11 @@ def _seed(*parts: int) -> int:
     return hash(tuple(parts)) & 0x7FFFFFFF
 
 
+
+class MissingMember(ValueError):
+    """A sample lacks a member the run needs (a mask, a field of view): raised at once, never counted as an
+    undecodable sample, since it means the shard set was made without it."""
+
 class _LazyMasks(dict):
     """name -> mask array, decoded on first access: a transform that ignores masks pays nothing for them."""
 
@@ -214,6 +219,8 @@ class _Decoder:
                         out = self.decode(sample)
                 else:
                     out = self.decode(sample)
+            except MissingMember:  # a layout error of the set (a mask it was never given), not a damaged sample
+                raise
             except Exception as e:  # one bad sample must not stop a run; too many must
                 bad += 1
                 url = sample.get("__url__")

@@ -25,14 +25,38 @@ import torch
 import torch.nn.functional as F
 
 from medfound.config import SegmentConfig
+from medfound.data.pipeline import MissingMember
 from medfound.data.transforms import WINDOWS, to_image_tensor
+
+
+def check_mask_members(manifest, names: Sequence[Optional[str]], what: str) -> None:
+    """Before any sample is decoded: every mask member in `names` is among the shard set's recorded members
+    (manifest.fields), else the error names the set, the member and the fix."""
+    fields = manifest.fields
+    if fields is None:  # older manifests do not record their members: the samples are checked as they are read
+        return
+    have = {f.split(".")[0] for f in fields}
+    for name in names:
+        if name is not None and name not in have:
+            label = "field-of-view ('fov')" if name == "fov" else f"'{name}'"
+            raise MissingMember(f"{what} has no {label} masks (its samples hold: {', '.join(sorted(fields))}): "
+                                f"{missing_mask_fix(name)}")
+
+
+def missing_mask_fix(name: str) -> str:
+    """How to give a shard set the mask member `name`."""
+    if name == "fov":
+        return ("re-shard the set with a field-of-view mask: `medfound shard images ... --fov detect` finds it in "
+                "each fundus photograph, or give a fov column in the --table")
+    return f"shard the masks with the images (a {'mask' if name == 'mask' else 'mask_' + name} column in the --table)"
 
 
 def _mask_array(sample: dict, name: str, key: str) -> np.ndarray:
     masks = sample.get("masks") or {}
     if name not in masks:
-        raise ValueError(f"sample {key} has no '{name}' mask (it has: {', '.join(masks) or 'none'}); set segment.mask "
-                         "(or segment.roi) to one of those, or shard the masks with the images")
+        what = "field-of-view ('fov')" if name == "fov" else f"'{name}'"
+        raise MissingMember(f"sample {key} has no {what} mask (it has: {', '.join(masks) or 'none'}): "
+                            f"{missing_mask_fix(name)}; or set segment.mask / segment.roi to one it has")
     return np.asarray(masks[name])
 
 

@@ -191,6 +191,12 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
             raise ValueError(f"{name} yielded no samples to evaluate")
         return scorer, skipped, overlays
 
+    from medfound.data.seg_transforms import check_mask_members
+
+    # every set has the masks scoring needs, before the internal split is scored again
+    check_mask_members(manifest, [seg.mask, seg.roi], f"split '{split}' of {shards}")
+    for ext in ev.external:
+        check_mask_members(split_urls(str(ext), ev.external_split)[1], [seg.mask, seg.roi], f"external set {ext}")
     start = time.time()
     show = recipe.trainer.progress
     scorer, skipped, overlays = score_set(urls, f"split '{split}' of {shards}",

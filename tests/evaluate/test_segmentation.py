@@ -72,3 +72,36 @@ def test_sliding_window_covers_images_larger_than_the_window():
     probs = predict_probs(model, image, [32, 32], overlap=0.5)
     assert probs.shape == (1, 2, 70, 50) and set(seen) == {(32, 32)}
     assert torch.equal(probs.argmax(1)[0] == 1, image[0, 0] > 0)
+
+
+def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_shards, tmp_path):
+    """A set sharded without field-of-view masks, scored by a run with segment.roi=fov: one error naming the FOV
+    and `--fov detect`, raised from the manifest before the internal split is scored again (eval.json untouched),
+    and while streaming it is never counted as undecodable samples."""
+    import shutil
+
+    from medfound.config import SegmentConfig, load_recipe
+    from medfound.data.pipeline import MissingMember, make_loader, shard_urls
+    from medfound.data.seg_transforms import build_seg_transform
+    from medfound.workflows import evaluate, run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "run"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run) + ["eval.bootstrap=0"]))
+    copy = tmp_path / "fov_run"
+    shutil.copytree(run, copy)
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("roi: null", "roi: fov"))
+    before = (copy / "eval.json").read_bytes()
+    with pytest.raises(MissingMember, match=r"has no field-of-view \('fov'\) masks .* `medfound shard images \.\.\. "
+                                            r"--fov detect`"):
+        evaluate(copy)
+    assert (copy / "eval.json").read_bytes() == before
+    urls = shard_urls([seg_shards["ct"]], "train")[0]
+    seg = SegmentConfig(patch_size=[64, 64], roi="fov")
+    loader = make_loader(urls, transform=build_seg_transform(seg, train=False), batch_size=1, labelled=False,
+                         train=False)
+    with pytest.raises(MissingMember, match="has no field-of-view"):
+        next(iter(loader))
