@@ -197,7 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/")
     s.add_argument("run_dir")
     s.add_argument("external", nargs="*", help="external-site shard sets scored beside the internal split "
-                                               "(default: the recipe's eval.external)")
+                                               "(default: the recipe's eval.external), and key=value overrides of "
+                                               "eval.* (eval.bootstrap=200, eval.interval=percentile...) and "
+                                               "data.eval_batch_size / num_workers / verify / max_bad_fraction")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
     s.add_argument("--out", help="folder for eval.json, predictions.csv and report/ (default: RUN_DIR; required "
                                  "for a published folder)")
@@ -475,7 +477,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
               f"{rate}; {t['slides_embedded']} slides embedded, {t['slides_reused']} reused from an earlier run")
         return 0
     if args.verb == "evaluate":
-        report = workflows.evaluate(args.run_dir, args.split, external=args.external or None, out=args.out)
+        import re
+
+        is_key = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+=")  # key=value overrides among the external sets
+        overrides = [a for a in args.external if is_key.match(a)]
+        external = [a for a in args.external if not is_key.match(a)]
+        report = workflows.evaluate(args.run_dir, args.split, external=external or None, out=args.out,
+                                    overrides=overrides)
         print(json.dumps(report["metrics"], indent=2))
         for e in report.get("external", []):
             print(f"external {e['name']} ({e['num_samples']}): " + json.dumps(e["metrics"]))

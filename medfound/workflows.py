@@ -63,14 +63,26 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     return train(recipe, command)
 
 
+# the data.* keys evaluation may change: how the scored images are read, never what the model was trained on
+EVAL_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
+
+
 def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,
-             out: Optional[str | Path] = None) -> dict[str, Any]:
+             out: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Evaluate a run's export (or a published folder) on the run's labelled shard set (`eval.split`, or `split`)
     and on the external sets (`eval.external`, or `external`); write eval.json, predictions and report/report.md
     into `out` (default: the run directory; a published folder needs `out`, so the folder and its card stay as
-    published)."""
+    published). `overrides`: `key=value` of `eval.*` and of the data keys in EVAL_DATA_KEYS."""
     run = read_run(run_dir)
-    recipe, spec = run.recipe, task_for(run.recipe)
+    allowed = {f"data.{k}" for k in EVAL_DATA_KEYS} | {"trainer.progress"}
+    bad = [o for o in overrides or [] if not (o.split("=", 1)[0].startswith("eval.") or
+                                             o.split("=", 1)[0] in allowed)]
+    if bad:
+        raise ValueError(f"medfound evaluate takes eval.*, trainer.progress and data.{{{','.join(EVAL_DATA_KEYS)}}} "
+                         "overrides; "
+                         f"{', '.join(bad)} would describe another model than the one trained (retrain with it)")
+    recipe = run.with_overrides(list(overrides or []))
+    spec = task_for(recipe)
     if "evaluate" not in spec.capabilities:
         return spec.evaluate(run, recipe, split, Path(out or run_dir))  # names why (pretraining has no labels)
     if run.published and out is None:

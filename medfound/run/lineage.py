@@ -63,6 +63,11 @@ class RunFolder:
     recipe: Any
     export: Path
     published: bool
+    recipe_file: Optional[Path] = None
+
+    def with_overrides(self, overrides: list[str]) -> Any:
+        """The recipe with `key=value` overrides applied (validated as any recipe is)."""
+        return load_recipe(self.recipe_file, overrides) if overrides else self.recipe
 
 
 def read_run(folder: str | Path) -> RunFolder:
@@ -71,5 +76,6 @@ def read_run(folder: str | Path) -> RunFolder:
     folder = Path(folder)
     published = (folder / "README.md").is_file() and not (folder / "checkpoints").exists()
     if published and (folder / "training_config.yaml").is_file():
-        return RunFolder(folder, load_recipe(folder / "training_config.yaml"), folder, True)
-    return RunFolder(folder, load_run_recipe(folder), folder / "export", published)
+        return RunFolder(folder, load_recipe(folder / "training_config.yaml"), folder, True,
+                         folder / "training_config.yaml")
+    return RunFolder(folder, load_run_recipe(folder), folder / "export", published, folder / "config.yaml")

@@ -140,17 +140,17 @@ def test_a_single_class_external_site_warns_and_never_crashes(external_run, tmp_
 def test_evaluate_shows_a_progress_bar_per_set_with_images_per_second(external_run, tmp_path, monkeypatch, capsys):
     """`evaluate` ran 30-70 s without a word: it now shows one bar per scored set, as training does."""
     run, ext = external_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    config = copy / "config.yaml"
-    text = config.read_text().replace("progress: false", "progress: true").replace("bootstrap: 1000", "bootstrap: 0")
-    assert "bootstrap: 0" in text  # no intervals: this test is about the bars
-    config.write_text(text)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    assert main(["evaluate", str(copy), str(ext), "--out", str(tmp_path / "out")]) == 0
+    # key=value overrides of eval.* (no intervals: this test is about the bars) and trainer.progress
+    assert main(["evaluate", str(run), str(ext), "eval.bootstrap=0", "trainer.progress=true", "--out",
+                 str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "evaluate test: 100%" in err and "400/400" in err and "img/s" in err
     assert "external retina_site_b: 100%" in err and "1120/1120" in err
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert "intervals" not in report and report["external"][0]["name"] == "retina_site_b"
+    assert main(["evaluate", str(run), "optim.lr=1", "--out", str(tmp_path / "o2")]) == 1
+    assert "would describe another model than the one trained" in capsys.readouterr().err
 
 
 def test_the_training_set_given_as_an_external_site_is_named_as_such(external_run, shards, tmp_path, capsys):
