@@ -48,7 +48,11 @@ def ordered(metrics: dict[str, Any]) -> list[str]:
 def headline(report: dict[str, Any]) -> list[str]:
     """The metrics shown in per-site and external tables."""
     if report["task"] in ("segmentation", "box_prompt", "prompt_segmentation"):  # prompt_segmentation: older eval.json
-        return [k for k in ("dice", "hd95") if k in report["metrics"]]
+        keys = [k for k in ("dice", "hd95") if k in report["metrics"]]
+        if "pixel_f1" in (report.get("intervals") or {}):  # pooled pixel metrics with intervals (binary tasks)
+            keys += [k for k in ("pixel_f1", "pixel_auc", "pixel_sensitivity", "pixel_specificity")
+                     if k in report["metrics"]]
+        return keys
     keys = ["auroc", "auprc", "accuracy", "balanced_accuracy", "sens_at_spec", "kappa_quadratic", "ece"]
     return [k for k in keys if k in report["metrics"]]
 

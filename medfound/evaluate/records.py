@@ -145,6 +145,27 @@ def write_predictions(path: Path, class_names: list[str], sets: list[tuple]) -> 
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def write_rows(path: Path, sets: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Per-sample rows of several sets (segmentation: one per image with its Dice, HD95 and pixel counts) -> one
+    CSV with a `set` column first (atomic)."""
+    import csv
+    import io
+
+    from medfound.io import atomic_write_bytes
+
+    columns: list[str] = []
+    for _, rows in sets:
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["set", *columns], restval="")
+    w.writeheader()
+    for name, rows in sets:
+        for r in rows:
+            w.writerow({"set": name, **{k: "" if v is None else v for k, v in r.items()}})
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
 def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
     """eval.json's `dataset`: the scored shard set, split and sample count."""
     return {"name": manifest.name, "path": str(shards), "split": split, "modality": manifest.modality,

@@ -19,7 +19,7 @@ from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.records import (dataset_block, eval_progress, external_block, record_tail, scored_block,
-                                       split_urls, trained_on, write_predictions)
+                                       split_urls, trained_on, write_predictions, write_rows)
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -204,6 +204,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     result = scorer.result()
     boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
     externals, warnings, ext_overlays = [], [], {}
+    per_image_sets = [("internal", result["per_image"])]
     trained = trained_on(weights.parent)
     for ext in ev.external:
         ext = str(ext)
@@ -220,6 +221,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
                                (e_manifest.digest,), trained)
         entry["per_class"] = e_result["per_class"]
         entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
+        per_image_sets.append((e_manifest.name, e_result["per_image"]))
         externals.append(entry)
         ext_overlays[e_manifest.name] = e_over
         warnings += [f"external {e_manifest.name}: {len(e_skipped)} undecodable samples skipped"] if e_skipped else []
@@ -240,6 +242,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "definitions": CONVENTIONS,
         **record_tail(warnings, skipped, start, externals),
     }
+    write_rows(Path(out) / "predictions.csv", per_image_sets)
     atomic_write_json(Path(out) / "eval.json", report)
     if ev.report:
         from medfound.evaluate.markdown import write_report

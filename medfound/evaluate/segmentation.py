@@ -83,6 +83,17 @@ class SegmentationScorer:
         self.binary = len(class_names) == 2
         self._probs: list[np.ndarray] = []
         self._truth: list[np.ndarray] = []
+        self._stats: list[np.ndarray] = []  # binary: per image [tp, fp, fn, tn, hist_pos[B], hist_neg[B]]
+
+    def subset(self, rows: list[int]) -> "SegmentationScorer":
+        """A scorer over some of the images (a site), with their pixel statistics."""
+        sub = SegmentationScorer(self.names, self.hd)
+        sub.per_image = [self.per_image[i] for i in rows]
+        if self._probs:
+            sub._probs = [self._probs[i] for i in rows]
+            sub._truth = [self._truth[i] for i in rows]
+            sub._stats = [self._stats[i] for i in rows]
+        return sub
 
     def add(self, key: str, probs: torch.Tensor, truth: torch.Tensor, roi: Optional[torch.Tensor] = None,
             spacing: Optional[list[float]] = None) -> dict[str, Any]:
@@ -99,8 +110,12 @@ class SegmentationScorer:
                 row[f"hd95/{name}"] = hd95(p, t, spacing)
         if self.binary:
             sel = roi if roi is not None else torch.ones_like(truth, dtype=torch.bool)
-            self._probs.append(probs[1][sel].numpy().astype(np.float32))
-            self._truth.append((truth[sel] > 0).numpy())
+            prob, t = probs[1][sel].numpy().astype(np.float32), (truth[sel] > 0).numpy()
+            self._probs.append(prob)
+            self._truth.append(t)
+            self._stats.append(pixel_stats(prob, t))
+            tp, fp, fn, tn = (int(v) for v in self._stats[-1][:4])
+            row.update(pixel_tp=tp, pixel_fp=fp, pixel_fn=fn, pixel_tn=tn)
         self.per_image.append(row)
         return row
 
@@ -108,9 +123,8 @@ class SegmentationScorer:
         """{site: {"n", "dice", "hd95", "intervals"}} over the images whose rows carry a `site`."""
         out = {}
         for site in sorted({r["site"] for r in self.per_image if r.get("site")}):
-            sub = SegmentationScorer(self.names, self.hd)
-            sub.per_image = [r for r in self.per_image if r.get("site") == site]
-            res = sub.result(pixels=False)
+            sub = self.subset([i for i, r in enumerate(self.per_image) if r.get("site") == site])
+            res = sub.result()
             out[site] = {"n": len(sub.per_image), **res["metrics"]}
             if resamples:
                 out[site]["intervals"] = {k: v for k, v in sub.bootstrap(resamples, seed)["intervals"].items()
@@ -140,7 +154,9 @@ class SegmentationScorer:
     def bootstrap(self, resamples: int = 1000, seed: int = 0, keep_values: bool = False) -> dict[str, Any]:
         """95% percentile intervals of Dice and HD95 (the class means and each class), resampling images with
         replacement; an image whose score is NaN (the conventions above) is left out of that class's mean, as in
-        the point estimate. Pooled pixel metrics get no interval."""
+        the point estimate. Binary tasks: the pooled pixel metrics too, from the same resampled images (F1,
+        sensitivity, specificity and accuracy exactly from the images' summed confusion counts; AUC from their
+        summed probability histograms, PIXEL_BINS bins)."""
         from medfound.evaluate.bootstrap import percentile_interval, resample_means
 
         kinds = ["dice"] + (["hd95"] if self.hd else [])
@@ -156,11 +172,43 @@ class SegmentationScorer:
                 values[m] = np.nanmean(block, axis=1)
                 for i, n in enumerate(names):
                     values[f"{m}/{n}"] = block[:, i]
+        if self._stats and len(self._stats) >= 2:
+            idx = np.random.default_rng(seed).integers(0, len(self._stats), (resamples, len(self._stats)))
+            values.update(pooled_resamples(np.stack(self._stats), idx))  # the same draws as resample_means
         out = {"intervals": {k: percentile_interval(v) for k, v in values.items()}, "resamples": resamples,
                "seed": seed, "level": 0.95, "method": "percentile bootstrap over images"}
         if keep_values:
             out["values"] = values
         return out
+
+
+PIXEL_BINS = 1000
+
+
+def pixel_stats(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """One image's pooled-pixel statistics: [tp, fp, fn, tn] at `threshold`, then the histograms of the foreground
+    probability of its foreground and background pixels (PIXEL_BINS bins on [0, 1])."""
+    pred = prob >= threshold
+    counts = [(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum(), (~pred & ~truth).sum()]
+    b = np.minimum((prob * PIXEL_BINS).astype(np.int64), PIXEL_BINS - 1)
+    pos = np.bincount(b[truth], minlength=PIXEL_BINS)
+    neg = np.bincount(b[~truth], minlength=PIXEL_BINS)
+    return np.concatenate([np.asarray(counts, dtype=np.float64), pos, neg])
+
+
+def pooled_resamples(stats: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The pooled pixel metrics of each resample of images: `stats` `[N, 4 + 2B]` (pixel_stats per image), `idx`
+    `[R, N]` image indices -> {metric: [R]} (NaN where undefined)."""
+    weights = np.zeros((idx.shape[0], stats.shape[0]))
+    np.add.at(weights, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    total = weights @ stats  # [R, 4 + 2B]: each resample's summed statistics
+    tp, fp, fn, tn = total[:, 0], total[:, 1], total[:, 2], total[:, 3]
+    pos, neg = total[:, 4:4 + PIXEL_BINS], total[:, 4 + PIXEL_BINS:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        below = np.cumsum(neg, axis=1) - neg  # negatives in lower bins
+        auc = ((pos * below).sum(1) + 0.5 * (pos * neg).sum(1)) / (pos.sum(1) * neg.sum(1))
+        return {"pixel_f1": 2 * tp / (2 * tp + fp + fn), "pixel_auc": auc, "pixel_sensitivity": tp / (tp + fn),
+                "pixel_specificity": tn / (tn + fp), "pixel_accuracy": (tp + tn) / (tp + tn + fp + fn)}
 
 
 def pixel_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, Optional[float]]:

@@ -74,24 +74,69 @@ def test_sliding_window_covers_images_larger_than_the_window():
     assert torch.equal(probs.argmax(1)[0] == 1, image[0, 0] > 0)
 
 
-def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_shards, tmp_path):
+@pytest.fixture(scope="module")
+def unet_run(seg_shards, tmp_path_factory):
+    """A tiny U-Net trained 2 steps on the bundled CT aorta slices (binary), evaluated with 50 resamples."""
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path_factory.mktemp("unet") / "run"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run) + ["eval.bootstrap=50"]))
+    return run
+
+
+def test_pooled_pixel_resamples_are_the_pooled_metrics():
+    """The identity resample of the per-image statistics gives pixel_metrics' values: the confusion-count metrics
+    exactly, the histogram AUC within 1e-3 of sklearn's."""
+    from medfound.evaluate.segmentation import pixel_metrics, pixel_stats, pooled_resamples
+
+    rng = np.random.default_rng(0)
+    probs = [rng.random(500).astype(np.float32) for _ in range(4)]
+    truth = [(p + rng.normal(0, 0.3, 500)) > 0.6 for p in probs]
+    stats = np.stack([pixel_stats(p, t) for p, t in zip(probs, truth)])
+    got = pooled_resamples(stats, np.arange(4)[None])
+    ref = pixel_metrics(np.concatenate(probs), np.concatenate(truth))
+    for k in ("pixel_f1", "pixel_sensitivity", "pixel_specificity", "pixel_accuracy"):
+        assert got[k][0] == pytest.approx(ref[k], abs=1e-12), k
+    assert got["pixel_auc"][0] == pytest.approx(ref["pixel_auc"], abs=1e-3)
+
+
+def test_segmentation_reports_pooled_pixel_metrics_with_intervals_per_set_and_writes_per_image_rows(
+        unet_run, seg_shards, tmp_path):
+    import csv
+
+    from medfound.workflows import evaluate
+
+    with pytest.warns(UserWarning, match="not an external site"):  # the bundled set has 1 test image: score train
+        ext = evaluate(unet_run, split="train", external=[seg_shards["ct"]], out=tmp_path / "ext")
+    for k in ("pixel_f1", "pixel_auc", "pixel_sensitivity", "pixel_specificity"):
+        lo, hi = ext["intervals"][k]
+        assert lo <= ext["metrics"][k] <= hi, k
+    (entry,) = ext["external"]
+    assert entry["intervals"]["pixel_f1"] and "pixel_f1" in entry["drop_intervals"]
+    md = (tmp_path / "ext" / "report" / "report.md").read_text()
+    assert "| external: ct_aorta (the training set, not external) |" in md and "| pixel_f1 |" in md
+    rows = list(csv.DictReader(open(tmp_path / "ext" / "predictions.csv")))
+    assert {r["set"] for r in rows} == {"internal", "ct_aorta"}
+    assert {"key", "pixel_tp", "pixel_fn"} <= set(rows[0]) and any(c.startswith("dice/") for c in rows[0])
+
+
+def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_shards, unet_run, tmp_path):
     """A set sharded without field-of-view masks, scored by a run with segment.roi=fov: one error naming the FOV
     and `--fov detect`, raised from the manifest before the internal split is scored again (eval.json untouched),
     and while streaming it is never counted as undecodable samples."""
     import shutil
 
-    from medfound.config import SegmentConfig, load_recipe
+    from medfound.config import SegmentConfig
     from medfound.data.pipeline import MissingMember, make_loader, shard_urls
     from medfound.data.seg_transforms import build_seg_transform
-    from medfound.workflows import evaluate, run_finetune
+    from medfound.workflows import evaluate
 
-    from helpers import ROOT, tiny_segment_overrides
-
-    run = tmp_path / "run"
-    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
-                             tiny_segment_overrides("unet", seg_shards, None, run) + ["eval.bootstrap=0"]))
     copy = tmp_path / "fov_run"
-    shutil.copytree(run, copy)
+    shutil.copytree(unet_run, copy)
     config = copy / "config.yaml"
     config.write_text(config.read_text().replace("roi: null", "roi: fov"))
     before = (copy / "eval.json").read_bytes()
