@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="split by patient when there is no split column, e.g. train=0.8,val=0.1,test=0.1")
     g.add_argument("--fov", choices=["none", "detect", "crop"], default="none",
                    help="images (colour fundus): store a detected field-of-view mask, or also crop to it")
+    g.add_argument("--scale", type=float, help="images: resize every image (and its masks, by nearest neighbour) by "
+                                               "this factor, e.g. 0.5 to match another set's scale; recorded in the "
+                                               "manifest (and --mpp is divided by it)")
     g = s.add_argument_group("volumes")
     g.add_argument("--layout", choices=["volume", "slices", "patches"], default="volume")
     g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
@@ -549,6 +552,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
                                                  "keep_names", "salt", "fov", "layout", "axis", "patch")}
+        if args.scale is not None:
+            if args.kind != "images":
+                raise ValueError(f"--scale resizes `medfound shard images` inputs; {args.kind} inputs are resampled "
+                                 "by their spacing (segment.spacing, --mpp for slides)")
+            options["scale"] = args.scale
         if args.allow_burned_in:
             options["allow_burned_in"] = True
         if args.skipped_list and Path(args.out).resolve() in Path(args.skipped_list).resolve().parents:

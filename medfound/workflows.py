@@ -65,6 +65,8 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
 
 # the data.* keys evaluation may change: how the scored images are read, never what the model was trained on
 EVAL_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
+# scale keys evaluation may set: resample the scored images to the scale the model expects (scored at native size)
+SCALE_KEYS = ("fov_diameter", "scale")
 
 
 def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,
@@ -74,12 +76,12 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
     into `out` (default: the run directory; a published folder needs `out`, so the folder and its card stay as
     published). `overrides`: `key=value` of `eval.*` and of the data keys in EVAL_DATA_KEYS."""
     run = read_run(run_dir)
-    allowed = {f"data.{k}" for k in EVAL_DATA_KEYS} | {"trainer.progress"}
+    allowed = {f"data.{k}" for k in EVAL_DATA_KEYS} | {"trainer.progress"} | {f"segment.{k}" for k in SCALE_KEYS}
     bad = [o for o in overrides or [] if not (o.split("=", 1)[0].startswith("eval.") or
                                              o.split("=", 1)[0] in allowed)]
     if bad:
-        raise ValueError(f"medfound evaluate takes eval.*, trainer.progress and data.{{{','.join(EVAL_DATA_KEYS)}}} "
-                         "overrides; "
+        raise ValueError(f"medfound evaluate takes eval.*, trainer.progress, segment.{{{','.join(SCALE_KEYS)}}} "
+                         f"and data.{{{','.join(EVAL_DATA_KEYS)}}} overrides; "
                          f"{', '.join(bad)} would describe another model than the one trained (retrain with it)")
     recipe = run.with_overrides(list(overrides or []))
     spec = task_for(recipe)

@@ -197,6 +197,14 @@ class SegmentConfig(Strict):
     clip: Optional[tuple[float, float]] = Field(None, description="ct: intensity range (0.5-99.5 percentiles)")
     stats: Optional[tuple[float, float]] = Field(None, description="ct: mean and std of the clipped foreground")
     spacing: Optional[list[float]] = Field(None, description="resample volumes to this voxel spacing (mm, per axis)")
+    fov_diameter: Optional[int] = Field(None, gt=0, description="2-D fundus: resample every image, mask and FOV mask "
+                                                                "so the field of view is this many pixels wide "
+                                                                "(DRIVE: about 540), in training, evaluation and "
+                                                                "external sets; predictions are scored back at each "
+                                                                "image's native size. Needs a fov mask member")
+    scale: Optional[float] = Field(None, gt=0, description="2-D: resize every image (and its masks) by this factor "
+                                                           "before training and evaluation; predictions are scored "
+                                                           "at the native size")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="share of training crops centred on foreground")
     crops_per_image: int = Field(1, ge=1, description="training crops cut from each decoded image (large images: "
                                                       "decode once, train on several patches)")
@@ -215,6 +223,12 @@ class SegmentConfig(Strict):
                              f"(segment.spatial_dims={self.spatial_dims})")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ValueError(f"segment.spacing {self.spacing} needs {self.spatial_dims} entries")
+        if (self.fov_diameter is not None or self.scale is not None) and self.spatial_dims != 2:
+            raise ValueError("segment.fov_diameter and segment.scale rescale 2-D images; volumes are resampled by "
+                             "segment.spacing")
+        if self.fov_diameter is not None and self.scale is not None:
+            raise ValueError("set segment.fov_diameter (a scale per image, from its field of view) or segment.scale "
+                             "(one factor for all), not both")
         if self.intensity == "ct" and (self.clip is None or self.stats is None):
             raise ValueError("segment.intensity=ct needs segment.clip and segment.stats (`medfound plan` writes them)")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

@@ -36,3 +36,13 @@ def crop_to_fov(image: np.ndarray, mask: np.ndarray, *others: np.ndarray) -> tup
     """Crop `image`, `mask` and any `others` (same height and width) to the FOV's bounding box."""
     top, bottom, left, right = fov_box(mask)
     return tuple(a[top:bottom, left:right] for a in (image, mask, *others))
+
+
+def fov_diameter(mask: np.ndarray) -> int:
+    """The field of view's diameter in pixels: the horizontal extent of the mask (fundus photographs are often
+    cut at the top and bottom, never at the sides, so the width is the circle's diameter); 0 for an empty mask."""
+    m = np.asarray(mask) > 0
+    if m.ndim != 2 or not m.any():
+        return 0
+    cols = np.flatnonzero(m.any(0))
+    return int(cols[-1] - cols[0] + 1)

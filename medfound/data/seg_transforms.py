@@ -153,6 +153,34 @@ def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[
     return [t[sl] for t in tensors]
 
 
+def image_scale(sample: dict, seg: SegmentConfig, key: str) -> Optional[float]:
+    """The resize factor of one 2-D sample: segment.scale, or segment.fov_diameter over the diameter of the
+    sample's field-of-view mask (`fundus.fov_diameter`); None when neither is set."""
+    if seg.scale is not None:
+        return float(seg.scale)
+    if seg.fov_diameter is None:
+        return None
+    from medfound.data.fundus import fov_diameter
+
+    d = fov_diameter(_mask_array(sample, "fov", key))
+    if d == 0:
+        raise MissingMember(f"sample {key}: its field-of-view mask is empty, so segment.fov_diameter cannot scale it: "
+                            f"{missing_mask_fix('fov')}")
+    return seg.fov_diameter / d
+
+
+def rescale(x: torch.Tensor, extra: list[torch.Tensor], factor: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Resize a 2-D image `[C, H, W]` by `factor` (bilinear with antialiasing; uint8 stays uint8) and its masks
+    (`[1, H, W]`, nearest neighbour) to the same grid."""
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    y = F.interpolate(x.float()[None], size=size, mode="bilinear", antialias=factor < 1, align_corners=False)[0]
+    if x.dtype == torch.uint8:
+        y = y.round().clamp(0, 255).to(torch.uint8)
+    masks = [F.interpolate(t[None].float(), size=size, mode="nearest-exact")[0].to(t.dtype) for t in extra]
+    return y, masks
+
+
 def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] = None) -> Callable[[dict], Any]:
     """The sample -> {"image", "mask"[, "roi"]} transform for `seg` (see the module docstring); in training
     with `crops_per_image` > 1 it returns that many such dicts, cut from the one decoded image."""
@@ -175,12 +203,21 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
         if seg.spacing is not None and spacing is not None and len(spacing) == seg.spatial_dims:
             x, extra = resample(x, extra, spacing, seg.spacing)
             spacing = seg.spacing
+        native = None
+        factor = image_scale(sample, seg, key)
+        if factor is not None and abs(factor - 1.0) > 1e-6:
+            native = extra
+            x, extra = rescale(x, extra, factor)
         if train:
             crops = [augment(x, extra) for _ in range(seg.crops_per_image)]
             return crops[0] if len(crops) == 1 else crops
         out = {"image": x.contiguous(), "mask": extra[0].contiguous()}
         if seg.roi is not None:
             out["roi"] = extra[1].contiguous()
+        if native is not None:  # evaluation scores at the image's own size: the prediction is mapped back
+            out["native_mask"] = native[0].contiguous()
+            if seg.roi is not None:
+                out["native_roi"] = native[1].contiguous()
         if spacing is not None and len(spacing) == seg.spatial_dims:
             out["spacing"] = torch.tensor(spacing, dtype=torch.float64)  # HD95 in mm
         return out

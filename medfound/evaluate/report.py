@@ -176,15 +176,22 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
             skipped += batch.pop("_bad", [])
             image = batch["image"] if normalize is None else normalize(batch["image"])
             probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
+            shown = probs  # overlays are drawn on the grid the model saw
             roi = batch["roi"][0, 0] if "roi" in batch else None
+            truth = batch["mask"][0, 0]
+            if "native_mask" in batch:  # segment.fov_diameter / scale: scored at the image's own size
+                truth = batch["native_mask"][0, 0]
+                roi = batch["native_roi"][0, 0] if "native_roi" in batch else None
+                probs = torch.nn.functional.interpolate(probs[None], size=tuple(truth.shape), mode="bilinear",
+                                                        align_corners=False)[0]
             key = batch["key"][0]
             spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-            row = scorer.add(key, probs, batch["mask"][0, 0], roi, spacing)
+            row = scorer.add(key, probs, truth, roi, spacing)
             if batch.get("site") and batch["site"][0]:
                 row["site"] = batch["site"][0]
             if len(overlays) < n_overlays:
                 overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
-                                 "truth": batch["mask"][0, 0].numpy(), "pred": probs.argmax(0).numpy(),
+                                 "truth": batch["mask"][0, 0].numpy(), "pred": shown.argmax(0).numpy(),
                                  "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
         bar.close()
         if not scorer.per_image:
@@ -231,7 +238,8 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "dataset": dataset_block(manifest, shards, split, len(scorer.per_image)),
         "model": {"export": str(weights.parent), "sha256": sha256_file(weights), "head": recipe.head.type},
         "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
-                      "roi": seg.roi},
+                      "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
+                      **({"scale": seg.scale} if seg.scale else {})},
         "metrics": result["metrics"],
         **({"intervals": boot["intervals"],
             "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),

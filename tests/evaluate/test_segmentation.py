@@ -150,3 +150,59 @@ def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_
                          train=False)
     with pytest.raises(MissingMember, match="has no field-of-view"):
         next(iter(loader))
+
+
+def test_fov_diameter_scales_each_image_by_its_field_of_view_and_scores_at_native_size():
+    from medfound.config import SegmentConfig
+    from medfound.data.seg_transforms import build_seg_transform
+
+    image = np.zeros((120, 200, 3), np.uint8)
+    image[:, 50:150] = 180
+    fov = np.zeros((120, 200), np.uint8)
+    fov[10:110, 50:150] = 255  # 100 px wide
+    mask = np.zeros((120, 200), np.uint8)
+    mask[40:60, 90:110] = 255
+    sample = {"image": image, "masks": {"mask": mask, "fov": fov}, "key": "a"}
+    seg = SegmentConfig(patch_size=[32, 32], roi="fov", fov_diameter=50)
+    out = build_seg_transform(seg, train=False)(sample)
+    assert tuple(out["image"].shape) == (3, 60, 100) and tuple(out["mask"].shape) == (1, 60, 100)
+    assert tuple(out["native_mask"].shape) == (1, 120, 200) and int(out["native_roi"].sum()) == 100 * 100
+    assert int(out["roi"].sum()) == 50 * 50  # the FOV is now 50 px wide
+    crops = build_seg_transform(seg.model_copy(update={"crops_per_image": 2}), train=True)(sample)
+    assert all(tuple(c["image"].shape[1:]) == (32, 32) for c in crops)
+    with pytest.raises(ValueError, match="not both"):
+        SegmentConfig(patch_size=[32, 32], fov_diameter=50, scale=0.5)
+    with pytest.raises(ValueError, match="rescale 2-D images"):
+        SegmentConfig(patch_size=[8, 8, 8], spatial_dims=3, scale=0.5)
+
+
+def test_evaluate_with_a_scale_override_scores_every_image_at_its_native_size(unet_run, seg_shards, tmp_path):
+    from medfound.workflows import evaluate
+
+    plain = evaluate(unet_run, split="train", out=tmp_path / "plain", overrides=["eval.bootstrap=0"])
+    half = evaluate(unet_run, split="train", out=tmp_path / "half", overrides=["eval.bootstrap=0",
+                                                                               "segment.scale=0.5"])
+    assert half["inference"]["scale"] == 0.5 and len(half["per_image"]) == len(plain["per_image"]) == 2
+    native = [r["pixel_tp"] + r["pixel_fp"] + r["pixel_fn"] + r["pixel_tn"] for r in plain["per_image"]]
+    assert [r["pixel_tp"] + r["pixel_fp"] + r["pixel_fn"] + r["pixel_tn"] for r in half["per_image"]] == native
+    with pytest.raises(ValueError, match="would describe another model"):
+        evaluate(unet_run, out=tmp_path / "x", overrides=["segment.patch_size=[32,32]"])
+
+
+def test_shard_images_scale_resizes_images_and_masks(tmp_path):
+    from medfound.data.manifest import read_manifest
+    from medfound.workflows import shard
+
+    from helpers import DATA, tar_samples
+
+    out = tmp_path / "half"
+    shard("images", DATA / "ct_organs", out, table=DATA / "ct_organs" / "aorta.csv", name="half", modality="ct",
+          keep_names=True, scale=0.5)
+    assert read_manifest(out).ingest["scale"] == 0.5
+    from PIL import Image
+    import io
+
+    for members in tar_samples(out).values():
+        img = Image.open(io.BytesIO(members["png"]))
+        msk = Image.open(io.BytesIO(members["mask.png"]))
+        assert img.size == msk.size and max(img.size) <= 512 // 2 + 1

@@ -82,10 +82,13 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 label_names: Optional[list[str]] = None, site: Optional[str] = None,
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
                 salt: Optional[str] = None, fov: str = "none", mpp: Optional[float] = None,
-                **_: object) -> Ingested:
+                scale: Optional[float] = None, **_: object) -> Ingested:
     folder = Path(folder)
     if mpp is not None and not mpp > 0:
         raise ValueError(f"--mpp {mpp}: give the images' resolution in micrometres per pixel (> 0), e.g. 0.25")
+    if scale is not None and not 0.05 <= scale <= 20:
+        raise ValueError(f"--scale {scale}: give the resize factor of every image (0.5 halves each side, 2 doubles "
+                         "it), between 0.05 and 20")
     if table is None:
         found = [folder / n for n in TABLE_NAMES if (folder / n).is_file()]
         if not found:
@@ -110,7 +113,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     skipped: dict = {"count": 0, "by_reason": {}, "files": []}
 
     def samples():
-        from medfound.data.fundus import crop_to_fov, detect_fov
+        from medfound.data.fundus import crop_to_fov, detect_fov, fov_diameter
 
         for i, r in enumerate(rows):
             if not result.wants(i):
@@ -140,6 +143,12 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                     masks = dict(zip(names, cropped))
                     img = Image.fromarray(arr)
                 masks["fov"] = (fov_mask > 0).astype(np.uint8) * 255
+            if scale is not None and scale != 1:  # images resampled with antialiasing, masks by nearest neighbour
+                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+                img = img.resize(size, Image.Resampling.LANCZOS)
+                masks = {n: np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))
+                         for n, m in masks.items()}
+            scale_meta = {"fov_diameter_px": fov_diameter(masks["fov"] > 0)} if "fov" in masks else {}
             pid = (r.get("patient_id") or "").strip()
             token = patient_token(key_salt, pid) if pid else None
             split = (r.get("split") or "").strip() if has_split else \
@@ -153,12 +162,15 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 name += "/" + Path(r["mask"]).stem
             yield {"key": safe_key(name, keep_names), "image": img, "split": split,
                    "site": (r.get("site") or "").strip() or site, "label": to_label(r), "patient": token,
-                   "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {}),
+                   "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {}), **scale_meta,
+                                            **({"scale": scale} if scale is not None else {}),
                                             **{c: r[c].strip() for c in ("laterality", "view") if (r.get(c) or "").strip()}}}
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names, "masks": mask_cols, "fov": fov,
-                **({"mpp": mpp} if mpp is not None else {})}  # microscopy: the images' um/px (card, lineage)
+                **({"scale": scale} if scale is not None else {}),
+                # microscopy: the images' um/px as stored (after --scale) (card, lineage)
+                **({"mpp": mpp / (scale or 1.0)} if mpp is not None else {})}
     result = Ingested(samples(), schema, source, settings, skipped=skipped)
     return result
