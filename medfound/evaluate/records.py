@@ -58,6 +58,11 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
     }
 
 
+def network_lineage(export: Path) -> dict[str, Any]:
+    """The lineage block of an export folder: config.json's (timm) or the network json's `medfound` block."""
+    return _lineage_block(export)
+
+
 def _lineage_block(export: Path) -> dict[str, Any]:
     import json
 

@@ -18,8 +18,9 @@ from medfound.config import FinetuneRecipe
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
-from medfound.evaluate.records import (dataset_block, eval_progress, external_block, record_tail, scored_block,
-                                       split_urls, trained_on, write_predictions, write_rows)
+from medfound.evaluate.records import (dataset_block, eval_progress, external_block, network_lineage, record_tail,
+                                       scored_block, split_urls, trained_on, write_predictions, write_rows)
+from medfound.publish.export import read_lineage
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -46,6 +47,22 @@ def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilab
     if not probs:
         raise ValueError("the evaluation split yielded no samples")
     return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
+
+
+def check_scale(entry: dict[str, Any], path: str, name: str, expected: Optional[dict[str, Any]],
+                normalised: tuple[str, ...] = ()) -> None:
+    """An external set's scale beside the training data's (eval.json `scale`), and a warning (console, eval.json,
+    report.md, card) when they differ beyond medfound.data.scale.SCALE_TOLERANCE."""
+    import warnings as _warnings
+
+    from medfound.data.scale import scale_stats, scale_warnings
+
+    if not expected:
+        return
+    entry["scale"] = scale_stats(path)
+    for w in scale_warnings(name, entry["scale"], expected, normalised):
+        entry.setdefault("warnings", []).append(w)
+        _warnings.warn(w, stacklevel=2)
 
 
 def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -111,6 +128,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
     predictions = [("internal", probs, labels, keys, sites)]
     externals = []
     trained = trained_on(weights.parent)
+    expected = read_lineage(weights.parent).get("scale")  # the training data's scale (data/scale.py)
     for ext in external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
@@ -126,10 +144,9 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result,
                                (e_manifest.digest,), trained)
         entry["calibration"] = e_result["calibration"]
+        check_scale(entry, ext, e_manifest.name, expected)
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
-    from medfound.publish.export import read_lineage
-
     selection = selection_summary(read_lineage(weights.parent))
     report = {
         "task": "classification",
@@ -138,6 +155,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         "dataset": dataset_block(manifest, shards, split, len(labels)),
         "model": {"export": str(weights.parent), "sha256": sha256_file(weights)},
         **({"selection": selection} if selection else {}),
+        **({"scale": expected} if expected else {}),
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
         **({"external": externals} if externals else {}),
@@ -213,6 +231,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     externals, warnings, ext_overlays = [], [], {}
     per_image_sets = [("internal", result["per_image"])]
     trained = trained_on(weights.parent)
+    expected = network_lineage(weights.parent).get("scale")
     for ext in ev.external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
@@ -229,6 +248,9 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         entry["per_class"] = e_result["per_class"]
         entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
         per_image_sets.append((e_manifest.name, e_result["per_image"]))
+        check_scale(entry, ext, e_manifest.name, expected,
+                    ("fov_diameter_px",) if seg.fov_diameter else ("fov_diameter_px", "spacing_mm", "mpp")
+                    if seg.scale else ())
         externals.append(entry)
         ext_overlays[e_manifest.name] = e_over
         warnings += [f"external {e_manifest.name}: {len(e_skipped)} undecodable samples skipped"] if e_skipped else []
@@ -237,6 +259,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "class_names": seg.names,
         "dataset": dataset_block(manifest, shards, split, len(scorer.per_image)),
         "model": {"export": str(weights.parent), "sha256": sha256_file(weights), "head": recipe.head.type},
+        **({"scale": expected} if expected else {}),
         "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
                       "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
                       **({"scale": seg.scale} if seg.scale else {})},

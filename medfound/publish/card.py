@@ -185,15 +185,26 @@ def timm_details(model: torch.nn.Module, class_names: list[str], label_type: Opt
     return rows
 
 
-def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], recipe: Any) -> dict[str, Any]:
-    """preprocessing.json: what a user must do to an image before the model sees it."""
+def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], recipe: Any,
+                  scale: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """preprocessing.json: what a user must do to an image before the model sees it, and the physical scale it
+    expects (`scale`: the training data's, medfound.data.scale)."""
     mpps = sorted({d["mpp"] for d in datasets if d.get("mpp")})
     stain = "Macenko, MONAI NormalizeHEStains defaults, before everything else" \
         if getattr(recipe.data, "stain_normalize", False) else None
+    expects = {}
+    seg = getattr(recipe, "segment", None)
+    if seg is not None and getattr(seg, "fov_diameter", None):
+        expects["fov_diameter_px"] = f"{seg.fov_diameter} (every image is resized to it: segment.fov_diameter)"
+    elif scale and scale.get("fov_diameter_px"):
+        expects["fov_diameter_px"] = f"{scale['fov_diameter_px']:g} (median of the training images; resize yours " \
+                                     "to it, e.g. segment.fov_diameter)"
+    if scale and scale.get("spacing_mm"):
+        expects["pixel_spacing_mm"] = scale["spacing_mm"]
     return {"modality": sorted({d["modality"] for d in datasets}),
             "microns_per_pixel": mpps[0] if len(mpps) == 1 else (mpps or None),
             "ct_window": getattr(recipe.data, "window", None), **({"stain_normalization": stain} if stain else {}),
-            **input_cfg}
+            **expects, **input_cfg}
 
 
 def timm_snippet(class_names: list[str], repo_id: Optional[str] = None) -> str:

@@ -101,7 +101,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
         lineage = read_lineage(tmp)
         cfg = model.pretrained_cfg
         prep = preprocessing_for({k: cfg.get(k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
-                                 training_datasets(lineage), recipe)
+                                 training_datasets(lineage), recipe, lineage.get("scale"))
         atomic_write_json(tmp / "preprocessing.json", prep)
         schema = lineage.get("label_schema", {})
         class_names = schema.get("names", []) if evaluation else []
@@ -152,7 +152,7 @@ def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any,
     task_details, input_cfg = task.publish_details(recipe, meta, export)
     details += task_details
     pipeline_tag = task.pipeline_tag
-    prep = preprocessing_for(input_cfg, training_datasets(lineage), recipe)
+    prep = preprocessing_for(input_cfg, training_datasets(lineage), recipe, lineage.get("scale"))
     files = [weights_name] + (["backbone/model.safetensors"] if (export / "backbone" / "model.safetensors").is_file()
                               else [])
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:

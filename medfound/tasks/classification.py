@@ -68,8 +68,11 @@ class ClassificationTask(TimmExport):
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                          parent_lineage(recipe.backbone))
+        from medfound.data.scale import scale_stats
+
         record["label_schema"] = state.module.label_schema.model_dump()  # the endpoint trained
         record["tuning"] = recipe.tuning
+        record["scale"] = scale_stats(recipe.data.shards[0], recipe.data.train_split)  # the scale it expects
         return record
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:

@@ -51,8 +51,11 @@ class SegmentationTask(ImageNetwork):
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                          parent_lineage(recipe.backbone))
+        from medfound.data.scale import scale_stats
+
         record.update(tuning=recipe.tuning, head=recipe.head.model_dump(),
-                      segment=recipe.segment.model_dump(mode="json"))
+                      segment=recipe.segment.model_dump(mode="json"),
+                      scale=scale_stats(recipe.data.shards[0], recipe.data.train_split))  # the scale it expects
         return record
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -206,3 +207,36 @@ def test_shard_images_scale_resizes_images_and_masks(tmp_path):
         img = Image.open(io.BytesIO(members["png"]))
         msk = Image.open(io.BytesIO(members["mask.png"]))
         assert img.size == msk.size and max(img.size) <= 512 // 2 + 1
+
+
+def test_an_external_set_at_another_scale_is_warned_about_naming_the_key_that_fixes_it(tmp_path):
+    """Training records the scale of its data (median FOV diameter); an external set resized by 0.5 at ingest is
+    named (console, eval.json, report.md) with the segment.fov_diameter that would score it at the training
+    scale; scored with that override the warning is gone, and the card states the scale the model expects."""
+    from medfound.config import load_recipe
+    from medfound.workflows import evaluate, publish_run, run_finetune, shard
+
+    from helpers import DATA, ROOT, tiny_segment_overrides
+
+    sets = {}
+    for name, scale in (("native", None), ("half", 0.5)):
+        sets[name] = tmp_path / name
+        shard("images", DATA / "ct_organs", sets[name], table=DATA / "ct_organs" / "aorta.csv", name=f"ct_{name}",
+              modality="ct", keep_names=True, fov="detect", scale=scale)
+    run = tmp_path / "run"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", {"ct": sets["native"]}, None, run)
+                             + ["eval.bootstrap=0", "eval.split=train"]))
+    trained = json.loads((run / "eval.json").read_text())["scale"]
+    assert trained["fov_diameter_px"] > 100 and trained["samples"] == 2
+    with pytest.warns(UserWarning, match=r"external set ct_half has a field of view \d+ px wide, the training data "
+                                         r"\d+ px \(0\.\d+x, beyond the 1\.25x tolerance\).*segment\.fov_diameter="):
+        report = evaluate(run, external=[sets["half"]], out=tmp_path / "e1")
+    assert any("segment.fov_diameter=" in w for w in report["warnings"])
+    assert "segment.fov_diameter=" in (tmp_path / "e1" / "report" / "report.md").read_text()
+    fixed = evaluate(run, external=[sets["half"]], out=tmp_path / "e2",
+                     overrides=[f"segment.fov_diameter={int(trained['fov_diameter_px'])}"])
+    assert not any("tolerance" in w for w in fixed["warnings"])
+    publish_run(run, tmp_path / "pub")
+    prep = json.loads((tmp_path / "pub" / "preprocessing.json").read_text())
+    assert prep["fov_diameter_px"].startswith(f"{trained['fov_diameter_px']:g} (median of the training images")

@@ -1,0 +1,87 @@
+"""The physical scale of a shard set, and the check that an external set is at the scale a model was trained on.
+
+`scale_stats` reads the sample meta of up to `max_samples` samples (the `{key}.json` members only; no image is
+decoded): the median field-of-view diameter in pixels (fundus: `fov_diameter_px`, stored by `shard images` when a
+FOV mask exists), the median in-plane pixel spacing in mm (DICOM PixelSpacing / ImagerPixelSpacing, volume slices:
+`spacing_mm`) and the µm/px of microscopy sets (the manifest's `ingest.mpp`). Training records them in the export's
+lineage (`scale`); `scale_warnings` compares an external set's with them and names the key that would fix a
+difference larger than SCALE_TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import numpy as np
+
+SCALE_TOLERANCE = 1.25  # a set whose scale differs from the training data's by more than this factor is warned about
+
+
+def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
+    """{"fov_diameter_px", "spacing_mm", "mpp", "samples"} of a shard set (`split`, or every split); keys without
+    data are left out."""
+    from medfound.data.manifest import read_manifest
+    from medfound.data.pipeline import shard_urls
+    from medfound.data.tario import iter_members
+
+    manifest = read_manifest(shards)
+    splits = [split] if split else list(manifest.splits)
+    urls = [u for sp in splits for u in shard_urls([shards], sp)[0]]
+    fov, spacing, seen = [], [], 0
+    for url in urls:
+        for member in iter_members(url):
+            name = member["fname"].rsplit("/", 1)[-1]
+            if not name.endswith(".json") or name.endswith(".labels.json"):
+                continue
+            try:
+                meta = json.loads(member["data"])  # the sample's meta (flat: split, site, fov_diameter_px...)
+            except ValueError:
+                continue
+            if not isinstance(meta, dict):
+                continue
+            seen += 1
+            if meta.get("fov_diameter_px"):
+                fov.append(float(meta["fov_diameter_px"]))
+            s = meta.get("spacing_mm")
+            if isinstance(s, (list, tuple)) and s:
+                spacing.append(float(np.mean([float(v) for v in s[:2]])))
+            if seen >= max_samples:
+                break
+        if seen >= max_samples:
+            break
+    out: dict[str, Any] = {"samples": seen}
+    if fov:
+        out["fov_diameter_px"] = round(float(np.median(fov)), 1)
+    if spacing:
+        out["spacing_mm"] = round(float(np.median(spacing)), 6)
+    mpp = (manifest.ingest or {}).get("mpp")
+    if mpp:
+        out["mpp"] = float(mpp)
+    return out
+
+
+FIX = {"fov_diameter_px": "score it at the training scale with `segment.fov_diameter={value:.0f}` (a medfound "
+                          "evaluate override, or train with it so every set is normalised)",
+       "spacing_mm": "resample it to the training pixel spacing ({value:g} mm/px) when sharding it",
+       "mpp": "re-tile its slides at the training resolution (`medfound shard wsi ... --mpp {value:g}`)"}
+WHAT = {"fov_diameter_px": "a field of view {ext:.0f} px wide", "spacing_mm": "pixels of {ext:g} mm",
+        "mpp": "{ext:g} µm/px"}
+TRAINED = {"fov_diameter_px": "{value:.0f} px", "spacing_mm": "{value:g} mm", "mpp": "{value:g} µm/px"}
+
+
+def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[str, Any]],
+                   normalised: tuple[str, ...] = ()) -> list[str]:
+    """One warning per scale key in which `external` differs from `trained` by more than SCALE_TOLERANCE, naming
+    the key that fixes it; keys in `normalised` (the run already resamples them) are not compared."""
+    out = []
+    for key in ("fov_diameter_px", "spacing_mm", "mpp"):
+        if key in normalised or not trained or key not in trained or key not in external:
+            continue
+        ratio = external[key] / trained[key]
+        if max(ratio, 1 / ratio) > SCALE_TOLERANCE:
+            out.append(f"external set {name} has {WHAT[key].format(ext=external[key])}, the training data "
+                       f"{TRAINED[key].format(value=trained[key])} ({ratio:.2f}x, beyond the {SCALE_TOLERANCE}x "
+                       f"tolerance): the model sees its structures at another size; "
+                       + FIX[key].format(value=trained[key]))
+    return out
