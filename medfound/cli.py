@@ -253,7 +253,13 @@ def _load(args: argparse.Namespace, kind: Optional[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # `medfound evaluate RUN --out DIR eval.bootstrap=200`: key=value overrides may follow the options
+        if args.verb == "evaluate" and all("=" in r and not r.startswith("-") for r in rest):
+            args.external += rest
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
     command = "medfound " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         return _run(args, command)
