@@ -48,3 +48,17 @@ def save_result(name: str, result: dict, shown: tuple[str, ...]) -> Path:
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result.get(k) for k in shown}), f"-> {dest}")
     return dest
+
+
+def drive_table(drive: Path, out: Path, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """DRIVE's images table (path, vessel mask, FOV mask, split, site) for `medfound shard images`, paths relative
+    to the DRIVE folder; `splits` picks the training and/or test images."""
+    rows = []
+    for split, folder, tag in (("train", "training", "training"), ("test", "testing", "test")):
+        if split not in splits:
+            continue
+        for img in sorted((drive / folder / "images").glob("*.tif")):
+            num = img.name.split("_")[0]
+            rows.append({"path": f"{folder}/images/{img.name}", "mask": f"{folder}/1st_manual/{num}_manual1.gif",
+                         "fov": f"{folder}/mask/{num}_{tag}_mask.gif", "split": split, "site": "DRIVE"})
+    return write_csv(rows, out)

@@ -30,20 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, save_result, write_csv
+from _quality import ROOT, SHARED, backbone_record, drive_table, medfound_bin, run, save_result
 DRIVE = SHARED / "drive"
 PUBLISHED = {"unet": {"f1": 0.8142, "auc": 0.9755, "source": "U-Net as reported by Alom et al. 2018 (R2U-Net)"},
              "sa_unet": {"f1": 0.8263, "auc": 0.9864, "source": "SA-UNet, Guo et al. 2020"}}
-
-
-def write_table(drive: Path, out: Path) -> Path:
-    rows = []
-    for split, folder, tag in (("train", "training", "training"), ("test", "testing", "test")):
-        for img in sorted((drive / folder / "images").glob("*.tif")):
-            num = img.name.split("_")[0]
-            rows.append({"path": f"{folder}/images/{img.name}", "mask": f"{folder}/1st_manual/{num}_manual1.gif",
-                         "fov": f"{folder}/mask/{num}_{tag}_mask.gif", "split": split, "site": "DRIVE"})
-    return write_csv(rows, out)
 
 
 def main() -> int:
@@ -67,7 +57,7 @@ def main() -> int:
     start = time.time()
     load_start = os.getloadavg()[0]
     if not (args.shards / "manifest.json").is_file():
-        table = write_table(DRIVE, args.work / "drive_table.csv")
+        table = drive_table(DRIVE, args.work / "drive_table.csv")
         run([mf, "shard", "images", str(DRIVE), "--table", str(table), "--out", str(args.shards), "--name", "drive",
              "--modality", "fundus", "--keep-names", "--license", "DRIVE research-use terms",
              "--attribution", "DRIVE, Staal et al., IEEE TMI 2004"])

@@ -24,21 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from _quality import ROOT, SHARED, medfound_bin, run, save_result, write_csv
+from _quality import ROOT, SHARED, drive_table, medfound_bin, run, save_result
 
 DRIVE = SHARED / "drive"
-
-
-def table(split_filter: set[str], out: Path) -> Path:
-    rows = []
-    for split, folder, tag in (("train", "training", "training"), ("test", "testing", "test")):
-        if split not in split_filter:
-            continue
-        for img in sorted((DRIVE / folder / "images").glob("*.tif")):
-            num = img.name.split("_")[0]
-            rows.append({"path": f"{folder}/images/{img.name}", "mask": f"{folder}/1st_manual/{num}_manual1.gif",
-                         "fov": f"{folder}/mask/{num}_{tag}_mask.gif", "split": split, "site": "DRIVE"})
-    return write_csv(rows, out)
 
 
 def main() -> int:
@@ -55,11 +43,12 @@ def main() -> int:
     sets = {"native": work / "shards", "half": work / "test_x0.5", "double": work / "test_x2"}
     attribution = ["--license", "DRIVE research-use terms", "--attribution", "DRIVE, Staal et al., IEEE TMI 2004"]
     if not (sets["native"] / "manifest.json").is_file():
-        run([mf, "shard", "images", str(DRIVE), "--table", str(table({"train", "test"}, work / "drive.csv")),
+        run([mf, "shard", "images", str(DRIVE), "--table", str(drive_table(DRIVE, work / "drive.csv")),
              "--out", str(sets["native"]), "--name", "drive", "--modality", "fundus", "--keep-names", *attribution])
     for name, factor in (("half", 0.5), ("double", 2.0)):
         if not (sets[name] / "manifest.json").is_file():
-            run([mf, "shard", "images", str(DRIVE), "--table", str(table({"test"}, work / "drive_test.csv")),
+            test_table = drive_table(DRIVE, work / "drive_test.csv", ("test",))
+            run([mf, "shard", "images", str(DRIVE), "--table", str(test_table),
                  "--out", str(sets[name]), "--name", f"drive_test_x{factor:g}", "--modality", "fundus",
                  "--keep-names", "--scale", str(factor), *attribution])
     out = work / "unet"
