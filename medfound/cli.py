@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, help="images: resize every image (and its masks, by nearest neighbour) by "
                                                "this factor, e.g. 0.5 to match another set's scale; recorded in the "
                                                "manifest (and --mpp is divided by it)")
+    g.add_argument("--fov-diameter", type=int, help="images (fundus, with --fov detect): resize each image so its "
+                                                    "field of view is this many px wide (DRIVE: about 540)")
     g = s.add_argument_group("volumes")
     g.add_argument("--layout", choices=["volume", "slices", "patches"], default="volume")
     g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
@@ -558,6 +560,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
         options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
                                                  "tile_size", "min_tissue", "slide_mpp", "split", "backend",
                                                  "keep_names", "salt", "fov", "layout", "axis", "patch")}
+        if args.fov_diameter is not None:
+            if args.kind != "images":
+                raise ValueError("--fov-diameter resizes `medfound shard images` fundus photographs")
+            options["fov_diameter"] = args.fov_diameter
         if args.scale is not None:
             if args.kind != "images":
                 raise ValueError(f"--scale resizes `medfound shard images` inputs; {args.kind} inputs are resampled "

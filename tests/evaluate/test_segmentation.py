@@ -240,3 +240,22 @@ def test_an_external_set_at_another_scale_is_warned_about_naming_the_key_that_fi
     publish_run(run, tmp_path / "pub")
     prep = json.loads((tmp_path / "pub" / "preprocessing.json").read_text())
     assert prep["fov_diameter_px"].startswith(f"{trained['fov_diameter_px']:g} (median of the training images")
+
+
+def test_shard_images_fov_diameter_gives_every_image_that_field_of_view(tmp_path):
+    from helpers import DATA, tar_metas
+
+    from medfound.data.manifest import read_manifest
+    from medfound.workflows import shard
+
+    plain, sized = tmp_path / "plain", tmp_path / "sized"
+    for out, extra in ((plain, {}), (sized, {"fov_diameter": 200})):
+        shard("images", DATA / "ct_organs", out, table=DATA / "ct_organs" / "aorta.csv", name=out.name,
+              modality="ct", keep_names=True, fov="detect", **extra)
+    before = sorted(m["fov_diameter_px"] for m in tar_metas(plain))
+    after = sorted(m["fov_diameter_px"] for m in tar_metas(sized))
+    assert len(set(before)) > 1 and all(abs(d - 200) <= 2 for d in after), (before, after)
+    assert read_manifest(sized).ingest["fov_diameter"] == 200
+    with pytest.raises(ValueError, match="needs --fov detect"):
+        shard("images", DATA / "ct_organs", tmp_path / "x", table=DATA / "ct_organs" / "aorta.csv", name="x",
+              modality="ct", fov_diameter=200)

@@ -82,10 +82,16 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 label_names: Optional[list[str]] = None, site: Optional[str] = None,
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
                 salt: Optional[str] = None, fov: str = "none", mpp: Optional[float] = None,
-                scale: Optional[float] = None, **_: object) -> Ingested:
+                scale: Optional[float] = None, fov_diameter: Optional[int] = None, **_: object) -> Ingested:
     folder = Path(folder)
     if mpp is not None and not mpp > 0:
         raise ValueError(f"--mpp {mpp}: give the images' resolution in micrometres per pixel (> 0), e.g. 0.25")
+    if fov_diameter is not None and mpp is not None:
+        raise ValueError("--fov-diameter gives every image its own resize factor, so one --mpp cannot describe the "
+                         "shards: drop --mpp (fundus photographs are measured by their field of view)")
+    if fov_diameter is not None and (scale is not None or fov == "none" or not fov_diameter > 0):
+        raise ValueError(f"--fov-diameter {fov_diameter}: resizes each image so its field of view is that many px "
+                         "wide; it needs --fov detect (or crop, or a fov column with --fov detect) and excludes --scale")
     if scale is not None and not 0.05 <= scale <= 20:
         raise ValueError(f"--scale {scale}: give the resize factor of every image (0.5 halves each side, 2 doubles "
                          "it), between 0.05 and 20")
@@ -113,7 +119,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     skipped: dict = {"count": 0, "by_reason": {}, "files": []}
 
     def samples():
-        from medfound.data.fundus import crop_to_fov, detect_fov, fov_diameter
+        from medfound.data.fundus import crop_to_fov, detect_fov
+        from medfound.data.fundus import fov_diameter as fov_diameter_of
 
         for i, r in enumerate(rows):
             if not result.wants(i):
@@ -143,12 +150,19 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                     masks = dict(zip(names, cropped))
                     img = Image.fromarray(arr)
                 masks["fov"] = (fov_mask > 0).astype(np.uint8) * 255
-            if scale is not None and scale != 1:  # images resampled with antialiasing, masks by nearest neighbour
-                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            factor = scale
+            if fov_diameter is not None:  # this image's own factor, from the width of its field of view
+                width = fov_diameter_of(masks["fov"] > 0)
+                if width == 0:
+                    raise ValueError(f"{where}: the field-of-view mask of {rel} is empty, so --fov-diameter cannot "
+                                     "scale it; check the image or its fov mask")
+                factor = fov_diameter / width
+            if factor is not None and factor != 1:  # images resampled with antialiasing, masks by nearest neighbour
+                size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
                 img = img.resize(size, Image.Resampling.LANCZOS)
                 masks = {n: np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))
                          for n, m in masks.items()}
-            scale_meta = {"fov_diameter_px": fov_diameter(masks["fov"] > 0)} if "fov" in masks else {}
+            scale_meta = {"fov_diameter_px": fov_diameter_of(masks["fov"] > 0)} if "fov" in masks else {}
             pid = (r.get("patient_id") or "").strip()
             token = patient_token(key_salt, pid) if pid else None
             split = (r.get("split") or "").strip() if has_split else \
@@ -163,13 +177,14 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
             yield {"key": safe_key(name, keep_names), "image": img, "split": split,
                    "site": (r.get("site") or "").strip() or site, "label": to_label(r), "patient": token,
                    "masks": masks, "meta": {"row": i, **({"fov": fov} if fov != "none" else {}), **scale_meta,
-                                            **({"scale": scale} if scale is not None else {}),
+                                            **({"scale": round(factor, 6)} if factor is not None else {}),
                                             **{c: r[c].strip() for c in ("laterality", "view") if (r.get(c) or "").strip()}}}
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names, "masks": mask_cols, "fov": fov,
                 **({"scale": scale} if scale is not None else {}),
+                **({"fov_diameter": fov_diameter} if fov_diameter is not None else {}),
                 # microscopy: the images' um/px as stored (after --scale) (card, lineage)
                 **({"mpp": mpp / (scale or 1.0)} if mpp is not None else {})}
     result = Ingested(samples(), schema, source, settings, skipped=skipped)
