@@ -60,10 +60,6 @@ def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: st
 
 def network_lineage(export: Path) -> dict[str, Any]:
     """The lineage block of an export folder: config.json's (timm) or the network json's `medfound` block."""
-    return _lineage_block(export)
-
-
-def _lineage_block(export: Path) -> dict[str, Any]:
     import json
 
     export = Path(export)
@@ -78,11 +74,11 @@ def _lineage_block(export: Path) -> dict[str, Any]:
     return {}
 
 
-def trained_on(export: Path) -> dict[str, str]:
-    """digest -> "STAGE (NAME)" for every data set the exported model and its ancestors were trained on, from the
-    lineage block of the export's config.json (timm folders) or network json."""
+def trained_on(lineage: dict[str, Any]) -> dict[str, str]:
+    """digest -> "STAGE (NAME)" for every data set a model and its ancestors were trained on, from its lineage
+    (`network_lineage(export)`)."""
     out: dict[str, str] = {}
-    node: Optional[dict[str, Any]] = _lineage_block(export)
+    node: Optional[dict[str, Any]] = lineage
     while node:
         for d in node.get("datasets", []):
             for key in ("digest", "bags_digest"):
@@ -94,7 +90,7 @@ def trained_on(export: Path) -> dict[str, str]:
 
 def trained_modalities(export: Path) -> list[str]:
     """The modalities of the data sets the exported model's last stage was trained on."""
-    return sorted({d.get("modality") for d in _lineage_block(export).get("datasets", []) if d.get("modality")})
+    return sorted({d.get("modality") for d in network_lineage(export).get("datasets", []) if d.get("modality")})
 
 
 def external_block(name: str, path: str, splits: list[str], n: int, result: dict[str, Any], by_site: dict,

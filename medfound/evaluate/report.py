@@ -20,7 +20,6 @@ from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.records import (dataset_block, eval_progress, external_block, network_lineage, record_tail,
                                        scored_block, split_urls, trained_on, write_predictions, write_rows)
-from medfound.publish.export import read_lineage
 from medfound.io import atomic_write_json, sha256_file
 
 
@@ -127,8 +126,9 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         warnings += scored["warnings"]
     predictions = [("internal", probs, labels, keys, sites)]
     externals = []
-    trained = trained_on(weights.parent)
-    expected = read_lineage(weights.parent).get("scale")  # the training data's scale (data/scale.py)
+    lineage = network_lineage(weights.parent)
+    trained = trained_on(lineage)
+    expected = lineage.get("scale")  # the training data's scale (data/scale.py)
     for ext in external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
@@ -147,7 +147,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         check_scale(entry, ext, e_manifest.name, expected)
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
-    selection = selection_summary(read_lineage(weights.parent))
+    selection = selection_summary(lineage)
     report = {
         "task": "classification",
         "label_type": schema.type,
@@ -230,8 +230,9 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
     externals, warnings, ext_overlays = [], [], {}
     per_image_sets = [("internal", result["per_image"])]
-    trained = trained_on(weights.parent)
-    expected = network_lineage(weights.parent).get("scale")
+    lineage = network_lineage(weights.parent)
+    trained = trained_on(lineage)
+    expected = lineage.get("scale")
     for ext in ev.external:
         ext = str(ext)
         e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)

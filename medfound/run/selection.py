@@ -98,17 +98,23 @@ class Selection:
         apply_selection(self.dir.parent, module)
 
 
+def kept_names(module: Any) -> set[str]:
+    """The state-dict keys selection keeps: every parameter that trains, and every buffer (the frozen rest cannot
+    change)."""
+    return {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+
+
 def trainable_state(module: Any) -> dict[str, Any]:
-    """The tensors selection keeps: every parameter that trains, and every buffer (the frozen rest cannot change)."""
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in module.named_buffers()}
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
-            if k in trainable or k in buffers}
+    """The tensors selection keeps (`kept_names`), on the CPU."""
+    keep = kept_names(module)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items() if k in keep}
 
 
 def apply_selection(run_dir: Path, module: Any) -> Optional[int]:
     """If the run selected a checkpoint (RUN_DIR/selection/best.safetensors), load its tensors into `module` and
-    return its step; None when the run had no selection. Every saved tensor must match a tensor of the module."""
+    return its step; None when the run had no selection. The saved keys must be exactly the module's trainable
+    parameters and buffers (`kept_names`): strict=False only because the frozen rest is not saved, and any other
+    difference raises, naming the keys."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -116,10 +122,12 @@ def apply_selection(run_dir: Path, module: Any) -> Optional[int]:
     if not path.is_file():
         return None
     state = load_file(str(path))
-    missing = set(state) - set(module.state_dict())
-    if missing:
-        raise RuntimeError(f"{path} holds tensors the module does not have ({sorted(missing)[:5]}): it was written "
-                           "for another network; delete RUN_DIR/selection only if you know the run changed")
+    want = kept_names(module)
+    unexpected, absent = sorted(set(state) - want), sorted(want - set(state))
+    if unexpected or absent:
+        raise RuntimeError(f"{path} does not fit the network the recipe builds (not in the module's trainable "
+                           f"tensors: {unexpected[:5]}; trainable but not saved: {absent[:5]}): it was written for "
+                           "another network or tuning; delete RUN_DIR/selection only if you know the run changed")
     module.load_state_dict(state, strict=False)
     with safe_open(str(path), "pt") as f:
         return int(f.metadata()["step"])

@@ -98,7 +98,8 @@ class BoxPromptTask(ImageNetwork):
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.evaluate.records import dataset_block, external_block, record_tail, split_urls, trained_on
+        from medfound.evaluate.records import (dataset_block, external_block, network_lineage, record_tail,
+                                               split_urls, trained_on)
 
         predictor = self.load(run.path, recipe)
         ev = recipe.eval
@@ -108,7 +109,7 @@ class BoxPromptTask(ImageNetwork):
                                      f"{recipe.data.shards[0]}")
         internal = dice_summary(rows, ev, keep_values=bool(ev.external))
         externals, ext_overlays = [], {}
-        trained = trained_on(run.export)
+        trained = trained_on(network_lineage(run.export))
         for ext in ev.external:
             e_urls, e_manifest, e_splits = split_urls(str(ext), ev.external_split)
             e_rows, e_over = score_boxes(predictor, e_urls, e_manifest, recipe.head.mask, f"external set {ext}")

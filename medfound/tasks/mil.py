@@ -122,8 +122,8 @@ class MILTask:
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.data.bags import bag_schema, read_bags
         from medfound.evaluate.metrics import positive_index, score_with_sites
-        from medfound.evaluate.records import (external_block, record_tail, scored_block, trained_on,
-                                               write_predictions)
+        from medfound.evaluate.records import (external_block, network_lineage, record_tail, scored_block,
+                                               trained_on, write_predictions)
 
         bags = Path(recipe.data.shards[0])
         index = read_bags(bags)
@@ -147,7 +147,7 @@ class MILTask:
         warnings = list(result["warnings"])
         predictions = [("internal", probs, labels, keys, sites)]
         externals = []
-        trained = trained_on(run.export)
+        trained = trained_on(network_lineage(run.export))
         for ext in ev.external:
             e_index = read_bags(Path(ext))
             e_schema = bag_schema(e_index)

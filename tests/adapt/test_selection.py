@@ -94,3 +94,23 @@ def test_a_resumed_run_keeps_its_validation_history(shards, pretrained, tmp_path
                          "trainer.resume_changes=allow"))
     record = json.loads((run / "selection" / "selection.json").read_text())
     assert [h["step"] for h in record["history"]] == [2, 4, 6]
+
+
+def test_selected_tensors_must_be_exactly_the_modules_trainable_ones(tmp_path):
+    """apply_selection loads with strict=False only because frozen tensors are not saved: a saved key the module
+    lacks, or a trainable tensor the file lacks, raises naming them."""
+    from safetensors.torch import save_file
+
+    from medfound.run.selection import apply_selection, trainable_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    net[0].requires_grad_(False)
+    (tmp_path / "selection").mkdir()
+    save_file(trainable_state(net), str(tmp_path / "selection" / "best.safetensors"), metadata={"step": "4"})
+    assert apply_selection(tmp_path, net) == 4
+    net[0].requires_grad_(True)  # now trainable but not in the file
+    with pytest.raises(RuntimeError, match=r"trainable but not saved: \['0.bias', '0.weight'\]"):
+        apply_selection(tmp_path, net)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match=r"not in the module's trainable tensors: \['1.bias', '1.weight'\]"):
+        apply_selection(tmp_path, other)
