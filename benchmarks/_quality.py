@@ -62,3 +62,27 @@ def drive_table(drive: Path, out: Path, splits: tuple[str, ...] = ("train", "tes
             rows.append({"path": f"{folder}/images/{img.name}", "mask": f"{folder}/1st_manual/{num}_manual1.gif",
                          "fov": f"{folder}/mask/{num}_{tag}_mask.gif", "split": split, "site": "DRIVE"})
     return write_csv(rows, out)
+
+
+def monuseg_table(src: Path, work: Path, parts: tuple[str, ...] = ("train", "test")) -> Path:
+    """MoNuSeg on HoVer-Net's Kumar split as an images table (path, binary nuclei mask, split, TCGA site): the
+    binary masks derived from the instance labels are written under `work`; `parts` picks train and/or test."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    split = json.loads((src / "kumar_split_hovernet.json").read_text())
+    masks = work / "binary_masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for part, ids in (("train", split["train"]), ("test", split["test_same_tissue"] + split["test_different_tissue"])):
+        if part not in parts:
+            continue
+        for i in ids:
+            if not (masks / f"{i}.png").is_file():
+                inst = np.asarray(Image.open(src / "instance_labels" / f"{i}_inst.png"))
+                Image.fromarray(((inst > 0) * 255).astype(np.uint8)).save(masks / f"{i}.png")
+            rows.append({"path": f"images/{i}.png", "mask": str(masks / f"{i}.png"), "split": part,
+                         "site": f"TCGA-{i.split('-')[1]}"})
+    return write_csv(rows, work / f"monuseg_{'_'.join(parts)}.csv")

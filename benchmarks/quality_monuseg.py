@@ -21,25 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
-from _quality import ROOT, SHARED, backbone_record, medfound_bin, run, save_result, write_csv
+from _quality import ROOT, SHARED, backbone_record, medfound_bin, monuseg_table, run, save_result
 MONUSEG = SHARED / "monuseg"
-
-
-def write_table(src: Path, work: Path) -> Path:
-    split = json.loads((src / "kumar_split_hovernet.json").read_text())
-    masks = work / "binary_masks"
-    masks.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for part, ids in (("train", split["train"]), ("test", split["test_same_tissue"] + split["test_different_tissue"])):
-        for i in ids:
-            inst = np.asarray(Image.open(src / "instance_labels" / f"{i}_inst.png"))
-            Image.fromarray(((inst > 0) * 255).astype(np.uint8)).save(masks / f"{i}.png")
-            rows.append({"path": f"images/{i}.png", "mask": str(masks / f"{i}.png"), "split": part,
-                         "site": f"TCGA-{i.split('-')[1]}"})
-    return write_csv(rows, work / "monuseg_table.csv")
 
 
 def main() -> int:
@@ -55,7 +39,7 @@ def main() -> int:
     start = time.time()
     shards = args.work / "shards"
     if not (shards / "manifest.json").is_file():
-        table = write_table(MONUSEG, args.work)
+        table = monuseg_table(MONUSEG, args.work)
         run([mf, "shard", "images", str(MONUSEG), "--table", str(table), "--out", str(shards), "--name", "monuseg",
              "--modality", "pathology", "--keep-names", "--license", "CC-BY-NC-SA-4.0",
              "--attribution", "MoNuSeg, Kumar et al., IEEE TMI 2017"])

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                                                "manifest (and --mpp is divided by it)")
     g.add_argument("--fov-diameter", type=int, help="images (fundus, with --fov detect): resize each image so its "
                                                     "field of view is this many px wide (DRIVE: about 540)")
+    g.add_argument("--spacing-mm", type=float, help="images (radiographs, mammograms): the images' pixel spacing in "
+                                                    "mm, stored per sample for data.spacing_mm (a spacing_mm column "
+                                                    "in the --table gives it per image instead)")
     g = s.add_argument_group("volumes")
     g.add_argument("--layout", choices=["volume", "slices", "patches"], default="volume")
     g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
@@ -564,6 +567,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
             if args.kind != "images":
                 raise ValueError("--fov-diameter resizes `medfound shard images` fundus photographs")
             options["fov_diameter"] = args.fov_diameter
+        if args.spacing_mm is not None:
+            if args.kind != "images":
+                raise ValueError(f"--spacing-mm states the pixel spacing of `medfound shard images` inputs; {args.kind} "
+                                 "inputs carry their own (DICOM PixelSpacing / ImagerPixelSpacing, volume headers)")
+            options["spacing_mm"] = args.spacing_mm
         if args.scale is not None:
             if args.kind != "images":
                 raise ValueError(f"--scale resizes `medfound shard images` inputs; {args.kind} inputs are resampled "

@@ -66,7 +66,7 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
 # the data.* keys evaluation may change: how the scored images are read, never what the model was trained on
 EVAL_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
 # scale keys evaluation may set: resample the scored images to the scale the model expects (scored at native size)
-SCALE_KEYS = ("fov_diameter", "scale")
+SCALE_KEYS = ("fov_diameter", "scale", "mpp")
 
 
 def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,

@@ -102,7 +102,8 @@ EXAMPLES = {"pretrain": "pretrain/demo_mae_tiny.yaml", "classification": "adapt/
 NON_DEFAULT = {"train_split": "x", "eval_split": "x", "img_size": 48, "eval_batch_size": 3, "num_workers": 1,
                "shuffle_buffer": 7, "resampled": True, "global_order": True, "samples_per_epoch": 5,
                "max_bad_fraction": 0.5, "verify": "sha256", "balanced_sampling": "site", "stain_normalize": True,
-               "augment": "he", "window": "lung", "fundus_crop": True, "hed_sigma": 0.1, "crop_scale": [0.5, 1.0],
+               "augment": "he", "window": "lung", "fundus_crop": True, "spacing_mm": 0.5, "hed_sigma": 0.1,
+               "crop_scale": [0.5, 1.0],
                "multicrop": {"local_crops": 2}, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2],
                "split": "val", "bootstrap": 10, "seed": 3, "specificity": 0.8, "external_split": "test",
                "report": False, "aggregate": {"by": ["patient"]}}

@@ -67,6 +67,12 @@ class DataConfig(Strict):
     window: Optional[Literal["lung", "mediastinum", "bone", "brain", "abdomen", "file"]] = Field(
         None, description="CT/DICOM intensity window preset; default: the file's own window")
     fundus_crop: bool = Field(False, description="crop colour fundus images to their field of view")
+    spacing_mm: Optional[float] = Field(None, gt=0, lt=100, description=(
+        "2-D radiology (CXR, mammography): resample every image to this pixel spacing in mm from its own (DICOM "
+        "PixelSpacing / ImagerPixelSpacing, `shard images --spacing-mm`), then pad or crop it to data.img_size "
+        "without rescaling, so the model sees a field img_size x spacing_mm mm wide at one scale for every "
+        "scanner; in training (random crop), evaluation and external sets (centre). E.g. 224 px at 1.9 mm: a 43 cm "
+        "chest field"))
     hed_sigma: float = Field(0.05, ge=0, description="HED stain jitter strength (augment=he)")
     crop_scale: Optional[tuple[float, float]] = Field(
         None, description="RandomResizedCrop area range, replacing the preset's (mae 0.2-1, light 0.8-1, he 0.6-1); "
@@ -78,6 +84,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _mixing(self) -> "DataConfig":
+        if self.spacing_mm is not None and self.fundus_crop:
+            raise ValueError("data.spacing_mm resamples by the pixel spacing (radiology) and data.fundus_crop crops "
+                             "fundus photographs, measured by their field of view: keep one of them")
         if self.global_order and self.resampled:
             raise ValueError("data.global_order orders a finite epoch; a resampled stream (data.resampled=true) has "
                              "no epoch order to keep: set one of them to false")

@@ -205,6 +205,11 @@ class SegmentConfig(Strict):
     scale: Optional[float] = Field(None, gt=0, description="2-D: resize every image (and its masks) by this factor "
                                                            "before training and evaluation; predictions are scored "
                                                            "at the native size")
+    mpp: Optional[float] = Field(None, gt=0, description="2-D microscopy: resample every image and mask to this many "
+                                                         "micrometres per pixel, from each sample's recorded um/px "
+                                                         "(`shard images --mpp`, slide tiles), in training, evaluation "
+                                                         "and external sets; predictions are scored at each image's "
+                                                         "native size")
     foreground_fraction: float = Field(0.33, ge=0, le=1, description="share of training crops centred on foreground")
     crops_per_image: int = Field(1, ge=1, description="training crops cut from each decoded image (large images: "
                                                       "decode once, train on several patches)")
@@ -223,12 +228,13 @@ class SegmentConfig(Strict):
                              f"(segment.spatial_dims={self.spatial_dims})")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ValueError(f"segment.spacing {self.spacing} needs {self.spatial_dims} entries")
-        if (self.fov_diameter is not None or self.scale is not None) and self.spatial_dims != 2:
-            raise ValueError("segment.fov_diameter and segment.scale rescale 2-D images; volumes are resampled by "
-                             "segment.spacing")
-        if self.fov_diameter is not None and self.scale is not None:
-            raise ValueError("set segment.fov_diameter (a scale per image, from its field of view) or segment.scale "
-                             "(one factor for all), not both")
+        scaling = [k for k in ("fov_diameter", "scale", "mpp") if getattr(self, k) is not None]
+        if scaling and self.spatial_dims != 2:
+            raise ValueError(f"segment.{scaling[0]} rescales 2-D images; volumes are resampled by segment.spacing")
+        if len(scaling) > 1:
+            raise ValueError(f"set one of segment.fov_diameter (a factor per image, from its field of view), "
+                             f"segment.mpp (a factor per image, from its um/px) or segment.scale (one factor for all), "
+                             f"not {' and '.join('segment.' + k for k in scaling)}")
         if self.intensity == "ct" and (self.clip is None or self.stats is None):
             raise ValueError("segment.intensity=ct needs segment.clip and segment.stats (`medfound plan` writes them)")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

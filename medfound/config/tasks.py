@@ -13,7 +13,10 @@ from typing import Any
 IMAGE_STREAM = frozenset({"shards", "train_split", "eval_split", "batch_size", "num_workers", "shuffle_buffer",
                           "resampled", "global_order", "weights", "samples_per_epoch", "max_bad_fraction", "verify",
                           "balanced_sampling", "stain_normalize", "window", "mean", "std"})
-IMAGE_TRANSFORM = frozenset({"img_size", "augment", "fundus_crop", "hed_sigma", "crop_scale", "multicrop"})
+IMAGE_TRANSFORM = frozenset({"img_size", "augment", "fundus_crop", "hed_sigma", "crop_scale", "multicrop",
+                             "spacing_mm"})
+SPACING_WHY = ("segmentation resamples its images with segment.mpp / segment.fov_diameter / segment.scale (2-D) "
+               "and segment.spacing (volumes)")
 NO_CLASS_BALANCE = (False, "site")
 
 
@@ -48,7 +51,7 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
     TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM,
              ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION, values={
         "balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
-        "img_size": "crops are segment.patch_size",
+        "img_size": "crops are segment.patch_size", "spacing_mm": SPACING_WHY,
         "eval_batch_size": "evaluation slides a window over one image at a time",
         "balanced_sampling": "it draws single-label classes equally often and masks have no image class (for rare "
                              "structures raise segment.foreground_fraction); 'site' balances sites",
@@ -61,6 +64,7 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
              ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION,
              values={"balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
         "eval_batch_size": "evaluation predicts one image and box at a time",
+        "spacing_mm": "the box-prompt window is cut around the structure at head.img_size",
         "balanced_sampling": "a sample's label names its structure, not a class to balance; 'site' balances sites",
         "specificity": "there is no ROC operating point for box prompts",
         "interval": "Dice and HD95 intervals are percentile intervals over images",

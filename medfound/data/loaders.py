@@ -30,7 +30,8 @@ def _transform(d: DataConfig, train: bool) -> Callable:
     return build_transform(d.augment, d.img_size, d.mean, d.std, train=train, window=d.window,
                            fundus_crop=d.fundus_crop, hed_sigma=d.hed_sigma, crop_scale=d.crop_scale,
                            global_crops=d.multicrop.global_crops, local_crops=d.multicrop.local_crops,
-                           local_size=d.multicrop.local_size, normalize=False)
+                           local_size=d.multicrop.local_size, normalize=False,
+                           spacing_mm=d.spacing_mm)
 
 
 def prepare(d: DataConfig, transform: Callable) -> Callable:
@@ -89,6 +90,11 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
     and site balancing; `class_keep` from `class_keep_rates` where the task balances classes."""
     from medfound.data.pipeline import make_loader
 
+    if d.spacing_mm is not None:
+        from medfound.data.scale import require_spacing
+
+        for location, m in zip(d.shards, manifests):
+            require_spacing(location, f"shard set {m.name} ({location})")
     transform = prepare(d, transform)
     schema = manifests[0].label_schema
     samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)

@@ -2,8 +2,9 @@
 
 `scale_stats` reads the sample meta of up to `max_samples` samples (the `{key}.json` members only; no image is
 decoded): the median field-of-view diameter in pixels (fundus: `fov_diameter_px`, stored by `shard images` when a
-FOV mask exists), the median in-plane pixel spacing in mm (DICOM PixelSpacing / ImagerPixelSpacing, volume slices:
-`spacing_mm`) and the µm/px of microscopy sets (the manifest's `ingest.mpp`). Training records them in the export's
+FOV mask exists), the median in-plane pixel spacing in mm (`pixel_spacing`: DICOM PixelSpacing / ImagerPixelSpacing,
+`shard images --spacing-mm` or its table column, volume slices) and the µm/px of microscopy sets (each sample's
+`mpp`, else the manifest's `ingest.mpp`). Training records them in the export's
 lineage (`scale`); `scale_warnings` compares an external set's with them and names the key that would fix a
 difference larger than SCALE_TOLERANCE.
 """
@@ -18,6 +19,22 @@ import numpy as np
 SCALE_TOLERANCE = 1.25  # a set whose scale differs from the training data's by more than this factor is warned about
 
 
+def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
+    """A 2-D sample's (row, column) pixel spacing in mm from its meta: `spacing_mm` (images, volume slices) or
+    `dicom.spacing_mm` (DICOM); None when it has none (or a 3-D spacing)."""
+    meta = meta or {}
+    s = meta.get("spacing_mm")
+    if s is None:
+        s = (meta.get("dicom") or {}).get("spacing_mm")
+    if not isinstance(s, (list, tuple)) or len(s) != 2:
+        return None
+    try:
+        row, col = float(s[0]), float(s[1])
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
 def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
     """{"fov_diameter_px", "spacing_mm", "mpp", "samples"} of a shard set (`split`, or every split); keys without
     data are left out."""
@@ -28,7 +45,7 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
     manifest = read_manifest(shards)
     splits = [split] if split else list(manifest.splits)
     urls = [u for sp in splits for u in shard_urls([shards], sp)[0]]
-    fov, spacing, seen = [], [], 0
+    fov, spacing, mpps, seen = [], [], [], 0
     for url in urls:
         for member in iter_members(url):
             name = member["fname"].rsplit("/", 1)[-1]
@@ -43,9 +60,13 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
             seen += 1
             if meta.get("fov_diameter_px"):
                 fov.append(float(meta["fov_diameter_px"]))
-            s = meta.get("spacing_mm")
-            if isinstance(s, (list, tuple)) and s:
-                spacing.append(float(np.mean([float(v) for v in s[:2]])))
+            s = pixel_spacing(meta)
+            if s is None and isinstance(meta.get("spacing_mm"), (list, tuple)) and len(meta["spacing_mm"]) > 2:
+                s = tuple(float(v) for v in meta["spacing_mm"][:2])  # a volume: its in-plane spacing
+            if s is not None:
+                spacing.append(float(np.mean(s)))
+            if meta.get("mpp"):
+                mpps.append(float(meta["mpp"]))
             if seen >= max_samples:
                 break
         if seen >= max_samples:
@@ -55,16 +76,18 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
         out["fov_diameter_px"] = round(float(np.median(fov)), 1)
     if spacing:
         out["spacing_mm"] = round(float(np.median(spacing)), 6)
-    mpp = (manifest.ingest or {}).get("mpp")
+    mpp = float(np.median(mpps)) if mpps else (manifest.ingest or {}).get("mpp")
     if mpp:
-        out["mpp"] = float(mpp)
+        out["mpp"] = round(float(mpp), 8)
     return out
 
 
 FIX = {"fov_diameter_px": "score it at the training scale with `segment.fov_diameter={value:.0f}` (a medfound "
                           "evaluate override, or train with it so every set is normalised)",
-       "spacing_mm": "resample it to the training pixel spacing ({value:g} mm/px) when sharding it",
-       "mpp": "re-tile its slides at the training resolution (`medfound shard wsi ... --mpp {value:g}`)"}
+       "spacing_mm": "resample it to {value:g} mm/px: `segment.scale={factor:.3g}` (a medfound evaluate override), "
+                     "`medfound shard images ... --scale {factor:.3g}`, or train with `data.spacing_mm` (classification)",
+       "mpp": "score it at the training resolution with `segment.mpp={value:g}` (segmentation: a medfound evaluate "
+              "override), or re-tile its slides at it (`medfound shard wsi ... --mpp {value:g}`)"}
 WHAT = {"fov_diameter_px": "a field of view {ext:.0f} px wide", "spacing_mm": "pixels of {ext:g} mm",
         "mpp": "{ext:g} µm/px"}
 TRAINED = {"fov_diameter_px": "{value:.0f} px", "spacing_mm": "{value:g} mm", "mpp": "{value:g} µm/px"}
@@ -83,5 +106,18 @@ def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[s
             out.append(f"external set {name} has {WHAT[key].format(ext=external[key])}, the training data "
                        f"{TRAINED[key].format(value=trained[key])} ({ratio:.2f}x, beyond the {SCALE_TOLERANCE}x "
                        f"tolerance): the model sees its structures at another size; "
-                       + FIX[key].format(value=trained[key]))
+                       + FIX[key].format(value=trained[key], factor=ratio))
     return out
+
+
+def require_spacing(shards: Any, what: str) -> None:
+    """data.spacing_mm resamples by each sample's pixel spacing: before any work, the shard set must record one
+    (read from the first samples' meta), else MissingMember names the set and the fix."""
+    from medfound.data.pipeline import MissingMember
+
+    stats = scale_stats(shards, max_samples=16)
+    if stats["samples"] and "spacing_mm" not in stats:
+        raise MissingMember(f"{what} records no pixel spacing in its samples, so data.spacing_mm cannot resample "
+                            "them: DICOM files need PixelSpacing or ImagerPixelSpacing; for other images re-shard "
+                            "with `medfound shard images ... --spacing-mm MM` (or a spacing_mm column in the "
+                            "--table); or drop data.spacing_mm")

@@ -155,9 +155,17 @@ def random_crop(tensors: list[torch.Tensor], patch: Sequence[int], fg: Optional[
 
 def image_scale(sample: dict, seg: SegmentConfig, key: str) -> Optional[float]:
     """The resize factor of one 2-D sample: segment.scale, or segment.fov_diameter over the diameter of the
-    sample's field-of-view mask (`fundus.fov_diameter`); None when neither is set."""
+    sample's field-of-view mask (`fundus.fov_diameter`), or the sample's recorded um/px over segment.mpp; None when
+    none is set."""
     if seg.scale is not None:
         return float(seg.scale)
+    if seg.mpp is not None:
+        mpp = (sample.get("meta") or {}).get("mpp")
+        if not mpp:
+            raise MissingMember(f"sample {key} records no micrometres per pixel, so segment.mpp cannot resample it: "
+                                "re-shard its set with `medfound shard images ... --mpp UM_PER_PX` (slide tiles from "
+                                "`medfound shard wsi` carry it), or drop segment.mpp")
+        return float(mpp) / seg.mpp
     if seg.fov_diameter is None:
         return None
     from medfound.data.fundus import fov_diameter

@@ -18,6 +18,13 @@ Preprocessing (`to_unit_image`), before any augmentation, to a float `[3, H, W]`
   0.5-99.5 percentile range.
 - Colour fundus (`fundus_crop`): crop to the field of view (the stored `fov` mask, else detected).
 
+Physical pixel size (`spacing_mm`, data.spacing_mm; radiographs, mammograms): each image is resampled from its own
+pixel spacing (DICOM PixelSpacing / ImagerPixelSpacing, `shard images --spacing-mm` or its table column; both axes
+separately) to `spacing_mm`, then fitted to an `img_size` square field without rescaling: zero-padded where smaller
+and cropped where larger (at the centre in evaluation, at a random place in training). The network so always sees a
+field `img_size * spacing_mm` mm wide at one mm/px, whatever the scanner; the augmentation preset then runs on that
+field. Without it every image is resized to `img_size` whole, so its mm/px follows its own size.
+
 Augmentation presets (torchvision v2 on tensors):
 - `none`: resize to `img_size`.            - `light`: RandomResizedCrop(0.8-1) + horizontal flip.
 - `mae`: RandomResizedCrop(0.2-1) + horizontal flip, the MAE view (He et al. 2022).
@@ -55,6 +62,38 @@ def window_unit(values: np.ndarray, window: Optional[tuple[float, float]]) -> np
     else:
         lo, hi = (float(x) for x in np.percentile(values, [0.5, 99.5]))
     return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`[C, H, W]` -> `[C, *size]`, bilinear with antialiasing when shrinking; uint8 stays uint8."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    y = torch.nn.functional.interpolate(x.float()[None], size=size, mode="bilinear", antialias=shrink,
+                                        align_corners=False)[0]
+    return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
+
+
+def to_spacing(x: torch.Tensor, spacing: tuple[float, float], target: float) -> torch.Tensor:
+    """Resample `[C, H, W]` with (row, column) pixel spacing `spacing` mm to `target` mm per pixel on both axes."""
+    h, w = x.shape[-2:]
+    return resize_image(x, (max(1, round(h * spacing[0] / target)), max(1, round(w * spacing[1] / target))))
+
+
+def fit_field(x: torch.Tensor, size: int, train: bool) -> torch.Tensor:
+    """`[C, H, W]` -> `[C, size, size]` without rescaling: zero padding where the image is smaller (centred), a crop
+    where it is larger (centred in evaluation, at a random offset from torch's RNG in training)."""
+    out = x
+    for dim in (-2, -1):
+        n = out.shape[dim]
+        if n > size:
+            start = int(torch.randint(0, n - size + 1, ())) if train else (n - size) // 2
+            out = out.narrow(dim, start, size)
+    h, w = out.shape[-2:]
+    if (h, w) != (size, size):
+        top, left = (size - h) // 2, (size - w) // 2
+        out = torch.nn.functional.pad(out, (left, size - w - left, top, size - h - top))
+    return out.contiguous()
 
 
 def to_unit_image(image: Any, meta: Optional[dict] = None, window: Optional[str] = None,
@@ -104,6 +143,20 @@ def to_image_tensor(image: Any, meta: Optional[dict] = None, window: Optional[st
             return t.reshape(1, *t.shape[:2]).expand(3, -1, -1).contiguous()
         return t.permute(2, 0, 1)  # a channels-last view: torch's uint8 resize kernels take it without a copy
     return to_unit_image(image, meta, window, fov, fundus_crop)
+
+
+def sample_spacing(sample: dict) -> tuple[float, float]:
+    """The sample's (row, column) pixel spacing in mm, or MissingMember naming the sample and how to give it one."""
+    from medfound.data.pipeline import MissingMember
+    from medfound.data.scale import pixel_spacing
+
+    spacing = pixel_spacing(sample.get("meta"))
+    if spacing is None:
+        key = sample.get("key") or (sample.get("meta") or {}).get("key") or "?"
+        raise MissingMember(f"sample {key} has no pixel spacing, so data.spacing_mm cannot resample it: DICOM files "
+                            "need PixelSpacing or ImagerPixelSpacing; for other images give `medfound shard images "
+                            "--spacing-mm MM` (or a spacing_mm column in the --table); or drop data.spacing_mm")
+    return spacing
 
 
 class Normalize(torch.nn.Module):
@@ -162,14 +215,15 @@ def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p:
 def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool = True,
                     *, window: Optional[str] = None, fundus_crop: bool = False, hed_sigma: float = 0.05,
                     global_crops: int = 2, local_crops: int = 8, local_size: int = 96, normalize: bool = True,
-                    crop_scale: Optional[tuple[float, float]] = None
+                    crop_scale: Optional[tuple[float, float]] = None, spacing_mm: Optional[float] = None
                     ) -> Callable[[Any], dict[str, torch.Tensor] | torch.Tensor]:
     """The transform for training (`augment` preset) or, with `train=False`, for evaluation.
 
     The returned callable takes a sample dict (`image`, `meta`, `masks`) and returns
     {"image": tensor[, "crops": [tensors]]}; given a bare PIL image it returns the image tensor.
     With `normalize=False` the output is left unnormalised (uint8 or float in [0, 1]) for `Normalize`
-    to finish on the device.
+    to finish on the device. `spacing_mm`: resample each sample to that pixel spacing and fit it to the field
+    first (module docstring); a sample without a pixel spacing raises MissingMember, naming it.
     """
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment preset {augment!r}: choose {', '.join(AUGMENTS)}")
@@ -198,6 +252,8 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
             return views[0](to_image_tensor(sample))
         fov = (sample.get("masks") or {}).get("fov") if fundus_crop else None  # masks decode lazily: ask only if used
         x = to_image_tensor(sample["image"], sample.get("meta"), window, fov, fundus_crop)
+        if spacing_mm is not None:
+            x = fit_field(to_spacing(x, sample_spacing(sample), spacing_mm), img_size, train)
         out = [v(x) for v in views]
         return {"image": out[0], "crops": out} if len(out) > 1 else {"image": out[0]}
 

@@ -64,6 +64,17 @@ def check_scale(entry: dict[str, Any], path: str, name: str, expected: Optional[
         _warnings.warn(w, stacklevel=2)
 
 
+def normalised_scale(seg: Any) -> tuple[str, ...]:
+    """The scale keys (medfound.data.scale) that a segmentation run's resampling makes equal for every set:
+    segment.fov_diameter evens out the field of view, segment.mpp the um/px; segment.scale, one factor for every
+    set, evens out none of them, but the user chose it for this set, so none is compared."""
+    if seg.fov_diameter:
+        return ("fov_diameter_px",)
+    if seg.mpp:
+        return ("mpp",)
+    return ("fov_diameter_px", "spacing_mm", "mpp") if seg.scale else ()
+
+
 def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
     """eval.json's record of validation-based selection (eval.every): which step of how many won, on what."""
     sel = lineage.get("selection")
@@ -88,6 +99,11 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
     multilabel = schema.type == "multilabel"
     agg = ev.aggregate
     external = list(ev.external)
+    if d.spacing_mm is not None:  # every scored set must carry pixel spacings: checked before anything is scored
+        from medfound.data.scale import require_spacing
+
+        for where in [shards, *map(str, external)]:
+            require_spacing(where, f"shard set {where}")
 
     def run(urls: list[str], keep=(), bar=None):
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
@@ -144,7 +160,9 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result,
                                (e_manifest.digest,), trained)
         entry["calibration"] = e_result["calibration"]
-        check_scale(entry, ext, e_manifest.name, expected)
+        # classification inputs are resized whole to data.img_size (or resampled to data.spacing_mm), which evens
+        # out pixel spacing; only tile resolution (a fixed tile size at another um/px is another field) is compared
+        check_scale(entry, ext, e_manifest.name, expected, ("spacing_mm", "fov_diameter_px"))
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
     selection = selection_summary(lineage)
@@ -249,9 +267,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         entry["per_class"] = e_result["per_class"]
         entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
         per_image_sets.append((e_manifest.name, e_result["per_image"]))
-        check_scale(entry, ext, e_manifest.name, expected,
-                    ("fov_diameter_px",) if seg.fov_diameter else ("fov_diameter_px", "spacing_mm", "mpp")
-                    if seg.scale else ())
+        check_scale(entry, ext, e_manifest.name, expected, normalised_scale(seg))
         externals.append(entry)
         ext_overlays[e_manifest.name] = e_over
         warnings += [f"external {e_manifest.name}: {len(e_skipped)} undecodable samples skipped"] if e_skipped else []
@@ -263,7 +279,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         **({"scale": expected} if expected else {}),
         "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
                       "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
-                      **({"scale": seg.scale} if seg.scale else {})},
+                      **({"scale": seg.scale} if seg.scale else {}), **({"mpp": seg.mpp} if seg.mpp else {})},
         "metrics": result["metrics"],
         **({"intervals": boot["intervals"],
             "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),

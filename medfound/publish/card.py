@@ -199,7 +199,14 @@ def preprocessing(input_cfg: dict[str, Any], datasets: list[dict[str, Any]], rec
     elif scale and scale.get("fov_diameter_px"):
         expects["fov_diameter_px"] = f"{scale['fov_diameter_px']:g} (median of the training images; resize yours " \
                                      "to it, e.g. segment.fov_diameter)"
-    if scale and scale.get("spacing_mm"):
+    if seg is not None and getattr(seg, "mpp", None):
+        expects["microns_per_pixel_input"] = f"{seg.mpp:g} (every image is resampled to it from its own um/px: " \
+                                             "segment.mpp)"
+    spacing = getattr(recipe.data, "spacing_mm", None)
+    if spacing:
+        expects["pixel_spacing_mm"] = f"{spacing:g} (every image is resampled to it from its own pixel spacing, then " \
+                                      "padded or centre-cropped to the input size: data.spacing_mm)"
+    elif scale and scale.get("spacing_mm"):
         expects["pixel_spacing_mm"] = scale["spacing_mm"]
     return {"modality": sorted({d["modality"] for d in datasets}),
             "microns_per_pixel": mpps[0] if len(mpps) == 1 else (mpps or None),

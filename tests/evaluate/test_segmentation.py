@@ -171,10 +171,32 @@ def test_fov_diameter_scales_each_image_by_its_field_of_view_and_scores_at_nativ
     assert int(out["roi"].sum()) == 50 * 50  # the FOV is now 50 px wide
     crops = build_seg_transform(seg.model_copy(update={"crops_per_image": 2}), train=True)(sample)
     assert all(tuple(c["image"].shape[1:]) == (32, 32) for c in crops)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not segment.fov_diameter and segment.scale"):
         SegmentConfig(patch_size=[32, 32], fov_diameter=50, scale=0.5)
-    with pytest.raises(ValueError, match="rescale 2-D images"):
+    with pytest.raises(ValueError, match="not segment.scale and segment.mpp"):
+        SegmentConfig(patch_size=[32, 32], mpp=0.5, scale=0.5)
+    with pytest.raises(ValueError, match="segment.scale rescales 2-D images"):
         SegmentConfig(patch_size=[8, 8, 8], spatial_dims=3, scale=0.5)
+
+
+def test_mpp_resamples_each_image_from_its_own_um_per_px_and_names_a_sample_without_one():
+    """segment.mpp=0.5: a tile recorded at 0.25 um/px is halved, one at 0.5 is kept, both scored at their own size;
+    a sample whose meta has no um/px is named with the --mpp fix (a MissingMember, not an undecodable sample)."""
+    from medfound.config import SegmentConfig
+    from medfound.data.pipeline import MissingMember
+    from medfound.data.seg_transforms import build_seg_transform
+
+    image = np.full((80, 120, 3), 200, np.uint8)
+    mask = np.zeros((80, 120), np.uint8)
+    mask[20:40, 30:70] = 255
+    transform = build_seg_transform(SegmentConfig(patch_size=[32, 32], mpp=0.5), train=False)
+    fine = transform({"image": image, "masks": {"mask": mask}, "key": "a", "meta": {"mpp": 0.25}})
+    assert tuple(fine["image"].shape) == (3, 40, 60) and tuple(fine["native_mask"].shape) == (1, 80, 120)
+    assert int(fine["mask"].sum()) == 10 * 20
+    same = transform({"image": image, "masks": {"mask": mask}, "key": "b", "meta": {"mpp": 0.5}})
+    assert tuple(same["image"].shape) == (3, 80, 120) and "native_mask" not in same
+    with pytest.raises(MissingMember, match=r"sample c records no micrometres per pixel.*--mpp UM_PER_PX"):
+        transform({"image": image, "masks": {"mask": mask}, "key": "c", "meta": {}})
 
 
 def test_evaluate_with_a_scale_override_scores_every_image_at_its_native_size(unet_run, seg_shards, tmp_path):

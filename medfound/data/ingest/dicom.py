@@ -143,7 +143,8 @@ def burned_in_reason(ds: Any) -> Optional[str]:
 
 
 def _meta(ds: Any, frame: int, frames: int, shift: int, dropped: Counter) -> dict[str, Any]:
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    # calibrated at the patient when the file has it, else at the detector (projection radiography)
+    spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     photometric = coded(ds, "PhotometricInterpretation", "PhotometricInterpretation", dropped)
     laterality = coded(ds, "ImageLaterality", "Laterality", dropped) or coded(ds, "Laterality", "Laterality", dropped)
@@ -158,9 +159,19 @@ def _meta(ds: Any, frame: int, frames: int, shift: int, dropped: Counter) -> dic
         "rescale": [_first(ds.get("RescaleSlope")) or 1.0, _first(ds.get("RescaleIntercept")) or 0.0],
         "shift": shift,
         "window": [center, width] if center is not None and width else None,
-        "spacing_mm": [float(x) for x in spacing] if spacing else None,
+        "spacing_mm": spacing,
         "slice_thickness_mm": _first(ds.get("SliceThickness")),
         "frame": frame, "frames": frames}}
+
+
+def _spacing(value: Any) -> Optional[list[float]]:
+    """PixelSpacing / ImagerPixelSpacing -> [row, column] mm, or None when absent or not a size (some
+    scanners write 0\\0: RG1_J2KI.dcm in pydicom's test data)."""
+    try:
+        parts = [float(x) for x in value] if value else []
+    except (TypeError, ValueError):
+        return None
+    return parts if len(parts) == 2 and all(0 < v < 100 for v in parts) else None
 
 
 def _pixels(ds: Any) -> np.ndarray:

@@ -31,7 +31,26 @@ from medfound.io import sha256_file
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 TABLE_NAMES = ("labels.csv", "labels.parquet")
-IMAGE_COLUMNS = ("path", "label", "labels", "patient_id", "site", "split", "laterality", "view", "mask", "fov")
+IMAGE_COLUMNS = ("path", "label", "labels", "patient_id", "site", "split", "laterality", "view", "mask", "fov",
+                 "spacing_mm")
+
+
+def row_spacing(value: str, where: str) -> Optional[list[float]]:
+    """A table's spacing_mm cell -> [row, column] mm per pixel: one number (square pixels) or "ROW,COL" (DICOM
+    PixelSpacing order, e.g. NIH ChestX-ray14's OriginalImagePixelSpacing); empty -> None."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        parts = [float(v) for v in value.replace(";", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not all(0 < v < 100 for v in parts):
+        raise ValueError(f"{where}: spacing_mm {value!r} is not a pixel spacing: give mm per pixel as one number "
+                         "(e.g. 0.143) or ROW,COL (e.g. 0.139,0.139)")
+    return parts
 
 
 def split_for_token(token: str, fractions: dict[str, float]) -> str:
@@ -82,10 +101,17 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 label_names: Optional[list[str]] = None, site: Optional[str] = None,
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
                 salt: Optional[str] = None, fov: str = "none", mpp: Optional[float] = None,
-                scale: Optional[float] = None, fov_diameter: Optional[int] = None, **_: object) -> Ingested:
+                scale: Optional[float] = None, fov_diameter: Optional[int] = None,
+                spacing_mm: Optional[float] = None, **_: object) -> Ingested:
     folder = Path(folder)
     if mpp is not None and not mpp > 0:
         raise ValueError(f"--mpp {mpp}: give the images' resolution in micrometres per pixel (> 0), e.g. 0.25")
+    if spacing_mm is not None and not 0 < spacing_mm < 100:
+        raise ValueError(f"--spacing-mm {spacing_mm}: give the images' pixel spacing in mm per pixel, e.g. 0.143 for "
+                         "a chest radiograph digitised at 3000 px")
+    if spacing_mm is not None and mpp is not None:
+        raise ValueError("--mpp (microscopy, um/px) and --spacing-mm (radiology, mm/px) both give the pixel size: "
+                         "keep the one of the modality")
     if fov_diameter is not None and mpp is not None:
         raise ValueError("--fov-diameter gives every image its own resize factor, so one --mpp cannot describe the "
                          "shards: drop --mpp (fundus photographs are measured by their field of view)")
@@ -163,6 +189,12 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 masks = {n: np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))
                          for n, m in masks.items()}
             scale_meta = {"fov_diameter_px": fov_diameter_of(masks["fov"] > 0)} if "fov" in masks else {}
+            # the physical pixel size as stored (after any resize), per sample: data.spacing_mm / segment.mpp read it
+            spacing = row_spacing(r.get("spacing_mm", ""), where) or ([spacing_mm] * 2 if spacing_mm else None)
+            if spacing is not None:
+                scale_meta["spacing_mm"] = [round(v / (factor or 1.0), 8) for v in spacing]
+            if mpp is not None:
+                scale_meta["mpp"] = round(mpp / (factor or 1.0), 8)
             pid = (r.get("patient_id") or "").strip()
             token = patient_token(key_salt, pid) if pid else None
             split = (r.get("split") or "").strip() if has_split else \
@@ -186,6 +218,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 **({"scale": scale} if scale is not None else {}),
                 **({"fov_diameter": fov_diameter} if fov_diameter is not None else {}),
                 # microscopy: the images' um/px as stored (after --scale) (card, lineage)
-                **({"mpp": mpp / (scale or 1.0)} if mpp is not None else {})}
+                **({"mpp": mpp / (scale or 1.0)} if mpp is not None else {}),
+                **({"spacing_mm": spacing_mm / (scale or 1.0)} if spacing_mm is not None else {})}
     result = Ingested(samples(), schema, source, settings, skipped=skipped)
     return result
