@@ -41,7 +41,7 @@ def main() -> int:
     if not (shards / "manifest.json").is_file():
         table = monuseg_table(MONUSEG, args.work)
         run([mf, "shard", "images", str(MONUSEG), "--table", str(table), "--out", str(shards), "--name", "monuseg",
-             "--modality", "pathology", "--keep-names", "--license", "CC-BY-NC-SA-4.0",
+             "--mpp", "0.25", "--modality", "pathology", "--keep-names", "--license", "CC-BY-NC-SA-4.0",
              "--attribution", "MoNuSeg, Kumar et al., IEEE TMI 2017"])
     out = args.work / args.model
     common = [f"data.shards=[{shards}]", f"trainer.output_dir={out}", "segment.roi=null",

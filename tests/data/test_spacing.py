@@ -252,3 +252,16 @@ def test_the_cli_states_spacing_for_images_only(tmp_path):
 
     assert {tuple(m["spacing_mm"]) for m in tar_metas(tmp_path / "set")} == {(25.0, 25.0)}
     assert read_manifest(tmp_path / "set").ingest["spacing_mm"] == 1.0
+
+
+def test_the_spacing_warning_names_the_factor_that_fixes_it():
+    """An external set at 0.4 mm/px beside training data at 0.2 needs its images doubled: the warning says
+    `segment.scale=2` (2-D segmentation) and data.spacing_mm (classification); within 1.25x nothing is said, and a
+    run that resamples (normalised) is not warned."""
+    from medfound.data.scale import scale_warnings
+
+    (w,) = scale_warnings("ext", {"spacing_mm": 0.4}, {"spacing_mm": 0.2})
+    assert "pixels of 0.4 mm, the training data 0.2 mm (2.00x" in w and "`segment.scale=2`" in w
+    assert "--scale 2`" in w and "data.spacing_mm" in w
+    assert scale_warnings("ext", {"spacing_mm": 0.24}, {"spacing_mm": 0.2}) == []
+    assert scale_warnings("ext", {"spacing_mm": 0.4}, {"spacing_mm": 0.2}, normalised=("spacing_mm",)) == []
