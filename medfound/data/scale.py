@@ -4,7 +4,9 @@
 decoded): the median field-of-view diameter in pixels (fundus: `fov_diameter_px`, stored by `shard images` when a
 FOV mask exists), the median in-plane pixel spacing in mm (`pixel_spacing`: DICOM PixelSpacing / ImagerPixelSpacing,
 `shard images --spacing-mm` or its table column, volume slices) and the µm/px of microscopy sets (each sample's
-`mpp`, else the manifest's `ingest.mpp`). Training records them in the export's
+`mpp`, else the manifest's `ingest.mpp`). Where a set has none of these, a cheap proxy read from its masks stands in:
+`structure_px`, the labelled structures' thickness in pixels (`structure_size`, stored per sample by `shard images`
+for the `mask` member), which scales linearly with the resolution whatever the structure. Training records them in the export's
 lineage (`scale`); `scale_warnings` compares an external set's with them and names the key that would fix a
 difference larger than SCALE_TOLERANCE.
 """
@@ -17,6 +19,17 @@ from typing import Any, Optional
 import numpy as np
 
 SCALE_TOLERANCE = 1.25  # a set whose scale differs from the training data's by more than this factor is warned about
+
+
+def structure_size(mask: Any) -> Optional[float]:
+    """The thickness of a mask's foreground (> 0) in pixels: 4 x area / boundary length, the boundary counted in
+    pixel edges (which, unlike boundary pixels, doubles exactly when the image is resampled 2x). About twice the
+    width of a thin structure (a vessel), 0.8 x the diameter of a round one (a nucleus); None without foreground."""
+    m = np.pad(np.asarray(mask) > 0, 1)
+    if m.ndim != 2 or not m.any():
+        return None
+    edges = int((m[:, 1:] != m[:, :-1]).sum() + (m[1:, :] != m[:-1, :]).sum())
+    return round(4.0 * float(m.sum()) / edges, 3)
 
 
 def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
@@ -36,7 +49,7 @@ def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
 
 
 def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
-    """{"fov_diameter_px", "spacing_mm", "mpp", "samples"} of a shard set (`split`, or every split); keys without
+    """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split); keys without
     data are left out."""
     from medfound.data.manifest import read_manifest
     from medfound.data.pipeline import shard_urls
@@ -45,7 +58,7 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
     manifest = read_manifest(shards)
     splits = [split] if split else list(manifest.splits)
     urls = [u for sp in splits for u in shard_urls([shards], sp)[0]]
-    fov, spacing, mpps, seen = [], [], [], 0
+    fov, spacing, mpps, structure, seen = [], [], [], [], 0
     for url in urls:
         for member in iter_members(url):
             name = member["fname"].rsplit("/", 1)[-1]
@@ -67,6 +80,8 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
                 spacing.append(float(np.mean(s)))
             if meta.get("mpp"):
                 mpps.append(float(meta["mpp"]))
+            if meta.get("structure_px"):
+                structure.append(float(meta["structure_px"]))
             if seen >= max_samples:
                 break
         if seen >= max_samples:
@@ -76,6 +91,8 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
         out["fov_diameter_px"] = round(float(np.median(fov)), 1)
     if spacing:
         out["spacing_mm"] = round(float(np.median(spacing)), 6)
+    if structure:
+        out["structure_px"] = round(float(np.median(structure)), 3)
     mpp = float(np.median(mpps)) if mpps else (manifest.ingest or {}).get("mpp")
     if mpp:
         out["mpp"] = round(float(mpp), 8)
@@ -87,26 +104,36 @@ FIX = {"fov_diameter_px": "score it at the training scale with `segment.fov_diam
        "spacing_mm": "resample it to {value:g} mm/px: `segment.scale={factor:.3g}` (a medfound evaluate override), "
                      "`medfound shard images ... --scale {factor:.3g}`, or train with `data.spacing_mm` (classification)",
        "mpp": "score it at the training resolution with `segment.mpp={value:g}` (segmentation: a medfound evaluate "
-              "override), or re-tile its slides at it (`medfound shard wsi ... --mpp {value:g}`)"}
+              "override), or re-tile its slides at it (`medfound shard wsi ... --mpp {value:g}`)",
+       "structure_px": "if its images are at another resolution, score it with `segment.scale={inverse:.3g}` (a medfound "
+                       "evaluate override) or re-shard it with `--scale {inverse:.3g}`; record its physical scale at "
+                       "ingest (`--mpp`, `--spacing-mm`, `--fov detect`) so the check can use it"}
 WHAT = {"fov_diameter_px": "a field of view {ext:.0f} px wide", "spacing_mm": "pixels of {ext:g} mm",
-        "mpp": "{ext:g} µm/px"}
-TRAINED = {"fov_diameter_px": "{value:.0f} px", "spacing_mm": "{value:g} mm", "mpp": "{value:g} µm/px"}
+        "mpp": "{ext:g} µm/px", "structure_px": "labelled structures {ext:.3g} px thick (a proxy read from its masks)"}
+TRAINED = {"fov_diameter_px": "{value:.0f} px", "spacing_mm": "{value:g} mm", "mpp": "{value:g} µm/px",
+           "structure_px": "{value:.3g} px"}
+PHYSICAL = ("fov_diameter_px", "spacing_mm", "mpp")  # measured scales; structure_px is the fallback proxy
 
 
 def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[str, Any]],
                    normalised: tuple[str, ...] = ()) -> list[str]:
     """One warning per scale key in which `external` differs from `trained` by more than SCALE_TOLERANCE, naming
-    the key that fixes it; keys in `normalised` (the run already resamples them) are not compared."""
+    the key that fixes it; keys in `normalised` (the run already resamples them) are not compared. The masks'
+    structure_px is compared only where no physical scale is known for both sets (it is a proxy, and a structure may
+    differ in size between populations or annotation styles)."""
     out = []
-    for key in ("fov_diameter_px", "spacing_mm", "mpp"):
+    physical = any(k in (trained or {}) and k in external for k in PHYSICAL)
+    for key in (*PHYSICAL, "structure_px"):
         if key in normalised or not trained or key not in trained or key not in external:
+            continue
+        if key == "structure_px" and physical:
             continue
         ratio = external[key] / trained[key]
         if max(ratio, 1 / ratio) > SCALE_TOLERANCE:
             out.append(f"external set {name} has {WHAT[key].format(ext=external[key])}, the training data "
                        f"{TRAINED[key].format(value=trained[key])} ({ratio:.2f}x, beyond the {SCALE_TOLERANCE}x "
                        f"tolerance): the model sees its structures at another size; "
-                       + FIX[key].format(value=trained[key], factor=ratio))
+                       + FIX[key].format(value=trained[key], factor=ratio, inverse=1 / ratio))
     return out
 
 

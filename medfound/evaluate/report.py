@@ -68,11 +68,11 @@ def normalised_scale(seg: Any) -> tuple[str, ...]:
     """The scale keys (medfound.data.scale) that a segmentation run's resampling makes equal for every set:
     segment.fov_diameter evens out the field of view, segment.mpp the um/px; segment.scale, one factor for every
     set, evens out none of them, but the user chose it for this set, so none is compared."""
-    if seg.fov_diameter:
-        return ("fov_diameter_px",)
+    if seg.fov_diameter:  # the masks' structure size is known in native pixels only: not comparable after resampling
+        return ("fov_diameter_px", "structure_px")
     if seg.mpp:
-        return ("mpp",)
-    return ("fov_diameter_px", "spacing_mm", "mpp") if seg.scale else ()
+        return ("mpp", "structure_px")
+    return ("fov_diameter_px", "spacing_mm", "mpp", "structure_px") if seg.scale else ()
 
 
 def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -162,7 +162,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         entry["calibration"] = e_result["calibration"]
         # classification inputs are resized whole to data.img_size (or resampled to data.spacing_mm), which evens
         # out pixel spacing; only tile resolution (a fixed tile size at another um/px is another field) is compared
-        check_scale(entry, ext, e_manifest.name, expected, ("spacing_mm", "fov_diameter_px"))
+        check_scale(entry, ext, e_manifest.name, expected, ("spacing_mm", "fov_diameter_px", "structure_px"))
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
     selection = selection_summary(lineage)

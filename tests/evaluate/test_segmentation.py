@@ -281,3 +281,46 @@ def test_shard_images_fov_diameter_gives_every_image_that_field_of_view(tmp_path
     with pytest.raises(ValueError, match="needs --fov detect"):
         shard("images", DATA / "ct_organs", tmp_path / "x", table=DATA / "ct_organs" / "aorta.csv", name="x",
               modality="ct", fov_diameter=200)
+
+
+def test_structure_size_is_linear_in_the_resolution_on_real_masks():
+    """The masks' thickness proxy doubles exactly when a mask is upsampled 2x (nearest neighbour), on the bundled CT
+    organ masks and DRIVE's vessel annotations; a vessel tree's is about twice its width (DRIVE: 2-3 px vessels)."""
+    from PIL import Image
+
+    from medfound.data.scale import structure_size
+
+    from helpers import DATA, SHARED
+
+    masks = sorted((DATA / "ct_organs" / "masks").glob("*.png"))[:4]
+    masks += sorted((SHARED / "drive" / "test" / "1st_manual").glob("*.gif"))[:2]
+    for path in masks:
+        m = Image.open(path).convert("L")
+        big = m.resize((m.width * 2, m.height * 2), Image.Resampling.NEAREST)
+        assert structure_size(np.asarray(big)) == pytest.approx(2 * structure_size(np.asarray(m)), rel=2e-3), path
+    for path in masks[4:]:
+        assert 4 < structure_size(np.asarray(Image.open(path).convert("L"))) < 7
+    assert structure_size(np.zeros((8, 8))) is None
+
+
+def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(unet_run, seg_shards, tmp_path):
+    """The CT slices record no FOV, spacing or um/px; the same slices sharded at --scale 0.5 are named by the masks'
+    structure size (a proxy), with a segment.scale to score them by; scored with one, no warning."""
+    from medfound.workflows import evaluate, shard
+
+    from helpers import DATA, tar_metas
+
+    half = tmp_path / "half"
+    shard("images", DATA / "ct_organs", half, table=DATA / "ct_organs" / "aorta.csv", name="ct_half", modality="ct",
+          keep_names=True, scale=0.5)
+    assert all(m.get("structure_px") for m in tar_metas(half))
+    trained = json.loads((unet_run / "eval.json").read_text())["scale"]
+    assert set(trained) == {"samples", "structure_px"}
+    with pytest.warns(UserWarning, match=r"external set ct_half has labelled structures [\d.]+ px thick \(a proxy "
+                                         r"read from its masks\), the training data [\d.]+ px \(0\.\d+x.*"
+                                         r"`segment\.scale=[\d.]+`"):
+        report = evaluate(unet_run, external=[half], out=tmp_path / "e1", overrides=["eval.bootstrap=0"])
+    # half the pixels; not exactly half the training median: that is over the 2 training slices, this over all 3
+    assert report["external"][0]["scale"]["structure_px"] < 0.8 * trained["structure_px"]
+    fixed = evaluate(unet_run, external=[half], out=tmp_path / "e2", overrides=["eval.bootstrap=0", "segment.scale=2"])
+    assert not any("tolerance" in w for w in fixed["warnings"] + fixed["external"][0].get("warnings", []))

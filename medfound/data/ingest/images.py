@@ -147,6 +147,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     def samples():
         from medfound.data.fundus import crop_to_fov, detect_fov
         from medfound.data.fundus import fov_diameter as fov_diameter_of
+        from medfound.data.scale import structure_size
 
         for i, r in enumerate(rows):
             if not result.wants(i):
@@ -195,6 +196,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 scale_meta["spacing_mm"] = [round(v / (factor or 1.0), 8) for v in spacing]
             if mpp is not None:
                 scale_meta["mpp"] = round(mpp / (factor or 1.0), 8)
+            if "mask" in masks and (size := structure_size(masks["mask"])) is not None:
+                scale_meta["structure_px"] = size  # a scale proxy for sets without a physical one (data/scale.py)
             pid = (r.get("patient_id") or "").strip()
             token = patient_token(key_salt, pid) if pid else None
             split = (r.get("split") or "").strip() if has_split else \
