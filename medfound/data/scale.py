@@ -6,9 +6,9 @@ FOV mask exists), the median in-plane pixel spacing in mm (`pixel_spacing`: DICO
 `shard images --spacing-mm` or its table column, volume slices) and the µm/px of microscopy sets (each sample's
 `mpp`, else the manifest's `ingest.mpp`). Where a set has none of these, a cheap proxy read from its masks stands in:
 `structure_px`, the labelled structures' thickness in pixels (`structure_size`, stored per sample by `shard images`
-for the `mask` member), which scales linearly with the resolution whatever the structure. Training records them in the export's
-lineage (`scale`); `scale_warnings` compares an external set's with them and names the key that would fix a
-difference larger than SCALE_TOLERANCE.
+for the `mask` member), which scales linearly with the resolution whatever the structure. Training records them
+in the export's lineage (`scale`); `scale_warnings` compares an external set's with them and names the key that
+would fix a difference larger than SCALE_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
 
 
 def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
-    """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split); keys without
-    data are left out."""
+    """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split);
+    keys without data are left out."""
     from medfound.data.manifest import read_manifest
     from medfound.data.pipeline import shard_urls
     from medfound.data.tario import iter_members

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from medfound.config import SegmentConfig
 from medfound.data.pipeline import MissingMember
-from medfound.data.transforms import WINDOWS, to_image_tensor
+from medfound.data.transforms import WINDOWS, resize_image, to_image_tensor
 
 
 def check_mask_members(manifest, names: Sequence[Optional[str]], what: str) -> None:
@@ -182,9 +182,7 @@ def rescale(x: torch.Tensor, extra: list[torch.Tensor], factor: float) -> tuple[
     (`[1, H, W]`, nearest neighbour) to the same grid."""
     h, w = x.shape[-2:]
     size = (max(1, round(h * factor)), max(1, round(w * factor)))
-    y = F.interpolate(x.float()[None], size=size, mode="bilinear", antialias=factor < 1, align_corners=False)[0]
-    if x.dtype == torch.uint8:
-        y = y.round().clamp(0, 255).to(torch.uint8)
+    y = resize_image(x, size)
     masks = [F.interpolate(t[None].float(), size=size, mode="nearest-exact")[0].to(t.dtype) for t in extra]
     return y, masks
 
