@@ -122,7 +122,8 @@ def view_shards(tmp_path_factory) -> Path:
             for i, (img, y) in enumerate(zip(images, labels)):
                 Image.fromarray(img).save(root / "images" / f"{split}_{i}.png")
                 rows.append({"path": f"images/{split}_{i}.png", "label": int(y), "patient_id": f"{split}{i // 4}",
-                             "laterality": "LR"[(i // 2) % 2], "view": ("CC", "MLO")[i % 2], "split": split})
+                             "laterality": "LR"[(i // 2) % 2], "view": ("CC", "MLO")[i % 2], "split": split,
+                             "spacing_mm": "12.5"})  # stated: 28 px over a chest
     with open(root / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

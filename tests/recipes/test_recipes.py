@@ -55,7 +55,7 @@ CNN = ["backbone.weights=null", "data.img_size=32", "data.batch_size=8"]
 SPECIAL = {
     "chexnet.yaml": ("findings", CNN),
     "gulshan_referable_dr.yaml": ("retina", ["backbone.weights=null", "data.img_size=75", "data.batch_size=4"]),
-    "mckinney_screening.yaml": ("views", CNN),
+    "mckinney_screening.yaml": ("views", CNN + ["data.spacing_mm=12.5"]),  # the view table's stated spacing
 }
 
 
