@@ -636,6 +636,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
                   f"{' ' + str(m.label_schema.names) if m.label_schema.names else ''}")
             print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; "
                   f"modalities {m.counts.get('by_modality', {})}; sites {m.counts.get('by_site', {})}; digest {m.digest}")
+            if not problems:
+                from medfound.data.scale import describe_scale, scale_stats
+
+                print(f"  scale: {describe_scale(scale_stats(d))}")
             for p in problems:
                 print(f"  PROBLEM {p}")
             if problems:

@@ -115,6 +115,17 @@ TRAINED = {"fov_diameter_px": "{value:.0f} px", "spacing_mm": "{value:g} mm", "m
 PHYSICAL = ("fov_diameter_px", "spacing_mm", "mpp")  # measured scales; structure_px is the fallback proxy
 
 
+def describe_scale(stats: dict[str, Any]) -> str:
+    """One line for `medfound inspect`: the scale a set records, or how to record one."""
+    parts = [f"{label} {fmt.format(v=stats[k])}" for k, label, fmt in (
+        ("fov_diameter_px", "field of view", "{v:.0f} px"), ("spacing_mm", "pixel spacing", "{v:g} mm"),
+        ("mpp", "resolution", "{v:g} µm/px"), ("structure_px", "mask structures", "{v:.3g} px thick")) if k in stats]
+    if not parts:
+        return ("none recorded (record one at ingest: --mpp, --spacing-mm or a spacing_mm column, --fov detect; "
+                "DICOM keeps its own)")
+    return "; ".join(parts) + f" (medians of {stats['samples']} samples)"
+
+
 def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[str, Any]],
                    normalised: tuple[str, ...] = ()) -> list[str]:
     """One warning per scale key in which `external` differs from `trained` by more than SCALE_TOLERANCE, naming

@@ -252,6 +252,9 @@ def test_the_cli_states_spacing_for_images_only(tmp_path):
 
     assert {tuple(m["spacing_mm"]) for m in tar_metas(tmp_path / "set")} == {(25.0, 25.0)}
     assert read_manifest(tmp_path / "set").ingest["spacing_mm"] == 1.0
+    proc = subprocess.run([sys.executable, "-m", "medfound.cli", "inspect", str(tmp_path / "set")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert "  scale: pixel spacing 25 mm (medians of 6 samples)" in proc.stdout, proc.stdout
 
 
 def test_the_spacing_warning_names_the_factor_that_fixes_it():
