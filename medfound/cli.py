@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-burned-in", action="store_true",
                    help="dicom: ingest images that may show PHI in their pixels (BurnedInAnnotation=YES, or "
                         "ultrasound / secondary captures without BurnedInAnnotation=NO); only after cleaning them")
+    s.add_argument("--require-spacing", action="store_true",
+                   help="dicom: skip images without a pixel spacing (PixelSpacing / ImagerPixelSpacing absent or "
+                        "zero), counted with that reason, so every sample can be resampled by data.spacing_mm")
     g = s.add_argument_group("images, dicom, volumes")
     g.add_argument("--table", help="CSV or Parquet. images: path,label|labels[,patient_id,site,split,laterality,view,mask,fov,mask_NAME]; "
                                    "dicom: path,label|labels[,split,site]; wsi: slide,label|labels[,split,site]; "
@@ -579,6 +582,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
             options["scale"] = args.scale
         if args.allow_burned_in:
             options["allow_burned_in"] = True
+        if args.require_spacing:
+            if args.kind != "dicom":
+                raise ValueError(f"--require-spacing filters DICOM files by their PixelSpacing; {args.kind} inputs "
+                                 "are given a spacing with --spacing-mm or a spacing_mm column (images)")
+            options["require_spacing"] = True
         if args.skipped_list and Path(args.out).resolve() in Path(args.skipped_list).resolve().parents:
             raise ValueError(f"--skipped-list {args.skipped_list} is inside --out {args.out}: file names never go into "
                              "a shard set; write the list elsewhere")

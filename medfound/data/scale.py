@@ -156,6 +156,7 @@ def require_spacing(shards: Any, what: str) -> None:
     stats = scale_stats(shards, max_samples=16)
     if stats["samples"] and "spacing_mm" not in stats:
         raise MissingMember(f"{what} records no pixel spacing in its samples, so data.spacing_mm cannot resample "
-                            "them: DICOM files need PixelSpacing or ImagerPixelSpacing; for other images re-shard "
+                            "them: DICOM files need PixelSpacing or ImagerPixelSpacing (`medfound shard dicom ... "
+                            "--require-spacing` leaves out those without); for other images re-shard "
                             "with `medfound shard images ... --spacing-mm MM` (or a spacing_mm column in the "
                             "--table); or drop data.spacing_mm")

@@ -154,7 +154,8 @@ def sample_spacing(sample: dict) -> tuple[float, float]:
     if spacing is None:
         key = sample.get("key") or (sample.get("meta") or {}).get("key") or "?"
         raise MissingMember(f"sample {key} has no pixel spacing, so data.spacing_mm cannot resample it: DICOM files "
-                            "need PixelSpacing or ImagerPixelSpacing; for other images give `medfound shard images "
+                            "need PixelSpacing or ImagerPixelSpacing (`medfound shard dicom ... --require-spacing` "
+                            "leaves out those without); for other images give `medfound shard images "
                             "--spacing-mm MM` (or a spacing_mm column in the --table); or drop data.spacing_mm")
     return spacing
 

@@ -268,3 +268,40 @@ def test_the_spacing_warning_names_the_factor_that_fixes_it():
     assert "--scale 2`" in w and "data.spacing_mm" in w
     assert scale_warnings("ext", {"spacing_mm": 0.24}, {"spacing_mm": 0.2}) == []
     assert scale_warnings("ext", {"spacing_mm": 0.4}, {"spacing_mm": 0.2}, normalised=("spacing_mm",)) == []
+
+
+def test_require_spacing_leaves_out_dicom_files_without_one_and_reads_enhanced_pixel_measures(tmp_path):
+    """`shard dicom --require-spacing` skips, with the reason, the real files that have no usable spacing (RG1's
+    0\\0, RG3, the enhanced MR without pixel measures and an ultrasound), so every sample of the set can be resampled;
+    an enhanced multi-frame file's spacing is read from its Pixel Measures functional group (the same MR given one;
+    pydicom's real liver.dcm SEG keeps its spacing there too)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from medfound.data.manifest import read_manifest
+    from medfound.workflows import shard
+
+    out = tmp_path / "strict"
+    shard("dicom", shared("dicom"), out, name="strict", split_fractions={"train": 0.5, "test": 0.5},
+          require_spacing=True)
+    m = read_manifest(out)
+    reason = next(r for r in m.skipped["by_reason"] if r.startswith("no pixel spacing"))
+    assert m.skipped["by_reason"][reason] == 4 and m.ingest["require_spacing"] is True
+    assert all(s["dicom"]["spacing_mm"] for s in tar_metas(out))
+
+    ds = pydicom.dcmread(shared("dicom", "emri_small.dcm"))
+    measures = Dataset()
+    measures.PixelSpacing = [0.9375, 0.9375]
+    group = Dataset()
+    group.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([group])
+    (tmp_path / "enhanced").mkdir()
+    ds.save_as(tmp_path / "enhanced" / "mr.dcm")
+    shard("dicom", tmp_path / "enhanced", tmp_path / "enhanced_set", name="enhanced", require_spacing=True,
+          split_fractions={"train": 1.0})
+    metas = tar_metas(tmp_path / "enhanced_set")
+    assert len(metas) == 10 and {tuple(s["dicom"]["spacing_mm"]) for s in metas} == {(0.9375, 0.9375)}
+    from medfound.data.ingest.dicom import dicom_spacing
+
+    assert dicom_spacing(pydicom.dcmread(shared("dicom", "liver.dcm"))) == [0.810547, 0.810547]

@@ -24,6 +24,9 @@ refused, counted with their reason: `BurnedInAnnotation=YES`, and, when the attr
 known to burn text in (ultrasound, secondary captures: Modality US, SC, OT, XC, ES, DOC, or a Secondary Capture SOP
 class). `allow_burned_in=True` (`--allow-burned-in`, after the user has cleaned the pixels) takes them; the
 decision is recorded in the manifest.
+
+`require_spacing=True` (`--require-spacing`, for `data.spacing_mm`) skips images without a usable PixelSpacing or
+ImagerPixelSpacing, counted with that reason, so a mixed archive yields a set where every sample can be resampled.
 """
 
 from __future__ import annotations
@@ -143,8 +146,7 @@ def burned_in_reason(ds: Any) -> Optional[str]:
 
 
 def _meta(ds: Any, frame: int, frames: int, shift: int, dropped: Counter) -> dict[str, Any]:
-    # calibrated at the patient when the file has it, else at the detector (projection radiography)
-    spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
+    spacing = dicom_spacing(ds, frame)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     photometric = coded(ds, "PhotometricInterpretation", "PhotometricInterpretation", dropped)
     laterality = coded(ds, "ImageLaterality", "Laterality", dropped) or coded(ds, "Laterality", "Laterality", dropped)
@@ -162,6 +164,25 @@ def _meta(ds: Any, frame: int, frames: int, shift: int, dropped: Counter) -> dic
         "spacing_mm": spacing,
         "slice_thickness_mm": _first(ds.get("SliceThickness")),
         "frame": frame, "frames": frames}}
+
+
+def dicom_spacing(ds: Any, frame: int = 0) -> Optional[list[float]]:
+    """(row, column) mm of an image (or of `frame` of a multi-frame one): PixelSpacing, calibrated at the patient, else
+    ImagerPixelSpacing (at the detector; projection radiography), else, in enhanced multi-frame files, the Pixel
+    Measures functional group (per frame, then shared); None when none is a usable size."""
+    found = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
+    if found:
+        return found
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        try:
+            measures = seq[index].get("PixelMeasuresSequence") if seq is not None and len(seq) > index else None
+            found = _spacing(measures[0].get("PixelSpacing")) if measures else None
+        except (AttributeError, IndexError, TypeError):
+            found = None
+        if found:
+            return found
+    return None
 
 
 def _spacing(value: Any) -> Optional[list[float]]:
@@ -203,7 +224,8 @@ def duplicate_reason(first: int) -> str:
 def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional[str | Path] = None,
                label_type: Optional[str] = None, label_names: Optional[list[str]] = None,
                split_fractions: Optional[dict[str, float]] = None, site: Optional[str] = None,
-               keep_names: bool = False, name: str = "dicom", allow_burned_in: bool = False, **_: object) -> Ingested:
+               keep_names: bool = False, name: str = "dicom", allow_burned_in: bool = False,
+               require_spacing: bool = False, **_: object) -> Ingested:
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -280,6 +302,10 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                     deid["burned_in"]["refused"] += 1
                     skip(index, path, burned)
                     continue
+                if require_spacing and not dicom_spacing(ds):
+                    skip(index, path, "no pixel spacing (PixelSpacing, ImagerPixelSpacing and Pixel Measures "
+                                      "absent or zero; --require-spacing)")
+                    continue
                 try:
                     pixels = _pixels(ds)
                 except (ImportError, RuntimeError, NotImplementedError) as e:
@@ -323,7 +349,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
     source = {"files": len(files), "content_digest": hashlib.sha256(b"medfound-source\0" +
                                                                       "".join(hashes).encode()).hexdigest()}
     split_column = any((r.get("split") or "").strip() for r in rows.values())
-    settings = {"kind": "dicom", "split": "table column" if split_column else {"by": "patient token", "fractions": fractions},
+    settings = {"kind": "dicom", **({"require_spacing": True} if require_spacing else {}), "split": "table column" if split_column else {"by": "patient token", "fractions": fractions},
                 "keep_names": keep_names,
                 "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
     result = Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
