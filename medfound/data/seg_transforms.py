@@ -9,6 +9,10 @@ Output of the transform (one sample):
 - `roi`: bool `[1, *S]` when `segment.roi` names a mask (DRIVE's field of view): scoring is done inside it.
 - `spacing`: (evaluation) the voxel spacing in mm when the sample's meta has `spacing_mm`, for HD95 in mm.
 
+Evaluation with `segment.spacing` (or a 2-D `segment.scale` / `fov_diameter` / `mpp`) also returns `native_mask`
+(and `native_roi`) on the image's own grid, with `spacing` its own spacing: the prediction, made on the resampled
+grid, is mapped back and scored there, as nnU-Net scores its exported segmentations at the original spacing.
+
 Training (`train=True`): an optional resampling of volumes to `segment.spacing`, then a random crop of
 `segment.patch_size` (zero-padded when the image is smaller), centred on a random foreground pixel with
 probability `foreground_fraction` (nnU-Net's oversampling, which matters for small structures), random flips
@@ -206,14 +210,17 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
         if seg.roi is not None:
             extra.append(torch.from_numpy(_mask_array(sample, seg.roi, key) > 0)[None])
         spacing = (sample.get("meta") or {}).get("spacing_mm")
+        native = None  # the masks on the image's own grid, where the model sees a resampled one
         if seg.spacing is not None and spacing is not None and len(spacing) == seg.spatial_dims:
-            x, extra = resample(x, extra, spacing, seg.spacing)
-            spacing = seg.spacing
-        native = None
+            resampled, masks = resample(x, extra, spacing, seg.spacing)
+            if resampled is not x:
+                native, x, extra = extra, resampled, masks
         factor = image_scale(sample, seg, key)
         if factor is not None and abs(factor - 1.0) > 1e-6:
-            native = extra
+            native = native or extra
             x, extra = rescale(x, extra, factor)
+        if native is None and seg.spacing is not None and spacing is not None:
+            spacing = seg.spacing  # (a no-op resample: the image is at the target spacing)
         if train:
             crops = [augment(x, extra) for _ in range(seg.crops_per_image)]
             return crops[0] if len(crops) == 1 else crops
@@ -225,7 +232,8 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
             if seg.roi is not None:
                 out["native_roi"] = native[1].contiguous()
         if spacing is not None and len(spacing) == seg.spatial_dims:
-            out["spacing"] = torch.tensor(spacing, dtype=torch.float64)  # HD95 in mm
+            # HD95 in mm: the image's own spacing, on whose grid it is scored (the target spacing if already there)
+            out["spacing"] = torch.tensor(spacing, dtype=torch.float64)
         return out
 
     def augment(x: torch.Tensor, extra: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -215,11 +215,11 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
             shown = probs  # overlays are drawn on the grid the model saw
             roi = batch["roi"][0, 0] if "roi" in batch else None
             truth = batch["mask"][0, 0]
-            if "native_mask" in batch:  # segment.fov_diameter / scale: scored at the image's own size
+            if "native_mask" in batch:  # resampled (segment.spacing, scale, fov_diameter, mpp): scored natively
                 truth = batch["native_mask"][0, 0]
                 roi = batch["native_roi"][0, 0] if "native_roi" in batch else None
-                probs = torch.nn.functional.interpolate(probs[None], size=tuple(truth.shape), mode="bilinear",
-                                                        align_corners=False)[0]
+                probs = torch.nn.functional.interpolate(probs[None], size=tuple(truth.shape), align_corners=False,
+                                                        mode="trilinear" if truth.ndim == 3 else "bilinear")[0]
             key = batch["key"][0]
             spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
             row = scorer.add(key, probs, truth, roi, spacing)

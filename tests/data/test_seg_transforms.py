@@ -62,7 +62,13 @@ def test_volumes_ct_normalisation_and_resampling():
                                                  {"spacing_mm": [2.0, 1.0, 1.0]}, "key": "v"})
     assert out["image"].shape == (1, 16, 10, 6) and out["mask"].shape == (1, 16, 10, 6)
     assert float(out["image"].min()) == pytest.approx(-2.0) and float(out["image"].max()) == pytest.approx(2.0)
-    assert set(out["mask"].unique().tolist()) == {0, 2} and out["spacing"].tolist() == [1.0, 1.0, 2.0]
+    assert set(out["mask"].unique().tolist()) == {0, 2}
+    # scored on the volume's own grid at its own spacing (the prediction is mapped back), as nnU-Net scores
+    assert out["native_mask"].shape == (1, 8, 10, 12) and out["spacing"].tolist() == [2.0, 1.0, 1.0]
+    assert torch.equal(out["native_mask"][0], torch.from_numpy(label.astype(np.int64)))
+    same = build_seg_transform(seg, train=False)({"image": vol, "masks": {"label": label}, "meta":
+                                                  {"spacing_mm": [1.0, 1.0, 2.0]}, "key": "v"})
+    assert "native_mask" not in same and same["spacing"].tolist() == [1.0, 1.0, 2.0]
     img, (m,) = resample(torch.zeros(1, 4, 4), [torch.ones(1, 4, 4, dtype=torch.long)], [1, 1], [0.5, 2])
     assert img.shape == (1, 8, 2) and m.dtype == torch.long
 

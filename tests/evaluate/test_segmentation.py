@@ -324,3 +324,20 @@ def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(
     assert report["external"][0]["scale"]["structure_px"] < 0.8 * trained["structure_px"]
     fixed = evaluate(unet_run, external=[half], out=tmp_path / "e2", overrides=["eval.bootstrap=0", "segment.scale=2"])
     assert not any("tolerance" in w for w in fixed["warnings"] + fixed["external"][0].get("warnings", []))
+
+
+def test_a_volume_resampled_by_segment_spacing_is_scored_on_its_own_grid(seg_shards, tmp_path):
+    """The breast MRI (45 x 120 x 21 voxels at 0.66 x 0.66 x 2.1 mm) trained and scored at 1.32 x 1.32 x 2.1 mm: the
+    network sees half the in-plane voxels, and every voxel of the original grid is scored (the prediction mapped
+    back, trilinear), with HD95 at the volume's own spacing."""
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "run"
+    summary = run_finetune(load_recipe(ROOT / "adapt" / "segment_unet3d.yaml", tiny_segment_overrides(
+        "unet3d", seg_shards, None, run) + ["segment.spacing=[1.32,1.32,2.1]", "eval.bootstrap=0"]))
+    assert summary["step"] == 2
+    (row,) = json.loads((run / "eval.json").read_text())["per_image"]
+    assert row["pixel_tp"] + row["pixel_fp"] + row["pixel_fn"] + row["pixel_tn"] == 45 * 120 * 21
