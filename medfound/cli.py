@@ -32,7 +32,7 @@ from typing import Optional
 from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
 from medfound.data.manifest import MODALITIES
-from medfound.registry import HEADS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
+from medfound.registry import HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
 
 
 def _csv(value: str) -> list[str]:
@@ -149,9 +149,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="print the resolved recipe (every default spelled out, the task kind, and the values "
                                 "derived at run start for one process)")
 
-    s = sub.add_parser("ls", help="list shipped recipes and registered heads, objectives, tunings, ingest kinds, tasks")
+    s = sub.add_parser("ls", help="list shipped recipes and registered heads, objectives, tunings, ingest kinds, "
+                                          "checkpoint formats, metrics, tasks")
     s.add_argument("what", nargs="?", default="all",
-                   choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "metrics", "tasks"])
+                   choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "formats", "metrics",
+                            "tasks"])
 
     s = sub.add_parser("cp", help="copy a shipped recipe (a name from `medfound ls recipes`) to edit it")
     s.add_argument("recipe", help="a recipe name, e.g. demo_mae_tiny or medsam")
@@ -159,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("import", help="RETFound / MAE / UNI / DINOv2 / timm weights -> a timm backbone export")
     s.add_argument("source", help="checkpoint file (.pth, .bin, .safetensors) or a timm/HF folder")
-    s.add_argument("--format", required=True, choices=["retfound", "mae", "uni", "dinov2", "timm"])
+    s.add_argument("--format", required=True, choices=IMPORT_FORMATS.names(),
+                   help="; ".join(f"{e.name}: {e.description}" for e in IMPORT_FORMATS))
     s.add_argument("--out", required=True)
     s.add_argument("--model", help="timm architecture (default: inferred from the weights for ViTs)")
     s.add_argument("--model-args", type=json.loads, help='JSON timm arguments, e.g. \'{"num_heads": 16}\'')
@@ -323,7 +326,9 @@ def _listing(what: str) -> list[str]:
     for key, title, reg in (("heads", "heads (head.type)", HEADS), ("objectives", "objectives (objective.name)",
                                                                   OBJECTIVES),
                             ("tunings", "tunings (tuning)", TUNINGS), ("ingest", "ingest kinds (medfound shard KIND)",
-                                                                       INGEST_KINDS), ("metrics", "metrics", METRICS)):
+                                                                       INGEST_KINDS),
+                            ("formats", "checkpoint formats (medfound import --format)", IMPORT_FORMATS),
+                            ("metrics", "metrics", METRICS)):
         if key == "metrics" and what in ("all", key):
             import medfound.evaluate.metrics  # noqa: F401  (registers them; imports torch, so only when asked)
         if what in ("all", key):

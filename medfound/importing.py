@@ -29,8 +29,9 @@ from typing import Any, Optional
 import torch
 
 from medfound.io import check_replaceable, sha256_file
+from medfound.registry import IMPORT_FORMATS
 
-FORMATS = ("retfound", "mae", "uni", "dinov2", "timm")
+FORMATS = tuple(IMPORT_FORMATS.names())  # registered in medfound/registry.py (torch-free, for the CLI)
 CONTAINERS = ("model", "state_dict", "teacher", "model_ema", "module")
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
 MAE_DECODER = ("decoder_embed.", "mask_token", "decoder_blocks.", "decoder_norm.", "decoder_pred.")

@@ -90,6 +90,20 @@ OBJECTIVES = Registry("objective", "objective.name")
 TUNINGS = Registry("tuning strategy", "tuning")
 INGEST_KINDS = Registry("ingest kind", "shard KIND")
 METRICS = Registry("metric", "metric")
+IMPORT_FORMATS = Registry("import format", "import --format")
+
+# the checkpoint layouts `medfound import` converts (medfound/importing.py); registered here, torch-free, so the CLI's
+# choices and `medfound ls formats` come from one list
+for _name, _description in (
+        ("retfound", "RETFound checkpoints (MAE ViT-L/16 on retinal images): the encoder; the MAE decoder is kept "
+                     "in mae_decoder.safetensors"),
+        ("mae", "MAE pretraining checkpoints (He et al. 2022): the encoder; the decoder is kept in "
+                "mae_decoder.safetensors"),
+        ("uni", "UNI / UNI2-h pathology ViTs (timm-layout state dicts)"),
+        ("dinov2", "DINOv2 backbones or training checkpoints: the teacher's backbone, FSDP block chunks flattened, "
+                   "DINO/iBOT heads dropped"),
+        ("timm", "any timm ViT state dict (.safetensors, .pth, .bin), or a timm folder with config.json")):
+    IMPORT_FORMATS.register(_name, description=_description, builder="medfound.importing:import_checkpoint")
 
 _plugins_loaded = False
 

@@ -14,7 +14,7 @@ from medfound.config.data import DataConfig
 from medfound.config.eval import EvalConfig
 import medfound.data.ingest  # noqa: F401  (registers the ingest kinds)
 import medfound.evaluate.metrics  # noqa: F401  (registers the metrics)
-from medfound.registry import HEADS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS, Registry
+from medfound.registry import HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS, Registry
 
 from helpers import ROOT
 
@@ -153,7 +153,7 @@ def test_a_resolved_config_with_every_default_still_loads(tmp_path):
 def test_ls_lists_recipes_and_every_registered_component(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, METRICS):
+    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, IMPORT_FORMATS, METRICS):
         for e in reg:
             assert f"  {e.name} " in out and e.description in out
     assert "demo_mae_tiny" in out and "medsam" in out
