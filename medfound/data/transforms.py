@@ -47,6 +47,8 @@ from torchvision.transforms import v2 as T
 WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
            "abdomen": (40.0, 400.0)}  # (centre, width) in Hounsfield units
 from medfound.config.data import AUGMENT_PRESETS as AUGMENTS  # noqa: E402  (the names the schema accepts)
+from medfound.data.pipeline import MissingMember  # noqa: E402
+from medfound.data.scale import pixel_spacing  # noqa: E402
 _BICUBIC = T.InterpolationMode.BICUBIC
 
 # Ruifrok & Johnston (2001) stain vectors for haematoxylin, eosin and DAB, rows = stains, cols = RGB
@@ -147,9 +149,6 @@ def to_image_tensor(image: Any, meta: Optional[dict] = None, window: Optional[st
 
 def sample_spacing(sample: dict) -> tuple[float, float]:
     """The sample's (row, column) pixel spacing in mm, or MissingMember naming the sample and how to give it one."""
-    from medfound.data.pipeline import MissingMember
-    from medfound.data.scale import pixel_spacing
-
     spacing = pixel_spacing(sample.get("meta"))
     if spacing is None:
         key = sample.get("key") or (sample.get("meta") or {}).get("key") or "?"
