@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                                                "manifest (and --mpp is divided by it)")
     g.add_argument("--fov-diameter", type=int, help="images (fundus, with --fov detect): resize each image so its "
                                                     "field of view is this many px wide (DRIVE: about 540)")
+    g.add_argument("--mask-mode", choices=["binary", "semantic", "instance"],
+                   help="images: what mask values mean: binary (foreground where > 0, stored 0/255), semantic (class "
+                        "indices, at most 255), instance (object ids 1..N, kept at full depth, trained as foreground "
+                        "vs background). Needed for 16-bit masks and masks that look like instance labels")
     g.add_argument("--spacing-mm", type=float, help="images (radiographs, mammograms): the images' pixel spacing in "
                                                     "mm, stored per sample for data.spacing_mm (a spacing_mm column "
                                                     "in the --table gives it per image instead)")
@@ -216,7 +220,9 @@ def _parser() -> argparse.ArgumentParser:
                                                "data.eval_batch_size / num_workers / verify / max_bad_fraction")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
     s.add_argument("--out", help="folder for eval.json, predictions.csv and report/ (default: RUN_DIR; required "
-                                 "for a published folder)")
+                                 "for a published folder); a new folder, or one of yours without those names")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in --out (only the files it wrote; your own files stay)")
 
     s = sub.add_parser("publish", help="RUN_DIR -> Hugging Face-style folder with model card")
     s.add_argument("run_dir")
@@ -229,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model", metavar="REPO_ID", help="the Hub id of the backbone the run started from (card "
                                                            "metadata base_model, the LoRA adapter's base; default: "
                                                            "the recipe's card.base_model)")
+    s.add_argument("--license", help="the licence to publish under (default: the recipe's card.license, else the most "
+                                     "restrictive licence of the training data and imported weights); one less "
+                                     "restrictive than those is refused without --rights-cleared")
+    s.add_argument("--rights-cleared", metavar="REASON",
+                   help="you hold the rights to publish under --license although the data or weights it was made "
+                        "from are more restrictive: say who granted them and when; printed in the card")
 
     s = sub.add_parser("card", help="check or push a published folder")
     card = s.add_subparsers(dest="card_verb", required=True)
@@ -274,6 +286,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "medfound " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         return _run(args, command)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and an exit code the demo (and shells) read as "stopped"
+        print(f"medfound {args.verb}: interrupted; what was written before is intact (runs continue with "
+              "trainer.resume=auto, ingests with --resume)", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"medfound {args.verb}: error: {e}", file=sys.stderr)
         return 2
@@ -330,7 +346,7 @@ def _listing(what: str) -> list[str]:
                             ("formats", "checkpoint formats (medfound import --format)", IMPORT_FORMATS),
                             ("metrics", "metrics", METRICS)):
         if key == "metrics" and what in ("all", key):
-            import medfound.evaluate.metrics  # noqa: F401  (registers them; imports torch, so only when asked)
+            import medfound.evaluate.definitions  # noqa: F401  (registers them, torch-free)
         if what in ("all", key):
             lines.append(f"{title}:")
             lines += [f"  {e.name:28s} {e.description}" + (f" [task: {e.config.task}]" if key == "heads" else "")
@@ -406,7 +422,10 @@ def _demo(args: argparse.Namespace) -> int:
     data = demo.sample_data()
     demo.prepare_out(out, args.overwrite)
     steps = demo.demo_steps(out, data, quick=args.quick)
-    for i, (title, commands) in enumerate(steps, 1):
+    from medfound.env import check_torch_stack
+
+    check_torch_stack()  # before step 1: a broken torch install is named at once, not after the sharding
+    for i, (title, commands, produces) in enumerate(steps, 1):
         print(f"== {i}/{len(steps)} {title} ==", flush=True)
         for argv in commands:
             print("medfound " + " ".join(shlex.quote(a) for a in argv), flush=True)
@@ -415,6 +434,10 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"medfound demo: step {i} failed (exit {rc}); the folder {out} keeps what was written",
                       file=sys.stderr)
                 return rc
+        why = demo.unfinished(produces)
+        if why:  # e.g. SIGTERM during pretraining: the run checkpointed and exited 0, but has no export
+            print(f"medfound demo: step {i} ({title}) did not finish: {why}. The demo stops here", file=sys.stderr)
+            return 1
     print("\n" + demo.outputs(out))
     return 0
 
@@ -446,6 +469,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"wrote {target}: edit it, then `medfound validate {target}`")
         return 0
     recipe = _load(args, args.verb)[1] if args.verb in ("pretrain", "finetune") else None  # fail fast on typos
+    from medfound.env import check_torch_stack
+
+    check_torch_stack()  # a torchvision built for another torch is named here, with the command that fixes it
     from medfound import workflows
 
     if args.verb in ("pretrain", "finetune"):
@@ -505,7 +531,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         overrides = [a for a in args.external if is_key.match(a)]
         external = [a for a in args.external if not is_key.match(a)]
         report = workflows.evaluate(args.run_dir, args.split, external=external or None, out=args.out,
-                                    overrides=overrides)
+                                    overrides=overrides, overwrite=args.overwrite)
         print(json.dumps(report["metrics"], indent=2))
         for e in report.get("external", []):
             print(f"external {e['name']} ({e['num_samples']}): " + json.dumps(e["metrics"]))
@@ -516,8 +542,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "publish":
         result = workflows.publish(args.run_dir, args.out, overwrite=args.overwrite, name=args.name,
                                    push=args.push, dry_run=args.dry_run, private=args.private,
-                                   base_model=args.base_model)
-        print(f"published {result['out']}: {', '.join(result['files'])}"
+                                   base_model=args.base_model, license=args.license, rights=args.rights_cleared)
+        print(f"published {result['out']} under licence {result['license']}: {', '.join(result['files'])}"
               + (f" (timm reload reproduces the trained model: max abs diff {result['reload_max_abs_diff']})"
                  if "reload_max_abs_diff" in result else "") + "; card checked against the folder")
         if "push" in result:
@@ -580,6 +606,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 raise ValueError(f"--spacing-mm states the pixel spacing of `medfound shard images` inputs; {args.kind} "
                                  "inputs carry their own (DICOM PixelSpacing / ImagerPixelSpacing, volume headers)")
             options["spacing_mm"] = args.spacing_mm
+        if args.mask_mode is not None:
+            if args.kind != "images":
+                raise ValueError(f"--mask-mode states what `medfound shard images` mask PNGs hold; {args.kind} "
+                                 "inputs carry label maps of their own")
+            options["mask_mode"] = args.mask_mode
         if args.scale is not None:
             if args.kind != "images":
                 raise ValueError(f"--scale resizes `medfound shard images` inputs; {args.kind} inputs are resampled "
@@ -602,7 +633,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
                                          overwrite=args.overwrite, workers=args.workers or default_workers(),
                                          part=args.part, resumable=not is_url(args.out), resume=args.resume, **options)
         except Exception as e:
-            from medfound.data.shards import partial_dir
+            from medfound.data.journal import partial_dir
 
             kept = [] if is_url(args.out) or args.traceback else list(partial_dir(args.out).glob("*.tar"))
             if not kept:
@@ -642,9 +673,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 atomic_write_text(args.skipped_list, buf.getvalue())
         return 0
     if args.verb == "inspect":
+        from medfound.data.manifest import salt_caveat, salt_fingerprint
+
         bad = 0
+        salts: dict[str, Optional[str]] = {}
         for d in args.shards:
             m, problems, leakage = workflows.inspect_shards(d)
+            if leakage is not None:
+                salts[d] = salt_fingerprint(m)
             print(f"{d}: {m.name} ({m.modality}{', site ' + m.site if m.site else ''}), labels {m.label_schema.type}"
                   f"{' ' + str(m.label_schema.names) if m.label_schema.names else ''}")
             print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; "
@@ -663,11 +699,18 @@ def _run(args: argparse.Namespace, command: str) -> int:
                 print(f"  LEAKAGE {len(leakage)} patients appear in more than one split, e.g. "
                       + "; ".join(f"patient {p}: {', '.join(v)}" for p, v in list(leakage.items())[:3]))
                 print("  -> fix the split column so each patient is in one split, or drop it to split by patient")
+            elif leakage == {} and salt_caveat(m):
+                print(f"  CAVEAT no patient token is in two splits, but the set was {salt_caveat(m)}")
             elif leakage == {}:
                 print("  no patient in two splits")
             elif not problems:
                 print("  no patient IDs recorded: split leakage cannot be checked")
             bad += bool(problems) or bool(leakage)
+        if len(set(salts.values())) > 1:  # several sets of one cohort: their tokens are comparable only under one salt
+            print("salts: " + "; ".join(f"{d} {fp or 'not recorded'}" for d, fp in salts.items()) + " -- these sets' "
+                  "patient tokens come from different salts, so the same patient has unrelated tokens in them: a "
+                  "patient in one set's training split and another set's test split cannot be detected. Ingest the "
+                  "sets of one cohort with the same --salt")
         return 1 if bad else 0
     raise AssertionError(args.verb)
 

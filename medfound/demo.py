@@ -16,11 +16,13 @@ from medfound.data.samples import SAMPLES, sample_data, shard_commands
 QUICK = {"pretrain": ["trainer.max_steps=3", "trainer.log_every=1", "optim.warmup_steps=1"],
          "finetune": ["trainer.max_steps=4", "trainer.log_every=1", "optim.warmup_steps=1", "eval.bootstrap=50"]}
 
-__all__ = ["SAMPLES", "sample_data", "shard_commands", "demo_steps", "prepare_out", "outputs"]
+__all__ = ["SAMPLES", "sample_data", "shard_commands", "demo_steps", "unfinished", "prepare_out", "outputs"]
 
 
-def demo_steps(out: Path, data: Path, quick: bool = False) -> list[tuple[str, list[list[str]]]]:
-    """(title, [CLI argument list, ...]) per step of the demo, writing everything under `out`."""
+def demo_steps(out: Path, data: Path, quick: bool = False) -> list[tuple[str, list[list[str]], list[Path]]]:
+    """(title, [CLI argument list, ...], the files the step must leave behind) per step of the demo, writing
+    everything under `out`. A step whose files are missing afterwards did not finish (stopped by SIGTERM mid-way):
+    the demo stops there instead of running the next step on nothing."""
     s = out / "shards"
     sets = [str(s / n) for n in ("retinamnist", "pneumoniamnist", "he_cmu1")]
     pretrain = ["pretrain", "demo_mae_tiny", f"data.shards=[{','.join(sets)}]",
@@ -29,18 +31,37 @@ def demo_steps(out: Path, data: Path, quick: bool = False) -> list[tuple[str, li
                 f"backbone.weights={out / 'pretrain' / 'export'}", f"trainer.output_dir={out / 'finetune'}",
                 *(QUICK["finetune"] if quick else [])]
     return [
-        ("shard the bundled sample archive (data/README.md)", shard_commands(out, data)),
-        ("inspect: verify every shard against its manifest", [["inspect", *sets]]),
-        ("MAE pretraining of a tiny ViT on all three modalities", [pretrain]),
-        ("LoRA fine-tuning on RetinaMNIST diabetic-retinopathy grades", [finetune]),
-        ("evaluate on the official RetinaMNIST test split", [["evaluate", str(out / "finetune")]]),
+        ("shard the bundled sample archive (data/README.md)", shard_commands(out, data),
+         [Path(d) / "manifest.json" for d in sets]),
+        ("inspect: verify every shard against its manifest", [["inspect", *sets]], []),
+        ("MAE pretraining of a tiny ViT on all three modalities", [pretrain],
+         [out / "pretrain" / "export" / "config.json"]),
+        ("LoRA fine-tuning on RetinaMNIST diabetic-retinopathy grades", [finetune],
+         [out / "finetune" / "export" / "config.json"]),
+        ("evaluate on the official RetinaMNIST test split", [["evaluate", str(out / "finetune")]],
+         [out / "finetune" / "eval.json"]),
         ("publish timm-loadable folders with their model cards (backbone and classifier), check the cards",
          [["publish", str(out / "pretrain"), "--out", str(out / "backbone"), "--name", "medfound-demo-vit-tiny-mae",
            "--overwrite"],
           ["publish", str(out / "finetune"), "--out", str(out / "model"), "--name",
            "medfound-demo-vit-tiny-retinamnist", "--overwrite", "--dry-run"],
-          ["card", "check", str(out / "model")]]),
+          ["card", "check", str(out / "model")]],
+         [out / "backbone" / "README.md", out / "model" / "README.md"]),
     ]
+
+
+def unfinished(produces: list[Path]) -> str | None:
+    """Why a step that exited 0 did not finish (its outputs are missing), or None."""
+    missing = [p for p in produces if not p.is_file()]
+    if not missing:
+        return None
+    run = next((p.parents[1] for p in missing if p.parent.name == "export"), None)
+    last = run / "checkpoints" / "last" if run is not None else None
+    if last is not None and last.is_file():
+        return (f"{run} stopped before its end (SIGTERM?) at {last.read_text().strip()}, so {missing[0]} was never "
+                f"written: rerun the demo (`medfound demo --overwrite`), or continue that run with "
+                "trainer.resume=auto")
+    return f"{missing[0]} was not written"
 
 
 MARKER = ".medfound-demo"

@@ -195,7 +195,8 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
                         "decoder_depth": 1 + max(int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks."))}
     size = net.patch_embed.img_size[0] if hasattr(net, "patch_embed") else model_args.get("img_size", 224)
     lineage = {"stage": "import", "objective": f"imported {fmt} checkpoint",
-               "source": {"file": source.name, "format": fmt, "sha256": sha256_file(source) if source.is_file() else None},
+               "source": {"file": source.name, "format": fmt, "sha256": sha256_file(source) if source.is_file() else None,
+                          "license": license},
                "dropped": dropped, **({"mae_decoder": decoder_info} if decoder_info else {})}
     prep = argparse.Namespace(img_size=size, mean=mean, std=std)
     diff = export_model(net, out, data=prep, lineage=lineage, license=license, extra_files=extra)

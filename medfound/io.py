@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -193,6 +194,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: str | Non
     try:
         yield tmp
         mask = current_umask()
+        os.chmod(tmp, 0o777 & ~mask)  # a staging folder kept private while it was built (0700) opens up now
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 # the umask's normal mode (0644 / 0755 under umask 022): libraries that write 0600 files
@@ -243,6 +245,7 @@ def clean_stale_temporaries(path: Path, max_age_s: float = 86400.0) -> list[Path
 
 
 LOCK_NAME = ".medfound.lock"
+_LOCK_TEXT = re.compile(r"^pid \d+ on \S*\n?$")  # what lock_dir writes; anything else is not ours
 _held: dict[str, int] = {}  # resolved directory -> open lock file descriptor of this process
 
 
@@ -261,9 +264,26 @@ def lock_dir(path: str | os.PathLike) -> Path:
     key = str(path.resolve())
     if key in _held:
         return path / LOCK_NAME
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = path / LOCK_NAME
+    try:  # never through a symlink: a planted `.medfound.lock -> ~/file` must not have that file truncated
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        if lock.is_symlink():
+            raise FileExistsError(f"{lock} is a symbolic link, not a medfound lock: remove it (the run lock is never "
+                                  "followed through a link), then start again") from None
+        raise
     try:
+        import stat
+
+        info = os.fstat(fd)
+        current = os.pread(fd, 256, 0).decode(errors="replace")
+        if not stat.S_ISREG(info.st_mode) or (current.strip() and not _LOCK_TEXT.match(current)):
+            raise FileExistsError(f"{lock} exists and is not a medfound lock file (it holds other content): move it "
+                                  "away, then start again; medfound does not overwrite it")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileExistsError:
+        os.close(fd)
+        raise
     except OSError:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
@@ -285,6 +305,19 @@ def drop_inherited_locks(*_: object) -> None:
         except OSError:
             pass
     _held.clear()
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike) -> Iterator[None]:
+    """`lock_dir(path)` for the duration of a block, released after it unless this process held it before (a
+    training run evaluating its own export at the end)."""
+    held = str(Path(path).resolve()) in _held
+    lock_dir(path)
+    try:
+        yield
+    finally:
+        if not held:
+            unlock_dir(path)
 
 
 def unlock_dir(path: str | os.PathLike) -> None:

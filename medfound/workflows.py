@@ -7,6 +7,7 @@ calls its methods; the kinds never call back up here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Optional
 
 from medfound.config import FinetuneRecipe, PretrainRecipe
 from medfound.data.manifest import Manifest, read_manifest
-from medfound.io import check_replaceable
+from medfound.io import check_replaceable, run_lock
 from medfound.run import read_run, start_run
 from medfound.tasks import task_for
 from medfound.tasks.pretrain import build_objective  # noqa: F401  (a public entry point of pretraining)
@@ -70,11 +71,14 @@ SCALE_KEYS = ("fov_diameter", "scale", "mpp")
 
 
 def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,
-             out: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+             out: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a run's export (or a published folder) on the run's labelled shard set (`eval.split`, or `split`)
     and on the external sets (`eval.external`, or `external`); write eval.json, predictions and report/report.md
     into `out` (default: the run directory; a published folder needs `out`, so the folder and its card stay as
-    published). `overrides`: `key=value` of `eval.*` and of the data keys in EVAL_DATA_KEYS."""
+    published). `overrides`: `key=value` of `eval.*` and of the data keys in EVAL_DATA_KEYS. An `out` holding an
+    earlier evaluation is replaced only with `overwrite`, and never one holding files medfound did not write there
+    (medfound.evaluate.output); the run directory is written under its run lock (not while it trains)."""
     run = read_run(run_dir)
     allowed = {f"data.{k}" for k in EVAL_DATA_KEYS} | {"trainer.progress"} | {f"segment.{k}" for k in SCALE_KEYS}
     bad = [o for o in overrides or [] if not (o.split("=", 1)[0].startswith("eval.") or
@@ -102,8 +106,13 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
                                                                                               external]})})
     if recipe.eval.external and "external" not in spec.capabilities:
         raise ValueError(f"eval.external is not scored for {spec.name} runs")
-    out.mkdir(parents=True, exist_ok=True)
-    return spec.evaluate(run, recipe, split or recipe.eval.split, out)
+    from medfound.evaluate import output
+
+    output.check_destination(out, run.path, overwrite)
+    own = out.resolve() == run.path.resolve() and not run.published
+    with run_lock(run.path) if own else contextlib.nullcontext():
+        with output.staged(out, run.path) as stage:
+            return spec.evaluate(run, recipe, split or recipe.eval.split, stage)
 
 
 def load(folder: str | Path) -> Any:
@@ -126,10 +135,13 @@ def rebuild_trained(run_dir: Path):
 
 def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None,
             push: Optional[str] = None, dry_run: bool = False, private: bool = False,
-            base_model: Optional[str] = None) -> dict:
+            base_model: Optional[str] = None, license: Optional[str] = None,
+            rights: Optional[str] = None) -> dict:
     """RUN_DIR -> a Hugging Face-style folder with its model card (medfound.publish.folder); then `push` it to the
     Hub repo (or, with `dry_run`, list what would go). `base_model` (a Hub id) overrides the recipe's
-    card.base_model; `push` is recorded as card.repo_id (the card's `hf-hub:` snippet)."""
+    card.base_model; `push` is recorded as card.repo_id (the card's `hf-hub:` snippet). `license` overrides the
+    recipe's card.license; one less restrictive than the run's data and imported weights is refused unless `rights`
+    states why the publisher may (medfound.publish.licences)."""
     from medfound.publish import folder
 
     run_dir, out = Path(run_dir), Path(out)
@@ -138,12 +150,13 @@ def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name:
     run = read_run(run_dir)
     card = run.recipe.card
     recipe = run.recipe.model_copy(update={"card": card.model_copy(update={
-        "base_model": base_model or card.base_model, "repo_id": push or card.repo_id})})
+        "base_model": base_model or card.base_model, "repo_id": push or card.repo_id,
+        "license": license or card.license})})
     spec = task_for(recipe)
     if "timm_export" in spec.capabilities:
-        result = folder.publish_timm(run_dir, out, recipe, spec, overwrite, name)
+        result = folder.publish_timm(run_dir, out, recipe, spec, overwrite, name, rights)
     else:
-        result = folder.publish_network(run_dir, out, recipe, spec, overwrite, name)
+        result = folder.publish_network(run_dir, out, recipe, spec, overwrite, name, rights)
     if push or dry_run:
         from medfound.publish.hub import push_folder
 
@@ -176,6 +189,10 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     name = name or location.basename(out)
     if remote:  # written locally in a staging folder, then uploaded shards first and the manifest last
         out = location.check_location(out)
+        if resume:
+            raise ValueError(f"--resume continues an ingest into a local folder; {location.redact(out)} is remote. "
+                             "Ingest into a local folder (with --resume after a kill), then `medfound shard merge` "
+                             "or copy it up; or rerun the remote ingest from the start")
         if not overwrite and location.exists(location.join(out, "manifest.json")):
             raise FileExistsError(f"{location.redact(out)} already holds a shard set (manifest.json); pass "
                                   "--overwrite to replace it, or choose another --out")
@@ -187,7 +204,7 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
             manifest, skipped = shard(kind, input, staging / name, name=name, modality=modality, site=site,
                                       license=license, attribution=attribution, max_count=max_count, max_mb=max_mb,
                                       workers=workers, part=part, **options)  # not resumable: a temporary folder
-            upload_shard_set(staging / name, out, overwrite=overwrite)
+            manifest = upload_shard_set(staging / name, out, overwrite=overwrite)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest, skipped
@@ -213,7 +230,7 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
 
     journal = None
     if resumable or resume:
-        from medfound.data.shards import Journal
+        from medfound.data.journal import Journal
 
         fingerprint = hashlib.sha256(json.dumps(
             {"kind": kind, "name": name, "modality": modality, "site": site, "source": source, "settings": settings,

@@ -15,6 +15,52 @@ from helpers import DATA, ROOT, tiny_pretrain_overrides
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+FRESH_VENV_TEST = "test_medfound_demo_runs_from_the_wheel_in_a_fresh_venv_without_extras"
+_fresh: dict = {}
+
+
+def pytest_collection_finish(session):
+    """When the fresh-venv wheel test is selected, its environment (the wheel and ~6 GB of base requirements, mostly
+    disk work) is installed in a background thread from the start, so the tests before it run meanwhile."""
+    if not any(item.name == FRESH_VENV_TEST for item in session.items):
+        return
+    import tempfile
+    import threading
+
+    from helpers import install_fresh_venv
+
+    root = Path(tempfile.mkdtemp(prefix="medfound-fresh-venv-"))
+
+    def install() -> None:
+        try:
+            _fresh["result"] = install_fresh_venv(root)
+        except BaseException as e:  # reported by the test that needs it
+            _fresh["error"] = e
+
+    _fresh["root"] = root
+    _fresh["thread"] = threading.Thread(target=install, name="fresh-venv", daemon=True)
+    _fresh["thread"].start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    if "thread" in _fresh:
+        _fresh["thread"].join(timeout=1800)
+        shutil.rmtree(_fresh["root"], ignore_errors=True)  # several GB: never left in /tmp
+
+
+@pytest.fixture(scope="session")
+def fresh_venv() -> dict:
+    """The wheel installed into a new virtual environment with its base requirements only (helpers.install_fresh_venv),
+    installed in the background since the session started."""
+    if "thread" not in _fresh:
+        pytest.fail(f"the fresh environment is installed for {FRESH_VENV_TEST} only")
+    _fresh["thread"].join(timeout=1800)
+    if "error" in _fresh:
+        raise _fresh["error"]
+    return _fresh["result"]
+
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> dict[str, Path]:

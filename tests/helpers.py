@@ -128,3 +128,39 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def base_requirements(wheel: Path) -> list[str]:
+    """The wheel's own Requires-Dist lines without an extra: exactly what `pip install medfound` installs."""
+    import zipfile
+    from email.parser import Parser
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        message = Parser().parsestr(z.read(meta).decode())
+    return [r for r in message.get_all("Requires-Dist") or [] if "extra ==" not in r]
+
+
+def install_fresh_venv(root: Path) -> dict[str, Any]:
+    """Build the wheel of the checkout at `root` and install it, as a user would, into a new virtual environment
+    under `root`/venv: `--no-deps` for medfound itself, then exactly its base requirements (no extras), within the
+    tested ranges. Returns {"venv", "wheel", "base", "env"} (env: the environment to run the venv's commands in)."""
+    import os
+    import subprocess
+    import sys
+
+    wheel_dir = root / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheel_dir.glob("medfound-*.whl"))
+    base = base_requirements(wheel)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", TQDM_DISABLE="1")
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check"]
+    for args in (["--no-deps", str(wheel)], [*base, "-c", str(ROOT / "constraints" / "tested.txt")]):
+        r = subprocess.run(pip + args, env=env, capture_output=True, text=True, timeout=1800)
+        if r.returncode:
+            raise RuntimeError(f"pip install {' '.join(args[:3])}... failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    return {"venv": venv, "wheel": wheel, "base": base, "env": env}

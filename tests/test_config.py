@@ -100,6 +100,17 @@ def test_recipe_errors_do_not_import_torch():
     assert proc.returncode == 2, proc.stderr
 
 
+def test_listing_every_component_does_not_import_torch():
+    """`medfound ls` (metrics included) lists names from the torch-free registries: it answers in well under a second
+    instead of the ~10 s of importing torch."""
+    code = ("import sys, io, contextlib; from medfound.cli import main; buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf): rc = main(['ls'])\n"
+            "assert 'auroc' in buf.getvalue() and 'hd95' in buf.getvalue(), buf.getvalue()[-500:]\n"
+            "sys.exit(100 if 'torch' in sys.modules else rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_cli_validate(capsys):
     from medfound.cli import main
 

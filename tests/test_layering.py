@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "medfound"
 
 # a module may import its own layer and the ones below it; layer -> the top-level names in it
 LAYERS = [
-    ("config", {"config", "registry", "io", "data.location"}),
+    ("config", {"config", "registry", "io", "env", "process", "data.location"}),
     ("data", {"data", "backbones"}),
     ("modules", {"pretrain", "adapt", "train.optim"}),  # nn.Modules, tuning, optimizer groups and schedules
     ("services", {"train", "evaluate", "publish", "run", "importing"}),

@@ -53,39 +53,40 @@ def test_every_tour_command_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_medfound_demo_runs_from_the_wheel_in_an_empty_directory(tmp_path):
-    """Built as a user gets it (`pip wheel`), unpacked on sys.path ahead of this checkout, run where nothing but
-    the wheel's own files exist."""
-    wheel_dir = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
-    wheel = next(wheel_dir.glob("medfound-*.whl"))
-    site = tmp_path / "site"
+def test_medfound_demo_runs_from_the_wheel_in_a_fresh_venv_without_extras(fresh_venv, tmp_path):
+    """As a user gets it: the wheel built from this checkout, installed with --no-deps into a new virtual environment
+    beside exactly the base requirements of its own metadata (no extra; torch comes from wherever pip finds it, the
+    local cache here), then `medfound demo --quick` run in an empty directory, which uses the sample archive inside
+    the wheel. (The environment is installed in the background from the start of the session: conftest.py.)"""
+    venv, wheel, base, env = fresh_venv["venv"], fresh_venv["wheel"], fresh_venv["base"], fresh_venv["env"]
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        z.extractall(site)
     assert "medfound/sample_data/medmnist/retinamnist_demo.npz" in names
     assert "medfound/sample_data/README.md" in names  # the licences travel with the data
+    assert any(r.startswith("tiffslide") for r in base)  # the demo tiles a slide: a base dependency
+    python = str(venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import importlib.util as u, sys; print(sys.prefix); print([m for m in ("
+                            "'pydicom', 'nibabel', 'nrrd', 'deepspeed', 's3fs', 'pyarrow', 'wandb', 'moto', 'pytest') "
+                            "if u.find_spec(m)])"], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.splitlines() == [str(venv), "[]"], probe.stdout + probe.stderr  # no extra, not the dev venv
     work = tmp_path / "empty"
     work.mkdir()
-    code = ("import medfound, sys; assert medfound.__file__.startswith(sys.argv[1]), medfound.__file__; "
-            "from medfound.cli import main; sys.exit(main(['demo', '--out', 'demo_out', '--quick']))")
-    env = {**os.environ, "PYTHONPATH": str(site), "TQDM_DISABLE": "1"}
-    r = subprocess.run([sys.executable, "-c", code, str(site)], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=600)
+    medfound = str(venv / "bin" / "medfound")
+    r = subprocess.run([medfound, "demo", "--out", "demo_out", "--quick"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "== 6/6 publish" in r.stdout and "the card matches its folder" in r.stdout
-    assert str(site / "medfound" / "sample_data") in r.stdout  # the wheel's copy, not the checkout's data/
+    assert str(venv) in r.stdout and "sample_data" in r.stdout  # the wheel's copy, not the checkout's data/
     assert (work / "demo_out" / "model" / "model.safetensors").is_file()
     # a second run refuses to replace the folder without --overwrite, and never touches a folder it did not make
-    r = subprocess.run([sys.executable, "-c", code, str(site)], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([medfound, "demo", "--out", "demo_out", "--quick"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 1 and "pass --overwrite to replace it" in r.stderr
     other = work / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    r = subprocess.run([sys.executable, "-m", "medfound.cli", "demo", "--out", "mine", "--overwrite"], cwd=work,
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([medfound, "demo", "--out", "mine", "--overwrite"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 1 and "is not a medfound demo folder" in r.stderr and (other / "keep.txt").is_file()
 
 
@@ -97,3 +98,28 @@ def test_a_missing_demo_shard_set_names_the_command_that_makes_it(tmp_path, monk
     err = capsys.readouterr().err
     assert "it is one of the demo's shard sets; `medfound demo --out runs/demo` runs the whole demo" in err
     assert "medfound shard npz " in err and "retinamnist_demo.npz --out runs/demo/shards/retinamnist" in err
+
+
+@pytest.mark.slow
+def test_a_demo_stage_stopped_by_sigterm_stops_the_demo(tmp_path):
+    """SIGTERM during pretraining checkpoints and exits 0 (as SLURM preemption wants); the demo must not go on to
+    fine-tune a backbone that was never exported."""
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "medfound.cli", "demo", "--out", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.time() + 240
+    metrics = out / "pretrain" / "logs" / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.stat().st_size):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "SIGTERM: checkpoint written" in stdout
+    assert "medfound demo: step 3 (MAE pretraining of a tiny ViT on all three modalities) did not finish" in stderr
+    assert "stopped before its end" in stderr and "trainer.resume=auto" in stderr
+    assert "no config.json" not in stderr and not (out / "finetune").exists()

@@ -70,7 +70,7 @@ def test_unknown_names_list_the_known_ones_and_names_are_unique(registry):
 
 
 def test_the_card_names_metrics_as_the_hub_does():
-    from medfound.evaluate.metrics import DEFINITIONS, hub_metric_type
+    from medfound.evaluate.definitions import DEFINITIONS, hub_metric_type
 
     assert set(DEFINITIONS) <= set(METRICS.names())
     assert hub_metric_type("auroc") == "roc_auc" and hub_metric_type("not_registered") == "not_registered"

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 MAX_SAMPLES_PER_IMAGE = 10_000
+INSTANCE_CHECKS = 8  # masks checked for instance labels when the set does not state its --mask-mode
 TENSORS_PER_VOXEL = 12
 
 
@@ -46,7 +47,10 @@ def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = 
     from medfound.data.pipeline import decode_member, shard_urls
     from medfound.data.tario import tar_samples
 
+    from medfound.data.masks import instance_like
+
     urls, (manifest,) = shard_urls([shards], split)
+    mask_mode = manifest.ingest.get("mask_mode")  # stated at ingest (--mask-mode)
     rng = np.random.default_rng(seed)
     shapes, spacings, channels, fg_values, all_values = [], [], set(), [], []
     counts: dict[int, int] = {}
@@ -75,6 +79,14 @@ def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = 
         shapes.append(list(spatial))
         if meta.get("spacing_mm") and len(meta["spacing_mm"]) == len(spatial):
             spacings.append([float(s) for s in meta["spacing_mm"]])
+        if mask_mode is None and n < INSTANCE_CHECKS and (why := instance_like(m if m.ndim == len(spatial)
+                                                                             else m[..., 0])):
+            raise ValueError(f"{shards}: sample {key}'s {mask_name} mask looks like instance labels ({why}); planned "
+                             f"as they are, every id would be a class. Re-shard with `medfound shard images ... "
+                             "--mask-mode instance` (or binary): both plan as foreground vs background; or "
+                             "--mask-mode semantic if the values are classes")
+        if mask_mode in ("binary", "instance"):  # foreground vs background, whatever the ids
+            m = (m > 0).astype(np.uint8)
         values, labels = np.unique(m if m.ndim == len(spatial) else m[..., 0], return_counts=True)
         for v, c in zip(values.tolist(), labels.tolist()):
             counts[int(v)] = counts.get(int(v), 0) + int(c)
@@ -102,7 +114,7 @@ def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = 
     total = sum(counts.values())
     return {
         "shards": str(shards), "split": split, "name": manifest.name, "modality": manifest.modality, "images": n,
-        "spatial_dims": dims, "channels": sorted(channels), "mask": mask_name,
+        "spatial_dims": dims, "channels": sorted(channels), "mask": mask_name, "mask_mode": mask_mode,
         "shapes": {"median": [int(v) for v in np.median(shapes, axis=0)], "min": np.min(shapes, axis=0).tolist(),
                    "max": np.max(shapes, axis=0).tolist()},
         "spacing": ({"median": np.median(spacings, axis=0).tolist(), "p10": np.percentile(spacings, 10, axis=0).tolist(),
@@ -175,8 +187,10 @@ def make_plan(fp: dict[str, Any], memory_gb: float = 8.0) -> dict[str, Any]:
     ct = fp["modality"] == "ct"
     fg = fp["intensity"]["foreground"] or fp["intensity"]["all"]
     values = sorted(int(k) for k in fp["classes"])
-    # a binary mask stored as 0/255 (or 0/1) is two classes; otherwise the values are the class indices
-    num_classes = 2 if len([v for v in values if v != 0]) <= 1 else max(values) + 1
+    # a binary mask stored as 0/255 (or 0/1) is two classes, and so are instance masks (foreground vs background);
+    # otherwise the values are the class indices
+    num_classes = 2 if fp.get("mask_mode") in ("binary", "instance") or len([v for v in values if v != 0]) <= 1 \
+        else max(values) + 1
     # nnU-Net samples patches with replacement; here each decoded image gives `crops_per_image` crops, enough that
     # an epoch of a small data set still fills two batches
     crops = int(min(8, max(1, math.ceil(2 * batch / fp["images"]))))

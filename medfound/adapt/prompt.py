@@ -172,6 +172,13 @@ class PromptTask(torch.nn.Module):
                 out["dice"] = 2 * (p & (y > 0)).sum() / (p.sum() + (y > 0).sum()).clamp_min(1)
         return out
 
+    @torch.no_grad()
+    def visualize(self, batch: dict, out: dict):
+        """trainer.visualize_every: rows of image | ground truth | prediction, the prompt box outlined on each."""
+        from medfound.adapt.pictures import overlay_rows
+
+        return overlay_rows(batch["image"], (batch["mask"] > 0).long(), (out["logits"] > 0).long(), boxes=batch["box"])
+
 
 def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
     from medfound.adapt.heads.prompt import build_prompt_segmenter
@@ -294,6 +301,23 @@ def mask_warnings(masks: np.ndarray, boxes: Sequence[Sequence[float]], threshold
     return out
 
 
+def read_image(path: Path):
+    """An image file as RGB, or a ValueError naming the file and the fix: a decompression bomb (more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS allows) or a file that is not an image never reaches the model as a traceback."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}. If the image is genuine, crop or downsample it first (a box prompt needs the "
+                         "region around the structure, not a whole slide)") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read (PNG, JPEG, TIFF)") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e}); is it truncated?") from None
+
+
 def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequence[Sequence[float]],
                   out: str | Path, threshold: float = 0.5, box_format: str = "xyxy",
                   modalities: Sequence[str] = (), modality: Optional[str] = None) -> tuple[list[Path], list[str]]:
@@ -315,8 +339,7 @@ def segment_boxes(predictor: "BoxPredictor", image_path: str | Path, boxes: Sequ
         raise ValueError(f"--box-format {box_format}: choose xyxy (x0,y0,x1,y1) or xywh (COCO x,y,w,h)")
     if box_format == "xywh":
         boxes = xywh_to_xyxy(boxes)
-    with Image.open(image_path) as im:
-        image = im.convert("RGB")
+    image = read_image(image_path)
     try:
         probs = predictor.predict(image, boxes, return_probs=True)
     except ValueError as e:

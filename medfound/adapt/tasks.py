@@ -176,6 +176,13 @@ class SegmentationTask(nn.Module):
                 out["dice"] = 2 * inter / (fg_p.sum() + fg_y.sum()).clamp_min(1)
         return out
 
+    @torch.no_grad()
+    def visualize(self, batch: dict, out: dict):
+        """trainer.visualize_every: rows of image | ground truth | prediction (medfound.adapt.pictures)."""
+        from medfound.adapt.pictures import overlay_rows
+
+        return overlay_rows(batch["image"], batch["mask"], out["logits"].argmax(1))
+
 
 class MILTask(nn.Module):
     """Slide-level classification from padded bags of tile features with gated-attention MIL.

@@ -29,12 +29,15 @@ class HeadRules:
     tuning_why: ClassVar[str] = ""
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     spatial_why: ClassVar[str] = ""
+    # what trainer.visualize_every draws for this head (the task module's `visualize`), or None: it draws nothing
+    visualizes: ClassVar[Optional[str]] = None
 
 
 class CNNHeadRules(HeadRules):
     """The segmentation CNNs (MONAI): trained from scratch, no backbone."""
 
     task: ClassVar[str] = "segmentation"
+    visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
     backbone: ClassVar[str] = "none"
     tunings: ClassVar[tuple[str, ...]] = ("full",)
     tuning_why: ClassVar[str] = ("is a CNN trained from scratch: set tuning=full (lora, linear_probe and last_k adapt a "
@@ -67,6 +70,7 @@ class UNETRHeadConfig(HeadRules, Strict):
     """UNETR-style decoder (Hatamizadeh et al. 2022) over intermediate ViT blocks (heads/unetr.py)."""
 
     task: ClassVar[str] = "segmentation"
+    visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
 
     type: Literal["unetr"] = Field("unetr", description="the head (`medfound ls heads`)")
     feature_size: int = Field(16, gt=0, description="decoder width at full resolution; doubles per level")
@@ -78,6 +82,7 @@ class TransUNetHeadConfig(HeadRules, Strict):
     """TransUNet (Chen et al. 2021): CNN stem for skips + ViT encoder + cascaded upsampler (heads/transunet.py)."""
 
     task: ClassVar[str] = "segmentation"
+    visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
     spatial_why: ClassVar[str] = "head.type=transunet is 2-D here: use unet, vnet or unetr for volumes"
 
@@ -158,6 +163,7 @@ class BoxPromptHeadConfig(HeadRules, Strict):
     ViT backbone; one binary mask per box. data.img_size is the model's input edge."""
 
     task: ClassVar[str] = "box_prompt"
+    visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction with the prompt box, per training image"
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
 
     type: Literal["box_prompt"] = Field("box_prompt", description="the head (`medfound ls heads`)")

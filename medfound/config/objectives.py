@@ -7,7 +7,7 @@ augmentation presets it trains on (`augments`) and describes itself for the mode
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
 
@@ -19,6 +19,8 @@ class MAEConfig(Strict):
     """Masked autoencoder (He et al. 2022), the objective RETFound pretrains with."""
 
     augments: ClassVar[tuple[str, ...]] = ("mae", "light", "none", "he")  # one view per image
+    # what trainer.visualize_every draws (the objective's `visualize`), or None: it draws nothing
+    visualizes: ClassVar[Optional[str]] = "original | masked input | reconstruction, per training image"
 
     name: Literal["mae"] = Field("mae", description="the objective (`medfound ls objectives`)")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches hidden from the encoder")
@@ -35,6 +37,7 @@ class DINOConfig(Strict):
     """DINOv2 + iBOT + KoLeo (Oquab et al. 2023), the objective UNI pretrains with (medfound/pretrain/dino.py)."""
 
     augments: ClassVar[tuple[str, ...]] = ("dino",)  # multi-crop views
+    visualizes: ClassVar[Optional[str]] = None
 
     name: Literal["dinov2"] = Field("dinov2", description="the objective (`medfound ls objectives`)")
     out_dim: int = Field(65536, gt=0, description="prototypes")

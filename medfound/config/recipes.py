@@ -36,6 +36,13 @@ def _check_unused(task: str, data: DataConfig, eval: Optional[EvalConfig] = None
         raise ValueError("; ".join(errors))
 
 
+def _check_pictures(trainer: TrainerConfig, draws: Optional[str], who: str) -> None:
+    """trainer.visualize_every only where the objective or head draws something (its config's `visualizes`)."""
+    if trainer.visualize_every is not None and draws is None:
+        raise ValueError(f"trainer.visualize_every={trainer.visualize_every}: {who} draws no training pictures (MAE "
+                         "pretraining, segmentation and box-prompt heads do); remove it from the recipe")
+
+
 class PretrainRecipe(Strict):
     """`medfound pretrain`: a self-supervised objective over a timm backbone."""
 
@@ -64,6 +71,7 @@ class PretrainRecipe(Strict):
             raise ValueError(f"objective {o.name} takes one view per image: set data.augment to one of "
                              f"{', '.join(o.augments)} (e.g. {o.augments[0]}; got {self.data.augment!r})")
         _check_unused("pretrain", self.data)
+        _check_pictures(self.trainer, o.visualizes, f"objective.name={o.name}")
         return self
 
 
@@ -120,6 +128,7 @@ class FinetuneRecipe(Strict):
             raise ValueError(f"{'classification' if h.task == 'classification' else f'head.type={t}'} needs "
                              "data.img_size (the input edge)")
         _check_unused(h.task, self.data, self.eval)
+        _check_pictures(self.trainer, h.visualizes, f"head.type={t}")
         return self
 
 

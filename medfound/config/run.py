@@ -43,8 +43,10 @@ class TrainerConfig(Strict):
     wandb_project: str = Field("medfound", description="wandb project name")
     progress: bool = Field(True, description="show a progress bar (tqdm)")
     max_bad_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row (each is skipped)")
-    visualize_every: Optional[int] = Field(None, gt=0, description="save the objective's picture (MAE reconstructions) "
-                                                                   "to logs/images every N steps")
+    visualize_every: Optional[int] = Field(None, gt=0, description="save a training picture to logs/images every N "
+                                                                   "steps: MAE reconstructions; image | truth | "
+                                                                   "prediction for segmentation and box prompts (other "
+                                                                   "objectives and heads refuse it)")
     compile: bool = Field(False, description="torch.compile the module (PyTorch 2)")
     strategy: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = Field(
         "ddp", description="how weights are spread over processes: ddp (replicated), fsdp (FSDP2: parameters, "
@@ -100,7 +102,11 @@ class BackboneConfig(Strict):
 class CardConfig(Strict):
     """What the model card says beyond the run's own record."""
 
-    license: str = Field("apache-2.0", description="licence of the published weights (card metadata)")
+    license: Optional[str] = Field(None, description="licence of the published weights (card metadata); default: the "
+                                                     "most restrictive licence of the training data and imported "
+                                                     "weights (apache-2.0 when all are permissive); a less "
+                                                     "restrictive one is refused at publish (medfound.publish."
+                                                     "licences)")
     demo: bool = Field(False, description="mark the card as a demonstration model, not for any clinical use")
     summary: Optional[str] = Field(None, description="the card's first paragraph (default: architecture and stages)")
     tags: list[str] = Field(default_factory=list, description="extra Hub tags")

@@ -11,6 +11,12 @@ application-default credentials, and both honour fsspec's own configuration file
 
 A server that cannot be reached, refuses access or times out raises `RemoteError` naming the URL and the cause
 (no such host, connection refused, HTTP 403, timeout) within `CONNECT_TIMEOUT_S` seconds of the attempt.
+
+A server is never trusted with more than the manifest says: a shard is read as exactly its listed byte count (a
+body that goes on past it, an endless stream or a compression bomb, is refused, never buffered), bytes arrive as
+stored (no transparent decompression: `Accept-Encoding: identity`, and a gzip answer is hashed as sent, so it fails
+its sha256), and a shard must arrive within an overall deadline, `shard_deadline(size)`, however slowly the server
+drips it. Small files (manifests, tables) are read up to `MAX_SMALL_FILE` bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ from urllib.parse import urlsplit
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
+MIN_BYTES_PER_S = 256 * 1024  # the slowest average rate a shard may arrive at (2 Mbit/s): beyond it, a deadline
+MAX_SMALL_FILE = 256 << 20    # a manifest or table larger than this is not a medfound file
+
+
+def shard_deadline(size: int) -> float:
+    """Seconds a remote file of `size` bytes may take to arrive, start to end."""
+    return CONNECT_TIMEOUT_S + READ_TIMEOUT_S + size / MIN_BYTES_PER_S
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -34,6 +47,10 @@ class RemoteError(OSError):
 
 class RemoteNotFound(RemoteError, FileNotFoundError):
     """The server answered, and there is no such object (HTTP 404, no such key or bucket)."""
+
+
+class RemoteDataError(RemoteError):
+    """The server answered with more data than the file is listed with (an endless or inflated body)."""
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -104,9 +121,11 @@ def _filesystem(url: str):
     if scheme in ("http", "https"):
         import aiohttp
 
+        # bytes as stored: no transparent decompression (a gzip bomb would be inflated before any check)
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S,
                                                                      sock_connect=CONNECT_TIMEOUT_S,
-                                                                     sock_read=READ_TIMEOUT_S)}
+                                                                     sock_read=READ_TIMEOUT_S),
+                                    "auto_decompress": False, "headers": {"Accept-Encoding": "identity"}}
     elif scheme == "s3":
         options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
                                     "retries": {"max_attempts": 2, "mode": "standard"}}
@@ -178,32 +197,50 @@ def size(url: str) -> int:
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole file at `url` (a manifest, a small table)."""
+    """The whole file at `url` (a manifest, a small table), at most MAX_SMALL_FILE bytes."""
     if not is_url(url):
         with open(url, "rb") as f:
             return f.read()
-    return _remote(url, "read", lambda fs: fs.cat_file(url))
+    with open_binary(url, block_size=1 << 20, limit=MAX_SMALL_FILE, deadline=shard_deadline(MAX_SMALL_FILE)) as f:
+        return f.read()
 
 
-def open_binary(url: str, block_size: int = 8 << 20) -> IO[bytes]:
+def open_binary(url: str, block_size: int = 8 << 20, limit: int | None = None,
+                deadline: float | None = None) -> IO[bytes]:
     """A binary file object for `url` read front to back: buffered (local), one streamed GET (http/https: no range
-    requests, so any web server will do), or `block_size` range reads with read-ahead (object stores)."""
+    requests, so any web server will do), or `block_size` range reads with read-ahead (object stores).
+    Remote: `limit` bytes at most (more is a RemoteError, never buffered), all of them within `deadline` seconds
+    (default `shard_deadline(limit)` when a limit is given)."""
     if not is_url(url):
         return open(url, "rb", buffering=1 << 20)
+    if deadline is None and limit is not None:
+        deadline = shard_deadline(limit)
     if urlsplit(url).scheme.lower() in ("http", "https"):
-        f = _remote(url, "open", lambda fs: fs.open(url, "rb", block_size=0))
+        import aiohttp
+
+        per_request = {} if deadline is None else {"timeout": aiohttp.ClientTimeout(
+            total=deadline, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)}
+        # `size` given: fsspec then skips its HEAD request, whose own `timeout` argument means something else
+        f = _remote(url, "open", lambda fs: fs.open(url, "rb", block_size=0, **per_request,
+                                                    **({"size": limit} if per_request else {})))
     else:
         f = _remote(url, "open", lambda fs: fs.open(url, "rb", block_size=block_size, cache_type="none"))
-    return _Chunked(f, url, block_size)
+    return _Chunked(f, url, block_size, limit, deadline)
 
 
 class _Chunked(io.RawIOBase):
     """A remote file read in `chunk`-byte requests and served from memory: the tar reader asks for 512-byte headers,
-    and each read of an fsspec file is a round trip through its event loop. Failures name the URL."""
+    and each read of an fsspec file is a round trip through its event loop. Failures name the URL. At most `limit`
+    bytes are taken (a server sending more is refused), all within `deadline` seconds of opening."""
 
-    def __init__(self, f: Any, url: str, chunk: int):
+    def __init__(self, f: Any, url: str, chunk: int, limit: int | None = None, deadline: float | None = None):
+        import time
+
         self.f, self.url, self.chunk = f, url, chunk
         self.buf, self.pos = b"", 0
+        self.limit, self.fetched = limit, 0
+        self.deadline = None if deadline is None else time.monotonic() + deadline
+        self.allowed = deadline
 
     def readable(self) -> bool:
         return True
@@ -229,10 +266,31 @@ class _Chunked(io.RawIOBase):
         return len(data)
 
     def _fetch(self, n: int) -> bytes:
+        if self.limit is not None:
+            left = self.limit - self.fetched
+            if left <= 0:
+                if self._raw(1):  # the server goes on past the size it was listed with
+                    raise RemoteDataError(f"{redact(self.url)} sent more than the {self.limit:,} bytes it is listed with "
+                                      "(an endless or inflated body, or a replaced file): refused, nothing of it kept; "
+                                      "check the server, or re-create the shard set")
+                return b""
+            n = left if n < 0 else min(n, left)
+        data = self._raw(n)
+        self.fetched += len(data)
+        return data
+
+    def _raw(self, n: int) -> bytes:
+        import time
+
         try:
-            return self.f.read(n)
+            data = self.f.read(n)
         except Exception as e:  # aiohttp / botocore errors raised through fsspec's sync layer
             raise _fail(self.url, e, "read") from None
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RemoteError(f"cannot read {redact(self.url)}: timed out (not all of it arrived within "
+                              f"{self.allowed:.0f} s, the deadline for its size at {MIN_BYTES_PER_S // 1024} KiB/s); "
+                              "a stalled or dripping server")
+        return data
 
     def close(self) -> None:
         try:
@@ -244,6 +302,15 @@ class _Chunked(io.RawIOBase):
 def upload(local: str | os.PathLike, url: str) -> None:
     """Copy the local file `local` to `url` (a whole-object PUT: readers never see part of it)."""
     _remote(url, "write", lambda fs: fs.put_file(str(local), url))
+
+
+def list_names(url: str) -> list[str]:
+    """The file names directly under the remote prefix `url` (empty when it cannot be listed, e.g. a web server)."""
+    try:
+        found = _remote(url, "list", lambda fs: fs.ls(url, detail=False))
+    except (RemoteError, NotImplementedError):
+        return []
+    return [posixpath.basename(str(f).rstrip("/")) for f in found]
 
 
 def remove(url: str) -> None:

@@ -204,7 +204,7 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
             continue
         try:  # the streaming checks at their strictest: size, sha256, then every header and the sample count
             keys = shard_keys(str(p), s.model_dump(), "sha256")
-        except ShardError as e:
+        except (ShardError, location.RemoteDataError) as e:
             problems.append(str(e))
             continue
         for key in keys:
@@ -236,3 +236,45 @@ def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) 
     if not splits:
         return None
     return {p: sorted(v) for p, v in sorted(splits.items()) if len(v) > 1}
+
+
+def salt_fingerprint(manifest: Manifest) -> Optional[str]:
+    """The fingerprint of the salt behind the set's patient tokens (`ingest.patient_salt`), or None when not recorded
+    (a set written before medfound recorded it, or one without tokens: npz, slides)."""
+    salt = manifest.ingest.get("patient_salt")
+    return salt.get("fingerprint") if isinstance(salt, dict) else None
+
+
+def salt_caveat(manifest: Manifest) -> Optional[str]:
+    """Why the set's own leakage check cannot vouch for its splits, or None: a set merged from parts without a
+    recorded salt fingerprint may hold parts whose tokens come from different salts (the same patient under two
+    tokens, in two splits, invisible to the check)."""
+    if manifest.ingest.get("merged_parts") and salt_fingerprint(manifest) is None:
+        return (f"merged from {manifest.ingest['merged_parts']} parts whose salts were not recorded (made before "
+                "medfound recorded salt fingerprints): if they were ingested with different --salt values, the same "
+                "patient has two tokens and can sit in two splits unseen; re-ingest the parts to check")
+    return None
+
+
+def download_set(url: str, dest: Path) -> Path:
+    """Download the shard set at `url` (its manifest and every shard it lists) into the new folder `dest`, each shard
+    capped at its listed size and refused when its sha256 differs (RemoteDataError); returns `dest`."""
+    from medfound.data.location import RemoteDataError, join, open_binary, read_bytes, redact
+
+    raw = read_bytes(join(url, MANIFEST_NAME))
+    listed = json.loads(raw).get("shards", [])
+    dest.mkdir(parents=True)
+    for entry in listed:
+        name = str(entry.get("path", ""))
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name == MANIFEST_NAME:
+            raise RemoteDataError(f"{redact(url)}/{MANIFEST_NAME} lists {name!r}, not a plain shard file name")
+        h = hashlib.sha256()
+        with open_binary(join(url, name), limit=int(entry.get("bytes", 0))) as src, open(dest / name, "wb") as f:
+            while block := src.read(8 << 20):
+                h.update(block)
+                f.write(block)
+        if h.hexdigest() != entry.get("sha256"):
+            raise RemoteDataError(f"{redact(join(url, name))}: sha256 differs from its manifest (corrupt, replaced or "
+                                  "cut short); re-create that shard set")
+    (dest / MANIFEST_NAME).write_bytes(raw)
+    return dest

@@ -36,6 +36,7 @@ from PIL import Image
 
 import medfound
 from medfound.data.manifest import LabelSchema, Manifest, ShardInfo, by_split_order, count_table, write_manifest
+from medfound.data.journal import Journal
 from medfound.io import atomic_dir, sha256_file
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -190,7 +191,7 @@ def write_shard_set(
     bags: Optional[Iterable[dict[str, Any]]] = None,
     skipped: Optional[dict[str, Any]] = None,
     deidentification: Optional[dict[str, Any]] = None,
-    journal: Optional["Journal"] = None,
+    journal: Optional[Journal] = None,
 ) -> Manifest:
     """Write `samples` as shards under `out` with a manifest; return the manifest.
 
@@ -253,16 +254,22 @@ def write_shard_set(
                             deidentification=deidentification, medfound_version=medfound.__version__,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         if journal:
-            journal.finish()
+            journal.check_complete(seen)
         write_manifest(tmp, manifest)
+    if journal:
+        journal.finish(out)
     return manifest
 
 
-def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) -> None:
+def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) -> Manifest:
     """Copy the finished shard set in `local` to the remote prefix `url`: the shards first, `manifest.json` last, so
     a reader sees the old set, no set, or the whole new one, never a manifest whose shards are still uploading.
-    With `overwrite`, the old manifest is removed before any shard is replaced and the old set's unlisted shards
-    after the new manifest is up; without it an existing set at `url` is refused."""
+
+    With `overwrite`, an existing set at `url` stays whole and readable until the new manifest replaces it: a new
+    shard whose name is taken there by other content is uploaded under a new name (`train-000003.<sha12>.tar`, listed
+    so in the new manifest), never over the old one; after the manifest swap, the old set's shards that the new one
+    does not list (and shards an interrupted earlier overwrite left unlisted) are deleted. Without `overwrite` an
+    existing set at `url` is refused. Returns the manifest as uploaded."""
     from medfound.data import location
     from medfound.data.manifest import MANIFEST_NAME, read_manifest
 
@@ -277,16 +284,33 @@ def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) ->
             old = read_manifest(url)
         except ValueError:
             old = None
-        location.remove(target)
-    new = read_manifest(local)
-    for s in new.shards:
-        location.upload(local / s.path, location.join(url, s.path))
-    location.upload(local / MANIFEST_NAME, target)
-    if old is not None:
-        keep = {s.path for s in new.shards}
-        for s in old.shards:
-            if s.path not in keep:
-                location.remove(location.join(url, s.path))
+    built = read_manifest(local)
+    taken = {s.path: s.sha256 for s in old.shards} if old is not None else {}
+    # a name the old set uses for other bytes: upload beside it, never over it
+    names = [s.path if taken.get(s.path, s.sha256) == s.sha256 else f"{s.path[:-4]}.{s.sha256[:12]}.tar"
+             for s in built.shards]
+    for s, name in zip(built.shards, names):
+        location.upload(local / s.path, location.join(url, name))
+    new = built
+    if names != [s.path for s in built.shards]:  # the manifest lists the names as uploaded (its digest follows)
+        import tempfile
+
+        new = built.model_copy(update={"shards": [s.model_copy(update={"path": n}) for s, n in zip(built.shards,
+                                                                                                names)]})
+        with tempfile.TemporaryDirectory(prefix="medfound-manifest-") as tmp:
+            write_manifest(tmp, new)
+            location.upload(Path(tmp) / MANIFEST_NAME, target)  # the swap: readers now see the new set
+    else:
+        location.upload(local / MANIFEST_NAME, target)  # the swap
+    keep = {s.path for s in new.shards}
+    stale = {s.path for s in old.shards} if old is not None else set()
+    stale |= {n for n in location.list_names(url) if _SHARD_NAME.match(n)}  # left by an interrupted overwrite
+    for name in sorted(stale - keep):
+        location.remove(location.join(url, name))
+    return new
+
+
+_SHARD_NAME = re.compile(r"^[a-z][a-z0-9_]*-\d{6}(\.[0-9a-f]{12})?\.tar$")  # what medfound names shards
 
 
 def _sum_into(target: dict[str, Any], add: dict[str, Any]) -> dict[str, Any]:
@@ -309,31 +333,67 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
     exactly 0..N-1 of one ingest (same source, settings, label schema and name), and no sample key may be in two
     parts. The shards are copied (hard-linked where the file system allows) and numbered per split in part order;
     counts, skipped inputs and de-identification tallies are summed; bags are concatenated. Nothing is written
-    under `out` unless all of that holds."""
+    under `out` unless all of that holds.
+
+    Parts and `out` may be remote prefixes (`s3://`, `gs://`; parts also `https://`): remote parts are downloaded
+    into a temporary folder (each shard capped at its listed size and checked against its sha256), and a remote
+    `out` is built there and uploaded as `medfound shard --out s3://...` uploads (shards first, manifest last)."""
+    import tempfile
+
+    from medfound.data import location
+    from medfound.data.manifest import download_set
+
+    if not part_dirs:
+        raise ValueError("shard merge needs the part folders: medfound shard merge PART_DIR... --out DIR")
+    remote_out = location.is_url(out)
+    if not remote_out and not any(location.is_url(d) for d in part_dirs):
+        return _merge_local([Path(d) for d in part_dirs], Path(out), overwrite, {})
+    with tempfile.TemporaryDirectory(prefix="medfound-merge-") as tmp:
+        local, shown = [], {}
+        for i, d in enumerate(part_dirs):
+            if location.is_url(d):
+                copy = download_set(location.check_location(d), Path(tmp) / f"part{i}")
+                shown[copy] = location.redact(str(d))
+                local.append(copy)
+            else:
+                local.append(Path(d))
+        if not remote_out:
+            return _merge_local(local, Path(out), overwrite, shown)
+        out = location.check_location(out)
+        if not overwrite and location.exists(location.join(out, "manifest.json")):
+            raise FileExistsError(f"{location.redact(out)} already holds a shard set (manifest.json); pass "
+                                  "--overwrite to replace it, or choose another --out")
+        _merge_local(local, Path(tmp) / "merged", False, shown)
+        return upload_shard_set(Path(tmp) / "merged", out, overwrite=overwrite)
+
+
+def _merge_local(part_dirs: list[Path], out: Path, overwrite: bool, shown: dict[Path, str]) -> Manifest:
+    """merge_parts over local part folders into a local `out`; `shown`: the name to print for a downloaded part."""
     import os
     import shutil
 
     from medfound.data.manifest import read_manifest
     from medfound.data.tario import ShardError, shard_keys
 
-    if not part_dirs:
-        raise ValueError("shard merge needs the part folders: medfound shard merge PART_DIR... --out DIR")
+    def label(d: Path) -> str:
+        return shown.get(d, str(d))
+
     parts: dict[int, tuple[Path, Manifest]] = {}
     total_parts = None
-    for d in map(Path, part_dirs):
+    for d in part_dirs:
         m = read_manifest(d)
         where = m.ingest.get("part")
         if not (isinstance(where, list) and len(where) == 2):
-            raise ValueError(f"{d} is not a part (its manifest has no ingest.part): write parts with "
+            raise ValueError(f"{label(d)} is not a part (its manifest has no ingest.part): write parts with "
                              "`medfound shard KIND INPUT --part I/N --out PART_DIR`")
         i, n = int(where[0]), int(where[1])
         if total_parts is None:
             total_parts = n
         elif n != total_parts:
-            raise ValueError(f"{d} is part {i} of {n}, but {parts[min(parts)][0]} is of {total_parts}: the parts come "
-                             "from different --part N")
+            raise ValueError(f"{label(d)} is part {i} of {n}, but {label(parts[min(parts)][0])} is of {total_parts}: "
+                             "the parts come from different --part N")
         if i in parts:
-            raise ValueError(f"part {i}/{n} is given twice ({parts[i][0]} and {d}): the parts overlap")
+            raise ValueError(f"part {i}/{n} is given twice ({label(parts[i][0])} and {label(d)}): the parts overlap")
         parts[i] = (d, m)
     missing = sorted(set(range(total_parts)) - set(parts))
     if missing:
@@ -349,9 +409,16 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
 
     def same(field: str, m: Manifest, d: Path) -> None:
         if comparable(m, field) != comparable(first, field):
-            raise ValueError(f"{d} and {first_dir} differ in {field}: the parts come from different ingests (same "
-                             "input, options and --name are needed)")
+            raise ValueError(f"{label(d)} and {label(first_dir)} differ in {field}: the parts come from different "
+                             "ingests (same input, options and --name are needed)")
 
+    salts = {label(d): (m.ingest.get("patient_salt") or {}).get("fingerprint") for d, m in order}
+    if len(set(salts.values())) > 1:
+        listed = ", ".join(f"{d}: {fp or 'not recorded'}" for d, fp in salts.items())
+        raise ValueError(f"the parts' patient tokens come from different salts (salt fingerprints {listed}): the same "
+                         "patient has unrelated tokens in them, so the split by patient would put one patient in "
+                         "several splits. Re-ingest every part with the same --salt (or none, to derive it from the "
+                         "inputs)")
     owner: dict[str, Path] = {}
     for d, m in order:
         for field in ("name", "label_schema", "source", "ingest", "site"):
@@ -360,10 +427,10 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
             try:
                 keys = shard_keys(str(d / s.path), s.model_dump(), "sha256")
             except (ShardError, FileNotFoundError) as e:
-                raise ValueError(f"part {d} is damaged: {e}; re-ingest that part") from None
+                raise ValueError(f"part {label(d)} is damaged: {e}; re-ingest that part") from None
             for key in keys:
                 if key in owner:
-                    raise ValueError(f"sample {key!r} is in {owner[key]} and in {d}: the parts overlap")
+                    raise ValueError(f"sample {key!r} is in {label(owner[key])} and in {label(d)}: the parts overlap")
                 owner[key] = d
     with atomic_dir(out, overwrite=overwrite, kind="shards") as tmp:
         shards: list[ShardInfo] = []
@@ -402,118 +469,3 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_manifest(tmp, manifest)
     return manifest
-
-
-JOURNAL_NAME = ".progress.jsonl"
-
-
-def partial_dir(out: str | Path) -> Path:
-    """Where a resumable ingest of `out` builds: `.NAME.partial` beside it (kept after a failure or a kill)."""
-    out = Path(out)
-    return out.with_name(f".{out.name}.partial")
-
-
-class Journal:
-    """The progress of a resumable ingest, in `.NAME.partial/.progress.jsonl` (JSON lines, appended and fsynced at
-    every finished shard): the ingest's fingerprint, then per input its sample keys, the change it made to the
-    reader's side records (skipped files, de-identification counts, bags) and its DICOM instance token, and per
-    finished shard its manifest entry, keys and count summaries.
-
-    Resuming keeps the shards whose files still match their sha256 (per split, the unbroken run of them from the
-    first), deletes everything else in the folder, and skips, without decoding them, the inputs whose every sample is
-    in a kept shard; the other inputs are read again and only their samples not in a kept shard are written. The
-    result is byte-identical to an uninterrupted ingest."""
-
-    def __init__(self, out: str | Path, fingerprint: str, resume: bool):
-        import shutil
-
-        self.dir = partial_dir(out)
-        self.path = self.dir / JOURNAL_NAME
-        self.fingerprint = fingerprint
-        self.shards: list[ShardInfo] = []
-        self.summaries: list[dict[str, Any]] = []
-        self.done_keys: set[str] = set()
-        self.fields: list[str] = []
-        self.items: dict[int, dict[str, Any]] = {}
-        self.resumed = False
-        self._pending: list[str] = []
-        if resume and self.path.is_file():
-            self._load()
-            self.resumed = True
-        else:
-            if resume:
-                print(f"--resume: no partial ingest at {self.dir}; starting from the first input", flush=True)
-            if self.dir.exists():
-                shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True)
-            self._write([json.dumps({"t": "start", "fingerprint": fingerprint})])
-
-    def _load(self) -> None:
-        lines = []
-        for raw in self.path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:  # the last line of a killed write
-                break
-        if not lines or lines[0].get("t") != "start" or lines[0].get("fingerprint") != self.fingerprint:
-            raise ValueError(f"--resume: the partial ingest in {self.dir} was started with other inputs or options "
-                             "(the fingerprint differs); rerun without --resume to start over")
-        broken: set[str] = set()
-        keep: set[str] = {JOURNAL_NAME}
-        for line in lines[1:]:
-            if line["t"] == "item":
-                self.items[int(line["i"])] = line
-            elif line["t"] == "shard":
-                info = ShardInfo(**line["info"])
-                p = self.dir / info.path
-                ok = info.split not in broken and p.is_file() and p.stat().st_size == info.bytes and \
-                    sha256_file(p) == info.sha256
-                if not ok:
-                    broken.add(info.split)
-                    continue
-                self.shards.append(info)
-                keep.add(info.path)
-                self.done_keys.update(line["keys"])
-                self.summaries.extend(line["summaries"])
-                self.fields = line["fields"]
-        for p in self.dir.iterdir():  # a half-written shard, or one that no longer matches its record
-            if p.name not in keep:
-                p.unlink()
-        # the journal rewritten as what was kept, so that later appends extend a consistent file
-        kept = [json.dumps(lines[0])] + [json.dumps(v) for _, v in sorted(self.items.items())]
-        kept += [json.dumps(line) for line in lines[1:] if line["t"] == "shard" and line["info"]["path"] in keep]
-        from medfound.io import atomic_write_text
-
-        atomic_write_text(self.path, "\n".join(kept) + "\n")
-
-    def next_index(self, split: str) -> int:
-        return sum(1 for s in self.shards if s.split == split)
-
-    def skippable(self, i: int) -> Optional[dict[str, Any]]:
-        """The journal line of input `i` when all its samples are in kept shards (it need not be read again)."""
-        item = self.items.get(i)
-        if item is not None and all(k in self.done_keys for k in item["keys"]):
-            return item
-        return None
-
-    def add_item(self, i: int, keys: list[str], side: dict[str, Any], instance: Optional[str]) -> None:
-        self._pending.append(json.dumps({"t": "item", "i": i, "keys": keys, "side": side, "instance": instance},
-                                        default=list))
-
-    def add_shard(self, info: ShardInfo, keys: list[str], summaries: list[dict], fields: list[str]) -> None:
-        self._pending.append(json.dumps({"t": "shard", "info": info.model_dump(), "keys": keys,
-                                         "summaries": summaries, "fields": fields}))
-        self._write(self._pending)
-        self._pending = []
-
-    def _write(self, lines: list[str]) -> None:
-        import os
-
-        with open(self.path, "a") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def finish(self) -> None:
-        """The ingest is complete: the journal goes before the folder becomes the shard set."""
-        self.path.unlink(missing_ok=True)

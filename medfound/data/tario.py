@@ -71,9 +71,14 @@ class _Prepend(io.RawIOBase):
         return len(data)
 
 
-def _fallback(f: IO[bytes], url: str, header: bytes) -> Iterator[dict]:
+def _fallback(f: IO[bytes], url: str, header: bytes, left: int, fix: str) -> Iterator[dict]:
+    """The rest of the file (`left` bytes from `header` on) through tarfile, every member bounded by what is left: a
+    base-256 or PAX size of 10^12 bytes is a named error, never a read that grows until memory runs out."""
     with tarfile.open(fileobj=io.BufferedReader(_Prepend(header, f)), mode="r|") as tar:
         for member in tar:
+            if member.size > left:
+                raise ShardError(f"shard {url}: member {member.name} claims {member.size} bytes, more than the "
+                                 f"{max(left, 0)} the file holds after it (a corrupt or hostile header){fix}")
             if member.isfile():
                 yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
 
@@ -98,8 +103,9 @@ def iter_members(url: str, fileobj: Optional[IO[bytes]] = None, file_size: Optio
     GNU long names; anything else (links, sparse files, base-256 sizes) hands the rest of the file to `tarfile`.
     """
     if fileobj is None:
-        with location.open_binary(url) as f:
-            yield from iter_members(url, f, location.size(url) if file_size is None else file_size)
+        file_size = location.size(url) if file_size is None else file_size
+        with location.open_binary(url, limit=file_size) as f:
+            yield from iter_members(url, f, file_size)
         return
     fix = f"; check it with `medfound inspect {location.split(url)[0] or '.'}` and re-create it"
     f = fileobj
@@ -115,7 +121,7 @@ def iter_members(url: str, fileobj: Optional[IO[bytes]] = None, file_size: Optio
             raise ShardError(f"shard {url} ends inside a tar header at byte {offset} (truncated){fix}")
         kind = header[156:157]
         if header[257:262] != b"ustar" or header[124] & 0x80 or kind not in (b"0", b"\0", b"x", b"g", b"L", b"5"):
-            yield from _fallback(f, url, header)
+            yield from _fallback(f, url, header, file_size - offset, fix)
             return
         if not _checksum_ok(header):
             raise ShardError(f"shard {url}: corrupt tar header at byte {offset}{fix}")
@@ -194,13 +200,13 @@ def sample_key(fname: str) -> str:
 SPOOL_BYTES = 256 << 20  # a verified remote shard stays in memory up to this size, then spills to a temporary file
 
 
-def _download_verified(url: str, sha256: Optional[str], fix: str) -> IO[bytes]:
+def _download_verified(url: str, sha256: Optional[str], size: int, fix: str) -> IO[bytes]:
     """The remote shard at `url` copied into a spooled temporary file, hashed on the way; refused before any of it
     is parsed when the hash differs."""
     h = hashlib.sha256()
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
     try:
-        with location.open_binary(url) as src:
+        with location.open_binary(url, limit=size) as src:  # never more than the manifest lists
             while block := src.read(8 << 20):
                 h.update(block)
                 spool.write(block)
@@ -224,7 +230,7 @@ def _verified_members(url: str, expected: Optional[dict], verify: str) -> Iterat
     f: Optional[IO[bytes]] = None
     if verify == "sha256" and expected is not None:
         if location.is_url(url):
-            f = _download_verified(url, expected.get("sha256"), fix)
+            f = _download_verified(url, expected.get("sha256"), size, fix)
         elif sha256_file(url) != expected.get("sha256"):
             raise ShardError(f"shard {url}: sha256 differs from its manifest (corrupt or replaced){fix}")
     count, last = 0, None

@@ -315,7 +315,7 @@ def write_report(run_dir: Path, report: dict[str, Any], predictions: Optional[li
         if plots:
             lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
         if report.get("heatmaps"):
-            maps = sorted(Path(report["heatmaps"]).glob("*.png"))[:8]
+            maps = sorted((run_dir / report["heatmaps"]).glob("*.png"))[:8]
             lines += ["## Attention heatmaps", ""] + [f"![{p.stem}](../heatmaps/{p.name})" for p in maps] + [""]
         if report.get("warnings"):
             lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]

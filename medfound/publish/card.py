@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import medfound
-from medfound.evaluate.metrics import hub_metric_type
+from medfound.evaluate.definitions import hub_metric_type
 
 TEMPLATE = "template.md"
 EVAL_BEGIN, EVAL_END = "<!-- medfound:evaluation (generated from eval.json; `medfound card check` verifies it) -->", \

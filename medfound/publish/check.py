@@ -89,6 +89,35 @@ def _check_label_names(folder: Path, evaluation: dict) -> list[str]:
     return problems
 
 
+DATASET_LICENCE = re.compile(r"^- \*\*(.+?)\*\* \(.*\n\s+Manifest digest .*; licence (\S+?)\.$", re.M)
+
+
+def _check_licence(folder: Path, text: str, licence: str | None) -> list[str]:
+    """The card's licence carries every restriction of the data and imported weights the model was made from (read
+    from the folder's lineage; for a folder without its weights, from the card's own Training data lines), unless
+    the card prints the publisher's statement of rights (`medfound publish --rights-cleared`)."""
+    from medfound.publish.licences import RIGHTS_MARK, inputs, weaker_than
+
+    lineage = {}
+    for path in [folder / "config.json", *sorted(folder.glob("export/*.json"))]:
+        try:
+            found = json.loads(path.read_text()).get("medfound") if path.is_file() else None
+        except ValueError:
+            found = None
+        if isinstance(found, dict):
+            lineage = found
+            break
+    made_from = inputs(lineage) if lineage else [(f"data {name}", lic) for name, lic in DATASET_LICENCE.findall(text)]
+    if licence is None:
+        return ["the card's metadata states no licence"]
+    weaker = weaker_than(licence, made_from)
+    if weaker and RIGHTS_MARK not in text:
+        return [f"the card's licence {licence} is less restrictive than "
+                f"{', '.join(f'{w} ({lic})' for w, lic in weaker)}, and the card states no rights to publish so: "
+                "re-publish (the default licence follows the inputs) or with --rights-cleared"]
+    return []
+
+
 def check_card(folder: str | Path) -> list[str]:
     from huggingface_hub import ModelCard
 
@@ -126,6 +155,7 @@ def check_card(folder: str | Path) -> list[str]:
         if path.is_file() and path.relative_to(folder).as_posix() not in described:
             problems.append(f"adapter file {path.relative_to(folder).as_posix()} is not described by the card")
     problems += _check_preprocessing(folder, text)
+    problems += _check_licence(folder, text, ModelCard.load(readme).data.to_dict().get("license"))
     eval_path = folder / "eval.json"
     has_block = EVAL_BEGIN in text and EVAL_END in text
     if not eval_path.is_file():

@@ -49,14 +49,22 @@ def described_files(folder: Path, configs: list[str], adapters: list[str]) -> li
     return rows
 
 
-def _card_options(recipe: Any, name: str, run_dir: Path) -> dict[str, Any]:
+def _card_options(recipe: Any, name: str, run_dir: Path, licence: str) -> dict[str, Any]:
     c = recipe.card
     report = run_dir / "report"
     plots = [(title, f"report/{f}") for f, title in PLOTS.items() if (report / f).is_file()]
     plots += [(f"Prediction overlay {p.stem.rsplit('_', 1)[-1]}", f"report/{p.name}")
               for p in sorted(report.glob("overlay_internal_*.png"))[:2]]
-    return {"name": name, "license": c.license, "demo": c.demo, "summary": c.summary, "tags": c.tags,
+    return {"name": name, "license": licence, "demo": c.demo, "summary": c.summary, "tags": c.tags,
             "gated_prompt": c.gated_prompt, "gated_fields": c.gated_fields, "plots": plots}
+
+
+def _set_config_licence(config: Path, licence: str) -> None:
+    """The published timm config.json states the card's licence (timm's pretrained_cfg.license)."""
+    cfg = json.loads(config.read_text())
+    if cfg.get("pretrained_cfg", {}).get("license") != licence:
+        cfg.setdefault("pretrained_cfg", {})["license"] = licence
+        atomic_write_json(config, cfg)
 
 
 def _finish(tmp: Path, run_dir: Path, card) -> None:
@@ -74,16 +82,19 @@ def _finish(tmp: Path, run_dir: Path, card) -> None:
                            + "; ".join(problems))
 
 
-def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bool, name: Optional[str]) -> dict:
+def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bool, name: Optional[str],
+                 rights: Optional[str] = None) -> dict:
     """A run whose export is a timm folder (pretraining, classification; `task` its TaskSpec) -> the folder."""
     from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
     from medfound.publish.card import preprocessing as preprocessing_for
     from medfound.publish.export import check_reload, read_lineage, write_adapter_card
+    from medfound.publish.licences import resolve
 
     export = run_dir / "export"
     if not (export / task.weights_file).is_file():
         raise FileNotFoundError(f"{export}/{task.weights_file} missing: the run has not finished "
                                 f"(continue it with `medfound {recipe.kind} RECIPE trainer.resume=auto`)")
+    licence, licence_row = resolve(recipe.card.license, read_lineage(export), rights)  # refused before any work
     evaluation = _evaluation(run_dir, export / task.weights_file) if "evaluate" in task.capabilities else None
     reference = task.rebuild(run_dir, recipe)
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
@@ -94,6 +105,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
             elif src.is_file():
                 shutil.copy2(src, tmp / item)
         diff = check_reload(tmp, reference)
+        _set_config_licence(tmp / "config.json", licence)
         shutil.copy2(run_dir / "config.yaml", tmp / "training_config.yaml")
         if evaluation is not None:
             atomic_write_json(tmp / "eval.json", evaluation)
@@ -110,21 +122,23 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
             base = json.loads((adapter_dir / "base_model.json").read_text())
             base.update(base_model=recipe.card.base_model, timm_name=f"hf-hub:{recipe.card.base_model}")
             write_adapter_card(adapter_dir, base, class_names or None)
-        card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
-                           weights=[(task.weights_file, sha256_file(tmp / task.weights_file))],
+        card = render_card(**_card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
+                           evaluation=evaluation, weights=[(task.weights_file, sha256_file(tmp / task.weights_file))],
                            files=described_files(tmp, ["config.json"], ["adapter"]),
-                           details=timm_details(model, class_names, schema.get("type")) + base_rows(tmp, recipe),
+                           details=timm_details(model, class_names, schema.get("type")) + base_rows(tmp, recipe)
+                           + [("licence", licence_row)],
                            preprocessing=prep, load_snippet=_hub_snippet(timm_snippet(class_names, recipe.card.repo_id),
                                                                          recipe),
                            architecture=cfg.get("architecture"),
                            pipeline_tag="image-classification" if class_names else "image-feature-extraction",
                            library_name="timm", base_model=recipe.card.base_model, repo_id=recipe.card.repo_id)
         _finish(tmp, run_dir, card)
-    return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir())}
+    return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir()),
+            "license": licence}
 
 
 def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any, overwrite: bool,
-                    name: Optional[str]) -> dict:
+                    name: Optional[str], rights: Optional[str] = None) -> dict:
     """A run of a network task (segmentation, box prompt, MIL; `task` its TaskSpec, which says what the network is,
     what input it takes and how it loads) -> the folder; the published folder is loaded by `task.load` before the
     card is written, as the card's snippet (`medfound.load`) does."""
@@ -141,6 +155,9 @@ def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any,
     evaluation = _evaluation(run_dir, export / weights_name)
     meta = json.loads((export / meta_name).read_text())
     lineage = meta["medfound"]
+    from medfound.publish.licences import resolve
+
+    licence, licence_row = resolve(recipe.card.license, lineage, rights)
     with safe_open(str(export / weights_name), "pt") as f:
         n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
     details = [("network", f"`{recipe.head.type}` ({task.name}), {n_params:,} parameters"),
@@ -161,17 +178,21 @@ def publish_network(run_dir: Path, out: Path, recipe: FinetuneRecipe, task: Any,
         atomic_write_json(tmp / "eval.json", evaluation)
         atomic_write_json(tmp / "preprocessing.json", prep)
         task.load(tmp, recipe)  # the published folder loads strictly, as the card's snippet does
-        card = render_card(**_card_options(recipe, name or out.name, run_dir), lineage=lineage, evaluation=evaluation,
+        if (tmp / "export" / "backbone" / "config.json").is_file():
+            _set_config_licence(tmp / "export" / "backbone" / "config.json", licence)
+        card = render_card(**_card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
+                           evaluation=evaluation,
                            weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
                            files=described_files(tmp, sorted(p.relative_to(tmp).as_posix()
                                                              for p in (tmp / "export").glob("*.json")),
                                                  ["export/backbone/adapter"]),
-                           details=details + base_rows(tmp / "export" / "backbone", recipe), preprocessing=prep,
+                           details=details + base_rows(tmp / "export" / "backbone", recipe)
+                           + [("licence", licence_row)], preprocessing=prep,
                            load_snippet=_hub_snippet(task.load_snippet(), recipe),
                            architecture=recipe.head.type, pipeline_tag=pipeline_tag, library_name="medfound",
                            base_model=recipe.card.base_model, repo_id=recipe.card.repo_id)
         _finish(tmp, run_dir, card)
-    return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}
+    return {"out": str(out), "files": sorted(p.name for p in out.iterdir()), "license": licence}
 
 
 def base_rows(folder: Path, recipe: Any) -> list[tuple[str, str]]:

@@ -82,6 +82,17 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def _same_location(a: Any, b: Any) -> bool:
+    """Two spellings of the same local path (`runs/x` and `/home/me/runs/x`, `./runs/x/`), or lists of them."""
+    import os
+
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x == y or _same_location(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, str) and isinstance(b, str) and a and b) or "://" in a + b or os.sep not in a + b:
+        return False
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def resume_changes(old_text: str, new_text: str) -> list[tuple[str, Any, Any, bool]]:
     """(key, checkpoint's value, new value, breaks exactness) for every key that differs."""
     import yaml
@@ -91,7 +102,7 @@ def resume_changes(old_text: str, new_text: str) -> list[tuple[str, Any, Any, bo
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if a != b:
+        if a != b and not _same_location(a, b):
             harmless = any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
             out.append((key, None if a is missing else a, None if b is missing else b, not harmless))
     return out
@@ -132,6 +143,9 @@ def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunConte
                          "trainer.strategy (fsdp, zero1, zero2, zero3) in the recipe instead: launch with "
                          "launch/accelerate/fsdp.yaml (or multi_gpu.yaml) and set trainer.strategy")
     set_seed(t.seed)
+    from medfound.process import stop_when_launcher_dies
+
+    stop_when_launcher_dies()  # under torchrun: the launcher's death checkpoints and stops this process
     recipe.derived = derive(recipe, accelerator.num_processes, medfound.__version__)
     run_dir = Path(t.output_dir)
     if accelerator.is_main_process:

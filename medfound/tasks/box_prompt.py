@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
@@ -68,7 +69,7 @@ class BoxPromptTask(ImageNetwork):
         merged = merged_segmenter(module.model).eval()
         prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
         export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
-                     license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None,
+                     license=for_export(recipe.card.license, lineage), adapter=module.vit if recipe.tuning == "lora" else None,
                      adapter_base_model=recipe.backbone.weights)
         atomic_write_bytes(export / self.weights_file,
                            save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medfound.publish.licences import for_export
 from medfound.registry import HEADS
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import TrainData, register_task
@@ -81,7 +82,7 @@ class ClassificationTask(TimmExport):
 
         adapter = module.model if recipe.tuning == "lora" else None
         diff = export_model(merged_copy(module.model), export, data=recipe.data, lineage=lineage,
-                            license=recipe.card.license, label_names=module.label_schema.names, adapter=adapter,
+                            license=for_export(recipe.card.license, lineage), label_names=module.label_schema.names, adapter=adapter,
                             adapter_base_model=recipe.backbone.weights)
         return {"reload_max_abs_diff": diff}
 

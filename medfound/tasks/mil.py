@@ -180,7 +180,7 @@ class MILTask:
             "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
                         "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]}
                        for i, k in enumerate(keys)],
-            "heatmaps": str(heatmaps) if heatmaps else None,
+            "heatmaps": "heatmaps" if heatmaps else None,  # beside eval.json
             **({"external": externals} if externals else {}),
             **record_tail(warnings, [], start, externals),
         }

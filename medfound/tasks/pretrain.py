@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medfound.config import BackboneConfig, PretrainRecipe
+from medfound.publish.licences import for_export
 from medfound.registry import OBJECTIVES
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import TrainData, register_task
@@ -61,7 +62,7 @@ class PretrainTask(TimmExport):
 
         extra = {"mae_decoder.safetensors": module.decoder_bytes()} if hasattr(module, "decoder_bytes") else None
         diff = export_model(module.export_backbone(), export, data=recipe.data, lineage=lineage,
-                            license=recipe.card.license, extra_files=extra)
+                            license=for_export(recipe.card.license, lineage), extra_files=extra)
         return {"reload_max_abs_diff": diff}
 
     def rebuild(self, run_dir: Path, recipe) -> Any:

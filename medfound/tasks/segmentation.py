@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medfound.io import atomic_write_bytes, atomic_write_json
+from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
@@ -71,7 +72,7 @@ class SegmentationTask(ImageNetwork):
         if module.vit is not None and seg.spatial_dims == 2:  # the adapted backbone, reusable as a timm model
             prep = SimpleNamespace(mean=recipe.data.mean, std=recipe.data.std, img_size=seg.patch_size[-1])
             export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
-                         license=recipe.card.license, adapter=module.vit if recipe.tuning == "lora" else None,
+                         license=for_export(recipe.card.license, lineage), adapter=module.vit if recipe.tuning == "lora" else None,
                          adapter_base_model=recipe.backbone.weights)
         state_dict = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
         atomic_write_bytes(export / self.weights_file, save(state_dict))

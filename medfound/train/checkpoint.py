@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -190,7 +191,13 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     last = Path(root) / LAST
     if not last.is_file():
         return None
-    target = Path(root) / last.read_text().strip()
+    name = last.read_text().strip()
+    target = Path(root) / name
+    # `last` names a folder of this run's checkpoints/: never a path out of it (an edited pointer would resume, and
+    # then prune, another run's checkpoint), never a link
+    if not re.fullmatch(r"step_\d{8,}", name) or target.is_symlink() or last.is_symlink():
+        raise ValueError(f"{last} names {name!r}, which is not a checkpoint folder of {root} (step_NNNNNNNN, no "
+                         f"path, no link): set trainer.resume to the checkpoint you mean, or fix {last}")
     if not (target / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{last} names {target.name}, which is missing or incomplete; "
                                 f"point trainer.resume at another checkpoint in {root}")
@@ -200,10 +207,34 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """A checkpoint's trainer_state.json ("format" is "full" for checkpoints written before strategies)."""
     try:
-        return json.loads((Path(path) / "trainer_state.json").read_text())
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
     except Exception as e:
         raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          "resume from another checkpoint") from None
+    problem = _state_problem(state, Path(path))
+    if problem:
+        raise ValueError(f"checkpoint {path} is damaged: trainer_state.json {problem}; resume from another "
+                         "checkpoint")
+    return state
+
+
+def _state_problem(state: Any, path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's trainer_state (a hand edit, a damaged file), or None."""
+    if not isinstance(state, dict):
+        return "is not a JSON object"
+    for key in ("step", "images_seen", "skipped_steps"):
+        value = state.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"has {key}={value!r} (a count: an integer >= 0)"
+    if re.fullmatch(r"step_\d+", path.name) and int(path.name[5:]) != state.get("step", 0):
+        return f"says step {state.get('step')} in the folder of step {int(path.name[5:])}"
+    ranks = state.get("ranks", [])
+    if not isinstance(ranks, list) or not all(isinstance(r, dict) and isinstance(r.get("epoch", 0), int) and
+                                              isinstance(r.get("batch_in_epoch", 0), int) and
+                                              r.get("epoch", 0) >= 0 and r.get("batch_in_epoch", 0) >= 0
+                                              for r in ranks):
+        return "has a rank whose epoch or batch position is not an integer >= 0"
+    return None
 
 
 def load_checkpoint(path: Path, module: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,

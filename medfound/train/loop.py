@@ -198,7 +198,8 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         normalize = normalize.to(accelerator.device)
     logger = MetricsLogger(run_dir, trainer.loggers, enabled=main, wandb_mode=trainer.wandb_mode,
                            wandb_project=trainer.wandb_project,
-                           config=yaml.safe_load(config_text) if "wandb" in trainer.loggers else None)
+                           config=yaml.safe_load(config_text) if "wandb" in trainer.loggers else None,
+                           resume_step=state.step)
     ckpt_root = run_dir / "checkpoints"
 
     def checkpoint() -> Optional[Path]:

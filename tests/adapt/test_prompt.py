@@ -92,6 +92,20 @@ def test_every_tuning_strategy_shapes_and_gradients(tuning):
     assert_gradients_only_where_trainable(task, f"box_prompt/{tuning}")
 
 
+def test_training_pictures_outline_the_box_over_image_truth_and_prediction():
+    from medfound.adapt.prompt import build_prompt_task
+
+    torch.manual_seed(0)
+    task = build_prompt_task(_recipe("lora")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    b = {"image": x, "box": torch.tensor([[2.0, 3.0, 20.0, 25.0], [4.0, 4.0, 28.0, 28.0]]),
+         "mask": (torch.rand(2, 1, 32, 32) > 0.5).long()}
+    with torch.no_grad():
+        picture = task.visualize(b, task(b))
+    assert picture.size == (96, 64)
+    assert tuple(np.asarray(picture)[3, 40 + 2]) == (255, 255, 0)  # the box's top edge on the truth panel
+
+
 def test_several_boxes_over_one_image_match_one_box_at_a_time():
     from medfound.adapt.prompt import build_prompt_task
 
@@ -170,6 +184,24 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     assert main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
                  "--box", "300,100,50,60", "--out", str(tmp_path / "bad")]) == 1
     assert "COCO boxes are x, y, w, h: pass --box-format xywh" in capsys.readouterr().err
+    # a decompression bomb (a PNG header claiming 30000 x 30000 pixels, built here) and a file that is no image are
+    # one named line each, not a traceback
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad, why in ((bomb, "decompression bomb"), (tmp_path / "notes.png", "is not an image PIL can read")):
+        assert main(["prompt", str(tmp_path / "run"), str(bad), "--box", "1,1,20,20", "--out",
+                     str(tmp_path / "never")]) == 1
+        err = capsys.readouterr().err
+        assert why in err and str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
     # an empty mask, a colour image and a stated modality the run never saw are each named
     colour = tmp_path / "fundus.png"
     rgb = np.zeros((256, 256, 3), np.uint8)

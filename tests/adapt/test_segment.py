@@ -163,3 +163,36 @@ def test_recipe_checks_are_clear():
     from helpers import ROOT
     with pytest.raises(ConfigError, match="segment.patch_size"):
         load_recipe(ROOT / "adapt" / "segment_unet.yaml", ["segment.patch_siz=[64,64]"])
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_every_segmentation_head_draws_image_truth_and_prediction(head):
+    """trainer.visualize_every: one row per image, three panels (image | truth | prediction), 2-D and 3-D alike."""
+    _, sd, _ = HEADS[head]
+    task = task_for(head, HEAD_REGISTRY.get(HEADS[head][0]["type"]).config.tunings[0]).eval()
+    b = batch(sd, size=(32, 32) if sd == 2 else (16, 32, 32))
+    with torch.no_grad():
+        picture = task.visualize(b, task(b))
+    h, w = b["image"].shape[2:4]
+    assert picture.size == (3 * w, 2 * h)
+    import numpy as np
+    panels = np.asarray(picture).reshape(2, h, 3, w, 3)
+    assert not (panels[:, :, 1] == panels[:, :, 0]).all()  # the truth is painted over the image
+
+
+def test_visualize_every_runs_for_segmentation_and_is_refused_where_nothing_draws(seg_shards, tmp_path):
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "unet"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml", tiny_segment_overrides(
+        "unet", seg_shards, None, run, steps=2) + ["trainer.visualize_every=1", "eval.bootstrap=20"]))
+    assert sorted(p.name for p in (run / "logs" / "images").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    for recipe, why in (("demo_classify_lora", "head.type=classify draws no training pictures"),
+                        ("demo_dinov2_tiny", "objective.name=dinov2 draws no training pictures"),
+                        ("uni_abmil", "head.type=abmil draws no training pictures")):
+        folder = "pretrain" if "dinov2" in recipe else "adapt"
+        with pytest.raises(ConfigError, match=f"trainer.visualize_every=5: {why} .*remove it from the recipe"):
+            load_recipe(ROOT / folder / f"{recipe}.yaml", ["trainer.visualize_every=5"])

@@ -157,16 +157,25 @@ def test_burned_in_pixels_are_refused_unless_allowed(tmp_path):
     _crafted(src / "c_sc_absent.dcm", modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7")
     _crafted(src / "d_us_no.dcm", burned="NO", modality="US", sop_class="1.2.840.10008.5.1.4.1.1.6.1")
     _crafted(src / "e_ct.dcm")
+    # angiography and fluoroscopy frames carry the console's patient banner; a flag other than NO promises nothing
+    _crafted(src / "f_xa_absent.dcm", modality="XA", sop_class="1.2.840.10008.5.1.4.1.1.12.1")
+    _crafted(src / "g_rf_absent.dcm", modality="RF", sop_class="1.2.840.10008.5.1.4.1.1.12.2")
+    _crafted(src / "h_ct_y.dcm", burned="Y")
+    _crafted(src / "i_ct_free_text.dcm", burned="JOHNATHAN")
     proc = _shard(src, tmp_path / "refused", "--skipped-list", str(tmp_path / "skipped.csv"))
     assert proc.returncode == 0, proc.stderr
     m = read_manifest(tmp_path / "refused")
     assert m.counts["total"] == 2 and m.deidentification["files_deidentified"] == 2
-    assert m.skipped["count"] == 3
+    assert m.skipped["count"] == 7
     assert m.skipped["by_reason"] == {
         "burned-in annotation (BurnedInAnnotation=YES): the pixels may show PHI": 1,
         "may carry burned-in text (modality US without BurnedInAnnotation=NO)": 1,
-        "may carry burned-in text (secondary capture without BurnedInAnnotation=NO)": 1}
-    assert m.deidentification["burned_in"]["refused"] == 3
+        "may carry burned-in text (secondary capture without BurnedInAnnotation=NO)": 1,
+        "may carry burned-in text (modality XA without BurnedInAnnotation=NO)": 1,
+        "may carry burned-in text (modality RF without BurnedInAnnotation=NO)": 1,
+        "burned-in annotation not ruled out (BurnedInAnnotation is set, but not to the defined term NO)": 2}
+    assert m.deidentification["burned_in"]["refused"] == 7
+    assert b"JOHNATHAN" not in (tmp_path / "refused" / "manifest.json").read_bytes()
     console = proc.stdout + proc.stderr
     assert "DOE_JOHN" not in console and "PID12345" not in console and "input #0:" in console
     listed = (tmp_path / "skipped.csv").read_text()  # the mapping the user asked for, outside the shard set
@@ -174,7 +183,7 @@ def test_burned_in_pixels_are_refused_unless_allowed(tmp_path):
     allowed = _shard(src, tmp_path / "allowed", "--allow-burned-in")
     assert allowed.returncode == 0, allowed.stderr
     m = read_manifest(tmp_path / "allowed")
-    assert m.counts["total"] == 5 and m.deidentification["burned_in"]["allowed"] == 3
+    assert m.counts["total"] == 9 and m.deidentification["burned_in"]["allowed"] == 7
     assert m.deidentification["burned_in"]["policy"].startswith("allowed with --allow-burned-in")
     inside = _shard(src, tmp_path / "x", "--skipped-list", str(tmp_path / "x" / "skipped.csv"))
     assert inside.returncode == 1 and "inside --out" in inside.stderr and not (tmp_path / "x").exists()
@@ -206,3 +215,44 @@ def test_a_duplicate_instance_is_skipped_and_counted(tmp_path):
     m = read_manifest(tmp_path / "out")
     assert m.counts["total"] == 2
     assert m.skipped["by_reason"] == {"duplicate instance (the same SOPInstanceUID as input #0)": 1}
+
+
+def test_parts_under_different_salts_are_never_merged(tmp_path, capsys):
+    """40 patients in two parts: with two --salt values the same patient gets two tokens (and so two splits, unseen by
+    the token-based leakage check); the merge refuses, and inspect says why two such sets cannot be compared."""
+    pytest.importorskip("pydicom")
+    from medfound.cli import main
+    from medfound.data.shards import merge_parts
+    from medfound.workflows import shard
+
+    src = tmp_path / "in"
+    for p in range(40):
+        for view in range(2):
+            _crafted(src / f"p{p:02d}_{view}.dcm", patient=f"PAT{p:03d}")
+    for i, salt in enumerate(("cohort-secret-A", "cohort-secret-B")):
+        shard("dicom", src, tmp_path / f"part{i}", name="cohort", part=f"{i}/2", salt=salt, workers=1)
+    fingerprints = [read_manifest(tmp_path / f"part{i}").ingest["patient_salt"] for i in range(2)]
+    assert fingerprints[0]["given"] and fingerprints[0]["fingerprint"] != fingerprints[1]["fingerprint"]
+    assert "cohort-secret" not in (tmp_path / "part0" / "manifest.json").read_text()  # a keyed hash, never the salt
+    with pytest.raises(ValueError, match="patient tokens come from different salts .*Re-ingest every part with the "
+                                         "same --salt"):
+        merge_parts([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert main(["inspect", str(tmp_path / "part0"), str(tmp_path / "part1")]) == 0
+    assert "patient tokens come from different salts" in capsys.readouterr().out
+    shard("dicom", src, tmp_path / "part1", name="cohort", part="1/2", salt="cohort-secret-A", workers=1,
+          overwrite=True)
+    merged = merge_parts([tmp_path / "part0", tmp_path / "part1"], tmp_path / "merged")
+    assert merged.counts["total"] == 80
+    assert main(["inspect", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "no patient in two splits" in out and "different salts" not in out
+    # a set merged before salts were recorded: inspect does not vouch for its splits
+    from medfound.data.manifest import write_manifest
+
+    legacy = merged.model_copy(update={"ingest": {k: v for k, v in merged.ingest.items() if k != "patient_salt"}})
+    write_manifest(tmp_path / "merged", legacy)
+    assert main(["inspect", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "CAVEAT no patient token is in two splits, but the set was merged from 2 parts whose salts were not " \
+           "recorded" in out and "no patient in two splits" not in out

@@ -213,3 +213,61 @@ def test_extract_reads_tiles_from_a_web_server_like_local_disk(shards, served, p
     remote = extract_bags(f"{served[0]}/he", pretrained / "export", tmp_path / "remote")
     assert remote["digest"] == local["digest"] and remote["slides"] == local["slides"]
     assert remote["source"]["shards"] == f"{served[0]}/he"
+
+
+_KILL_BEFORE_MANIFEST = """
+import os, sys
+reads = []
+def hook(event, args):  # killed after every new shard is up, as the new manifest is opened for its upload: the
+    # staged manifest is read twice, by upload_shard_set (to list the shards) and then by the upload itself
+    if event == "open" and str(args[0]).endswith("/manifest.json") and args[1] == "r" and \\
+            "medfound-shards-" in str(args[0]):
+        reads.append(args[0])
+        if len(reads) == 2:
+            os._exit(137)
+sys.addaudithook(hook)
+from medfound.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_interrupted_remote_overwrite_leaves_the_old_set_whole(shards, s3):
+    import subprocess
+    import sys
+
+    from medfound.workflows import shard
+
+    base, client = s3
+    url = f"s3://{BUCKET}/interrupted/retina"
+    npz = DATA / "medmnist" / "retinamnist_demo.npz"
+    old, _ = shard("npz", npz, url, name="retina", max_count=128)
+    killed = subprocess.run([sys.executable, "-c", _KILL_BEFORE_MANIFEST, "shard", "npz", str(npz), "--out", url,
+                             "--name", "retina", "--max-count", "100", "--overwrite"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert read_manifest(url).digest == old.digest and verify_shards(url) == []  # the old set, whole and readable
+    new, _ = shard("npz", npz, url, name="retina", max_count=100, overwrite=True)
+    assert verify_shards(url) == [] and read_manifest(url).digest == new.digest
+    keys = {o["Key"].rsplit("/", 1)[1] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="interrupted/")["Contents"]}
+    assert keys == {"manifest.json"} | {s.path for s in new.shards}  # the old set and the orphans are gone
+    assert any(s.path.count(".") == 2 for s in new.shards)  # names the old set used for other bytes were not reused
+    with pytest.raises(ValueError, match="--resume continues an ingest into a local folder"):
+        shard("npz", npz, url, name="retina", resume=True, overwrite=True)
+
+
+def test_parts_on_s3_merge_into_a_set_on_s3(s3, tmp_path):
+    from medfound.data.shards import merge_parts
+    from medfound.workflows import shard
+
+    npz = DATA / "medmnist" / "retinamnist_demo.npz"
+    parts = [f"s3://{BUCKET}/parts/retina_{i}" for i in range(2)]
+    for i, url in enumerate(parts):
+        shard("npz", npz, url, name="retina", part=f"{i}/2", max_count=100)
+    whole, _ = shard("npz", npz, tmp_path / "whole", name="retina", max_count=100)
+    merged = merge_parts(parts, f"s3://{BUCKET}/merged/retina")
+    assert read_manifest(f"s3://{BUCKET}/merged/retina").digest == merged.digest
+    assert merged.counts == whole.counts and verify_shards(f"s3://{BUCKET}/merged/retina") == []
+    local = merge_parts(parts, tmp_path / "local")  # remote parts into a local set
+    assert local.digest == merged.digest
+    with pytest.raises(FileExistsError, match="already holds a shard set"):
+        merge_parts(parts, f"s3://{BUCKET}/merged/retina")

@@ -4,6 +4,8 @@ checkpoint `last` names or the one resumed, one writer per run directory."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -111,6 +113,26 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_stale(tmp_path, shards)
     unlock_dir(run)
 
 
+def test_the_run_lock_never_follows_a_link_nor_overwrites_a_foreign_file(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my notes\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(FileExistsError, match="is a symbolic link, not a medfound lock: remove it"):
+        lock_dir(run)
+    assert victim.read_text() == "my notes\n"
+    (run / LOCK_NAME).unlink()
+    (run / LOCK_NAME).write_text("not a lock\n")  # a file of the user's under that name: left alone
+    with pytest.raises(FileExistsError, match="is not a medfound lock file"):
+        lock_dir(run)
+    assert (run / LOCK_NAME).read_text() == "not a lock\n"
+    (run / LOCK_NAME).write_text("pid 1234 on elsewhere\n")  # a stale lock of ours is taken over
+    lock_dir(run)
+    assert (run / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+    unlock_dir(run)
+
+
 def test_a_damaged_checkpoint_is_one_named_error(tmp_path):
     from medfound.train.checkpoint import load_checkpoint
 
@@ -186,3 +208,52 @@ def test_resuming_with_a_changed_recipe_prints_the_changes_and_refuses_breaking_
     run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", longer + ["trainer.resume_changes=allow"]))
     assert "trainer.max_steps: 2 -> 3" in capsys.readouterr().out
     assert json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_a_resume_spelled_relative_to_the_same_folder_is_the_same_run(shards, tmp_path, monkeypatch, capsys):
+    from medfound.workflows import run_pretrain
+
+    run = tmp_path / "run"
+    run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", tiny_pretrain_overrides(shards, run, steps=2)))
+    monkeypatch.chdir(tmp_path)
+    relative = tiny_pretrain_overrides(shards, Path("run"), steps=2) + ["trainer.resume=auto"]
+    assert "trainer.output_dir=run" in relative
+    capsys.readouterr()
+    run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", relative))  # no resume_changes=allow needed
+    assert "trainer.output_dir" not in capsys.readouterr().out
+
+
+def test_an_edited_checkpoint_pointer_or_state_is_refused(tmp_path):
+    from medfound.train.checkpoint import read_trainer_state
+
+    other, run = tmp_path / "other", tmp_path / "run"
+    _fit(_Linear(), other, max_steps=2)
+    _fit(_Linear(), run, max_steps=2)
+    last = run / "checkpoints" / "last"
+    for pointer in ("../../other/checkpoints/step_00000002", str(other / "checkpoints" / "step_00000002")):
+        last.write_text(pointer + "\n")  # another run's checkpoint: would be resumed, then pruned
+        with pytest.raises(ValueError, match="which is not a checkpoint folder of"):
+            latest_checkpoint(run / "checkpoints")
+    (run / "checkpoints" / "step_00000009").symlink_to(other / "checkpoints" / "step_00000002")
+    last.write_text("step_00000009\n")
+    with pytest.raises(ValueError, match="no path, no link"):
+        latest_checkpoint(run / "checkpoints")
+    last.write_text("step_00000002\n")
+    state_file = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for edit, why in (({"step": -5}, "step=-5"), ({"step": 7}, "says step 7 in the folder of step 2"),
+                      ({"images_seen": "many"}, "images_seen='many'")):
+        state_file.write_text(json.dumps({**state, **edit}))
+        with pytest.raises(ValueError, match=re.escape("is damaged: trainer_state.json ") + ".*" + re.escape(why)):
+            read_trainer_state(state_file.parent)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    from medfound.train.logging import read_metrics
+
+    run = tmp_path / "run"
+    _fit(_Linear(), run, max_steps=5, checkpoint_every=3, keep_checkpoints=5)  # logs 1..5, checkpoints at 3 and 5
+    _fit(_Linear(), run, resume_from=run / "checkpoints" / "step_00000003", max_steps=5, checkpoint_every=3,
+         keep_checkpoints=5, resume=str(run / "checkpoints" / "step_00000003"))  # logs 4 and 5 again
+    steps = [r["step"] for r in read_metrics(run) if r["phase"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]

@@ -61,6 +61,15 @@ def patient_token(salt: bytes, patient_id: str) -> str:
     return hmac.new(salt, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def salt_record(salt: Optional[str], key_salt: bytes) -> dict[str, Any]:
+    """What a manifest records of the salt behind its patient tokens (`ingest.patient_salt`): whether it was given
+    (`--salt`) or derived from the inputs, and a fingerprint, a keyed hash that is equal for equal salts and reveals
+    nothing else. Sets (or parts) with different fingerprints have unrelated tokens for the same patient, so a merge of
+    them is refused and `inspect` does not vouch for their splits."""
+    return {"given": bool(salt),
+            "fingerprint": hmac.new(key_salt, b"medfound salt fingerprint v1", hashlib.sha256).hexdigest()[:16]}
+
+
 def check_columns(path: Path, found: Iterable[str], known: Sequence[str], prefixes: Sequence[str] = ()) -> None:
     """Refuse a column the reader would silently ignore (`lable` makes a set unlabelled, `patientid` lets patients
     leak across splits), naming the nearest known column."""

@@ -20,8 +20,9 @@ PhotometricInterpretation) are copied only when they are DICOM defined terms (`V
 anything else (`BodyPartExamined: JOHNATHAN`) is dropped and counted in the manifest's de-identification block.
 
 Burned-in text (PS3.15 Annex E): pixels are not scrubbed, so images that may show PHI in their pixels are
-refused, counted with their reason: `BurnedInAnnotation=YES`, and, when the attribute is absent, the kinds
-known to burn text in (ultrasound, secondary captures: Modality US, SC, OT, XC, ES, DOC, or a Secondary Capture SOP
+refused, counted with their reason: any `BurnedInAnnotation` other than the defined term `NO` (`YES`, and also
+`Y`, `1` or free text, which promise nothing), and, when the attribute is absent, the kinds known to burn text in
+(ultrasound, secondary captures, fluoroscopy: Modality US, SC, OT, XC, ES, DOC, XA, RF, or a Secondary Capture SOP
 class). `allow_burned_in=True` (`--allow-burned-in`, after the user has cleaned the pixels) takes them; the
 decision is recorded in the manifest.
 
@@ -41,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, salt_record, table_labels
 from medfound.data.ingest.images import DEFAULT_FRACTIONS, split_for_token
 from medfound.io import sha256_file
 
@@ -51,7 +52,9 @@ KEPT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "ImageLaterality", 
              "NumberOfFrames")
 MODALITY_MAP = {"CT": "ct", "MR": "mr", "US": "us", "MG": "mammography", "OP": "fundus", "OPT": "oct",
                 "SM": "pathology", "XA": "xray", "RF": "xray", "PX": "xray", "IO": "xray"}
-BURNS_IN = ("US", "SC", "OT", "XC", "ES", "DOC")  # modalities whose pixels commonly carry burned-in text
+# modalities whose pixels commonly carry burned-in text: ultrasound, secondary captures and photographs, and the
+# fluoroscopic kinds (XA angiography, RF radiofluoroscopy), whose frames carry the patient banner of the console
+BURNS_IN = ("US", "SC", "OT", "XC", "ES", "DOC", "XA", "RF")
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # SOP class prefix of every secondary capture storage class
 # DICOM defined terms of the kept coded tags (PS3.3 C.7.3.1, C.8.11.5.1.1, C.7.6.3.1.2; PS3.16 Annex L)
 VOCABULARY = {
@@ -133,10 +136,12 @@ def burned_in_reason(ds: Any) -> Optional[str]:
     """Why the pixels may show PHI (PS3.15 Annex E), or None: BurnedInAnnotation YES, or absent for a modality or
     SOP class that commonly burns text in."""
     flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "NO":  # the only value that vouches for clean pixels
+        return None
     if flag == "YES":
         return "burned-in annotation (BurnedInAnnotation=YES): the pixels may show PHI"
-    if flag == "NO":
-        return None
+    if flag:  # "Y", "1", "UNKNOWN", free text: not the defined term NO, so not a promise of clean pixels
+        return "burned-in annotation not ruled out (BurnedInAnnotation is set, but not to the defined term NO)"
     code = str(ds.get("Modality", "") or "").strip().upper()
     sop = str(ds.get("SOPClassUID", "") or "")
     if code in BURNS_IN or sop.startswith(SECONDARY_CAPTURE):
@@ -255,7 +260,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                             "kept only as DICOM defined terms; other values are dropped",
             "dropped_values": {},
             "burned_in": {"policy": "allowed with --allow-burned-in: pixels are NOT cleaned; the user vouches for them"
-                          if allow_burned_in else "refused: BurnedInAnnotation=YES, or absent for US/SC/OT/XC/ES/DOC "
+                          if allow_burned_in else "refused: BurnedInAnnotation other than NO, or absent for US/SC/OT/XC/ES/DOC/XA/RF "
                                                   "and secondary captures (PS3.15 Annex E)",
                           "refused": 0, "allowed": 0},
             "pixels": "not scrubbed: text burned into pixels beyond these rules is the user's to remove",
@@ -350,7 +355,7 @@ def read_dicom(input: str | Path, *, salt: Optional[str] = None, table: Optional
                                                                       "".join(hashes).encode()).hexdigest()}
     split_column = any((r.get("split") or "").strip() for r in rows.values())
     settings = {"kind": "dicom", **({"require_spacing": True} if require_spacing else {}), "split": "table column" if split_column else {"by": "patient token", "fractions": fractions},
-                "keep_names": keep_names,
+                "keep_names": keep_names, "patient_salt": salt_record(salt, key_salt),
                 "storage": "stored pixel values at full depth; rescale/window/MONOCHROME1 in meta, applied by the transform"}
     result = Ingested(samples(), schema, source, settings, skipped=skipped, deidentification=deid,
                       modalities=modalities)

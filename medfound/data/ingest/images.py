@@ -26,7 +26,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, salt_record, table_labels
+from medfound.data.masks import apply_mask_mode
 from medfound.io import sha256_file
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -93,6 +94,14 @@ def _open(path: Path, where: str) -> Image.Image:
         raise BadImage(where, f"cannot decode the image ({type(e).__name__})") from None
 
 
+def _mask_values(im: Image.Image, full_depth: bool) -> np.ndarray:
+    """A mask image's values: 16-bit masks (instance ids) at full depth when `full_depth`, everything else as 8-bit
+    grey (0/255 masks saved as colour or palette images read as before)."""
+    if full_depth and im.mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16)
+    return np.asarray(im.convert("L"))
+
+
 def _mask_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c in ("mask", "fov") or c.startswith("mask_")]
 
@@ -102,7 +111,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 split_fractions: Optional[dict[str, float]] = None, keep_names: bool = False,
                 salt: Optional[str] = None, fov: str = "none", mpp: Optional[float] = None,
                 scale: Optional[float] = None, fov_diameter: Optional[int] = None,
-                spacing_mm: Optional[float] = None, **_: object) -> Ingested:
+                spacing_mm: Optional[float] = None, mask_mode: Optional[str] = None, **_: object) -> Ingested:
     folder = Path(folder)
     if mpp is not None and not mpp > 0:
         raise ValueError(f"--mpp {mpp}: give the images' resolution in micrometres per pixel (> 0), e.g. 0.25")
@@ -157,7 +166,7 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
             try:
                 img = _open(folder / rel, where)
                 masks = {c if c in ("mask", "fov") else c.removeprefix("mask_"):
-                         np.asarray(_open(folder / r[c], f"{where}, column {c}").convert("L"))
+                         _mask_values(_open(folder / r[c], f"{where}, column {c}"), c != "fov")
                          for c in mask_cols if (r.get(c) or "").strip()}
             except BadImage as e:  # one bad file must not end the ingest: skip it, count it, say why
                 skipped["count"] += 1
@@ -168,6 +177,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 if m.shape != (img.height, img.width):
                     raise ValueError(f"{where}: {name} mask is {m.shape[1]}x{m.shape[0]} but the image is "
                                      f"{img.width}x{img.height}")
+            masks = {n: m if n == "fov" else apply_mask_mode(m, mask_mode, f"{where}, {n} mask")
+                     for n, m in masks.items()}
             if fov != "none":
                 arr = np.asarray(img)
                 fov_mask = masks["fov"] > 0 if "fov" in masks else detect_fov(arr)
@@ -217,7 +228,8 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
 
     source = {"files": [{"name": table.name, "sha256": sha256_file(table)}], "images": len(rows)}
     settings = {"kind": "images", "split": "column" if has_split else {"by": "patient token", "fractions": fractions},
-                "keep_names": keep_names, "masks": mask_cols, "fov": fov,
+                "keep_names": keep_names, "masks": mask_cols, "fov": fov, "patient_salt": salt_record(salt, key_salt),
+                **({"mask_mode": mask_mode} if mask_mode else {}),
                 **({"scale": scale} if scale is not None else {}),
                 **({"fov_diameter": fov_diameter} if fov_diameter is not None else {}),
                 # microscopy: the images' um/px as stored (after --scale) (card, lineage)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, table_labels
+from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, salt_record, table_labels
 from medfound.data.ingest.images import DEFAULT_FRACTIONS, split_for_token
 from medfound.io import sha256_file
 
@@ -184,6 +184,6 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
                         for r in rows]}
     settings = {"kind": "volumes", "layout": layout, "axis": axis, "patch": patch if layout == "patches" else None,
                 "pairs": "table" if table else "X_image + X_label file names", "keep_names": keep_names,
-                "reader": "monai.transforms.LoadImage (RAS)"}
+                "reader": "monai.transforms.LoadImage (RAS)", "patient_salt": salt_record(salt, salt_bytes)}
     result = Ingested(samples(), schema, source, settings)
     return result

@@ -7,7 +7,7 @@ of tiles in level-0 coordinates, (3) keep tiles whose tissue fraction is at leas
 (4) read each from the pyramid level closest below the target resolution, resizing to `tile_size`.
 Each tile's meta holds the slide, level-0 x/y, the level read, its mpp and tissue fraction.
 
-Reads with tiffslide (`pip install medfound[wsi]`) or, with backend="openslide", openslide-python.
+Reads with tiffslide (part of the base install) or, with backend="openslide", openslide-python.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def open_slide(path: Path, backend: str = "tiffslide") -> Any:
         import tiffslide
         return tiffslide.TiffSlide(str(path))
     except ImportError as e:
-        extra = "pip install openslide-python openslide-bin" if backend == "openslide" else "pip install medfound[wsi]"
+        extra = "pip install openslide-python openslide-bin" if backend == "openslide" else "pip install tiffslide imagecodecs"
         raise ImportError(f"reading whole-slide images with {backend} needs it installed: {extra}") from e
 
 

@@ -1,0 +1,71 @@
+"""Processes that must not outlive the one that started them.
+
+An ingest worker (`medfound shard --workers N`) whose parent is killed would otherwise stay blocked on its queue for
+good, and a training process whose launcher (torchrun's agent) is SIGKILLed keeps training as an orphan, holding the
+run lock and writing checkpoints, so `trainer.resume=auto` is refused. Two mechanisms, used together:
+- `die_with_parent`: Linux's parent-death signal (prctl PR_SET_PDEATHSIG), delivered by the kernel the moment the
+  parent goes; for ingest workers, which have nothing to save (the parent's journal holds the progress);
+- `watch_parent`: a daemon thread that polls `os.getppid()` and calls back once the parent is gone; for training
+  processes, whose callback raises SIGTERM in the process itself, so the loop's preemption path writes a last
+  checkpoint (all ranks agree on the step) and exits. It works wherever getppid does, and is not tied to the
+  launcher's thread that forked (PDEATHSIG is, which could fire while the launcher still runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent `parent` dies (Linux); elsewhere, a watcher thread
+    exits the process. Exits at once if the parent is already gone (it died before this call)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            watch_parent(lambda: os._exit(1), parent)
+    else:  # pragma: no cover - macOS, BSD
+        watch_parent(lambda: os._exit(1), parent)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def watch_parent(on_death: Callable[[], None], parent: Optional[int] = None,
+                 interval: float = 1.0) -> threading.Thread:
+    """Call `on_death()` once, from a daemon thread, when the parent process (`parent`, default: the current one) is
+    gone: this process was re-parented, to init or a subreaper."""
+    parent = os.getppid() if parent is None else parent
+
+    def run() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        on_death()
+
+    thread = threading.Thread(target=run, name="medfound-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_when_launcher_dies() -> bool:
+    """In a process started by torchrun (or `accelerate launch`, which runs it): SIGTERM ourselves when the launcher
+    dies, so training checkpoints and stops instead of running on as an orphan. Returns whether it was armed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return False
+    pid = os.getpid()
+
+    def stop() -> None:
+        print(f"medfound: the launcher of process {pid} is gone; stopping after a last checkpoint", file=sys.stderr,
+              flush=True)
+        os.kill(pid, signal.SIGTERM)
+
+    watch_parent(stop)
+    return True
