@@ -12,6 +12,7 @@
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
     medfound evaluate RUN_OR_MODEL [EXTERNAL ...]    eval.json, predictions.csv, report/report.md (--out DIR)
     medfound publish RUN_DIR --out DIR [--push ID]   Hugging Face-style folder with a model card (+ upload)
+    medfound bench BACKBONE... --suite S --out DIR   backbones side by side: k-NN, probes, few-shot, fine-tuning
     medfound card check DIR                          verify a card's numbers and hashes against its folder
     medfound card push DIR --repo ID [--dry-run]     upload a checked folder to the Hugging Face Hub
 
@@ -32,7 +33,7 @@ from typing import Optional
 from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
 from medfound.data.manifest import MODALITIES
-from medfound.registry import HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
+from medfound.registry import BENCH_PROTOCOLS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
 
 
 def _csv(value: str) -> list[str]:
@@ -157,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "checkpoint formats, metrics, tasks")
     s.add_argument("what", nargs="?", default="all",
                    choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "formats", "metrics",
-                            "tasks"])
+                            "protocols", "tasks"])
 
     s = sub.add_parser("cp", help="copy a shipped recipe (a name from `medfound ls recipes`) to edit it")
     s.add_argument("recipe", help="a recipe name, e.g. demo_mae_tiny or medsam")
@@ -241,6 +242,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rights-cleared", metavar="REASON",
                    help="you hold the rights to publish under --license although the data or weights it was made "
                         "from are more restrictive: say who granted them and when; printed in the card")
+
+    s = sub.add_parser("bench", help="score backbones side by side: k-NN, linear probe, few-shot and fine-tuning at "
+                                     "label fractions, with paired differences (medfound/bench)")
+    s.add_argument("backbones", nargs="+", metavar="BACKBONE",
+                   help="[LABEL=]SPEC: a run's export/, an imported or published timm folder, timm:NAME (random "
+                        "init) or timm:same-as:FOLDER (an export's architecture, random weights)")
+    s.add_argument("--suite", help="a suite YAML, or a shipped suite's name (quick, medmnist)")
+    s.add_argument("--quick", action="store_true", help="the quick suite on the bundled demo sets (= --suite quick)")
+    s.add_argument("--out", required=True, help="a new folder for results.csv/json, paired.csv, leaderboard.md and "
+                                                "plots; a folder an earlier bench wrote is continued")
+    s.add_argument("--cache", help="the feature cache (default: OUT/features); share it between benches")
 
     s = sub.add_parser("card", help="check or push a published folder")
     card = s.add_subparsers(dest="card_verb", required=True)
@@ -344,9 +356,13 @@ def _listing(what: str) -> list[str]:
                             ("tunings", "tunings (tuning)", TUNINGS), ("ingest", "ingest kinds (medfound shard KIND)",
                                                                        INGEST_KINDS),
                             ("formats", "checkpoint formats (medfound import --format)", IMPORT_FORMATS),
-                            ("metrics", "metrics", METRICS)):
+                            ("metrics", "metrics", METRICS),
+                            ("protocols", "bench protocols (medfound bench, suite protocols[].name)",
+                             BENCH_PROTOCOLS)):
         if key == "metrics" and what in ("all", key):
             import medfound.evaluate.definitions  # noqa: F401  (registers them, torch-free)
+        if key == "protocols" and what in ("all", key):
+            import medfound.bench.suite  # noqa: F401  (registers them, torch-free)
         if what in ("all", key):
             lines.append(f"{title}:")
             lines += [f"  {e.name:28s} {e.description}" + (f" [task: {e.config.task}]" if key == "heads" else "")
@@ -477,6 +493,16 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb in ("pretrain", "finetune"):
         summary = workflows.train(recipe, command)
         _report(summary, args.verb)
+        return 0
+    if args.verb == "bench":
+        from medfound.bench.runner import run_bench
+
+        if (args.suite is None) == (not args.quick):
+            raise ValueError("give --suite SUITE (a YAML or a shipped suite's name) or --quick")
+        done = run_bench(args.backbones, args.suite or "quick", args.out, cache=args.cache)
+        print(f"{len(done['results'])} results, {len(done['paired'])} paired differences:")
+        for path in done["written"]:
+            print(f"  {path}")
         return 0
     if args.verb == "plan":
         from medfound.adapt.plan import write_plan
@@ -725,6 +751,11 @@ def _report(summary: dict, verb: str) -> None:
     if "export" in summary:
         check = f" (timm reload max abs diff {summary['reload_max_abs_diff']})" if "reload_max_abs_diff" in summary else ""
         print(f"  export: {summary['export']}{check}")
+    if summary.get("monitor"):
+        m = summary["monitor"]
+        print(f"  monitor (last look): k-NN auroc {m.get('knn_auroc', 'n/a')}, accuracy {m.get('knn_accuracy')}, "
+              f"feature std {m.get('feature_std')}, effective rank {m.get('effective_rank')}"
+              + ("  COLLAPSED" if m.get("collapsed") else ""))
     if "selected_step" in summary:
         print(f"  selected: step {summary['selected_step']} (eval.select on the validation split; RUN_DIR/selection)")
     if "eval" in summary:

@@ -91,6 +91,7 @@ TUNINGS = Registry("tuning strategy", "tuning")
 INGEST_KINDS = Registry("ingest kind", "shard KIND")
 METRICS = Registry("metric", "metric")
 IMPORT_FORMATS = Registry("import format", "import --format")
+BENCH_PROTOCOLS = Registry("bench protocol", "protocols[].name")  # medfound/bench/suite.py
 
 # the checkpoint layouts `medfound import` converts (medfound/importing.py); registered here, torch-free, so the CLI's
 # choices and `medfound ls formats` come from one list

@@ -39,10 +39,12 @@ def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound trai
         return summary
     export = ctx.run_dir / "export"
     record = spec.lineage(recipe, state, data)
-    if selection is not None:  # the export is the step that scored best on the validation split
-        selection.restore(state.module)
-        record["selection"] = selection.record()
-        summary["selected_step"] = record["selection"]["best_step"]
+    if data.subset is not None:  # a labelled training subset (data.train_fraction / train_shots)
+        record["train_subset"] = data.subset.record
+    if selection is not None:  # selection restores the best validation step; a monitor reports its last look
+        block, extra = selection.finish(state.module)
+        record.update(block)
+        summary.update(extra)
     summary.update(export=str(export), **spec.export(recipe, state.module, record, data, export))
     if "evaluate" in spec.capabilities:
         report = evaluate(ctx.run_dir)

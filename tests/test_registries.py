@@ -14,7 +14,8 @@ from medfound.config.data import DataConfig
 from medfound.config.eval import EvalConfig
 import medfound.data.ingest  # noqa: F401  (registers the ingest kinds)
 import medfound.evaluate.metrics  # noqa: F401  (registers the metrics)
-from medfound.registry import HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS, Registry
+from medfound.registry import (BENCH_PROTOCOLS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES,
+                               TUNINGS, Registry)
 
 from helpers import ROOT
 
@@ -153,9 +154,10 @@ def test_a_resolved_config_with_every_default_still_loads(tmp_path):
 def test_ls_lists_recipes_and_every_registered_component(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, IMPORT_FORMATS, METRICS):
+    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, IMPORT_FORMATS, METRICS, BENCH_PROTOCOLS):
         for e in reg:
             assert f"  {e.name} " in out and e.description in out
+    assert {e.name for e in BENCH_PROTOCOLS} >= {"knn", "linear", "fewshot", "lora", "full"}
     assert "demo_mae_tiny" in out and "medsam" in out
     assert main(["ls", "heads"]) == 0 and "mae " not in capsys.readouterr().out
 

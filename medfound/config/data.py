@@ -33,6 +33,13 @@ class DataConfig(Strict):
     shards: list[ShardLocation] = Field(min_length=1, description="shard sets, each a folder or an s3:// gs:// "
                                                                   "https:// prefix holding a manifest.json")
     train_split: str = Field("train", description="split of the shard set the run trains on")
+    train_fraction: Optional[float] = Field(None, gt=0, le=1, description=(
+        "fine-tuning: train on this fraction of the labelled training split, stratified by class, by patient where "
+        "the samples carry patient tokens, nested across fractions (1% inside 10%) for one data.fraction_seed; "
+        "recorded in the lineage, eval.json and the card (medfound/data/fractions.py)"))
+    train_shots: Optional[int] = Field(None, ge=1, description="fine-tuning: train on this many samples (patients) "
+                                                               "per class instead of a fraction")
+    fraction_seed: int = Field(0, ge=0, description="the seed of the data.train_fraction / train_shots draw")
     eval_split: str = Field("test", description="not read by any run (eval.split names the scored split); "
                                                    "kept so that older recipes still load")
     img_size: Optional[int] = Field(None, gt=0, description="model input edge in pixels (segmentation uses "
@@ -84,6 +91,8 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _mixing(self) -> "DataConfig":
+        if self.train_fraction is not None and self.train_shots is not None:
+            raise ValueError("data.train_fraction and data.train_shots both choose a training subset: keep one")
         if self.spacing_mm is not None and self.fundus_crop:
             raise ValueError("data.spacing_mm resamples by the pixel spacing (radiology) and data.fundus_crop crops "
                              "fundus photographs, measured by their field of view: keep one of them")

@@ -17,7 +17,8 @@ from medfound.config.data import DataConfig
 from medfound.config.eval import EvalConfig
 from medfound.config.heads import SEGMENT_HEADS, ClassifyHeadConfig, HeadConfig, SegmentConfig
 from medfound.config.objectives import MAEConfig
-from medfound.config.run import BackboneConfig, CardConfig, Derived, LoraConfig, OptimConfig, TrainerConfig
+from medfound.config.run import (BackboneConfig, CardConfig, Derived, LoraConfig, MonitorConfig, OptimConfig,
+                                 TrainerConfig)
 from medfound.config.tasks import unused_key_errors
 from medfound.registry import OBJECTIVES, TUNINGS
 
@@ -53,6 +54,8 @@ class PretrainRecipe(Strict):
     optim: OptimConfig = Field(description="AdamW and its schedule")
     trainer: TrainerConfig = Field(description="steps, checkpoints, precision, strategy")
     card: CardConfig = Field(default_factory=CardConfig, description="what the model card adds")
+    monitor: Optional[MonitorConfig] = Field(None, description="k-NN and collapse signals on a labelled set every "
+                                                               "N steps, logged beside the loss")
     derived: Optional[Derived] = Field(None, description="written at run start; never set by hand")
 
     @property

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from medfound.config.base import Strict
+from medfound.config.base import ShardLocation, Strict
 
 
 class TrainerConfig(Strict):
@@ -119,6 +119,22 @@ class CardConfig(Strict):
                                                           "(adds extra_gated_prompt / extra_gated_fields)")
     gated_fields: list[str] = Field(default_factory=lambda: ["Name", "Affiliation", "Country"],
                                     description="gated access: what users must fill in")
+
+
+class MonitorConfig(Strict):
+    """What pretraining learns, watched while it runs (medfound/run/monitor.py): every `every` steps the backbone
+    embeds a labelled shard set (frozen, evaluation transform), and k-NN from `bank_split` to `split` scores its
+    features; their per-dimension spread and effective rank flag a collapse (all images mapped to one point)."""
+
+    shards: ShardLocation = Field(description="a labelled shard set (any single-label one: the data's own labels, "
+                                              "or a small labelled sample of the archive)")
+    bank_split: str = Field("train", description="the labelled samples the neighbours come from")
+    split: str = Field("val", description="the samples that are scored")
+    every: int = Field(gt=0, description="optimizer steps between two looks (and the last step)")
+    k: int = Field(20, gt=0, description="neighbours (DINO: 20)")
+    temperature: float = Field(0.07, gt=0, description="vote temperature (DINO: 0.07)")
+    max_bank: int = Field(4000, gt=0, description="at most this many bank samples (the first ones, in shard order)")
+    max_queries: int = Field(2000, gt=0, description="at most this many scored samples")
 
 
 class Derived(Strict):

@@ -13,6 +13,7 @@ from typing import Any
 IMAGE_STREAM = frozenset({"shards", "train_split", "eval_split", "batch_size", "num_workers", "shuffle_buffer",
                           "resampled", "global_order", "weights", "samples_per_epoch", "max_bad_fraction", "verify",
                           "balanced_sampling", "stain_normalize", "window", "mean", "std"})
+FRACTIONS = frozenset({"train_fraction", "train_shots", "fraction_seed"})  # labelled training subsets (fine-tuning)
 IMAGE_TRANSFORM = frozenset({"img_size", "augment", "fundus_crop", "hed_sigma", "crop_scale", "multicrop",
                              "spacing_mm"})
 SPACING_WHY = ("segmentation resamples its images with segment.mpp / segment.fov_diameter / segment.scale (2-D) "
@@ -45,10 +46,11 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
     TaskKeys("pretrain", "pretraining runs", IMAGE_STREAM | IMAGE_TRANSFORM, values={
         "balanced_sampling": NO_CLASS_BALANCE}, why={
         "eval_batch_size": "pretraining has no evaluation",
-        "balanced_sampling": "pretraining has no labels to balance: use 'site' or false"}),
-    TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | {"eval_batch_size"},
-             ALL_EVAL),
-    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM,
+        "balanced_sampling": "pretraining has no labels to balance: use 'site' or false",
+        **{k: "pretraining uses no labels and reads the whole split" for k in FRACTIONS}}),
+    TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | FRACTIONS |
+             {"eval_batch_size"}, ALL_EVAL),
+    TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM | FRACTIONS,
              ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION, values={
         "balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
         "img_size": "crops are segment.patch_size", "spacing_mm": SPACING_WHY,
@@ -60,7 +62,7 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "min_per_class": "intervals are over images, not classes",
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
-    TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | {"img_size"},
+    TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | FRACTIONS | {"img_size"},
              ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION,
              values={"balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
         "eval_batch_size": "evaluation predicts one image and box at a time",
@@ -75,7 +77,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
                                            "balanced_sampling"}), ALL_EVAL - {"aggregate"} - SELECTION,
              values={"balanced_sampling": (False, True, "class")}, why={**SELECTION_WHY,
         "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
-        "aggregate": "the unit is already the slide"},
+        "aggregate": "the unit is already the slide",
+        **{k: "fractions of the labelled slides are not implemented for MIL yet" for k in FRACTIONS}},
         default_why="they train on stored tile features, not images: image settings apply when extracting the "
                     "bags (`medfound extract`)"),
 )}

@@ -63,10 +63,11 @@ def site_keep_rates(d: DataConfig, manifests: list[Manifest]) -> Optional[dict[s
     return site_balanced_keep(dict(by_site))
 
 
-def class_keep_rates(d: DataConfig, manifest: Manifest, binary_threshold: Optional[int] = None
-                     ) -> Optional[list[float]]:
+def class_keep_rates(d: DataConfig, manifest: Manifest, binary_threshold: Optional[int] = None,
+                     counts: Optional[list[int]] = None) -> Optional[list[float]]:
     """data.balanced_sampling=class: the keep probability per class (single-label), or per side of a binary
-    endpoint `grade >= binary_threshold` (every grade of one side shares that side's rate)."""
+    endpoint `grade >= binary_threshold` (every grade of one side shares that side's rate). `counts`: the training
+    samples per class when they are not the manifest's (a labelled subset)."""
     if not d.balance_classes:
         return None
     if manifest.label_schema.type in ("none", "multilabel"):
@@ -74,7 +75,7 @@ def class_keep_rates(d: DataConfig, manifest: Manifest, binary_threshold: Option
                          "findings use head.class_weights=balanced (a pos_weight per finding) instead")
     from medfound.data.pipeline import balanced_keep
 
-    counts = manifest.class_counts(d.train_split)
+    counts = counts if counts is not None else manifest.class_counts(d.train_split)
     if binary_threshold is None:
         return balanced_keep(counts)
     k = binary_threshold
@@ -83,11 +84,12 @@ def class_keep_rates(d: DataConfig, manifest: Manifest, binary_threshold: Option
 
 
 def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifests: list[Manifest],
-                       transform: Callable, labelled: bool, class_keep: Optional[list[float]] = None
-                       ) -> Callable[[int], Any]:
+                       transform: Callable, labelled: bool, class_keep: Optional[list[float]] = None,
+                       keys: Optional[frozenset[str]] = None) -> Callable[[int], Any]:
     """epoch -> the training DataLoader over `sets` (shard paths per set) with `transform` after `prepare`, every
     `data.*` stream setting (shuffle, resampling and mixing weights, global order, verification, bad-sample budget)
-    and site balancing; `class_keep` from `class_keep_rates` where the task balances classes."""
+    and site balancing; `class_keep` from `class_keep_rates` where the task balances classes; `keys`: a labelled
+    training subset (TrainData.keys) or None for the whole split."""
     from medfound.data.pipeline import make_loader
 
     if d.spacing_mm is not None:
@@ -97,7 +99,8 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
             require_spacing(location, f"shard set {m.name} ({location})")
     transform = prepare(d, transform)
     schema = manifests[0].label_schema
-    samples = d.samples_per_epoch or sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests)
+    samples = d.samples_per_epoch or (len(keys) if keys is not None else
+                                      sum(m.counts["by_split"].get(d.train_split, 0) for m in manifests))
     site_keep = site_keep_rates(d, manifests)
 
     def loader(epoch: int):
@@ -106,5 +109,5 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
                            resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
                            num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
                            max_bad_fraction=d.max_bad_fraction, class_keep=class_keep, site_keep=site_keep,
-                           verify=d.verify, global_order=d.global_order)
+                           verify=d.verify, global_order=d.global_order, keys=keys)
     return loader

@@ -441,6 +441,16 @@ class _GlobalTake:
                 yield dict(sample, __gpos__=p)
 
 
+class _InKeys:
+    """A picklable sample filter (DataLoader workers): the sample's key is one of `keys`."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = keys
+
+    def __call__(self, sample: dict) -> bool:
+        return sample["__key__"] in self.keys
+
+
 def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch_size: int, labelled: bool,
                 train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
                 drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
@@ -449,7 +459,7 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
                 site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
                 keep_meta: Sequence[str] = (), verify: Verify = "size",
                 sample_filter: Optional[Callable[[dict], bool]] = None, split_by_node: bool = True,
-                global_order: bool = False) -> DataLoader:
+                global_order: bool = False, keys: Optional[frozenset[str]] = None) -> DataLoader:
     """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
 
     train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
@@ -464,6 +474,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
     `global_order=True` (finite training streams): one sample order per (seed, epoch), the same on any number of
     processes (`_GlobalTake`); every process reads every shard's bytes and decodes only its own samples, so a run
     resumed on another number of processes (`ResumableLoader.resume_global`) neither repeats nor skips a sample.
+    `keys`: only these samples (a labelled training subset, medfound.data.fractions), kept right after the shards
+    are read, before shuffling, balancing and decoding.
     """
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
     if resampled:
@@ -481,6 +493,8 @@ def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
         stages = [_shard_order([u for s in sets for u in s], train, seed, epoch)] + \
             ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker, shard_stage(verify)]
+    if keys is not None:
+        stages.append(wds.select(_InKeys(keys)))
     if train and shuffle_buffer > 1:
         stages.append((_global_shuffle if global_order else _seeded_shuffle)(shuffle_buffer, seed, epoch))
     if class_keep is not None or site_keep is not None:

@@ -121,12 +121,18 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
         lines.append(f"No interval is shown: {boot['too_few']}.")
     if any(r.get("too_few") for r in (report.get("by_site") or {}).values()):
         lines.append("Sites whose smallest class has fewer than eval.min_per_class samples show no interval.")
+    if report.get("train_labels"):
+        from medfound.data.fractions import describe
+
+        lines.append(f"Trained on {describe(report['train_labels'])}.")
     if report.get("selection"):
         sel = report["selection"]
+        on = f" ({sel['samples']:,} of its {sel['of_samples']:,} samples, the training fraction)" \
+            if sel.get("samples") is not None else ""
         lines.append(f"Model selection: the export is step {sel['selected_step']} of {sel['trained_steps']}, the best "
-                     f"{sel['metric']} on split '{sel['split']}' ({fmt(sel['value'])}; scored every {sel['every']} "
-                     f"steps, {len(sel['scored_steps'])} times). The metrics above were computed once, on that "
-                     "export.")
+                     f"{sel['metric']} on split '{sel['split']}'{on} ({fmt(sel['value'])}; scored every "
+                     f"{sel['every']} steps, {len(sel['scored_steps'])} times). The metrics above were computed once, "
+                     "on that export.")
     if report.get("operating_point"):
         op = report["operating_point"]
         lines.append(f"sens_at_spec is read at specificity >= {op['specificity_target']:.2f} "

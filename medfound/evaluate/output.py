@@ -91,3 +91,4 @@ def _commit(stage: Path, out: Path, run_path: Path) -> None:
     atomic_write_json(out / EVAL_MARKER, {"written_by": "medfound evaluate", "run": str(run_path),
                                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "files": new})
+

@@ -173,11 +173,15 @@ def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
             "manifest_digest": manifest.digest, "num_samples": int(n)}
 
 
-def record_tail(warnings: list[str], skipped: list[str], start: float, externals: tuple = ()) -> dict[str, Any]:
-    """The tail every eval.json carries: warnings (the externals' own included), skipped samples, timing and
-    provenance."""
+def record_tail(warnings: list[str], skipped: list[str], start: float, externals: tuple = (),
+                lineage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The tail every eval.json carries: how many labels the model was trained on when it was a fraction of them
+    (`train_labels`, from the export's `lineage`: a metric at 1% of the labels is not one at 100%), warnings (the
+    externals' own included), skipped samples, timing and provenance."""
     warnings = list(warnings) + [w for e in externals for w in e.get("warnings", [])]
-    return {"warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
+    subset = (lineage or {}).get("train_subset")
+    return {**({"train_labels": subset} if subset else {}),
+            "warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
             "skipped_samples": skipped, "seconds": round(time.time() - start, 2),
             "medfound_version": medfound.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

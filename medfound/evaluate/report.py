@@ -82,7 +82,9 @@ def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
         return None
     return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
             "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
-            "scored_steps": [h["step"] for h in sel.get("history", [])]}
+            "scored_steps": [h["step"] for h in sel.get("history", [])],
+            **({"samples": sel["subset"]["samples"], "of_samples": sel["subset"]["of_samples"]}
+               if sel.get("subset") else {})}
 
 
 def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: FinetuneRecipe, split: str, out: Path
@@ -177,7 +179,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
         **({"external": externals} if externals else {}),
-        **record_tail(warnings, skipped, start, externals),
+        **record_tail(warnings, skipped, start, externals, lineage),
     }
     write_predictions(out / "predictions.csv", schema.names, predictions)
     atomic_write_json(out / "eval.json", report)
@@ -288,7 +290,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         "per_image": result["per_image"],
         **({"external": externals} if externals else {}),
         "definitions": CONVENTIONS,
-        **record_tail(warnings, skipped, start, externals),
+        **record_tail(warnings, skipped, start, externals, lineage),
     }
     write_rows(Path(out) / "predictions.csv", per_image_sets)
     atomic_write_json(Path(out) / "eval.json", report)

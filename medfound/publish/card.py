@@ -85,7 +85,7 @@ def _stages(lineage: dict[str, Any]) -> list[dict[str, Any]]:
     return list(reversed(chain))
 
 
-def _counts(d: dict[str, Any], used: Optional[str]) -> str:
+def _counts(d: dict[str, Any], used: Optional[str], subset: Optional[dict[str, Any]] = None) -> str:
     splits = d.get("by_split", {})
     text = ", ".join(f"{v:,} {k}" for k, v in splits.items()) + " samples"
     modalities = d.get("by_modality") or {}
@@ -94,6 +94,8 @@ def _counts(d: dict[str, Any], used: Optional[str]) -> str:
     sites = d.get("by_site") or {}
     if sites:
         text += "; per site " + ", ".join(f"{k} {v:,}" for k, v in sites.items())
+    if subset and used in splits:  # a fraction of the labels (data.train_fraction / train_shots)
+        return f"trained on {_subset_text(subset)} of split '{used}' ({text})"
     return f"trained on the {splits.get(used, 0):,} '{used}' samples ({text})" if used in splits else text
 
 
@@ -110,7 +112,7 @@ def training_datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
             counts = d.get("counts")
             datasets.append({"name": d.get("name", "?"), "role": s["stage"], "modality": d.get("modality", "other"),
                              "site": d.get("site"), "mpp": d.get("mpp"),
-                             "counts": _counts(counts, s.get("split")) if counts else
+                             "counts": _counts(counts, s.get("split"), s.get("train_subset")) if counts else
                              f"{d.get('slides', '?')} slides (bags digest {d.get('bags_digest', '?')})",
                              "digest": d.get("digest", "?"),
                              "source": _source_files(src.get("files")),
@@ -118,6 +120,12 @@ def training_datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
                              "attribution": src.get("attribution") or d.get("attribution"),
                              "deidentification": d.get("deidentification")})
     return datasets
+
+
+def _subset_text(record: dict[str, Any]) -> str:
+    from medfound.data.fractions import describe
+
+    return describe(record)
 
 
 def _source_files(files: Any) -> str:

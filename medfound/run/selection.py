@@ -28,9 +28,10 @@ class Selection:
     """The selection state of one run; `due(step, max_steps)` says when to call it with the module."""
 
     def __init__(self, run_dir: Path, metric: str, split: str, every: int,
-                 score: Callable[[Any], dict[str, Any]]) -> None:
+                 score: Callable[[Any], dict[str, Any]], subset: Optional[dict[str, Any]] = None) -> None:
         self.dir = Path(run_dir) / DIR
         self.metric, self.split, self.every, self.score = metric, split, every, score
+        self.subset = subset  # the validation samples scored, when training uses a fraction of the labels
         self.minimise = metric in MINIMISED
         self.history: dict[int, dict[str, Any]] = {}
         record = self.dir / "selection.json"
@@ -89,6 +90,7 @@ class Selection:
         """The selection block of the lineage and eval.json."""
         best = self.best()
         return {"metric": self.metric, "split": self.split, "every": self.every,
+                **({"subset": self.subset} if self.subset else {}),
                 "direction": "min" if self.minimise else "max",
                 "best_step": None if best is None else best[0], "best_value": None if best is None else best[1],
                 "history": [{"step": s, "metrics": self.history[s]} for s in sorted(self.history)]}
@@ -96,6 +98,13 @@ class Selection:
     def restore(self, module: Any) -> None:
         """Load the best step's tensors into `module` (the export is then the selected checkpoint)."""
         apply_selection(self.dir.parent, module)
+
+    def finish(self, module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """After training: the best step restored into `module`; (the lineage's `selection` block, the run summary's
+        `selected_step`)."""
+        self.restore(module)
+        record = self.record()
+        return {"selection": record}, {"selected_step": record["best_step"]}
 
 
 def kept_names(module: Any) -> set[str]:

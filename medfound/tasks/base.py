@@ -24,6 +24,12 @@ class TrainData:
     sets: list[list[str]] = field(default_factory=list)
     manifests: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    subset: Any = None  # data.train_fraction / train_shots: the chosen training keys (medfound.data.fractions.Subset)
+
+    @property
+    def keys(self) -> Optional[frozenset]:
+        """The training keys the loader keeps, or None for the whole split."""
+        return None if self.subset is None else self.subset.keys
 
 
 @runtime_checkable

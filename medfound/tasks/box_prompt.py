@@ -40,7 +40,8 @@ class BoxPromptTask(ImageNetwork):
         d, h = recipe.data, recipe.head
         transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
                                            crop_to_box=h.crop_to_box, window=d.window)
-        return image_train_loader(d, recipe.trainer.seed, data.sets, data.manifests, transform, labelled=False)
+        return image_train_loader(d, recipe.trainer.seed, data.sets, data.manifests, transform, labelled=False,
+                                  keys=data.keys)
 
     def normalizer(self, recipe):
         from medfound.data.loaders import normalizer
@@ -110,7 +111,8 @@ class BoxPromptTask(ImageNetwork):
                                      f"{recipe.data.shards[0]}")
         internal = dice_summary(rows, ev, keep_values=bool(ev.external))
         externals, ext_overlays = [], {}
-        trained = trained_on(network_lineage(run.export))
+        lineage = network_lineage(run.export)
+        trained = trained_on(lineage)
         for ext in ev.external:
             e_urls, e_manifest, e_splits = split_urls(str(ext), ev.external_split)
             e_rows, e_over = score_boxes(predictor, e_urls, e_manifest, recipe.head.mask, f"external set {ext}")
@@ -139,7 +141,7 @@ class BoxPromptTask(ImageNetwork):
                                     "predicted from the tight bounding box of its ground-truth mask (no jitter), "
                                     "threshold 0.5",
                             "dice_by_structure_mean": "mean over structures of their mean Dice"},
-            **record_tail([], [], start, externals),
+            **record_tail([], [], start, externals, lineage),
         }
         atomic_write_json(out / "eval.json", report)
         if ev.report:

@@ -42,8 +42,10 @@ class ClassificationTask(TimmExport):
         schema = endpoint(m.label_schema, recipe.head.binary_threshold)
         if schema.type != "multilabel":  # a head.positive_class that names no class fails before training
             positive_index(schema.names, recipe.head.positive_class)
-        task = HEADS.build(recipe.head.type, recipe, m.label_schema, m.class_counts(split),
-                           m.counts["by_split"].get(split))
+        counts, total = m.class_counts(split), m.counts["by_split"].get(split)
+        if data.subset is not None:  # class weights from the labels actually trained on
+            counts, total = data.subset.class_counts or counts, len(data.subset.keys)
+        task = HEADS.build(recipe.head.type, recipe, m.label_schema, counts, total)
         check_img_size(task.model, recipe.data.img_size)
         return task
 
@@ -55,9 +57,10 @@ class ClassificationTask(TimmExport):
     def train_loader(self, recipe, data: TrainData, ctx):
         from medfound.data.loaders import class_keep_rates, image_train_loader, train_image_transform
 
-        keep = class_keep_rates(recipe.data, data.manifests[0], recipe.head.binary_threshold)
+        keep = class_keep_rates(recipe.data, data.manifests[0], recipe.head.binary_threshold,
+                                counts=data.subset.class_counts if data.subset is not None else None)
         return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests,
-                                  train_image_transform(recipe.data), labelled=True, class_keep=keep)
+                                  train_image_transform(recipe.data), labelled=True, class_keep=keep, keys=data.keys)
 
     def describe(self, recipe, data: TrainData) -> str:
         from medfound.adapt.tasks import endpoint
@@ -110,10 +113,20 @@ class ClassificationTask(TimmExport):
         if ev.select_split == ev.split:
             raise ConfigError(f"eval.select_split and eval.split are both {ev.split!r}: selecting on the split "
                               "that reports the metrics makes them optimistic; select on a validation split")
-        return Selection(run_dir, ev.select, ev.select_split, ev.every, lambda module: self.validate(recipe, module))
+        from medfound.data.fractions import training_subset
 
-    def validate(self, recipe, module) -> dict[str, Any]:
-        """The metrics of the training module (eval mode, on its device) on eval.select_split, no intervals."""
+        # training on a fraction of the labels: select on the same fraction of the validation split, so selection
+        # never sees more labels than training does
+        subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split,
+                                 data.manifests[0].label_schema.names, validation=True)
+        keys = None if subset is None else subset.keys
+        return Selection(run_dir, ev.select, ev.select_split, ev.every,
+                         lambda module: self.validate(recipe, module, keys),
+                         subset=None if subset is None else subset.record)
+
+    def validate(self, recipe, module, keys: frozenset | None = None) -> dict[str, Any]:
+        """The metrics of the training module (eval mode, on its device) on eval.select_split (only `keys` of it,
+        when given), no intervals."""
         import torch
 
         from medfound.adapt.tasks import endpoint
@@ -130,7 +143,7 @@ class ClassificationTask(TimmExport):
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
                              labelled=True, train=False, num_workers=0, num_classes=manifest.label_schema.num_classes,
                              multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, verify="size",
-                             split_by_node=False)  # only the main process validates: all of the split
+                             split_by_node=False, keys=keys)  # only the main process validates: all of the split
         device = next(module.parameters()).device
         norm = normalizer(d).to(device)
         probs, labels = [], []

@@ -11,11 +11,15 @@ from medfound.tasks.base import TrainData
 
 
 def image_training_data(recipe) -> TrainData:
-    """The training split's shard paths per set and the sets' manifests."""
+    """The training split's shard paths per set, the sets' manifests, and the labelled subset the recipe asks for
+    (`data.train_fraction` / `data.train_shots`, medfound.data.fractions)."""
+    from medfound.data.fractions import training_subset
     from medfound.data.pipeline import shard_sets
 
-    sets, manifests = shard_sets(recipe.data.shards, recipe.data.train_split)
-    return TrainData(sets, manifests)
+    d = recipe.data
+    sets, manifests = shard_sets(d.shards, d.train_split)
+    subset = training_subset(d, d.shards[0], d.train_split, manifests[0].label_schema.names)
+    return TrainData(sets, manifests, subset=subset)
 
 
 def check_img_size(model, img_size: int) -> None:

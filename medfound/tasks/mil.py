@@ -147,7 +147,8 @@ class MILTask:
         warnings = list(result["warnings"])
         predictions = [("internal", probs, labels, keys, sites)]
         externals = []
-        trained = trained_on(network_lineage(run.export))
+        lineage = network_lineage(run.export)
+        trained = trained_on(lineage)
         for ext in ev.external:
             e_index = read_bags(Path(ext))
             e_schema = bag_schema(e_index)
@@ -182,7 +183,7 @@ class MILTask:
                        for i, k in enumerate(keys)],
             "heatmaps": "heatmaps" if heatmaps else None,  # beside eval.json
             **({"external": externals} if externals else {}),
-            **record_tail(warnings, [], start, externals),
+            **record_tail(warnings, [], start, externals, lineage),
         }
         write_predictions(Path(out) / "predictions.csv", schema.names, predictions)
         atomic_write_json(Path(out) / "eval.json", report)

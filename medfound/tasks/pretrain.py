@@ -53,6 +53,12 @@ class PretrainTask(TimmExport):
     def describe(self, recipe, data: TrainData) -> str:
         return recipe.objective.describe()
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        """The representation monitor (`monitor:`, medfound.run.monitor): k-NN and collapse signals while training."""
+        from medfound.run.monitor import build_monitor
+
+        return build_monitor(recipe, run_dir)
+
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         return lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                        parent_lineage(recipe.backbone))

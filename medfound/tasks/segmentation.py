@@ -35,7 +35,7 @@ class SegmentationTask(ImageNetwork):
 
         transform = build_seg_transform(recipe.segment, train=True, window=recipe.data.window)
         return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests, transform,
-                                  labelled=False)
+                                  labelled=False, keys=data.keys)
 
     def normalizer(self, recipe):
         """ImageNet statistics on the device for 2-D `imagenet` intensity; None where the transform already

@@ -156,8 +156,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
         lr: the resolved peak learning rate (recipe.derived.lr).
         resume_from: a checkpoint directory to continue from (see `resolve_resume`).
         normalize: applied to `image`/`crops` on the device (the loaders ship unnormalised uint8 batches).
-        selection: validation-based model selection (`medfound.run.selection.Selection`): called on the main
-            process with the unwrapped module at the steps it is `due`, before that step's checkpoint.
+        selection: validation-based model selection (`medfound.run.selection.Selection`) or the pretraining monitor
+            (`medfound.run.monitor.Monitor`): called on the main process with the unwrapped module at the steps it
+            is `due`, before that step's checkpoint; a dict it returns is logged under its `prefix`.
     Returns:
         The final TrainState (`preempted=True` when stopped by SIGTERM after checkpointing).
     """
@@ -348,7 +349,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
 
                 if selection is not None and selection.due(state.step, trainer.max_steps):
                     if main:
-                        selection(state.step, inner)
+                        looked = selection(state.step, inner)
+                        if isinstance(looked, dict) and looked:  # a monitor's values: beside the loss, in every logger
+                            logger.log(state.step, looked, prefix=getattr(selection, "prefix", "selection"))
                     accelerator.wait_for_everyone()
                 if _any_rank(accelerator, preempt.requested):
                     path = checkpoint()

@@ -1,0 +1,168 @@
+"""`medfound bench`: the protocols against independent scikit-learn / scipy references on a synthetic separable set,
+the feature cache keyed by hashes, the quick suite end to end (twice, the same numbers), and bad input named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from medfound.evaluate.probes import knn_probs, logistic_probs, simpleshot_probs
+from medfound.bench.stats import paired, score
+from medfound.evaluate.probes import metric_value
+from medfound.cli import main
+
+
+
+def _separable(n=300, d=16, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (k, d))
+    y = rng.integers(0, k, n)
+    return centres[y] + rng.normal(0, 1, (n, d)), y
+
+
+def test_knn_equals_scikit_learns_weighted_cosine_neighbours():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x, y = _separable()
+    xtr, ytr, xte = x[:200], y[:200], x[200:]
+    ours = knn_probs(xtr, ytr, xte, 3, k=20, temperature=0.07)
+    ref = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / 0.07)).fit(xtr, ytr).predict_proba(xte)
+    assert np.allclose(ours, ref, atol=1e-6)
+    assert metric_value("accuracy", ours, y[200:], "multiclass") > 0.9
+
+
+def test_the_linear_probe_is_scikit_learns_logistic_regression_on_standardised_features():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _separable()
+    ours = logistic_probs(x[:200], y[:200], x[200:], 3, c=0.1)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(x[:200], y[:200])
+    assert np.allclose(ours, ref.predict_proba(x[200:]), atol=1e-6)
+    missing = logistic_probs(x[:200][y[:200] != 2], y[:200][y[:200] != 2], x[200:], 3, c=1.0)
+    assert missing.shape == (100, 3) and (missing[:, 2] == 0).all()  # a class absent from training: column 0
+
+
+def test_simpleshot_is_the_nearest_centroid_of_centred_normalised_features():
+    from sklearn.neighbors import NearestCentroid
+
+    x, y = _separable(seed=1)
+    support = np.concatenate([np.flatnonzero(y == c)[:4] for c in range(3)])
+    ours = simpleshot_probs(x[support], y[support], x, 3)
+    mu = x[support].mean(0)
+    norm = lambda a: (a - mu) / np.linalg.norm(a - mu, axis=1, keepdims=True)  # noqa: E731
+    ref = NearestCentroid().fit(norm(x[support]), y[support]).predict(norm(x))
+    assert (ours.argmax(1) == ref).all() and np.allclose(ours.sum(1), 1)
+
+
+def test_paired_differences_match_scipys_paired_bootstrap():
+    from scipy.stats import bootstrap
+
+    from medfound.bench.protocols import Prediction
+    from medfound.evaluate.probes import auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    a = np.clip(y * 0.3 + rng.normal(0.35, 0.25, 400), 0, 1)
+    b = np.clip(y * 0.2 + rng.normal(0.4, 0.25, 400), 0, 1)
+    pa, pb = (Prediction("x", "s", 1.0, None, 0, np.stack([1 - p, p], 1), 400) for p in (a, b))
+    sa = score(pa, y, "auroc", "binary", 1, 4000, 0)
+    sb = score(pb, y, "auroc", "binary", 1, 4000, 0)
+    q = paired(sa, sb)
+    assert q["diff"] == pytest.approx(auroc(y, a) - auroc(y, b), abs=1e-4)
+    # scipy resamples pairs without stratifying by class; the intervals of the same paired statistic agree closely
+    ref = bootstrap((a, b, y), lambda u, v, t: auroc(t, u) - auroc(t, v), paired=True, vectorized=False,
+                    n_resamples=4000, method="percentile", random_state=0).confidence_interval
+    assert q["low"] == pytest.approx(ref.low, abs=0.012) and q["high"] == pytest.approx(ref.high, abs=0.012)
+    assert q["low"] > 0 and q["p"] < 0.05
+
+
+def test_features_are_cached_by_the_hashes_of_backbone_data_and_preprocessing(pretrained, shards, tmp_path):
+    from medfound.bench.backbones import resolve
+    from medfound.bench.features import cached_features
+
+    export = tmp_path / "export"
+    shutil.copytree(pretrained / "export", export)
+    backbone = resolve(f"b={export}")
+    prep = backbone.input_config()
+    built = []
+
+    def model_fn():
+        built.append(1)
+        return backbone.build()
+
+    first, hit = cached_features(backbone, model_fn, str(shards["retina"]), "val", prep, tmp_path / "cache", 5,
+                                 progress=False)
+    assert not hit and built == [1] and first.x.shape[0] == 120
+    again, hit = cached_features(backbone, model_fn, str(shards["retina"]), "val", prep, tmp_path / "cache", 5,
+                                 progress=False)
+    assert hit and built == [1] and np.array_equal(again.x, first.x) and again.keys == first.keys
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(export / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1  # other weights: another backbone
+    save_file(weights, str(export / "model.safetensors"))
+    changed, hit = cached_features(resolve(f"b={export}"), model_fn, str(shards["retina"]), "val", prep,
+                                   tmp_path / "cache", 5, progress=False)
+    assert not hit and built == [1, 1] and not np.array_equal(changed.x, first.x)
+    _, hit = cached_features(backbone, model_fn, str(shards["retina"]), "val", {**prep, "mean": [0.5, 0.5, 0.5]},
+                             tmp_path / "cache", 5, progress=False)
+    assert not hit  # another preprocessing
+
+
+@pytest.mark.slow
+def test_bench_quick_end_to_end_twice_the_same_numbers(pretrained, tmp_path, capsys):
+    export = pretrained / "export"
+    args = [f"mae={export}", f"timm:same-as:{export}", "--quick", "--cache", str(tmp_path / "cache")]
+    assert main(["bench", *args, "--out", str(tmp_path / "one")]) == 0
+    printed = capsys.readouterr().out
+    for name in ("results.csv", "results.json", "paired.csv", "leaderboard.md",
+                 "pneumoniamnist_demo_label_efficiency.png"):
+        assert str(tmp_path / "one" / name) in printed
+    assert main(["bench", *args, "--out", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["results"] == two["results"] and one["paired"] == two["paired"]
+    rows = one["results"]
+    assert {r["protocol"] for r in rows} == {"knn", "linear", "fewshot"}
+    assert {(r["backbone"], r["task"]) for r in rows} == {(b, t) for b in ("mae", "random:pretrain")
+                                                         for t in ("pneumoniamnist_demo", "retinamnist_demo")}
+    linear = [r for r in rows if r["protocol"] == "linear"]
+    assert all(r["notes"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0) and r["low"] <= r["value"] <= r["high"]
+               for r in linear)
+    assert {(q["a"], q["b"]) for q in one["paired"]} == {("mae", "random:pretrain")}
+    board = (tmp_path / "one" / "leaderboard.md").read_text()
+    assert "## pneumoniamnist_demo (auroc)" in board and "Paired differences on the same test samples" in board
+
+
+def test_bad_input_is_one_line_naming_it(pretrained, tmp_path, capsys):
+    export = pretrained / "export"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("x")
+    cases = [
+        ([f"{export}", "--quick", "--out", str(theirs)], "holds files medfound bench did not write"),
+        ([str(tmp_path / "nothing"), "--quick", "--out", str(tmp_path / "o1")], "does not exist"),
+        (["timm:not_a_model_xyz", "--quick", "--out", str(tmp_path / "o2")], "is not a timm architecture"),
+        ([str(export), "--out", str(tmp_path / "o3")], "give --suite SUITE"),
+    ]
+    bad_suite = tmp_path / "bad.yaml"
+    bad_suite.write_text("name: bad\ntasks:\n  - name: t\n    sample: retinamnist\nprotocols:\n  - name: knn\n"
+                         "    neighbours: 5\n")
+    cases.append(([str(export), "--suite", str(bad_suite), "--out", str(tmp_path / "o4")],
+                  "protocols.0.knn.neighbours: Extra inputs are not permitted"))
+    split_suite = tmp_path / "split.yaml"
+    split_suite.write_text("name: split\ntasks:\n  - name: t\n    sample: retinamnist\n    val_split: validation\n"
+                           "protocols:\n  - name: knn\n")
+    cases.append(([str(export), "--suite", str(split_suite), "--out", str(tmp_path / "o5")],
+                  "has no split ['validation']"))
+    for argv, why in cases:
+        assert main(["bench", *argv]) in (1, 2), argv
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, (argv, err)
+    assert (theirs / "notes.txt").read_text() == "x" and not (theirs / ".medfound-bench.json").exists()
