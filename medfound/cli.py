@@ -12,6 +12,7 @@
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
     medfound evaluate RUN_OR_MODEL [EXTERNAL ...]    eval.json, predictions.csv, report/report.md (--out DIR)
     medfound publish RUN_DIR --out DIR [--push ID]   Hugging Face-style folder with a model card (+ upload)
+    medfound predict MODEL INPUT... --out DIR        a trained model on new images / DICOM -> predictions.csv
     medfound bench BACKBONE... --suite S --out DIR   backbones side by side: k-NN, probes, few-shot, fine-tuning
     medfound card check DIR                          verify a card's numbers and hashes against its folder
     medfound card push DIR --repo ID [--dry-run]     upload a checked folder to the Hugging Face Hub
@@ -242,6 +243,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rights-cleared", metavar="REASON",
                    help="you hold the rights to publish under --license although the data or weights it was made "
                         "from are more restrictive: say who granted them and when; printed in the card")
+
+    s = sub.add_parser("predict", help="a trained model (run or published folder) on new studies: images, DICOM "
+                                       "files or folders, or a shard set -> predictions.csv")
+    s.add_argument("model", help="a run directory or a published folder")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, TIFF), DICOM files or folders, "
+                                                             "or one shard set")
+    s.add_argument("--out", required=True, help="a new folder for predictions.csv and summary.json")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
+    s.add_argument("--batch-size", type=int, help="images per forward pass (default: the recipe's data.eval_batch_size)")
 
     s = sub.add_parser("bench", help="score backbones side by side: k-NN, linear probe, few-shot and fine-tuning at "
                                      "label fractions, with paired differences (medfound/bench)")
@@ -493,6 +503,17 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb in ("pretrain", "finetune"):
         summary = workflows.train(recipe, command)
         _report(summary, args.verb)
+        return 0
+    if args.verb == "predict":
+        from medfound.predict import predict
+
+        done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size)
+        print(f"predicted {len(done['rows'])} inputs" + (f"; {len(done['skipped'])} skipped (by index; names are not "
+                                                         "printed):" if done["skipped"] else ""))
+        for ref, reason in done["skipped"]:
+            print(f"  {ref}: {reason}")
+        for path in done["written"]:
+            print(f"  {path}")
         return 0
     if args.verb == "bench":
         from medfound.bench.runner import run_bench

@@ -18,7 +18,7 @@ LAYERS = [
     ("modules", {"pretrain", "adapt", "train.optim"}),  # nn.Modules, tuning, optimizer groups and schedules
     ("services", {"train", "evaluate", "publish", "run", "importing"}),
     ("tasks", {"tasks"}),
-    ("verbs", {"workflows", "cli", "demo", "bench", "__init__"}),
+    ("verbs", {"workflows", "cli", "demo", "bench", "predict", "__init__"}),
 ]
 
 

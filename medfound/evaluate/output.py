@@ -26,54 +26,59 @@ from medfound.io import atomic_write_json, is_run_dir
 
 EVAL_MARKER = ".medfound-eval.json"
 EVAL_OUTPUTS = ("eval.json", "predictions.csv", "report", "heatmaps")
+PREDICT_MARKER = ".medfound-predict.json"  # `medfound predict` writes by the same rules, under its own marker
+PREDICT_OUTPUTS = ("predictions.csv", "masks", "summary.json")
 
 
-def _listed(folder: Path) -> list[str]:
+def _listed(folder: Path, marker: str = EVAL_MARKER) -> list[str]:
     try:
-        files = json.loads((folder / EVAL_MARKER).read_text()).get("files", [])
+        files = json.loads((folder / marker).read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
         return []
     return [f for f in files if isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts]
 
 
-def check_destination(out: Path, run_path: Path, overwrite: bool) -> None:
-    """Raise before any work unless an evaluation of the run at `run_path` may write into `out`."""
+def check_destination(out: Path, run_path: Path, overwrite: bool, marker: str = EVAL_MARKER,
+                      outputs: tuple[str, ...] = EVAL_OUTPUTS, what: str = "evaluation") -> None:
+    """Raise before any work unless an evaluation (or, with the predict marker and outputs, a prediction) of the run
+    at `run_path` may write into `out`."""
     out, run_path = Path(out), Path(run_path)
-    if out.resolve() == run_path.resolve() or not out.exists():
+    if (out.resolve() == run_path.resolve() and marker == EVAL_MARKER) or not out.exists():
         return
     if not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder for eval.json, predictions.csv and report/")
     if is_run_dir(out):
-        raise FileExistsError(f"--out {out} is another training run's directory; an evaluation of {run_path} is never "
-                              "written into it. Choose a new folder")
-    if (out / EVAL_MARKER).is_file():
+        other = "another" if marker == EVAL_MARKER else "a"  # evaluation may write into its own run, not others
+        raise FileExistsError(f"--out {out} is {other} training run's directory; {'an' if what[0] in 'aeiou' else 'a'} "
+                              f"{what} of {run_path} is never written into it. Choose a new folder")
+    if (out / marker).is_file():
         if not overwrite:
-            raise FileExistsError(f"--out {out} holds an earlier evaluation ({EVAL_MARKER}); pass --overwrite to "
-                                  "replace it (only the files that evaluation wrote), or choose another folder")
+            raise FileExistsError(f"--out {out} holds an earlier {what} ({marker}); pass --overwrite to replace it "
+                                  f"(only the files that {what} wrote), or choose another folder")
         return
-    found = [name for name in EVAL_OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    found = [name for name in outputs if (out / name).exists() or (out / name).is_symlink()]
     if found:
         raise FileExistsError(f"--out {out} holds {', '.join(found)} that medfound did not write there (no "
-                              f"{EVAL_MARKER}); choose a new folder, or move them away first")
+                              f"{marker}); choose a new folder, or move them away first")
 
 
 @contextlib.contextmanager
-def staged(out: Path, run_path: Path) -> Iterator[Path]:
-    """A staging folder inside `out` for one evaluation; on success its files replace the previous evaluation's
-    (see the module docstring); on failure it is removed and `out` is untouched."""
+def staged(out: Path, run_path: Path, marker: str = EVAL_MARKER) -> Iterator[Path]:
+    """A staging folder inside `out` for one evaluation (or prediction: its marker); on success its files replace
+    the previous one's (see the module docstring); on failure it is removed and `out` is untouched."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = out / f".medfound-eval.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp"
+    stage = out / f".medfound-out.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp"
     stage.mkdir()
     try:
         yield stage
-        _commit(stage, out, run_path)
+        _commit(stage, out, run_path, marker)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _commit(stage: Path, out: Path, run_path: Path) -> None:
-    old = set(_listed(out))
+def _commit(stage: Path, out: Path, run_path: Path, marker: str = EVAL_MARKER) -> None:
+    old = set(_listed(out, marker))
     new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and not p.is_symlink())
     for rel in new:
         target = out / rel
@@ -88,7 +93,7 @@ def _commit(stage: Path, out: Path, run_path: Path) -> None:
         target = out / rel
         if target.is_file() and not target.is_symlink():
             target.unlink()
-    atomic_write_json(out / EVAL_MARKER, {"written_by": "medfound evaluate", "run": str(run_path),
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                          "files": new})
+    verb = "evaluate" if marker == EVAL_MARKER else "predict"
+    atomic_write_json(out / marker, {"written_by": f"medfound {verb}", "run": str(run_path),
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": new})
 

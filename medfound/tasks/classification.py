@@ -5,7 +5,7 @@ multi-label, by LoRA / full / last-k / linear probe; the export is the merged cl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from medfound.publish.licences import for_export
 from medfound.registry import HEADS
@@ -162,6 +162,71 @@ class ClassificationTask(TimmExport):
         return classification_metrics(p, y, schema.type, schema.names, split=ev.select_split,
                                       specificity=ev.specificity,
                                       positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
+
+    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+        """`medfound predict`: the exported classifier on every sample of `staged.shards` (medfound.predict) ->
+        `out`/predictions.csv, one row per input (a DICOM frame each): every class probability, the predicted class,
+        and for binary models with an operating point in eval.json (sens_at_spec) the decision at its threshold."""
+        import csv
+        import io
+        import json
+
+        import torch
+        from tqdm.auto import tqdm
+
+        from medfound.data.loaders import eval_image_transform, normalizer, prepare
+        from medfound.data.manifest import read_manifest
+        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.io import atomic_write_bytes
+        from medfound.publish.export import read_lineage
+
+        d = recipe.data
+        names = read_lineage(run.export).get("label_schema", {}).get("names") or \
+            read_manifest(d.shards[0]).label_schema.names  # the endpoint the classifier was trained on
+        multilabel = read_lineage(run.export).get("label_schema", {}).get("type") == "multilabel"
+        report = json.loads((run.path / "eval.json").read_text()) if (run.path / "eval.json").is_file() else {}
+        point = report.get("operating_point") or {}
+        manifest = read_manifest(staged.shards)
+        if d.spacing_mm is not None:  # every input needs its own pixel spacing, before any is predicted
+            from medfound.data.scale import require_spacing
+
+            require_spacing(staged.shards, "the inputs (DICOM carries PixelSpacing; PNG/JPEG do not)")
+        urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
+        loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)),
+                             batch_size=batch_size or d.eval_batch_size, labelled=False, train=False,
+                             num_workers=d.num_workers, max_bad_fraction=1.0, verify="size", split_by_node=False)
+        model = self.load(run.export, recipe)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, norm = model.to(device), normalizer(d).to(device)
+        rows: list[dict[str, Any]] = []
+        with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
+                                   disable=not progress) as bar:
+            for batch in loader:
+                logits = model(norm(batch["image"].to(device))).float()
+                probs = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy()
+                for key, p in zip(batch["key"], probs):
+                    row = {"input": staged.name(key), "key": key,
+                           **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p)}}
+                    if multilabel:
+                        row["predicted"] = "|".join(c for c, v in zip(names, p) if v > 0.5)
+                    else:
+                        row["predicted"] = names[int(p.argmax())]
+                        if point.get("threshold") is not None and point.get("positive_class") in names:
+                            pos = names.index(point["positive_class"])
+                            row[f"decision_at_specificity_{point['specificity_target']:g}"] = \
+                                point["positive_class"] if p[pos] >= point["threshold"] else \
+                                names[1 - pos] if len(names) == 2 else "not " + point["positive_class"]
+                    rows.append(row)
+                bar.update(len(batch["key"]))
+        if not rows:
+            raise ValueError("no input could be read: see the skipped inputs")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+        return rows
 
     def rebuild(self, run_dir: Path, recipe) -> Any:
         """The trained classifier rebuilt from the recipe and the newest checkpoint, LoRA merged."""

@@ -34,7 +34,7 @@ def test_an_earlier_evaluation_is_replaced_only_when_asked_and_user_files_surviv
     assert _evaluate(str(finetuned), "--out", str(out), "--overwrite") == 0
     assert (out / "report" / "notes.md").read_text() == "my reading of the ROC\n"
     assert (out / "mine.txt").read_text() == "keep\n" and (out / "report" / "report.md").is_file()
-    assert not list(out.glob(".medfound-eval.*.tmp"))
+    assert not list(out.glob(".medfound-out.*.tmp"))
 
 
 def test_files_medfound_did_not_write_and_other_runs_are_refused(finetuned, pretrained, tmp_path, capsys):

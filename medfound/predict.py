@@ -1,0 +1,129 @@
+"""`medfound predict MODEL INPUT... --out DIR`: a trained model (a run or a published folder) on new studies.
+
+The inputs (image files, DICOM files or folders, or a shard set) become the shard set the model's own evaluation
+transform reads, so a prediction preprocesses exactly as training and evaluation did: the DICOM rescale, window and
+MONOCHROME1 applied from the file's own tags, its pixel spacing for `data.spacing_mm`, the fundus field of view
+detected, the recipe's intensity window. The user never restates any of it.
+
+Raw inputs are ingested into a private temporary shard set by the same readers `medfound shard` uses: images (PNG,
+JPEG, TIFF, BMP) with the `images` reader, every other file as DICOM, de-identified as `medfound shard dicom` does, so
+no PHI reaches the temporary shards. Each input is linked under its index (`000003.png`): keys map back to inputs with
+no file name entering a shard, and an unreadable input is reported by its index and reason, never by its name. A
+shard set given as input is read as it is (every split; keys are its own).
+
+What a model kind writes is its TaskSpec's `predict` (classification: predictions.csv with every class probability,
+the predicted class and the decision at the model's operating point); `--out` follows the replace rules of every
+writer (medfound.evaluate.output: a new folder, or an earlier prediction's with --overwrite).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class StagedInputs:
+    shards: str                                                    # the shard set to read
+    names: dict[str, str] = field(default_factory=dict)            # input index ("000003") -> the input's path
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (input #i, reason): unreadable inputs
+    given: bool = False                                            # the user gave a shard set (keys are its own)
+
+    def name(self, key: str) -> str:
+        """The input a sample came from (a DICOM frame: `PATH#frame`), or the key of a given shard set."""
+        if self.given:
+            return key
+        base, sep, frame = key.partition("_f")
+        if base in self.names:
+            return self.names[base] + (f"#{int(frame)}" if sep and frame.isdigit() else "")
+        return self.names.get(key, key)
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    """Every file of the inputs (folders walked, sorted; hidden files left out)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {item} not found")
+    if not files:
+        raise ValueError(f"no input files in {', '.join(inputs)}")
+    return files
+
+
+def stage(inputs: list[str], tmp: Path) -> StagedInputs:
+    """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder."""
+    from medfound.data.location import is_url
+    from medfound.workflows import shard
+
+    if len(inputs) == 1 and (is_url(inputs[0]) or (Path(inputs[0]) / "manifest.json").is_file()):
+        return StagedInputs(str(inputs[0]), given=True)
+    files = expand(inputs)
+    images = [(i, f) for i, f in enumerate(files) if f.suffix.lower() in IMAGE_SUFFIXES]
+    others = [(i, f) for i, f in enumerate(files) if f.suffix.lower() not in IMAGE_SUFFIXES]
+    if images and others:
+        raise ValueError(f"the inputs mix images ({len(images)}) and other files ({len(others)}, read as DICOM): "
+                         "predict one kind at a time")
+    link = tmp / "inputs"
+    link.mkdir(parents=True)
+    out = tmp / "shards"
+    names = {f"{i:06d}": str(f) for i, f in images or others}
+    if images:
+        rows = []
+        for i, f in images:
+            rel = f"{i:06d}{f.suffix.lower()}"
+            os.symlink(f.resolve(), link / rel)
+            rows.append({"path": rel, "split": "predict"})
+        with open(tmp / "inputs.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["path", "split"])
+            w.writeheader()
+            w.writerows(rows)
+        _, skipped = shard("images", link, out, table=tmp / "inputs.csv", name="predict", keep_names=True, workers=1)
+    else:
+        for i, f in others:
+            os.symlink(f.resolve(), link / f"{i:06d}")
+        _, skipped = shard("dicom", link, out, name="predict", keep_names=True, split_fractions={"predict": 1.0},
+                           workers=1)
+    # the readers name a skipped input by its table row (images) or its index (DICOM): always by index here
+    reasons = [(f"input #{int(ref.split()[-1]) - 2}" if ref.startswith("table row ") else ref, reason)
+               for ref, _, reason in skipped]
+    return StagedInputs(str(out), names, reasons)
+
+
+def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,
+            batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the model of a run directory or published folder on `inputs`; write its outputs under `out`. Returns
+    {"rows": one dict per prediction, "skipped": [(input #i, reason)], "written": [paths]}."""
+    from medfound.evaluate import output
+    from medfound.run import read_run
+    from medfound.tasks import task_for
+
+    run = read_run(model)
+    spec = task_for(run.recipe)
+    if not callable(getattr(spec, "predict", None)):
+        raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions "
+                         "today; segmentation masks, box prompts (`medfound prompt`) and MIL slides are next "
+                         "(issue 27). Score labelled data with `medfound evaluate`")
+    out = Path(out)
+    output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
+    with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
+        staged = stage(list(map(str, inputs)), Path(tmp))
+        with output.staged(out, run.path, output.PREDICT_MARKER) as dest:
+            rows = spec.predict(run, run.recipe, staged, dest, batch_size=batch_size, progress=progress)
+            summary = {"model": str(model), "task": spec.name, "inputs": len(staged.names) or None,
+                       "predicted": len(rows), "skipped": [{"input": ref, "reason": why} for ref, why in
+                                                           staged.skipped]}
+            (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
+    return {"rows": rows, "skipped": staged.skipped, "written": written}
