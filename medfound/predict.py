@@ -113,8 +113,8 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     spec = task_for(run.recipe)
     if not callable(getattr(spec, "predict", None)):
         raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions "
-                         "today; segmentation masks, box prompts (`medfound prompt`) and MIL slides are next "
-                         "(issue 27). Score labelled data with `medfound evaluate`")
+                         "and 2-D segmentation masks today; box prompts (`medfound prompt`) and MIL slides are next. "
+                         "Score labelled data with `medfound evaluate`")
     out = Path(out)
     output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private

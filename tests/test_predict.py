@@ -62,14 +62,43 @@ def test_a_shard_set_and_dicom_files_are_predicted(finetuned, shards, tmp_path, 
     assert rows and all(r["input"].split("#")[0] in {str(f) for f in files} for r in rows)
 
 
-def test_a_model_kind_without_predictions_yet_says_so(tmp_path, seg_shards, capsys):
+def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shards, capsys):
+    """A tiny U-Net on the bundled CT aorta set: predicted from the raw PNGs, each mask equals the argmax of the
+    evaluation path's sliding-window probabilities on the same image from the shards, pixel for pixel."""
+    import json
+
+    import torch
+
     from medfound.config import load_recipe
+    from medfound.data.loaders import prepare
+    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.seg_transforms import build_seg_transform
+    from medfound.evaluate.segmentation import predict_probs
+    from medfound.tasks import task_for
     from medfound.workflows import run_finetune
 
     from helpers import ROOT, tiny_segment_overrides
 
     run = tmp_path / "unet"
-    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
-                             tiny_segment_overrides("unet", seg_shards, None, run, steps=1) + ["eval.bootstrap=10"]))
-    assert main(["predict", str(run), str(DATA / "ct_organs"), "--out", str(tmp_path / "o")]) == 1
-    assert "writes classification predictions today" in capsys.readouterr().err
+    recipe = load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                         tiny_segment_overrides("unet", seg_shards, None, run, steps=2) + ["eval.bootstrap=10"])
+    run_finetune(recipe)
+    rows = [r for r in csv.DictReader(open(DATA / "ct_organs" / "aorta.csv")) if r.get("split") == "test"]
+    inputs = [str(DATA / "ct_organs" / r["path"]) for r in rows]
+    assert main(["predict", str(run), *inputs, "--out", str(tmp_path / "out")]) == 0
+    written = _rows(tmp_path / "out" / "predictions.csv")
+    assert [r["input"] for r in written] == inputs
+    spec = task_for(recipe)
+    model, seg = spec.load(run, recipe), recipe.segment
+    urls, _ = shard_urls([seg_shards["ct"]], "test")
+    loader = make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)), batch_size=1,
+                         labelled=False, train=False)
+    with torch.no_grad():
+        expected = [predict_probs(model, b["image"].float(), seg.patch_size, seg.overlap)[0].argmax(0).numpy()
+                    for b in loader]
+    for row, want in zip(written, expected):
+        mask = np.asarray(Image.open(tmp_path / "out" / row["mask"]))
+        assert mask.shape == np.asarray(Image.open(row["input"])).shape[:2]  # the input's own geometry
+        assert (mask == want).all()
+        assert int(row["pixels_background"]) + int(row["pixels_foreground"]) == mask.size
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["task"] == "segmentation"

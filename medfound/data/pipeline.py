@@ -352,8 +352,9 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 def collate(samples: list[dict]) -> dict:
     batch: dict[str, Any] = {"image": _stack([s["image"] for s in samples]), "key": [s["key"] for s in samples]}
-    for name in ("mask", "roi", "spacing", "box", "native_mask", "native_roi"):  # segmentation targets (native: the
-        # image's own grid, when segment.fov_diameter / scale resampled it), prompts, transformed with the image
+    for name in ("mask", "roi", "spacing", "box", "native_mask", "native_roi", "native_size"):  # segmentation
+        # targets (native: the image's own grid, when segment.fov_diameter / scale resampled it; native_size: that
+        # grid's size, for predictions on new images), prompts, transformed with the image
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     if "crops" in samples[0]:

@@ -191,13 +191,39 @@ def rescale(x: torch.Tensor, extra: list[torch.Tensor], factor: float) -> tuple[
     return y, masks
 
 
-def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] = None) -> Callable[[dict], Any]:
+def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] = None,
+                        predict: bool = False) -> Callable[[dict], Any]:
     """The sample -> {"image", "mask"[, "roi"]} transform for `seg` (see the module docstring); in training
-    with `crops_per_image` > 1 it returns that many such dicts, cut from the one decoded image."""
+    with `crops_per_image` > 1 it returns that many such dicts, cut from the one decoded image. `predict`: samples
+    without masks (new studies, `medfound predict`) -> {"image", "native_size"}, the image resampled exactly as in
+    evaluation, and the size of its own grid the prediction is mapped back to (a missing field-of-view mask for
+    `segment.fov_diameter` is detected from the image, as `shard images --fov detect` does)."""
     if window is not None and window not in WINDOWS and window != "file":
         raise ValueError(f"unknown window {window!r}: choose {', '.join(WINDOWS)} or file")
     # randomness comes from torch's global RNG, as in torchvision's transforms: seeded per worker, and its state
     # is saved in checkpoints, so a resumed run draws the same crops
+
+    def unlabelled(sample: dict) -> dict[str, torch.Tensor]:
+        key = str(sample.get("key") or (sample.get("meta") or {}).get("key") or "?")
+        x = image_tensor(sample, seg, window)
+        size = tuple(x.shape[1:])
+        masks = sample.get("masks") or {}
+        if seg.fov_diameter is not None and "fov" not in masks:  # on the image's own grid, as a stored one is
+            from medfound.data.fundus import detect_fov
+
+            pixels = x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).to(torch.uint8)
+            fov = detect_fov(pixels.permute(1, 2, 0).numpy()).astype(np.uint8) * 255
+            sample = {**sample, "masks": {**masks, "fov": fov}}
+        spacing = (sample.get("meta") or {}).get("spacing_mm")
+        if seg.spacing is not None and spacing is not None and len(spacing) == seg.spatial_dims:
+            x, _ = resample(x, [], spacing, seg.spacing)
+        factor = image_scale(sample, seg, key)
+        if factor is not None and abs(factor - 1.0) > 1e-6:
+            x, _ = rescale(x, [], factor)
+        return {"image": x.contiguous(), "native_size": torch.tensor(size)}
+
+    if predict:
+        return unlabelled
 
     def apply(sample: dict) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         key = str(sample.get("key") or (sample.get("meta") or {}).get("key") or "?")

@@ -5,7 +5,7 @@ MONAI's U-Net / Attention U-Net / V-Net) with Dice + cross-entropy; the export i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from medfound.io import atomic_write_bytes, atomic_write_json
 from medfound.publish.licences import for_export
@@ -99,6 +99,67 @@ class SegmentationTask(ImageNetwork):
 
         return evaluate_segmentation(self.load(run.path, recipe), self.normalizer(recipe),
                                      run.export / self.weights_file, recipe, split, out)
+
+    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+        """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
+        image resampled as in evaluation, the probabilities mapped back to the input's grid), written as a PNG of
+        class indices `masks/KEY.png`; predictions.csv maps each input to its mask with pixel counts per class."""
+        import csv
+        import io
+
+        import numpy as np
+        import torch
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        from medfound.data.loaders import prepare
+        from medfound.data.manifest import read_manifest
+        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.seg_transforms import build_seg_transform
+        from medfound.evaluate.segmentation import predict_probs
+        from medfound.io import atomic_write_bytes
+
+        seg, d = recipe.segment, recipe.data
+        if seg.spatial_dims != 2:
+            raise ValueError("medfound predict writes 2-D masks (PNG) today; volumes (NIfTI with the source affine) "
+                             "are next: score labelled volumes with `medfound evaluate`")
+        manifest = read_manifest(staged.shards)
+        urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
+        loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
+                             batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
+                             max_bad_fraction=1.0, verify="size", split_by_node=False)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = self.load(run.path, recipe).to(device)
+        normalize = self.normalizer(recipe)
+        normalize = normalize.to(device) if normalize is not None else None
+        rows: list[dict[str, Any]] = []
+        with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
+                                   disable=not progress) as bar:
+            for batch in loader:
+                image = batch["image"].to(device)
+                image = image if normalize is None else normalize(image)
+                probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
+                size = tuple(int(v) for v in batch["native_size"][0])
+                if tuple(probs.shape[1:]) != size:  # resampled for the model: mapped back to the input's grid
+                    probs = torch.nn.functional.interpolate(probs[None], size=size, mode="bilinear",
+                                                            align_corners=False)[0]
+                mask = probs.argmax(0).cpu().numpy().astype(np.uint8 if len(seg.names) <= 256 else np.uint16)
+                key = batch["key"][0]
+                buf = io.BytesIO()
+                Image.fromarray(mask).save(buf, format="PNG")
+                atomic_write_bytes(out / "masks" / f"{key}.png", buf.getvalue())
+                rows.append({"input": staged.name(key), "key": key, "mask": f"masks/{key}.png",
+                             **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}})
+                bar.update(1)
+        if not rows:
+            raise ValueError("no input could be read: see the skipped inputs")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+        return rows
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
         seg = recipe.segment
