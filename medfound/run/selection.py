@@ -25,7 +25,10 @@ DIR = "selection"
 
 
 class Selection:
-    """The selection state of one run; `due(step, max_steps)` says when to call it with the module."""
+    """The selection state of one run; `due(step, max_steps)` says when to call it with the module. Each call
+    returns the step's validation metrics, which the loop logs under `val/` (metrics.jsonl, TensorBoard, wandb)."""
+
+    prefix = "val"
 
     def __init__(self, run_dir: Path, metric: str, split: str, every: int,
                  score: Callable[[Any], dict[str, Any]], subset: Optional[dict[str, Any]] = None) -> None:
@@ -50,7 +53,7 @@ class Selection:
         key = (lambda sv: (sv[1], -sv[0])) if not self.minimise else (lambda sv: (-sv[1], -sv[0]))
         return max(scored, key=key)
 
-    def __call__(self, step: int, module: Any) -> None:
+    def __call__(self, step: int, module: Any) -> dict[str, float]:
         import numpy as np
         import torch
         from safetensors.torch import save
@@ -85,6 +88,7 @@ class Selection:
         from tqdm.auto import tqdm
 
         tqdm.write(f"validation ({self.split}) at step {step}: {self.metric} {shown} (best: {best})")
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def record(self) -> dict[str, Any]:
         """The selection block of the lineage and eval.json."""

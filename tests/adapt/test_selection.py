@@ -45,6 +45,11 @@ def test_the_export_is_the_best_validation_step(selected):
     assert report["selection"]["scored_steps"] == [2, 4, 6] and report["dataset"]["split"] == "test"
     md = (run / "report" / "report.md").read_text()
     assert f"Model selection: the export is step {best} of 6, the best accuracy on split 'val'" in md
+    # the validation curve reaches the run's logs beside the loss (metrics.jsonl here; TensorBoard and wandb alike)
+    from medfound.train.logging import read_metrics
+
+    curve = [r for r in read_metrics(run) if r["phase"] == "val"]
+    assert [r["step"] for r in curve] == [2, 4, 6] and [r["accuracy"] for r in curve] == [values[s] for s in (2, 4, 6)]
 
 
 def test_the_selected_export_reloads_and_publishes(selected, tmp_path):
