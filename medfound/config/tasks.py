@@ -37,9 +37,9 @@ class TaskKeys:
 
 ALL_EVAL = frozenset({"split", "bootstrap", "seed", "interval", "min_per_class", "specificity", "external",
                       "external_split", "report", "aggregate", "every", "select", "select_split"})
-SELECTION = frozenset({"every", "select", "select_split"})  # validation-based model selection (classification)
-SELECTION_WHY = {k: "validation-based model selection (eval.every) is implemented for classification runs"
-                 for k in SELECTION}
+SELECTION = frozenset({"every", "select", "select_split"})  # validation-based model selection
+SELECTION_WHY = {k: "validation-based model selection (eval.every) is implemented for classification and "
+                    "segmentation runs" for k in SELECTION}
 CLASS_INTERVALS = frozenset({"interval", "min_per_class"})  # classification / MIL intervals (segmentation: images)
 
 TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
@@ -51,8 +51,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
     TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | FRACTIONS |
              {"eval_batch_size"}, ALL_EVAL),
     TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM | FRACTIONS,
-             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION, values={
-        "balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS, values={
+        "balanced_sampling": NO_CLASS_BALANCE}, why={
         "img_size": "crops are segment.patch_size", "spacing_mm": SPACING_WHY,
         "eval_batch_size": "evaluation slides a window over one image at a time",
         "balanced_sampling": "it draws single-label classes equally often and masks have no image class (for rare "

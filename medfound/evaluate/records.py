@@ -173,14 +173,27 @@ def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
             "manifest_digest": manifest.digest, "num_samples": int(n)}
 
 
+def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """eval.json's record of validation-based selection (eval.every): which step of how many won, on what."""
+    sel = lineage.get("selection")
+    if not sel:
+        return None
+    return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
+            "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
+            "scored_steps": [h["step"] for h in sel.get("history", [])],
+            **({"samples": sel["subset"]["samples"], "of_samples": sel["subset"]["of_samples"]}
+               if sel.get("subset") else {})}
+
+
 def record_tail(warnings: list[str], skipped: list[str], start: float, externals: tuple = (),
                 lineage: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The tail every eval.json carries: how many labels the model was trained on when it was a fraction of them
+    """The tail every eval.json carries: which validated step was exported (`selection`, eval.every), how many labels the model was trained on when it was a fraction of them
     (`train_labels`, from the export's `lineage`: a metric at 1% of the labels is not one at 100%), warnings (the
     externals' own included), skipped samples, timing and provenance."""
     warnings = list(warnings) + [w for e in externals for w in e.get("warnings", [])]
     subset = (lineage or {}).get("train_subset")
-    return {**({"train_labels": subset} if subset else {}),
+    selection = selection_summary(lineage or {})
+    return {**({"train_labels": subset} if subset else {}), **({"selection": selection} if selection else {}),
             "warnings": warnings + ([f"{len(skipped)} undecodable samples skipped"] if skipped else []),
             "skipped_samples": skipped, "seconds": round(time.time() - start, 2),
             "medfound_version": medfound.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

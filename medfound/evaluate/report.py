@@ -75,18 +75,6 @@ def normalised_scale(seg: Any) -> tuple[str, ...]:
     return ("fov_diameter_px", "spacing_mm", "mpp", "structure_px") if seg.scale else ()
 
 
-def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """eval.json's record of validation-based selection (eval.every): which step of how many won, on what."""
-    sel = lineage.get("selection")
-    if not sel:
-        return None
-    return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
-            "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
-            "scored_steps": [h["step"] for h in sel.get("history", [])],
-            **({"samples": sel["subset"]["samples"], "of_samples": sel["subset"]["of_samples"]}
-               if sel.get("subset") else {})}
-
-
 def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: FinetuneRecipe, split: str, out: Path
                             ) -> dict[str, Any]:
     """Score `model` (the timm folder of `weights`, loaded) on `split` of the run's shards, and on every external
@@ -167,14 +155,12 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         check_scale(entry, ext, e_manifest.name, expected, ("spacing_mm", "fov_diameter_px", "structure_px"))
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
-    selection = selection_summary(lineage)
     report = {
         "task": "classification",
         "label_type": schema.type,
         "class_names": schema.names,
         "dataset": dataset_block(manifest, shards, split, len(labels)),
         "model": {"export": str(weights.parent), "sha256": sha256_file(weights)},
-        **({"selection": selection} if selection else {}),
         **({"scale": expected} if expected else {}),
         **scored_block(result, by_site, schema.type),
         **({"units": units} if units else {}),
@@ -197,7 +183,7 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
     `weights`: the file `model` was loaded from (eval.json records its sha256); `normalize`: the device-side
     normaliser (None where the transform already normalised)."""
     from medfound.data.seg_transforms import build_seg_transform
-    from medfound.evaluate.segmentation import CONVENTIONS, SegmentationScorer, predict_probs
+    from medfound.evaluate.segmentation import CONVENTIONS, score_loader
 
     seg, d, ev = recipe.segment, recipe.data, recipe.eval
     shards = recipe.data.shards[0]
@@ -208,29 +194,8 @@ def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.M
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
                              batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
                              max_bad_fraction=d.max_bad_fraction, verify="sha256")
-        scorer, skipped, overlays = SegmentationScorer(seg.names, hd=seg.hd95), [], []
-        for batch in loader:
-            bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
-            skipped += batch.pop("_bad", [])
-            image = batch["image"] if normalize is None else normalize(batch["image"])
-            probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
-            shown = probs  # overlays are drawn on the grid the model saw
-            roi = batch["roi"][0, 0] if "roi" in batch else None
-            truth = batch["mask"][0, 0]
-            if "native_mask" in batch:  # resampled (segment.spacing, scale, fov_diameter, mpp): scored natively
-                truth = batch["native_mask"][0, 0]
-                roi = batch["native_roi"][0, 0] if "native_roi" in batch else None
-                probs = torch.nn.functional.interpolate(probs[None], size=tuple(truth.shape), align_corners=False,
-                                                        mode="trilinear" if truth.ndim == 3 else "bilinear")[0]
-            key = batch["key"][0]
-            spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
-            row = scorer.add(key, probs, truth, roi, spacing)
-            if batch.get("site") and batch["site"][0]:
-                row["site"] = batch["site"][0]
-            if len(overlays) < n_overlays:
-                overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
-                                 "truth": batch["mask"][0, 0].numpy(), "pred": shown.argmax(0).numpy(),
-                                 "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
+        scorer, skipped, overlays = score_loader(model, normalize, loader, seg, hd=seg.hd95, bar=bar,
+                                                 n_overlays=n_overlays)
         bar.close()
         if not scorer.per_image:
             raise ValueError(f"{name} yielded no samples to evaluate")

@@ -69,6 +69,41 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, patch: list[int],
     return torch.softmax(logits.float(), dim=1)
 
 
+def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, *, hd: bool = True,
+                 bar=None, n_overlays: int = 0) -> tuple["SegmentationScorer", list, list[dict[str, Any]]]:
+    """Segment every image of `loader` (built with the evaluation transform, batch size 1) on the model's device and
+    score it in its native geometry: (the scorer, the skipped samples' reports, up to `n_overlays` pictures of the
+    grid the model saw). The one inference-and-scoring path of `medfound evaluate` and of validation during training
+    (`eval.every`); `normalize`: the device-side normaliser, None where the transform already normalised."""
+    device = next(model.parameters()).device
+    scorer, skipped, overlays = SegmentationScorer(seg.names, hd=hd), [], []
+    for batch in loader:
+        if bar is not None:
+            bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
+        skipped += batch.pop("_bad", [])
+        image = batch["image"].to(device)
+        image = image if normalize is None else normalize(image)
+        probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0].cpu()
+        shown = probs  # overlays are drawn on the grid the model saw
+        roi = batch["roi"][0, 0] if "roi" in batch else None
+        truth = batch["mask"][0, 0]
+        if "native_mask" in batch:  # resampled (segment.spacing, scale, fov_diameter, mpp): scored natively
+            truth = batch["native_mask"][0, 0]
+            roi = batch["native_roi"][0, 0] if "native_roi" in batch else None
+            probs = torch.nn.functional.interpolate(probs[None], size=tuple(truth.shape), align_corners=False,
+                                                    mode="trilinear" if truth.ndim == 3 else "bilinear")[0]
+        key = batch["key"][0]
+        spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+        row = scorer.add(key, probs, truth, roi, spacing)
+        if batch.get("site") and batch["site"][0]:
+            row["site"] = batch["site"][0]
+        if len(overlays) < n_overlays:
+            overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
+                             "truth": batch["mask"][0, 0].numpy(), "pred": shown.argmax(0).numpy(),
+                             "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
+    return scorer, skipped, overlays
+
+
 def _nanmean(values: list[float]) -> Optional[float]:
     kept = [v for v in values if not math.isnan(v)]
     return float(np.mean(kept)) if kept else None

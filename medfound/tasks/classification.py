@@ -91,38 +91,10 @@ class ClassificationTask(TimmExport):
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: score eval.select_split during training and export the best step (medfound.run.selection)."""
-        from medfound.config import ConfigError
-        from medfound.registry import METRICS
-        from medfound.run.selection import Selection
+        from medfound.run.selection import build_selection
 
-        ev = recipe.eval
-        if ev.every is None:
-            return None
-        if recipe.trainer.strategy in ("fsdp", "zero3"):
-            raise ConfigError(f"eval.every scores the model on the main process, which a trainer.strategy="
-                              f"{recipe.trainer.strategy} run has only in shards: use ddp, zero1 or zero2, or drop "
-                              "eval.every and select afterwards")
-        if ev.select not in METRICS.names():
-            raise ConfigError(f"eval.select={ev.select!r} is not a metric; choose one of "
-                              f"{', '.join(METRICS.names())}")
-        counts = data.manifests[0].counts["by_split"]
-        if not counts.get(ev.select_split):
-            raise ConfigError(f"eval.select_split={ev.select_split!r} has no samples in {recipe.data.shards[0]} "
-                              f"(splits: {', '.join(f'{k} {v}' for k, v in counts.items())}); name the validation "
-                              "split, or shard one (--split-fractions)")
-        if ev.select_split == ev.split:
-            raise ConfigError(f"eval.select_split and eval.split are both {ev.split!r}: selecting on the split "
-                              "that reports the metrics makes them optimistic; select on a validation split")
-        from medfound.data.fractions import training_subset
-
-        # training on a fraction of the labels: select on the same fraction of the validation split, so selection
-        # never sees more labels than training does
-        subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split,
-                                 data.manifests[0].label_schema.names, validation=True)
-        keys = None if subset is None else subset.keys
-        return Selection(run_dir, ev.select, ev.select_split, ev.every,
-                         lambda module: self.validate(recipe, module, keys),
-                         subset=None if subset is None else subset.record)
+        return build_selection(recipe, data.manifests[0], run_dir, "auroc",
+                               lambda module, keys: self.validate(recipe, module, keys))
 
     def validate(self, recipe, module, keys: frozenset | None = None) -> dict[str, Any]:
         """The metrics of the training module (eval mode, on its device) on eval.select_split (only `keys` of it,

@@ -100,6 +100,36 @@ class SegmentationTask(ImageNetwork):
         return evaluate_segmentation(self.load(run.path, recipe), self.normalizer(recipe),
                                      run.export / self.weights_file, recipe, split, out)
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        """eval.every: the validation split segmented whole every N steps (Dice by default, nnU-Net's pseudo-Dice
+        made exact; binary tasks may select on pixel_f1) and the best step exported (medfound.run.selection)."""
+        from medfound.run.selection import build_selection
+
+        return build_selection(recipe, data.manifests[0], run_dir, "dice",
+                               lambda module, keys: self.validate(recipe, module, keys))
+
+    def validate(self, recipe, module, keys: Optional[frozenset] = None) -> dict[str, Any]:
+        """The metrics of the training module (eval mode, on its device) on eval.select_split (only `keys` of it,
+        when given): the evaluation's own sliding-window inference and scorer, native geometry, no intervals; HD95
+        only when eval.select asks for it (it is the slow part)."""
+        from medfound.data.loaders import prepare
+        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.seg_transforms import build_seg_transform
+        from medfound.evaluate.segmentation import score_loader
+
+        seg, d, ev = recipe.segment, recipe.data, recipe.eval
+        urls = shard_urls([d.shards[0]], ev.select_split)[0]
+        loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
+                             batch_size=1, labelled=False, train=False, num_workers=0,
+                             max_bad_fraction=d.max_bad_fraction, verify="size", split_by_node=False, keys=keys)
+        normalize = self.normalizer(recipe)
+        if normalize is not None:
+            normalize = normalize.to(next(module.model.parameters()).device)
+        scorer, _, _ = score_loader(module.model, normalize, loader, seg, hd=seg.hd95 and ev.select == "hd95")
+        if not scorer.per_image:
+            raise ValueError(f"eval.select_split={ev.select_split!r} of {d.shards[0]} yielded no image to validate")
+        return scorer.result()["metrics"]
+
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
                 progress: bool = True) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the

@@ -119,3 +119,53 @@ def test_selected_tensors_must_be_exactly_the_modules_trainable_ones(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(3, 2))
     with pytest.raises(RuntimeError, match=r"not in the module's trainable tensors: \['1.bias', '1.weight'\]"):
         apply_selection(tmp_path, other)
+
+
+def test_segmentation_selects_on_validation_dice_and_logs_the_curve(tmp_path):
+    """eval.every for segmentation: the validation split is segmented whole by the evaluation's own path (native
+    geometry) every N steps, Dice picks the export (the default metric), the curve reaches TensorBoard under val/,
+    and eval.json / report.md say which step won."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medfound.train.logging import read_metrics
+    from medfound.workflows import shard
+
+    from helpers import DATA, tiny_segment_overrides
+
+    rows = ["path,mask,split", "images/amos_0004_75.png,masks/amos_0004_75_aorta_000.png,train",
+            "images/s0114_111.png,masks/s0114_111_aorta_000.png,val",
+            "images/amos_0006_90.png,masks/amos_0006_90_aorta_000.png,test"]
+    (tmp_path / "aorta.csv").write_text("\n".join(rows) + "\n")
+    shards = tmp_path / "shards"
+    shard("images", DATA / "ct_organs", shards, table=tmp_path / "aorta.csv", name="ct_aorta", modality="ct",
+          keep_names=True)
+    run = tmp_path / "run"
+    overrides = tiny_segment_overrides("unet", {"ct": shards}, None, run, steps=4) + [
+        "eval.every=2", "eval.bootstrap=20", "trainer.loggers=[tensorboard]", "trainer.checkpoint_every=2"]
+    summary = run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml", overrides))
+    record = json.loads((run / "selection" / "selection.json").read_text())
+    assert record["metric"] == "dice" and record["split"] == "val" and [h["step"] for h in record["history"]] == [2, 4]
+    values = {h["step"]: h["metrics"]["dice"] for h in record["history"]}
+    best = max(values, key=lambda s: (values[s], -s))
+    assert record["best_step"] == best == summary["selected_step"]
+    assert all("pixel_f1" in h["metrics"] and "hd95" not in h["metrics"] for h in record["history"])
+    # the export is the selected step's network: its weights are the saved best tensors
+    saved = load_file(str(run / "selection" / "best.safetensors"))
+    exported = load_file(str(run / "export" / "segmenter.safetensors"))
+    matched = [k for k in saved if k.removeprefix("model.") in exported]
+    assert len(matched) == len(saved) and all(torch.equal(saved[k], exported[k.removeprefix("model.")])
+                                              for k in matched)
+    curve = [r for r in read_metrics(run) if r["phase"] == "val"]
+    assert [r["step"] for r in curve] == [2, 4] and [r["dice"] for r in curve] == [values[2], values[4]]
+    events = EventAccumulator(str(run / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/dice")] == [2, 4]
+    report = json.loads((run / "eval.json").read_text())
+    assert report["selection"]["selected_step"] == best and report["dataset"]["split"] == "test"
+    assert f"Model selection: the export is step {best} of 4, the best dice on split 'val'" in \
+        (run / "report" / "report.md").read_text()
+
+
+def test_selection_keys_are_refused_where_a_task_cannot_select(tmp_path):
+    with pytest.raises(ConfigError, match="implemented for classification and segmentation runs"):
+        load_recipe(ROOT / "adapt" / "uni_abmil.yaml", ["eval.every=5"])
