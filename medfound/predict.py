@@ -24,9 +24,24 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+
+
+def input_kind(path: Path) -> str:
+    """How an input file is read: `images`, `volumes` (NIfTI / NRRD) or `dicom` (every other file)."""
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return "volumes"
+    return "images" if path.suffix.lower() in IMAGE_SUFFIXES else "dicom"
+
+
+def suffix(path: Path) -> str:
+    """The file's suffix as its reader knows it (`.nii.gz` whole)."""
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), path.suffix.lower())
 
 
 @dataclass
@@ -35,6 +50,12 @@ class StagedInputs:
     names: dict[str, str] = field(default_factory=dict)            # input index ("000003") -> the input's path
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (input #i, reason): unreadable inputs
     given: bool = False                                            # the user gave a shard set (keys are its own)
+    kind: str = "shards"                                           # images, volumes, dicom, or a given shard set
+
+    def source(self, key: str) -> Optional[Path]:
+        """The input file a sample came from (None for a given shard set)."""
+        path = None if self.given else self.names.get(key.partition("_f")[0] if key not in self.names else key)
+        return None if path is None else Path(path)
 
     def name(self, key: str) -> str:
         """The input a sample came from (a DICOM frame: `PATH#frame`), or the key of a given shard set."""
@@ -70,35 +91,38 @@ def stage(inputs: list[str], tmp: Path) -> StagedInputs:
     if len(inputs) == 1 and (is_url(inputs[0]) or (Path(inputs[0]) / "manifest.json").is_file()):
         return StagedInputs(str(inputs[0]), given=True)
     files = expand(inputs)
-    images = [(i, f) for i, f in enumerate(files) if f.suffix.lower() in IMAGE_SUFFIXES]
-    others = [(i, f) for i, f in enumerate(files) if f.suffix.lower() not in IMAGE_SUFFIXES]
-    if images and others:
-        raise ValueError(f"the inputs mix images ({len(images)}) and other files ({len(others)}, read as DICOM): "
-                         "predict one kind at a time")
+    kinds: dict[str, list[tuple[int, Path]]] = {}
+    for i, f in enumerate(files):
+        kinds.setdefault(input_kind(f), []).append((i, f))
+    if len(kinds) > 1:
+        raise ValueError("the inputs mix " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(kinds.items())) +
+                         " (files that are neither images nor NIfTI/NRRD volumes are read as DICOM): predict one "
+                         "kind at a time")
+    (kind, chosen), = kinds.items()
     link = tmp / "inputs"
     link.mkdir(parents=True)
     out = tmp / "shards"
-    names = {f"{i:06d}": str(f) for i, f in images or others}
-    if images:
+    names = {f"{i:06d}": str(f) for i, f in chosen}
+    if kind == "dicom":
+        for i, f in chosen:
+            os.symlink(f.resolve(), link / f"{i:06d}")
+        _, skipped = shard("dicom", link, out, name="predict", keep_names=True, split_fractions={"predict": 1.0},
+                           workers=1)
+    else:
         rows = []
-        for i, f in images:
-            rel = f"{i:06d}{f.suffix.lower()}"
+        for i, f in chosen:
+            rel = f"{i:06d}{suffix(f)}"
             os.symlink(f.resolve(), link / rel)
             rows.append({"path": rel, "split": "predict"})
         with open(tmp / "inputs.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=["path", "split"])
             w.writeheader()
             w.writerows(rows)
-        _, skipped = shard("images", link, out, table=tmp / "inputs.csv", name="predict", keep_names=True, workers=1)
-    else:
-        for i, f in others:
-            os.symlink(f.resolve(), link / f"{i:06d}")
-        _, skipped = shard("dicom", link, out, name="predict", keep_names=True, split_fractions={"predict": 1.0},
-                           workers=1)
+        _, skipped = shard(kind, link, out, table=tmp / "inputs.csv", name="predict", keep_names=True, workers=1)
     # the readers name a skipped input by its table row (images) or its index (DICOM): always by index here
     reasons = [(f"input #{int(ref.split()[-1]) - 2}" if ref.startswith("table row ") else ref, reason)
                for ref, _, reason in skipped]
-    return StagedInputs(str(out), names, reasons)
+    return StagedInputs(str(out), names, reasons, kind=kind)
 
 
 def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,

@@ -102,3 +102,54 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
         assert (mask == want).all()
         assert int(row["pixels_background"]) + int(row["pixels_foreground"]) == mask.size
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["task"] == "segmentation"
+
+
+def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys):
+    """A tiny 3-D U-Net trained at 1.32 x 1.32 x 2.1 mm on the bundled breast MRI (0.66 x 0.66 x 2.1 mm, NRRD):
+    predicted from the raw NRRD, the mask is NIfTI on the source's own 45 x 120 x 21 grid with the source's affine
+    (computed here from the NRRD header by pynrrd, LPS -> RAS, independently of medfound), and equals the evaluation
+    path's prediction mapped back to the native grid; a 2-D image given to it is refused naming the mismatch."""
+    nib = pytest.importorskip("nibabel")
+    nrrd = pytest.importorskip("nrrd")
+    import torch
+
+    from medfound.config import load_recipe
+    from medfound.data.loaders import prepare
+    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.seg_transforms import build_seg_transform
+    from medfound.evaluate.segmentation import predict_probs
+    from medfound.tasks import task_for
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "unet3d"
+    recipe = load_recipe(ROOT / "adapt" / "segment_unet3d.yaml", tiny_segment_overrides(
+        "unet3d", seg_shards, None, run) + ["segment.spacing=[1.32,1.32,2.1]", "eval.bootstrap=0"])
+    run_finetune(recipe)
+    source = DATA / "volumes" / "breast1_image.nrrd"
+    assert main(["predict", str(run), str(source), "--out", str(tmp_path / "out")]) == 0
+    (row,) = _rows(tmp_path / "out" / "predictions.csv")
+    assert row["input"] == str(source) and row["mask"].endswith(".nii.gz")
+    img = nib.load(tmp_path / "out" / row["mask"])
+    header = nrrd.read_header(str(source))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    want = np.eye(4)
+    want[:3, :3] = lps_to_ras @ np.asarray(header["space directions"], dtype=float).T
+    want[:3, 3] = lps_to_ras @ np.asarray(header["space origin"], dtype=float)
+    assert img.shape == tuple(int(v) for v in header["sizes"]) == (45, 120, 21)
+    assert np.allclose(img.affine, want, atol=1e-5)
+    mask = np.asarray(img.dataobj)
+    assert sum(int(v) for k, v in row.items() if k.startswith("pixels_")) == mask.size
+    spec, seg = task_for(recipe), recipe.segment
+    model = spec.load(run, recipe)
+    urls, _ = shard_urls([seg_shards["volume"]], "train")
+    (batch,) = list(make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)),
+                                batch_size=1, labelled=False, train=False))
+    with torch.no_grad():
+        probs = predict_probs(model, batch["image"].float(), seg.patch_size, seg.overlap)
+        native = torch.nn.functional.interpolate(probs, size=(45, 120, 21), mode="trilinear", align_corners=False)
+    assert (mask == native[0].argmax(0).numpy()).all()
+    assert main(["predict", str(run), str(DATA / "ct_organs" / "images" / "s0114_111.png"),
+                 "--out", str(tmp_path / "2d")]) == 1
+    assert "this model segments volumes, but the inputs are image files" in capsys.readouterr().err

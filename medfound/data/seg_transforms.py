@@ -215,12 +215,16 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
             fov = detect_fov(pixels.permute(1, 2, 0).numpy()).astype(np.uint8) * 255
             sample = {**sample, "masks": {**masks, "fov": fov}}
         spacing = (sample.get("meta") or {}).get("spacing_mm")
-        if seg.spacing is not None and spacing is not None and len(spacing) == seg.spatial_dims:
+        own = spacing is not None and len(spacing) == seg.spatial_dims
+        if seg.spacing is not None and own:
             x, _ = resample(x, [], spacing, seg.spacing)
         factor = image_scale(sample, seg, key)
         if factor is not None and abs(factor - 1.0) > 1e-6:
             x, _ = rescale(x, [], factor)
-        return {"image": x.contiguous(), "native_size": torch.tensor(size)}
+        out = {"image": x.contiguous(), "native_size": torch.tensor(size)}
+        if own:  # the input's own voxel spacing (a volume's mask is written on its grid)
+            out["spacing"] = torch.tensor(spacing, dtype=torch.float64)
+        return out
 
     if predict:
         return unlabelled

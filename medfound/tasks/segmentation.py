@@ -13,6 +13,7 @@ from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
 
+KIND_TEXT = {"images": "image", "dicom": "DICOM"}
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha})", "full": "full fine-tuning", "linear_probe": "frozen backbone",
                "last_k": "last {k} blocks"}
 
@@ -133,14 +134,15 @@ class SegmentationTask(ImageNetwork):
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
                 progress: bool = True) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
-        image resampled as in evaluation, the probabilities mapped back to the input's grid), written as a PNG of
-        class indices `masks/KEY.png`; predictions.csv maps each input to its mask with pixel counts per class."""
+        image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
+        class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
+        (NIfTI or NRRD input, read as ingest reads it; a given shard set's volumes keep only their spacing).
+        predictions.csv maps each input to its mask with voxel counts per class."""
         import csv
         import io
 
         import numpy as np
         import torch
-        from PIL import Image
         from tqdm.auto import tqdm
 
         from medfound.data.loaders import prepare
@@ -151,9 +153,14 @@ class SegmentationTask(ImageNetwork):
         from medfound.io import atomic_write_bytes
 
         seg, d = recipe.segment, recipe.data
-        if seg.spatial_dims != 2:
-            raise ValueError("medfound predict writes 2-D masks (PNG) today; volumes (NIfTI with the source affine) "
-                             "are next: score labelled volumes with `medfound evaluate`")
+        volumes = seg.spatial_dims == 3
+        if volumes and staged.kind in ("images", "dicom"):
+            raise ValueError(f"this model segments volumes, but the inputs are {KIND_TEXT[staged.kind]} files: "
+                             "give it NIfTI or NRRD volumes (a DICOM series: convert it to NIfTI first, e.g. with "
+                             "dcm2niix)")
+        if not volumes and staged.kind == "volumes":
+            raise ValueError("this model segments 2-D images, but the inputs are volumes: give it image or DICOM "
+                             "files (or shard the volumes as slices: shard volumes --layout slices)")
         manifest = read_manifest(staged.shards)
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
@@ -172,14 +179,14 @@ class SegmentationTask(ImageNetwork):
                 probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
                 size = tuple(int(v) for v in batch["native_size"][0])
                 if tuple(probs.shape[1:]) != size:  # resampled for the model: mapped back to the input's grid
-                    probs = torch.nn.functional.interpolate(probs[None], size=size, mode="bilinear",
-                                                            align_corners=False)[0]
+                    probs = torch.nn.functional.interpolate(probs[None], size=size, align_corners=False,
+                                                            mode="trilinear" if volumes else "bilinear")[0]
                 mask = probs.argmax(0).cpu().numpy().astype(np.uint8 if len(seg.names) <= 256 else np.uint16)
                 key = batch["key"][0]
-                buf = io.BytesIO()
-                Image.fromarray(mask).save(buf, format="PNG")
-                atomic_write_bytes(out / "masks" / f"{key}.png", buf.getvalue())
-                rows.append({"input": staged.name(key), "key": key, "mask": f"masks/{key}.png",
+                spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
+                name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
+                atomic_write_bytes(out / name, mask_bytes(mask, staged.source(key), spacing))
+                rows.append({"input": staged.name(key), "key": key, "mask": name,
                              **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}})
                 bar.update(1)
         if not rows:
@@ -203,3 +210,27 @@ class SegmentationTask(ImageNetwork):
     def load_snippet(self) -> str:
         return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the segmentation network, eval mode") + """
 # probs = medfound.evaluate.segmentation.predict_probs(model, image[None], patch_size, overlap)  # [1, K, *S]"""
+
+
+def mask_bytes(mask, source: Optional[Path], spacing: Optional[list[float]]) -> bytes:
+    """A predicted mask as its file: a 2-D mask as PNG; a volume's as gzipped NIfTI on the source file's grid (its
+    affine, read as ingest reads it), or with its voxel spacing alone when no source file is known."""
+    import io
+
+    import numpy as np
+
+    if mask.ndim == 2:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(mask).save(buf, format="PNG")
+        return buf.getvalue()
+    from medfound.data.ingest.volumes import nifti_bytes, read_volume
+
+    if source is not None:
+        array, affine = read_volume(source)
+        if array.shape != mask.shape:
+            raise ValueError(f"the mask {mask.shape} does not fit its input's grid {array.shape}")
+    else:
+        affine = np.diag([*(spacing or [1.0, 1.0, 1.0]), 1.0])
+    return nifti_bytes(mask, affine)

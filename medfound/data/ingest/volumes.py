@@ -80,12 +80,12 @@ def _source_dtype(path: Path) -> np.dtype:
     return np.dtype(nibabel.load(str(path)).get_data_dtype())
 
 
-def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(array in its source dtype, spacing in mm per array axis, orientation codes) via MONAI."""
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array in its source dtype, 4x4 affine from voxel indices to RAS mm) exactly as MONAI's `LoadImage` reads
+    them (NRRD's LPS space converted to RAS): the one reader of ingest and of `medfound predict`'s NIfTI masks."""
     try:
         from monai.data import NibabelReader, NrrdReader
         from monai.transforms import LoadImage
-        from nibabel.orientations import aff2axcodes
     except ImportError as e:
         raise ImportError("volume ingest needs MONAI with pynrrd/nibabel: pip install medfound[volumes]") from e
     try:
@@ -99,9 +99,28 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     arr = np.asarray(img)
     if arr.ndim != 3:
         raise ValueError(f"{path.name}: expected a 3-D volume, got shape {arr.shape}")
-    affine = np.asarray(meta["affine"], dtype=float)
+    return arr, np.asarray(meta["affine"], dtype=float)
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(array in its source dtype, spacing in mm per array axis, orientation codes) via MONAI."""
+    from nibabel.orientations import aff2axcodes
+
+    arr, affine = read_volume(path)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     return arr, spacing, tuple(aff2axcodes(affine))
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """`array` on the grid of a volume with `affine` as gzipped NIfTI-1 bytes (sform and qform: scanner RAS)."""
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return gzip.compress(img.to_bytes(), mtime=0)
 
 
 def _starts(size: int, patch: int) -> list[int]:
