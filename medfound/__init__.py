@@ -11,10 +11,13 @@ __version__ = "0.1.0"
 def load(folder_or_run):
     """The trained model of a run directory or a published folder, whatever its task kind: a timm module
     (pretraining: the encoder; classification: the classifier), a segmentation network `[B, C, *S]` -> logits, a
-    `BoxPredictor` (`.predict(image, boxes)`) or an attention-MIL head; in eval mode.
+    `BoxPredictor` (`.predict(image, boxes)`) or an attention-MIL head; in eval mode. Classifiers and segmentation
+    networks also have `.predict(inputs[, out])`: `medfound predict` from Python, returning predictions.csv's rows
+    (segmentation rows carry their mask arrays when no `out` is given).
 
         import medfound
         model = medfound.load("runs/demo/finetune")
+        rows = model.predict(["new/case_1.png", "new/case_2.png"])  # [{"input", "key", "p_CLASS"..., "predicted"}]
     """
     from medfound.workflows import load as load_run
 

@@ -151,3 +151,43 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
             (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
     return {"rows": rows, "skipped": staged.skipped, "written": written}
+
+
+class Predictor:
+    """`medfound.load(folder).predict(inputs)`: the CLI's prediction as a Python call on the same model folder.
+
+    `predict(inputs, out=None)` runs exactly `medfound predict MODEL INPUT... --out DIR` and returns its rows (the
+    rows of predictions.csv, as dicts). With `out` the files stay there; without it they are written to a private
+    temporary folder and each segmentation row carries its mask as an array (`mask`: uint8 `[H, W]` or `[D, H, W]`,
+    the file's content) before the folder is removed."""
+
+    def __init__(self, model: str | Path) -> None:
+        self.model = Path(model)
+
+    def __call__(self, inputs: str | Path | list, out: str | Path | None = None, *, overwrite: bool = False,
+                 batch_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+        items = [str(i) for i in inputs] if isinstance(inputs, (list, tuple)) else [str(inputs)]
+        if out is not None:
+            return predict(self.model, items, out, overwrite=overwrite, batch_size=batch_size,
+                           progress=progress)["rows"]
+        with tempfile.TemporaryDirectory(prefix="medfound-predict-out-") as tmp:
+            dest = Path(tmp) / "out"
+            rows = predict(self.model, items, dest, batch_size=batch_size, progress=progress)["rows"]
+            for row in rows:
+                if row.get("mask"):
+                    row["mask"] = read_mask(dest / row["mask"])
+        return rows
+
+
+def read_mask(path: Path):
+    """A mask file `medfound predict` wrote (PNG, or gzipped NIfTI) as an array."""
+    import numpy as np
+
+    if path.name.endswith(".nii.gz"):
+        import nibabel as nib
+
+        return np.asarray(nib.load(path).dataobj)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img)

@@ -153,3 +153,39 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
     assert main(["predict", str(run), str(DATA / "ct_organs" / "images" / "s0114_111.png"),
                  "--out", str(tmp_path / "2d")]) == 1
     assert "this model segments volumes, but the inputs are image files" in capsys.readouterr().err
+
+
+def test_python_predict_and_a_published_copy_elsewhere_give_the_cli_rows(finetuned, seg_shards, tmp_path):
+    """`medfound.load(folder).predict(inputs)` returns predictions.csv's rows; the published folder, copied to another
+    place, predicts the same as the run; a segmentation network's rows carry their mask arrays."""
+    import shutil
+
+    import medfound
+    from medfound.workflows import publish
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    with np.load(DATA / "medmnist" / "retinamnist_demo.npz") as z:
+        for i in range(3):
+            Image.fromarray(z["test_images"][i]).save(folder / f"case_{i}.png")
+    assert main(["predict", str(finetuned), str(folder), "--out", str(tmp_path / "cli")]) == 0
+    cli = _rows(tmp_path / "cli" / "predictions.csv")
+    publish(finetuned, tmp_path / "published")
+    elsewhere = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "published", elsewhere)
+    shutil.rmtree(tmp_path / "published")
+    rows = medfound.load(elsewhere).predict(folder)
+    assert [{k: str(v) for k, v in r.items()} for r in rows] == cli
+    image = DATA / "ct_organs" / "images" / "amos_0006_90.png"
+    run = tmp_path / "unet"
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run, steps=1) + ["eval.bootstrap=0"]))
+    (row,) = medfound.load(run).predict([image])
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "seg")]) == 0
+    assert (row["mask"] == np.asarray(Image.open(tmp_path / "seg" / "masks" / f"{row['key']}.png"))).all()
+    assert row["mask"].shape == np.asarray(Image.open(image)).shape[:2]
