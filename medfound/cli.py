@@ -12,7 +12,8 @@
     medfound import SOURCE --format F --out DIR      RETFound/MAE/UNI/DINOv2/timm weights -> timm export
     medfound evaluate RUN_OR_MODEL [EXTERNAL ...]    eval.json, predictions.csv, report/report.md (--out DIR)
     medfound publish RUN_DIR --out DIR [--push ID]   Hugging Face-style folder with a model card (+ upload)
-    medfound predict MODEL INPUT... --out DIR        a trained model on new images / DICOM -> predictions.csv
+    medfound predict MODEL INPUT... --out DIR        a trained model on new images / DICOM / volumes (box prompts:
+                                                     --box or --boxes) -> predictions.csv, masks/
     medfound bench BACKBONE... --suite S --out DIR   backbones side by side: k-NN, probes, few-shot, fine-tuning
     medfound card check DIR                          verify a card's numbers and hashes against its folder
     medfound card push DIR --repo ID [--dry-run]     upload a checked folder to the Hugging Face Hub
@@ -252,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="a new folder for predictions.csv and summary.json")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     s.add_argument("--batch-size", type=int, help="images per forward pass (default: the recipe's data.eval_batch_size)")
+    s.add_argument("--box", action="append", type=lambda v: [float(x) for x in v.split(",")],
+                   help="box-prompt models: x0,y0,x1,y1 in image pixels, the same on every image; repeat for several "
+                        "structures (one mask each)")
+    s.add_argument("--boxes", metavar="TABLE.csv", help="box-prompt models: one row per structure, columns "
+                                                        "input,x0,y0,x1,y1 (input: a path as given, or its file name)")
+    s.add_argument("--box-format", choices=["xyxy", "xywh"], help="box-prompt models: xyxy corners (default) or "
+                                                                  "COCO's x,y,w,h")
+    s.add_argument("--threshold", type=float, help="box-prompt models: mask probability threshold (default 0.5)")
+    s.add_argument("--modality", choices=[m for m in MODALITIES if m not in ("other", "mixed")],
+                   help="box-prompt models: the images' modality, warned about when the model was not trained on it")
 
     s = sub.add_parser("bench", help="score backbones side by side: k-NN, linear probe, few-shot and fine-tuning at "
                                      "label fractions, with paired differences (medfound/bench)")
@@ -507,11 +518,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.verb == "predict":
         from medfound.predict import predict
 
-        done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size)
-        print(f"predicted {len(done['rows'])} inputs" + (f"; {len(done['skipped'])} skipped (by index; names are not "
-                                                         "printed):" if done["skipped"] else ""))
+        done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
+                       boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
+                       modality=args.modality)
+        print(f"predicted {len(done['rows'])} rows" + (f"; {len(done['skipped'])} inputs skipped (by index; names "
+                                                       "are not printed):" if done["skipped"] else ""))
         for ref, reason in done["skipped"]:
             print(f"  {ref}: {reason}")
+        for w in done["warnings"]:
+            print(f"medfound predict: warning: {w}", file=sys.stderr)
         for path in done["written"]:
             print(f"  {path}")
         return 0

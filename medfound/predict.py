@@ -126,9 +126,11 @@ def stage(inputs: list[str], tmp: Path) -> StagedInputs:
 
 
 def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,
-            batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+            batch_size: int | None = None, progress: bool = True, **prompts: Any) -> dict[str, Any]:
     """Run the model of a run directory or published folder on `inputs`; write its outputs under `out`. Returns
-    {"rows": one dict per prediction, "skipped": [(input #i, reason)], "written": [paths]}."""
+    {"rows": one dict per prediction, "skipped": [(input #i, reason)], "warnings": [...], "written": [paths]}.
+    `prompts`: what a prompted model reads (box prompts: boxes or box_table, box_format, threshold, modality);
+    refused for the kinds that read none."""
     from medfound.evaluate import output
     from medfound.run import read_run
     from medfound.tasks import task_for
@@ -136,21 +138,28 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     run = read_run(model)
     spec = task_for(run.recipe)
     if not callable(getattr(spec, "predict", None)):
-        raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions "
-                         "and 2-D segmentation masks today; box prompts (`medfound prompt`) and MIL slides are next. "
+        raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions, "
+                         "segmentation masks (2-D and volumes) and box-prompt masks today; MIL slides are next. "
                          "Score labelled data with `medfound evaluate`")
+    given = {k: v for k, v in prompts.items() if v is not None}
+    unread = sorted(set(given) - set(getattr(spec, "prompts", ())))
+    if unread:
+        raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)} (prompts are for "
+                         "box-prompt models)")
     out = Path(out)
     output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
         staged = stage(list(map(str, inputs)), Path(tmp))
         with output.staged(out, run.path, output.PREDICT_MARKER) as dest:
-            rows = spec.predict(run, run.recipe, staged, dest, batch_size=batch_size, progress=progress)
+            warnings: list[str] = []
+            rows = spec.predict(run, run.recipe, staged, dest, batch_size=batch_size, progress=progress,
+                                warnings=warnings, **given)
             summary = {"model": str(model), "task": spec.name, "inputs": len(staged.names) or None,
                        "predicted": len(rows), "skipped": [{"input": ref, "reason": why} for ref, why in
-                                                           staged.skipped]}
+                                                           staged.skipped], "warnings": warnings}
             (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
-    return {"rows": rows, "skipped": staged.skipped, "written": written}
+    return {"rows": rows, "skipped": staged.skipped, "warnings": warnings, "written": written}
 
 
 class Predictor:

@@ -43,6 +43,8 @@ def test_predictions_on_new_images_equal_the_evaluation_of_the_same_images(finet
     assert main(["predict", str(finetuned), str(folder), "--out", str(out)]) == 1
     assert "holds an earlier prediction" in capsys.readouterr().err
     assert main(["predict", str(finetuned), str(folder), "--out", str(out), "--overwrite"]) == 0
+    assert main(["predict", str(finetuned), str(folder), "--box", "1,1,9,9", "--out", str(tmp_path / "b")]) == 1
+    assert "is a classification model, which reads no boxes" in capsys.readouterr().err
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "predictions.csv").write_text("mine\n")

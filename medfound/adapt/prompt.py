@@ -258,6 +258,36 @@ def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> list[list[float]]:
     return [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in boxes]
 
 
+def read_box_table(table: str | Path, inputs: dict[str, str]) -> dict[str, list[list[float]]]:
+    """`--boxes TABLE.csv` (columns input,x0,y0,x1,y1; one row per structure) -> {input index: boxes}, `inputs`
+    mapping each input's index to its path as given. A row's `input` is that path or the file's name; a row that
+    matches no input, or two inputs, is an error naming the row."""
+    import csv
+
+    by_path = {v: k for k, v in inputs.items()}
+    by_name: dict[str, list[str]] = {}
+    for k, v in inputs.items():
+        by_name.setdefault(Path(v).name, []).append(k)
+    out: dict[str, list[list[float]]] = {}
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        need = ["input", "x0", "y0", "x1", "y1"]
+        if reader.fieldnames is None or any(c not in reader.fieldnames for c in need):
+            raise ValueError(f"{table}: needs the columns {','.join(need)} (it has {reader.fieldnames})")
+        for n, row in enumerate(reader, start=2):
+            ref = (row["input"] or "").strip()
+            hits = [by_path[ref]] if ref in by_path else by_name.get(Path(ref).name, [])
+            if len(hits) != 1:
+                raise ValueError(f"{table} row {n}: input {ref!r} " + ("matches no input given" if not hits else
+                                 f"matches {len(hits)} inputs by name; give its path as on the command line"))
+            try:
+                box = [float(row[c]) for c in need[1:]]
+            except (TypeError, ValueError):
+                raise ValueError(f"{table} row {n}: x0,y0,x1,y1 must be numbers") from None
+            out.setdefault(hits[0], []).append(box)
+    return out
+
+
 def modality_warnings(image: Any, trained: Sequence[str], stated: Optional[str] = None) -> list[str]:
     """Warnings when an image does not look like the run's training modalities: the modality the user states
     (`--modality`) is not one of them, or a colour image goes to a run trained only on greyscale modalities (CT,

@@ -99,6 +99,63 @@ class BoxPromptTask(ImageNetwork):
         return BoxPredictor(self.network(folder, recipe), meta["img_size"], meta["mean"], meta["std"],
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
+    prompts = frozenset({"boxes", "box_table", "box_format", "threshold", "modality"})  # what predict reads
+
+    def predict(self, run, recipe, staged, out: Path, batch_size=None, progress: bool = True, *,
+                warnings: Any = None, boxes: Any = None, box_table: Any = None, box_format: str = "xyxy", threshold: float = 0.5,
+                modality: Any = None) -> list[dict[str, Any]]:
+        """`medfound predict RUN IMAGE... --box x0,y0,x1,y1 [--box ...]` (the same boxes on every image) or
+        `--boxes TABLE.csv` (columns `input,x0,y0,x1,y1`, one row per structure; `input` as given on the command
+        line or the file's name): per input `masks/KEY/mask_<i>.png` (0/255, one per box) and `overlay.png`, written
+        by `medfound prompt`'s own code; predictions.csv has a row per box (input, box, mask, pixels) and the
+        warnings (empty or full masks, an image unlike the training modalities) reach summary.json and the console."""
+        import csv
+        import io
+
+        from tqdm.auto import tqdm
+
+        from medfound.adapt.prompt import read_box_table, segment_boxes
+        from medfound.evaluate.records import trained_modalities
+
+        if staged.kind != "images":
+            raise ValueError(f"a box-prompt model reads image files (PNG, JPEG, TIFF), not {staged.kind}: export the "
+                             "slices as images first")
+        if (boxes is None) == (box_table is None):
+            raise ValueError("a box-prompt model needs the boxes to segment: --box x0,y0,x1,y1 (repeat for several; "
+                             "the same on every image) or --boxes TABLE.csv (input,x0,y0,x1,y1 per structure)")
+        per_input = read_box_table(box_table, staged.names) if box_table is not None else None
+        predictor = self.load(run.path, recipe)
+        modalities = trained_modalities(run.export)
+        skipped = {ref for ref, _ in staged.skipped}
+        rows: list[dict[str, Any]] = []
+        warned = warnings if warnings is not None else []
+        for key in tqdm(sorted(staged.names), desc="predict", unit="img", disable=not progress):
+            if f"input #{int(key)}" in skipped:
+                continue
+            these = per_input.get(key, []) if per_input is not None else boxes
+            if not these:
+                warned.append(f"input #{int(key)}: no box in {box_table}; not predicted")
+                continue
+            _, said = segment_boxes(predictor, staged.names[key], these, out / "masks" / key, threshold=threshold,
+                                    box_format=box_format, modalities=modalities, modality=modality)
+            warned += [f"input #{int(key)}: {w}" for w in said]
+            from PIL import Image
+
+            for i, b in enumerate(these):
+                with Image.open(out / "masks" / key / f"mask_{i}.png") as m:
+                    pixels = int((np.asarray(m) > 0).sum())
+                rows.append({"input": staged.name(key), "key": key, "box": i, "box_xyxy": ",".join(
+                    f"{v:g}" for v in (b if box_format == "xyxy" else [b[0], b[1], b[0] + b[2], b[1] + b[3]])),
+                    "mask": f"masks/{key}/mask_{i}.png", "overlay": f"masks/{key}/overlay.png", "pixels": pixels})
+        if not rows:
+            raise ValueError("no input could be predicted: see the skipped inputs and the boxes")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
+        return rows
+
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.evaluate.records import (dataset_block, external_block, network_lineage, record_tail,
                                                split_urls, trained_on)

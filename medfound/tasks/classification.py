@@ -136,7 +136,7 @@ class ClassificationTask(TimmExport):
                                       positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
 
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
         """`medfound predict`: the exported classifier on every sample of `staged.shards` (medfound.predict) ->
         `out`/predictions.csv, one row per input (a DICOM frame each): every class probability, the predicted class,
         and for binary models with an operating point in eval.json (sens_at_spec) the decision at its threshold."""

@@ -132,7 +132,7 @@ class SegmentationTask(ImageNetwork):
         return scorer.result()["metrics"]
 
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
         image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine

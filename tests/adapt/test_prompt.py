@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import json
 import random
 
@@ -180,7 +182,25 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     rc = main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
                "--box", "95,255,95,95", "--box-format", "xywh", "--out", str(tmp_path / "coco")])
     assert rc == 0 and ((np.asarray(Image.open(tmp_path / "coco" / "mask_0.png")) > 0) == masks[0]).all()
-    capsys.readouterr()
+    # medfound predict --box: the same masks, per input, with predictions.csv; --boxes gives each image its own
+    demo, other = DATA / "ct_organs" / "medsam_img_demo.png", tmp_path / "copy.png"
+    other.write_bytes(demo.read_bytes())
+    assert main(["predict", str(tmp_path / "run"), str(demo), str(other), "--box", "95,255,190,350",
+                 "--box", "300,100,400,200", "--out", str(tmp_path / "pred")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert [(r["input"], r["box"]) for r in rows] == [(str(demo), "0"), (str(demo), "1"), (str(other), "0"),
+                                                      (str(other), "1")]
+    for i in (0, 1, 2, 3):
+        got = np.asarray(Image.open(tmp_path / "pred" / rows[i]["mask"])) > 0
+        assert (got == masks[i % 2]).all() and int(rows[i]["pixels"]) == int(masks[i % 2].sum())
+    (tmp_path / "boxes.csv").write_text("input,x0,y0,x1,y1\nmedsam_img_demo.png,95,255,190,350\n")
+    assert main(["predict", str(tmp_path / "run"), str(demo), str(other), "--boxes", str(tmp_path / "boxes.csv"),
+                 "--out", str(tmp_path / "table")]) == 0
+    (row,) = list(csv.DictReader(open(tmp_path / "table" / "predictions.csv")))
+    assert row["box_xyxy"] == "95,255,190,350" and row["input"] == str(demo)
+    assert "input #1: no box in" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "run"), str(demo), "--out", str(tmp_path / "nobox")]) == 1
+    assert "needs the boxes to segment: --box x0,y0,x1,y1" in capsys.readouterr().err
     assert main(["prompt", str(tmp_path / "run"), str(DATA / "ct_organs" / "medsam_img_demo.png"),
                  "--box", "300,100,50,60", "--out", str(tmp_path / "bad")]) == 1
     assert "COCO boxes are x, y, w, h: pass --box-format xywh" in capsys.readouterr().err
