@@ -525,8 +525,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
                                                        "are not printed):" if done["skipped"] else ""))
         for ref, reason in done["skipped"]:
             print(f"  {ref}: {reason}")
-        for w in done["warnings"]:
-            print(f"medfound predict: warning: {w}", file=sys.stderr)
         for path in done["written"]:
             print(f"  {path}")
         return 0

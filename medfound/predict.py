@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,16 +151,45 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
         staged = stage(list(map(str, inputs)), Path(tmp))
+        warnings = input_warnings(spec, run, staged)
+        from tqdm.auto import tqdm
+
+        for w in warnings:  # before any work: the user can stop a run on the wrong data
+            tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
         with output.staged(out, run.path, output.PREDICT_MARKER) as dest:
-            warnings: list[str] = []
+            before = len(warnings)
             rows = spec.predict(run, run.recipe, staged, dest, batch_size=batch_size, progress=progress,
                                 warnings=warnings, **given)
+            for w in warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
+                tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
             summary = {"model": str(model), "task": spec.name, "inputs": len(staged.names) or None,
                        "predicted": len(rows), "skipped": [{"input": ref, "reason": why} for ref, why in
                                                            staged.skipped], "warnings": warnings}
             (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
     return {"rows": rows, "skipped": staged.skipped, "warnings": warnings, "written": written}
+
+
+def input_warnings(spec: Any, run: Any, staged: StagedInputs) -> list[str]:
+    """What evaluate warns about an external set, said of the inputs: a modality the model was not trained on (where
+    the inputs record one: DICOM's own tag, a shard set's manifest), and a scale beyond tolerance of the training
+    data's (medfound.data.scale.scale_warnings, with the task's own normalised keys)."""
+    from medfound.data.manifest import read_manifest
+    from medfound.data.scale import scale_stats, scale_warnings
+    from medfound.evaluate.records import network_lineage, trained_modalities
+
+    out: list[str] = []
+    modality = read_manifest(staged.shards).modality
+    trained = trained_modalities(run.export)
+    if trained and modality not in (None, "", "other", "mixed", "auto") and modality not in trained:
+        out.append(f"the inputs are {modality}, but the model was trained on {', '.join(trained)}: its predictions "
+                   "on another modality are not validated")
+    normalised = getattr(spec, "scale_normalised", None)
+    expected = network_lineage(run.export).get("scale")
+    if callable(normalised) and expected:
+        out += scale_warnings("inputs", scale_stats(staged.shards), expected, normalised(run.recipe),
+                              subject="the input set")
+    return out
 
 
 class Predictor:

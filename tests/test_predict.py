@@ -62,6 +62,16 @@ def test_a_shard_set_and_dicom_files_are_predicted(finetuned, shards, tmp_path, 
     assert main(["predict", str(finetuned), *map(str, files), "--out", str(tmp_path / "dcm")]) == 0
     rows = _rows(tmp_path / "dcm" / "predictions.csv")
     assert rows and all(r["input"].split("#")[0] in {str(f) for f in files} for r in rows)
+    # the retina classifier on an MR file: the modality from the file's own tags is named before any work
+    import json
+
+    capsys.readouterr()
+    assert main(["predict", str(finetuned), str(dicom / "MR-SIEMENS-DICOM-WithOverlays.dcm"),
+                 "--out", str(tmp_path / "mr")]) == 0
+    said = json.loads((tmp_path / "mr" / "summary.json").read_text())["warnings"]
+    assert said == ["the inputs are mr, but the model was trained on fundus: its predictions on another modality "
+                    "are not validated"]
+    assert said[0] in capsys.readouterr().err
 
 
 def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shards, capsys):
@@ -155,6 +165,20 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
     assert main(["predict", str(run), str(DATA / "ct_organs" / "images" / "s0114_111.png"),
                  "--out", str(tmp_path / "2d")]) == 1
     assert "this model segments volumes, but the inputs are image files" in capsys.readouterr().err
+    # the same scan written as NIfTI with twice the voxel size: segment.spacing resamples it (no warning); a run
+    # that works on the native grid is told, before any work, that the inputs' voxels are 2x the training data's
+    coarse = tmp_path / "coarse.nii.gz"
+    affine = want.copy()
+    affine[:3, :3] *= 2
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(tmp_path / "out" / row["mask"]).dataobj).astype(np.int16), affine),
+             coarse)
+    assert main(["predict", str(run), str(coarse), "--out", str(tmp_path / "resampled")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    native = tmp_path / "native"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet3d.yaml", tiny_segment_overrides(
+        "unet3d", seg_shards, None, native) + ["eval.bootstrap=0"]))
+    assert main(["predict", str(native), str(coarse), "--out", str(tmp_path / "warned")]) == 0
+    assert "medfound predict: warning: the input set has pixels of 1.3" in capsys.readouterr().err
 
 
 def test_python_predict_and_a_published_copy_elsewhere_give_the_cli_rows(finetuned, seg_shards, tmp_path):

@@ -127,11 +127,12 @@ def describe_scale(stats: dict[str, Any]) -> str:
 
 
 def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[str, Any]],
-                   normalised: tuple[str, ...] = ()) -> list[str]:
+                   normalised: tuple[str, ...] = (), subject: Optional[str] = None) -> list[str]:
     """One warning per scale key in which `external` differs from `trained` by more than SCALE_TOLERANCE, naming
     the key that fixes it; keys in `normalised` (the run already resamples them) are not compared. The masks'
     structure_px is compared only where no physical scale is known for both sets (it is a proxy, and a structure may
-    differ in size between populations or annotation styles)."""
+    differ in size between populations or annotation styles). `subject`: what the set is called in the warning
+    (default "external set NAME")."""
     out = []
     physical = any(k in (trained or {}) and k in external for k in PHYSICAL)
     for key in (*PHYSICAL, "structure_px"):
@@ -141,7 +142,7 @@ def scale_warnings(name: str, external: dict[str, Any], trained: Optional[dict[s
             continue
         ratio = external[key] / trained[key]
         if max(ratio, 1 / ratio) > SCALE_TOLERANCE:
-            out.append(f"external set {name} has {WHAT[key].format(ext=external[key])}, the training data "
+            out.append(f"{subject or f'external set {name}'} has {WHAT[key].format(ext=external[key])}, the training data "
                        f"{TRAINED[key].format(value=trained[key])} ({ratio:.2f}x, beyond the {SCALE_TOLERANCE}x "
                        f"tolerance): the model sees its structures at another size; "
                        + FIX[key].format(value=trained[key], factor=ratio, inverse=1 / ratio))

@@ -64,10 +64,18 @@ def check_scale(entry: dict[str, Any], path: str, name: str, expected: Optional[
         _warnings.warn(w, stacklevel=2)
 
 
+# classification inputs are resized whole to data.img_size (or resampled to data.spacing_mm), which evens out pixel
+# spacing; only tile resolution (a fixed tile size at another um/px is another field) is compared
+CLASSIFICATION_NORMALISED = ("spacing_mm", "fov_diameter_px", "structure_px")
+
+
 def normalised_scale(seg: Any) -> tuple[str, ...]:
     """The scale keys (medfound.data.scale) that a segmentation run's resampling makes equal for every set:
-    segment.fov_diameter evens out the field of view, segment.mpp the um/px; segment.scale, one factor for every
-    set, evens out none of them, but the user chose it for this set, so none is compared."""
+    segment.fov_diameter evens out the field of view, segment.mpp the um/px, segment.spacing (each image resampled
+    from its own spacing) the pixel spacing; segment.scale, one factor for every set, evens out none of them, but the
+    user chose it for this set, so none is compared."""
+    if seg.spacing is not None:
+        return ("spacing_mm", "structure_px")
     if seg.fov_diameter:  # the masks' structure size is known in native pixels only: not comparable after resampling
         return ("fov_diameter_px", "structure_px")
     if seg.mpp:
@@ -150,9 +158,7 @@ def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: Finet
         entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result,
                                (e_manifest.digest,), trained)
         entry["calibration"] = e_result["calibration"]
-        # classification inputs are resized whole to data.img_size (or resampled to data.spacing_mm), which evens
-        # out pixel spacing; only tile resolution (a fixed tile size at another um/px is another field) is compared
-        check_scale(entry, ext, e_manifest.name, expected, ("spacing_mm", "fov_diameter_px", "structure_px"))
+        check_scale(entry, ext, e_manifest.name, expected, CLASSIFICATION_NORMALISED)
         externals.append(entry)
         predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
     report = {

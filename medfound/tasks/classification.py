@@ -135,6 +135,12 @@ class ClassificationTask(TimmExport):
                                       specificity=ev.specificity,
                                       positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
 
+    def scale_normalised(self, recipe) -> tuple[str, ...]:
+        """The scale keys the preprocessing evens out (not compared by the scale check; evaluate's rule)."""
+        from medfound.evaluate.report import CLASSIFICATION_NORMALISED
+
+        return CLASSIFICATION_NORMALISED
+
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
                 progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
         """`medfound predict`: the exported classifier on every sample of `staged.shards` (medfound.predict) ->

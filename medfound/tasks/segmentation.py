@@ -131,6 +131,12 @@ class SegmentationTask(ImageNetwork):
             raise ValueError(f"eval.select_split={ev.select_split!r} of {d.shards[0]} yielded no image to validate")
         return scorer.result()["metrics"]
 
+    def scale_normalised(self, recipe) -> tuple[str, ...]:
+        """The scale keys the segment.* resampling evens out (not compared by the scale check; evaluate's rule)."""
+        from medfound.evaluate.report import normalised_scale
+
+        return normalised_scale(recipe.segment)
+
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
                 progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
