@@ -162,12 +162,28 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
                                 warnings=warnings, **given)
             for w in warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
                 tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
+            if not rows:
+                raise ValueError("no input could be predicted: see the skipped inputs")
+            write_rows(dest / "predictions.csv", rows)
             summary = {"model": str(model), "task": spec.name, "inputs": len(staged.names) or None,
                        "predicted": len(rows), "skipped": [{"input": ref, "reason": why} for ref, why in
                                                            staged.skipped], "warnings": warnings}
             (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
     return {"rows": rows, "skipped": staged.skipped, "warnings": warnings, "written": written}
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """predictions.csv: one row per prediction, the columns of the first row (every kind writes the same keys)."""
+    import io
+
+    from medfound.io import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def input_warnings(spec: Any, run: Any, staged: StagedInputs) -> list[str]:

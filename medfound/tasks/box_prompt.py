@@ -109,9 +109,6 @@ class BoxPromptTask(ImageNetwork):
         line or the file's name): per input `masks/KEY/mask_<i>.png` (0/255, one per box) and `overlay.png`, written
         by `medfound prompt`'s own code; predictions.csv has a row per box (input, box, mask, pixels) and the
         warnings (empty or full masks, an image unlike the training modalities) reach summary.json and the console."""
-        import csv
-        import io
-
         from tqdm.auto import tqdm
 
         from medfound.adapt.prompt import read_box_table, segment_boxes
@@ -147,13 +144,6 @@ class BoxPromptTask(ImageNetwork):
                 rows.append({"input": staged.name(key), "key": key, "box": i, "box_xyxy": ",".join(
                     f"{v:g}" for v in (b if box_format == "xyxy" else [b[0], b[1], b[0] + b[2], b[1] + b[3]])),
                     "mask": f"masks/{key}/mask_{i}.png", "overlay": f"masks/{key}/overlay.png", "pixels": pixels})
-        if not rows:
-            raise ValueError("no input could be predicted: see the skipped inputs and the boxes")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
         return rows
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:

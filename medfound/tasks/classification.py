@@ -144,10 +144,8 @@ class ClassificationTask(TimmExport):
     def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
                 progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
         """`medfound predict`: the exported classifier on every sample of `staged.shards` (medfound.predict) ->
-        `out`/predictions.csv, one row per input (a DICOM frame each): every class probability, the predicted class,
+        the rows of predictions.csv, one per input (a DICOM frame each): every class probability, the predicted class,
         and for binary models with an operating point in eval.json (sens_at_spec) the decision at its threshold."""
-        import csv
-        import io
         import json
 
         import torch
@@ -156,7 +154,6 @@ class ClassificationTask(TimmExport):
         from medfound.data.loaders import eval_image_transform, normalizer, prepare
         from medfound.data.manifest import read_manifest
         from medfound.data.pipeline import make_loader, shard_urls
-        from medfound.io import atomic_write_bytes
         from medfound.publish.export import read_lineage
 
         d = recipe.data
@@ -197,13 +194,6 @@ class ClassificationTask(TimmExport):
                                 names[1 - pos] if len(names) == 2 else "not " + point["positive_class"]
                     rows.append(row)
                 bar.update(len(batch["key"]))
-        if not rows:
-            raise ValueError("no input could be read: see the skipped inputs")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
         return rows
 
     def rebuild(self, run_dir: Path, recipe) -> Any:

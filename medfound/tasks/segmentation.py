@@ -144,9 +144,6 @@ class SegmentationTask(ImageNetwork):
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
         (NIfTI or NRRD input, read as ingest reads it; a given shard set's volumes keep only their spacing).
         predictions.csv maps each input to its mask with voxel counts per class."""
-        import csv
-        import io
-
         import numpy as np
         import torch
         from tqdm.auto import tqdm
@@ -195,13 +192,6 @@ class SegmentationTask(ImageNetwork):
                 rows.append({"input": staged.name(key), "key": key, "mask": name,
                              **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}})
                 bar.update(1)
-        if not rows:
-            raise ValueError("no input could be read: see the skipped inputs")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_bytes(out / "predictions.csv", buf.getvalue().encode())
         return rows
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
