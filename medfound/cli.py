@@ -248,8 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="a trained model (run or published folder) on new studies: images, DICOM "
                                        "files or folders, or a shard set -> predictions.csv")
     s.add_argument("model", help="a run directory or a published folder")
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, TIFF), DICOM files or folders, "
-                                                             "or one shard set")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, TIFF), NIfTI/NRRD volumes, "
+                                                             "whole-slide images (MIL models), DICOM files or "
+                                                             "folders, or one shard set")
     s.add_argument("--out", required=True, help="a new folder for predictions.csv and summary.json")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     s.add_argument("--batch-size", type=int, help="images per forward pass (default: the recipe's data.eval_batch_size)")
@@ -263,6 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="box-prompt models: mask probability threshold (default 0.5)")
     s.add_argument("--modality", choices=[m for m in MODALITIES if m not in ("other", "mixed")],
                    help="box-prompt models: the images' modality, warned about when the model was not trained on it")
+    s.add_argument("--backbone", metavar="DIR", help="MIL models: the tile backbone (export folder) the head was "
+                                                     "trained on, where its recorded path is not on this machine")
 
     s = sub.add_parser("bench", help="score backbones side by side: k-NN, linear probe, few-shot and fine-tuning at "
                                      "label fractions, with paired differences (medfound/bench)")
@@ -520,7 +523,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
         done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
                        boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
-                       modality=args.modality)
+                       modality=args.modality, backbone=args.backbone)
         print(f"predicted {len(done['rows'])} rows" + (f"; {len(done['skipped'])} inputs skipped (by index; names "
                                                        "are not printed):" if done["skipped"] else ""))
         for ref, reason in done["skipped"]:

@@ -31,9 +31,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
 
-def input_kind(path: Path) -> str:
-    """How an input file is read: `images`, `volumes` (NIfTI / NRRD) or `dicom` (every other file)."""
+def input_kind(path: Path, slides: bool = False) -> str:
+    """How an input file is read: `wsi` (whole-slide images, for a model that reads slides: `slides`), `images`,
+    `volumes` (NIfTI / NRRD) or `dicom` (every other file)."""
+    from medfound.data.ingest.wsi import SLIDE_SUFFIXES
+
     name = path.name.lower()
+    if slides and path.suffix.lower() in SLIDE_SUFFIXES:
+        return "wsi"
     if name.endswith(VOLUME_SUFFIXES):
         return "volumes"
     return "images" if path.suffix.lower() in IMAGE_SUFFIXES else "dicom"
@@ -84,8 +89,9 @@ def expand(inputs: list[str]) -> list[Path]:
     return files
 
 
-def stage(inputs: list[str], tmp: Path) -> StagedInputs:
-    """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder."""
+def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any]]] = None) -> StagedInputs:
+    """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder; `ingest`: reader
+    options the model prescribes per input kind (a MIL head: `wsi`, tiled as its bags were)."""
     from medfound.data.location import is_url
     from medfound.workflows import shard
 
@@ -93,8 +99,9 @@ def stage(inputs: list[str], tmp: Path) -> StagedInputs:
         return StagedInputs(str(inputs[0]), given=True)
     files = expand(inputs)
     kinds: dict[str, list[tuple[int, Path]]] = {}
+    ingest = ingest or {}
     for i, f in enumerate(files):
-        kinds.setdefault(input_kind(f), []).append((i, f))
+        kinds.setdefault(input_kind(f, slides="wsi" in ingest), []).append((i, f))
     if len(kinds) > 1:
         raise ValueError("the inputs mix " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(kinds.items())) +
                          " (files that are neither images nor NIfTI/NRRD volumes are read as DICOM): predict one "
@@ -109,6 +116,10 @@ def stage(inputs: list[str], tmp: Path) -> StagedInputs:
             os.symlink(f.resolve(), link / f"{i:06d}")
         _, skipped = shard("dicom", link, out, name="predict", keep_names=True, split_fractions={"predict": 1.0},
                            workers=1)
+    elif kind == "wsi":
+        for i, f in chosen:
+            os.symlink(f.resolve(), link / f"{i:06d}{suffix(f)}")
+        _, skipped = shard("wsi", link, out, name="predict", keep_names=True, split="predict", **ingest["wsi"])
     else:
         rows = []
         for i, f in chosen:
@@ -143,14 +154,14 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
                          "segmentation masks (2-D and volumes) and box-prompt masks today; MIL slides are next. "
                          "Score labelled data with `medfound evaluate`")
     given = {k: v for k, v in prompts.items() if v is not None}
-    unread = sorted(set(given) - set(getattr(spec, "prompts", ())))
+    unread = sorted(set(given) - set(getattr(spec, "predict_options", ())))
     if unread:
-        raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)} (prompts are for "
-                         "box-prompt models)")
+        raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)}")
     out = Path(out)
     output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
-        staged = stage(list(map(str, inputs)), Path(tmp))
+        prescribed = getattr(spec, "predict_ingest", None)
+        staged = stage(list(map(str, inputs)), Path(tmp), prescribed(run) if callable(prescribed) else None)
         warnings = input_warnings(spec, run, staged)
         from tqdm.auto import tqdm
 

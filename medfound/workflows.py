@@ -120,16 +120,10 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
 def load(folder: str | Path) -> Any:
     """The trained model of a run directory or a published folder, whatever its task: a timm module (pretraining:
     the encoder; classification: the classifier), a segmentation network, a BoxPredictor or a MIL head; eval mode.
-    Where the task predicts new studies (classification, segmentation), `model.predict(inputs[, out])` runs
-    `medfound predict` on them and returns its rows (medfound.predict.Predictor)."""
+    `medfound.load` adds `model.predict(inputs[, out])` (medfound.predict.Predictor)."""
     run = read_run(folder)
     spec = task_for(run.recipe)
-    model = spec.load(run.export if "timm_export" in spec.capabilities else run.path, run.recipe)
-    if callable(getattr(spec, "predict", None)) and not hasattr(model, "predict"):
-        from medfound.predict import Predictor
-
-        model.predict = Predictor(folder)  # `medfound predict` from Python (a plain attribute, not a submodule)
-    return model
+    return spec.load(run.export if "timm_export" in spec.capabilities else run.path, run.recipe)
 
 
 def rebuild_trained(run_dir: Path):

@@ -81,6 +81,12 @@ def _done(out: Path, stem: str, file: str, backbone_sha: str, tiles: int) -> Opt
     return record
 
 
+def tiling(ingest: dict[str, Any]) -> dict[str, Any]:
+    """The tiling a bag folder's tiles were cut with (`medfound shard wsi` settings): what new slides must be tiled
+    with for a MIL head trained on these bags (`medfound predict`)."""
+    return {k: ingest.get(k) for k in ("mpp", "tile_size", "min_tissue", "backend", "slide_mpp_override")}
+
+
 @torch.no_grad()
 def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, batch_size: int = 64,
                  format: str = "safetensors", overwrite: bool = False, device: Optional[str] = None,
@@ -229,7 +235,8 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
                          "sha256": backbone_sha,
                          "feature_dim": int(model.num_features), "input_size": size, "mean": mean, "std": std},
             "source": {"shards": location.redact(shards_text) if remote else str(shards), "name": manifest.name,
-                       "digest": manifest.digest, "modality": manifest.modality},
+                       "digest": manifest.digest, "modality": manifest.modality,
+                       "tiling": tiling(manifest.ingest)},
             "label_schema": manifest.label_schema.model_dump(),
             "slides": records,
             "seconds": round(wall, 1),

@@ -86,12 +86,15 @@ def load_bag(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return t["features"].float(), t["coords"].long()
 
 
-def slides_of(index: dict[str, Any], split: str, directory: str | Path) -> list[dict[str, Any]]:
+def slides_of(index: dict[str, Any], split: str, directory: str | Path, labelled: bool = True
+              ) -> list[dict[str, Any]]:
     slides = [s for s in index["slides"] if s["split"] == split]
     if not slides:
         have = sorted({s["split"] for s in index["slides"]})
         raise ValueError(f"bag folder {directory} has no '{split}' slides (it has {', '.join(have)}); set "
                          "data.train_split / eval.split to one of those")
+    if not labelled:  # new slides (`medfound predict`)
+        return slides
     unlabelled = [s["slide"] for s in slides if s.get("label") is None]
     if unlabelled:
         raise ValueError(f"slides {unlabelled[:5]} in {directory} have no label: give `medfound shard wsi` a --table "
@@ -110,7 +113,9 @@ def collate_bags(items: list[dict[str, Any]], num_classes: int, multilabel: bool
         k = len(it["features"])
         feats[i, :k], coords[i, :k], mask[i, :k] = it["features"], it["coords"], True
     batch: dict[str, Any] = {"features": feats, "mask": mask, "coords": coords, "key": [it["slide"] for it in items]}
-    if multilabel:
+    if any(it.get("label") is None for it in items):  # unlabelled bags (new slides): no label
+        pass
+    elif multilabel:
         hot = torch.zeros(len(items), num_classes)
         for i, it in enumerate(items):
             hot[i, it["label"]] = 1.0
@@ -123,14 +128,16 @@ def collate_bags(items: list[dict[str, Any]], num_classes: int, multilabel: bool
 
 
 def bag_loader(directory: str | Path, split: str, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
-               max_tiles: Optional[int] = None, balanced: bool = False) -> Iterator[dict[str, Any]]:
+               max_tiles: Optional[int] = None, balanced: bool = False, labelled: bool = True
+               ) -> Iterator[dict[str, Any]]:
     """Batches of padded bags of `split`. Training shuffles slides (seeded by seed and epoch), drops the last
     partial batch when there is more than one batch, and samples at most `max_tiles` tiles per bag (a regulariser
-    and a memory bound); `balanced` draws slides class-balanced with replacement (one epoch = as many slides)."""
+    and a memory bound); `balanced` draws slides class-balanced with replacement (one epoch = as many slides).
+    `labelled=False`: slides without labels are read too (batches carry no `label` when one lacks it)."""
     directory = Path(directory)
     index = read_bags(directory)
     schema = bag_schema(index)
-    slides = slides_of(index, split, directory)
+    slides = slides_of(index, split, directory, labelled)
     rng = random.Random(seed * 1_000_003 + epoch)  # ints only: str hashes differ between processes
     order = list(slides)
     if train:

@@ -99,7 +99,7 @@ class BoxPromptTask(ImageNetwork):
         return BoxPredictor(self.network(folder, recipe), meta["img_size"], meta["mean"], meta["std"],
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
-    prompts = frozenset({"boxes", "box_table", "box_format", "threshold", "modality"})  # what predict reads
+    predict_options = frozenset({"boxes", "box_table", "box_format", "threshold", "modality"})  # what predict reads
 
     def predict(self, run, recipe, staged, out: Path, batch_size=None, progress: bool = True, *,
                 warnings: Any = None, boxes: Any = None, box_table: Any = None, box_format: str = "xyxy", threshold: float = 0.5,

@@ -102,7 +102,7 @@ class MILTask:
         atomic_write_json(export / self.meta_file, {
             "head": recipe.head.model_dump(), "feature_dim": index["backbone"]["feature_dim"],
             "label_schema": data.extra["schema"].model_dump(), "backbone": index["backbone"],
-            "bags_digest": index["digest"], "medfound": lineage})
+            "tiling": bag_tiling(index), "bags_digest": index["digest"], "medfound": lineage})
         return {}
 
     def load(self, folder: Path, recipe) -> Any:
@@ -118,6 +118,65 @@ class MILTask:
                               LabelSchema(**meta["label_schema"]))
         load_strict(task.model, export / self.weights_file, "head")
         return task.eval()
+
+    def predict_ingest(self, run) -> dict[str, dict[str, Any]]:
+        """How `medfound predict` reads raw inputs for this model: slides tiled as the head's bags were (`shard wsi`
+        options, recorded in mil.json at export)."""
+        tiling = json.loads((run.export / self.meta_file).read_text()).get("tiling")
+        if not tiling or not tiling.get("tile_size"):
+            raise ValueError(f"{run.export / self.meta_file} records no tiling (a head trained before medfound "
+                             "recorded it): re-extract its bags and retrain, or tile the slides yourself with `shard "
+                             "wsi` and score the bags with `medfound evaluate`")
+        return {"wsi": {"mpp": tiling["mpp"], "tile_size": tiling["tile_size"], "min_tissue": tiling["min_tissue"],
+                        "backend": tiling.get("backend") or "tiffslide",
+                        "slide_mpp": tiling.get("slide_mpp_override")}}
+
+    predict_options = frozenset({"backbone"})  # the tile backbone, when its recorded path is not here
+
+    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None, progress: bool = True,
+                warnings: Optional[list] = None, backbone: Optional[str] = None) -> list[dict[str, Any]]:
+        """`medfound predict RUN SLIDE...`: each whole-slide image tiled with the tiling the head's bags were cut
+        with (µm/px, tile size, tissue threshold: `shard wsi`'s own reader), embedded by the recorded backbone
+        (`extract`'s own code; its sha256 must match, `--backbone DIR` where its recorded path is not on this
+        machine), and scored by the head: a row per slide with every class probability and the predicted class, the
+        most-attended tile, and `heatmaps/KEY.png` (attention over the slide's thumbnail)."""
+        from medfound.adapt.extract import extract_bags
+        from medfound.data.bags import read_bags
+        from medfound.data.ingest.wsi import SLIDE_SUFFIXES
+
+        if staged.kind != "wsi":
+            raise ValueError(f"a MIL model reads whole-slide images ({', '.join(SLIDE_SUFFIXES)}), not "
+                             f"{staged.kind}")
+        meta = json.loads((run.export / self.meta_file).read_text())
+        want = meta["backbone"]
+        folder = Path(backbone or want.get("path") or "")
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"the tile backbone {folder} is not on this machine: pass --backbone DIR (the "
+                                    f"export with sha256 {want['sha256'][:12]}... the head was trained on)")
+        if sha256_file(weights) != want["sha256"]:
+            raise ValueError(f"--backbone {folder} is another backbone (sha256 {sha256_file(weights)[:12]}...) than "
+                             f"the one the head was trained on ({want['sha256'][:12]}...)")
+        bags = Path(staged.shards).parent / "bags"
+        extract_bags(staged.shards, folder, bags, batch_size=batch_size or 64)
+        index = read_bags(bags)
+        task = self.load(run.path, recipe)
+        schema_names = meta["label_schema"]["names"]
+        probs, _, keys, _, top = score_bags(task, bags, index, meta, None, recipe.data.eval_batch_size,
+                                            out / "heatmaps", labelled=False)
+        records = {r["slide"]: r for r in index["slides"]}
+        multilabel = meta["label_schema"].get("type") == "multilabel"
+        rows = []
+        for key, p in zip(keys, probs):
+            row = {"input": staged.name(key), "key": key, **{f"p_{c}": round(float(v), 6)
+                                                            for c, v in zip(schema_names, p)}}
+            row["predicted"] = ("|".join(c for c, v in zip(schema_names, p) if v > 0.5) if multilabel
+                                else schema_names[int(np.argmax(p))])
+            first = (top.get(key) or [{}])[0]
+            row.update(tiles=records[key]["tiles"], top_tile_x=first.get("x"), top_tile_y=first.get("y"),
+                       heatmap=f"heatmaps/{records[key]['file'].rsplit('.', 1)[0]}.png")
+            rows.append(row)
+        return rows
 
     def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
         from medfound.data.bags import bag_schema, read_bags
@@ -206,10 +265,26 @@ class MILTask:
             "\n# out = model({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"
 
 
+def bag_tiling(index: dict) -> Optional[dict[str, Any]]:
+    """How a bag folder's tiles were cut (extract records it; for older folders, read from its tile shards' manifest
+    when they are on this machine), or None."""
+    source = index.get("source") or {}
+    if source.get("tiling"):
+        return source["tiling"]
+    from medfound.adapt.extract import tiling
+    from medfound.data.manifest import read_manifest
+
+    try:
+        return tiling(read_manifest(source["shards"]).ingest)
+    except (KeyError, OSError, ValueError):
+        return None
+
+
 def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], batch_size: int,
-               heatmaps: Optional[Path]):
+               heatmaps: Optional[Path], labelled: bool = True):
     """Slide probabilities, labels, keys and sites of `split` (None: every slide) of a bag folder, the five
-    most-attended tiles per slide, and (`heatmaps`) one attention heatmap PNG per slide."""
+    most-attended tiles per slide, and (`heatmaps`) one attention heatmap PNG per slide. `labelled=False`: new
+    slides without labels (labels is then None)."""
     import torch
 
     from medfound.data.bags import bag_loader, bag_schema
@@ -225,11 +300,12 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
     splits = [split] if split else sorted({s["split"] for s in index["slides"]})
     with torch.no_grad():
         for sp in splits:
-            for batch in bag_loader(bags, sp, batch_size, train=False):
+            for batch in bag_loader(bags, sp, batch_size, train=False, labelled=labelled):
                 out = task(batch)
                 logits = out["logits"].float()
                 probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy())
-                labels.append(batch["label"].numpy())
+                if labelled:
+                    labels.append(batch["label"].numpy())
                 for i, slide in enumerate(batch["key"]):
                     n = int(batch["mask"][i].sum())
                     att, coords = out["attention"][i, :n].numpy(), batch["coords"][i, :n].numpy()
@@ -243,4 +319,4 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
                 sites += batch.get("site", [None] * len(batch["key"]))
     if not probs:
         raise ValueError(f"split {split!r} of the bag folder {bags} holds no slides")
-    return np.concatenate(probs), np.concatenate(labels), keys, sites, top
+    return np.concatenate(probs), np.concatenate(labels) if labelled else None, keys, sites, top

@@ -191,6 +191,24 @@ def test_mil_run_trains_evaluates_and_reloads(bags, tmp_path):
     assert entry["num_samples"] == 2 and entry["drop"]["accuracy"] == 0.0 and entry["drop"]["auroc"] == 0.0
     assert (tmp_path / "ext" / "predictions.csv").read_text().count("\n") == 1 + 2 + 2
     assert len(list((tmp_path / "ext" / "heatmaps").glob("*.png"))) == 2
+    # medfound predict on the raw slide: tiled as the bags were (recorded in mil.json), embedded by the recorded
+    # backbone, scored by the head: the probabilities equal the evaluation's for that slide, with its heatmap
+    import csv
+
+    from medfound.cli import main
+
+    from helpers import DATA
+
+    slide = DATA / "wsi" / "CMU-1-Small-Region.svs"
+    assert main(["predict", str(tmp_path / "pub"), str(slide), "--out", str(tmp_path / "pred")]) == 0
+    (row,) = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    evaluated = {r["slide"]: r for r in summary_slides(tmp_path / "run")}
+    want = evaluated[s["slide"]]["probs"]
+    assert row["input"] == str(slide) and int(row["tiles"]) == s["tiles"]
+    assert [float(row[f"p_{c}"]) for c in index["label_schema"]["names"]] == pytest.approx(want, abs=2e-5)
+    assert (tmp_path / "pred" / row["heatmap"]).is_file()
+    assert main(["predict", str(tmp_path / "pub"), str(slide), "--backbone", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "other")]) == 1
 
 
 def test_extract_cli(bags, pretrained, tmp_path, capsys):
@@ -203,3 +221,7 @@ def test_extract_cli(bags, pretrained, tmp_path, capsys):
     # a rerun reuses the finished bags (same backbone sha256) and embeds nothing
     assert main(["extract", str(bags.parent / "tiles"), "--backbone", str(pretrained / "export"), "--out", str(out)]) == 0
     assert "0 slides embedded, 1 reused" in capsys.readouterr().out
+
+
+def summary_slides(run):
+    return json.loads((run / "eval.json").read_text())["slides"]
