@@ -42,13 +42,14 @@ class EvalConfig(Strict):
     external_split: Optional[str] = Field(None, description="split of the external sets to score (default: all "
                                                             "their samples)")
     report: bool = Field(True, description="also write RUN_DIR/report/report.md with PNG plots")
-    every: Optional[int] = Field(None, gt=0, description="classification and segmentation: score "
+    every: Optional[int] = Field(None, gt=0, description="fine-tuning (every kind): score "
                                                          "eval.select_split every N optimizer steps (and at the last) "
                                                          "and export the checkpoint that scored best on eval.select; "
                                                          "the test split is scored once, on that export (RETFound and "
                                                          "MedMNIST select on val; nnU-Net tracks a validation Dice)")
     select: Optional[str] = Field(None, description="with eval.every: the validation metric that picks the export "
-                                                    "(default: auroc for classification, dice for segmentation; "
+                                                    "(default: auroc for classification and MIL, dice for "
+                                                    "segmentation and box prompts; "
                                                     "ece and hd95 are minimised, the others maximised)")
     select_split: str = Field("val", description="with eval.every: the split scored during training")
     aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "

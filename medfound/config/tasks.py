@@ -37,9 +37,6 @@ class TaskKeys:
 
 ALL_EVAL = frozenset({"split", "bootstrap", "seed", "interval", "min_per_class", "specificity", "external",
                       "external_split", "report", "aggregate", "every", "select", "select_split"})
-SELECTION = frozenset({"every", "select", "select_split"})  # validation-based model selection
-SELECTION_WHY = {k: "validation-based model selection (eval.every) is implemented for classification and "
-                    "segmentation runs" for k in SELECTION}
 CLASS_INTERVALS = frozenset({"interval", "min_per_class"})  # classification / MIL intervals (segmentation: images)
 
 TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
@@ -63,8 +60,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
     TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | FRACTIONS | {"img_size"},
-             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS - SELECTION,
-             values={"balanced_sampling": NO_CLASS_BALANCE}, why={**SELECTION_WHY,
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
+             values={"balanced_sampling": NO_CLASS_BALANCE}, why={
         "eval_batch_size": "evaluation predicts one image and box at a time",
         "spacing_mm": "the box-prompt window is cut around the structure at head.img_size",
         "balanced_sampling": "a sample's label names its structure, not a class to balance; 'site' balances sites",
@@ -74,8 +71,8 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
     TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",
-                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"} - SELECTION,
-             values={"balanced_sampling": (False, True, "class")}, why={**SELECTION_WHY,
+                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"},
+             values={"balanced_sampling": (False, True, "class")}, why={
         "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
         "aggregate": "the unit is already the slide",
         **{k: "fractions of the labelled slides are not implemented for MIL yet" for k in FRACTIONS}},

@@ -111,12 +111,13 @@ class Selection:
         return {"selection": record}, {"selected_step": record["best_step"]}
 
 
-def build_selection(recipe, manifest: Any, run_dir: Path, default_metric: str,
+def build_selection(recipe, counts: dict[str, int], class_names: list[str], run_dir: Path, default_metric: str,
                     score: Callable[[Any, Optional[frozenset]], dict[str, Any]]) -> Optional[Selection]:
     """The `Selection` of a run whose task scores a validation split (`eval.every`), or None without eval.every.
     Checks, naming the fix: a sharded strategy (only the main process scores, on whole weights), an unknown metric,
     a missing validation split, selecting on the reported split. With `data.train_fraction` / `train_shots` it
     scores the same fraction of the validation split, so selection never sees more labels than training does.
+    `counts`: samples (slides) per split; `class_names`: the label schema's names (the stratified subset).
     `score(module, keys)`: the task's validation metrics of `module` on eval.select_split (only `keys` when given)."""
     from medfound.config import ConfigError
     from medfound.data.fractions import training_subset
@@ -133,7 +134,6 @@ def build_selection(recipe, manifest: Any, run_dir: Path, default_metric: str,
                           "eval.every and select afterwards")
     if metric not in METRICS.names():
         raise ConfigError(f"eval.select={metric!r} is not a metric; choose one of {', '.join(METRICS.names())}")
-    counts = manifest.counts["by_split"]
     if not counts.get(ev.select_split):
         raise ConfigError(f"eval.select_split={ev.select_split!r} has no samples in {recipe.data.shards[0]} "
                           f"(splits: {', '.join(f'{k} {v}' for k, v in counts.items())}); name the validation "
@@ -141,8 +141,7 @@ def build_selection(recipe, manifest: Any, run_dir: Path, default_metric: str,
     if ev.select_split == ev.split:
         raise ConfigError(f"eval.select_split and eval.split are both {ev.split!r}: selecting on the split "
                           "that reports the metrics makes them optimistic; select on a validation split")
-    subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split, manifest.label_schema.names,
-                             validation=True)
+    subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split, class_names, validation=True)
     keys = None if subset is None else subset.keys
     return Selection(run_dir, metric, ev.select_split, ev.every, lambda module: score(module, keys),
                      subset=None if subset is None else subset.record)

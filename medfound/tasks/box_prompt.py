@@ -99,6 +99,30 @@ class BoxPromptTask(ImageNetwork):
         return BoxPredictor(self.network(folder, recipe), meta["img_size"], meta["mean"], meta["std"],
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
+    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
+        """eval.every: every structure of eval.select_split predicted from its mask's tight box by the evaluation's
+        own code, mean Dice by default (or dice_by_structure_mean), the best step exported (medfound.run.selection)."""
+        from medfound.run.selection import build_selection
+
+        m = data.manifests[0]
+        return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "dice",
+                               lambda module, keys: self.validate(recipe, module, keys))
+
+    def validate(self, recipe, module, keys: Any = None) -> dict[str, Any]:
+        """Mean Dice (and the mean over structures) of the training network on eval.select_split (only `keys`),
+        every sample predicted from its mask's tight box as evaluation does; no intervals."""
+        from medfound.adapt.prompt import BoxPredictor
+        from medfound.data.pipeline import shard_urls
+        from medfound.data.manifest import read_manifest
+
+        d, ev = recipe.data, recipe.eval
+        device = str(next(module.model.parameters()).device)
+        predictor = BoxPredictor(module.model, d.img_size, d.mean, d.std, device, recipe.head.crop_to_box)
+        urls = shard_urls([d.shards[0]], ev.select_split)[0]
+        rows, _ = score_boxes(predictor, urls, read_manifest(d.shards[0]), recipe.head.mask,
+                              f"eval.select_split={ev.select_split!r} of {d.shards[0]}", keys=keys, overlays=0)
+        return box_metrics(rows)
+
     predict_options = frozenset({"boxes", "box_table", "box_format", "threshold", "modality"})  # what predict reads
 
     def predict(self, run, recipe, staged, out: Path, batch_size=None, progress: bool = True, *,
@@ -207,8 +231,10 @@ class BoxPromptTask(ImageNetwork):
             "\n# masks = model.predict(image, [[x0, y0, x1, y1]])  # one boolean mask per box"
 
 
-def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str) -> tuple[list[dict], list[dict]]:
-    """Every sample of `urls` predicted from its mask's tight box -> per-sample rows and up to four overlays."""
+def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str, keys: Any = None,
+                overlays: int = 4) -> tuple[list[dict], list[dict]]:
+    """Every sample of `urls` (only `keys` when given) predicted from its mask's tight box -> per-sample rows and up
+    to `overlays` overlays."""
     from medfound.adapt.prompt import box_from_mask
     from medfound.data.pipeline import make_loader
 
@@ -218,8 +244,9 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str)
         return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
 
     loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
-                         train=False, collate_fn=lambda s: s[0], verify="sha256")
-    rows, overlays = [], []
+                         train=False, collate_fn=lambda s: s[0], verify="sha256", split_by_node=keys is None,
+                         keys=keys)
+    n_overlays, rows, overlays = overlays, [], []
     for sample in loader:
         m = sample["mask"]
         m = (m.max(axis=-1) if m.ndim == 3 else m) > 0
@@ -229,7 +256,7 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str)
         label = sample.get("label")
         rows.append({"key": sample["key"], "structure": names[label] if label is not None and names else None,
                      "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
-        if len(overlays) < 4:
+        if len(overlays) < n_overlays:
             img = np.asarray(sample["image"], dtype=np.float32)
             overlays.append({"key": sample["key"], "image": img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
                              "truth": m.astype(np.int64), "pred": pred.astype(np.int64), "dice": {"dice/box": dice}})
@@ -238,14 +265,26 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str)
     return rows, overlays
 
 
-def dice_summary(rows: list[dict], ev, keep_values: bool = False) -> dict[str, Any]:
-    """Mean Dice, mean of the per-structure means, per-structure values and (eval.bootstrap > 0) the 95% percentile
-    bootstrap interval of the mean Dice over samples (`values`: the resampled means, for drop intervals)."""
+def structures(rows: list[dict]) -> dict[str, list[float]]:
+    """The per-sample Dice values of each structure (the shard label; "all" without one)."""
     per_structure: dict[str, list[float]] = {}
     for r in rows:
         per_structure.setdefault(r["structure"] or "all", []).append(r["dice"])
-    metrics = {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
-               "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)}
+    return per_structure
+
+
+def box_metrics(rows: list[dict]) -> dict[str, float]:
+    """Mean Dice over samples and the mean over structures of their mean Dice."""
+    per_structure = structures(rows)
+    return {"dice": round(float(np.mean([r["dice"] for r in rows])), 4),
+            "dice_by_structure_mean": round(float(np.mean([np.mean(v) for v in per_structure.values()])), 4)}
+
+
+def dice_summary(rows: list[dict], ev, keep_values: bool = False) -> dict[str, Any]:
+    """Mean Dice, mean of the per-structure means, per-structure values and (eval.bootstrap > 0) the 95% percentile
+    bootstrap interval of the mean Dice over samples (`values`: the resampled means, for drop intervals)."""
+    per_structure = structures(rows)
+    metrics = box_metrics(rows)
     boot = None
     if ev.bootstrap:
         from medfound.evaluate.bootstrap import percentile_interval, resample_means

@@ -93,7 +93,8 @@ class ClassificationTask(TimmExport):
         """eval.every: score eval.select_split during training and export the best step (medfound.run.selection)."""
         from medfound.run.selection import build_selection
 
-        return build_selection(recipe, data.manifests[0], run_dir, "auroc",
+        m = data.manifests[0]
+        return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "auroc",
                                lambda module, keys: self.validate(recipe, module, keys))
 
     def validate(self, recipe, module, keys: frozenset | None = None) -> dict[str, Any]:

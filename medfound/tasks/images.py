@@ -73,9 +73,6 @@ class ImageNetwork:
     def training_data(self, recipe) -> TrainData:
         return image_training_data(recipe)
 
-    def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
-        return None  # eval.every is refused for these kinds by the recipe validator (config/tasks.py)
-
     def parameter_table(self, module, recipe) -> None:
         from medfound.adapt.tuning import print_parameter_table
 

@@ -65,7 +65,30 @@ class MILTask:
         return None
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
-        return None  # eval.every is refused for MIL by the recipe validator (config/tasks.py)
+        """eval.every: the slides of eval.select_split scored by the evaluation's own code (auroc by default), the
+        best step exported (medfound.run.selection)."""
+        from medfound.run.selection import build_selection
+
+        counts: dict[str, int] = {}
+        for s in data.extra["index"]["slides"]:
+            counts[s["split"]] = counts.get(s["split"], 0) + 1
+        return build_selection(recipe, counts, data.extra["schema"].names, run_dir, "auroc",
+                               lambda module, keys: self.validate(recipe, module, data))
+
+    def validate(self, recipe, module, data: TrainData) -> dict[str, Any]:
+        """Slide-level metrics of the training head on eval.select_split (the evaluation's metric functions), no
+        intervals."""
+        from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
+
+        x, ev = data.extra, recipe.eval
+        schema = x["schema"]
+        probs, labels, _, _, _ = score_bags(module, x["bags"], x["index"], {"backbone": x["index"]["backbone"]},
+                                            ev.select_split, recipe.data.eval_batch_size, None)
+        if schema.type == "multilabel":
+            return multilabel_metrics(probs, labels, schema.names, split=ev.select_split)["metrics"]
+        return classification_metrics(probs, labels, schema.type, schema.names, split=ev.select_split,
+                                      specificity=ev.specificity,
+                                      positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
 
     def train_loader(self, recipe, data: TrainData, ctx):
         from medfound.data.bags import bag_loader

@@ -106,7 +106,8 @@ class SegmentationTask(ImageNetwork):
         made exact; binary tasks may select on pixel_f1) and the best step exported (medfound.run.selection)."""
         from medfound.run.selection import build_selection
 
-        return build_selection(recipe, data.manifests[0], run_dir, "dice",
+        m = data.manifests[0]
+        return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "dice",
                                lambda module, keys: self.validate(recipe, module, keys))
 
     def validate(self, recipe, module, keys: Optional[frozenset] = None) -> dict[str, Any]:
