@@ -164,7 +164,8 @@ def main() -> int:
             ours, theirs = [], []
             for r in range(args.repeats):
                 out = work / f"out_{task}_{r}"
-                ours.append(timed(lambda: predict(run, [str(p.parent) for p in inputs[:1]], out, progress=False)))
+                folder = str(inputs[0].parent)
+                ours.append(timed(lambda m=run, f=folder, o=out: predict(m, [f], o, progress=False)))
                 theirs.append(timed(plain))
             n = len(inputs)
             a, b = n / statistics.median(ours), n / statistics.median(theirs)
