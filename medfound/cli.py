@@ -266,6 +266,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="box-prompt models: the images' modality, warned about when the model was not trained on it")
     s.add_argument("--backbone", metavar="DIR", help="MIL models: the tile backbone (export folder) the head was "
                                                      "trained on, where its recorded path is not on this machine")
+    s.add_argument("--save-probabilities", action="store_true", help="segmentation: also write each input's class "
+                                                                     "probabilities on its grid "
+                                                                     "(probabilities/KEY.npz, float16, nnU-Net's)")
+    s.add_argument("--overlay", action="store_true", help="segmentation (2-D): also write overlays/KEY.png, the "
+                                                          "mask painted over the image")
+    s.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one)")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    s.add_argument("--num-workers", type=int, help="DataLoader workers decoding inputs (default: the recipe's)")
 
     s = sub.add_parser("bench", help="score backbones side by side: k-NN, linear probe, few-shot and fine-tuning at "
                                      "label fractions, with paired differences (medfound/bench)")
@@ -523,7 +532,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
         done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
                        boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
-                       modality=args.modality, backbone=args.backbone)
+                       modality=args.modality, backbone=args.backbone, save_probabilities=args.save_probabilities,
+                       overlay=args.overlay, device=args.device, precision=args.precision,
+                       num_workers=args.num_workers)
         print(f"predicted {len(done['rows'])} rows" + (f"; {len(done['skipped'])} inputs skipped (by index; names "
                                                        "are not printed):" if done["skipped"] else ""))
         for ref, reason in done["skipped"]:

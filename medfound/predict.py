@@ -138,13 +138,16 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
 
 
 def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,
-            batch_size: int | None = None, progress: bool = True, **prompts: Any) -> dict[str, Any]:
+            batch_size: int | None = None, progress: bool = True, device: str | None = None,
+            precision: str = "auto", num_workers: int | None = None, **options: Any) -> dict[str, Any]:
     """Run the model of a run directory or published folder on `inputs`; write its outputs under `out`. Returns
     {"rows": one dict per prediction, "skipped": [(input #i, reason)], "warnings": [...], "written": [paths]}.
-    `prompts`: what a prompted model reads (box prompts: boxes or box_table, box_format, threshold, modality);
-    refused for the kinds that read none."""
+    `device` / `precision` / `num_workers`: medfound.run.inference.Runtime. `options`: what one kind reads (its
+    TaskSpec's `predict_options`: box prompts' boxes or box_table, box_format, threshold, modality; segmentation's
+    save_probabilities and overlay; MIL's backbone); refused for the kinds that read none."""
     from medfound.evaluate import output
     from medfound.run import read_run
+    from medfound.run.inference import Runtime
     from medfound.tasks import task_for
 
     run = read_run(model)
@@ -153,7 +156,7 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
         raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions, "
                          "segmentation masks (2-D and volumes) and box-prompt masks today; MIL slides are next. "
                          "Score labelled data with `medfound evaluate`")
-    given = {k: v for k, v in prompts.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
     unread = sorted(set(given) - set(getattr(spec, "predict_options", ())))
     if unread:
         raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)}")
@@ -162,15 +165,16 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
         prescribed = getattr(spec, "predict_ingest", None)
         staged = stage(list(map(str, inputs)), Path(tmp), prescribed(run) if callable(prescribed) else None)
-        warnings = input_warnings(spec, run, staged)
+        rt = Runtime(device=device, precision=precision, num_workers=num_workers, batch_size=batch_size,
+                     progress=progress, warnings=input_warnings(spec, run, staged))
+        warnings = rt.warnings
         from tqdm.auto import tqdm
 
         for w in warnings:  # before any work: the user can stop a run on the wrong data
             tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
         with output.staged(out, run.path, output.PREDICT_MARKER) as dest:
             before = len(warnings)
-            rows = spec.predict(run, run.recipe, staged, dest, batch_size=batch_size, progress=progress,
-                                warnings=warnings, **given)
+            rows = spec.predict(run, run.recipe, staged, dest, rt, **given)
             for w in warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
                 tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
             if not rows:
@@ -231,14 +235,13 @@ class Predictor:
         self.model = Path(model)
 
     def __call__(self, inputs: str | Path | list, out: str | Path | None = None, *, overwrite: bool = False,
-                 batch_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+                 progress: bool = False, **options: Any) -> list[dict[str, Any]]:
         items = [str(i) for i in inputs] if isinstance(inputs, (list, tuple)) else [str(inputs)]
         if out is not None:
-            return predict(self.model, items, out, overwrite=overwrite, batch_size=batch_size,
-                           progress=progress)["rows"]
+            return predict(self.model, items, out, overwrite=overwrite, progress=progress, **options)["rows"]
         with tempfile.TemporaryDirectory(prefix="medfound-predict-out-") as tmp:
             dest = Path(tmp) / "out"
-            rows = predict(self.model, items, dest, batch_size=batch_size, progress=progress)["rows"]
+            rows = predict(self.model, items, dest, progress=progress, **options)["rows"]
             for row in rows:
                 if row.get("mask"):
                     row["mask"] = read_mask(dest / row["mask"])

@@ -45,6 +45,8 @@ def test_predictions_on_new_images_equal_the_evaluation_of_the_same_images(finet
     assert main(["predict", str(finetuned), str(folder), "--out", str(out), "--overwrite"]) == 0
     assert main(["predict", str(finetuned), str(folder), "--box", "1,1,9,9", "--out", str(tmp_path / "b")]) == 1
     assert "is a classification model, which reads no boxes" in capsys.readouterr().err
+    assert main(["predict", str(finetuned), str(folder), "--overlay", "--out", str(tmp_path / "o")]) == 1
+    assert "which reads no overlay" in capsys.readouterr().err
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "predictions.csv").write_text("mine\n")
@@ -97,7 +99,8 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
     run_finetune(recipe)
     rows = [r for r in csv.DictReader(open(DATA / "ct_organs" / "aorta.csv")) if r.get("split") == "test"]
     inputs = [str(DATA / "ct_organs" / r["path"]) for r in rows]
-    assert main(["predict", str(run), *inputs, "--out", str(tmp_path / "out")]) == 0
+    assert main(["predict", str(run), *inputs, "--out", str(tmp_path / "out"), "--save-probabilities",
+                 "--overlay", "--device", "cpu", "--num-workers", "0"]) == 0
     written = _rows(tmp_path / "out" / "predictions.csv")
     assert [r["input"] for r in written] == inputs
     spec = task_for(recipe)
@@ -113,6 +116,9 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
         assert mask.shape == np.asarray(Image.open(row["input"])).shape[:2]  # the input's own geometry
         assert (mask == want).all()
         assert int(row["pixels_background"]) + int(row["pixels_foreground"]) == mask.size
+        probs = np.load(tmp_path / "out" / row["probabilities"])["probabilities"]  # nnU-Net's --save_probabilities
+        assert probs.shape == (2, *mask.shape) and (probs.astype(np.float32).argmax(0) == mask).mean() > 0.999
+        assert np.asarray(Image.open(tmp_path / "out" / row["overlay"])).shape == (*mask.shape, 3)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["task"] == "segmentation"
 
 

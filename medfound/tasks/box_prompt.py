@@ -125,8 +125,7 @@ class BoxPromptTask(ImageNetwork):
 
     predict_options = frozenset({"boxes", "box_table", "box_format", "threshold", "modality"})  # what predict reads
 
-    def predict(self, run, recipe, staged, out: Path, batch_size=None, progress: bool = True, *,
-                warnings: Any = None, boxes: Any = None, box_table: Any = None, box_format: str = "xyxy", threshold: float = 0.5,
+    def predict(self, run, recipe, staged, out: Path, rt, *, boxes: Any = None, box_table: Any = None, box_format: str = "xyxy", threshold: float = 0.5,
                 modality: Any = None) -> list[dict[str, Any]]:
         """`medfound predict RUN IMAGE... --box x0,y0,x1,y1 [--box ...]` (the same boxes on every image) or
         `--boxes TABLE.csv` (columns `input,x0,y0,x1,y1`, one row per structure; `input` as given on the command
@@ -145,12 +144,12 @@ class BoxPromptTask(ImageNetwork):
             raise ValueError("a box-prompt model needs the boxes to segment: --box x0,y0,x1,y1 (repeat for several; "
                              "the same on every image) or --boxes TABLE.csv (input,x0,y0,x1,y1 per structure)")
         per_input = read_box_table(box_table, staged.names) if box_table is not None else None
-        predictor = self.load(run.path, recipe)
+        predictor = self.load(run.path, recipe, device=str(rt.torch_device()))
         modalities = trained_modalities(run.export)
         skipped = {ref for ref, _ in staged.skipped}
         rows: list[dict[str, Any]] = []
-        warned = warnings if warnings is not None else []
-        for key in tqdm(sorted(staged.names), desc="predict", unit="img", disable=not progress):
+        warned = rt.warnings
+        for key in tqdm(sorted(staged.names), desc="predict", unit="img", disable=not rt.progress):
             if f"input #{int(key)}" in skipped:
                 continue
             these = per_input.get(key, []) if per_input is not None else boxes

@@ -5,7 +5,7 @@ multi-label, by LoRA / full / last-k / linear probe; the export is the merged cl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from medfound.publish.licences import for_export
 from medfound.registry import HEADS
@@ -142,8 +142,7 @@ class ClassificationTask(TimmExport):
 
         return CLASSIFICATION_NORMALISED
 
-    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
-                progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
+    def predict(self, run, recipe, staged, out: Path, rt) -> list[dict[str, Any]]:
         """`medfound predict`: the exported classifier on every sample of `staged.shards` (medfound.predict) ->
         the rows of predictions.csv, one per input (a DICOM frame each): every class probability, the predicted class,
         and for binary models with an operating point in eval.json (sens_at_spec) the decision at its threshold."""
@@ -170,16 +169,18 @@ class ClassificationTask(TimmExport):
             require_spacing(staged.shards, "the inputs (DICOM carries PixelSpacing; PNG/JPEG do not)")
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)),
-                             batch_size=batch_size or d.eval_batch_size, labelled=False, train=False,
-                             num_workers=d.num_workers, max_bad_fraction=1.0, verify="size", split_by_node=False)
+                             batch_size=rt.batch_size or d.eval_batch_size, labelled=False, train=False,
+                             num_workers=rt.workers(d.num_workers), max_bad_fraction=1.0, verify="size",
+                             split_by_node=False)
         model = self.load(run.export, recipe)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = rt.torch_device()
         model, norm = model.to(device), normalizer(d).to(device)
         rows: list[dict[str, Any]] = []
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
-                                   disable=not progress) as bar:
+                                   disable=not rt.progress) as bar:
             for batch in loader:
-                logits = model(norm(batch["image"].to(device))).float()
+                with rt.autocast(device):
+                    logits = model(norm(batch["image"].to(device))).float()
                 probs = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy()
                 for key, p in zip(batch["key"], probs):
                     row = {"input": staged.name(key), "key": key,

@@ -156,8 +156,7 @@ class MILTask:
 
     predict_options = frozenset({"backbone"})  # the tile backbone, when its recorded path is not here
 
-    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None, progress: bool = True,
-                warnings: Optional[list] = None, backbone: Optional[str] = None) -> list[dict[str, Any]]:
+    def predict(self, run, recipe, staged, out: Path, rt, backbone: Optional[str] = None) -> list[dict[str, Any]]:
         """`medfound predict RUN SLIDE...`: each whole-slide image tiled with the tiling the head's bags were cut
         with (µm/px, tile size, tissue threshold: `shard wsi`'s own reader), embedded by the recorded backbone
         (`extract`'s own code; its sha256 must match, `--backbone DIR` where its recorded path is not on this
@@ -181,7 +180,9 @@ class MILTask:
             raise ValueError(f"--backbone {folder} is another backbone (sha256 {sha256_file(weights)[:12]}...) than "
                              f"the one the head was trained on ({want['sha256'][:12]}...)")
         bags = Path(staged.shards).parent / "bags"
-        extract_bags(staged.shards, folder, bags, batch_size=batch_size or 64)
+        device = rt.torch_device()
+        extract_bags(staged.shards, folder, bags, batch_size=rt.batch_size or 64, device=str(device),
+                     precision="fp32" if rt.precision == "fp32" else "bf16", num_workers=rt.workers(0))
         index = read_bags(bags)
         task = self.load(run.path, recipe)
         schema_names = meta["label_schema"]["names"]

@@ -138,13 +138,17 @@ class SegmentationTask(ImageNetwork):
 
         return normalised_scale(recipe.segment)
 
-    def predict(self, run, recipe, staged, out: Path, batch_size: Optional[int] = None,
-                progress: bool = True, warnings: Optional[list] = None) -> list[dict[str, Any]]:
+    predict_options = frozenset({"save_probabilities", "overlay"})
+
+    def predict(self, run, recipe, staged, out: Path, rt, save_probabilities: bool = False,
+                overlay: bool = False) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
         image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
         (NIfTI or NRRD input, read as ingest reads it; a given shard set's volumes keep only their spacing).
         predictions.csv maps each input to its mask with voxel counts per class."""
+        import io
+
         import numpy as np
         import torch
         from tqdm.auto import tqdm
@@ -168,19 +172,20 @@ class SegmentationTask(ImageNetwork):
         manifest = read_manifest(staged.shards)
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
-                             batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
+                             batch_size=1, labelled=False, train=False, num_workers=rt.workers(d.num_workers),
                              max_bad_fraction=1.0, verify="size", split_by_node=False)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = rt.torch_device()
         model = self.load(run.path, recipe).to(device)
         normalize = self.normalizer(recipe)
         normalize = normalize.to(device) if normalize is not None else None
         rows: list[dict[str, Any]] = []
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
-                                   disable=not progress) as bar:
+                                   disable=not rt.progress) as bar:
             for batch in loader:
                 image = batch["image"].to(device)
                 image = image if normalize is None else normalize(image)
-                probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0]
+                with rt.autocast(device):
+                    probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0].float()
                 size = tuple(int(v) for v in batch["native_size"][0])
                 if tuple(probs.shape[1:]) != size:  # resampled for the model: mapped back to the input's grid
                     probs = torch.nn.functional.interpolate(probs[None], size=size, align_corners=False,
@@ -190,9 +195,21 @@ class SegmentationTask(ImageNetwork):
                 spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
                 name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
                 atomic_write_bytes(out / name, mask_bytes(mask, staged.source(key), spacing))
-                rows.append({"input": staged.name(key), "key": key, "mask": name,
-                             **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}})
+                row = {"input": staged.name(key), "key": key, "mask": name,
+                       **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}}
+                if save_probabilities:  # nnU-Net's --save_probabilities: [K, *S] on the input's grid
+                    buf = io.BytesIO()
+                    np.savez_compressed(buf, probabilities=probs.cpu().numpy().astype(np.float16),
+                                        class_names=np.array(seg.names))
+                    row["probabilities"] = f"probabilities/{key}.npz"
+                    atomic_write_bytes(out / row["probabilities"], buf.getvalue())
+                if overlay and not volumes:
+                    row["overlay"] = f"overlays/{key}.png"
+                    atomic_write_bytes(out / row["overlay"], overlay_png(batch["image"][0], mask))
+                rows.append(row)
                 bar.update(1)
+        if overlay and volumes:
+            rt.warnings.append("--overlay draws 2-D images only; open the NIfTI masks over their volumes in a viewer")
         return rows
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
@@ -207,6 +224,32 @@ class SegmentationTask(ImageNetwork):
     def load_snippet(self) -> str:
         return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the segmentation network, eval mode") + """
 # probs = medfound.evaluate.segmentation.predict_probs(model, image[None], patch_size, overlap)  # [1, K, *S]"""
+
+
+def overlay_png(image, mask) -> bytes:
+    """The image the model saw (min-max scaled per channel, brought to the mask's grid) with each foreground class
+    painted in its colour at half opacity, as PNG: `image` `[C, *S]`, `mask` `[H, W]` class indices."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    x = image.float()
+    if tuple(x.shape[1:]) != mask.shape:
+        x = torch.nn.functional.interpolate(x[None], size=mask.shape, mode="bilinear", align_corners=False)[0]
+    lo = x.amin(dim=(1, 2), keepdim=True)
+    hi = x.amax(dim=(1, 2), keepdim=True)
+    x = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).numpy()
+    rgb = np.repeat(x[:1], 3, 0) if x.shape[0] == 1 else x[:3]
+    rgb = np.moveaxis(rgb, 0, -1).astype(np.float64)
+    colours = np.array([(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255)], float)
+    for c in range(1, int(mask.max()) + 1):
+        where = mask == c
+        rgb[where] = 0.5 * rgb[where] + 0.5 * colours[(c - 1) % len(colours)]
+    buf = io.BytesIO()
+    Image.fromarray(rgb.round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def mask_bytes(mask, source: Optional[Path], spacing: Optional[list[float]]) -> bytes:
