@@ -57,6 +57,12 @@ class StagedInputs:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (input #i, reason): unreadable inputs
     given: bool = False                                            # the user gave a shard set (keys are its own)
     kind: str = "shards"                                           # images, volumes, dicom, or a given shard set
+    digests: dict[str, str] = field(default_factory=dict)          # input index -> the input file's sha256
+    reused: dict[str, str] = field(default_factory=dict)           # input path -> its index in an earlier prediction
+
+    def digest(self, key: str) -> str:
+        """The sha256 of the input file a sample came from ("" for a given shard set)."""
+        return self.digests.get(key.partition("_f")[0] if key not in self.digests else key, "")
 
     def source(self, key: str) -> Optional[Path]:
         """The input file a sample came from (None for a given shard set)."""
@@ -89,18 +95,32 @@ def expand(inputs: list[str]) -> list[Path]:
     return files
 
 
-def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any]]] = None) -> StagedInputs:
-    """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder; `ingest`: reader
-    options the model prescribes per input kind (a MIL head: `wsi`, tiled as its bags were)."""
+def is_shard_set(inputs: list[str]) -> bool:
     from medfound.data.location import is_url
+
+    return len(inputs) == 1 and (is_url(inputs[0]) or (Path(inputs[0]) / "manifest.json").is_file())
+
+
+def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any]]] = None, start: int = 0,
+          done: Optional[dict[str, str]] = None) -> StagedInputs:
+    """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder; `ingest`: reader
+    options the model prescribes per input kind (a MIL head: `wsi`, tiled as its bags were). Continuing an earlier
+    prediction: input indices start at `start`, and a file whose sha256 is in `done` (sha256 -> its earlier index)
+    is not staged again (`StagedInputs.reused`)."""
+    from medfound.io import sha256_file
     from medfound.workflows import shard
 
-    if len(inputs) == 1 and (is_url(inputs[0]) or (Path(inputs[0]) / "manifest.json").is_file()):
+    if is_shard_set(inputs):
         return StagedInputs(str(inputs[0]), given=True)
     files = expand(inputs)
+    hashes = {f: sha256_file(f) for f in files}
+    reused = {str(f): done[hashes[f]] for f in files if done and hashes[f] in done}
+    files = [f for f in files if str(f) not in reused]
+    if not files:
+        return StagedInputs("", reused=reused, kind="none")
     kinds: dict[str, list[tuple[int, Path]]] = {}
     ingest = ingest or {}
-    for i, f in enumerate(files):
+    for i, f in enumerate(files, start=start):
         kinds.setdefault(input_kind(f, slides="wsi" in ingest), []).append((i, f))
     if len(kinds) > 1:
         raise ValueError("the inputs mix " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(kinds.items())) +
@@ -111,6 +131,7 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
     link.mkdir(parents=True)
     out = tmp / "shards"
     names = {f"{i:06d}": str(f) for i, f in chosen}
+    digests = {f"{i:06d}": hashes[f] for i, f in chosen}
     if kind == "dicom":
         for i, f in chosen:
             os.symlink(f.resolve(), link / f"{i:06d}")
@@ -134,7 +155,7 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
     # the readers name a skipped input by its table row (images) or its index (DICOM): always by index here
     reasons = [(f"input #{int(ref.split()[-1]) - 2}" if ref.startswith("table row ") else ref, reason)
                for ref, _, reason in skipped]
-    return StagedInputs(str(out), names, reasons, kind=kind)
+    return StagedInputs(str(out), names, reasons, kind=kind, digests=digests, reused=reused)
 
 
 def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,
@@ -153,18 +174,26 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     run = read_run(model)
     spec = task_for(run.recipe)
     if not callable(getattr(spec, "predict", None)):
-        raise ValueError(f"{model} is a {spec.name} model: `medfound predict` writes classification predictions, "
-                         "segmentation masks (2-D and volumes) and box-prompt masks today; MIL slides are next. "
-                         "Score labelled data with `medfound evaluate`")
+        raise ValueError(f"{model} is a {spec.name} export: it has no task head to predict with; fine-tune it "
+                         "(`medfound finetune`) and predict with that run")
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     unread = sorted(set(given) - set(getattr(spec, "predict_options", ())))
     if unread:
         raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)}")
     out = Path(out)
-    output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS, "prediction")
+    from medfound.io import sha256_file
+
+    model_sha = sha256_file(run.export / spec.weights_file)
+    inputs = list(map(str, inputs))
+    earlier = None if overwrite or is_shard_set(inputs) else continued(out, model_sha)
+    if earlier is None:
+        output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS,
+                                 "prediction")
+    kept = (earlier or {}).get("rows", [])
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
         prescribed = getattr(spec, "predict_ingest", None)
-        staged = stage(list(map(str, inputs)), Path(tmp), prescribed(run) if callable(prescribed) else None)
+        staged = stage(inputs, Path(tmp), prescribed(run) if callable(prescribed) else None,
+                       start=(earlier or {}).get("next", 0), done=(earlier or {}).get("done"))
         rt = Runtime(device=device, precision=precision, num_workers=num_workers, batch_size=batch_size,
                      progress=progress, warnings=input_warnings(spec, run, staged))
         warnings = rt.warnings
@@ -172,20 +201,46 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
 
         for w in warnings:  # before any work: the user can stop a run on the wrong data
             tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
-        with output.staged(out, run.path, output.PREDICT_MARKER) as dest:
+        if staged.reused:
+            tqdm.write(f"medfound predict: {len(staged.reused)} inputs already predicted in {out} by this model "
+                       f"(sha256 {model_sha[:12]}...): kept, not predicted again", file=sys.stderr)
+        with output.staged(out, run.path, output.PREDICT_MARKER, keep=earlier is not None) as dest:
             before = len(warnings)
-            rows = spec.predict(run, run.recipe, staged, dest, rt, **given)
+            rows = [] if staged.kind == "none" else spec.predict(run, run.recipe, staged, dest, rt, **given)
             for w in warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
                 tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
-            if not rows:
+            for row in rows:
+                row["input_sha256"] = staged.digest(row["key"])
+            if not rows and not kept:
                 raise ValueError("no input could be predicted: see the skipped inputs")
-            write_rows(dest / "predictions.csv", rows)
-            summary = {"model": str(model), "task": spec.name, "inputs": len(staged.names) or None,
-                       "predicted": len(rows), "skipped": [{"input": ref, "reason": why} for ref, why in
-                                                           staged.skipped], "warnings": warnings}
+            write_rows(dest / "predictions.csv", kept + rows)
+            summary = {"model": str(model), "model_sha256": model_sha, "task": spec.name,
+                       "inputs": len(staged.names) + len(staged.reused) or None, "predicted": len(rows),
+                       "kept_from_earlier": len(kept), "reused_inputs": len(staged.reused),
+                       "skipped": [{"input": ref, "reason": why} for ref, why in staged.skipped], "warnings": warnings}
             (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
-    return {"rows": rows, "skipped": staged.skipped, "warnings": warnings, "written": written}
+    return {"rows": kept + rows, "skipped": staged.skipped, "warnings": warnings, "written": written,
+            "reused": len(staged.reused)}
+
+
+def continued(out: Path, model_sha: str) -> Optional[dict[str, Any]]:
+    """An earlier prediction in `out` by the same model weights (summary.json's model_sha256), to continue: its
+    rows, the sha256 of every input it predicted (-> that input's index) and the next free index; None otherwise
+    (then the replace rules apply: --overwrite, or another folder)."""
+    from medfound.evaluate import output
+
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (out / output.PREDICT_MARKER).is_file() or summary.get("model_sha256") != model_sha:
+        return None
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    done = {r["input_sha256"]: r["key"].partition("_f")[0] for r in rows if r.get("input_sha256")}
+    indices = [int(r["key"].partition("_f")[0]) for r in rows if r.get("key", "").partition("_f")[0].isdigit()]
+    return {"rows": rows, "done": done, "next": max(indices, default=-1) + 1}
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -210,6 +265,8 @@ def input_warnings(spec: Any, run: Any, staged: StagedInputs) -> list[str]:
     from medfound.evaluate.records import network_lineage, trained_modalities
 
     out: list[str] = []
+    if staged.kind == "none":  # every input was predicted before
+        return out
     modality = read_manifest(staged.shards).modality
     trained = trained_modalities(run.export)
     if trained and modality not in (None, "", "other", "mixed", "auto") and modality not in trained:

@@ -5,6 +5,7 @@ written by the replace rules of every writer."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -39,10 +40,22 @@ def test_predictions_on_new_images_equal_the_evaluation_of_the_same_images(finet
         ref = evaluated[f"retinamnist_demo_test_{i:06d}"]
         assert all(abs(float(row[f"p_{c}"]) - float(ref[f"p_{c}"])) < 2e-6 for c in names)
         assert row["predicted"] == names[int(np.argmax([float(row[f"p_{c}"]) for c in names]))]
-    # the same folder again: refused without --overwrite, replaced with it; a folder of the user's is left alone
-    assert main(["predict", str(finetuned), str(folder), "--out", str(out)]) == 1
-    assert "holds an earlier prediction" in capsys.readouterr().err
+    # the same folder again, with two new images: the model's earlier predictions are kept (by the inputs' sha256)
+    # and only the new inputs are predicted; --overwrite predicts everything again
+    with np.load(DATA / "medmnist" / "retinamnist_demo.npz") as z:
+        for i in (6, 7):
+            Image.fromarray(z["test_images"][i]).save(folder / f"case_{i}.png")
+    before = {r["input"]: r for r in rows}
+    assert main(["predict", str(finetuned), str(folder), "--out", str(out)]) == 0
+    assert "6 inputs already predicted in" in capsys.readouterr().err
+    again = _rows(out / "predictions.csv")
+    assert len(again) == 8 and all(again[i] == before[again[i]["input"]] for i in range(6))
+    assert {r["input"] for r in again[6:]} == {str(folder / f"case_{i}.png") for i in (6, 7)}
+    assert len({r["key"] for r in again}) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 2 and summary["reused_inputs"] == 6
     assert main(["predict", str(finetuned), str(folder), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["predicted"] == 8
     assert main(["predict", str(finetuned), str(folder), "--box", "1,1,9,9", "--out", str(tmp_path / "b")]) == 1
     assert "is a classification model, which reads no boxes" in capsys.readouterr().err
     assert main(["predict", str(finetuned), str(folder), "--overlay", "--out", str(tmp_path / "o")]) == 1

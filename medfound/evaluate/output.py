@@ -63,21 +63,22 @@ def check_destination(out: Path, run_path: Path, overwrite: bool, marker: str = 
 
 
 @contextlib.contextmanager
-def staged(out: Path, run_path: Path, marker: str = EVAL_MARKER) -> Iterator[Path]:
+def staged(out: Path, run_path: Path, marker: str = EVAL_MARKER, keep: bool = False) -> Iterator[Path]:
     """A staging folder inside `out` for one evaluation (or prediction: its marker); on success its files replace
-    the previous one's (see the module docstring); on failure it is removed and `out` is untouched."""
+    the previous one's (see the module docstring); on failure it is removed and `out` is untouched. `keep`: the
+    previous one's files stay and the marker lists both (a prediction continued by the same model)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".medfound-out.{uuid.uuid4().hex[:8]}.{os.getpid()}.tmp"
     stage.mkdir()
     try:
         yield stage
-        _commit(stage, out, run_path, marker)
+        _commit(stage, out, run_path, marker, keep)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _commit(stage: Path, out: Path, run_path: Path, marker: str = EVAL_MARKER) -> None:
+def _commit(stage: Path, out: Path, run_path: Path, marker: str = EVAL_MARKER, keep: bool = False) -> None:
     old = set(_listed(out, marker))
     new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and not p.is_symlink())
     for rel in new:
@@ -89,10 +90,12 @@ def _commit(stage: Path, out: Path, run_path: Path, marker: str = EVAL_MARKER) -
         if target.is_symlink() or target.is_dir():
             raise FileExistsError(f"{target} is a link or a folder where the evaluation writes a file; move it away")
         os.replace(stage / rel, target)
-    for rel in sorted(old - set(new)):  # what the previous evaluation wrote and this one does not
+    for rel in [] if keep else sorted(old - set(new)):  # what the previous evaluation wrote and this one does not
         target = out / rel
         if target.is_file() and not target.is_symlink():
             target.unlink()
+    if keep:
+        new = sorted(set(new) | {rel for rel in old if (out / rel).is_file()})
     verb = "evaluate" if marker == EVAL_MARKER else "predict"
     atomic_write_json(out / marker, {"written_by": f"medfound {verb}", "run": str(run_path),
                                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": new})
