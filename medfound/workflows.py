@@ -49,6 +49,9 @@ def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound trai
     if "evaluate" in spec.capabilities:
         report = evaluate(ctx.run_dir)
         summary.update(eval=report["metrics"], eval_file=str(ctx.run_dir / "eval.json"))
+        from medfound.train.logging import log_test_metrics
+
+        log_test_metrics(ctx.run_dir, recipe, state.step, report["metrics"])  # test/*, and hparams beside them
     return summary
 
 

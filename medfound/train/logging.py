@@ -35,8 +35,13 @@ class MetricsLogger:
             except ImportError as e:
                 raise ImportError("trainer.loggers includes wandb, which is not installed: "
                                   "pip install medfound[wandb] (offline unless trainer.wandb_mode=online)") from e
+            # one wandb run per run directory (its id derived from the path): a resumed run, and the test metrics
+            # logged after training, continue the same wandb run
+            import hashlib
+
+            run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
             self.wandb = wandb.init(dir=str(self.path.parent), mode=wandb_mode, project=wandb_project,
-                                    config=config or {}, name=Path(run_dir).name, resume="allow")
+                                    config=config or {}, name=Path(run_dir).name, id=run_id, resume="allow")
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -70,6 +75,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """The run's hyperparameters beside its final test metrics: TensorBoard's HParams view (written into the run's
+        own TensorBoard folder, its metrics as `hparam/NAME` at `step`) and the wandb run's config and summary."""
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            self.tb.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".",
+                                global_step=step)
+        if self.wandb is not None:
+            self.wandb.config.update(hparams, allow_val_change=True)
+            self.wandb.summary.update({f"test/{k}": v for k, v in metrics.items()})
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -82,3 +100,33 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The scalar leaves of a recipe (`recipe.model_dump(mode="json")`) as dotted keys, for HParams views; lists
+    become their text, None is left out."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+    return out
+
+
+def log_test_metrics(run_dir: Path, recipe: Any, step: int, metrics: dict[str, Any]) -> None:
+    """After the export is scored: the test metrics under `test/` at the final step (metrics.jsonl and the recipe's
+    trackers) and the hyperparameters beside them (TensorBoard HParams, wandb config)."""
+    t = recipe.trainer
+    logger = MetricsLogger(run_dir, t.loggers, wandb_mode=t.wandb_mode, wandb_project=t.wandb_project,
+                           resume_step=step)
+    try:
+        logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
+                   prefix="test")
+        if logger.tb is not None or logger.wandb is not None:
+            logger.log_hparams(flat_hparams(recipe.model_dump(mode="json")), metrics, step)
+    finally:
+        logger.close()

@@ -160,6 +160,12 @@ def test_segmentation_selects_on_validation_dice_and_logs_the_curve(tmp_path):
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/dice")] == [2, 4]
+    # the test metrics of the selected export at the final step, and the hyperparameters beside them (HParams)
+    report = json.loads((run / "eval.json").read_text())
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("test/dice")] == [(4, round(report["metrics"]["dice"], 6))]
+    assert [r for r in read_metrics(run) if r["phase"] == "test"][0]["dice"] == report["metrics"]["dice"]
+    assert [e.step for e in events.Scalars("hparam/dice")] == [4]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     report = json.loads((run / "eval.json").read_text())
     assert report["selection"]["selected_step"] == best and report["dataset"]["split"] == "test"
     assert f"Model selection: the export is step {best} of 4, the best dice on split 'val'" in \
