@@ -21,9 +21,30 @@ def _plane(t: torch.Tensor) -> torch.Tensor:
     return t[..., t.shape[-1] // 2] if t.ndim == 4 else t
 
 
+def titled(grid, titles: list[str], min_panel: int = 160):
+    """A grid of equal panels (`len(titles)` columns) enlarged by a whole factor (nearest, so pixels stay sharp)
+    until a panel is at least `min_panel` px wide, with a white header naming each column."""
+    from PIL import Image, ImageDraw
+
+    cols = len(titles)
+    panel = grid.width // cols
+    factor = max(1, -(-min_panel // max(panel, 1)))
+    big = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST).convert("RGB")
+    header = 18
+    out = Image.new("RGB", (big.width, big.height + header), (255, 255, 255))
+    out.paste(big, (0, header))
+    draw = ImageDraw.Draw(out)
+    width = panel * factor
+    for i, title in enumerate(titles):
+        left, _, right, _ = draw.textbbox((0, 0), title)
+        draw.text((i * width + max(2, (width - (right - left)) // 2), 3), title, fill=(0, 0, 0))
+    return out
+
+
 def overlay_rows(images: torch.Tensor, *label_maps: torch.Tensor, n: int = 4,
-                 boxes: Optional[torch.Tensor] = None):
-    """A PIL image, one row per sample (at most `n`): the image, then the image with each label map painted over it.
+                 boxes: Optional[torch.Tensor] = None, titles: Optional[list[str]] = None):
+    """A PIL image, one row per sample (at most `n`): the image, then the image with each label map painted over it;
+    with `titles` (one per column) enlarged and labelled (`titled`).
 
     images `[B, C, *S]` (any range); label_maps `[B, *S]` or `[B, 1, *S]` integer class maps; boxes `[B, 4]` xyxy in
     pixels, outlined on every panel."""
@@ -50,4 +71,5 @@ def overlay_rows(images: torch.Tensor, *label_maps: torch.Tensor, n: int = 4,
             for p in range(len(panels)):
                 draw.rectangle([b[0] + p * width, b[1], b[2] + p * width, b[3]], outline=(255, 255, 0), width=1)
         rows.append(np.asarray(row))
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    return titled(grid, titles) if titles else grid

@@ -177,7 +177,8 @@ class PromptTask(torch.nn.Module):
         """trainer.visualize_every: rows of image | ground truth | prediction, the prompt box outlined on each."""
         from medfound.adapt.pictures import overlay_rows
 
-        return overlay_rows(batch["image"], (batch["mask"] > 0).long(), (out["logits"] > 0).long(), boxes=batch["box"])
+        return overlay_rows(batch["image"], (batch["mask"] > 0).long(), (out["logits"] > 0).long(), boxes=batch["box"],
+                            titles=["image + box", "truth", "prediction"])
 
 
 def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:

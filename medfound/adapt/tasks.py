@@ -181,7 +181,8 @@ class SegmentationTask(nn.Module):
         """trainer.visualize_every: rows of image | ground truth | prediction (medfound.adapt.pictures)."""
         from medfound.adapt.pictures import overlay_rows
 
-        return overlay_rows(batch["image"], batch["mask"], out["logits"].argmax(1))
+        return overlay_rows(batch["image"], batch["mask"], out["logits"].argmax(1),
+                            titles=["image", "truth", "prediction"])
 
 
 class MILTask(nn.Module):

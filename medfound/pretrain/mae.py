@@ -165,8 +165,9 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def visualize(self, batch: dict, out: dict, n: int = 8):
-        """A PNG-ready grid, one row per image: original | what the encoder saw | reconstruction
-        (predicted patches pasted into the visible ones, de-normalised per patch when norm_pix_loss)."""
+        """A PNG-ready grid, one row per image: original | what the encoder saw | reconstruction (predicted patches
+        pasted into the visible ones, de-normalised per patch when norm_pix_loss), enlarged to at least 160 px a
+        panel and labelled (`adapt.pictures.titled`)."""
         from PIL import Image
 
         images = batch["image"][:n].detach().float().cpu()
@@ -186,7 +187,10 @@ class MAE(nn.Module):
             views = [((v - lo) / (hi - lo + 1e-6)).clamp(0, 1) for v in views]
         rows = [torch.cat([v[i] for v in views], dim=2) for i in range(images.shape[0])]
         pixels = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype("uint8")
-        return Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+        from medfound.adapt.pictures import titled
+
+        grid = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+        return titled(grid, ["original", f"visible ({1 - self.mask_ratio:.0%})", "reconstruction"])
 
 
 def build_mae(recipe, encoder: nn.Module, decoder_from: Optional[Path] = None) -> MAE:

@@ -75,6 +75,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_image(self, step: int, image: Any, tag: str = "images/train") -> None:
+        """A training picture (PIL) in TensorBoard's Images tab and wandb (the PNG itself is in logs/images/)."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image)}, step=step)
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
         """The run's hyperparameters beside its final test metrics: TensorBoard's HParams view (written into the run's
         own TensorBoard folder, its metrics as `hparam/NAME` at `step`) and the wandb run's config and summary."""

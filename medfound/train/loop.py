@@ -345,7 +345,9 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     window, window_images, window_start = {}, 0, time.time()
                 if main and trainer.visualize_every and state.step % trainer.visualize_every == 0 \
                         and hasattr(inner, "visualize"):
-                    _save_image(inner.visualize(batch, out), run_dir / "logs" / "images" / f"step_{state.step:08d}.png")
+                    picture = inner.visualize(batch, out)
+                    _save_image(picture, run_dir / "logs" / "images" / f"step_{state.step:08d}.png")
+                    logger.log_image(state.step, picture)
 
                 if selection is not None and selection.due(state.step, trainer.max_steps):
                     if main:

@@ -104,8 +104,8 @@ def test_training_pictures_outline_the_box_over_image_truth_and_prediction():
          "mask": (torch.rand(2, 1, 32, 32) > 0.5).long()}
     with torch.no_grad():
         picture = task.visualize(b, task(b))
-    assert picture.size == (96, 64)
-    assert tuple(np.asarray(picture)[3, 40 + 2]) == (255, 255, 0)  # the box's top edge on the truth panel
+    assert picture.size == (96 * 5, 64 * 5 + 18)  # enlarged 5x (>= 160 px a panel) under a titled header
+    assert tuple(np.asarray(picture)[18 + 3 * 5, (40 + 2) * 5]) == (255, 255, 0)  # the box's top edge on the truth
 
 
 def test_several_boxes_over_one_image_match_one_box_at_a_time():

@@ -174,10 +174,12 @@ def test_every_segmentation_head_draws_image_truth_and_prediction(head):
     with torch.no_grad():
         picture = task.visualize(b, task(b))
     h, w = b["image"].shape[2:4]
-    assert picture.size == (3 * w, 2 * h)
+    k = -(-160 // w)  # enlarged (nearest) to at least 160 px a panel, under an 18-px header naming the columns
+    assert picture.size == (3 * w * k, 2 * h * k + 18)
     import numpy as np
-    panels = np.asarray(picture).reshape(2, h, 3, w, 3)
+    panels = np.asarray(picture)[18::k, ::k].reshape(2, h, 3, w, 3)
     assert not (panels[:, :, 1] == panels[:, :, 0]).all()  # the truth is painted over the image
+    assert (np.asarray(picture)[:18] < 128).any()  # the titles are written
 
 
 def test_visualize_every_runs_for_segmentation_and_is_refused_where_nothing_draws(seg_shards, tmp_path):
