@@ -535,6 +535,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
                        modality=args.modality, backbone=args.backbone, save_probabilities=args.save_probabilities,
                        overlay=args.overlay, device=args.device, precision=args.precision,
                        num_workers=args.num_workers)
+        if not done["main"]:  # other ranks under torchrun: rank 0 reports
+            return 0
         print(f"{len(done['rows'])} rows in predictions.csv" +
               (f" ({done['reused']} inputs kept from the earlier prediction)" if done["reused"] else "") +
               (f"; {len(done['skipped'])} inputs skipped (by index; names are not printed):" if done["skipped"]

@@ -102,30 +102,37 @@ def is_shard_set(inputs: list[str]) -> bool:
 
 
 def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any]]] = None, start: int = 0,
-          done: Optional[dict[str, str]] = None) -> StagedInputs:
+          done: Optional[dict[str, str]] = None, rank: int = 0, world: int = 1) -> StagedInputs:
     """The inputs as one shard set (see the module docstring); `tmp` a private temporary folder; `ingest`: reader
     options the model prescribes per input kind (a MIL head: `wsi`, tiled as its bags were). Continuing an earlier
     prediction: input indices start at `start`, and a file whose sha256 is in `done` (sha256 -> its earlier index)
-    is not staged again (`StagedInputs.reused`)."""
+    is not staged again (`StagedInputs.reused`). Under torchrun, process `rank` of `world` stages the inputs whose
+    position i has i % world == rank (an input's index is start + i whatever the number of processes)."""
     from medfound.io import sha256_file
     from medfound.workflows import shard
 
     if is_shard_set(inputs):
+        if world > 1:
+            raise ValueError("a shard set is predicted by one process: run medfound predict without torchrun, or give "
+                             "the files")
         return StagedInputs(str(inputs[0]), given=True)
-    files = expand(inputs)
-    hashes = {f: sha256_file(f) for f in files}
-    reused = {str(f): done[hashes[f]] for f in files if done and hashes[f] in done}
-    files = [f for f in files if str(f) not in reused]
-    if not files:
-        return StagedInputs("", reused=reused, kind="none")
-    kinds: dict[str, list[tuple[int, Path]]] = {}
+    everything = expand(inputs)
     ingest = ingest or {}
-    for i, f in enumerate(files, start=start):
-        kinds.setdefault(input_kind(f, slides="wsi" in ingest), []).append((i, f))
-    if len(kinds) > 1:
-        raise ValueError("the inputs mix " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(kinds.items())) +
+    seen = {input_kind(f, slides="wsi" in ingest) for f in everything}
+    if len(seen) > 1:
+        counts = {k: sum(input_kind(f, slides="wsi" in ingest) == k for f in everything) for k in sorted(seen)}
+        raise ValueError("the inputs mix " + ", ".join(f"{k} ({n})" for k, n in counts.items()) +
                          " (files that are neither images nor NIfTI/NRRD volumes are read as DICOM): predict one "
                          "kind at a time")
+    mine = [(start + i, f) for i, f in enumerate(everything) if i % world == rank]
+    hashes = {f: sha256_file(f) for _, f in mine}
+    reused = {str(f): done[hashes[f]] for _, f in mine if done and hashes[f] in done}
+    mine = [(i, f) for i, f in mine if str(f) not in reused]
+    if not mine:
+        return StagedInputs("", reused=reused, kind="none")
+    kinds: dict[str, list[tuple[int, Path]]] = {}
+    for i, f in mine:
+        kinds.setdefault(input_kind(f, slides="wsi" in ingest), []).append((i, f))
     (kind, chosen), = kinds.items()
     link = tmp / "inputs"
     link.mkdir(parents=True)
@@ -166,7 +173,6 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     `device` / `precision` / `num_workers`: medfound.run.inference.Runtime. `options`: what one kind reads (its
     TaskSpec's `predict_options`: box prompts' boxes or box_table, box_format, threshold, modality; segmentation's
     save_probabilities and overlay; MIL's backbone); refused for the kinds that read none."""
-    from medfound.evaluate import output
     from medfound.run import read_run
     from medfound.run.inference import Runtime
     from medfound.tasks import task_for
@@ -182,46 +188,112 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
         raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)}")
     out = Path(out)
     from medfound.io import sha256_file
+    from medfound.process import torchrun_group
 
-    model_sha = sha256_file(run.export / spec.weights_file)
-    inputs = list(map(str, inputs))
-    earlier = None if overwrite or is_shard_set(inputs) else continued(out, model_sha)
-    if earlier is None:
-        output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS,
-                                 "prediction")
+    rank, world, dist, started = torchrun_group()
+    try:
+        return _predict(run, spec, model, list(map(str, inputs)), out, overwrite, given, rank, world, dist,
+                        Runtime(device=device, precision=precision, num_workers=num_workers, batch_size=batch_size,
+                                progress=progress and rank == 0), sha256_file(run.export / spec.weights_file))
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _shared(dist: Any, rank: int, make: Any) -> Any:
+    """`make()` on rank 0, its value (or its error, raised again on every rank) on all ranks."""
+    box: list[Any] = [None]
+    error: Optional[BaseException] = None
+    if rank == 0:
+        try:
+            box[0] = ("ok", make())
+        except Exception as e:  # the same error everywhere, so no rank waits for the others
+            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
+    if dist is not None:
+        dist.broadcast_object_list(box, 0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 stopped: {value}")
+    return value
+
+
+def _predict(run: Any, spec: Any, model: Any, inputs: list[str], out: Path, overwrite: bool, given: dict,
+             rank: int, world: int, dist: Any, rt: Any, model_sha: str) -> dict[str, Any]:
+    """predict() on one process of `world` (see `stage` for the split): rank 0 decides where the outputs go, every
+    rank predicts its inputs into one staging folder, rank 0 gathers the rows, writes predictions.csv and
+    summary.json and commits the folder; every output file is written once, by the rank that owns its input."""
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from medfound.evaluate import output
+
+    def decide() -> Optional[dict[str, Any]]:
+        earlier = None if overwrite or is_shard_set(inputs) else continued(out, model_sha)
+        if earlier is None:
+            output.check_destination(out, run.path, overwrite, output.PREDICT_MARKER, output.PREDICT_OUTPUTS,
+                                     "prediction")
+        return earlier
+
+    earlier = _shared(dist, rank, decide)
     kept = (earlier or {}).get("rows", [])
     with tempfile.TemporaryDirectory(prefix="medfound-predict-") as tmp:  # 0700: the inputs' links stay private
         prescribed = getattr(spec, "predict_ingest", None)
         staged = stage(inputs, Path(tmp), prescribed(run) if callable(prescribed) else None,
-                       start=(earlier or {}).get("next", 0), done=(earlier or {}).get("done"))
-        rt = Runtime(device=device, precision=precision, num_workers=num_workers, batch_size=batch_size,
-                     progress=progress, warnings=input_warnings(spec, run, staged))
-        warnings = rt.warnings
-        from tqdm.auto import tqdm
-
-        for w in warnings:  # before any work: the user can stop a run on the wrong data
+                       start=(earlier or {}).get("next", 0), done=(earlier or {}).get("done"), rank=rank,
+                       world=world)
+        rt.warnings = input_warnings(spec, run, staged)
+        for w in rt.warnings:  # before any work: the user can stop a run on the wrong data
             tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
         if staged.reused:
             tqdm.write(f"medfound predict: {len(staged.reused)} inputs already predicted in {out} by this model "
                        f"(sha256 {model_sha[:12]}...): kept, not predicted again", file=sys.stderr)
-        with output.staged(out, run.path, output.PREDICT_MARKER, keep=earlier is not None) as dest:
-            before = len(warnings)
-            rows = [] if staged.kind == "none" else spec.predict(run, run.recipe, staged, dest, rt, **given)
-            for w in warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
+        committing = output.staged(out, run.path, output.PREDICT_MARKER, keep=earlier is not None) if rank == 0 \
+            else nullcontext(None)
+        with committing as dest:
+            dest = Path(_shared(dist, rank, lambda: str(dest)))  # one staging folder for every rank
+            before, error = len(rt.warnings), None
+            try:
+                rows = [] if staged.kind == "none" else spec.predict(run, run.recipe, staged, dest, rt, **given)
+            except Exception as e:
+                if dist is None:
+                    raise
+                rows, error = [], f"rank {rank}: {type(e).__name__}: {e}"
+            for w in rt.warnings[before:]:  # the model's own (box prompts: empty or full masks, colour)
                 tqdm.write(f"medfound predict: warning: {w}", file=sys.stderr)
             for row in rows:
                 row["input_sha256"] = staged.digest(row["key"])
-            if not rows and not kept:
+            mine = {"rows": rows, "skipped": staged.skipped, "warnings": rt.warnings, "error": error,
+                    "inputs": len(staged.names), "reused": len(staged.reused)}
+            parts = [mine]
+            if dist is not None:
+                parts = [None] * world
+                dist.all_gather_object(parts, mine)
+            errors = [p["error"] for p in parts if p["error"]]
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["key"])
+            skipped = [s for p in parts for s in p["skipped"]]
+            warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
+            reused = sum(p["reused"] for p in parts)
+            if not rows and not kept:  # on every rank: none waits for a commit that will not come
                 raise ValueError("no input could be predicted: see the skipped inputs")
-            write_rows(dest / "predictions.csv", kept + rows)
-            summary = {"model": str(model), "model_sha256": model_sha, "task": spec.name,
-                       "inputs": len(staged.names) + len(staged.reused) or None, "predicted": len(rows),
-                       "kept_from_earlier": len(kept), "reused_inputs": len(staged.reused),
-                       "skipped": [{"input": ref, "reason": why} for ref, why in staged.skipped], "warnings": warnings}
-            (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]]
-    return {"rows": kept + rows, "skipped": staged.skipped, "warnings": warnings, "written": written,
-            "reused": len(staged.reused)}
+            if rank == 0:
+                write_rows(dest / "predictions.csv", kept + rows)
+                summary = {"model": str(model), "model_sha256": model_sha, "task": spec.name,
+                           "inputs": sum(p["inputs"] for p in parts) + reused or None, "predicted": len(rows),
+                           "kept_from_earlier": len(kept), "reused_inputs": reused, "processes": world,
+                           "skipped": [{"input": ref, "reason": why} for ref, why in skipped],
+                           "warnings": warnings}
+                (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist is not None:
+        dist.barrier()  # the folder is committed before any rank returns
+    written = [out / name for name in json.loads((out / output.PREDICT_MARKER).read_text())["files"]] \
+        if rank == 0 else []
+    return {"rows": kept + rows, "skipped": skipped, "warnings": warnings, "written": written, "reused": reused,
+            "main": rank == 0}
 
 
 def continued(out: Path, model_sha: str) -> Optional[dict[str, Any]]:

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 PR_SET_PDEATHSIG = 1
 
@@ -69,3 +69,19 @@ def stop_when_launcher_dies() -> bool:
 
     watch_parent(stop)
     return True
+
+
+def torchrun_group() -> tuple[int, int, Any, bool]:
+    """(rank, world size, torch.distributed or None, whether this call started the group) from torchrun's
+    environment; a gloo group is started when world > 1 (barriers and a few Python objects: tensors never travel).
+    Used by the verbs that split their inputs across processes (`extract`, `predict`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return 0, 1, None, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return rank, world, dist, False
+    dist.init_process_group("gloo")
+    return rank, world, dist, True

@@ -234,3 +234,50 @@ def test_python_predict_and_a_published_copy_elsewhere_give_the_cli_rows(finetun
     assert main(["predict", str(run), str(image), "--out", str(tmp_path / "seg")]) == 0
     assert (row["mask"] == np.asarray(Image.open(tmp_path / "seg" / "masks" / f"{row['key']}.png"))).all()
     assert row["mask"].shape == np.asarray(Image.open(image)).shape[:2]
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_2_equals_one_process(finetuned, seg_shards, tmp_path):
+    """launch/torchrun.sh 2 medfound predict: the inputs split across two processes (gloo), each output written once,
+    predictions.csv equal to one process's; a segmentation model's masks too, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    with np.load(DATA / "medmnist" / "retinamnist_demo.npz") as z:
+        for i in range(7):
+            Image.fromarray(z["test_images"][i]).save(folder / f"case_{i}.png")
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "medfound.cli", "predict", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert main(["predict", str(finetuned), str(folder), "--out", str(tmp_path / "one")]) == 0
+    torchrun(str(finetuned), str(folder), "--out", str(tmp_path / "two"))
+    assert _rows(tmp_path / "two" / "predictions.csv") == _rows(tmp_path / "one" / "predictions.csv")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    # segmentation: every mask written once, by the rank that owns its input, equal to one process's
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import tiny_segment_overrides
+
+    run = tmp_path / "unet"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run, steps=1) + ["eval.bootstrap=0"]))
+    images = sorted(str(p) for p in (DATA / "ct_organs" / "images").glob("*.png"))
+    assert main(["predict", str(run), *images, "--out", str(tmp_path / "seg1")]) == 0
+    torchrun(str(run), *images, "--out", str(tmp_path / "seg2"))
+    one, two = _rows(tmp_path / "seg1" / "predictions.csv"), _rows(tmp_path / "seg2" / "predictions.csv")
+    assert one == two and len(one) == len(images)
+    for row in one:
+        assert (tmp_path / "seg1" / row["mask"]).read_bytes() == (tmp_path / "seg2" / row["mask"]).read_bytes()
+    marker = json.loads((tmp_path / "seg2" / ".medfound-predict.json").read_text())
+    assert sorted(marker["files"]) == sorted(["predictions.csv", "summary.json", *(r["mask"] for r in one)])

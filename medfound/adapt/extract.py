@@ -48,23 +48,6 @@ def _assign(slides: list[dict[str, Any]], world: int) -> dict[str, int]:
     return owner
 
 
-def _distributed() -> tuple[int, int, Any, bool]:
-    """(rank, world size, torch.distributed or None, whether this call started the group) from torchrun's
-    environment; a gloo group is started when world > 1 (a barrier and a few objects: features never travel)."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world <= 1:
-        return 0, 1, None, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return rank, world, dist, False
-    dist.init_process_group("gloo")
-    return rank, world, dist, True
-
-
 def _done(out: Path, stem: str, file: str, backbone_sha: str, tiles: int) -> Optional[dict[str, Any]]:
     """The record of a bag an earlier run finished with this backbone (its sidecar, checked against the bag file),
     or None."""
@@ -127,7 +110,9 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
     if not manifest.bags:
         raise ValueError(f"{shards}: the manifest lists no slides (manifest.bags); re-shard the slides with "
                          "`medfound shard wsi`")
-    rank, world, dist, started = _distributed()
+    from medfound.process import torchrun_group
+
+    rank, world, dist, started = torchrun_group()
     import os
 
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -25,8 +25,11 @@ class Runtime:
     def torch_device(self) -> Any:
         import torch
 
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device is None:  # under torchrun each process takes its own GPU (LOCAL_RANK)
+            import os
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no GPU is visible to torch here; use --device cpu")
