@@ -269,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--save-probabilities", action="store_true", help="segmentation: also write each input's class "
                                                                      "probabilities on its grid "
                                                                      "(probabilities/KEY.npz, float16, nnU-Net's)")
+    s.add_argument("--mask-format", choices=["auto", "png", "dicom-seg"], help="segmentation of DICOM inputs: a "
+                                                                            "DICOM SEG referencing each source "
+                                                                            "(auto, the default) or PNG")
+    s.add_argument("--anonymous", action="store_true", help="segmentation: never write DICOM SEG (it carries the "
+                                                            "source's patient and study attributes): PNG / NIfTI "
+                                                            "only")
     s.add_argument("--overlay", action="store_true", help="segmentation (2-D): also write overlays/KEY.png, the "
                                                           "mask painted over the image")
     s.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one)")
@@ -533,7 +539,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
                        boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
                        modality=args.modality, backbone=args.backbone, save_probabilities=args.save_probabilities,
-                       overlay=args.overlay, device=args.device, precision=args.precision,
+                       overlay=args.overlay, mask_format=args.mask_format, anonymous=args.anonymous,
+                       device=args.device, precision=args.precision,
                        num_workers=args.num_workers)
         if not done["main"]:  # other ranks under torchrun: rank 0 reports
             return 0

@@ -281,3 +281,37 @@ def test_predict_under_torchrun_2_equals_one_process(finetuned, seg_shards, tmp_
         assert (tmp_path / "seg1" / row["mask"]).read_bytes() == (tmp_path / "seg2" / row["mask"]).read_bytes()
     marker = json.loads((tmp_path / "seg2" / ".medfound-predict.json").read_text())
     assert sorted(marker["files"]) == sorted(["predictions.csv", "summary.json", *(r["mask"] for r in one)])
+
+
+def test_segmentation_of_dicom_writes_a_seg_referencing_its_source(seg_shards, tmp_path, capsys):
+    """DICOM inputs to a 2-D segmentation model: a DICOM SEG per input (highdicom) that references its source image
+    and study and holds the same mask as the PNG; --anonymous writes PNG only; a source the SEG IOD cannot reference
+    (no Frame of Reference) falls back to PNG with a warning by index."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "unet"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run, steps=1) + ["eval.bootstrap=0"]))
+    dicom = shared("dicom")
+    ct, no_for = dicom / "explicit_VR-UN.dcm", dicom / "693_J2KR.dcm"
+    assert main(["predict", str(run), str(ct), str(no_for), "--out", str(tmp_path / "seg")]) == 0
+    assert "input #1: no DICOM SEG (Source images have no Frame Of Reference UID" in capsys.readouterr().err
+    rows = {r["input"].split("#")[0]: r for r in _rows(tmp_path / "seg" / "predictions.csv")}  # PATH#frame
+    assert rows[str(no_for)]["mask"].endswith(".png") and rows[str(ct)]["mask"].endswith(".dcm")
+    seg, src = pydicom.dcmread(tmp_path / "seg" / rows[str(ct)]["mask"]), pydicom.dcmread(ct)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == src.StudyInstanceUID
+    ref = seg.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == src.SeriesInstanceUID
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["foreground"]
+    assert main(["predict", str(run), str(ct), "--anonymous", "--out", str(tmp_path / "anon")]) == 0
+    (row,) = _rows(tmp_path / "anon" / "predictions.csv")
+    png = np.asarray(Image.open(tmp_path / "anon" / row["mask"]))
+    assert row["mask"].endswith(".png") and png.shape == (src.Rows, src.Columns)
+    assert (seg.pixel_array.reshape(png.shape).astype(bool) == (png == 1)).all()  # the same mask in both forms
+    assert not list((tmp_path / "anon").rglob("*.dcm"))

@@ -138,15 +138,18 @@ class SegmentationTask(ImageNetwork):
 
         return normalised_scale(recipe.segment)
 
-    predict_options = frozenset({"save_probabilities", "overlay"})
+    predict_options = frozenset({"save_probabilities", "overlay", "mask_format", "anonymous"})
 
     def predict(self, run, recipe, staged, out: Path, rt, save_probabilities: bool = False,
-                overlay: bool = False) -> list[dict[str, Any]]:
+                overlay: bool = False, mask_format: str = "auto", anonymous: bool = False) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
         image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
         (NIfTI or NRRD input, read as ingest reads it; a given shard set's volumes keep only their spacing).
-        predictions.csv maps each input to its mask with voxel counts per class."""
+        DICOM inputs get a DICOM SEG (`masks/KEY.dcm`, highdicom) referencing the source image by default
+        (`mask_format="auto"`); `mask_format="png"` or `anonymous` writes PNG instead (a SEG carries the source's
+        patient and study attributes, as the standard requires; PNG carries none). predictions.csv maps each input to
+        its mask with voxel counts per class."""
         import io
 
         import numpy as np
@@ -169,6 +172,12 @@ class SegmentationTask(ImageNetwork):
         if not volumes and staged.kind == "volumes":
             raise ValueError("this model segments 2-D images, but the inputs are volumes: give it image or DICOM "
                              "files (or shard the volumes as slices: shard volumes --layout slices)")
+        if mask_format not in ("auto", "png", "dicom-seg"):
+            raise ValueError(f"--mask-format {mask_format}: choose auto, png or dicom-seg")
+        if mask_format == "dicom-seg" and (anonymous or staged.kind != "dicom"):
+            raise ValueError("--mask-format dicom-seg needs DICOM inputs (and not --anonymous: a SEG carries the "
+                             "source's patient and study attributes)")
+        dicom_seg = staged.kind == "dicom" and not anonymous and mask_format in ("auto", "dicom-seg")
         manifest = read_manifest(staged.shards)
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
@@ -194,7 +203,16 @@ class SegmentationTask(ImageNetwork):
                 key = batch["key"][0]
                 spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
                 name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
-                atomic_write_bytes(out / name, mask_bytes(mask, staged.source(key), spacing))
+                if dicom_seg:
+                    try:
+                        data = dicom_seg_bytes(mask, staged.source(key), key, seg.names)
+                        name = f"masks/{key}.dcm"
+                    except ValueError as e:  # not every source can be referenced (e.g. no Frame of Reference)
+                        rt.warnings.append(f"input #{int(key.partition('_f')[0])}: no DICOM SEG ({e}); wrote PNG")
+                        data = mask_bytes(mask, None, spacing)
+                else:
+                    data = mask_bytes(mask, staged.source(key), spacing)
+                atomic_write_bytes(out / name, data)
                 row = {"input": staged.name(key), "key": key, "mask": name,
                        **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}}
                 if save_probabilities:  # nnU-Net's --save_probabilities: [K, *S] on the input's grid
@@ -249,6 +267,53 @@ def overlay_png(image, mask) -> bytes:
         rgb[where] = 0.5 * rgb[where] + 0.5 * colours[(c - 1) % len(colours)]
     buf = io.BytesIO()
     Image.fromarray(rgb.round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dicom_seg_bytes(mask, source: Optional[Path], key: str, class_names: list[str]) -> bytes:
+    """A 2-D mask of class indices as a DICOM SEG (highdicom; binary, one segment per foreground class, labelled
+    with the class name, algorithm "medfound") referencing its single-frame source image; ValueError when it cannot
+    be (a frame of a multi-frame file, a source without what the SEG IOD needs, highdicom missing)."""
+    import io
+
+    import numpy as np
+
+    if source is None:
+        raise ValueError("no source file (a shard set's sample)")
+    try:
+        import highdicom as hd
+        import pydicom
+        from pydicom.sr.codedict import codes
+    except ImportError:
+        raise ValueError("highdicom is not installed (pip install medfound[dicom])") from None
+    import medfound
+
+    ds = pydicom.dcmread(source)
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise ValueError("a SEG is written for single-frame sources; this one has several frames")
+    if (int(ds.Rows), int(ds.Columns)) != mask.shape:
+        raise ValueError(f"the mask {mask.shape} is not on the source's {ds.Rows}x{ds.Columns} grid")
+    algorithm = hd.AlgorithmIdentificationSequence(name="medfound", version=medfound.__version__,
+                                                   family=codes.DCM.ArtificialIntelligence)
+    segments = [hd.seg.SegmentDescription(
+        segment_number=i, segment_label=name[:64], segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for i, name in enumerate(class_names) if i > 0]
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # highdicom's notes on the source's own attribute formats
+            warnings.simplefilter("ignore")
+            seg = hd.seg.Segmentation(
+                source_images=[ds], pixel_array=mask[None].astype(np.uint8),
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+                series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(), instance_number=1,
+                manufacturer="medfound", manufacturer_model_name="medfound predict",
+                software_versions=medfound.__version__, device_serial_number="n/a", omit_empty_frames=False)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(str(e).split("\n")[0][:160]) from None
+    buf = io.BytesIO()
+    seg.save_as(buf)
     return buf.getvalue()
 
 
