@@ -46,8 +46,9 @@ def ordered(metrics: dict[str, Any]) -> list[str]:
 
 
 def headline(report: dict[str, Any]) -> list[str]:
-    """The metrics shown in per-site and external tables."""
-    if report["task"] in ("segmentation", "box_prompt", "prompt_segmentation"):  # prompt_segmentation: older eval.json
+    """The metrics shown in per-site and external tables, chosen by what the report scored (Dice: a segmenting
+    kind; else class probabilities), so a new task kind needs no entry here."""
+    if "dice" in report["metrics"]:
         keys = [k for k in ("dice", "hd95") if k in report["metrics"]]
         if "pixel_f1" in (report.get("intervals") or {}):  # pooled pixel metrics with intervals (binary tasks)
             keys += [k for k in ("pixel_f1", "pixel_auc", "pixel_sensitivity", "pixel_specificity")
@@ -303,7 +304,7 @@ def write_report(run_dir: Path, report: dict[str, Any], predictions: Optional[li
     seed = report.get("bootstrap", {}).get("seed", 0)
     with atomic_dir(run_dir / "report", overwrite=True) as tmp:
         plots: list[tuple[str, str]] = []
-        if predictions and report["task"] in ("classification", "mil"):
+        if predictions:  # class probabilities (the kinds that score them pass them)
             if plot_roc(tmp / "roc.png", report, predictions, seed):
                 plots.append(("ROC", "roc.png"))
             if report.get("label_type") != "multilabel":
