@@ -159,7 +159,11 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
         "unet3d", seg_shards, None, run) + ["segment.spacing=[1.32,1.32,2.1]", "eval.bootstrap=0"])
     run_finetune(recipe)
     source = DATA / "volumes" / "breast1_image.nrrd"
-    assert main(["predict", str(run), str(source), "--out", str(tmp_path / "out")]) == 0
+    broken = tmp_path / "PATIENT_NAME.nii.gz"  # an unreadable volume is skipped and named by index, not by name
+    broken.write_bytes(b"not a volume")
+    assert main(["predict", str(run), str(source), str(broken), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr()
+    assert "input #1: " in printed.out and "PATIENT_NAME" not in printed.out + printed.err
     (row,) = _rows(tmp_path / "out" / "predictions.csv")
     assert row["input"] == str(source) and row["mask"].endswith(".nii.gz")
     img = nib.load(tmp_path / "out" / row["mask"])

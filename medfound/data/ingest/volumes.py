@@ -151,12 +151,22 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
     salt_bytes = salt.encode() if salt else hashlib.sha256(
         b"medfound-salt\0" + "".join(sorted(r["path"] for r in rows)).encode()).digest()
 
+    skipped: dict[str, Any] = {"count": 0, "by_reason": {}, "files": []}
+
     def samples():
         for index, r in enumerate(rows):
             if not result.wants(index):
                 continue
             path = folder / r["path"]
-            image, spacing, codes = load_volume(path)
+            try:
+                image, spacing, codes = load_volume(path)
+            except ValueError as e:  # one unreadable volume must not end the ingest: skipped, counted, named
+                reason = str(e).split(": ", 1)[-1][:200]
+                skipped["count"] += 1
+                skipped["by_reason"][reason] = skipped["by_reason"].get(reason, 0) + 1
+                skipped["files"].append((f"table row {index + 2}" if table else f"volume {index}", r["path"],
+                                         reason))
+                continue
             mask = None
             if (r.get("mask") or "").strip():
                 mask, m_spacing, _ = load_volume(folder / r["mask"])
@@ -204,5 +214,5 @@ def read_volumes(input: str | Path, *, table: Optional[str | Path] = None, layou
     settings = {"kind": "volumes", "layout": layout, "axis": axis, "patch": patch if layout == "patches" else None,
                 "pairs": "table" if table else "X_image + X_label file names", "keep_names": keep_names,
                 "reader": "monai.transforms.LoadImage (RAS)", "patient_salt": salt_record(salt, salt_bytes)}
-    result = Ingested(samples(), schema, source, settings)
+    result = Ingested(samples(), schema, source, settings, skipped=skipped)
     return result
