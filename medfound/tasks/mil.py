@@ -286,7 +286,8 @@ class MILTask:
     def load_snippet(self) -> str:
         return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the attention-MIL head over the tile "
                                       "features of its backbone") + \
-            "\n# out = model({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"
+            "\nrows = model.predict(['slide.svs'])  # tiled and embedded as in training (needs the tile backbone)" \
+            "\n# on your own bag: model({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"
 
 
 def bag_tiling(index: dict) -> Optional[dict[str, Any]]:
