@@ -71,11 +71,10 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
     TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",
-                                           "balanced_sampling"}), ALL_EVAL - {"aggregate"},
+                                           "balanced_sampling"}) | FRACTIONS, ALL_EVAL - {"aggregate"},
              values={"balanced_sampling": (False, True, "class")}, why={
         "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
-        "aggregate": "the unit is already the slide",
-        **{k: "fractions of the labelled slides are not implemented for MIL yet" for k in FRACTIONS}},
+        "aggregate": "the unit is already the slide"},
         default_why="they train on stored tile features, not images: image settings apply when extracting the "
                     "bags (`medfound extract`)"),
 )}

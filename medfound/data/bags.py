@@ -128,16 +128,19 @@ def collate_bags(items: list[dict[str, Any]], num_classes: int, multilabel: bool
 
 
 def bag_loader(directory: str | Path, split: str, batch_size: int, *, train: bool, seed: int = 0, epoch: int = 0,
-               max_tiles: Optional[int] = None, balanced: bool = False, labelled: bool = True
-               ) -> Iterator[dict[str, Any]]:
+               max_tiles: Optional[int] = None, balanced: bool = False, labelled: bool = True,
+               keys: Optional[frozenset] = None) -> Iterator[dict[str, Any]]:
     """Batches of padded bags of `split`. Training shuffles slides (seeded by seed and epoch), drops the last
     partial batch when there is more than one batch, and samples at most `max_tiles` tiles per bag (a regulariser
     and a memory bound); `balanced` draws slides class-balanced with replacement (one epoch = as many slides).
-    `labelled=False`: slides without labels are read too (batches carry no `label` when one lacks it)."""
+    `labelled=False`: slides without labels are read too (batches carry no `label` when one lacks it); `keys`: only
+    these slides (a labelled fraction, data.train_fraction)."""
     directory = Path(directory)
     index = read_bags(directory)
     schema = bag_schema(index)
     slides = slides_of(index, split, directory, labelled)
+    if keys is not None:
+        slides = [s for s in slides if s["slide"] in keys]
     rng = random.Random(seed * 1_000_003 + epoch)  # ints only: str hashes differ between processes
     order = list(slides)
     if train:
@@ -194,3 +197,10 @@ class Mosaic:
         for x, y, im in self.tiles:
             canvas.paste(im.resize((side, side)), (round(x / ds), round(y / ds)))
         return canvas, ds
+
+
+def slide_index(index: dict[str, Any], split: str, directory: str | Path) -> list[tuple[str, Any, None]]:
+    """(slide, label, None) of every slide of `split`: what medfound.data.fractions draws labelled fractions from
+    (slides carry no patient id: each slide is a unit)."""
+    return [(s["slide"], tuple(s["label"]) if isinstance(s["label"], list) else int(s["label"]), None)
+            for s in slides_of(index, split, directory)]

@@ -131,11 +131,13 @@ def describe(record: dict[str, Any]) -> str:
             f"{record['unit']}, seed {record['seed']}; keys sha256 {record['keys_sha256'][:16]})")
 
 
-def training_subset(data, location: str, split: str, class_names: list[str], validation: bool = False
-                    ) -> Optional[Subset]:
+def training_subset(data, location: str, split: str, class_names: list[str], validation: bool = False,
+                    index: Optional[list[tuple[str, Any, Optional[str]]]] = None) -> Optional[Subset]:
     """The subset `data.train_fraction` / `data.train_shots` ask for of `split` at `location`, or None;
-    `validation`: the subset selection scores (every class keeps at least one sample)."""
-    if data.train_fraction is None and data.train_shots is None:
+    `validation`: the subset selection scores (every class keeps at least one sample); `index`: the split's
+    (key, label, patient) when the location is not a shard set (a bag folder's slides)."""
+    if getattr(data, "train_fraction", None) is None and getattr(data, "train_shots", None) is None:
         return None
-    return choose(label_index(location, split), class_names, fraction=data.train_fraction, shots=data.train_shots,
+    return choose(label_index(location, split) if index is None else index, class_names,
+                  fraction=data.train_fraction, shots=data.train_shots,
                   seed=data.fraction_seed, what=f"split '{split}' of {location}", at_least_one=validation)

@@ -112,12 +112,14 @@ class Selection:
 
 
 def build_selection(recipe, counts: dict[str, int], class_names: list[str], run_dir: Path, default_metric: str,
-                    score: Callable[[Any, Optional[frozenset]], dict[str, Any]]) -> Optional[Selection]:
+                    score: Callable[[Any, Optional[frozenset]], dict[str, Any]],
+                    index: Optional[list] = None) -> Optional[Selection]:
     """The `Selection` of a run whose task scores a validation split (`eval.every`), or None without eval.every.
     Checks, naming the fix: a sharded strategy (only the main process scores, on whole weights), an unknown metric,
     a missing validation split, selecting on the reported split. With `data.train_fraction` / `train_shots` it
     scores the same fraction of the validation split, so selection never sees more labels than training does.
-    `counts`: samples (slides) per split; `class_names`: the label schema's names (the stratified subset).
+    `counts`: samples (slides) per split; `class_names`: the label schema's names (the stratified subset); `index`:
+    the validation split's (key, label, patient) where data.shards[0] is not a shard set (MIL bags).
     `score(module, keys)`: the task's validation metrics of `module` on eval.select_split (only `keys` when given)."""
     from medfound.config import ConfigError
     from medfound.data.fractions import training_subset
@@ -141,7 +143,8 @@ def build_selection(recipe, counts: dict[str, int], class_names: list[str], run_
     if ev.select_split == ev.split:
         raise ConfigError(f"eval.select_split and eval.split are both {ev.split!r}: selecting on the split "
                           "that reports the metrics makes them optimistic; select on a validation split")
-    subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split, class_names, validation=True)
+    subset = training_subset(recipe.data, recipe.data.shards[0], ev.select_split, class_names, validation=True,
+                             index=index)
     keys = None if subset is None else subset.keys
     return Selection(run_dir, metric, ev.select_split, ev.every, lambda module: score(module, keys),
                      subset=None if subset is None else subset.record)

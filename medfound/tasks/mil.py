@@ -44,13 +44,23 @@ class MILTask:
     capabilities = frozenset({"evaluate", "external", "out"})
 
     def training_data(self, recipe) -> TrainData:
-        from medfound.data.bags import bag_schema, read_bags
+        """The bag folder, its index and schema, and (data.train_fraction / train_shots) the labelled slides kept:
+        stratified by class, nested, seeded, as for images (medfound.data.fractions); class counts for the loss
+        weights are those of the slides kept."""
+        from medfound.data.bags import bag_schema, read_bags, slide_index
+        from medfound.data.fractions import training_subset
 
-        bags = Path(recipe.data.shards[0])
+        d = recipe.data
+        bags = Path(d.shards[0])
         index = read_bags(bags)
-        counts, n_train = slide_counts(index, recipe.data.train_split, bags)
-        return TrainData(extra={"bags": bags, "index": index, "schema": bag_schema(index), "counts": counts,
-                                "n_train": n_train})
+        schema = bag_schema(index)
+        counts, n_train = slide_counts(index, d.train_split, bags)
+        subset = training_subset(d, str(bags), d.train_split, schema.names,
+                                 index=slide_index(index, d.train_split, bags))
+        if subset is not None:
+            counts, n_train = subset.class_counts or counts, len(subset.keys)
+        return TrainData(extra={"bags": bags, "index": index, "schema": schema, "counts": counts,
+                                "n_train": n_train}, subset=subset)
 
     def build(self, recipe, data: TrainData):
         from medfound.adapt.tasks import build_mil_task
@@ -72,10 +82,15 @@ class MILTask:
         counts: dict[str, int] = {}
         for s in data.extra["index"]["slides"]:
             counts[s["split"]] = counts.get(s["split"], 0) + 1
-        return build_selection(recipe, counts, data.extra["schema"].names, run_dir, "auroc",
-                               lambda module, keys: self.validate(recipe, module, data))
+        from medfound.data.bags import slide_index
 
-    def validate(self, recipe, module, data: TrainData) -> dict[str, Any]:
+        x = data.extra
+        index = slide_index(x["index"], recipe.eval.select_split, x["bags"]) if counts.get(recipe.eval.select_split) \
+            else None
+        return build_selection(recipe, counts, x["schema"].names, run_dir, "auroc",
+                               lambda module, keys: self.validate(recipe, module, data, keys), index=index)
+
+    def validate(self, recipe, module, data: TrainData, keys: Optional[frozenset] = None) -> dict[str, Any]:
         """Slide-level metrics of the training head on eval.select_split (the evaluation's metric functions), no
         intervals."""
         from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
@@ -83,7 +98,7 @@ class MILTask:
         x, ev = data.extra, recipe.eval
         schema = x["schema"]
         probs, labels, _, _, _ = score_bags(module, x["bags"], x["index"], {"backbone": x["index"]["backbone"]},
-                                            ev.select_split, recipe.data.eval_batch_size, None)
+                                            ev.select_split, recipe.data.eval_batch_size, None, only=keys)
         if schema.type == "multilabel":
             return multilabel_metrics(probs, labels, schema.names, split=ev.select_split)["metrics"]
         return classification_metrics(probs, labels, schema.type, schema.names, split=ev.select_split,
@@ -98,7 +113,7 @@ class MILTask:
 
         def loader(epoch: int):
             batches = bag_loader(bags, d.train_split, d.batch_size, train=True, seed=recipe.trainer.seed, epoch=epoch,
-                                 max_tiles=h.max_tiles, balanced=d.balance_classes)
+                                 max_tiles=h.max_tiles, balanced=d.balance_classes, keys=data.keys)
             return (b for i, b in enumerate(batches) if i % world == rank)
         return loader
 
@@ -286,7 +301,7 @@ class MILTask:
     def load_snippet(self) -> str:
         return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the attention-MIL head over the tile "
                                       "features of its backbone") + \
-            "\nrows = model.predict(['slide.svs'])  # tiled and embedded as in training (needs the tile backbone)" \
+            "\n# rows = model.predict(['slide.svs'])  # tiled and embedded as in training (needs the tile backbone)" \
             "\n# on your own bag: model({'features': f[None], 'mask': torch.ones(1, len(f), dtype=torch.bool)})"
 
 
@@ -306,10 +321,10 @@ def bag_tiling(index: dict) -> Optional[dict[str, Any]]:
 
 
 def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], batch_size: int,
-               heatmaps: Optional[Path], labelled: bool = True):
+               heatmaps: Optional[Path], labelled: bool = True, only: Optional[frozenset] = None):
     """Slide probabilities, labels, keys and sites of `split` (None: every slide) of a bag folder, the five
     most-attended tiles per slide, and (`heatmaps`) one attention heatmap PNG per slide. `labelled=False`: new
-    slides without labels (labels is then None)."""
+    slides without labels (labels is then None); `only`: just these slides (a validation fraction)."""
     import torch
 
     from medfound.data.bags import bag_loader, bag_schema
@@ -325,7 +340,7 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
     splits = [split] if split else sorted({s["split"] for s in index["slides"]})
     with torch.no_grad():
         for sp in splits:
-            for batch in bag_loader(bags, sp, batch_size, train=False, labelled=labelled):
+            for batch in bag_loader(bags, sp, batch_size, train=False, labelled=labelled, keys=only):
                 out = task(batch)
                 logits = out["logits"].float()
                 probs.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).numpy())

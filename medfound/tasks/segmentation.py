@@ -241,7 +241,7 @@ class SegmentationTask(ImageNetwork):
 
     def load_snippet(self) -> str:
         return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the segmentation network, eval mode") + """
-rows = model.predict(["scan_1.png", "scan_2.dcm"])  # one mask per input in its own geometry (rows[i]["mask"])
+# rows = model.predict(["scan_1.png", "scan_2.dcm"])  # a mask per input in its own geometry (rows[i]["mask"]),
 # preprocessed exactly as in training (preprocessing.json: intensity, resampling, window); the same as the CLI:
 #   medfound predict PATH_TO_THIS_FOLDER scans/ --out masks/
 # by hand, after that preprocessing: medfound.evaluate.segmentation.predict_probs(model, image[None], patch_size,

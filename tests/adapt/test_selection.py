@@ -228,3 +228,36 @@ def test_mil_selects_on_validation_slides_and_logs_the_curve(bags, tmp_path):
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/auroc")] == [2, 4, 6]
+
+
+def test_mil_trains_on_a_fraction_of_the_slides(bags, tmp_path):
+    """data.train_fraction for MIL: the labelled slides kept are drawn per class (as for images), recorded in the
+    lineage and eval.json, and selection scores the same fraction of the validation slides."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from medfound.data.bags import read_bags
+
+    folder = tmp_path / "bags"
+    shutil.copytree(bags, folder)
+    index = read_bags(folder)
+    s = dict(index["slides"][0])
+    feats = load_file(str(folder / s["file"]))
+    save_file({"features": -feats["features"], "coords": feats["coords"]}, str(folder / "neg.safetensors"))
+    neg = {**s, "label": 1, "file": "neg.safetensors"}
+    index["slides"] = [{**s, "slide": "a0"}, {**s, "slide": "a1"}, {**neg, "slide": "b0"}, {**neg, "slide": "b1"},
+                       {**s, "slide": "va0", "split": "val"}, {**s, "slide": "va1", "split": "val"},
+                       {**neg, "slide": "vb0", "split": "val"}, {**neg, "slide": "vb1", "split": "val"}]
+    (folder / "bags.json").write_text(json.dumps(index))
+    run = tmp_path / "run"
+    overrides = [f"data.shards=[{folder}]", "eval.split=train", "head.hidden_dim=16", "head.attention_dim=8",
+                 "data.batch_size=2", f"trainer.output_dir={run}", "trainer.max_steps=2", "trainer.progress=false",
+                 "trainer.loggers=[]", "eval.every=2", "eval.bootstrap=0", "data.train_fraction=0.5"]
+    run_finetune(load_recipe(ROOT / "adapt" / "uni_abmil.yaml", overrides))
+    report = json.loads((run / "eval.json").read_text())
+    labels = report["train_labels"]
+    assert labels["samples"] == 2 and labels["of_samples"] == 4 and labels["fraction"] == 0.5
+    assert labels["per_class"] == {"benign": {"chosen": 1, "of": 2}, "malignant": {"chosen": 1, "of": 2}}
+    selection = json.loads((run / "selection" / "selection.json").read_text())
+    assert selection["subset"]["samples"] == 2 and selection["subset"]["of_samples"] == 4
