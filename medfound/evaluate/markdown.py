@@ -134,6 +134,10 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
                      f"{sel['metric']} on split '{sel['split']}'{on} ({fmt(sel['value'])}; scored every "
                      f"{sel['every']} steps, {len(sel['scored_steps'])} times). The metrics above were computed once, "
                      "on that export.")
+        if len(sel["scored_steps"]) > 1 and sel.get("tied") == len(sel["scored_steps"]):
+            lines.append(f"Every look scored the same {sel['metric']} on the validation samples, so selection could "
+                         "not choose (the earliest step is exported): the validation subset is too small for this "
+                         "metric; fix the steps in advance (drop eval.every) or validate on more samples.")
     if report.get("operating_point"):
         op = report["operating_point"]
         lines.append(f"sens_at_spec is read at specificity >= {op['specificity_target']:.2f} "

@@ -180,7 +180,7 @@ def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
         return None
     return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
             "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
-            "scored_steps": [h["step"] for h in sel.get("history", [])],
+            "scored_steps": [h["step"] for h in sel.get("history", [])], **({"tied": sel["tied"]} if "tied" in sel else {}),
             **({"samples": sel["subset"]["samples"], "of_samples": sel["subset"]["of_samples"]}
                if sel.get("subset") else {})}
 

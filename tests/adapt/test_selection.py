@@ -261,3 +261,28 @@ def test_mil_trains_on_a_fraction_of_the_slides(bags, tmp_path):
     assert labels["per_class"] == {"benign": {"chosen": 1, "of": 2}, "malignant": {"chosen": 1, "of": 2}}
     selection = json.loads((run / "selection" / "selection.json").read_text())
     assert selection["subset"]["samples"] == 2 and selection["subset"]["of_samples"] == 4
+
+
+def test_a_selection_whose_looks_all_tie_says_it_could_not_choose(tmp_path):
+    """The 1% validation subset of PneumoniaMNIST has 5 images: AUROC 1.0 at every look. The record counts the tie and
+    the report says selection could not choose."""
+    from medfound.evaluate.markdown import evaluation_sections
+    from medfound.evaluate.records import selection_summary
+    from medfound.run.selection import Selection
+
+    net = torch.nn.Linear(2, 2)
+    sel = Selection(tmp_path, "auroc", "val", 2, lambda module: {"auroc": 1.0, "accuracy": 0.6})
+    for step in (2, 4, 6):
+        sel(step, net)
+    record = sel.record()
+    assert record["best_step"] == 2 and record["tied"] == 3
+    summary = selection_summary({"selection": record, "steps": 6})
+    text = "\n".join(evaluation_sections({"metrics": {"auroc": 0.9}, "selection": summary}))
+    assert "Every look scored the same auroc on the validation samples, so selection could not choose" in text
+    values = iter([0.7, 0.8])
+    other = Selection(tmp_path / "b", "auroc", "val", 2, lambda module: {"auroc": next(values)})
+    other(2, net)
+    other(4, net)
+    assert other.record()["tied"] == 1
+    assert "could not choose" not in "\n".join(evaluation_sections(
+        {"metrics": {"auroc": 0.9}, "selection": selection_summary({"selection": other.record(), "steps": 4})}))
