@@ -319,3 +319,35 @@ def test_segmentation_of_dicom_writes_a_seg_referencing_its_source(seg_shards, t
     assert row["mask"].endswith(".png") and png.shape == (src.Rows, src.Columns)
     assert (seg.pixel_array.reshape(png.shape).astype(bool) == (png == 1)).all()  # the same mask in both forms
     assert not list((tmp_path / "anon").rglob("*.dcm"))
+
+
+def test_a_model_that_scores_units_predicts_units(view_shards, shards, pretrained, tmp_path, capsys):
+    """eval.aggregate (McKinney's per-breast scoring) for new studies: units.csv combines each unit's image
+    probabilities as evaluation does (the mean of its two views here); PNG files, which record no pixel spacing, are
+    refused by a data.spacing_mm model before any work."""
+    from medfound.config import load_recipe
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_finetune_overrides
+
+    run = tmp_path / "run"
+    run_finetune(load_recipe(ROOT / "adapt" / "mckinney_screening.yaml", tiny_finetune_overrides(
+        {"views": view_shards}, pretrained / "export", run, 2, "views") + [
+        "backbone.weights=null", "data.img_size=32", "data.batch_size=8", "data.spacing_mm=12.5"]))
+    assert main(["predict", str(run), str(view_shards), "--out", str(tmp_path / "out")]) == 0
+    rows = _rows(tmp_path / "out" / "predictions.csv")
+    units = _rows(tmp_path / "out" / "units.csv")
+    assert len(units) == len(rows) // 2 and all(u["images"] == "2" for u in units)
+    assert list(units[0])[:3] == ["patient", "laterality", "images"]
+    first = [c for c in units[0] if c.startswith("p_")][0]
+    total = sum(float(r[first]) for r in rows)
+    assert abs(sum(2 * float(u[first]) for u in units) - total) < 1e-3  # each unit: the mean of its two views
+    # PNG files record no pixel spacing, which this recipe resamples by: refused, naming the fix
+    folder = tmp_path / "png"
+    folder.mkdir()
+    with np.load(DATA / "medmnist" / "pneumoniamnist_demo.npz") as z:
+        for i in range(2):
+            Image.fromarray(z["test_images"][i]).save(folder / f"case_{i}.png")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "png_out")]) == 1  # no spacing in PNGs
+    assert "records no pixel spacing" in capsys.readouterr().err

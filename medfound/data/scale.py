@@ -48,6 +48,29 @@ def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
     return (row, col) if row > 0 and col > 0 else None
 
 
+def first_metas(shards: Any, n: int = 16) -> list[dict[str, Any]]:
+    """The JSON meta of the first `n` samples of a shard set (every split), decoding no image."""
+    from medfound.data.manifest import read_manifest
+    from medfound.data.pipeline import shard_urls
+    from medfound.data.tario import iter_members
+
+    manifest = read_manifest(shards)
+    out: list[dict[str, Any]] = []
+    for url in [u for sp in manifest.splits for u in shard_urls([shards], sp)[0]]:
+        for member in iter_members(url):
+            name = member["fname"].rsplit("/", 1)[-1]
+            if name.endswith(".json") and not name.endswith(".labels.json"):
+                try:
+                    meta = json.loads(member["data"])
+                except ValueError:
+                    continue
+                if isinstance(meta, dict):
+                    out.append(meta)
+                if len(out) >= n:
+                    return out
+    return out
+
+
 def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
     """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split);
     keys without data are left out."""

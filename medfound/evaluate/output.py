@@ -27,7 +27,7 @@ from medfound.io import atomic_write_json, is_run_dir
 EVAL_MARKER = ".medfound-eval.json"
 EVAL_OUTPUTS = ("eval.json", "predictions.csv", "report", "heatmaps")
 PREDICT_MARKER = ".medfound-predict.json"  # `medfound predict` writes by the same rules, under its own marker
-PREDICT_OUTPUTS = ("predictions.csv", "masks", "summary.json", "probabilities", "overlays", "heatmaps")
+PREDICT_OUTPUTS = ("predictions.csv", "masks", "summary.json", "probabilities", "overlays", "heatmaps", "units.csv")
 
 
 def _listed(folder: Path, marker: str = EVAL_MARKER) -> list[str]:

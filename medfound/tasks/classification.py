@@ -168,20 +168,32 @@ class ClassificationTask(TimmExport):
 
             require_spacing(staged.shards, "the inputs (DICOM carries PixelSpacing; PNG/JPEG do not)")
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
+        agg = recipe.eval.aggregate
+        if agg is not None:  # units only where the inputs record the unit fields (a table's columns, DICOM tags)
+            from medfound.data.scale import first_metas
+
+            missing = sorted({f for m in first_metas(staged.shards) for f in agg.by if m.get(f) in (None, "")})
+            if missing:
+                rt.warnings.append(f"eval.aggregate by {agg.by}: the inputs do not record {missing} (an images "
+                                   "table's columns, DICOM's own tags, or a shard set's meta); units.csv is not "
+                                   "written, the images are predicted one by one")
+                agg = None
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)),
                              batch_size=rt.batch_size or d.eval_batch_size, labelled=False, train=False,
                              num_workers=rt.workers(d.num_workers), max_bad_fraction=1.0, verify="size",
-                             split_by_node=False)
+                             split_by_node=False, keep_meta=agg.by if agg else ())
         model = self.load(run.export, recipe)
         device = rt.torch_device()
         model, norm = model.to(device), normalizer(d).to(device)
         rows: list[dict[str, Any]] = []
+        metas: list[dict[str, Any]] = []
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
                                    disable=not rt.progress) as bar:
             for batch in loader:
                 with rt.autocast(device):
                     logits = model(norm(batch["image"].to(device))).float()
                 probs = (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).cpu().numpy()
+                metas += batch.get("meta", [{}] * len(probs))
                 for key, p in zip(batch["key"], probs):
                     row = {"input": staged.name(key), "key": key,
                            **{f"p_{c}": round(float(v), 6) for c, v in zip(names, p)}}
@@ -196,6 +208,8 @@ class ClassificationTask(TimmExport):
                                 names[1 - pos] if len(names) == 2 else "not " + point["positive_class"]
                     rows.append(row)
                 bar.update(len(batch["key"]))
+        if agg is not None and rows:
+            write_units(out, rows, metas, names, agg, multilabel)
         return rows
 
     def rebuild(self, run_dir: Path, recipe) -> Any:
@@ -222,3 +236,32 @@ class ClassificationTask(TimmExport):
 
         return evaluate_classification(self.load(run.export, recipe), run.export / self.weights_file, recipe, split,
                                        out)
+
+
+def write_units(out: Path, rows: list[dict[str, Any]], metas: list[dict[str, Any]], names: list[str], agg: Any,
+                multilabel: bool) -> None:
+    """eval.aggregate for new studies: the image probabilities combined per unit (e.g. a breast from its CC and MLO
+    views) exactly as evaluation combines them (`aggregate_units`) -> `out`/units.csv (`metas`: each row's unit
+    fields)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from medfound.evaluate.metrics import aggregate_units
+    from medfound.io import atomic_write_bytes
+
+    probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows])
+    ids = [tuple(str(m[f]) for f in agg.by) for m in metas]
+    dummy = np.zeros((len(rows), len(names)) if multilabel else len(rows), dtype=np.int64)
+    unit_probs, _, units = aggregate_units(probs, dummy, ids, agg.reduce)
+    members: dict[tuple, int] = {}
+    for u in ids:
+        members[u] = members.get(u, 0) + 1
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*agg.by, "images", *(f"p_{c}" for c in names), "predicted"])
+    for u, p in zip(units, unit_probs):
+        predicted = "|".join(c for c, v in zip(names, p) if v > 0.5) if multilabel else names[int(np.argmax(p))]
+        w.writerow([*u, members[u], *(round(float(v), 6) for v in p), predicted])
+    atomic_write_bytes(out / "units.csv", buf.getvalue().encode())
