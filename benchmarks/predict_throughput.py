@@ -134,7 +134,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--seg-images", type=int, default=24)
+    ap.add_argument("--seg-images", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if not (SHARED / "medmnist" / "pneumoniamnist.npz").is_file():

@@ -108,8 +108,13 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
     prediction: input indices start at `start`, and a file whose sha256 is in `done` (sha256 -> its earlier index)
     is not staged again (`StagedInputs.reused`). Under torchrun, process `rank` of `world` stages the inputs whose
     position i has i % world == rank (an input's index is start + i whatever the number of processes)."""
+    from medfound.data.shards import fast_png
     from medfound.io import sha256_file
-    from medfound.workflows import shard
+    from medfound.workflows import shard as shard_set
+
+    def shard(*args: Any, **kw: Any) -> Any:  # a private set read once: PNGs stored fast, not small
+        with fast_png():
+            return shard_set(*args, **kw)
 
     if is_shard_set(inputs):
         if world > 1:

@@ -332,7 +332,7 @@ def mask_bytes(mask, source: Optional[Path], spacing: Optional[list[float]]) -> 
         from PIL import Image
 
         buf = io.BytesIO()
-        Image.fromarray(mask).save(buf, format="PNG")
+        Image.fromarray(mask).save(buf, format="PNG", compress_level=1)  # masks compress well at any level
         return buf.getvalue()
     from medfound.data.ingest.volumes import nifti_bytes, read_volume
 
