@@ -60,13 +60,17 @@ class StagedInputs:
     digests: dict[str, str] = field(default_factory=dict)          # input index -> the input file's sha256
     reused: dict[str, str] = field(default_factory=dict)           # input path -> its index in an earlier prediction
 
+    def index(self, key: str) -> str:
+        """The input index a sample key belongs to (a DICOM frame `000003_f0001` -> `000003`)."""
+        return key if key in self.names else key.partition("_f")[0]
+
     def digest(self, key: str) -> str:
         """The sha256 of the input file a sample came from ("" for a given shard set)."""
-        return self.digests.get(key.partition("_f")[0] if key not in self.digests else key, "")
+        return self.digests.get(self.index(key), "")
 
     def source(self, key: str) -> Optional[Path]:
         """The input file a sample came from (None for a given shard set)."""
-        path = None if self.given else self.names.get(key.partition("_f")[0] if key not in self.names else key)
+        path = None if self.given else self.names.get(self.index(key))
         return None if path is None else Path(path)
 
     def name(self, key: str) -> str:

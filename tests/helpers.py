@@ -164,3 +164,25 @@ def install_fresh_venv(root: Path) -> dict[str, Any]:
         if r.returncode:
             raise RuntimeError(f"pip install {' '.join(args[:3])}... failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     return {"venv": venv, "wheel": wheel, "base": base, "env": env}
+
+
+def two_class_bags(bags: Path, dest: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A copy of a one-slide bag folder at `dest` with a second bag of the negated features (`neg.safetensors`), so a
+    head has two classes to separate: (its index, the slide's record, a record of the negated bag as class 1). The
+    caller sets index["slides"] from the two records and writes bags.json (`write_bags`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from medfound.data.bags import read_bags
+
+    shutil.copytree(bags, dest)
+    index = read_bags(dest)
+    slide = dict(index["slides"][0])
+    feats = load_file(str(dest / slide["file"]))
+    save_file({"features": -feats["features"], "coords": feats["coords"]}, str(dest / "neg.safetensors"))
+    return index, slide, {**slide, "label": 1, "file": "neg.safetensors"}
+
+
+def write_bags(dest: Path, index: dict[str, Any], slides: list[dict[str, Any]]) -> None:
+    (dest / "bags.json").write_text(json.dumps({**index, "slides": slides}))

@@ -13,8 +13,9 @@ would fix a difference larger than SCALE_TOLERANCE.
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -48,41 +49,14 @@ def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
     return (row, col) if row > 0 and col > 0 else None
 
 
-def first_metas(shards: Any, n: int = 16) -> list[dict[str, Any]]:
-    """The JSON meta of the first `n` samples of a shard set (every split), decoding no image."""
+def iter_metas(shards: Any, split: Optional[str] = None) -> Iterator[dict[str, Any]]:
+    """The JSON meta of every sample of a shard set (`split`, or every split), in shard order, decoding no image."""
     from medfound.data.manifest import read_manifest
     from medfound.data.pipeline import shard_urls
     from medfound.data.tario import iter_members
 
-    manifest = read_manifest(shards)
-    out: list[dict[str, Any]] = []
-    for url in [u for sp in manifest.splits for u in shard_urls([shards], sp)[0]]:
-        for member in iter_members(url):
-            name = member["fname"].rsplit("/", 1)[-1]
-            if name.endswith(".json") and not name.endswith(".labels.json"):
-                try:
-                    meta = json.loads(member["data"])
-                except ValueError:
-                    continue
-                if isinstance(meta, dict):
-                    out.append(meta)
-                if len(out) >= n:
-                    return out
-    return out
-
-
-def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
-    """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split);
-    keys without data are left out."""
-    from medfound.data.manifest import read_manifest
-    from medfound.data.pipeline import shard_urls
-    from medfound.data.tario import iter_members
-
-    manifest = read_manifest(shards)
-    splits = [split] if split else list(manifest.splits)
-    urls = [u for sp in splits for u in shard_urls([shards], sp)[0]]
-    fov, spacing, mpps, structure, seen = [], [], [], [], 0
-    for url in urls:
+    splits = [split] if split else list(read_manifest(shards).splits)
+    for url in [u for sp in splits for u in shard_urls([shards], sp)[0]]:
         for member in iter_members(url):
             name = member["fname"].rsplit("/", 1)[-1]
             if not name.endswith(".json") or name.endswith(".labels.json"):
@@ -91,24 +65,32 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
                 meta = json.loads(member["data"])  # the sample's meta (flat: split, site, fov_diameter_px...)
             except ValueError:
                 continue
-            if not isinstance(meta, dict):
-                continue
-            seen += 1
-            if meta.get("fov_diameter_px"):
-                fov.append(float(meta["fov_diameter_px"]))
-            s = pixel_spacing(meta)
-            if s is None and isinstance(meta.get("spacing_mm"), (list, tuple)) and len(meta["spacing_mm"]) > 2:
-                s = tuple(float(v) for v in meta["spacing_mm"][:2])  # a volume: its in-plane spacing
-            if s is not None:
-                spacing.append(float(np.mean(s)))
-            if meta.get("mpp"):
-                mpps.append(float(meta["mpp"]))
-            if meta.get("structure_px"):
-                structure.append(float(meta["structure_px"]))
-            if seen >= max_samples:
-                break
-        if seen >= max_samples:
-            break
+            if isinstance(meta, dict):
+                yield meta
+
+
+def first_metas(shards: Any, n: int = 16) -> list[dict[str, Any]]:
+    """The JSON meta of the first `n` samples of a shard set (every split), decoding no image."""
+    return list(itertools.islice(iter_metas(shards), n))
+
+
+def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64) -> dict[str, Any]:
+    """{"fov_diameter_px", "spacing_mm", "mpp", "structure_px", "samples"} of a shard set (`split`, or every split);
+    keys without data are left out."""
+    fov, spacing, mpps, structure, seen = [], [], [], [], 0
+    for meta in itertools.islice(iter_metas(shards, split), max_samples):
+        seen += 1
+        if meta.get("fov_diameter_px"):
+            fov.append(float(meta["fov_diameter_px"]))
+        s = pixel_spacing(meta)
+        if s is None and isinstance(meta.get("spacing_mm"), (list, tuple)) and len(meta["spacing_mm"]) > 2:
+            s = tuple(float(v) for v in meta["spacing_mm"][:2])  # a volume: its in-plane spacing
+        if s is not None:
+            spacing.append(float(np.mean(s)))
+        if meta.get("mpp"):
+            mpps.append(float(meta["mpp"]))
+        if meta.get("structure_px"):
+            structure.append(float(meta["structure_px"]))
     out: dict[str, Any] = {"samples": seen}
     if fov:
         out["fov_diameter_px"] = round(float(np.median(fov)), 1)
@@ -116,7 +98,12 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
         out["spacing_mm"] = round(float(np.median(spacing)), 6)
     if structure:
         out["structure_px"] = round(float(np.median(structure)), 3)
-    mpp = float(np.median(mpps)) if mpps else (manifest.ingest or {}).get("mpp")
+    if not mpps:
+        from medfound.data.manifest import read_manifest
+
+        mpp = (read_manifest(shards).ingest or {}).get("mpp")
+    else:
+        mpp = float(np.median(mpps))
     if mpp:
         out["mpp"] = round(float(mpp), 8)
     return out

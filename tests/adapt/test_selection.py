@@ -194,23 +194,14 @@ def test_box_prompts_select_on_validation_dice(organ_shards, pretrained, tmp_pat
 def test_mil_selects_on_validation_slides_and_logs_the_curve(bags, tmp_path):
     """eval.every for MIL: the validation slides scored by the evaluation's code every N steps, the curve in
     TensorBoard under val/, the best step exported (its head weights)."""
-    import shutil
-
-    from safetensors.torch import save_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from medfound.data.bags import read_bags
+    from helpers import two_class_bags, write_bags
 
     folder = tmp_path / "bags"
-    shutil.copytree(bags, folder)
-    index = read_bags(folder)
-    s = dict(index["slides"][0])
-    feats = load_file(str(folder / s["file"]))
-    save_file({"features": -feats["features"], "coords": feats["coords"]}, str(folder / "neg.safetensors"))
-    index["slides"] += [{**s, "slide": "negated", "label": 1, "file": "neg.safetensors"},
-                        {**s, "slide": "val_a", "split": "val"},
-                        {**s, "slide": "val_b", "label": 1, "file": "neg.safetensors", "split": "val"}]
-    (folder / "bags.json").write_text(json.dumps(index))
+    index, s, neg = two_class_bags(bags, folder)
+    write_bags(folder, index, [s, {**neg, "slide": "negated"}, {**s, "slide": "val_a", "split": "val"},
+                               {**neg, "slide": "val_b", "split": "val"}])
     run = tmp_path / "run"
     overrides = [f"data.shards=[{folder}]", "eval.split=train", "head.hidden_dim=16", "head.attention_dim=8",
                  "head.dropout=0", "data.batch_size=2", "optim.lr=1e-2", "optim.warmup_steps=0",
@@ -233,23 +224,14 @@ def test_mil_selects_on_validation_slides_and_logs_the_curve(bags, tmp_path):
 def test_mil_trains_on_a_fraction_of_the_slides(bags, tmp_path):
     """data.train_fraction for MIL: the labelled slides kept are drawn per class (as for images), recorded in the
     lineage and eval.json, and selection scores the same fraction of the validation slides."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from medfound.data.bags import read_bags
+    from helpers import two_class_bags, write_bags
 
     folder = tmp_path / "bags"
-    shutil.copytree(bags, folder)
-    index = read_bags(folder)
-    s = dict(index["slides"][0])
-    feats = load_file(str(folder / s["file"]))
-    save_file({"features": -feats["features"], "coords": feats["coords"]}, str(folder / "neg.safetensors"))
-    neg = {**s, "label": 1, "file": "neg.safetensors"}
-    index["slides"] = [{**s, "slide": "a0"}, {**s, "slide": "a1"}, {**neg, "slide": "b0"}, {**neg, "slide": "b1"},
-                       {**s, "slide": "va0", "split": "val"}, {**s, "slide": "va1", "split": "val"},
-                       {**neg, "slide": "vb0", "split": "val"}, {**neg, "slide": "vb1", "split": "val"}]
-    (folder / "bags.json").write_text(json.dumps(index))
+    index, s, neg = two_class_bags(bags, folder)
+    write_bags(folder, index, [{**s, "slide": "a0"}, {**s, "slide": "a1"}, {**neg, "slide": "b0"},
+                               {**neg, "slide": "b1"}, {**s, "slide": "va0", "split": "val"},
+                               {**s, "slide": "va1", "split": "val"}, {**neg, "slide": "vb0", "split": "val"},
+                               {**neg, "slide": "vb1", "split": "val"}])
     run = tmp_path / "run"
     overrides = [f"data.shards=[{folder}]", "eval.split=train", "head.hidden_dim=16", "head.attention_dim=8",
                  "data.batch_size=2", f"trainer.output_dir={run}", "trainer.max_steps=2", "trainer.progress=false",
