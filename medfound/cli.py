@@ -35,6 +35,7 @@ from typing import Optional
 from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
 from medfound.data.manifest import MODALITIES
+from medfound.process import end_group
 from medfound.registry import BENCH_PROTOCOLS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
 
 
@@ -327,6 +328,13 @@ def _load(args: argparse.Namespace, kind: Optional[str]):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        end_group()  # a torchrun verb's gloo group is closed before exit (an open one can abort the process)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if rest:  # `medfound evaluate RUN --out DIR eval.bootstrap=200`: key=value overrides may follow the options

@@ -85,3 +85,12 @@ def torchrun_group() -> tuple[int, int, Any, bool]:
         return rank, world, dist, False
     dist.init_process_group("gloo")
     return rank, world, dist, True
+
+
+def end_group() -> None:
+    """Close this process's torch.distributed group if one is open. A gloo group left open at interpreter exit can
+    abort the process ("terminate called without an active exception", exit -6) after its work is done, which
+    torchrun reports as a failed run; every verb ends through here (torch is not imported for it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

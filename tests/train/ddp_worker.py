@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from medfound.adapt.heads import attach_classifier  # noqa: E402
 from medfound.adapt.tasks import ClassificationTask  # noqa: E402
 from medfound.adapt.tuning import apply_tuning  # noqa: E402
+from medfound.process import end_group  # noqa: E402
 from medfound.config import OptimConfig, TrainerConfig  # noqa: E402
 from medfound.data.manifest import LabelSchema  # noqa: E402
 from medfound.train.loop import fit  # noqa: E402
@@ -62,3 +63,4 @@ def main(out: str, global_batch: int, steps: int, accum: int, strategy: str = "d
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6],
          *(int(a) for a in sys.argv[6:7]))
+    end_group()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from medfound.adapt.heads import attach_classifier  # noqa: E402
 from medfound.adapt.tasks import ClassificationTask  # noqa: E402
 from medfound.adapt.tuning import apply_tuning  # noqa: E402
+from medfound.process import end_group  # noqa: E402
 from medfound.config import OptimConfig, TrainerConfig  # noqa: E402
 from medfound.data.pipeline import make_loader, shard_sets  # noqa: E402
 from medfound.data.transforms import Normalize, build_transform  # noqa: E402
@@ -81,3 +82,4 @@ def main(run_dir: str, shards: str, max_steps: int, resume: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    end_group()

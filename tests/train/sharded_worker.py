@@ -16,6 +16,7 @@ from accelerate import Accelerator
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from medfound.process import end_group  # noqa: E402
 from medfound.run import load_run_recipe  # noqa: E402
 from medfound.train.checkpoint import capture_rng, save_checkpoint  # noqa: E402
 from medfound.train.loop import Coordinator, build_strategy  # noqa: E402
@@ -48,3 +49,4 @@ if __name__ == "__main__":
         written = reshard(accelerator, run, *jobs[i:i + 3])
         if accelerator.is_main_process:
             print(f"wrote {written}", flush=True)
+    end_group()
