@@ -186,3 +186,58 @@ def two_class_bags(bags: Path, dest: Path) -> tuple[dict[str, Any], dict[str, An
 
 def write_bags(dest: Path, index: dict[str, Any], slides: list[dict[str, Any]]) -> None:
     (dest / "bags.json").write_text(json.dumps({**index, "slides": slides}))
+
+
+GOLDEN = Path(__file__).resolve().parent / "evaluate" / "golden"
+VOLATILE = {"seconds", "created", "medfound_version"}
+
+
+def _normal(value: Any, tmp: str) -> Any:
+    import re
+
+    if isinstance(value, dict):
+        return {k: _normal(v, tmp) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_normal(v, tmp) for v in value]
+    if isinstance(value, str):  # a temporary folder, in paths and in warnings: <tmp>/LAST (numbered folders vary)
+        value = value.replace(tmp, "<tmp>")
+        return re.sub(r"<tmp>(/[^/\s'\"]+)*/([^/\s'\"(),]+)", r"<tmp>/\2", value)
+    return value
+
+
+def _same(got: Any, want: Any, where: str, problems: list[str]) -> None:
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in sorted(set(want) | set(got)):
+            if k not in got or k not in want:
+                problems.append(f"{where}.{k}: {'missing now' if k not in got else 'new'}")
+            else:
+                _same(got[k], want[k], f"{where}.{k}", problems)
+    elif isinstance(want, list) and isinstance(got, list):
+        if len(got) != len(want):
+            problems.append(f"{where}: {len(got)} items, golden {len(want)}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{where}[{i}]", problems)
+    elif isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        if abs(got - want) > 1e-3 + 1e-3 * abs(want):  # the numbers of a tiny model trained on this CPU
+            problems.append(f"{where}: {got} != golden {want}")
+    elif got != want:
+        problems.append(f"{where}: {got!r} != golden {want!r}")
+
+
+def assert_matches_golden(report: dict[str, Any], name: str, tmp_root: Path) -> None:
+    """An eval.json equals its committed golden copy (tests/evaluate/golden/NAME.json): every key, list length and
+    string exactly (temporary paths folded to <tmp>/LAST), numbers within 1e-3, timing and version left out. The
+    evaluation of every task kind is pinned this way so that a change to the one evaluation skeleton shows up as a
+    diff. MEDFOUND_UPDATE_GOLDEN=1 rewrites the copy (review the git diff)."""
+    import os
+
+    got = _normal(json.loads(json.dumps(report)), str(tmp_root))
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("MEDFOUND_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        return
+    want = json.loads(path.read_text())
+    problems: list[str] = []
+    _same(got, want, name, problems)
+    assert not problems, f"eval.json differs from {path.name} in {len(problems)} places:\n" + "\n".join(problems[:30])

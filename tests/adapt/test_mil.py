@@ -191,6 +191,9 @@ def test_mil_run_trains_evaluates_and_reloads(bags, tmp_path):
     assert entry["num_samples"] == 2 and entry["drop"]["accuracy"] == 0.0 and entry["drop"]["auroc"] == 0.0
     assert (tmp_path / "ext" / "predictions.csv").read_text().count("\n") == 1 + 2 + 2
     assert len(list((tmp_path / "ext" / "heatmaps").glob("*.png"))) == 2
+    from helpers import assert_matches_golden
+
+    assert_matches_golden(ext, "mil_external", tmp_path.parent)
     # medfound predict on the raw slide: tiled as the bags were (recorded in mil.json), embedded by the recorded
     # backbone, scored by the head: the probabilities equal the evaluation's for that slide, with its heatmap
     import csv

@@ -258,6 +258,9 @@ def test_a_trained_run_segments_the_medsam_tutorial_box_from_python_and_the_cli(
     assert lo <= entry["drop"]["dice"] <= hi
     assert ext["metrics"] == report["metrics"]  # the internal split scored again from the published folder
     assert (tmp_path / "run" / "eval.json").read_bytes() == before
+    from helpers import assert_matches_golden
+
+    assert_matches_golden(ext, "box_prompt_external", tmp_path.parent)
     assert "External" in (tmp_path / "ext" / "report" / "report.md").read_text()
 
 

@@ -31,7 +31,9 @@ def external_run(finetuned, tmp_path_factory) -> tuple[Path, Path]:
     return run, ext
 
 
-def test_external_set_is_scored_beside_the_internal_split(external_run, capsys):
+def test_external_set_is_scored_beside_the_internal_split(external_run, capsys, tmp_path_factory):
+    from helpers import assert_matches_golden
+
     run, ext = external_run
     assert main(["evaluate", str(run), str(ext)]) == 0
     assert "external retina_site_b" in capsys.readouterr().out
@@ -50,6 +52,7 @@ def test_external_set_is_scored_beside_the_internal_split(external_run, capsys):
     md = (run / "report" / "report.md").read_text()
     assert "## External validation" in md and f"{e['drop']['auroc']:.4f}" in md
     assert (run / "report" / "roc.png").is_file()
+    assert_matches_golden(report, "classification_external", tmp_path_factory.getbasetemp())
 
 
 def test_external_results_reach_the_card_and_pass_the_check(external_run, tmp_path):

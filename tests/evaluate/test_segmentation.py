@@ -106,7 +106,7 @@ def test_pooled_pixel_resamples_are_the_pooled_metrics():
 
 
 def test_segmentation_reports_pooled_pixel_metrics_with_intervals_per_set_and_writes_per_image_rows(
-        unet_run, seg_shards, tmp_path):
+        unet_run, seg_shards, tmp_path, tmp_path_factory):
     import csv
 
     from medfound.workflows import evaluate
@@ -123,6 +123,9 @@ def test_segmentation_reports_pooled_pixel_metrics_with_intervals_per_set_and_wr
     rows = list(csv.DictReader(open(tmp_path / "ext" / "predictions.csv")))
     assert {r["set"] for r in rows} == {"internal", "ct_aorta"}
     assert {"key", "pixel_tp", "pixel_fn"} <= set(rows[0]) and any(c.startswith("dice/") for c in rows[0])
+    from helpers import assert_matches_golden
+
+    assert_matches_golden(ext, "segmentation_external", tmp_path_factory.getbasetemp())
 
 
 def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_shards, unet_run, tmp_path):
