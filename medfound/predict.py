@@ -133,16 +133,16 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
         raise ValueError("the inputs mix " + ", ".join(f"{k} ({n})" for k, n in counts.items()) +
                          " (files that are neither images nor NIfTI/NRRD volumes are read as DICOM): predict one "
                          "kind at a time")
-    mine = [(start + i, f) for i, f in enumerate(everything) if i % world == rank]
+    (kind,) = seen
+    # under torchrun a DICOM folder (a series, whose SEG references all of it) stays with one process
+    group = _folder_groups(everything) if kind == "dicom" else list(range(len(everything)))
+    mine = [(start + i, f) for i, f in enumerate(everything) if group[i] % world == rank]
     hashes = {f: sha256_file(f) for _, f in mine}
     reused = {str(f): done[hashes[f]] for _, f in mine if done and hashes[f] in done}
     mine = [(i, f) for i, f in mine if str(f) not in reused]
     if not mine:
         return StagedInputs("", reused=reused, kind="none")
-    kinds: dict[str, list[tuple[int, Path]]] = {}
-    for i, f in mine:
-        kinds.setdefault(input_kind(f, slides="wsi" in ingest), []).append((i, f))
-    (kind, chosen), = kinds.items()
+    chosen = mine
     link = tmp / "inputs"
     link.mkdir(parents=True)
     out = tmp / "shards"
@@ -172,6 +172,12 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
     reasons = [(f"input #{int(ref.split()[-1]) - 2}" if ref.startswith("table row ") else ref, reason)
                for ref, _, reason in skipped]
     return StagedInputs(str(out), names, reasons, kind=kind, digests=digests, reused=reused)
+
+
+def _folder_groups(files: list[Path]) -> list[int]:
+    """For each file, the index of its folder among the folders in order of first appearance."""
+    order: dict[Path, int] = {}
+    return [order.setdefault(Path(f).parent, len(order)) for f in files]
 
 
 def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite: bool = False,

@@ -95,7 +95,8 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
     recipe = run.with_overrides(list(overrides or []))
     spec = task_for(recipe)
     if "evaluate" not in spec.capabilities:
-        return spec.evaluate(run, recipe, split, Path(out or run_dir))  # names why (pretraining has no labels)
+        spec.scorer(run, recipe, Path(out or run_dir))  # raises naming why (pretraining has no labels)
+        raise ValueError(f"{run_dir}: {spec.name} runs have nothing to evaluate")
     if run.published and out is None:
         raise ValueError(f"{run_dir} is a published folder: give --out DIR for the evaluation, so the folder and "
                          "its checked card stay as published")
@@ -117,7 +118,9 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
     own = out.resolve() == run.path.resolve() and not run.published
     with run_lock(run.path) if own else contextlib.nullcontext():
         with output.staged(out, run.path) as stage:
-            return spec.evaluate(run, recipe, split or recipe.eval.split, stage)
+            from medfound.evaluate.procedure import evaluate_with
+
+            return evaluate_with(spec.scorer(run, recipe, stage), split or recipe.eval.split, stage)
 
 
 def load(folder: str | Path) -> Any:

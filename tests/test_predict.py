@@ -351,3 +351,86 @@ def test_a_model_that_scores_units_predicts_units(view_shards, shards, pretraine
     capsys.readouterr()
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "png_out")]) == 1  # no spacing in PNGs
     assert "records no pixel spacing" in capsys.readouterr().err
+
+
+def test_a_dicom_series_gets_one_multiframe_seg_and_a_multiframe_file_one_seg(seg_shards, tmp_path):
+    """A series of CT slices (made from pydicom's real CT_small.dcm: three instances of one series at three
+    positions, given out of order) gets one SEG whose frames follow the series and reference every instance; each
+    frame equals the PNG mask of that slice. A multi-frame enhanced MR file gets one SEG with a frame per source
+    frame. Under torchrun both go to one process (a folder stays together)."""
+    import copy
+
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    import json
+
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from medfound.config import load_recipe
+    from medfound.predict import _folder_groups
+    from medfound.workflows import run_finetune
+
+    from helpers import ROOT, tiny_segment_overrides
+
+    run = tmp_path / "unet"
+    run_finetune(load_recipe(ROOT / "adapt" / "segment_unet.yaml",
+                             tiny_segment_overrides("unet", seg_shards, None, run, steps=1) + ["eval.bootstrap=0"]))
+    series = tmp_path / "series"
+    series.mkdir()
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uids = {}
+    z = float(base.ImagePositionPatient[2])
+    for number, name in ((3, "a.dcm"), (1, "b.dcm"), (2, "c.dcm")):  # file order is not series order
+        ds = copy.deepcopy(base)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [*base.ImagePositionPatient[:2], z + 5 * number]
+        arr = base.pixel_array.copy()
+        arr[:, : 20 * number] = arr.min()  # three different slices
+        ds.PixelData = arr.tobytes()
+        ds.save_as(series / name)
+        uids[number] = ds.SOPInstanceUID
+    assert main(["predict", str(run), str(series), "--out", str(tmp_path / "seg"), "--mask-format", "dicom-seg"]) == 0
+    rows = _rows(tmp_path / "seg" / "predictions.csv")
+    assert len(rows) == 3 and len({r["mask"] for r in rows}) == 1 and rows[0]["mask"].endswith(".dcm")
+    seg = pydicom.dcmread(tmp_path / "seg" / rows[0]["mask"])
+    assert seg.Modality == "SEG" and int(seg.NumberOfFrames) == 3 and seg.SeriesInstanceUID != base.SeriesInstanceUID
+    (ref,) = seg.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == base.SeriesInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == set(uids.values())
+    frames = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+              for f in seg.PerFrameFunctionalGroupsSequence]
+    assert sorted(frames) == sorted(uids.values()) and sorted(int(r["seg_frames"]) for r in rows) == [1, 2, 3]
+    assert main(["predict", str(run), str(series), "--out", str(tmp_path / "png"), "--mask-format", "png"]) == 0
+    pngs = {r["input"]: np.asarray(Image.open(tmp_path / "png" / r["mask"])) for r in _rows(tmp_path / "png" /
+                                                                                            "predictions.csv")}
+    for r in rows:  # each input's frame references its own instance and holds its own mask
+        frame = int(r["seg_frames"])
+        assert frames[frame - 1] == pydicom.dcmread(r["input"].split("#")[0]).SOPInstanceUID
+        assert (seg.pixel_array[frame - 1].astype(bool) == (pngs[r["input"]] == 1)).all()
+    assert len({p.tobytes() for p in pngs.values()}) == 3  # three different slices, three different masks
+    # a multi-frame file: the series converted to one legacy-converted enhanced CT (highdicom), one SEG of it
+    import highdicom as hd
+
+    legacy = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=generate_uid(), series_number=2,
+                                                        sop_instance_uid=generate_uid(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    assert main(["predict", str(run), str(tmp_path / "enhanced.dcm"), "--out", str(tmp_path / "mf")]) == 0
+    rows = _rows(tmp_path / "mf" / "predictions.csv")
+    assert len(rows) == 3 and len({r["mask"] for r in rows}) == 1 and rows[0]["mask"].endswith(".dcm")
+    seg = pydicom.dcmread(tmp_path / "mf" / rows[0]["mask"])
+    assert int(seg.NumberOfFrames) == 3 and sorted(int(r["seg_frames"]) for r in rows) == [1, 2, 3]
+    for r in rows:  # frame f of the source (PATH#f, from 0) is referenced as frame f + 1 and holds that mask
+        frame = int(r["seg_frames"])
+        ref = seg.PerFrameFunctionalGroupsSequence[frame - 1].DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        assert int(ref.ReferencedFrameNumber) == int(r["input"].split("#")[1]) + 1
+    # a multi-frame file without plane positions (the real enhanced MR test file) cannot be referenced: PNG
+    assert main(["predict", str(run), str(shared("dicom", "emri_small.dcm")), "--out", str(tmp_path / "emri")]) == 0
+    summary = json.loads((tmp_path / "emri" / "summary.json").read_text())
+    assert any("input #0: no DICOM SEG (Only a single frame is supported" in w for w in summary["warnings"])
+    assert len(list((tmp_path / "emri" / "masks").glob("*.png"))) == 10
+    # under torchrun the files of one folder go to one process
+    assert _folder_groups([series / "a.dcm", tmp_path / "x.dcm", series / "b.dcm"]) == [0, 1, 0]

@@ -14,7 +14,7 @@ import medfound
 from medfound.data.pipeline import shard_urls
 
 
-def split_urls(shards: Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
+def split_urls(shards: str | Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
     """Shard paths of `split` of a shard set (None: every split, as for an external site), its manifest and the
     splits used."""
     from medfound.data.manifest import read_manifest

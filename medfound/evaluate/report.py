@@ -1,5 +1,6 @@
-"""Scoring image models on shard sets: classification (softmax / sigmoid probabilities, per-site and external
-results, units of several images) and segmentation (sliding-window inference, Dice/HD95 per image and class).
+"""The scorers of image models on shard sets (medfound.evaluate.procedure runs them): classification (softmax /
+sigmoid probabilities, per-site and external results, units of several images) and segmentation (sliding-window
+inference, Dice/HD95 per image and class).
 
 The model is given by the caller, loaded by its task kind (`medfound.tasks`): for classification the timm folder
 `RUN_DIR/export` exactly as `medfound publish` ships it, evaluated with the run's own preprocessing.
@@ -7,7 +8,6 @@ The model is given by the caller, loaded by its task kind (`medfound.tasks`): fo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,9 +18,9 @@ from medfound.config import FinetuneRecipe
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
-from medfound.evaluate.records import (dataset_block, eval_progress, external_block, network_lineage, record_tail,
-                                       scored_block, split_urls, trained_on, write_predictions, write_rows)
-from medfound.io import atomic_write_json, sha256_file
+from medfound.evaluate.procedure import ScoredSet, Scorer
+from medfound.evaluate.records import (dataset_block, eval_progress, scored_block, split_urls, write_predictions,
+                                       write_rows)
 
 
 @torch.no_grad()
@@ -48,22 +48,6 @@ def predict(model: torch.nn.Module, loader, normalize: torch.nn.Module, multilab
     return np.concatenate(probs), np.concatenate(labels), keys, sites, skipped, metas
 
 
-def check_scale(entry: dict[str, Any], path: str, name: str, expected: Optional[dict[str, Any]],
-                normalised: tuple[str, ...] = ()) -> None:
-    """An external set's scale beside the training data's (eval.json `scale`), and a warning (console, eval.json,
-    report.md, card) when they differ beyond medfound.data.scale.SCALE_TOLERANCE."""
-    import warnings as _warnings
-
-    from medfound.data.scale import scale_stats, scale_warnings
-
-    if not expected:
-        return
-    entry["scale"] = scale_stats(path)
-    for w in scale_warnings(name, entry["scale"], expected, normalised):
-        entry.setdefault("warnings", []).append(w)
-        _warnings.warn(w, stacklevel=2)
-
-
 # classification inputs are resized whole to data.img_size (or resampled to data.spacing_mm), which evens out pixel
 # spacing; only tile resolution (a fixed tile size at another um/px is another field) is compared
 CLASSIFICATION_NORMALISED = ("spacing_mm", "fov_diameter_px", "structure_px")
@@ -83,190 +67,177 @@ def normalised_scale(seg: Any) -> tuple[str, ...]:
     return ("fov_diameter_px", "spacing_mm", "mpp", "structure_px") if seg.scale else ()
 
 
-def evaluate_classification(model: torch.nn.Module, weights: Path, recipe: FinetuneRecipe, split: str, out: Path
-                            ) -> dict[str, Any]:
-    """Score `model` (the timm folder of `weights`, loaded) on `split` of the run's shards, and on every external
-    set -> `out`/eval.json, predictions.csv, report/."""
-    from medfound.adapt.tasks import endpoint
+class ClassificationScorer(Scorer):
+    """Classification, multi-label and ordinal: probabilities per image, metrics with bootstrap intervals, per site,
+    units of several images (eval.aggregate), calibration; externals must share the label schema."""
 
-    shards = recipe.data.shards[0]
-    urls, manifest, _ = split_urls(shards, split)
-    d, ev = recipe.data, recipe.eval
-    threshold = recipe.head.binary_threshold
-    schema = endpoint(manifest.label_schema, threshold)
-    multilabel = schema.type == "multilabel"
-    agg = ev.aggregate
-    external = list(ev.external)
-    if d.spacing_mm is not None:  # every scored set must carry pixel spacings: checked before anything is scored
-        from medfound.data.scale import require_spacing
+    task = "classification"
+    scale = CLASSIFICATION_NORMALISED
 
-        for where in [shards, *map(str, external)]:
-            require_spacing(where, f"shard set {where}")
+    def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, export: Path, weights: Path) -> None:
+        from medfound.adapt.tasks import endpoint
+        from medfound.data.manifest import read_manifest
 
-    def run(urls: list[str], keep=(), bar=None):
+        super().__init__(recipe, export, weights)
+        self.model = model
+        self.manifest = read_manifest(recipe.data.shards[0])
+        self.threshold = recipe.head.binary_threshold
+        self.schema = endpoint(self.manifest.label_schema, self.threshold)
+        self.multilabel = self.schema.type == "multilabel"
+        self.positive = positive_index(self.schema.names, recipe.head.positive_class) if not self.multilabel else 1
+
+    def check(self, internal: str, split: str, externals: list[str]) -> None:
+        if self.recipe.data.spacing_mm is not None:  # every scored set must carry pixel spacings
+            from medfound.data.scale import require_spacing
+
+            for where in [internal, *externals]:
+                require_spacing(where, f"shard set {where}")
+
+    def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
+        from medfound.adapt.tasks import endpoint
+
+        d, ev, agg = self.recipe.data, self.recipe.eval, self.recipe.eval.aggregate
+        urls, manifest, splits = split_urls(where, split)
+        if external and endpoint(manifest.label_schema, self.threshold).names != self.schema.names:
+            raise ValueError(f"external set {where} has classes {endpoint(manifest.label_schema, self.threshold).names}"
+                             f", the model {self.schema.names}: an external set must share the label schema (re-shard "
+                             "it with the same class names)")
+        name = manifest.name if external else "internal"
+        bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
+                            self.recipe.trainer.progress)
         loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
                              labelled=True, train=False, num_workers=d.num_workers,
-                             num_classes=manifest.label_schema.num_classes,  # the stored labels' range, not the endpoint's
-                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, keep_meta=keep,
-                             verify="sha256")
-        probs, labels, keys, sites, skipped, metas = predict(model, loader, normalizer(d), multilabel, bar)
-        if threshold is not None:
-            labels = (labels >= threshold).astype(np.int64)
-        return probs, labels, keys, sites, skipped, metas
+                             num_classes=self.manifest.label_schema.num_classes,  # the stored labels' range
+                             multilabel=self.multilabel, max_bad_fraction=d.max_bad_fraction,
+                             keep_meta=agg.by if agg and not external else (), verify="sha256")
+        probs, labels, keys, sites, skipped, metas = predict(self.model, loader, normalizer(d), self.multilabel, bar)
+        if self.threshold is not None:
+            labels = (labels >= self.threshold).astype(np.int64)
+        label = f"external {manifest.name}" if external else split
+        result, by_site = score_with_sites(probs, labels, sites, self.schema.type, self.schema.names, label,
+                                           ev.bootstrap, ev.seed, ev.specificity, keep_values=keep_values,
+                                           interval=ev.interval, min_per_class=ev.min_per_class,
+                                           positive=self.positive)
+        warnings = list(result["warnings"])
+        if external:
+            warnings += [f"external {manifest.name}: {len(skipped)} undecodable samples skipped"] if skipped else []
+        elif agg is not None:
+            result["units"] = self._units(probs, labels, metas, split)
+            warnings += result["units"].pop("warnings")
+        return ScoredSet(name, where, splits, len(labels), result, by_site, (manifest.digest,),
+                         dataset_block(manifest, where, split, len(labels)), (probs, labels, keys, sites),
+                         warnings=warnings, skipped=[] if external else skipped)
 
-    positive = positive_index(schema.names, recipe.head.positive_class) if not multilabel else 1
-
-    def score(probs, labels, sites, name):
-        return score_with_sites(probs, labels, sites, schema.type, schema.names, name, ev.bootstrap, ev.seed,
-                                ev.specificity, keep_values=bool(external), interval=ev.interval,
-                                min_per_class=ev.min_per_class, positive=positive)
-
-    start = time.time()
-    show = recipe.trainer.progress
-    probs, labels, keys, sites, skipped, metas = run(urls, agg.by if agg else (),
-                                                     eval_progress(manifest, [split], f"evaluate {split}", show))
-    result, by_site = score(probs, labels, sites, split)
-    warnings = list(result["warnings"])
-    units = None
-    if agg is not None:
+    def _units(self, probs: np.ndarray, labels: np.ndarray, metas: list[dict], split: str) -> dict[str, Any]:
+        """eval.aggregate: the images' probabilities combined per unit (a breast from its views) and scored."""
         from medfound.evaluate.metrics import aggregate_units
 
+        agg = self.recipe.eval.aggregate
         ids = [tuple(str(m[f]) for f in agg.by) for m in metas]
         up, uy, _ = aggregate_units(probs, labels, ids, agg.reduce)
-        scored = multilabel_metrics(up, uy, schema.names, split=f"{split}/units") if multilabel else \
-            classification_metrics(up, uy, schema.type, schema.names, split=f"{split}/units", positive=positive)
-        units = {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
-                 "metrics": scored["metrics"], "per_class": scored["per_class"]}
-        warnings += scored["warnings"]
-    predictions = [("internal", probs, labels, keys, sites)]
-    externals = []
-    lineage = network_lineage(weights.parent)
-    trained = trained_on(lineage)
-    expected = lineage.get("scale")  # the training data's scale (data/scale.py)
-    for ext in external:
-        ext = str(ext)
-        e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
-        e_schema = endpoint(e_manifest.label_schema, threshold)
-        if e_schema.names != schema.names:
-            raise ValueError(f"external set {ext} has classes {e_schema.names}, the model {schema.names}: an external "
-                             "set must share the label schema (re-shard it with the same class names)")
-        e_probs, e_labels, e_keys, e_sites, e_skipped, _ = run(
-            e_urls, bar=eval_progress(e_manifest, e_splits, f"external {e_manifest.name}", show))
-        e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {e_manifest.name}")
-        warnings += e_result["warnings"] + ([f"external {e_manifest.name}: {len(e_skipped)} undecodable samples "
-                                             "skipped"] if e_skipped else [])
-        entry = external_block(e_manifest.name, ext, e_splits, len(e_labels), e_result, e_by_site, result,
-                               (e_manifest.digest,), trained)
-        entry["calibration"] = e_result["calibration"]
-        check_scale(entry, ext, e_manifest.name, expected, CLASSIFICATION_NORMALISED)
-        externals.append(entry)
-        predictions.append((e_manifest.name, e_probs, e_labels, e_keys, e_sites))
-    report = {
-        "task": "classification",
-        "label_type": schema.type,
-        "class_names": schema.names,
-        "dataset": dataset_block(manifest, shards, split, len(labels)),
-        "model": {"export": str(weights.parent), "sha256": sha256_file(weights)},
-        **({"scale": expected} if expected else {}),
-        **scored_block(result, by_site, schema.type),
-        **({"units": units} if units else {}),
-        **({"external": externals} if externals else {}),
-        **record_tail(warnings, skipped, start, externals, lineage),
-    }
-    write_predictions(out / "predictions.csv", schema.names, predictions)
-    atomic_write_json(out / "eval.json", report)
-    if ev.report:
-        from medfound.evaluate.markdown import write_report
+        scored = multilabel_metrics(up, uy, self.schema.names, split=f"{split}/units") if self.multilabel else \
+            classification_metrics(up, uy, self.schema.type, self.schema.names, split=f"{split}/units",
+                                   positive=self.positive)
+        return {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
+                "metrics": scored["metrics"], "per_class": scored["per_class"], "warnings": scored["warnings"]}
 
-        write_report(out, report, predictions=predictions)
-    return report
+    def header(self, internal: ScoredSet) -> dict[str, Any]:
+        return {"label_type": self.schema.type, "class_names": self.schema.names}
+
+    def body(self, internal: ScoredSet) -> dict[str, Any]:
+        units = internal.result.get("units")
+        return {**scored_block(internal.result, internal.by_site, self.schema.type),
+                **({"units": units} if units else {})}
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        return {"calibration": scored.result["calibration"]}
+
+    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
+        write_predictions(path, self.schema.names, [(s.name, *s.rows) for s in sets])
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        return {"predictions": [(s.name, *s.rows) for s in sets]}
 
 
-def evaluate_segmentation(model: torch.nn.Module, normalize: Optional[torch.nn.Module], weights: Path,
-                          recipe: FinetuneRecipe, split: str, out: Path) -> dict[str, Any]:
-    """Sliding-window inference of `model` (`[B, C, *S]` -> logits) over every `split` image (and every external
-    set), Dice/HD95 per image and class with bootstrap intervals -> `out`/eval.json, report/report.md with overlays.
-    `weights`: the file `model` was loaded from (eval.json records its sha256); `normalize`: the device-side
-    normaliser (None where the transform already normalised)."""
-    from medfound.data.seg_transforms import build_seg_transform
-    from medfound.evaluate.segmentation import CONVENTIONS, score_loader
+class SegmentationScorer(Scorer):
+    """Segmentation: sliding-window inference over every image at its native geometry, Dice/HD95 per image and
+    class and pooled pixel metrics with bootstrap intervals, per site, overlays for the report."""
 
-    seg, d, ev = recipe.segment, recipe.data, recipe.eval
-    shards = recipe.data.shards[0]
-    urls, manifest, _ = split_urls(shards, split)
+    task = "segmentation"
     n_overlays = 4
 
-    def score_set(urls: list[str], name: str, bar):
+    def __init__(self, model: torch.nn.Module, normalize: Optional[torch.nn.Module], recipe: FinetuneRecipe,
+                 export: Path, weights: Path) -> None:
+        super().__init__(recipe, export, weights)
+        self.model, self.normalize = model, normalize
+        self.scale = normalised_scale(recipe.segment)
+
+    def check(self, internal: str, split: str, externals: list[str]) -> None:
+        from medfound.data.seg_transforms import check_mask_members
+
+        seg = self.recipe.segment  # every set has the masks scoring needs, before the internal split is scored
+        check_mask_members(split_urls(internal, split)[1], [seg.mask, seg.roi],
+                           f"split '{split}' of {internal}")
+        for ext in externals:
+            check_mask_members(split_urls(ext, self.recipe.eval.external_split)[1], [seg.mask, seg.roi],
+                               f"external set {ext}")
+
+    def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
+        from medfound.data.seg_transforms import build_seg_transform
+        from medfound.evaluate.segmentation import score_loader
+
+        seg, d, ev = self.recipe.segment, self.recipe.data, self.recipe.eval
+        urls, manifest, splits = split_urls(where, split)
+        bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
+                            self.recipe.trainer.progress)
         loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
                              batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
                              max_bad_fraction=d.max_bad_fraction, verify="sha256")
-        scorer, skipped, overlays = score_loader(model, normalize, loader, seg, hd=seg.hd95, bar=bar,
-                                                 n_overlays=n_overlays)
+        scorer, skipped, overlays = score_loader(self.model, self.normalize, loader, seg, hd=seg.hd95, bar=bar,
+                                                 n_overlays=self.n_overlays)
         bar.close()
         if not scorer.per_image:
-            raise ValueError(f"{name} yielded no samples to evaluate")
-        return scorer, skipped, overlays
+            raise ValueError(f"{f'external set {where}' if external else f'split {split!r} of {where}'} yielded "
+                             "no samples to evaluate")
+        result = scorer.result()
+        if ev.bootstrap:
+            result["bootstrap"] = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=keep_values)
+        warnings = [f"external {manifest.name}: {len(skipped)} undecodable samples skipped"] \
+            if external and skipped else []
+        return ScoredSet(manifest.name if external else "internal", where, splits, len(scorer.per_image), result,
+                         scorer.by_site(ev.bootstrap, ev.seed), (manifest.digest,),
+                         dataset_block(manifest, where, split, len(scorer.per_image)), result["per_image"],
+                         overlays, warnings, [] if external else skipped)
 
-    from medfound.data.seg_transforms import check_mask_members
+    def header(self, internal: ScoredSet) -> dict[str, Any]:
+        return {"class_names": self.recipe.segment.names}
 
-    # every set has the masks scoring needs, before the internal split is scored again
-    check_mask_members(manifest, [seg.mask, seg.roi], f"split '{split}' of {shards}")
-    for ext in ev.external:
-        check_mask_members(split_urls(str(ext), ev.external_split)[1], [seg.mask, seg.roi], f"external set {ext}")
-    start = time.time()
-    show = recipe.trainer.progress
-    scorer, skipped, overlays = score_set(urls, f"split '{split}' of {shards}",
-                                          eval_progress(manifest, [split], f"evaluate {split}", show))
-    result = scorer.result()
-    boot = scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=bool(ev.external)) if ev.bootstrap else None
-    externals, warnings, ext_overlays = [], [], {}
-    per_image_sets = [("internal", result["per_image"])]
-    lineage = network_lineage(weights.parent)
-    trained = trained_on(lineage)
-    expected = lineage.get("scale")
-    for ext in ev.external:
-        ext = str(ext)
-        e_urls, e_manifest, e_splits = split_urls(ext, ev.external_split)
-        e_scorer, e_skipped, e_over = score_set(e_urls, f"external set {ext}",
-                                                eval_progress(e_manifest, e_splits, f"external {e_manifest.name}",
-                                                              show))
-        e_result = e_scorer.result()
-        if boot:
-            e_result["bootstrap"] = e_scorer.bootstrap(ev.bootstrap, ev.seed, keep_values=True)
-        entry = external_block(e_manifest.name, ext, e_splits, len(e_scorer.per_image),
-                               {"metrics": e_result["metrics"], **({"bootstrap": e_result["bootstrap"]} if boot else {})},
-                               {}, {"metrics": result["metrics"], **({"bootstrap": boot} if boot else {})},
-                               (e_manifest.digest,), trained)
-        entry["per_class"] = e_result["per_class"]
-        entry["by_site"] = e_scorer.by_site(ev.bootstrap, ev.seed)
-        per_image_sets.append((e_manifest.name, e_result["per_image"]))
-        check_scale(entry, ext, e_manifest.name, expected, normalised_scale(seg))
-        externals.append(entry)
-        ext_overlays[e_manifest.name] = e_over
-        warnings += [f"external {e_manifest.name}: {len(e_skipped)} undecodable samples skipped"] if e_skipped else []
-    report = {
-        "task": "segmentation",
-        "class_names": seg.names,
-        "dataset": dataset_block(manifest, shards, split, len(scorer.per_image)),
-        "model": {"export": str(weights.parent), "sha256": sha256_file(weights), "head": recipe.head.type},
-        **({"scale": expected} if expected else {}),
-        "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
-                      "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
-                      **({"scale": seg.scale} if seg.scale else {}), **({"mpp": seg.mpp} if seg.mpp else {})},
-        "metrics": result["metrics"],
-        **({"intervals": boot["intervals"],
-            "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
-        "per_class": result["per_class"],
-        "by_site": scorer.by_site(ev.bootstrap, ev.seed),
-        "per_image": result["per_image"],
-        **({"external": externals} if externals else {}),
-        "definitions": CONVENTIONS,
-        **record_tail(warnings, skipped, start, externals, lineage),
-    }
-    write_rows(Path(out) / "predictions.csv", per_image_sets)
-    atomic_write_json(Path(out) / "eval.json", report)
-    if ev.report:
-        from medfound.evaluate.markdown import write_report
+    def model_fields(self) -> dict[str, Any]:
+        return {"head": self.recipe.head.type}
 
-        write_report(out, report, overlays={"internal": overlays, **ext_overlays})
-    return report
+    def body(self, internal: ScoredSet) -> dict[str, Any]:
+        from medfound.evaluate.segmentation import CONVENTIONS
+
+        seg, result = self.recipe.segment, internal.result
+        boot = result.get("bootstrap")
+        return {
+            "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
+                          "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
+                          **({"scale": seg.scale} if seg.scale else {}), **({"mpp": seg.mpp} if seg.mpp else {})},
+            "metrics": result["metrics"],
+            **({"intervals": boot["intervals"],
+                "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+            "per_class": result["per_class"],
+            "by_site": internal.by_site,
+            "per_image": result["per_image"],
+            "definitions": CONVENTIONS,
+        }
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        return {"per_class": scored.result["per_class"]}
+
+    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
+        write_rows(path, [(s.name, s.rows) for s in sets])
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        return {"overlays": {s.name: s.pictures for s in sets}}

@@ -55,7 +55,9 @@ class TaskSpec(Protocol):
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]: ...
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]: ...
     def load(self, folder: Path, recipe) -> Any: ...
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]: ...
+    def scorer(self, run, recipe, out: Path) -> Any:
+        """The kind's part of evaluation (medfound.evaluate.procedure.Scorer) for the model of `run`, writing
+        extra files (heatmaps) under `out`; `evaluate_with` runs it. Raises where the kind has nothing to score."""
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]: ...
     def load_snippet(self) -> str: ...
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
@@ -73,7 +75,7 @@ def register_task(cls: type) -> type:
     if spec.name not in TASK_KEYS:
         raise ValueError(f"task {spec.name!r}: declare the data.*/eval.* keys it reads in medfound.config.tasks")
     missing = [m for m in ("training_data", "build", "train_loader", "normalizer", "describe", "lineage", "export",
-                           "load", "evaluate", "publish_details", "load_snippet", "parameter_table", "selection")
+                           "load", "scorer", "publish_details", "load_snippet", "parameter_table", "selection")
                if not callable(getattr(spec, m, None))]
     if missing:
         raise TypeError(f"task {spec.name!r} lacks {', '.join(missing)}")

@@ -7,13 +7,13 @@ per structure and overall, with bootstrap intervals), on the internal split and 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.evaluate.procedure import ScoredSet, Scorer
+from medfound.io import atomic_write_bytes, atomic_write_json
 from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
@@ -169,56 +169,8 @@ class BoxPromptTask(ImageNetwork):
                     "mask": f"masks/{key}/mask_{i}.png", "overlay": f"masks/{key}/overlay.png", "pixels": pixels})
         return rows
 
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.evaluate.records import (dataset_block, external_block, network_lineage, record_tail,
-                                               split_urls, trained_on)
-
-        predictor = self.load(run.path, recipe)
-        ev = recipe.eval
-        start = time.time()
-        urls, manifest, _ = split_urls(recipe.data.shards[0], split)
-        rows, overlays = score_boxes(predictor, urls, manifest, recipe.head.mask, f"split '{split}' of "
-                                     f"{recipe.data.shards[0]}")
-        internal = dice_summary(rows, ev, keep_values=bool(ev.external))
-        externals, ext_overlays = [], {}
-        lineage = network_lineage(run.export)
-        trained = trained_on(lineage)
-        for ext in ev.external:
-            e_urls, e_manifest, e_splits = split_urls(str(ext), ev.external_split)
-            e_rows, e_over = score_boxes(predictor, e_urls, e_manifest, recipe.head.mask, f"external set {ext}")
-            e_sum = dice_summary(e_rows, ev, keep_values=True)
-            entry = external_block(e_manifest.name, str(ext), e_splits, len(e_rows),
-                                   {"metrics": e_sum["metrics"], **({"bootstrap": e_sum["boot"]} if e_sum["boot"]
-                                                                    else {})}, {},
-                                   {"metrics": internal["metrics"], **({"bootstrap": internal["boot"]}
-                                                                       if internal["boot"] else {})},
-                                   (e_manifest.digest,), trained)
-            entry["per_structure"] = e_sum["per_structure"]
-            externals.append(entry)
-            ext_overlays[e_manifest.name] = e_over
-        report = {
-            "task": self.name,
-            "dataset": dataset_block(manifest, recipe.data.shards[0], split, len(rows)),
-            "model": {"export": str(run.export), "sha256": sha256_file(run.export / self.weights_file)},
-            "metrics": internal["metrics"],
-            "per_structure": internal["per_structure"],
-            **({"intervals": internal["boot"]["intervals"],
-                "bootstrap": {k: v for k, v in internal["boot"].items() if k not in ("intervals", "values")}}
-               if internal["boot"] else {}),
-            "per_sample": rows,
-            **({"external": externals} if externals else {}),
-            "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each "
-                                    "predicted from the tight bounding box of its ground-truth mask (no jitter), "
-                                    "threshold 0.5",
-                            "dice_by_structure_mean": "mean over structures of their mean Dice"},
-            **record_tail([], [], start, externals, lineage),
-        }
-        atomic_write_json(out / "eval.json", report)
-        if ev.report:
-            from medfound.evaluate.markdown import write_report
-
-            write_report(out, report, overlays={"internal": overlays, **ext_overlays})
-        return report
+    def scorer(self, run, recipe, out: Path) -> Any:
+        return BoxScorer(self.load(run.path, recipe), recipe, run.export, run.export / self.weights_file)
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
         input_cfg = {"input_size": meta.get("img_size"), "mean": list(recipe.data.mean), "std": list(recipe.data.std),
@@ -295,3 +247,46 @@ def dice_summary(rows: list[dict], ev, keep_values: bool = False) -> dict[str, A
     return {"metrics": metrics, "boot": boot,
             "per_structure": {k: {"dice": round(float(np.mean(v)), 4), "n": len(v)}
                               for k, v in sorted(per_structure.items())}}
+
+
+class BoxScorer(Scorer):
+    """Box prompts: every sample's structure segmented from the tight box of its ground-truth mask, Dice per sample
+    and structure with a bootstrap interval of the mean; overlays for the report; no predictions.csv."""
+
+    task = "box_prompt"
+
+    def __init__(self, predictor, recipe, export: Path, weights: Path) -> None:
+        super().__init__(recipe, export, weights)
+        self.predictor = predictor
+
+    def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
+        from medfound.evaluate.records import dataset_block, split_urls
+
+        urls, manifest, splits = split_urls(where, split)
+        rows, overlays = score_boxes(self.predictor, urls, manifest, self.recipe.head.mask,
+                                     f"external set {where}" if external else f"split '{split}' of {where}")
+        summary = dice_summary(rows, self.recipe.eval, keep_values=keep_values)
+        result = {"metrics": summary["metrics"], "per_structure": summary["per_structure"],
+                  **({"bootstrap": summary["boot"]} if summary["boot"] else {})}
+        return ScoredSet(manifest.name if external else "internal", where, splits, len(rows), result, {},
+                         (manifest.digest,), dataset_block(manifest, where, split, len(rows)), rows, overlays)
+
+    def body(self, internal: ScoredSet) -> dict[str, Any]:
+        boot = internal.result.get("bootstrap")
+        return {
+            "metrics": internal.result["metrics"],
+            "per_structure": internal.result["per_structure"],
+            **({"intervals": boot["intervals"],
+                "bootstrap": {k: v for k, v in boot.items() if k not in ("intervals", "values")}} if boot else {}),
+            "per_sample": internal.rows,
+            "definitions": {"dice": "mean over samples of 2|P∩G|/(|P|+|G|) at the original resolution, each "
+                                    "predicted from the tight bounding box of its ground-truth mask (no jitter), "
+                                    "threshold 0.5",
+                            "dice_by_structure_mean": "mean over structures of their mean Dice"},
+        }
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        return {"per_structure": scored.result["per_structure"]}
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        return {"overlays": {s.name: s.pictures for s in sets}}

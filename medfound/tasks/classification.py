@@ -231,11 +231,10 @@ class ClassificationTask(TimmExport):
         apply_selection(run_dir, task)  # eval.every: the selected step's weights, as the export holds
         return merged_copy(task.model)
 
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.evaluate.report import evaluate_classification
+    def scorer(self, run, recipe, out: Path) -> Any:
+        from medfound.evaluate.report import ClassificationScorer
 
-        return evaluate_classification(self.load(run.export, recipe), run.export / self.weights_file, recipe, split,
-                                       out)
+        return ClassificationScorer(self.load(run.export, recipe), recipe, run.export, run.export / self.weights_file)
 
 
 def write_units(out: Path, rows: list[dict[str, Any]], metas: list[dict[str, Any]], names: list[str], agg: Any,

@@ -10,12 +10,12 @@ backbone), the five most-attended tiles per slide, and `heatmaps/<slide>.png` be
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from medfound.evaluate.procedure import ScoredSet, Scorer
 from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medfound.run import lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
@@ -217,79 +217,9 @@ class MILTask:
             rows.append(row)
         return rows
 
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.data.bags import bag_schema, read_bags
-        from medfound.evaluate.metrics import positive_index, score_with_sites
-        from medfound.evaluate.records import (external_block, network_lineage, record_tail, scored_block,
-                                               trained_on, write_predictions)
-
-        bags = Path(recipe.data.shards[0])
-        index = read_bags(bags)
-        schema = bag_schema(index)
-        meta = json.loads((run.export / self.meta_file).read_text())
-        task = self.load(run.path, recipe)
-        ev = recipe.eval
-        start = time.time()
-        heatmaps = Path(out) / "heatmaps" if recipe.head.heatmaps else None
-        internal = score_bags(task, bags, index, meta, split, recipe.data.eval_batch_size, heatmaps)
-        probs, labels, keys, sites, top = internal
-
-        positive = positive_index(schema.names, recipe.head.positive_class) if schema.type != "multilabel" else 1
-
-        def score(p, y, s, name):
-            return score_with_sites(p, y, s, schema.type, schema.names, name, ev.bootstrap, ev.seed, ev.specificity,
-                                    keep_values=bool(ev.external), interval=ev.interval,
-                                    min_per_class=ev.min_per_class, positive=positive)
-
-        result, by_site = score(probs, labels, sites, split)
-        warnings = list(result["warnings"])
-        predictions = [("internal", probs, labels, keys, sites)]
-        externals = []
-        lineage = network_lineage(run.export)
-        trained = trained_on(lineage)
-        for ext in ev.external:
-            e_index = read_bags(Path(ext))
-            e_schema = bag_schema(e_index)
-            if e_schema.names != schema.names:
-                raise ValueError(f"external bags {ext} have classes {e_schema.names}, the model {schema.names}: an "
-                                 "external set must share the label schema")
-            e_split = ev.external_split
-            e_probs, e_labels, e_keys, e_sites, _ = score_bags(task, Path(ext), e_index, meta, e_split,
-                                                               recipe.data.eval_batch_size, None)
-            name = e_index["source"]["name"]
-            e_result, e_by_site = score(e_probs, e_labels, e_sites, f"external {name}")
-            warnings += e_result["warnings"]
-            splits = [e_split] if e_split else sorted({s["split"] for s in e_index["slides"]})
-            entry = external_block(name, str(ext), splits, len(e_labels), e_result, e_by_site, result,
-                                   (e_index.get("digest"), e_index["source"].get("digest")), trained)
-            entry["calibration"] = e_result["calibration"]
-            externals.append(entry)
-            predictions.append((name, e_probs, e_labels, e_keys, e_sites))
-        multilabel = schema.type == "multilabel"
-        report = {
-            "task": self.name,
-            "label_type": schema.type,
-            "class_names": schema.names,
-            "dataset": {"name": index["source"]["name"], "path": str(bags), "split": split,
-                        "modality": index["source"]["modality"], "manifest_digest": index["source"]["digest"],
-                        "bags_digest": index["digest"], "num_samples": int(len(labels)), "unit": "slide"},
-            "model": {"export": str(run.export), "sha256": sha256_file(run.export / self.weights_file),
-                      "backbone": index["backbone"]},
-            **scored_block(result, by_site, schema.type),
-            "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
-                        "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]}
-                       for i, k in enumerate(keys)],
-            "heatmaps": "heatmaps" if heatmaps else None,  # beside eval.json
-            **({"external": externals} if externals else {}),
-            **record_tail(warnings, [], start, externals, lineage),
-        }
-        write_predictions(Path(out) / "predictions.csv", schema.names, predictions)
-        atomic_write_json(Path(out) / "eval.json", report)
-        if ev.report:
-            from medfound.evaluate.markdown import write_report
-
-            write_report(out, report, predictions=predictions)
-        return report
+    def scorer(self, run, recipe, out: Path) -> Any:
+        return MILScorer(self.load(run.path, recipe), json.loads((run.export / self.meta_file).read_text()), recipe,
+                         run.export, run.export / self.weights_file, Path(out))
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
         b = meta["backbone"]
@@ -360,3 +290,77 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
     if not probs:
         raise ValueError(f"split {split!r} of the bag folder {bags} holds no slides")
     return np.concatenate(probs), np.concatenate(labels) if labelled else None, keys, sites, top
+
+
+class MILScorer(Scorer):
+    """Slide-level MIL: the head over every slide's bag, scored as classification (per site, calibration), the most
+    attended tiles per slide and (head.heatmaps) `heatmaps/<slide>.png` of the internal split; externals are bag
+    folders of the same label schema, extracted with the same backbone."""
+
+    task = "mil"
+
+    def __init__(self, task, meta: dict, recipe, export: Path, weights: Path, out: Path) -> None:
+        from medfound.data.bags import bag_schema, read_bags
+        from medfound.evaluate.metrics import positive_index
+
+        super().__init__(recipe, export, weights)
+        self.head, self.meta = task, meta
+        self.index = read_bags(Path(recipe.data.shards[0]))
+        self.schema = bag_schema(self.index)
+        self.heatmaps = out / "heatmaps" if recipe.head.heatmaps else None
+        self.positive = positive_index(self.schema.names, recipe.head.positive_class) \
+            if self.schema.type != "multilabel" else 1
+
+    def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
+        from medfound.data.bags import bag_schema, read_bags
+        from medfound.evaluate.metrics import score_with_sites
+
+        ev = self.recipe.eval
+        index = read_bags(Path(where)) if external else self.index
+        if external and bag_schema(index).names != self.schema.names:
+            raise ValueError(f"external bags {where} have classes {bag_schema(index).names}, the model "
+                             f"{self.schema.names}: an external set must share the label schema")
+        probs, labels, keys, sites, top = score_bags(self.head, Path(where), index, self.meta, split,
+                                                     self.recipe.data.eval_batch_size,
+                                                     None if external else self.heatmaps)
+        name = index["source"]["name"]
+        result, by_site = score_with_sites(probs, labels, sites, self.schema.type, self.schema.names,
+                                           f"external {name}" if external else split, ev.bootstrap, ev.seed,
+                                           ev.specificity, keep_values=keep_values, interval=ev.interval,
+                                           min_per_class=ev.min_per_class, positive=self.positive)
+        result["top_tiles"] = top
+        splits = [split] if split else sorted({s["split"] for s in index["slides"]})
+        dataset = {"name": name, "path": where, "split": split, "modality": index["source"]["modality"],
+                   "manifest_digest": index["source"]["digest"], "bags_digest": index["digest"],
+                   "num_samples": int(len(labels)), "unit": "slide"}
+        return ScoredSet(name if external else "internal", where, splits, len(labels), result, by_site,
+                         (index.get("digest"), index["source"].get("digest")), dataset, (probs, labels, keys, sites),
+                         warnings=list(result["warnings"]))
+
+    def header(self, internal: ScoredSet) -> dict[str, Any]:
+        return {"label_type": self.schema.type, "class_names": self.schema.names}
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"backbone": self.index["backbone"]}
+
+    def body(self, internal: ScoredSet) -> dict[str, Any]:
+        from medfound.evaluate.records import scored_block
+
+        probs, labels, keys, _ = internal.rows
+        top, multilabel = internal.result["top_tiles"], self.schema.type == "multilabel"
+        return {**scored_block(internal.result, internal.by_site, self.schema.type),
+                "slides": [{"slide": k, "label": (labels[i].tolist() if multilabel else int(labels[i])),
+                            "probs": [round(float(p), 5) for p in probs[i]], "top_tiles": top[k]}
+                           for i, k in enumerate(keys)],
+                "heatmaps": "heatmaps" if self.heatmaps else None}  # beside eval.json
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        return {"calibration": scored.result["calibration"]}
+
+    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
+        from medfound.evaluate.records import write_predictions
+
+        write_predictions(path, self.schema.names, [(s.name, *s.rows) for s in sets])
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        return {"predictions": [(s.name, *s.rows) for s in sets]}

@@ -80,6 +80,6 @@ class PretrainTask(TimmExport):
         load_checkpoint(self.checkpoint(run_dir), objective)
         return objective.export_backbone()
 
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
+    def scorer(self, run, recipe, out: Path) -> Any:
         raise ValueError(f"{run.path} is a pretrain run: evaluate a finetune run (pretraining has no labels; "
                          "fine-tune its export with `medfound finetune` first)")

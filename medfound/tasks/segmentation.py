@@ -95,11 +95,11 @@ class SegmentationTask(ImageNetwork):
         load_strict(task.model, export / self.weights_file, "network")
         return task.model.eval()
 
-    def evaluate(self, run, recipe, split: str, out: Path) -> dict[str, Any]:
-        from medfound.evaluate.report import evaluate_segmentation
+    def scorer(self, run, recipe, out: Path) -> Any:
+        from medfound.evaluate.report import SegmentationScorer
 
-        return evaluate_segmentation(self.load(run.path, recipe), self.normalizer(recipe),
-                                     run.export / self.weights_file, recipe, split, out)
+        return SegmentationScorer(self.load(run.path, recipe), self.normalizer(recipe), recipe, run.export,
+                                  run.export / self.weights_file)
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: the validation split segmented whole every N steps (Dice by default, nnU-Net's pseudo-Dice
@@ -146,10 +146,11 @@ class SegmentationTask(ImageNetwork):
         image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
         (NIfTI or NRRD input, read as ingest reads it; a given shard set's volumes keep only their spacing).
-        DICOM inputs get a DICOM SEG (`masks/KEY.dcm`, highdicom) referencing the source image by default
-        (`mask_format="auto"`); `mask_format="png"` or `anonymous` writes PNG instead (a SEG carries the source's
-        patient and study attributes, as the standard requires; PNG carries none). predictions.csv maps each input to
-        its mask with voxel counts per class."""
+        DICOM inputs get DICOM SEGs by default (`mask_format="auto"`; `write_dicom_segs`): one multi-frame SEG per
+        source series (or multi-frame file) at `masks/KEY.dcm` of its first input, referencing every source instance;
+        `mask_format="png"` or `anonymous` writes PNG instead (a SEG carries the source's patient and study
+        attributes, as the standard requires; PNG carries none). predictions.csv maps each input to its mask (and
+        its frame of the SEG, `seg_frame`) with voxel counts per class."""
         import io
 
         import numpy as np
@@ -188,6 +189,7 @@ class SegmentationTask(ImageNetwork):
         normalize = self.normalizer(recipe)
         normalize = normalize.to(device) if normalize is not None else None
         rows: list[dict[str, Any]] = []
+        pending: list[tuple[str, Any, Any, dict[str, Any]]] = []
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
                                    disable=not rt.progress) as bar:
             for batch in loader:
@@ -203,18 +205,12 @@ class SegmentationTask(ImageNetwork):
                 key = batch["key"][0]
                 spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
                 name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
-                if dicom_seg:
-                    try:
-                        data = dicom_seg_bytes(mask, staged.source(key), key, seg.names)
-                        name = f"masks/{key}.dcm"
-                    except ValueError as e:  # not every source can be referenced (e.g. no Frame of Reference)
-                        rt.warnings.append(f"input #{int(key.partition('_f')[0])}: no DICOM SEG ({e}); wrote PNG")
-                        data = mask_bytes(mask, None, spacing)
-                else:
-                    data = mask_bytes(mask, staged.source(key), spacing)
-                atomic_write_bytes(out / name, data)
                 row = {"input": staged.name(key), "key": key, "mask": name,
                        **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}}
+                if dicom_seg:  # written per series once every frame of it is predicted
+                    pending.append((key, staged.source(key), mask, row))
+                else:
+                    atomic_write_bytes(out / name, mask_bytes(mask, staged.source(key), spacing))
                 if save_probabilities:  # nnU-Net's --save_probabilities: [K, *S] on the input's grid
                     buf = io.BytesIO()
                     np.savez_compressed(buf, probabilities=probs.cpu().numpy().astype(np.float16),
@@ -226,6 +222,8 @@ class SegmentationTask(ImageNetwork):
                     atomic_write_bytes(out / row["overlay"], overlay_png(batch["image"][0], mask))
                 rows.append(row)
                 bar.update(1)
+        if pending:
+            write_dicom_segs(pending, out, seg.names, rt.warnings)
         if overlay and volumes:
             rt.warnings.append("--overlay draws 2-D images only; open the NIfTI masks over their volumes in a viewer")
         return rows
@@ -274,15 +272,72 @@ def overlay_png(image, mask) -> bytes:
     return buf.getvalue()
 
 
-def dicom_seg_bytes(mask, source: Optional[Path], key: str, class_names: list[str]) -> bytes:
-    """A 2-D mask of class indices as a DICOM SEG (highdicom; binary, one segment per foreground class, labelled
-    with the class name, algorithm "medfound") referencing its single-frame source image; ValueError when it cannot
-    be (a frame of a multi-frame file, a source without what the SEG IOD needs, highdicom missing)."""
+def write_dicom_segs(pending: list[tuple[str, Any, Any, dict[str, Any]]], out: Path, class_names: list[str],
+                     warnings: list[str]) -> None:
+    """The masks predicted from DICOM inputs as DICOM SEGs: one multi-frame SEG per source series (the frames in the
+    series' order, every source instance referenced) or per multi-frame source file, at `masks/KEY.dcm` of its
+    first input; each row says which SEG holds its mask and at which frame. A group the SEG IOD cannot reference
+    (no Frame of Reference, sources of several sizes) falls back to one PNG per input, with a warning by index."""
+    from medfound.io import atomic_write_bytes
+
+    groups: dict[str, list[tuple[str, Any, Any, dict[str, Any]]]] = {}
+    for item in pending:
+        groups.setdefault(_series_of(item[1]), []).append(item)
+    for members in groups.values():
+        members.sort(key=lambda m: _instance_order(m[1], m[0]))
+        first = members[0][0].partition("_f")[0]
+        try:
+            data, frames = dicom_seg_bytes([m[2] for m in members], [m[1] for m in members], class_names)
+        except ValueError as e:  # not every source can be referenced (e.g. no Frame of Reference)
+            for key, _, mask, row in members:
+                warnings.append(f"input #{int(key.partition('_f')[0])}: no DICOM SEG ({e}); wrote PNG")
+                atomic_write_bytes(out / row["mask"], mask_bytes(mask, None, None))
+            continue
+        name = f"masks/{first}.dcm"
+        atomic_write_bytes(out / name, data)
+        for (_, _, _, row), numbers in zip(members, frames):
+            row.update(mask=name, seg_frames=" ".join(map(str, numbers)))
+
+
+def _series_of(source: Optional[Path]) -> str:
+    """The SeriesInstanceUID a DICOM file belongs to (its own path where it has none, or cannot be read)."""
+    import pydicom
+
+    try:
+        uid = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
+            "SeriesInstanceUID")
+    except Exception:  # an unreadable header was already skipped by ingest: its own group
+        uid = None
+    return f"series:{uid}" if uid else f"file:{source}"
+
+
+def _instance_order(source: Optional[Path], key: str) -> tuple:
+    """Sort key of a series' frames: InstanceNumber, then the position along the slice normal, then the key (a
+    multi-frame file's frames keep their order)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(source, stop_before_pixels=True,
+                             specific_tags=["InstanceNumber", "ImagePositionPatient"])
+        number = int(ds.get("InstanceNumber") or 0)
+        z = float(ds.ImagePositionPatient[2]) if ds.get("ImagePositionPatient") else 0.0
+    except Exception:
+        number, z = 0, 0.0
+    return number, z, key
+
+
+def dicom_seg_bytes(masks: list, sources: list[Optional[Path]], class_names: list[str]) -> tuple[bytes, list]:
+    """Masks of class indices (one per source frame) as one DICOM SEG (highdicom; binary, one segment per foreground
+    class, labelled with the class name, algorithm "medfound") referencing their source images: single-frame images
+    of one series, or one multi-frame image (the masks in its frame order). Returns the file and, per mask, the SEG
+    frames that hold it (one per segment; highdicom orders the frames by position, so they are read back from the
+    SEG's per-frame references). ValueError when it cannot be (a source without what the SEG IOD needs, masks off
+    the source grid, highdicom missing)."""
     import io
 
     import numpy as np
 
-    if source is None:
+    if any(s is None for s in sources):
         raise ValueError("no source file (a shard set's sample)")
     try:
         import highdicom as hd
@@ -292,11 +347,16 @@ def dicom_seg_bytes(mask, source: Optional[Path], key: str, class_names: list[st
         raise ValueError("highdicom is not installed (pip install medfound[dicom])") from None
     import medfound
 
-    ds = pydicom.dcmread(source)
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise ValueError("a SEG is written for single-frame sources; this one has several frames")
-    if (int(ds.Rows), int(ds.Columns)) != mask.shape:
-        raise ValueError(f"the mask {mask.shape} is not on the source's {ds.Rows}x{ds.Columns} grid")
+    paths = list(dict.fromkeys(sources))  # a multi-frame file appears once per frame
+    datasets = [pydicom.dcmread(p) for p in paths]
+    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in datasets)
+    if len(datasets) > 1 and frames != len(datasets):
+        raise ValueError("a SEG references one multi-frame image or single-frame images of one series, not both")
+    if frames != len(masks):
+        raise ValueError(f"{len(masks)} masks for {frames} source frames")
+    for ds, mask in zip(datasets * frames if len(datasets) == 1 else datasets, masks):
+        if (int(ds.Rows), int(ds.Columns)) != mask.shape:
+            raise ValueError(f"the mask {mask.shape} is not on the source's {ds.Rows}x{ds.Columns} grid")
     algorithm = hd.AlgorithmIdentificationSequence(name="medfound", version=medfound.__version__,
                                                    family=codes.DCM.ArtificialIntelligence)
     segments = [hd.seg.SegmentDescription(
@@ -309,16 +369,23 @@ def dicom_seg_bytes(mask, source: Optional[Path], key: str, class_names: list[st
         with warnings.catch_warnings():  # highdicom's notes on the source's own attribute formats
             warnings.simplefilter("ignore")
             seg = hd.seg.Segmentation(
-                source_images=[ds], pixel_array=mask[None].astype(np.uint8),
+                source_images=datasets, pixel_array=np.stack(masks).astype(np.uint8),
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
                 series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(), instance_number=1,
                 manufacturer="medfound", manufacturer_model_name="medfound predict",
                 software_versions=medfound.__version__, device_serial_number="n/a", omit_empty_frames=False)
     except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(str(e).split("\n")[0][:160]) from None
+    where: dict[tuple[str, int], list[int]] = {}
+    for number, group in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        where.setdefault((str(ref.ReferencedSOPInstanceUID), int(ref.get("ReferencedFrameNumber") or 1)),
+                         []).append(number)
+    uid = {p: str(ds.SOPInstanceUID) for p, ds in zip(paths, datasets)}
+    multiframe = len(datasets) == 1 and frames > 1
     buf = io.BytesIO()
     seg.save_as(buf)
-    return buf.getvalue()
+    return buf.getvalue(), [where.get((uid[src], j + 1 if multiframe else 1), []) for j, src in enumerate(sources)]
 
 
 def mask_bytes(mask, source: Optional[Path], spacing: Optional[list[float]]) -> bytes:

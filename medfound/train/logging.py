@@ -130,9 +130,17 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def evaluation_pictures(folder: Path, heatmaps: int = 4) -> list[Path]:
+    """The pictures an evaluation wrote into `folder`: report/*.png (ROC, confusion, reliability, segmentation and
+    box overlays) and the first `heatmaps` MIL attention heatmaps."""
+    folder = Path(folder)
+    return sorted((folder / "report").glob("*.png")) + sorted((folder / "heatmaps").glob("*.png"))[:heatmaps]
+
+
 def log_test_metrics(run_dir: Path, recipe: Any, step: int, metrics: dict[str, Any]) -> None:
     """After the export is scored: the test metrics under `test/` at the final step (metrics.jsonl and the recipe's
-    trackers) and the hyperparameters beside them (TensorBoard HParams, wandb config)."""
+    trackers), the evaluation's pictures under `images/eval/` (`evaluation_pictures`) and the hyperparameters beside
+    them (TensorBoard HParams, wandb config)."""
     t = recipe.trainer
     logger = MetricsLogger(run_dir, t.loggers, wandb_mode=t.wandb_mode, wandb_project=t.wandb_project,
                            resume_step=step)
@@ -140,6 +148,11 @@ def log_test_metrics(run_dir: Path, recipe: Any, step: int, metrics: dict[str, A
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
                    prefix="test")
         if logger.tb is not None or logger.wandb is not None:
+            from PIL import Image
+
+            for path in evaluation_pictures(run_dir):
+                with Image.open(path) as image:
+                    logger.log_image(step, image, tag=f"images/eval/{path.parent.name}/{path.stem}")
             logger.log_hparams(flat_hparams(recipe.model_dump(mode="json")), metrics, step)
     finally:
         logger.close()

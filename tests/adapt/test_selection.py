@@ -166,6 +166,9 @@ def test_segmentation_selects_on_validation_dice_and_logs_the_curve(tmp_path):
     assert [r for r in read_metrics(run) if r["phase"] == "test"][0]["dice"] == report["metrics"]["dice"]
     assert [e.step for e in events.Scalars("hparam/dice")] == [4]
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    # the evaluation's pictures beside them: the test overlays (and the plots report.md shows)
+    overlays = [t for t in events.Tags()["images"] if t.startswith("images/eval/report/overlay_internal")]
+    assert overlays and [e.step for e in events.Images(overlays[0])] == [4]
     report = json.loads((run / "eval.json").read_text())
     assert report["selection"]["selected_step"] == best and report["dataset"]["split"] == "test"
     assert f"Model selection: the export is step {best} of 4, the best dice on split 'val'" in \
@@ -219,6 +222,10 @@ def test_mil_selects_on_validation_slides_and_logs_the_curve(bags, tmp_path):
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val/auroc")] == [2, 4, 6]
+    # the evaluation's attention heatmaps and ROC curve in TensorBoard's Images tab at the final step
+    images = events.Tags()["images"]
+    assert "images/eval/report/roc" in images, images
+    assert len([t for t in images if t.startswith("images/eval/heatmaps/")]) == 2, images  # the two test slides
 
 
 def test_mil_trains_on_a_fraction_of_the_slides(bags, tmp_path):

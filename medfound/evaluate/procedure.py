@@ -1,0 +1,141 @@
+"""The one evaluation procedure every task kind goes through; a kind brings only its scorer.
+
+    internal split -> score -> each external set -> score, drop against the internal one, scale check ->
+    one eval.json -> predictions.csv -> report/
+
+A `Scorer` (one per task kind, returned by its `TaskSpec.scorer`) knows how to run its model over one set and what
+its eval.json fields are; this module owns the order, the external-set blocks (`records.external_block`), the scale
+check, the tail every record carries (`records.record_tail`) and the one place eval.json is written. `eval.every`
+selection, `predict` and `medfound bench` call the same per-kind inference the scorers call (`score_loader`,
+`score_boxes`, `score_bags`, `report.predict`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from medfound.evaluate.records import external_block, network_lineage, record_tail, trained_on
+from medfound.io import atomic_write_json, sha256_file
+
+
+@dataclass
+class ScoredSet:
+    """One scored set: the internal split (`name` "internal") or an external set (its manifest's name).
+    `result`: at least "metrics", and "bootstrap" (with "values" when an external drop needs them); `rows`: what the
+    kind's predictions writer reads; `pictures`: what report.md shows (overlays), by the kind's own format."""
+
+    name: str
+    path: str
+    splits: list[str]
+    n: int
+    result: dict[str, Any]
+    by_site: dict[str, Any] = field(default_factory=dict)
+    digests: tuple = ()
+    dataset: Optional[dict[str, Any]] = None  # eval.json's `dataset` block (the internal split)
+    rows: Any = None
+    pictures: Any = None
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class Scorer:
+    """A task kind's part of evaluation. Subclasses set `task` and implement `score`; the other hooks default to a
+    kind with nothing more to say. `scale`: the scale keys its preprocessing evens out (medfound.data.scale), or None
+    where the kind's records carry no scale (then no scale check runs)."""
+
+    task: ClassVar[str]
+    scale: Optional[tuple[str, ...]] = None
+
+    def __init__(self, recipe: Any, export: Path, weights: Path) -> None:
+        self.recipe, self.export, self.weights = recipe, Path(export), Path(weights)
+
+    def check(self, internal: str, split: str, externals: list[str]) -> None:
+        """Refuse, before anything is scored, a set that cannot be scored (a missing mask member, no spacing)."""
+
+    def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
+        """Run the model over `split` of the set at `where` (None: every split, as for an external site) and score
+        it; `keep_values`: keep the bootstrap resamples (an external drop's interval needs them)."""
+        raise NotImplementedError
+
+    def header(self, internal: ScoredSet) -> dict[str, Any]:
+        """eval.json fields after `task` (label type, class names)."""
+        return {}
+
+    def model_fields(self) -> dict[str, Any]:
+        """More fields of eval.json's `model` block (the head, the bag backbone)."""
+        return {}
+
+    def body(self, internal: ScoredSet) -> dict[str, Any]:
+        """eval.json's fields of the internal split's scores."""
+        return {"metrics": internal.result["metrics"]}
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        """More fields of an external set's entry (per class, calibration, per structure)."""
+        return {}
+
+    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
+        """predictions.csv of every scored set (None rows: the kind writes none)."""
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        """Keyword arguments of `markdown.write_report` beyond the record (predictions, overlays)."""
+        return {}
+
+
+def evaluate_with(scorer: Scorer, split: str, out: Path) -> dict[str, Any]:
+    """Score the internal `split` and every eval.external set with `scorer`, write `out`/eval.json, predictions.csv
+    and report/ (eval.report), and return the record."""
+    recipe = scorer.recipe
+    ev, internal_set = recipe.eval, str(recipe.data.shards[0])
+    externals_at = [str(e) for e in ev.external]
+    scorer.check(internal_set, split, externals_at)
+    start = time.time()
+    internal = scorer.score(internal_set, split, external=False, keep_values=bool(externals_at))
+    lineage = network_lineage(scorer.export)
+    trained = trained_on(lineage)
+    expected = lineage.get("scale") if scorer.scale is not None else None  # the training data's scale
+    sets, externals = [internal], []
+    for where in externals_at:
+        scored = scorer.score(where, ev.external_split, external=True, keep_values=True)
+        entry = external_block(scored.name, where, scored.splits, scored.n, scored.result, scored.by_site,
+                               internal.result, scored.digests, trained)
+        entry.update(scorer.external_fields(scored))
+        if expected:
+            _check_scale(entry, where, scored.name, expected, scorer.scale)
+        sets.append(scored)
+        externals.append(entry)
+    warnings = [w for s in sets for w in s.warnings]
+    report = {
+        "task": scorer.task,
+        **scorer.header(internal),
+        "dataset": internal.dataset,
+        "model": {"export": str(scorer.export), "sha256": sha256_file(scorer.weights), **scorer.model_fields()},
+        **({"scale": expected} if expected else {}),
+        **scorer.body(internal),
+        **({"external": externals} if externals else {}),
+        **record_tail(warnings, internal.skipped, start, externals, lineage),
+    }
+    out = Path(out)
+    scorer.write_predictions(out / "predictions.csv", sets)
+    atomic_write_json(out / "eval.json", report)
+    if ev.report:
+        from medfound.evaluate.markdown import write_report
+
+        write_report(out, report, **scorer.report_inputs(sets))
+    return report
+
+
+def _check_scale(entry: dict[str, Any], path: str, name: str, expected: dict[str, Any],
+                 normalised: tuple[str, ...]) -> None:
+    """An external set's scale beside the training data's (eval.json `scale`), and a warning (console, eval.json,
+    report.md, card) when they differ beyond medfound.data.scale.SCALE_TOLERANCE."""
+    import warnings as _warnings
+
+    from medfound.data.scale import scale_stats, scale_warnings
+
+    entry["scale"] = scale_stats(path)
+    for w in scale_warnings(name, entry["scale"], expected, normalised):
+        entry.setdefault("warnings", []).append(w)
+        _warnings.warn(w, stacklevel=3)
