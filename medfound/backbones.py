@@ -77,3 +77,46 @@ def vit_geometry(model: nn.Module) -> ViTGeometry:
     ps = tuple(pe.patch_size) if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size, pe.patch_size)
     return ViTGeometry(embed_dim=model.embed_dim, patch_size=ps, grid_size=tuple(pe.grid_size),
                        num_prefix_tokens=model.num_prefix_tokens, in_chans=pe.proj.in_channels)
+
+
+def vit_tokens(model: nn.Module, images: Any, *, mask: Any = None, mask_token: Any = None, keep: Any = None) -> Any:
+    """The normed tokens `[B, P + N, D]` of a timm ViT: a `VisionTransformer` (absolute position embeddings) or an
+    `Eva` (DINOv3, EVA-02: rotary position embeddings the blocks apply, register tokens, SwiGLU). The objectives'
+    one forward, in place of copies of timm's `forward_features`:
+    - `mask` `[B, N]` (True = masked) with `mask_token` `[1, 1, D]`: masked patch embeddings are replaced before the
+      position embedding is added (iBOT);
+    - `keep` `[B, K]`: only these patches are encoded (MAE's visible tokens, `[B, P + K, D]`); a rotary embedding is
+      gathered at the same positions, so each kept token keeps its place in the image (timm's own patch dropout
+      does the same).
+    """
+    import torch
+    from timm.layers import apply_keep_indices_nlc
+    from timm.models import checkpoint_seq
+
+    x = model.patch_embed(images)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
+    if mask is not None:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        flat = torch.where(mask.unsqueeze(-1), mask_token.to(flat.dtype), flat)
+        x = flat.reshape(x.shape)
+    x = model._pos_embed(x)  # adds position embeddings, prepends class/register tokens
+    x, rope = x if isinstance(x, tuple) else (x, None)  # Eva: (tokens, rotary embedding for the blocks)
+    mixed = bool(getattr(model, "rope_mixed", False))
+    if keep is not None:
+        p = model.num_prefix_tokens
+        patches = x[:, p:]
+        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        x = torch.cat([x[:, :p], visible], dim=1)
+        if rope is not None:  # [N, d] (or per depth and head when mixed) -> [B, 1, K, d] as timm's patch dropout
+            rope = apply_keep_indices_nlc(visible, rope, keep)
+            rope = rope.transpose(0, 1) if mixed else rope.unsqueeze(1)
+    x = model.norm_pre(x)
+    checkpointing = getattr(model, "grad_checkpointing", False) and not torch.jit.is_scripting()
+    if rope is None:
+        x = checkpoint_seq(model.blocks, x) if checkpointing else model.blocks(x)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        for i, block in enumerate(model.blocks):
+            r = rope[i] if mixed else rope
+            x = checkpoint(block, x, rope=r, use_reentrant=False) if checkpointing else block(x, rope=r)
+    return model.norm(x)

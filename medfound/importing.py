@@ -1,4 +1,4 @@
-"""`medfound import SOURCE --format retfound|mae|uni|dinov2|timm --out DIR`: existing weights -> a timm export.
+"""`medfound import SOURCE --format retfound|mae|uni|dinov2|dinov3|timm --out DIR`: existing weights -> a timm export.
 
 Steps, each loud (docs/import.md lists the key layouts of every format):
 1. Load without running code: safetensors, or `torch.load(weights_only=True)`. RETFound's checkpoints
@@ -143,6 +143,98 @@ def infer_vit(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     return ARCH_BY_WIDTH.get(width, "vit_base_patch16_224"), args
 
 
+DINOV3_ARCH = {(384, False): "vit_small_patch16_dinov3", (384, True): "vit_small_plus_patch16_dinov3",
+               (768, False): "vit_base_patch16_dinov3", (1024, False): "vit_large_patch16_dinov3",
+               (1280, True): "vit_huge_plus_patch16_dinov3", (4096, True): "vit_7b_patch16_dinov3"}
+DINOV3_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
+
+
+def dinov3_to_timm(sd: dict[str, torch.Tensor], source: Path) -> tuple[dict, list[str], str, dict[str, Any]]:
+    """A DINOv3 backbone in timm's `Eva` names (`vit_*_dinov3`), from either layout (docs/import.md lists both):
+    - Meta's checkpoints (facebookresearch/dinov3): `storage_tokens` -> `reg_token`, `blocks.N.ls1/ls2.gamma` ->
+      `gamma_1/gamma_2`, `attn.qkv.bias` -> `attn.q_bias` + `attn.v_bias` (the key bias is masked to zero there),
+      SwiGLU `mlp.w1/w2/w3` -> `mlp.fc1_g/fc1_x/fc2`; `rope_embed.periods`, `qkv.bias_mask`, `mask_token`,
+      `local_cls_norm` are not weights of the backbone (dropped, listed);
+    - a transformers `DINOv3ViTModel` folder (`save_pretrained`): `embeddings.*`, `layer.N.attention.{q,k,v}_proj`
+      (fused into `attn.qkv`), `o_proj`, `layer_scale1/2.lambda1`, `mlp.{gate,up,down}_proj`; its config.json gives
+      the heads and the RoPE base, and a gated MLP must be SiLU (SwiGLU) as in timm.
+    Returns (weights, dropped keys, timm architecture, model_args read from the tensors)."""
+    import re
+
+    hf = {}
+    if source.is_dir() and (source / "config.json").is_file():
+        hf = json.loads((source / "config.json").read_text())
+    dropped: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    if any(k.startswith("embeddings.") for k in sd):  # transformers' layout
+        if hf.get("use_gated_mlp") and hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: a gated MLP with hidden_act={hf.get('hidden_act')!r}; timm's DINOv3 "
+                                  "SwiGLU is SiLU-gated, so these weights would compute something else")
+        qkv: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in sd.items():
+            k = re.sub(r"^model\.", "", k)
+            if k == "embeddings.mask_token":
+                dropped.append(k)
+                continue
+            k = (k.replace("embeddings.cls_token", "cls_token").replace("embeddings.register_tokens", "reg_token")
+                 .replace("embeddings.patch_embeddings.", "patch_embed.proj."))
+            k = re.sub(r"^layer\.(\d+)\.", r"blocks.\1.", k)
+            hit = re.match(r"blocks\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$", k)
+            if hit:
+                qkv.setdefault(int(hit[1]), {})[hit[2] + hit[3][0]] = v
+                continue
+            k = (k.replace("layer_scale1.lambda1", "gamma_1").replace("layer_scale2.lambda1", "gamma_2")
+                 .replace("attention.o_proj", "attn.proj").replace("mlp.gate_proj", "mlp.fc1_g")
+                 .replace("mlp.down_proj", "mlp.fc2"))
+            out[k] = v
+        gated = any(".mlp.fc1_g." in k for k in out)
+        for k in [k for k in out if ".mlp.up_proj." in k]:
+            out[k.replace("up_proj", "fc1_x" if gated else "fc1")] = out.pop(k)
+        for i, t in qkv.items():
+            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([t["qw"], t["kw"], t["vw"]])
+            if "qb" in t:
+                out[f"blocks.{i}.attn.q_bias"] = t["qb"]
+                out[f"blocks.{i}.attn.v_bias"] = t.get("vb", torch.zeros_like(t["qb"]))
+    else:  # Meta's layout
+        for k, v in sd.items():
+            if k.endswith((".periods", ".bias_mask")) or k == "mask_token" or k.startswith(("local_cls_norm",
+                                                                                             "rope_embed.")):
+                dropped.append(k)
+                continue
+            if k.endswith("attn.qkv.bias"):
+                q, _, vb = v.chunk(3)
+                out[k.replace("qkv.bias", "q_bias")], out[k.replace("qkv.bias", "v_bias")] = q, vb
+                continue
+            k = (k.replace("storage_tokens", "reg_token").replace("ls1.gamma", "gamma_1")
+                 .replace("ls2.gamma", "gamma_2").replace("mlp.w1.", "mlp.fc1_g.").replace("mlp.w2.", "mlp.fc1_x.")
+                 .replace("mlp.w3.", "mlp.fc2."))
+            out[k] = v
+    if "patch_embed.proj.weight" not in out or not any(k.startswith("blocks.") for k in out):
+        raise CheckpointError(f"{source} is not a DINOv3 ViT (no patch embedding / blocks after mapping its keys); "
+                              "check --format")
+    pe = out["patch_embed.proj.weight"]
+    width, patch = int(pe.shape[0]), int(pe.shape[-1])
+    gated = any(".mlp.fc1_g." in k for k in out)
+    hidden = out["blocks.0.mlp.fc1_g.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
+    arch = DINOV3_ARCH.get((width, gated), "vit_small_plus_patch16_dinov3" if gated else "vit_small_patch16_dinov3")
+    if "blocks.0.attn.q_bias" in out and arch + "_qkvb" in timm_models():
+        arch += "_qkvb"
+    args: dict[str, Any] = {"embed_dim": width, "patch_size": patch,
+                            "depth": 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks.")),
+                            "num_heads": int(hf.get("num_attention_heads") or DINOV3_HEADS.get(width, max(1, width // 64))),
+                            "mlp_ratio": hidden / width,
+                            "num_reg_tokens": int(out["reg_token"].shape[1]) if "reg_token" in out else 0}
+    if hf.get("rope_theta"):
+        args["rope_temperature"] = float(hf["rope_theta"])
+    return out, dropped, arch, args
+
+
+def timm_models() -> set[str]:
+    import timm
+
+    return set(timm.list_models())
+
+
 def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: Optional[str] = None,
                       model_args: Optional[dict[str, Any]] = None, img_size: Optional[int] = None,
                       license: str = "other", mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225),
@@ -167,6 +259,12 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         pc = cfg.get("pretrained_cfg", {})
         mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
     backbone, decoder, dropped = normalise(unwrap(load_weights(source), source), fmt)
+    converted = fmt == "dinov3"
+    if converted:  # Meta's or transformers' names -> timm's Eva, and the architecture they describe
+        backbone, more, inferred_model, inferred = dinov3_to_timm(backbone, source)
+        dropped = sorted(dropped + more)
+        model = model or inferred_model
+        model_args = {**inferred, **(model_args or {})}
     if model is None:
         model, inferred = infer_vit(backbone)
         model_args = {**inferred, **(model_args or {})}
@@ -175,7 +273,7 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         model_args["img_size"] = img_size
     model_args.pop("num_classes", None)
     net = timm.create_model(model, pretrained=False, num_classes=0, **model_args)
-    weights = checkpoint_filter_fn(dict(backbone), net) if hasattr(net, "patch_embed") else backbone
+    weights = checkpoint_filter_fn(dict(backbone), net) if hasattr(net, "patch_embed") and not converted else backbone
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"

@@ -103,6 +103,8 @@ for _name, _description in (
         ("uni", "UNI / UNI2-h pathology ViTs (timm-layout state dicts)"),
         ("dinov2", "DINOv2 backbones or training checkpoints: the teacher's backbone, FSDP block chunks flattened, "
                    "DINO/iBOT heads dropped"),
+        ("dinov3", "DINOv3 backbones (Meta's checkpoints, or a transformers DINOv3ViTModel folder) -> timm's "
+                   "vit_*_dinov3 (RoPE, register tokens, LayerScale, SwiGLU)"),
         ("timm", "any timm ViT state dict (.safetensors, .pth, .bin), or a timm folder with config.json")):
     IMPORT_FORMATS.register(_name, description=_description, builder="medfound.importing:import_checkpoint")
 

@@ -175,3 +175,81 @@ def test_cli_and_continued_pretraining_from_an_import(tmp_path, shards, capsys):
     assert all(torch.equal(continued.decoder_state()[k], v) for k, v in mae.decoder_state().items())
     assert run_pretrain(recipe)["step"] == 2
     assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["medfound"]["parent"]["stage"] == "import"
+
+
+def _hf_dinov3(gated: bool):
+    """A tiny transformers DINOv3ViTModel (the library's own RoPE, register tokens, LayerScale; SwiGLU when gated)
+    with non-trivial biases and layer scales, so a wrong mapping shows."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DINOv3ViTConfig(patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=96 if gated else 128, use_gated_mlp=gated,
+                                       hidden_act="silu" if gated else "gelu", num_register_tokens=4, image_size=32)
+    model = transformers.DINOv3ViTModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "lambda" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _meta_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under the key names of Meta's DINOv3 checkpoints (dinov3_vit*_pretrain_*.pth): the key
+    bias inside a fused qkv bias with its mask, `storage_tokens`, `ls1/ls2.gamma`, SwiGLU `w1/w2/w3`, the RoPE
+    periods buffer."""
+    sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
+           "mask_token": sd["embeddings.mask_token"][0], "rope_embed.periods": torch.ones(8),
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    gated = any("gate_proj" in k for k in sd)
+    for i in range(2):
+        a, b = f"layer.{i}.", f"blocks.{i}."
+        q, k, v = (sd[f"{a}attention.{x}_proj.weight"] for x in "qkv")
+        out[b + "attn.qkv.weight"] = torch.cat([q, k, v])
+        qb, vb = sd[f"{a}attention.q_proj.bias"], sd[f"{a}attention.v_proj.bias"]
+        out[b + "attn.qkv.bias"] = torch.cat([qb, torch.zeros_like(qb), vb])
+        out[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones_like(qb), torch.zeros_like(qb), torch.ones_like(vb)])
+        for x in ("weight", "bias"):
+            out[f"{b}attn.proj.{x}"] = sd[f"{a}attention.o_proj.{x}"]
+            out[f"{b}norm1.{x}"], out[f"{b}norm2.{x}"] = sd[f"{a}norm1.{x}"], sd[f"{a}norm2.{x}"]
+            if gated:
+                out[f"{b}mlp.w1.{x}"], out[f"{b}mlp.w2.{x}"] = sd[f"{a}mlp.gate_proj.{x}"], sd[f"{a}mlp.up_proj.{x}"]
+                out[f"{b}mlp.w3.{x}"] = sd[f"{a}mlp.down_proj.{x}"]
+            else:
+                out[f"{b}mlp.fc1.{x}"], out[f"{b}mlp.fc2.{x}"] = sd[f"{a}mlp.up_proj.{x}"], sd[f"{a}mlp.down_proj.{x}"]
+        out[b + "ls1.gamma"], out[b + "ls2.gamma"] = sd[a + "layer_scale1.lambda1"], sd[a + "layer_scale2.lambda1"]
+    return out
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_dinov3_from_transformers_and_metas_layout_computes_the_sources_features(tmp_path, gated):
+    """`--format dinov3` maps a transformers DINOv3ViTModel folder and Meta's checkpoint layout onto timm's
+    vit_*_dinov3 (Eva): strict keys, and the exported backbone's tokens equal transformers' own forward on the same
+    image (max abs diff <= 1e-5); the buffers that are not weights are dropped and listed."""
+    hf = _hf_dinov3(gated)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = hf(pixel_values=x).last_hidden_state
+    torch.save({"model": _meta_layout(hf.state_dict())}, tmp_path / "dinov3_meta.pth")
+    # Meta's checkpoints do not state the heads: read from the width for the released sizes, else --model-args
+    for name, source, args in (("from_hf", tmp_path / "hf", None),
+                               ("from_meta", tmp_path / "dinov3_meta.pth", {"num_heads": 2})):
+        r = import_checkpoint(source, "dinov3", tmp_path / name, img_size=32, model_args=args)
+        assert r["architecture"] == ("vit_small_plus_patch16_dinov3_qkvb" if gated else
+                                     "vit_small_patch16_dinov3_qkvb"), r
+        assert r["model_args"]["num_reg_tokens"] == 4 and r["reload_max_abs_diff"]["features"] == 0.0
+        backbone = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True, num_classes=0).eval()
+        with torch.no_grad():
+            got = backbone.forward_features(x)
+        assert (got - want).abs().max() <= 1e-5, name
+        assert "mask_token" in " ".join(r["dropped"])
+    assert {"rope_embed.periods", "blocks.0.attn.qkv.bias_mask"} <= set(r["dropped"])
+    # a gated MLP that is not SiLU is not timm's SwiGLU: refused, not silently wrong
+    if gated:
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+        with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+            import_checkpoint(tmp_path / "hf", "dinov3", tmp_path / "gelu")

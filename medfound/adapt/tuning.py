@@ -3,10 +3,12 @@
 - `full`: every parameter trains.
 - `linear_probe`: the backbone is frozen; only the classifier (or segmentation decoder) trains.
 - `last_k`: only the backbone's last k blocks and final norm train, with the head.
-- `lora`: peft LoRA adapters on the backbone's nn.Linear layers whose last name component is in
-  `target_modules` (timm ViT: `qkv`, `proj`, `fc1`, `fc2`; the patch-embedding conv is not a Linear
-  and is never adapted); the classifier trains fully (peft `modules_to_save`). Nothing matched is
-  an error. The adapter is saved on its own (peft format); merging happens only at export.
+- `lora`: peft LoRA adapters on the backbone's nn.Linear layers: by default (`target_modules: [auto]`) every
+  attention and MLP layer of the transformer blocks, read from the model (timm ViT: `qkv`, `proj`, `fc1`, `fc2`;
+  DINOv3 with SwiGLU: `qkv`, `proj`, `fc1_g`, `fc1_x`, `fc2`), or those whose last name component is listed (the
+  patch-embedding conv is not a Linear and is never adapted); the classifier trains fully (peft
+  `modules_to_save`). Nothing matched is an error. The adapter is saved on its own (peft format); merging happens
+  only at export.
 """
 
 from __future__ import annotations
@@ -19,13 +21,34 @@ import torch.nn as nn
 from medfound.config import LoraConfig
 
 
+BLOCK_LINEAR = r"(^|\.)blocks\.\d+\.(attn|mlp)\."  # a transformer block's attention and MLP layers, in timm's names
+
+
 def lora_targets(model: nn.Module, suffixes: list[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose last name component is one of `suffixes`."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in set(suffixes)]
+    """Full names of the nn.Linear modules LoRA adapts. `["auto"]`: every nn.Linear inside the transformer blocks'
+    attention and MLP (`blocks.N.attn.*`, `blocks.N.mlp.*`), whatever the class names them (timm ViT: qkv, proj,
+    fc1, fc2; DINOv3 / EVA with SwiGLU: qkv, proj, fc1_g, fc1_x, fc2), read from the model. Otherwise those whose
+    last name component is in `suffixes`; a block layer that a given list leaves out is named in a warning. Nothing
+    matched is an error naming the layers there are."""
+    import re
+    import warnings
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    in_blocks = [n for n in linear if re.search(BLOCK_LINEAR, n)]
+    if list(suffixes) == ["auto"]:
+        names = in_blocks
+    else:
+        names = [n for n in linear if n.split(".")[-1] in set(suffixes)]
+        left = sorted({n.split(".")[-1] for n in in_blocks} - set(suffixes))
+        if names and left:
+            warnings.warn(f"lora.target_modules={list(suffixes)} leaves the transformer blocks' {', '.join(left)} "
+                          "without adapters (a SwiGLU MLP names its layers fc1_g, fc1_x); lora.target_modules=[auto] "
+                          "adapts every attention and MLP layer of the blocks", stacklevel=2)
     if not names:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"lora.target_modules={suffixes} matched no nn.Linear layer of {type(model).__name__}; "
-                         f"its Linear layers are named: {', '.join(linear) or 'none'}")
+        found = sorted({n.split(".")[-1] for n in linear})
+        raise ValueError(f"lora.target_modules={list(suffixes)} matched no nn.Linear layer of {type(model).__name__}"
+                         + (" inside transformer blocks (blocks.N.attn / blocks.N.mlp)" if suffixes == ["auto"] else "")
+                         + f"; its Linear layers are named: {', '.join(found) or 'none'}")
     return names
 
 

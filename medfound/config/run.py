@@ -43,6 +43,9 @@ class TrainerConfig(Strict):
     wandb_project: str = Field("medfound", description="wandb project name")
     progress: bool = Field(True, description="show a progress bar (tqdm)")
     max_bad_steps: int = Field(5, gt=0, description="stop after this many non-finite steps in a row (each is skipped)")
+    stop_on_collapse: bool = Field(False, description="stop (after a checkpoint) when the features collapse, as the "
+                                                      "objective's own signals or the representation monitor see it; "
+                                                      "otherwise warn once and go on")
     visualize_every: Optional[int] = Field(None, gt=0, description="save a training picture to logs/images every N "
                                                                    "steps: MAE reconstructions; image | truth | "
                                                                    "prediction for segmentation and box prompts (other "
@@ -153,7 +156,16 @@ class LoraConfig(Strict):
     r: int = Field(8, gt=0, description="rank of the low-rank update")
     alpha: float = Field(16, gt=0, description="scaling: the update is alpha / r x B A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch input")
-    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"],
-                                      description="last name component of the nn.Linear layers to adapt")
+    target_modules: list[str] = Field(default_factory=lambda: ["auto"], min_length=1,
+                                      description="[auto]: every attention and MLP nn.Linear of the transformer blocks, "
+                                                  "read from the model (ViT: qkv, proj, fc1, fc2; SwiGLU: fc1_g, "
+                                                  "fc1_x); or the last name components of the layers to adapt")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _auto_alone(cls, v: list[str]) -> list[str]:
+        if "auto" in v and len(v) > 1:
+            raise ValueError(f"target_modules={v}: `auto` stands alone (it already adapts every block layer)")
+        return v
 
 

@@ -27,12 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import checkpoint_seq
 
-from medfound.backbones import vit_geometry
+from medfound.backbones import vit_geometry, vit_tokens
 from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                                            update_center)
 from medfound.pretrain.masking import block_mask
+
+COLLAPSE_STD = 1e-3  # per-dimension std of normalised features below which they are one point
 
 
 class DINOHead(nn.Module):
@@ -143,18 +144,7 @@ class DINOv2(nn.Module):
         Masked patch embeddings (mask `[B, N]`, True = masked) are replaced by the mask token before the
         position embeddings are added, as iBOT does. Without a class token the patch mean stands in.
         """
-        x = backbone.patch_embed(images)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
-        if mask is not None:
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            flat = torch.where(mask.unsqueeze(-1), self.mask_token.to(flat.dtype), flat)
-            x = flat.reshape(x.shape)
-        x = backbone._pos_embed(x)
-        x = backbone.norm_pre(x)
-        if getattr(backbone, "grad_checkpointing", False) and not torch.jit.is_scripting():
-            x = checkpoint_seq(backbone.blocks, x)
-        else:
-            x = backbone.blocks(x)
-        x = backbone.norm(x)
+        x = vit_tokens(backbone, images, mask=mask, mask_token=self.mask_token)
         p = self.geometry.num_prefix_tokens
         patches = x[:, p:]
         cls = x[:, 0] if getattr(backbone, "cls_token", None) is not None else patches.mean(dim=1)
@@ -219,6 +209,17 @@ class DINOv2(nn.Module):
                 "koleo_loss": l_koleo.detach(), "teacher_entropy": entropy, "student_feature_std": s_std,
                 "teacher_feature_std": t_std, "teacher_temp": torch.tensor(temp),
                 "masked_views": masks.any(1).float().sum()}
+
+    def collapse(self, values: dict) -> Optional[str]:
+        """The loop's collapse guard (train/loop.py): a description when the logged window shows the features
+        collapsed to one point (the per-dimension std of the L2-normalised student or teacher class tokens below
+        COLLAPSE_STD; about 1/sqrt(D) when healthy), else None."""
+        for who in ("student", "teacher"):
+            std = values.get(f"{who}_feature_std")
+            if std is not None and std < COLLAPSE_STD:
+                return (f"the {who}'s features collapsed to one point (per-dimension std {std:.1e} of its normalised "
+                        f"class tokens; healthy is about {1 / math.sqrt(self.geometry.embed_dim):.2f})")
+        return None
 
     def momentum(self, step: int, max_steps: int) -> float:
         start, end = self.cfg["momentum"]

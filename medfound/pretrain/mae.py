@@ -18,10 +18,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 
-from medfound.backbones import vit_geometry
+from medfound.backbones import vit_geometry, vit_tokens
 from medfound.pretrain.masking import random_masking
 
 
@@ -89,19 +88,9 @@ class MAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Encoder on the kept patches only: `[B, C, H, W]`, `[B, K]` -> `[B, P + K, D]` (P prefix tokens)."""
-        enc = self.encoder
-        x = enc.patch_embed(images)
-        x = enc._pos_embed(x)  # adds position embeddings, prepends class/register tokens: [B, P + N, D]
-        p = self.geometry.num_prefix_tokens
-        prefix, patches = x[:, :p], x[:, p:]
-        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        x = enc.norm_pre(torch.cat([prefix, visible], dim=1))
-        if getattr(enc, "grad_checkpointing", False) and not torch.jit.is_scripting():
-            x = checkpoint_seq(enc.blocks, x)
-        else:
-            x = enc.blocks(x)
-        return enc.norm(x)
+        """Encoder on the kept patches only: `[B, C, H, W]`, `[B, K]` -> `[B, P + K, D]` (P prefix tokens); a
+        rotary-position encoder (DINOv3) applies each kept token's own position (`backbones.vit_tokens`)."""
+        return vit_tokens(self.encoder, images, keep=keep)
 
     def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         """`[B, P + K, D]` encoded tokens -> `[B, N, ph * pw * C]` pixel predictions for every patch."""

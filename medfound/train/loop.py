@@ -5,7 +5,11 @@ Objectives and tasks may define optional hooks, called on the unwrapped module:
 - `param_groups(optim_cfg) -> list[dict]`: their own parameter groups (layer-wise lr decay, multipliers);
 - `before_optimizer_step(step, max_steps)`: e.g. DINO cancels the last layer's gradients early on;
 - `after_optimizer_step(step, max_steps)`: e.g. the EMA teacher update;
-- `visualize(batch, out) -> PIL.Image`: saved to `logs/images/` every `trainer.visualize_every` steps.
+- `visualize(batch, out) -> PIL.Image`: saved to `logs/images/` every `trainer.visualize_every` steps;
+- `collapse(values) -> str | None`: at each log step, given the window's mean logged values, a description when the
+  features collapsed (DINOv2: the normalised feature std of student or teacher near 0). It and the representation
+  monitor's collapsed look feed one guard: a warning once, with the step and the likely causes, and with
+  `trainer.stop_on_collapse` a checkpoint and a stop (`CollapseError`).
 
 Everything numeric lives here once: gradient accumulation (each micro-batch loss divided by the number of
 micro-batches, so the update equals one big batch), clipping, learning rate and weight decay as pure
@@ -106,6 +110,16 @@ class _Preemption:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class CollapseError(RuntimeError):
+    """The features collapsed and trainer.stop_on_collapse stopped the run (after a checkpoint)."""
+
+
+COLLAPSE_CAUSES = ("Likely causes: a learning rate too high for the batch (optim.blr / optim.lr), too few or duplicated "
+                   "images (the manifest's counts; `medfound shard` lists duplicates), for DINOv2 the teacher "
+                   "temperature (objective.teacher_temp, objective.teacher_temp_warmup_steps) or KoLeo switched off "
+                   "(objective.koleo_weight); a few thousand images: start from pretrain/dinov2_small_data.yaml")
 
 
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -225,6 +239,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     window: dict[str, list[float]] = {}
     window_images, window_start = 0, time.time()
     micro, cycle_bad, bad_in_a_row, last_bad = 0, False, 0, ""
+    collapse_hook, collapse_warned = getattr(inner, "collapse", None), False
     with _Preemption() as preempt:
         while state.step < trainer.max_steps:
             loader = make_loader(state.epoch)
@@ -331,6 +346,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 step_start = now
                 bar.update(1)
 
+                collapse, checked = None, False
                 if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     values = {k: sum(v) if k == "bad_samples" else sum(v) / len(v) for k, v in window.items()}
@@ -343,6 +359,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr_now:.2e}",
                                     img_s=f"{values['images_per_s']:.0f}")
                     window, window_images, window_start = {}, 0, time.time()
+                    collapse, checked = (collapse_hook(values) if collapse_hook else None), True
                 if main and trainer.visualize_every and state.step % trainer.visualize_every == 0 \
                         and hasattr(inner, "visualize"):
                     picture = inner.visualize(batch, out)
@@ -354,7 +371,21 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                         looked = selection(state.step, inner)
                         if isinstance(looked, dict) and looked:  # a monitor's values: beside the loss, in every logger
                             logger.log(state.step, looked, prefix=getattr(selection, "prefix", "selection"))
+                            if looked.get("collapsed") and collapse is None:
+                                collapse = (f"the representation monitor's features collapsed (feature_std "
+                                            f"{looked.get('feature_std')}, effective rank {looked.get('effective_rank')})")
+                    checked = True
                     accelerator.wait_for_everyone()
+                if checked and not collapse_warned and _any_rank(accelerator, collapse is not None):
+                    collapse_warned = True
+                    logger.log(state.step, {"collapsed_at_step": state.step}, prefix="collapse")
+                    text = f"step {state.step}: {collapse or 'the features collapsed on another rank'}. {COLLAPSE_CAUSES}"
+                    if trainer.stop_on_collapse:
+                        path = checkpoint()
+                        raise CollapseError(f"{text}. Stopped (trainer.stop_on_collapse); the state at the collapse "
+                                            f"is checkpoint {path}, earlier ones are kept")
+                    accelerator.print(f"\nwarning: {text}. Training goes on (trainer.stop_on_collapse=true stops "
+                                      "here); this warning is printed once")
                 if _any_rank(accelerator, preempt.requested):
                     path = checkpoint()
                     accelerator.print(f"\nSIGTERM: checkpoint written to {path}; resume with trainer.resume=auto")

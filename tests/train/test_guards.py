@@ -257,3 +257,73 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
          keep_checkpoints=5, resume=str(run / "checkpoints" / "step_00000003"))  # logs 4 and 5 again
     steps = [r["step"] for r in read_metrics(run) if r["phase"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def _dino():
+    import timm
+
+    from medfound.pretrain.dino import DINOv2
+
+    from helpers import TINY_VIT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True, **TINY_VIT)
+    return DINOv2(vit, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+
+
+def _views(same: bool):
+    g = torch.Generator().manual_seed(0)
+
+    def batches(epoch):
+        def view(size):
+            return torch.ones(4, 3, size, size) if same else torch.randn(4, 3, size, size, generator=g)
+        return [{"crops": [view(32), view(32), view(16), view(16)], "key": list("abcd")} for _ in range(20)]
+    return batches
+
+
+def _fit_views(module, run, same, **trainer):
+    t = TrainerConfig(**{**dict(output_dir=run, max_steps=4, checkpoint_every=100, log_every=1, progress=False,
+                                loggers=[], clip_grad_norm=None), **trainer})
+    return fit(module, _views(same), trainer=t, optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
+               lr=1e-4, run_dir=run, accelerator=Accelerator(cpu=True), config_text="kind: test\n")
+
+
+def test_collapsed_features_warn_once_with_the_causes_and_stop_when_asked(tmp_path, capsys):
+    """DINOv2 on identical images: its features are one point, which the loop's collapse guard (the objective's
+    `collapse` hook on the logged feature std) reports once, with the step and the likely causes, logs under
+    collapse/ and trains on; with trainer.stop_on_collapse it checkpoints and stops. Varied images never trip it."""
+    from medfound.train.loop import CollapseError
+    from medfound.train.logging import read_metrics
+
+    _fit_views(_dino(), tmp_path / "varied", same=False)
+    assert "collapsed" not in capsys.readouterr().out
+    state = _fit_views(_dino(), tmp_path / "same", same=True)
+    assert state.step == 4
+    out = capsys.readouterr().out
+    assert out.count("collapsed to one point") == 1 and re.search(r"step 1: the (student|teacher)'s features", out)
+    assert "Likely causes: a learning rate too high" in out and "stop_on_collapse=true stops here" in out
+    assert [r["collapsed_at_step"] for r in read_metrics(tmp_path / "same") if r["phase"] == "collapse"] == [1]
+    with pytest.raises(CollapseError, match=r"step 1: .*Stopped \(trainer.stop_on_collapse\)"):
+        _fit_views(_dino(), tmp_path / "stop", same=True, stop_on_collapse=True)
+    assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step_00000001"
+
+
+def test_the_small_data_dinov2_preset_trains_on_the_bundled_sets_without_collapse(shards, tmp_path):
+    """pretrain/dinov2_small_data.yaml (its objective, schedule and guard; the backbone and crops shrunk for CPU) on
+    the bundled fundus, chest X-ray and H&E sets with stop_on_collapse on and the representation monitor: it trains
+    to the end, the monitor's features have not collapsed, and no collapse was logged."""
+    from medfound.config import load_recipe
+    from medfound.train.logging import read_metrics
+    from medfound.workflows import run_pretrain
+
+    out = tmp_path / "run"
+    recipe = load_recipe(ROOT / "pretrain" / "dinov2_small_data.yaml", tiny_pretrain_overrides(
+        shards, out, steps=12, objective="dinov2") + [
+        "backbone.name=vit_tiny_patch16_224", "objective.teacher_temp_warmup_steps=6", "optim.warmup_steps=3",
+        "trainer.log_every=2", f"monitor.shards={shards['pneumonia']}", "monitor.every=6", "monitor.split=test"])
+    assert recipe.trainer.stop_on_collapse and recipe.objective.out_dim == 64  # tiny head from the helper
+    summary = run_pretrain(recipe)
+    assert summary["step"] == 12
+    assert not [r for r in read_metrics(out) if r["phase"] == "collapse"]
+    looks = [r for r in read_metrics(out) if r["phase"] == "monitor"]
+    assert [r["step"] for r in looks] == [6, 12] and not any(r["collapsed"] for r in looks)
