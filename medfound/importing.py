@@ -84,6 +84,27 @@ def unwrap(obj: Any, source: Path) -> dict[str, torch.Tensor]:
                        f"under {', '.join(CONTAINERS)}")
 
 
+def dino_heads(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The teacher's DINO (and separate iBOT) heads of a DINOv2 training checkpoint in medfound's names (`dino.*`,
+    `ibot.*`; the prototype layer's weight-normalised `weight_v` / `parametrizations.weight.original1` as
+    `last_layer.weight`, whose rows medfound normalises itself), and notes on what could not be kept exactly."""
+    heads, notes = {}, []
+    for k, v in sd.items():
+        for theirs, ours in (("teacher.dino_head.", "dino."), ("teacher.ibot_head.", "ibot.")):
+            if not k.startswith(theirs):
+                continue
+            name = ours + k[len(theirs):]
+            name = name.replace("last_layer.weight_v", "last_layer.weight").replace(
+                "last_layer.parametrizations.weight.original1", "last_layer.weight")
+            if name.endswith(("last_layer.weight_g", "last_layer.parametrizations.weight.original0")):
+                if float((v - 1).abs().max()) > 1e-3:
+                    notes.append(f"{k}: the prototype gains are not 1 (max |g - 1| {float((v - 1).abs().max()):.3g}); "
+                                 "medfound's prototypes are unit rows, so the imported head scores differ by them")
+                continue
+            heads[name] = v
+    return heads, notes
+
+
 def normalise(sd: dict[str, torch.Tensor], fmt: str) -> tuple[dict, dict, list[str]]:
     """(backbone weights, MAE decoder weights, dropped key names) with wrappers and prefixes removed."""
     if any(k.startswith("teacher.backbone.") for k in sd):  # DINOv2 training checkpoint: the teacher is the model
@@ -258,7 +279,9 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         model_args = {**{k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}, **(model_args or {})}
         pc = cfg.get("pretrained_cfg", {})
         mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
-    backbone, decoder, dropped = normalise(unwrap(load_weights(source), source), fmt)
+    raw = unwrap(load_weights(source), source)
+    heads, head_notes = dino_heads(raw) if fmt in ("dinov2", "dinov3") else ({}, [])
+    backbone, decoder, dropped = normalise(raw, fmt)
     converted = fmt == "dinov3"
     if converted:  # Meta's or transformers' names -> timm's Eva, and the architecture they describe
         backbone, more, inferred_model, inferred = dinov3_to_timm(backbone, source)
@@ -291,13 +314,21 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         extra["mae_decoder.safetensors"] = save({k: v.contiguous() for k, v in decoder.items()})
         decoder_info = {"decoder_dim": int(decoder["decoder_embed.weight"].shape[0]),
                         "decoder_depth": 1 + max(int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks."))}
+    heads_info = None
+    if heads:  # a DINOv2 training checkpoint's teacher heads: pretraining continues with them (dino_heads.safetensors)
+        from safetensors.torch import save
+        extra["dino_heads.safetensors"] = save({k: v.contiguous() for k, v in heads.items()})
+        heads_info = {"out_dim": int(heads["dino.last_layer.weight"].shape[0]),
+                      "bottleneck_dim": int(heads["dino.last_layer.weight"].shape[1]),
+                      "ibot_separate_head": any(k.startswith("ibot.") for k in heads), "notes": head_notes}
     size = net.patch_embed.img_size[0] if hasattr(net, "patch_embed") else model_args.get("img_size", 224)
     lineage = {"stage": "import", "objective": f"imported {fmt} checkpoint",
                "source": {"file": source.name, "format": fmt, "sha256": sha256_file(source) if source.is_file() else None,
                           "license": license},
-               "dropped": dropped, **({"mae_decoder": decoder_info} if decoder_info else {})}
+               "dropped": dropped, **({"mae_decoder": decoder_info} if decoder_info else {}),
+               **({"dino_heads": heads_info} if heads_info else {})}
     prep = argparse.Namespace(img_size=size, mean=mean, std=std)
     diff = export_model(net, out, data=prep, lineage=lineage, license=license, extra_files=extra)
     return {"out": str(out), "architecture": model, "model_args": model_args, "dropped": dropped,
-            "mae_decoder": decoder_info, "params": sum(p.numel() for p in net.parameters()),
+            "mae_decoder": decoder_info, "dino_heads": heads_info, "params": sum(p.numel() for p in net.parameters()),
             "reload_max_abs_diff": diff}

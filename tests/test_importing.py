@@ -111,10 +111,26 @@ def test_dinov2_training_checkpoint_teacher_and_block_chunks(tmp_path):
             k = f"blocks.{i // 2}.{i}." + k.split(".", 2)[2]
         chunked[f"teacher.backbone.{k}"] = v
         chunked[f"student.backbone.{k}"] = v * 0
-    chunked["teacher.dino_head.last_layer.weight"] = torch.zeros(10, 4)
+    # the teacher's DINO head, weight-normalised prototypes as DINOv2 saves them (gain 1, direction v)
+    head = {"mlp.0.weight": torch.randn(8, 64), "mlp.0.bias": torch.randn(8), "mlp.2.weight": torch.randn(8, 8),
+            "mlp.2.bias": torch.randn(8), "mlp.4.weight": torch.randn(4, 8), "mlp.4.bias": torch.randn(4),
+            "last_layer.weight_g": torch.ones(10, 1), "last_layer.weight_v": torch.randn(10, 4)}
+    chunked.update({f"teacher.dino_head.{k}": v for k, v in head.items()})
+    chunked.update({f"student.dino_head.{k}": v * 0 for k, v in head.items()})
     torch.save({"model": chunked, "iteration": 1000}, tmp_path / "model_0001000.rank_0.pth")
-    import_checkpoint(tmp_path / "model_0001000.rank_0.pth", "dinov2", tmp_path / "out")
+    r = import_checkpoint(tmp_path / "model_0001000.rank_0.pth", "dinov2", tmp_path / "out")
     _equal(tmp_path / "out", ref)
+    # the teacher's heads are kept for continued pretraining, in medfound's names (the gain of 1 folded away)
+    heads = load_file(str(tmp_path / "out" / "dino_heads.safetensors"))
+    assert set(heads) == {f"dino.{k}" for k in head if not k.endswith("weight_g")} - {"dino.last_layer.weight_v"} | \
+        {"dino.last_layer.weight"}
+    assert torch.equal(heads["dino.last_layer.weight"], head["last_layer.weight_v"])
+    assert r["dino_heads"] == {"out_dim": 10, "bottleneck_dim": 4, "ibot_separate_head": False, "notes": []}
+    from medfound.pretrain.dino import DINOv2
+
+    dino = DINOv2(_vit(), out_dim=10, hidden_dim=8, bottleneck_dim=4)
+    dino.load_heads(tmp_path / "out" / "dino_heads.safetensors")  # they fit a DINO objective of those sizes
+    assert torch.equal(dino.teacher["dino"].mlp[4].bias, head["mlp.4.bias"])
 
 
 def test_uni_and_timm_folders(tmp_path):

@@ -28,6 +28,9 @@ class MAEConfig(Strict):
     decoder_depth: int = Field(8, gt=0, description="transformer blocks of the decoder")
     decoder_heads: int = Field(16, gt=0, description="attention heads of the decoder")
     norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalised pixels (MAE's better target)")
+    head_warmup_steps: int = Field(0, ge=0, description="steps during which a new decoder trains alone, the encoder "
+                                                        "frozen (continuing from an encoder without its decoder; 0 "
+                                                        "when the weights' decoder is loaded)")
 
     def describe(self) -> str:
         return f"MAE (mask ratio {self.mask_ratio}, decoder {self.decoder_dim}-d x {self.decoder_depth})"
@@ -58,6 +61,11 @@ class DINOConfig(Strict):
     ibot_weight: float = Field(1.0, ge=0, description="weight of the masked-patch iBOT loss")
     koleo_weight: float = Field(0.1, ge=0, description="weight of the KoLeo spreading regulariser")
     freeze_last_layer_steps: int = Field(0, ge=0, description="steps the prototype layer stays frozen")
+    head_warmup_steps: int = Field(0, ge=0, description="steps during which new heads train alone, the backbone frozen "
+                                                        "(continuing from weights without heads; 0 when they carry "
+                                                        "heads that are loaded)")
+    fresh_heads: bool = Field(False, description="start new heads even when backbone.weights holds DINO heads "
+                                                 "(dino_heads.safetensors)")
 
     def describe(self) -> str:
         return (f"DINOv2 + iBOT + KoLeo ({self.out_dim} prototypes, {self.centering.replace('_', '-')}, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, ibot_los
 from medfound.pretrain.masking import block_mask
 
 COLLAPSE_STD = 1e-3  # per-dimension std of normalised features below which they are one point
+HEADS_FILE = "dino_heads.safetensors"  # beside an export's backbone: the DINO/iBOT heads, to continue pretraining
 
 
 class DINOHead(nn.Module):
@@ -82,6 +84,9 @@ class DINOv2(nn.Module):
         dino_weight, ibot_weight, koleo_weight: loss weights (paper: 1, 1, 0.1).
         freeze_last_layer_steps: steps during which the heads' last layers get no update.
         global_crops: how many of `batch["crops"]` are global views.
+        head_warmup_steps: optimizer steps during which the student's backbone gets no update (its gradients are
+            dropped before the step) while the heads and the mask token train: continuing from released weights
+            whose heads are new, the heads learn the backbone's features before their gradients reach it.
     """
 
     def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -90,7 +95,8 @@ class DINOv2(nn.Module):
                  teacher_temp: tuple[float, float] = (0.04, 0.07), teacher_temp_warmup_steps: int = 0,
                  momentum: tuple[float, float] = (0.992, 1.0), centering: str = "sinkhorn_knopp",
                  center_momentum: float = 0.9, dino_weight: float = 1.0, ibot_weight: float = 1.0,
-                 koleo_weight: float = 0.1, freeze_last_layer_steps: int = 0, global_crops: int = 2):
+                 koleo_weight: float = 0.1, freeze_last_layer_steps: int = 0, global_crops: int = 2,
+                 head_warmup_steps: int = 0):
         super().__init__()
         self.geometry = geo = vit_geometry(backbone)
         if centering not in ("sinkhorn_knopp", "centering"):
@@ -114,7 +120,8 @@ class DINOv2(nn.Module):
                         teacher_temp=teacher_temp, teacher_temp_warmup_steps=teacher_temp_warmup_steps,
                         momentum=momentum, centering=centering, center_momentum=center_momentum,
                         dino_weight=dino_weight, ibot_weight=ibot_weight, koleo_weight=koleo_weight,
-                        freeze_last_layer_steps=freeze_last_layer_steps, global_crops=global_crops)
+                        freeze_last_layer_steps=freeze_last_layer_steps, global_crops=global_crops,
+                        head_warmup_steps=head_warmup_steps)
         self.out_dim = out_dim
 
     # ----------------------------------------------------------------------------------- helpers
@@ -228,13 +235,48 @@ class DINOv2(nn.Module):
     @property
     def touches_gradients(self) -> bool:
         """True when `before_optimizer_step` cancels gradients (the strategies that cannot do that refuse)."""
-        return self.cfg["freeze_last_layer_steps"] > 0
+        return self.cfg["freeze_last_layer_steps"] > 0 or self.cfg["head_warmup_steps"] > 0
 
     def before_optimizer_step(self, step: int, max_steps: int) -> None:
         if step < self.cfg["freeze_last_layer_steps"]:
             for name, p in self.student.named_parameters():
                 if "last_layer" in name:
                     p.grad = None
+        if step < self.cfg["head_warmup_steps"]:  # the backbone frozen while new heads warm up
+            for p in self.student["backbone"].parameters():
+                p.grad = None
+
+    def export_files(self) -> dict[str, bytes]:
+        """Files an export keeps beside the backbone (the pretraining task writes them): the teacher's heads."""
+        from safetensors.torch import save
+
+        return {HEADS_FILE: save(self.heads_state())}
+
+    def heads_state(self) -> dict[str, torch.Tensor]:
+        """The teacher's DINO (and iBOT) heads: what an export keeps beside the backbone (`dino_heads.safetensors`),
+        so that pretraining can continue with them."""
+        return {k: v.detach().clone().contiguous() for k, v in self.teacher.state_dict().items()
+                if not k.startswith("backbone.")}
+
+    def load_heads(self, path) -> None:
+        """Student and teacher heads from `path` (`heads_state`, or a DINOv2 training checkpoint's teacher heads
+        as `medfound import` keeps them); any key or shape difference is an error naming the head settings."""
+        from safetensors.torch import load_file
+
+        loaded, own = load_file(str(path)), self.heads_state()
+        missing, extra = sorted(set(own) - set(loaded)), sorted(set(loaded) - set(own))
+        shapes = [f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(loaded))
+                  if own[k].shape != loaded[k].shape]
+        if missing or extra or shapes:
+            raise ValueError(f"{path} does not fit these DINO heads (objective.out_dim / hidden_dim / bottleneck_dim / "
+                             f"head_layers / ibot_separate_head): missing {missing[:4]}, unexpected {extra[:4]}, "
+                             f"shapes {shapes[:3]}; match the settings to the weights' heads, or set "
+                             "objective.fresh_heads=true to start new heads (warm them up: objective.head_warmup_steps)")
+        with torch.no_grad():
+            for tree in (self.student, self.teacher):
+                for k, v in tree.state_dict().items():
+                    if k in loaded:
+                        v.copy_(loaded[k])
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, max_steps: int) -> None:
@@ -260,17 +302,24 @@ class DINOv2(nn.Module):
 
 
 def build_dinov2(recipe, encoder: nn.Module, decoder_from=None) -> DINOv2:
-    """objective.name=dinov2 (medfound.registry.OBJECTIVES): DINOv2 + iBOT + KoLeo around `encoder`."""
+    """objective.name=dinov2 (medfound.registry.OBJECTIVES): DINOv2 + iBOT + KoLeo around `encoder`; `decoder_from`:
+    the export folder the backbone came from, whose `dino_heads.safetensors` (a medfound DINOv2 export, or a DINOv2
+    training checkpoint imported) continues pretraining with its heads unless objective.fresh_heads."""
     o, mc = recipe.objective, recipe.data.multicrop
     pe = encoder.patch_embed
     if mc.local_size != recipe.data.img_size and getattr(pe, "strict_img_size", True) and \
             not getattr(pe, "dynamic_img_size", False):
         raise ValueError(f"local crops of {mc.local_size} px need a backbone that takes several image sizes: set "
                          "backbone.model_args.dynamic_img_size=true")
-    return DINOv2(encoder, out_dim=o.out_dim, hidden_dim=o.hidden_dim, bottleneck_dim=o.bottleneck_dim,
+    dino = DINOv2(encoder, out_dim=o.out_dim, hidden_dim=o.hidden_dim, bottleneck_dim=o.bottleneck_dim,
                   head_layers=o.head_layers, ibot_separate_head=o.ibot_separate_head, mask_ratio=o.mask_ratio,
                   mask_probability=o.mask_probability, student_temp=o.student_temp, teacher_temp=o.teacher_temp,
                   teacher_temp_warmup_steps=o.teacher_temp_warmup_steps, momentum=o.momentum, centering=o.centering,
                   center_momentum=o.center_momentum, dino_weight=o.dino_weight, ibot_weight=o.ibot_weight,
                   koleo_weight=o.koleo_weight, freeze_last_layer_steps=o.freeze_last_layer_steps,
-                  global_crops=mc.global_crops)
+                  global_crops=mc.global_crops, head_warmup_steps=o.head_warmup_steps)
+    heads = Path(decoder_from) / HEADS_FILE if decoder_from is not None else None
+    if heads is not None and heads.is_file() and not o.fresh_heads:
+        dino.load_heads(heads)
+        dino.cfg["head_warmup_steps"] = 0  # the warm-up is for new heads: these already read the backbone
+    return dino

@@ -52,11 +52,14 @@ class MAE(nn.Module):
         decoder_dim, decoder_depth, decoder_heads: the light decoder (paper default 512 x 8, 16 heads).
         mask_ratio: fraction of patches hidden from the encoder (0.75 in the paper and RETFound).
         norm_pix_loss: reconstruct per-patch normalised pixels.
+        head_warmup_steps: optimizer steps during which the encoder gets no update (its gradients are dropped
+            before the step) while the decoder trains: continuing from an encoder released without its decoder.
     """
 
     def __init__(self, encoder: nn.Module, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+                 mask_ratio: float = 0.75, norm_pix_loss: bool = True, head_warmup_steps: int = 0):
         super().__init__()
+        self.head_warmup_steps = head_warmup_steps
         self.geometry = geo = vit_geometry(encoder)
         if decoder_dim % decoder_heads:
             raise ValueError(f"decoder_dim {decoder_dim} must be divisible by decoder_heads {decoder_heads}")
@@ -137,6 +140,20 @@ class MAE(nn.Module):
 
         return save({k: v.contiguous() for k, v in self.decoder_state().items()})
 
+    def export_files(self) -> dict[str, bytes]:
+        """Files an export keeps beside the backbone (the pretraining task writes them): the decoder."""
+        return {"mae_decoder.safetensors": self.decoder_bytes()}
+
+    @property
+    def touches_gradients(self) -> bool:
+        """True when `before_optimizer_step` drops gradients (the strategies that cannot do that refuse)."""
+        return self.head_warmup_steps > 0
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        if step < self.head_warmup_steps:  # the encoder frozen while a new decoder warms up
+            for p in self.encoder.parameters():
+                p.grad = None
+
     def load_decoder(self, path) -> None:
         """Load decoder weights written by an export (`decoder_bytes`) or `medfound import`; any key or shape
         difference is an error."""
@@ -187,8 +204,9 @@ def build_mae(recipe, encoder: nn.Module, decoder_from: Optional[Path] = None) -
     whose `mae_decoder.safetensors` (when present) continues pretraining with its decoder."""
     o = recipe.objective
     mae = MAE(encoder, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth, decoder_heads=o.decoder_heads,
-              mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss)
+              mask_ratio=o.mask_ratio, norm_pix_loss=o.norm_pix_loss, head_warmup_steps=o.head_warmup_steps)
     mae.display_stats = (tuple(recipe.data.mean), tuple(recipe.data.std))
     if decoder_from is not None and (Path(decoder_from) / "mae_decoder.safetensors").is_file():
         mae.load_decoder(Path(decoder_from) / "mae_decoder.safetensors")
+        mae.head_warmup_steps = 0  # the warm-up is for a new decoder: this one already reads the encoder
     return mae

@@ -98,7 +98,7 @@ def publish_timm(run_dir: Path, out: Path, recipe: Any, task: Any, overwrite: bo
     evaluation = _evaluation(run_dir, export / task.weights_file) if "evaluate" in task.capabilities else None
     reference = task.rebuild(run_dir, recipe)
     with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
-        for item in (task.weights_file, "config.json", "adapter", "mae_decoder.safetensors"):
+        for item in (task.weights_file, "config.json", "adapter", "mae_decoder.safetensors", "dino_heads.safetensors"):
             src = export / item
             if src.is_dir():
                 shutil.copytree(src, tmp / item)

@@ -93,8 +93,10 @@ def _same_location(a: Any, b: Any) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
-def resume_changes(old_text: str, new_text: str) -> list[tuple[str, Any, Any, bool]]:
-    """(key, checkpoint's value, new value, breaks exactness) for every key that differs."""
+def resume_changes(old_text: str, new_text: str, recipe: Any = None) -> list[tuple[str, Any, Any, bool]]:
+    """(key, checkpoint's value, new value, breaks exactness) for every key that differs. A key the checkpoint's
+    recipe does not have (written by an earlier medfound) at its default in `recipe` is an upgrade, not a change:
+    a new key's default keeps the earlier behaviour."""
     import yaml
 
     old, new = _flat(yaml.safe_load(old_text) or {}), _flat(yaml.safe_load(new_text) or {})
@@ -102,19 +104,36 @@ def resume_changes(old_text: str, new_text: str) -> list[tuple[str, Any, Any, bo
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
+        if a is missing and recipe is not None and _is_default(recipe, key, b):
+            continue
         if a != b and not _same_location(a, b):
             harmless = any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
             out.append((key, None if a is missing else a, None if b is missing else b, not harmless))
     return out
 
 
-def check_resume_changes(checkpoint: Path, new_text: str, policy: str, main: bool) -> None:
+def _is_default(recipe: Any, key: str, value: Any) -> bool:
+    """Whether `value` is the default of the recipe field at dotted `key` (False where the key is not a field)."""
+    node, *_, name = [recipe, *key.split(".")]
+    for part in key.split(".")[:-1]:
+        node = getattr(node, part, None)
+        if node is None:
+            return False
+    field = getattr(type(node), "model_fields", {}).get(name)
+    if field is None or field.is_required():
+        return False
+    default = field.get_default(call_default_factory=True)
+    default = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+    return default == value or (isinstance(default, tuple) and list(default) == value)
+
+
+def check_resume_changes(checkpoint: Path, new_text: str, policy: str, main: bool, recipe: Any = None) -> None:
     """Print what changed since the checkpoint's recipe (its config.yaml) and refuse changes that break exact
     continuation unless `policy` is "allow"."""
     path = Path(checkpoint) / "config.yaml"
     if not path.is_file():
         return
-    changes = resume_changes(path.read_text(), new_text)
+    changes = resume_changes(path.read_text(), new_text, recipe)
     if not changes:
         return
     lines = [f"  {k}: {a!r} -> {b!r}" + ("" if not breaking else "  (changes what the run computes)")
@@ -154,7 +173,7 @@ def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunConte
     text = dump_recipe(recipe, header=f"resolved by medfound {medfound.__version__} on "
                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\ncommand: {command}")
     if resume is not None:  # before config.yaml is rewritten: a refused resume leaves the run as it was
-        check_resume_changes(resume, text, t.resume_changes, accelerator.is_main_process)
+        check_resume_changes(resume, text, t.resume_changes, accelerator.is_main_process, recipe)
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "config.yaml", text)
     return RunContext(recipe, accelerator, run_dir, resume, text)

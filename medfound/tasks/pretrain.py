@@ -66,7 +66,8 @@ class PretrainTask(TimmExport):
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from medfound.publish.export import export_model
 
-        extra = {"mae_decoder.safetensors": module.decoder_bytes()} if hasattr(module, "decoder_bytes") else None
+        files = getattr(module, "export_files", None)  # the objective's heads or decoder, to continue pretraining
+        extra = files() if files is not None else None
         diff = export_model(module.export_backbone(), export, data=recipe.data, lineage=lineage,
                             license=for_export(recipe.card.license, lineage), extra_files=extra)
         return {"reload_max_abs_diff": diff}

@@ -139,3 +139,36 @@ def test_collapse_shows_in_the_monitors():
     assert out["teacher_feature_std"].item() < 1e-4  # identical images: every feature the same
     varied = dino(_crops(6))
     assert varied["teacher_feature_std"].item() > out["teacher_feature_std"].item()
+
+
+def test_head_warmup_keeps_the_backbone_frozen_then_releases_it():
+    """objective.head_warmup_steps: before the optimizer step the student's backbone loses its gradients while
+    the heads keep theirs; after the warm-up the backbone trains again (and strategies are told gradients are
+    edited)."""
+    dino = _dino(head_warmup_steps=2, freeze_last_layer_steps=0)
+    assert dino.touches_gradients
+    for step, frozen in ((0, True), (1, True), (2, False)):
+        dino.zero_grad(set_to_none=True)
+        dino(_crops())["loss"].backward()
+        dino.before_optimizer_step(step, 10)
+        backbone = [p.grad for p in dino.student["backbone"].parameters()]
+        assert all(g is None for g in backbone) == frozen, step
+        assert dino.student["dino"].mlp[0].weight.grad is not None
+
+
+def test_heads_travel_with_the_export_and_a_mismatch_names_the_settings(tmp_path):
+    from safetensors.torch import save_file
+
+    dino = _dino()
+    files = dino.export_files()
+    (tmp_path / "dino_heads.safetensors").write_bytes(files["dino_heads.safetensors"])
+    other = _dino()
+    torch.manual_seed(5)
+    for p in other.student["dino"].parameters():
+        p.data.normal_()
+    other.load_heads(tmp_path / "dino_heads.safetensors")
+    for tree in (other.student, other.teacher):
+        assert all(torch.equal(a, b) for a, b in zip(tree["dino"].parameters(), dino.teacher["dino"].parameters()))
+    save_file({"dino.last_layer.weight": torch.zeros(32, 16)}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(ValueError, match="objective.fresh_heads=true"):
+        other.load_heads(tmp_path / "small.safetensors")

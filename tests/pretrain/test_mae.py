@@ -91,3 +91,15 @@ def test_geometry_comes_from_the_backbone(vit):
 def test_non_vit_backbone_is_refused_clearly():
     with pytest.raises(TypeError, match="not a timm VisionTransformer"):
         MAE(timm.create_model("resnet18", num_classes=0))
+
+
+def test_decoder_warmup_keeps_the_encoder_frozen():
+    mae = MAE(timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT), decoder_dim=32, decoder_depth=1,
+              decoder_heads=2, head_warmup_steps=1)
+    assert mae.touches_gradients
+    for step, frozen in ((0, True), (1, False)):
+        mae.zero_grad(set_to_none=True)
+        mae({"image": torch.randn(2, 3, 32, 32)})["loss"].backward()
+        mae.before_optimizer_step(step, 5)
+        assert all(p.grad is None for p in mae.encoder.parameters()) == frozen
+        assert mae.decoder_pred.weight.grad is not None

@@ -327,3 +327,23 @@ def test_the_small_data_dinov2_preset_trains_on_the_bundled_sets_without_collaps
     assert not [r for r in read_metrics(out) if r["phase"] == "collapse"]
     looks = [r for r in read_metrics(out) if r["phase"] == "monitor"]
     assert [r["step"] for r in looks] == [6, 12] and not any(r["collapsed"] for r in looks)
+
+
+def test_a_key_added_by_a_newer_medfound_at_its_default_is_not_a_change_on_resume(shards, tmp_path):
+    """A checkpoint written before a key existed (its config.yaml lacks it) resumes under a recipe holding that key
+    at its default (the earlier behaviour); the same key set to another value is a change that breaks exactness."""
+    import yaml
+
+    from medfound.config import dump_recipe
+    from medfound.run.context import resume_changes
+
+    recipe = load_recipe(ROOT / "pretrain" / "demo_dinov2_tiny.yaml", tiny_pretrain_overrides(shards, tmp_path / "r",
+                                                                                   objective="dinov2"))
+    text = dump_recipe(recipe)
+    old = yaml.safe_load(text)
+    del old["objective"]["head_warmup_steps"], old["trainer"]["stop_on_collapse"]  # as an earlier version wrote it
+    assert resume_changes(yaml.safe_dump(old), text, recipe) == []
+    changed = load_recipe(ROOT / "pretrain" / "demo_dinov2_tiny.yaml", tiny_pretrain_overrides(
+        shards, tmp_path / "r", objective="dinov2") + ["objective.head_warmup_steps=5"])
+    assert resume_changes(yaml.safe_dump(old), dump_recipe(changed), changed) == [
+        ("objective.head_warmup_steps", None, 5, True)]
