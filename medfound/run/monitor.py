@@ -1,6 +1,7 @@
 """The representation monitor of pretraining (`monitor:` in a pretrain recipe): is the backbone learning anything?
 
-Every `monitor.every` optimizer steps, and at the last step, the training loop hands the objective to a `Monitor`
+Before the first step of a run (the starting weights: a continuation's baseline), every `monitor.every` optimizer
+steps, and at the last step, the training loop hands the objective to a `Monitor`
 (on the main process, in eval mode, inside a fork of the RNG like validation-based selection, so the run trains
 exactly as without it). The backbone the export will hold (`export_backbone()`: MAE's encoder, DINOv2's teacher)
 embeds a labelled shard set with the evaluation transform; k-NN (medfound.evaluate.probes.knn_probs: cosine, k = 20,
@@ -42,6 +43,7 @@ class Monitor:
     """The monitor of one pretraining run; `due`, `__call__` and `finish` as Selection's (medfound.run.selection)."""
 
     prefix = "monitor"
+    look_at_start = True  # step 0 too: the starting weights' values (a continuation's baseline)
 
     def __init__(self, recipe) -> None:
         self.cfg = recipe.monitor

@@ -240,6 +240,12 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     window_images, window_start = 0, time.time()
     micro, cycle_bad, bad_in_a_row, last_bad = 0, False, 0, ""
     collapse_hook, collapse_warned = getattr(inner, "collapse", None), False
+    if selection is not None and state.step == 0 and getattr(selection, "look_at_start", False):
+        if main:  # the representation monitor's look at the starting weights: what continuation starts from
+            looked = selection(0, inner)
+            if isinstance(looked, dict) and looked:
+                logger.log(0, looked, prefix=getattr(selection, "prefix", "selection"))
+        accelerator.wait_for_everyone()
     with _Preemption() as preempt:
         while state.step < trainer.max_steps:
             loader = make_loader(state.epoch)

@@ -26,13 +26,13 @@ def test_pretraining_logs_knn_and_collapse_signals_where_users_look(shards, tmp_
         "trainer.loggers=[tensorboard]"]
     summary = run_pretrain(load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", overrides))
     looks = [r for r in read_metrics(run) if r["phase"] == "monitor"]
-    assert [r["step"] for r in looks] == [2, 4]
+    assert [r["step"] for r in looks] == [0, 2, 4]  # step 0: the starting weights, before any update
     assert all(0 <= r["knn_auroc"] <= 1 and r["feature_std"] > 0 and r["effective_rank"] >= 1 and
                r["collapsed"] == 0 for r in looks)
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     assert {"monitor/knn_auroc", "monitor/effective_rank", "monitor/feature_std"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("monitor/knn_auroc")] == [2, 4]
+    assert [e.step for e in events.Scalars("monitor/knn_auroc")] == [0, 2, 4]
     lineage = json.loads((run / "export" / "config.json").read_text())["medfound"]
     assert lineage["monitor"]["last_step"] == 4 and lineage["monitor"]["last"] == {k: v for k, v in looks[-1].items()
                                                                                   if k not in ("step", "time", "phase")}
