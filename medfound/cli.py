@@ -665,7 +665,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(f"imported {args.source} as {r['architecture']} ({r['params']:,} parameters) into {r['out']}"
               + (f"; MAE decoder kept ({r['mae_decoder']})" if r["mae_decoder"] else "")
               + (f"; DINO heads kept ({r['dino_heads']['out_dim']} prototypes)" if r.get("dino_heads") else "")
-              + (f"; dropped {len(r['dropped'])} non-backbone keys: {', '.join(r['dropped'][:6])}" if r["dropped"] else ""))
+              + (f"; dropped {len(r['dropped'])} non-backbone keys: {', '.join(r['dropped'][:6])}" if r["dropped"] else "")
+              + "".join(f"\nnote: {n}" for n in r.get("notes", [])))
         return 0
     if args.verb == "shard" and args.kind == "merge":
         from medfound.data.shards import merge_parts

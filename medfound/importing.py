@@ -164,6 +164,76 @@ def infer_vit(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     return ARCH_BY_WIDTH.get(width, "vit_base_patch16_224"), args
 
 
+def transformers_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
+    """A transformers ViT (`Dinov2Model`, `ViTMAEForPreTraining`, `ViTModel`; `save_pretrained`) in timm's
+    VisionTransformer names, and an MAE decoder in medfound's, both namings transformers has used (docs/import.md):
+    `embeddings.{cls_token,register_tokens,position_embeddings,patch_embeddings.projection}`, blocks under
+    `encoder.layer.N` / `layers.N` (decoder: `decoder_layers.N` / `decoder_encoder.layer.N`) with `attention.{q,k,v,o}_proj` or `attention.attention.{query,key,value}` +
+    `attention.output.dense`, `norm1/2` or `layernorm_before/after`, `mlp.fc1/fc2` or `intermediate.dense` +
+    `output.dense`, `layer_scale1/2.lambda1`, final `layernorm`; ViTMAE's `decoder.*` likewise. Returns (backbone,
+    decoder, dropped keys)."""
+    import re
+
+    def block(k: str) -> str:
+        k = (k.replace("attention.attention.query", "attention.q_proj").replace("attention.attention.key", "attention.k_proj")
+             .replace("attention.attention.value", "attention.v_proj").replace("attention.output.dense", "attention.o_proj")
+             .replace("intermediate.dense", "mlp.fc1").replace("output.dense", "mlp.fc2")
+             .replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+             .replace("layer_scale1.lambda1", "ls1.gamma").replace("layer_scale2.lambda1", "ls2.gamma")
+             .replace("attention.o_proj", "attn.proj"))
+        return k
+
+    def fuse(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in tree.items():
+            hit = re.match(r"(.*)\.attention\.([qkv])_proj\.(weight|bias)$", k)
+            if not hit:
+                out[k] = v
+                continue
+            name = f"{hit[1]}.attn.qkv.{hit[3]}"
+            if name not in out:
+                out[name] = torch.cat([tree[f"{hit[1]}.attention.{x}_proj.{hit[3]}"] for x in "qkv"])
+        return out
+
+    backbone, decoder, dropped = {}, {}, []
+    for k, v in sd.items():
+        k = re.sub(r"^(vit|dinov2|model)\.", "", k)
+        if k.startswith("decoder."):
+            k = k[len("decoder."):]
+            if k == "decoder_pos_embed":
+                dropped.append(k)  # fixed sin-cos in medfound's decoder
+                continue
+            decoder[block(re.sub(r"^(decoder_layers|decoder_encoder\.layer)\.(\d+)\.", r"decoder_blocks.\2.", k))] = v
+            continue
+        if k in ("embeddings.mask_token", "pooler.dense.weight", "pooler.dense.bias") or k.startswith("classifier."):
+            dropped.append(k)
+            continue
+        k = (k.replace("embeddings.cls_token", "cls_token")
+             .replace("embeddings.register_tokens", "register_tokens")  # DINOv2's own name: timm's filter converts it
+             .replace("embeddings.position_embeddings", "pos_embed")
+             .replace("embeddings.patch_embeddings.projection.", "patch_embed.proj."))
+        k = re.sub(r"^(encoder\.layer|encoder\.layers|layers|layer)\.(\d+)\.", r"blocks.\2.", k)
+        k = re.sub(r"^layernorm\.", "norm.", block(k))
+        backbone[k] = v
+    return fuse(backbone), fuse(decoder), dropped
+
+
+def transformers_config(source: Path) -> dict[str, Any]:
+    """A transformers folder's config.json ({} for a file, or a folder without one)."""
+    cfg = Path(source) / "config.json" if Path(source).is_dir() else None
+    return json.loads(cfg.read_text()) if cfg is not None and cfg.is_file() else {}
+
+
+def transformers_heads(source: Path) -> Optional[int]:
+    """The attention heads a transformers folder's config.json states (the tensors cannot say)."""
+    heads = transformers_config(source).get("num_attention_heads")
+    return int(heads) if heads else None
+
+
+def is_transformers_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("embeddings.patch_embeddings.", "vit.embeddings.", "dinov2.embeddings.")) for k in sd)
+
+
 DINOV3_ARCH = {(384, False): "vit_small_patch16_dinov3", (384, True): "vit_small_plus_patch16_dinov3",
                (768, False): "vit_base_patch16_dinov3", (1024, False): "vit_large_patch16_dinov3",
                (1280, True): "vit_huge_plus_patch16_dinov3", (4096, True): "vit_7b_patch16_dinov3"}
@@ -281,7 +351,12 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         mean, std = tuple(pc.get("mean", mean)), tuple(pc.get("std", std))
     raw = unwrap(load_weights(source), source)
     heads, head_notes = dino_heads(raw) if fmt in ("dinov2", "dinov3") else ({}, [])
-    backbone, decoder, dropped = normalise(raw, fmt)
+    if fmt != "dinov3" and is_transformers_layout(raw):  # a transformers folder (Dinov2Model, ViTMAEForPreTraining)
+        backbone, decoder, dropped = transformers_to_timm(raw)
+        if fmt not in ("mae", "retfound"):
+            dropped, decoder = dropped + sorted(decoder), {}
+    else:
+        backbone, decoder, dropped = normalise(raw, fmt)
     converted = fmt == "dinov3"
     if converted:  # Meta's or transformers' names -> timm's Eva, and the architecture they describe
         backbone, more, inferred_model, inferred = dinov3_to_timm(backbone, source)
@@ -290,7 +365,8 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
         model_args = {**inferred, **(model_args or {})}
     if model is None:
         model, inferred = infer_vit(backbone)
-        model_args = {**inferred, **(model_args or {})}
+        stated = transformers_heads(source) if is_transformers_layout(raw) else None
+        model_args = {**inferred, **({"num_heads": stated} if stated else {}), **(model_args or {})}
     model_args = dict(model_args or {})
     if img_size is not None:
         model_args["img_size"] = img_size
@@ -329,6 +405,11 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
                **({"dino_heads": heads_info} if heads_info else {})}
     prep = argparse.Namespace(img_size=size, mean=mean, std=std)
     diff = export_model(net, out, data=prep, lineage=lineage, license=license, extra_files=extra)
-    return {"out": str(out), "architecture": model, "model_args": model_args, "dropped": dropped,
+    notes = list(heads_info["notes"]) if heads_info else []
+    eps = transformers_config(source).get("layer_norm_eps") if is_transformers_layout(raw) else None
+    if eps is not None and abs(float(eps) - 1e-6) > 1e-9 and fmt != "dinov3":
+        notes.append(f"the source's LayerNorm eps is {eps:g}, timm's ViT uses 1e-6: tokens differ slightly (negligible "
+                     "for trained weights, whose normalised inputs have unit-scale variance)")
+    return {"out": str(out), "architecture": model, "model_args": model_args, "dropped": dropped, "notes": notes,
             "mae_decoder": decoder_info, "dino_heads": heads_info, "params": sum(p.numel() for p in net.parameters()),
             "reload_max_abs_diff": diff}

@@ -269,3 +269,70 @@ def test_dinov3_from_transformers_and_metas_layout_computes_the_sources_features
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
         with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
             import_checkpoint(tmp_path / "hf", "dinov3", tmp_path / "gelu")
+
+
+def _legacy_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 4.x names of the same weights (most Hub checkpoints were saved with them)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("encoder.layers.", "encoder.layer.").replace(".attention.q_proj", ".attention.attention.query")
+        k = k.replace(".attention.k_proj", ".attention.attention.key").replace(".attention.v_proj",
+                                                                              ".attention.attention.value")
+        out[k.replace(".attention.o_proj", ".attention.output.dense")] = v
+    return out
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_transformers_dinov2_imports_and_computes_the_libraries_features(tmp_path, registers):
+    """A transformers Dinov2Model folder (save_pretrained; with and without registers), and the same weights under
+    transformers 4.x key names, import as a timm ViT whose tokens equal transformers' own forward within 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                    patch_size=8, image_size=32, num_register_tokens=registers, layerscale_value=0.5)
+    hf = transformers.Dinov2Model(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    save_file({k: v.contiguous() for k, v in _legacy_names(hf.state_dict()).items()}, str(tmp_path / "legacy.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = hf(pixel_values=x).last_hidden_state
+    # a lone file does not state the heads: --model-args, as for any width outside the released sizes
+    for name, source, args in (("from_hf", tmp_path / "hf", None),
+                               ("from_legacy", tmp_path / "legacy.safetensors", {"num_heads": 2})):
+        r = import_checkpoint(source, "dinov2", tmp_path / name, model_args=args)
+        assert r["dropped"] == ["embeddings.mask_token"] and r["model_args"]["img_size"] == 32
+        backbone = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True, num_classes=0).eval()
+        with torch.no_grad():
+            got = backbone.forward_features(x)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5, name
+
+
+def test_transformers_vit_mae_imports_with_its_decoder(tmp_path):
+    """A transformers ViTMAEForPreTraining folder: the encoder's tokens (all patches, in order) equal transformers'
+    ViTMAEModel within 1e-5, and the decoder is kept in medfound's names, loadable by an MAE of its size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTMAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                    patch_size=8, image_size=32, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                    decoder_num_attention_heads=2, decoder_intermediate_size=128, mask_ratio=0.0,
+                                    layer_norm_eps=1e-6)  # timm's ViT eps (the default 1e-12 is noted at import)
+    hf = transformers.ViTMAEForPreTraining(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # mask ratio 0 and an increasing noise: every patch, in its own order
+        want = hf.vit(pixel_values=x, noise=torch.arange(16.0).expand(2, 16)).last_hidden_state
+    r = import_checkpoint(tmp_path / "hf", "mae", tmp_path / "out")
+    assert r["mae_decoder"] == {"decoder_dim": 32, "decoder_depth": 1} and r["notes"] == []
+    backbone = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        got = backbone.forward_features(x)
+    assert (got - want).abs().max() <= 1e-5
+    mae = MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    mae.load_decoder(tmp_path / "out" / "mae_decoder.safetensors")  # strict: every key and shape
+    assert torch.equal(mae.decoder_pred.weight, hf.decoder.decoder_pred.weight)
+    cfg_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg_json, "layer_norm_eps": 1e-12}))
+    r = import_checkpoint(tmp_path / "hf", "mae", tmp_path / "eps")
+    assert "LayerNorm eps is 1e-12, timm's ViT uses 1e-6" in r["notes"][0]
