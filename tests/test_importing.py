@@ -336,3 +336,23 @@ def test_transformers_vit_mae_imports_with_its_decoder(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg_json, "layer_norm_eps": 1e-12}))
     r = import_checkpoint(tmp_path / "hf", "mae", tmp_path / "eps")
     assert "LayerNorm eps is 1e-12, timm's ViT uses 1e-6" in r["notes"][0]
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_reg4_dinov2", "vit_small_plus_patch16_dinov3"])
+def test_timm_dinov2_and_dinov3_state_dicts_and_folders_import_exactly(tmp_path, arch):
+    """timm's own DINOv2 (registers) and DINOv3 (Eva: RoPE, SwiGLU) weights, as a state dict with --model and as a
+    save_for_hf folder: the imported backbone computes the source model's tokens exactly."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    source = timm.create_model(arch, num_classes=0, **args).eval()
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    save_for_hf(source, str(tmp_path / "folder"), safe_serialization=True)
+    x = torch.randn(2, 3, 32, 32)
+    for name, path, kw in (("file", tmp_path / "weights.pth", dict(model=arch, model_args=args)),
+                           ("dir", tmp_path / "folder", {})):
+        import_checkpoint(path, "timm", tmp_path / name, **kw)
+        backbone = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True, num_classes=0).eval()
+        with torch.no_grad():
+            assert torch.equal(backbone.forward_features(x), source.forward_features(x)), name
