@@ -174,7 +174,8 @@ def test_pickled_objects_are_refused_with_the_fix(tmp_path, capsys):
 def test_cli_and_continued_pretraining_from_an_import(tmp_path, shards, capsys):
     ckpt, mae = _mae_checkpoint()
     torch.save(ckpt, tmp_path / "mae.pth")
-    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--out", str(tmp_path / "imp")]) == 0
+    assert main(["import", str(tmp_path / "mae.pth"), "--format", "mae", "--license", "cc-by-nc-4.0",
+                 "--out", str(tmp_path / "imp")]) == 0
     assert "MAE decoder kept" in capsys.readouterr().out
     card_lineage = json.loads((tmp_path / "imp" / "config.json").read_text())["medfound"]
     assert card_lineage["stage"] == "import" and card_lineage["source"]["file"] == "mae.pth"
@@ -191,6 +192,16 @@ def test_cli_and_continued_pretraining_from_an_import(tmp_path, shards, capsys):
     assert all(torch.equal(continued.decoder_state()[k], v) for k, v in mae.decoder_state().items())
     assert run_pretrain(recipe)["step"] == 2
     assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["medfound"]["parent"]["stage"] == "import"
+    # the card names the starting weights (file, sha256, licence) and carries their non-commercial terms
+    from medfound.publish.check import check_card
+    from medfound.workflows import publish_run
+
+    with pytest.raises(ValueError, match="less restrictive than what the model was made from: imported weights"):
+        publish_run(tmp_path / "run", tmp_path / "pub")  # the recipe's cc-by-4.0 would drop the NC terms
+    publish_run(tmp_path / "run", tmp_path / "pub", license="cc-by-nc-4.0")
+    card = (tmp_path / "pub" / "README.md").read_text()
+    sha = card_lineage["source"]["sha256"]
+    assert f"`mae.pth` (sha256 `{sha}`), licence `cc-by-nc-4.0`" in card and check_card(tmp_path / "pub") == []
 
 
 def _hf_dinov3(gated: bool):

@@ -33,7 +33,9 @@ class MAEConfig(Strict):
                                                         "when the weights' decoder is loaded)")
 
     def describe(self) -> str:
-        return f"MAE (mask ratio {self.mask_ratio}, decoder {self.decoder_dim}-d x {self.decoder_depth})"
+        warm = f"; a new decoder warmed up {self.head_warmup_steps} steps on the frozen encoder" \
+            if self.head_warmup_steps else ""
+        return f"MAE (mask ratio {self.mask_ratio}, decoder {self.decoder_dim}-d x {self.decoder_depth}{warm})"
 
 
 class DINOConfig(Strict):
@@ -68,8 +70,10 @@ class DINOConfig(Strict):
                                                  "(dino_heads.safetensors)")
 
     def describe(self) -> str:
+        warm = f"; new heads warmed up {self.head_warmup_steps} steps on the frozen backbone" \
+            if self.head_warmup_steps else ""
         return (f"DINOv2 + iBOT + KoLeo ({self.out_dim} prototypes, {self.centering.replace('_', '-')}, "
-                f"teacher momentum {self.momentum[0]}->{self.momentum[1]}; teacher exported)")
+                f"teacher momentum {self.momentum[0]}->{self.momentum[1]}{warm}; teacher exported)")
 
 
 OBJECTIVES.register("mae", config=MAEConfig, builder="medfound.pretrain.mae:build_mae",
