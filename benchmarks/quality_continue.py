@@ -105,10 +105,10 @@ def main() -> int:
     minutes = {}
     for arm, (recipe, *extra) in arms.items():
         out = args.work / arm
-        t = time.time()
         if not (out / "export" / "model.safetensors").is_file():
             run([mf, "pretrain", recipe, *common, *extra, f"trainer.output_dir={out}"])
-        minutes[arm] = round((time.time() - t) / 60, 1)
+        lineage = json.loads((out / "export" / "config.json").read_text())["medfound"]
+        minutes[arm] = round(lineage.get("train_seconds", 0.0) / 60, 1)  # training time (the monitor's looks apart)
     (args.work / "suite.yaml").write_text(suite_yaml(shards))
     run([mf, "bench", f"start={source}", f"continued={args.work / 'continued' / 'export'}",
          f"naive={args.work / 'naive' / 'export'}", "--suite", str(args.work / "suite.yaml"),
@@ -123,12 +123,16 @@ def main() -> int:
     half = (start["high"] - start["low"]) / 2
     looks = {arm: [(h["step"], h["knn_auroc"]) for h in monitor[arm]] for arm in arms}
     start_look = looks["continued"][0][1]
+    def no_dip(arm: str) -> dict:
+        lowest = min(v for _, v in looks[arm])
+        return {"met": lowest >= start_look - half, "start": start_look, "half_width": round(half, 4),
+                "lowest": lowest, "lowest_at_step": min(looks[arm], key=lambda sv: sv[1])[0],
+                "rule": "new-domain k-NN AUROC (monitor, val) at every look >= the step-0 value minus the half-width of "
+                        "the start's test interval"}
+
     targets = {
-        "continuation_shows_no_dip": {
-            "met": min(v for _, v in looks["continued"]) >= start_look - half,
-            "rule": "new-domain k-NN AUROC (monitor, val) at every look >= the step-0 value minus the half-width of the "
-                    "start's test interval", "start": start_look, "half_width": round(half, 4),
-            "lowest": min(v for _, v in looks["continued"])},
+        "continuation_shows_no_dip": no_dip("continued"),
+        "contrast_naive_restart_shows_no_dip": no_dip("naive"),
         "continuation_ends_above_the_start_on_the_new_domain": {
             "met": paired(done["paired"], "retinamnist", "continued", "start")["low"] > 0,
             **paired(done["paired"], "retinamnist", "continued", "start")},
@@ -142,7 +146,7 @@ def main() -> int:
               "paired": {task: [paired(done["paired"], task, a, b) for a, b in
                                 (("continued", "start"), ("naive", "start"), ("continued", "naive"))]
                          for task in shards},
-              "minutes": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
+              "minutes_this_call": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
     save_result("continue_pneumonia_to_retina", result, ("targets", "test_knn_auroc"))
     return 0
 
