@@ -115,8 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "volumes: path[,mask,label,patient_id,site,split]")
     g.add_argument("--split-fractions", type=_fractions,
                    help="split by patient when there is no split column, e.g. train=0.8,val=0.1,test=0.1")
-    g.add_argument("--fov", choices=["none", "detect", "crop"], default="none",
-                   help="images (colour fundus): store a detected field-of-view mask, or also crop to it")
+    g.add_argument("--fov", choices=["none", "detect", "crop"],
+                   help="images (colour fundus): store a detected field-of-view mask, or also crop to it (default none)")
     g.add_argument("--scale", type=float, help="images: resize every image (and its masks, by nearest neighbour) by "
                                                "this factor, e.g. 0.5 to match another set's scale; recorded in the "
                                                "manifest (and --mpp is divided by it)")
@@ -130,17 +130,17 @@ def _parser() -> argparse.ArgumentParser:
                                                     "mm, stored per sample for data.spacing_mm (a spacing_mm column "
                                                     "in the --table gives it per image instead)")
     g = s.add_argument_group("volumes")
-    g.add_argument("--layout", choices=["volume", "slices", "patches"], default="volume")
+    g.add_argument("--layout", choices=["volume", "slices", "patches"], help="default volume")
     g.add_argument("--axis", type=int, help="slice axis (default: the one with the coarsest spacing)")
     g.add_argument("--patch", type=lambda v: [int(x) for x in v.split(",")], help="patch size, e.g. 64,64,16")
     g = s.add_argument_group("wsi")
     g.add_argument("--mpp", type=float, help="wsi: target micrometres per pixel of the tiles (default 0.5); images: "
                                              "the images' resolution, recorded in the manifest and the model card")
-    g.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp (default 224)")
-    g.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
+    g.add_argument("--tile-size", type=int, help="tile side in pixels at --mpp (default 224)")
+    g.add_argument("--min-tissue", type=float, help="minimum tissue fraction of a tile (default 0.5)")
     g.add_argument("--slide-mpp", type=float, help="scan resolution for slides without mpp metadata")
-    g.add_argument("--split", default="train", help="split of tiles from slides without a table row (default train)")
-    g.add_argument("--backend", choices=["tiffslide", "openslide"], default="tiffslide")
+    g.add_argument("--split", help="split of tiles from slides without a table row (default train)")
+    g.add_argument("--backend", choices=["tiffslide", "openslide"], help="default tiffslide")
 
     s = sub.add_parser("inspect", help="print a shard set's summary and verify every checksum")
     s.add_argument("shards", nargs="+")
@@ -684,40 +684,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
             raise ValueError(f"medfound shard {args.kind} takes one input (got {len(args.input)}); several part "
                              "folders are joined with `medfound shard merge`")
         args.input = args.input[0]
-        if args.mpp is not None and args.kind not in ("wsi", "images"):
-            raise ValueError(f"--mpp is for wsi (the tiles' um/px) and images (the images' um/px); {args.kind} inputs "
-                             "carry their own spacing (DICOM PixelSpacing, volume headers): drop --mpp")
-        if args.mpp is None and args.kind == "wsi":
-            args.mpp = 0.5
-        options = {k: getattr(args, k) for k in ("label_type", "label_names", "table", "split_fractions", "mpp",
-                                                 "tile_size", "min_tissue", "slide_mpp", "split", "backend",
-                                                 "keep_names", "salt", "fov", "layout", "axis", "patch")}
-        if args.fov_diameter is not None:
-            if args.kind != "images":
-                raise ValueError("--fov-diameter resizes `medfound shard images` fundus photographs")
-            options["fov_diameter"] = args.fov_diameter
-        if args.spacing_mm is not None:
-            if args.kind != "images":
-                raise ValueError(f"--spacing-mm states the pixel spacing of `medfound shard images` inputs; {args.kind} "
-                                 "inputs carry their own (DICOM PixelSpacing / ImagerPixelSpacing, volume headers)")
-            options["spacing_mm"] = args.spacing_mm
-        if args.mask_mode is not None:
-            if args.kind != "images":
-                raise ValueError(f"--mask-mode states what `medfound shard images` mask PNGs hold; {args.kind} "
-                                 "inputs carry label maps of their own")
-            options["mask_mode"] = args.mask_mode
-        if args.scale is not None:
-            if args.kind != "images":
-                raise ValueError(f"--scale resizes `medfound shard images` inputs; {args.kind} inputs are resampled "
-                                 "by their spacing (segment.spacing, --mpp for slides)")
-            options["scale"] = args.scale
-        if args.allow_burned_in:
-            options["allow_burned_in"] = True
-        if args.require_spacing:
-            if args.kind != "dicom":
-                raise ValueError(f"--require-spacing filters DICOM files by their PixelSpacing; {args.kind} inputs "
-                                 "are given a spacing with --spacing-mm or a spacing_mm column (images)")
-            options["require_spacing"] = True
+        from medfound.data.ingest import reader_options
+
+        # the options given (argparse leaves the others None / False; each reader owns its defaults), checked
+        # against what the kind's reader reads by workflows.shard: another kind's option is an error naming it
+        known = set().union(*(reader_options(k) for k in INGEST_KINDS.names()))
+        options = {k: v for k, v in vars(args).items() if k in known and v is not None and v is not False}
         if args.skipped_list and Path(args.out).resolve() in Path(args.skipped_list).resolve().parents:
             raise ValueError(f"--skipped-list {args.skipped_list} is inside --out {args.out}: file names never go into "
                              "a shard set; write the list elsewhere")

@@ -191,9 +191,10 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
     from medfound.data import location
-    from medfound.data.ingest import get_reader
+    from medfound.data.ingest import check_options, get_reader
     from medfound.data.shards import upload_shard_set, write_shard_set
 
+    check_options(kind, options)  # before anything is read or written
     remote = location.is_url(out)
     name = name or location.basename(out)
     if remote:  # written locally in a staging folder, then uploaded shards first and the manifest last

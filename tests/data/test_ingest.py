@@ -200,4 +200,27 @@ def test_images_mpp_is_recorded_and_refused_where_it_means_nothing(tmp_path, cap
     assert m.ingest["mpp"] == 0.495 and dataset_record(m)["mpp"] == 0.495
     assert main(["shard", "npz", str(DATA / "medmnist" / "retinamnist_demo.npz"), "--out", str(tmp_path / "n"),
                  "--mpp", "0.5"]) == 1
-    assert "--mpp is for wsi" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    assert "`medfound shard npz` does not read --mpp (read by images, wsi)" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+def test_an_option_of_another_ingest_kind_is_refused_naming_the_kinds_that_read_it(tmp_path, capsys):
+    """Issue 29: `shard npz --split-fractions --tile-size --layout` succeeded and ignored all three. Each reader's
+    keyword parameters are its options; one it does not read is an error naming the kinds that do, before anything
+    is written, from the CLI and from Python alike; the options a kind reads still pass."""
+    from medfound.cli import main
+    from medfound.data.ingest import reader_options
+    from medfound.workflows import shard
+
+    npz = str(DATA / "medmnist" / "retinamnist_demo.npz")
+    assert main(["shard", "npz", npz, "--out", str(tmp_path / "n"), "--split-fractions", "train=1",
+                 "--tile-size", "64", "--layout", "slices"]) == 1
+    err = capsys.readouterr().err
+    assert ("`medfound shard npz` does not read --layout (read by volumes); --split-fractions (read by dicom, images, "
+            "volumes); --tile-size (read by wsi): drop them") in err
+    assert not (tmp_path / "n").exists()
+    with pytest.raises(ValueError, match=r"`medfound shard volumes` does not read --fov \(read by images\)"):
+        shard("volumes", DATA / "volumes", tmp_path / "v", fov="detect")
+    assert not (tmp_path / "v").exists()
+    assert {"tile_size", "min_tissue", "mpp"} <= reader_options("wsi") and "tile_size" not in reader_options("images")
+    assert main(["shard", "npz", npz, "--out", str(tmp_path / "ok"), "--label-type", "ordinal"]) == 0  # read by npz

@@ -240,7 +240,7 @@ def test_the_cli_states_spacing_for_images_only(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "npz", str(DATA / "medmnist" /
                            "pneumoniamnist_demo.npz"), "--out", str(tmp_path / "x"), "--spacing-mm", "0.2"],
                           cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and "--spacing-mm states the pixel spacing of `medfound shard images`" in proc.stderr
+    assert proc.returncode != 0 and "`medfound shard npz` does not read --spacing-mm (read by images)" in proc.stderr
     assert not (tmp_path / "x").exists()
     table = _pneumonia_images(tmp_path / "png", n_train=4, n_test=2)
     proc = subprocess.run([sys.executable, "-m", "medfound.cli", "shard", "images", str(tmp_path / "png"), "--table",

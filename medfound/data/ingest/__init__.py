@@ -224,4 +224,29 @@ def get_reader(kind: str) -> Callable[..., Ingested]:
     return INGEST_KINDS.get(kind).load()
 
 
+FRAMEWORK_OPTIONS = frozenset({"site", "name"})  # passed by `workflows.shard` itself, not options of the user's
+
+
+def reader_options(kind: str) -> frozenset[str]:
+    """The options the KIND reader takes: its keyword-only parameters (its signature is the declaration; `**_`
+    only keeps the readers' calls uniform)."""
+    import inspect
+
+    params = inspect.signature(get_reader(kind)).parameters.values()
+    return frozenset(p.name for p in params if p.kind == p.KEYWORD_ONLY) - FRAMEWORK_OPTIONS
+
+
+def check_options(kind: str, options: dict) -> None:
+    """Refuse options the KIND reader does not read, naming the kinds that do: one kind's option never passes
+    silently on another (`shard npz --tile-size`)."""
+    bad = sorted(set(options) - reader_options(kind))
+    if not bad:
+        return
+    takers = {k: sorted(e.name for e in INGEST_KINDS if k in reader_options(e.name)) for k in bad}
+    named = "; ".join(f"--{k.replace('_', '-')} ({'read by ' + ', '.join(takers[k]) if takers[k] else 'read by no kind'})"
+                      for k in bad)
+    raise ValueError(f"`medfound shard {kind}` does not read {named}: drop {'it' if len(bad) == 1 else 'them'}, or "
+                     "use the kind that reads it")
+
+
 KINDS = tuple(INGEST_KINDS.names())
