@@ -145,3 +145,15 @@ def test_no_private_name_is_imported_across_modules():
 def test_imports_only_go_downward(module):
     up = sorted(t for t in _edges()[module] if _layer(t) > _layer(module))
     assert up == [], f"{module} (layer {LAYERS[_layer(module)][0]}) imports from higher layers: {up}"
+
+
+def test_a_class_name_tells_its_layer():
+    """Issue 29: a task kind's spec (medfound/tasks/) never shares its class name with a training module
+    (medfound/adapt/): the registered kinds are `...Spec`."""
+    import medfound.tasks  # noqa: F401  (registers the kinds)
+    from medfound.adapt import tasks as training
+    from medfound.tasks.base import TASKS
+
+    names = {type(spec).__name__ for spec in TASKS.values()}
+    assert all(n.endswith("Spec") for n in names), names
+    assert not names & {n for n in dir(training) if isinstance(getattr(training, n), type)}

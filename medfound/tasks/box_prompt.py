@@ -22,7 +22,7 @@ from medfound.tasks.images import ImageNetwork
 
 
 @register_task
-class BoxPromptTask(ImageNetwork):
+class BoxPromptSpec(ImageNetwork):
     name = "box_prompt"
     weights_file = "prompt_segmenter.safetensors"
     meta_file = "prompt_segmenter.json"

@@ -22,7 +22,7 @@ def tuning_text(recipe, texts: dict[str, str]) -> str:
 
 
 @register_task
-class ClassificationTask(TimmExport):
+class ClassificationSpec(TimmExport):
     name = "classification"
     stage = "fine-tuning"
     weights_file = "model.safetensors"

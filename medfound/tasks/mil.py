@@ -35,7 +35,7 @@ def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], i
 
 
 @register_task
-class MILTask:
+class MILSpec:
     name = "mil"
     stage = "slide-level MIL"
     weights_file = "mil.safetensors"

@@ -25,7 +25,7 @@ def build_objective(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] =
 
 
 @register_task
-class PretrainTask(TimmExport):
+class PretrainSpec(TimmExport):
     name = "pretrain"
     stage = "pretraining"
     weights_file = "model.safetensors"

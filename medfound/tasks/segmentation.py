@@ -19,7 +19,7 @@ TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha})", "full": "full fine-tuning"
 
 
 @register_task
-class SegmentationTask(ImageNetwork):
+class SegmentationSpec(ImageNetwork):
     name = "segmentation"
     weights_file = "segmenter.safetensors"
     meta_file = "segmenter.json"
