@@ -444,7 +444,7 @@ def missing_paths(recipe) -> list[str]:
     from medfound.data.samples import demo_set_command
 
     out = []
-    mil = recipe.task == "mil"
+    mil = type(recipe.head).backbone == "bags"  # the head reads a bag folder, not a shard set
     for i, shards in enumerate(recipe.data.shards):
         want = "bags.json" if mil else "manifest.json"
         if not is_url(shards) and not (Path(shards) / want).is_file():
@@ -588,7 +588,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
         from medfound.run import read_run
 
         run = read_run(args.run_dir)
-        if run.recipe.task != "box_prompt":
+        from medfound.tasks import task_for
+
+        if "boxes" not in getattr(task_for(run.recipe), "predict_options", ()):  # a kind that takes box prompts
             raise ValueError(f"{args.run_dir} is not a box-prompt run (head.type=box_prompt)")
         from medfound.evaluate.records import trained_modalities
 

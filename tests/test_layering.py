@@ -157,3 +157,21 @@ def test_a_class_name_tells_its_layer():
     names = {type(spec).__name__ for spec in TASKS.values()}
     assert all(n.endswith("Spec") for n in names), names
     assert not names & {n for n in dir(training) if isinstance(getattr(training, n), type)}
+
+
+def test_no_task_kind_is_named_outside_its_own_module():
+    """Issue 29: rules go by capability (the head's class metadata, the kind's declared options), not by a task's
+    name: the names of the kinds appear as strings only in medfound/tasks/ (each kind's module), config/tasks.py (the
+    keys each kind reads) and config/heads.py (each head's registration says which kind it trains)."""
+    import ast
+
+    kinds = {"classification", "segmentation", "box_prompt", "mil"}
+    allowed = ("medfound/tasks/", "medfound/config/tasks.py", "medfound/config/heads.py")
+    found = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG.parent).as_posix()
+        if rel.startswith(allowed):
+            continue
+        found += [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(ast.parse(f.read_text()))
+                  if isinstance(n, ast.Constant) and n.value in kinds]
+    assert not found, found

@@ -31,12 +31,17 @@ class HeadRules:
     spatial_why: ClassVar[str] = ""
     # what trainer.visualize_every draws for this head (the task module's `visualize`), or None: it draws nothing
     visualizes: ClassVar[Optional[str]] = None
+    # the recipe sections and keys the head requires: `segment:` (segmentation heads), data.img_size (the heads that
+    # see a fixed input edge); the recipe validator reads these instead of the task's name
+    needs_segment: ClassVar[bool] = False
+    needs_img_size: ClassVar[bool] = False
 
 
 class CNNHeadRules(HeadRules):
     """The segmentation CNNs (MONAI): trained from scratch, no backbone."""
 
     task: ClassVar[str] = "segmentation"
+    needs_segment: ClassVar[bool] = True
     visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
     backbone: ClassVar[str] = "none"
     tunings: ClassVar[tuple[str, ...]] = ("full",)
@@ -48,6 +53,7 @@ class ClassifyHeadConfig(HeadRules, Strict):
     """timm's own classifier on the backbone's pooled features, so the export loads as a classifier."""
 
     task: ClassVar[str] = "classification"
+    needs_img_size: ClassVar[bool] = True
 
     type: Literal["classify"] = Field("classify", description="the head (`medfound ls heads`)")
     pool: Literal["token", "avg"] = Field("token", description="token: the class token (ViT fine-tuning); avg: "
@@ -70,6 +76,7 @@ class UNETRHeadConfig(HeadRules, Strict):
     """UNETR-style decoder (Hatamizadeh et al. 2022) over intermediate ViT blocks (heads/unetr.py)."""
 
     task: ClassVar[str] = "segmentation"
+    needs_segment: ClassVar[bool] = True
     visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
 
     type: Literal["unetr"] = Field("unetr", description="the head (`medfound ls heads`)")
@@ -82,6 +89,7 @@ class TransUNetHeadConfig(HeadRules, Strict):
     """TransUNet (Chen et al. 2021): CNN stem for skips + ViT encoder + cascaded upsampler (heads/transunet.py)."""
 
     task: ClassVar[str] = "segmentation"
+    needs_segment: ClassVar[bool] = True
     visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction, per training image"
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
     spatial_why: ClassVar[str] = "head.type=transunet is 2-D here: use unet, vnet or unetr for volumes"
@@ -163,6 +171,7 @@ class BoxPromptHeadConfig(HeadRules, Strict):
     ViT backbone; one binary mask per box. data.img_size is the model's input edge."""
 
     task: ClassVar[str] = "box_prompt"
+    needs_img_size: ClassVar[bool] = True
     visualizes: ClassVar[Optional[str]] = "image | ground truth | prediction with the prompt box, per training image"
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
 
@@ -273,6 +282,6 @@ HEADS.register("box_prompt", config=BoxPromptHeadConfig, builder="medfound.adapt
                description="MedSAM-style box-prompt segmentation: SAM prompt encoder + two-way mask decoder")
 load_plugins()  # third-party heads and objectives register before the unions are built
 
-SEGMENT_HEADS = tuple(e.name for e in HEADS if e.config.task == "segmentation")
+SEGMENT_HEADS = tuple(e.name for e in HEADS if e.config.needs_segment)
 CNN_HEADS = tuple(e.name for e in HEADS if e.config.backbone == "none")
 HeadConfig = Annotated[Union[HEADS.configs()], Field(discriminator="type")]

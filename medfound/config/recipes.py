@@ -112,24 +112,21 @@ class FinetuneRecipe(Strict):
         t = self.head.type
         if self.tuning not in h.tunings:
             raise ValueError(f"head.type={t} {h.tuning_why} (got {self.tuning})")
-        if h.task == "segmentation":
+        if h.needs_segment:
             if self.segment is None:
                 raise ValueError(f"head.type={t} segments: add a segment section (segment.patch_size at least)")
             if self.segment.spatial_dims not in h.spatial_dims:
                 raise ValueError(h.spatial_why or f"head.type={t} takes spatial_dims {h.spatial_dims}")
         elif self.segment is not None:
-            if h.task == "classification":
-                raise ValueError(f"a segment section needs a segmentation head (head.type: {' | '.join(SEGMENT_HEADS)})"
-                                 f"; head.type is {t}")
-            raise ValueError(f"head.type={t} takes its settings from the head section: remove the segment section")
+            raise ValueError(f"a segment section needs a segmentation head (head.type: {' | '.join(SEGMENT_HEADS)})"
+                             f"; head.type={t} takes its settings from the head section: remove the segment section")
         if h.backbone == "vit" and self.backbone is None:
             raise ValueError(f"head.type={t} needs a backbone section (backbone.weights or backbone.name)")
         if h.backbone == "bags" and self.backbone is not None:
             raise ValueError(f"head.type={t} reads tile features from the bag folder in data.shards, which records "
                              "its backbone: remove the backbone section")
-        if h.task in ("classification", "box_prompt") and self.data.img_size is None:
-            raise ValueError(f"{'classification' if h.task == 'classification' else f'head.type={t}'} needs "
-                             "data.img_size (the input edge)")
+        if h.needs_img_size and self.data.img_size is None:
+            raise ValueError(f"head.type={t} needs data.img_size (the input edge)")
         _check_unused(h.task, self.data, self.eval)
         _check_pictures(self.trainer, h.visualizes, f"head.type={t}")
         return self

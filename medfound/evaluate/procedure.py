@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 from medfound.evaluate.records import external_block, network_lineage, record_tail, trained_on
 from medfound.io import atomic_write_json, sha256_file
@@ -42,15 +42,15 @@ class ScoredSet:
 
 
 class Scorer:
-    """A task kind's part of evaluation. Subclasses set `task` and implement `score`; the other hooks default to a
+    """A task kind's part of evaluation. Subclasses implement `score`; the other hooks default to a
     kind with nothing more to say. `scale`: the scale keys its preprocessing evens out (medfound.data.scale), or None
     where the kind's records carry no scale (then no scale check runs)."""
 
-    task: ClassVar[str]
     scale: Optional[tuple[str, ...]] = None
 
     def __init__(self, recipe: Any, export: Path, weights: Path) -> None:
         self.recipe, self.export, self.weights = recipe, Path(export), Path(weights)
+        self.task = recipe.task  # the kind's one name (eval.json `task`), from the recipe's head
 
     def check(self, internal: str, split: str, externals: list[str]) -> None:
         """Refuse, before anything is scored, a set that cannot be scored (a missing mask member, no spacing)."""

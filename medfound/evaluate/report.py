@@ -71,7 +71,6 @@ class ClassificationScorer(Scorer):
     """Classification, multi-label and ordinal: probabilities per image, metrics with bootstrap intervals, per site,
     units of several images (eval.aggregate), calibration; externals must share the label schema."""
 
-    task = "classification"
     scale = CLASSIFICATION_NORMALISED
 
     def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, export: Path, weights: Path) -> None:
@@ -163,7 +162,6 @@ class SegmentationScorer(Scorer):
     """Segmentation: sliding-window inference over every image at its native geometry, Dice/HD95 per image and
     class and pooled pixel metrics with bootstrap intervals, per site, overlays for the report."""
 
-    task = "segmentation"
     n_overlays = 4
 
     def __init__(self, model: torch.nn.Module, normalize: Optional[torch.nn.Module], recipe: FinetuneRecipe,

@@ -39,7 +39,7 @@ METHOD_REFERENCES: dict[str, tuple[str, str, dict[str, str]]] = {
         "author": "Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
                   "Wang, Shean and Wang, Lu and Chen, Weizhu",
         "title": "{LoRA}: Low-Rank Adaptation of Large Language Models", "booktitle": "ICLR", "year": "2022"}),
-    "mil": ("ilse2018attention", "inproceedings", {
+    "attention mil": ("ilse2018attention", "inproceedings", {
         "author": "Ilse, Maximilian and Tomczak, Jakub and Welling, Max",
         "title": "Attention-based Deep Multiple Instance Learning", "booktitle": "ICML", "year": "2018"}),
     "box-prompt": ("ma2024medsam", "article", {

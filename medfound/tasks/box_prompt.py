@@ -253,8 +253,6 @@ class BoxScorer(Scorer):
     """Box prompts: every sample's structure segmented from the tight box of its ground-truth mask, Dice per sample
     and structure with a bootstrap interval of the mean; overlays for the report; no predictions.csv."""
 
-    task = "box_prompt"
-
     def __init__(self, predictor, recipe, export: Path, weights: Path) -> None:
         super().__init__(recipe, export, weights)
         self.predictor = predictor

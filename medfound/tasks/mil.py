@@ -297,8 +297,6 @@ class MILScorer(Scorer):
     attended tiles per slide and (head.heatmaps) `heatmaps/<slide>.png` of the internal split; externals are bag
     folders of the same label schema, extracted with the same backbone."""
 
-    task = "mil"
-
     def __init__(self, task, meta: dict, recipe, export: Path, weights: Path, out: Path) -> None:
         from medfound.data.bags import bag_schema, read_bags
         from medfound.evaluate.metrics import positive_index

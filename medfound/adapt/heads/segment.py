@@ -59,7 +59,7 @@ def build_segmenter(recipe: FinetuneRecipe) -> Segmenter:
     from medfound.registry import HEADS
 
     entry = HEADS.get(recipe.head.type)
-    if entry.config.task != "segmentation":
+    if not entry.config.needs_segment:
         raise ValueError(f"head.type={recipe.head.type} is a {entry.config.task} head, not a segmentation network")
     return entry.load()(recipe)
 
