@@ -444,7 +444,8 @@ def missing_paths(recipe) -> list[str]:
     from medfound.data.samples import demo_set_command
 
     out = []
-    mil = type(recipe.head).backbone == "bags"  # the head reads a bag folder, not a shard set
+    head = getattr(recipe, "head", None)  # pretraining recipes have none
+    mil = head is not None and type(head).backbone == "bags"  # the head reads a bag folder, not a shard set
     for i, shards in enumerate(recipe.data.shards):
         want = "bags.json" if mil else "manifest.json"
         if not is_url(shards) and not (Path(shards) / want).is_file():

@@ -36,6 +36,11 @@ class HeadRules:
     needs_segment: ClassVar[bool] = False
     needs_img_size: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "needs_segment" not in cls.__dict__ and isinstance(cls.__dict__.get("task"), str):
+            cls.needs_segment = cls.task == "segmentation"  # a head (a plugin's too) that segments reads segment:
+
 
 class CNNHeadRules(HeadRules):
     """The segmentation CNNs (MONAI): trained from scratch, no backbone."""
