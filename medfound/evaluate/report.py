@@ -67,7 +67,27 @@ def normalised_scale(seg: Any) -> tuple[str, ...]:
     return ("fov_diameter_px", "spacing_mm", "mpp", "structure_px") if seg.scale else ()
 
 
-class ClassificationScorer(Scorer):
+class ProbabilityScorer(Scorer):
+    """What the scorers of class probabilities share (classification, MIL): `self.schema` names the classes; the
+    header, the external sets' calibration, predictions.csv and the report's curves come from the probabilities
+    kept in each set's rows `(probs, labels, keys, sites)`."""
+
+    schema: Any
+
+    def header(self, internal: ScoredSet) -> dict[str, Any]:
+        return {"label_type": self.schema.type, "class_names": self.schema.names}
+
+    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
+        return {"calibration": scored.result["calibration"]}
+
+    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
+        write_predictions(path, self.schema.names, [(s.name, *s.rows) for s in sets])
+
+    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
+        return {"predictions": [(s.name, *s.rows) for s in sets]}
+
+
+class ClassificationScorer(ProbabilityScorer):
     """Classification, multi-label and ordinal: probabilities per image, metrics with bootstrap intervals, per site,
     units of several images (eval.aggregate), calibration; externals must share the label schema."""
 
@@ -140,22 +160,10 @@ class ClassificationScorer(Scorer):
         return {"by": agg.by, "reduce": agg.reduce, "n": int(len(uy)), "images": int(len(labels)),
                 "metrics": scored["metrics"], "per_class": scored["per_class"], "warnings": scored["warnings"]}
 
-    def header(self, internal: ScoredSet) -> dict[str, Any]:
-        return {"label_type": self.schema.type, "class_names": self.schema.names}
-
     def body(self, internal: ScoredSet) -> dict[str, Any]:
         units = internal.result.get("units")
         return {**scored_block(internal.result, internal.by_site, self.schema.type),
                 **({"units": units} if units else {})}
-
-    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
-        return {"calibration": scored.result["calibration"]}
-
-    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
-        write_predictions(path, self.schema.names, [(s.name, *s.rows) for s in sets])
-
-    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
-        return {"predictions": [(s.name, *s.rows) for s in sets]}
 
 
 class SegmentationScorer(Scorer):

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medfound.evaluate.procedure import ScoredSet, Scorer
+from medfound.evaluate.procedure import ScoredSet
+from medfound.evaluate.report import ProbabilityScorer
 from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
 from medfound.run import lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
@@ -292,7 +293,7 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
     return np.concatenate(probs), np.concatenate(labels) if labelled else None, keys, sites, top
 
 
-class MILScorer(Scorer):
+class MILScorer(ProbabilityScorer):
     """Slide-level MIL: the head over every slide's bag, scored as classification (per site, calibration), the most
     attended tiles per slide and (head.heatmaps) `heatmaps/<slide>.png` of the internal split; externals are bag
     folders of the same label schema, extracted with the same backbone."""
@@ -335,9 +336,6 @@ class MILScorer(Scorer):
                          (index.get("digest"), index["source"].get("digest")), dataset, (probs, labels, keys, sites),
                          warnings=list(result["warnings"]))
 
-    def header(self, internal: ScoredSet) -> dict[str, Any]:
-        return {"label_type": self.schema.type, "class_names": self.schema.names}
-
     def model_fields(self) -> dict[str, Any]:
         return {"backbone": self.index["backbone"]}
 
@@ -352,13 +350,3 @@ class MILScorer(Scorer):
                            for i, k in enumerate(keys)],
                 "heatmaps": "heatmaps" if self.heatmaps else None}  # beside eval.json
 
-    def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
-        return {"calibration": scored.result["calibration"]}
-
-    def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
-        from medfound.evaluate.records import write_predictions
-
-        write_predictions(path, self.schema.names, [(s.name, *s.rows) for s in sets])
-
-    def report_inputs(self, sets: list[ScoredSet]) -> dict[str, Any]:
-        return {"predictions": [(s.name, *s.rows) for s in sets]}
