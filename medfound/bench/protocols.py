@@ -157,11 +157,12 @@ def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) 
                              f"data.std=[{','.join(map(str, data.prep['std']))}]",
                              f"data.batch_size={batch}", f"tuning={cfg.name}",
                              f"trainer.output_dir={run}", f"trainer.max_steps={cfg.steps}", f"trainer.seed={seed}",
-                             f"trainer.checkpoint_every={max(cfg.every, 50)}", "trainer.resume=auto",
+                             f"trainer.checkpoint_every={max(cfg.every or 100, 50)}", "trainer.resume=auto",
                              f"trainer.progress={'true' if data.progress else 'false'}",
                              f"optim.warmup_steps={max(1, min(100, cfg.steps // 10))}",
-                             f"eval.split={t.test_split}", f"eval.select_split={t.val_split}",
-                             f"eval.every={cfg.every}", f"eval.select={t.metric}", "eval.bootstrap=0",
+                             f"eval.split={t.test_split}", "eval.bootstrap=0",
+                             *([f"eval.select_split={t.val_split}", f"eval.every={cfg.every}",
+                                f"eval.select={t.metric}"] if cfg.every else []),
                              "eval.report=false", f"data.fraction_seed={seed}",
                              *([f"data.train_fraction={f:g}"] if f < 1 else []),
                              *([f"optim.lr={cfg.lr:g}"] if cfg.lr else []), *cfg.overrides]
@@ -169,7 +170,7 @@ def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) 
             probs, n_train, report = _run_predictions(run, data)
             sel = report.get("selection") or {}
             out.append(Prediction(cfg.name, setting, f, None, seed, probs, n_train,
-                                  {"run": str(run), "selected_step": sel.get("selected_step"),
+                                  {"run": str(run), "selection": sel.get("policy"), "selected_step": sel.get("selected_step"),
                                    "validation_value": sel.get("value"), "steps": cfg.steps, "batch_size": batch,
                                    "degenerate": _degenerate(probs)}))
     return out

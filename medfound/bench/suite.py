@@ -108,14 +108,18 @@ class FewShotProtocol(ProtocolBase):
 
 class FinetuneProtocol(ProtocolBase):
     """The fine-tuning path itself (`medfound finetune`), at each fraction: LoRA or full fine-tuning from the
-    backbone, validation-based selection on the same fraction of the validation split (`eval.every`)."""
+    backbone, validation-based selection on the same fraction of the validation split (`eval.every`), or the last
+    of a number of steps fixed in advance (`every: null`)."""
 
     uses_fractions: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False  # frozen features of every split
     name: Literal["lora", "full"]
     recipe: str = Field("demo_classify_lora", description="the classification recipe the runs start from")
     steps: int = Field(500, gt=0, description="optimizer steps per run (fixed in advance)")
-    every: int = Field(50, gt=0, description="validate every N steps (eval.every); the best step is exported")
+    every: Optional[int] = Field(50, gt=0, description="validate every N steps (eval.every); the best step is "
+                                                       "exported. null: no validation, the last step is exported "
+                                                       "(steps fixed in advance: at 1% of labels the validation "
+                                                       "subset is a handful of samples and cannot choose)")
     lr: Optional[float] = Field(None, gt=0, description="optim.lr (default: the recipe's)")
     batch_size: int = Field(32, gt=0, description="data.batch_size")
     overrides: list[str] = Field(default_factory=list, description="more key=value overrides of the recipe")

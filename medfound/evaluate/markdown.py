@@ -126,7 +126,10 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
         from medfound.data.fractions import describe
 
         lines.append(f"Trained on {describe(report['train_labels'])}.")
-    if report.get("selection"):
+    if (report.get("selection") or {}).get("policy") == "fixed steps":
+        lines.append(f"Model selection: none; the export is the last step ({report['selection']['trained_steps']}), "
+                     "fixed in advance (no eval.every).")
+    elif report.get("selection"):
         sel = report["selection"]
         on = f" ({sel['samples']:,} of its {sel['of_samples']:,} samples, the training fraction)" \
             if sel.get("samples") is not None else ""

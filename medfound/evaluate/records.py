@@ -176,9 +176,10 @@ def dataset_block(manifest, shards: Path, split: str, n: int) -> dict[str, Any]:
 def selection_summary(lineage: dict[str, Any]) -> Optional[dict[str, Any]]:
     """eval.json's record of validation-based selection (eval.every): which step of how many won, on what."""
     sel = lineage.get("selection")
-    if not sel:
-        return None
-    return {"metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
+    if not sel:  # no eval.every: the last step, fixed in advance, is the export
+        return {"policy": "fixed steps", "selected_step": lineage["steps"], "trained_steps": lineage["steps"]} \
+            if lineage.get("steps") else None
+    return {"policy": "best on validation", "metric": sel["metric"], "split": sel["split"], "every": sel["every"], "direction": sel["direction"],
             "selected_step": sel["best_step"], "value": sel["best_value"], "trained_steps": lineage.get("steps"),
             "scored_steps": [h["step"] for h in sel.get("history", [])], **({"tied": sel["tied"]} if "tied" in sel else {}),
             **({"samples": sel["subset"]["samples"], "of_samples": sel["subset"]["of_samples"]}

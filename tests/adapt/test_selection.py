@@ -275,3 +275,15 @@ def test_a_selection_whose_looks_all_tie_says_it_could_not_choose(tmp_path):
     assert other.record()["tied"] == 1
     assert "could not choose" not in "\n".join(evaluation_sections(
         {"metrics": {"auroc": 0.9}, "selection": selection_summary({"selection": other.record(), "steps": 4})}))
+
+
+def test_without_eval_every_the_record_says_the_last_step_was_fixed_in_advance():
+    """Issue 26: eval.json says which policy picked the export, also when none did (steps fixed in advance)."""
+    from medfound.evaluate.markdown import evaluation_sections
+    from medfound.evaluate.records import selection_summary
+
+    summary = selection_summary({"steps": 500})
+    assert summary == {"policy": "fixed steps", "selected_step": 500, "trained_steps": 500}
+    text = "\n".join(evaluation_sections({"metrics": {"auroc": 0.9}, "selection": summary}))
+    assert "Model selection: none; the export is the last step (500), fixed in advance" in text
+    assert selection_summary({}) is None  # no training record (nothing to say)

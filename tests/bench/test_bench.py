@@ -166,3 +166,22 @@ def test_bad_input_is_one_line_naming_it(pretrained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err, (argv, err)
     assert (theirs / "notes.txt").read_text() == "x" and not (theirs / ".medfound-bench.json").exists()
+
+
+@pytest.mark.slow
+def test_finetuning_protocols_select_on_validation_or_fix_the_steps_in_advance(pretrained, tmp_path):
+    """`lora`/`full` go through medfound finetune at the fraction; `every: null` exports the last step (no validation
+    labels used), `every: N` the best look, and each row says which."""
+    suite = tmp_path / "ft.yaml"
+    suite.write_text("name: ft\ntasks:\n  - name: t\n    sample: pneumoniamnist\n    metric: auroc\n"
+                     "fractions: [0.5]\nseeds: [0]\nbootstrap: 50\nprotocols:\n"
+                     "  - name: lora\n    steps: 4\n    every: null\n    batch_size: 8\n"
+                     "  - name: full\n    steps: 4\n    every: 2\n    batch_size: 8\n")
+    assert main(["bench", f"mae={pretrained / 'export'}", "--suite", str(suite), "--out", str(tmp_path / "o"),
+                 "--cache", str(tmp_path / "cache")]) == 0
+    rows = {r["protocol"]: r for r in json.loads((tmp_path / "o" / "results.json").read_text())["results"]}
+    assert rows["lora"]["notes"]["selection"] == "fixed steps" and rows["lora"]["notes"]["selected_step"] == 4
+    assert rows["full"]["notes"]["selection"] == "best on validation"
+    assert rows["full"]["notes"]["selected_step"] in (2, 4) and rows["full"]["notes"]["validation_value"] is not None
+    ran = json.loads((tmp_path / "o" / "runs" / "t" / "mae" / "lora_f0.5_s0" / "eval.json").read_text())
+    assert ran["selection"]["policy"] == "fixed steps" and ran["train_labels"]["fraction"] == 0.5
