@@ -75,6 +75,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400, help="continuation steps, each arm")
     ap.add_argument("--every", type=int, default=50, help="monitor look every N steps")
     ap.add_argument("--warmup", type=int, default=100, help="head warm-up steps of the continuation")
+    ap.add_argument("--teacher-momentum", type=float, default=None,
+                    help="the continuation's starting teacher momentum (default: the recipe's 0.999); the result "
+                         "is then written as continue_pneumonia_to_retina_mNNNN.json")
     args = ap.parse_args()
     mf, start_time = medfound_bin(), time.time()
     shards = {}
@@ -100,7 +103,8 @@ def main() -> int:
               "trainer.precision=fp32", "trainer.loggers=[]", "trainer.resume=auto",
               f"monitor.shards={shards['retinamnist']}", "monitor.split=val", f"monitor.every={args.every}"]
     arms = {"continued": ["pretrain/continue_dinov2.yaml", f"objective.head_warmup_steps={args.warmup}",
-                          "optim.warmup_steps=30"],
+                          "optim.warmup_steps=30",
+                          *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else [])],
             "naive": ["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=100"]}
     minutes = {}
     for arm, (recipe, *extra) in arms.items():
@@ -147,7 +151,8 @@ def main() -> int:
                                 (("continued", "start"), ("naive", "start"), ("continued", "naive"))]
                          for task in shards},
               "minutes_this_call": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
-    save_result("continue_pneumonia_to_retina", result, ("targets", "test_knn_auroc"))
+    tag = f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else ""
+    save_result(f"continue_pneumonia_to_retina{tag}", result, ("targets", "test_knn_auroc"))
     return 0
 
 
