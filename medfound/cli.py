@@ -36,7 +36,8 @@ from medfound import __version__
 from medfound.config import ConfigError, find_recipe, load_recipe
 from medfound.data.manifest import MODALITIES
 from medfound.process import end_group
-from medfound.registry import BENCH_PROTOCOLS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES, TUNINGS
+from medfound.registry import (BENCH_PROTOCOLS, EXPORT_FORMATS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS,
+                               OBJECTIVES, TUNINGS)
 
 
 def _csv(value: str) -> list[str]:
@@ -158,10 +159,10 @@ def _parser() -> argparse.ArgumentParser:
                                 "derived at run start for one process)")
 
     s = sub.add_parser("ls", help="list shipped recipes and registered heads, objectives, tunings, ingest kinds, "
-                                          "checkpoint formats, metrics, tasks")
+                                          "checkpoint and export formats, metrics, tasks")
     s.add_argument("what", nargs="?", default="all",
-                   choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "formats", "metrics",
-                            "protocols", "tasks"])
+                   choices=["all", "recipes", "heads", "objectives", "tunings", "ingest", "formats", "exports",
+                            "metrics", "protocols", "tasks"])
 
     s = sub.add_parser("cp", help="copy a shipped recipe (a name from `medfound ls recipes`) to edit it")
     s.add_argument("recipe", help="a recipe name, e.g. demo_mae_tiny or medsam")
@@ -403,6 +404,8 @@ def _listing(what: str) -> list[str]:
                             ("tunings", "tunings (tuning)", TUNINGS), ("ingest", "ingest kinds (medfound shard KIND)",
                                                                        INGEST_KINDS),
                             ("formats", "checkpoint formats (medfound import --format)", IMPORT_FORMATS),
+                            ("exports", "export formats (a task kind's export_format, or its head's)",
+                             EXPORT_FORMATS),
                             ("metrics", "metrics", METRICS),
                             ("protocols", "bench protocols (medfound bench, suite protocols[].name)",
                              BENCH_PROTOCOLS)):
@@ -410,6 +413,8 @@ def _listing(what: str) -> list[str]:
             import medfound.evaluate.definitions  # noqa: F401  (registers them, torch-free)
         if key == "protocols" and what in ("all", key):
             import medfound.bench.suite  # noqa: F401  (registers them, torch-free)
+        if key == "exports" and what in ("all", key):
+            import medfound.publish.formats  # noqa: F401  (registers them, torch-free)
         if what in ("all", key):
             lines.append(f"{title}:")
             lines += [f"  {e.name:28s} {e.description}" + (f" [task: {e.config.task}]" if key == "heads" else "")

@@ -92,6 +92,7 @@ INGEST_KINDS = Registry("ingest kind", "shard KIND")
 METRICS = Registry("metric", "metric")
 IMPORT_FORMATS = Registry("import format", "import --format")
 BENCH_PROTOCOLS = Registry("bench protocol", "protocols[].name")  # medfound/bench/suite.py
+EXPORT_FORMATS = Registry("export format", "export_format")  # medfound/publish/formats
 
 # the checkpoint layouts `medfound import` converts (medfound/importing.py); registered here, torch-free, so the CLI's
 # choices and `medfound ls formats` come from one list

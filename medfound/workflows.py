@@ -128,31 +128,27 @@ def load(folder: str | Path) -> Any:
     the encoder; classification: the classifier), a segmentation network, a BoxPredictor or a MIL head; eval mode.
     `medfound.load` adds `model.predict(inputs[, out])` (medfound.predict.Predictor)."""
     run = read_run(folder)
-    spec = task_for(run.recipe)
-    return spec.load(run.export if "timm_export" in spec.capabilities else run.path, run.recipe)
+    return task_for(run.recipe).load(run.export, run.recipe)
 
 
 def rebuild_trained(run_dir: Path):
     """The trained backbone or classifier rebuilt from the run's recipe and newest checkpoint (not from the export),
-    as a plain timm module with any LoRA merged: the reference an export must reproduce."""
+    as a plain timm module with any LoRA merged: the reference a timm-folder export must reproduce (the export
+    format's `reference`; a network export is proven by loading it strictly instead)."""
     run = read_run(run_dir)
     spec = task_for(run.recipe)
-    if "timm_export" not in spec.capabilities:
-        raise ValueError(f"{run_dir} is a {spec.name} run: its export is not a timm folder")
-    return spec.rebuild(Path(run_dir), run.recipe)
+    return spec.format(run.recipe).reference(spec, Path(run_dir), run.recipe)
 
 
 def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name: Optional[str] = None,
             push: Optional[str] = None, dry_run: bool = False, private: bool = False,
             base_model: Optional[str] = None, license: Optional[str] = None,
             rights: Optional[str] = None) -> dict:
-    """RUN_DIR -> a Hugging Face-style folder with its model card (medfound.publish.folder); then `push` it to the
-    Hub repo (or, with `dry_run`, list what would go). `base_model` (a Hub id) overrides the recipe's
+    """RUN_DIR -> a Hugging Face-style folder with its model card (the run's export format, medfound.publish.formats);
+    then `push` it to the Hub repo (or, with `dry_run`, list what would go). `base_model` (a Hub id) overrides the recipe's
     card.base_model; `push` is recorded as card.repo_id (the card's `hf-hub:` snippet). `license` overrides the
     recipe's card.license; one less restrictive than the run's data and imported weights is refused unless `rights`
     states why the publisher may (medfound.publish.licences)."""
-    from medfound.publish import folder
-
     run_dir, out = Path(run_dir), Path(out)
     if overwrite:  # before any work: --overwrite replaces only an earlier published folder, never a run
         check_replaceable(out, "model")
@@ -162,10 +158,7 @@ def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name:
         "base_model": base_model or card.base_model, "repo_id": push or card.repo_id,
         "license": license or card.license})})
     spec = task_for(recipe)
-    if "timm_export" in spec.capabilities:
-        result = folder.publish_timm(run_dir, out, recipe, spec, overwrite, name, rights)
-    else:
-        result = folder.publish_network(run_dir, out, recipe, spec, overwrite, name, rights)
+    result = spec.format(recipe).publish(spec, recipe, run_dir, out, overwrite=overwrite, name=name, rights=rights)
     if push or dry_run:
         from medfound.publish.hub import push_folder
 

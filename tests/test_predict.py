@@ -117,7 +117,7 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
     written = _rows(tmp_path / "out" / "predictions.csv")
     assert [r["input"] for r in written] == inputs
     spec = task_for(recipe)
-    model, seg = spec.load(run, recipe), recipe.segment
+    model, seg = spec.load(run / "export", recipe), recipe.segment
     urls, _ = shard_urls([seg_shards["ct"]], "test")
     loader = make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)), batch_size=1,
                          labelled=False, train=False)
@@ -177,7 +177,7 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
     mask = np.asarray(img.dataobj)
     assert sum(int(v) for k, v in row.items() if k.startswith("pixels_")) == mask.size
     spec, seg = task_for(recipe), recipe.segment
-    model = spec.load(run, recipe)
+    model = spec.load(run / "export", recipe)
     urls, _ = shard_urls([seg_shards["volume"]], "train")
     (batch,) = list(make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)),
                                 batch_size=1, labelled=False, train=False))

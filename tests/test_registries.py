@@ -3,6 +3,7 @@ task kinds; the strict per-task keys; `medfound ls`, `cp` and `validate --print`
 
 from __future__ import annotations
 
+import json
 import typing
 
 import pytest
@@ -17,7 +18,7 @@ import medfound.evaluate.metrics  # noqa: F401  (registers the metrics)
 from medfound.registry import (BENCH_PROTOCOLS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS, OBJECTIVES,
                                TUNINGS, Registry)
 
-from helpers import ROOT
+from helpers import DATA, ROOT
 
 
 @pytest.mark.parametrize("entry", list(HEADS), ids=lambda e: e.name)
@@ -90,9 +91,13 @@ def test_every_task_kind_fills_in_the_lifecycle():
     from medfound.tasks import TASKS, TaskSpec
 
     assert set(TASKS) == set(TASK_KEYS) == {"pretrain", "classification", "segmentation", "box_prompt", "mil"}
+    from medfound.publish.formats import missing_methods
+
     for spec in TASKS.values():
         assert isinstance(spec, TaskSpec), spec.name
         assert spec.weights_file.endswith(".safetensors") and spec.pipeline_tag
+        assert missing_methods(spec, spec.export_format) == []  # what its format calls back
+    assert {s.name for s in TASKS.values() if s.export_format == "timm_folder"} == {"pretrain", "classification"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +159,9 @@ def test_a_resolved_config_with_every_default_still_loads(tmp_path):
 def test_ls_lists_recipes_and_every_registered_component(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, IMPORT_FORMATS, METRICS, BENCH_PROTOCOLS):
+    from medfound.registry import EXPORT_FORMATS
+
+    for reg in (HEADS, OBJECTIVES, TUNINGS, INGEST_KINDS, IMPORT_FORMATS, METRICS, BENCH_PROTOCOLS, EXPORT_FORMATS):
         for e in reg:
             assert f"  {e.name} " in out and e.description in out
     assert {e.name for e in BENCH_PROTOCOLS} >= {"knn", "linear", "fewshot", "lora", "full"}
@@ -271,3 +278,126 @@ main(["ls", "heads"])
     assert done.returncode == 0, done.stderr
     assert "logits (2, 2, 16, 16) segmentation" in done.stdout
     assert "tiny_conv" in done.stdout and "a one-layer test head from a plugin" in done.stdout
+
+
+def test_a_task_kind_is_refused_when_its_export_format_is_unknown_or_calls_what_it_lacks(monkeypatch):
+    from medfound.tasks import TASKS, register_task
+    from medfound.tasks.classification import ClassificationSpec
+
+    monkeypatch.setitem(TASK_KEYS, "toy", TASK_KEYS["classification"])
+
+    class ToyNetwork(ClassificationSpec):
+        name = "toy"
+        export_format = "network"
+        load_network = None
+
+    with pytest.raises(TypeError, match="exports in the network format, which calls load_network"):
+        register_task(ToyNetwork)
+
+    class ToyOnnx(ClassificationSpec):
+        name = "toy"
+        export_format = "onnx"
+
+    with pytest.raises(ValueError, match="unknown export_format 'onnx': choose one of timm_folder, network"):
+        register_task(ToyOnnx)
+    assert "toy" not in TASKS
+
+
+MLP_PLUGIN = '''
+"""A third-party classification head timm cannot rebuild (an MLP over the pooled features), in one file: its config
+(the classify head's keys, plus its export format), its registration, its builder."""
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field
+
+from medfound.config.heads import ClassifyHeadConfig
+from medfound.registry import HEADS
+
+
+class MLPHeadConfig(ClassifyHeadConfig):
+    export_format: ClassVar[Optional[str]] = "network"
+
+    type: Literal["mlp"] = Field("mlp", description="the head")
+    hidden: int = Field(16, description="hidden width")
+
+
+def build(recipe, label_schema, class_counts=None, num_train=None):
+    import torch.nn as nn
+
+    from medfound.adapt.heads.classify import attach_classifier
+    from medfound.adapt.tasks import ClassificationTask, endpoint
+    from medfound.adapt.tuning import apply_tuning
+    from medfound.backbones import create_backbone
+
+    schema = endpoint(label_schema, None)
+    model = create_backbone(recipe.backbone, num_classes=0)
+    name = attach_classifier(model, schema.num_classes, pool=recipe.head.pool)
+    model.head = nn.Sequential(nn.Linear(model.num_features, recipe.head.hidden), nn.GELU(),
+                               nn.Linear(recipe.head.hidden, schema.num_classes))
+    model = apply_tuning(model, recipe.tuning, name, recipe.lora, recipe.last_k)
+    return ClassificationTask(model, name, schema, full=recipe.tuning == "full")
+
+
+HEADS.register("mlp", config=MLPHeadConfig, builder="mlphead_plugin:build",
+               description="a two-layer MLP classifier from a plugin")
+'''
+
+
+@pytest.mark.slow
+def test_a_classification_head_timm_cannot_rebuild_trains_exports_loads_publishes_and_predicts(shards, pretrained,
+                                                                                            tmp_path):
+    """Issue 29: an MLP head (one file + its registration, nothing else) goes train -> export -> evaluate -> load ->
+    publish -> card check -> predict through the `network` export format; the published folder gives the run's
+    outputs exactly."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mlphead_plugin.py").write_text(MLP_PLUGIN)
+    dist = tmp_path / "mlphead_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlphead-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[medfound.plugins]\nmlp = mlphead_plugin\n")
+    run, pub = tmp_path / "run", tmp_path / "pub"
+    code = f'''
+import json, sys
+sys.path.insert(0, {str(tmp_path)!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import numpy as np
+import torch
+from PIL import Image
+import medfound
+from medfound.cli import main
+from medfound.config import load_recipe
+from medfound.workflows import publish, run_finetune
+from helpers import tiny_finetune_overrides
+
+shards = {{k: __import__("pathlib").Path(v) for k, v in {json.dumps({k: str(v) for k, v in shards.items()})}.items()}}
+recipe = load_recipe({str(ROOT / "adapt" / "demo_classify_lora.yaml")!r},
+                     tiny_finetune_overrides(shards, {str(pretrained / "export")!r}, {str(run)!r}, steps=3)
+                     + ["head={{type: mlp, hidden: 8}}"])
+summary = run_finetune(recipe)
+print("files", sorted(p.name for p in (__import__("pathlib").Path({str(run)!r}) / "export").iterdir()))
+model = medfound.load({str(run)!r})
+print("head", type(model.head).__name__, len(model.head))
+published = publish({str(run)!r}, {str(pub)!r})
+assert main(["card", "check", {str(pub)!r}]) == 0
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    print("same", float((model(x) - medfound.load({str(pub)!r})(x)).abs().max()))
+img = __import__("pathlib").Path({str(tmp_path)!r}) / "case.png"
+with np.load({str(DATA / "medmnist" / "retinamnist_demo.npz")!r}) as z:
+    Image.fromarray(z["test_images"][0]).save(img)
+rows = medfound.load({str(pub)!r}).predict([img])
+print("predicted", sorted(k for k in rows[0] if k.startswith("p_")) != [], "eval", sorted(summary["eval"])[:2])
+'''
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "files ['adapter', 'classifier.json', 'model.safetensors']" in out or \
+        "files ['classifier.json', 'model.safetensors']" in out, out
+    assert "head Sequential 3" in out and "same 0.0" in out and "predicted True" in out, out
+    card = (pub / "README.md").read_text()
+    assert "library_name: medfound" in card and "pipeline_tag: image-classification" in card
+    assert "`mlp` (classification)" in card and "medfound.load(" in card
+    assert json.loads((pub / "export" / "classifier.json").read_text())["head"]["type"] == "mlp"

@@ -35,6 +35,9 @@ class HeadRules:
     # see a fixed input edge); the recipe validator reads these instead of the task's name
     needs_segment: ClassVar[bool] = False
     needs_img_size: ClassVar[bool] = False
+    # the export format (medfound.publish.formats) where it is not the task kind's: a classification head timm
+    # cannot rebuild (an MLP) says "network" and exports, loads, publishes and predicts with no other change
+    export_format: ClassVar[Optional[str]] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

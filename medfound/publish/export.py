@@ -167,8 +167,11 @@ def export_model(model: nn.Module, out: Path, *, data: DataConfig | Any, lineage
 
 
 def read_lineage(export_dir: Path) -> dict[str, Any]:
-    """The `medfound` block of an export's config.json ({} for a plain timm folder)."""
+    """The `medfound` block of an export: its config.json's (a timm folder; {} for a plain one), else its network
+    json's (the `network` export format)."""
     path = Path(export_dir) / "config.json"
     if not path.is_file():
-        return {}
+        from medfound.evaluate.records import network_lineage
+
+        return network_lineage(export_dir)
     return json.loads(path.read_text()).get("medfound", {})

@@ -2,6 +2,9 @@
 
     build -> train loader -> fit (the one loop) -> export -> evaluate -> load -> publish
 
+Writing the export, loading it, proving it and publishing it go through the kind's export format
+(`medfound.publish.formats`: timm_folder or network), which calls back only the methods it declares.
+
 `medfound.workflows.train / evaluate / publish` look the task up (`task_for(recipe)`) and call these methods; a task
 never calls a dispatcher, and loading a trained model is always the task's `load`, never done by an evaluation or
 publishing module. The keys a task reads are declared torch-free in `medfound.config.tasks.TASK_KEYS` (the recipe
@@ -35,15 +38,21 @@ class TrainData:
 @runtime_checkable
 class TaskSpec(Protocol):
     """One task kind. Attributes: `name` (the one name: recipe.task, eval.json's task, TASKS' key), `stage` (the
-    lineage's stage), `weights_file` (the main weights in export/), `meta_file` (the json beside it; None for timm
-    folders), `pipeline_tag` (the Hub's task), `capabilities` (`timm_export`: the export is a timm folder;
-    `evaluate`: it has labels to score; `external`: eval.external is scored; `out`: evaluation can write elsewhere)."""
+    lineage's stage), `export_format` (the registered format its export is written, loaded, proven and published
+    in: medfound.publish.formats; a head may name another), `weights_file` (the main weights in export/),
+    `meta_file` (the json beside them in the `network` format), `pipeline_tag` (the Hub's task),
+    `evaluation_outputs` (folders evaluation writes beside eval.json that the report links and publish copies),
+    `capabilities` (`evaluate`: it has labels to score; `external`: eval.external is scored; `out`: evaluation can
+    write elsewhere). The methods a format calls (`rebuild`; `load_network`, `publish_details`, `load_snippet`)
+    are checked by `register_task` against the kind's format."""
 
     name: ClassVar[str]
     stage: ClassVar[str]
+    export_format: ClassVar[str]
     weights_file: ClassVar[str]
     meta_file: ClassVar[Optional[str]]
     pipeline_tag: ClassVar[str]
+    evaluation_outputs: ClassVar[tuple[str, ...]]
     capabilities: ClassVar[frozenset[str]]
 
     def training_data(self, recipe) -> TrainData: ...
@@ -54,14 +63,30 @@ class TaskSpec(Protocol):
     def describe(self, recipe, data: TrainData) -> str: ...
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]: ...
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]: ...
-    def load(self, folder: Path, recipe) -> Any: ...
+    def load(self, export: Path, recipe) -> Any:
+        """The trained model of an export folder (RUN_DIR/export, or `read_run(published).export`), eval mode."""
     def scorer(self, run, recipe, out: Path) -> Any:
         """The kind's part of evaluation (medfound.evaluate.procedure.Scorer) for the model of `run`, writing
         extra files (heatmaps) under `out`; `evaluate_with` runs it. Raises where the kind has nothing to score."""
-    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]: ...
-    def load_snippet(self) -> str: ...
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """The run's validation-based model selection (`medfound.run.selection.Selection`), or None."""
+
+
+class TaskBase:
+    """What every task kind shares: its export format (the head's, where the head names one) and loading through
+    it."""
+
+    meta_file: ClassVar[Optional[str]] = None
+    evaluation_outputs: ClassVar[tuple[str, ...]] = ()
+
+    def format(self, recipe=None):
+        """The export format of a run of this kind with `recipe` (medfound.publish.formats.format_of)."""
+        from medfound.publish.formats import format_of
+
+        return format_of(self, recipe)
+
+    def load(self, export: Path, recipe) -> Any:
+        return self.format(recipe).load(self, Path(export), recipe)
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -75,10 +100,16 @@ def register_task(cls: type) -> type:
     if spec.name not in TASK_KEYS:
         raise ValueError(f"task {spec.name!r}: declare the data.*/eval.* keys it reads in medfound.config.tasks")
     missing = [m for m in ("training_data", "build", "train_loader", "normalizer", "describe", "lineage", "export",
-                           "load", "scorer", "publish_details", "load_snippet", "parameter_table", "selection")
+                           "load", "scorer", "parameter_table", "selection")
                if not callable(getattr(spec, m, None))]
     if missing:
         raise TypeError(f"task {spec.name!r} lacks {', '.join(missing)}")
+    from medfound.publish.formats import missing_methods
+
+    missing = missing_methods(spec, spec.export_format)  # an unknown format is an error naming the known ones
+    if missing:
+        raise TypeError(f"task {spec.name!r} exports in the {spec.export_format} format, which calls "
+                        f"{', '.join(missing)}: the kind lacks them")
     TASKS[spec.name] = spec
     return cls
 

@@ -13,7 +13,6 @@ from typing import Any, Optional
 import numpy as np
 
 from medfound.evaluate.procedure import ScoredSet, Scorer
-from medfound.io import atomic_write_bytes, atomic_write_json
 from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
@@ -61,8 +60,6 @@ class BoxPromptSpec(ImageNetwork):
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from types import SimpleNamespace
 
-        from safetensors.torch import save
-
         from medfound.adapt.tuning import merged_copy, merged_segmenter
         from medfound.publish.export import export_model
 
@@ -72,31 +69,30 @@ class BoxPromptSpec(ImageNetwork):
         export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
                      license=for_export(recipe.card.license, lineage), adapter=module.vit if recipe.tuning == "lora" else None,
                      adapter_base_model=recipe.backbone.weights)
-        atomic_write_bytes(export / self.weights_file,
-                           save({k: v.detach().contiguous() for k, v in merged.state_dict().items()}))
-        atomic_write_json(export / self.meta_file, {"medfound": lineage, "head": h.model_dump(), "img_size": d.img_size,
-                                                    "mean": list(d.mean), "std": list(d.std)})
-        return {}
+        return self.format(recipe).write(self, recipe, merged, export, lineage=lineage, meta={
+            "medfound": lineage, "head": h.model_dump(), "img_size": d.img_size, "mean": list(d.mean),
+            "std": list(d.std)})
 
-    def network(self, folder: Path, recipe):
+    def network(self, export: Path, recipe):
         """The trained network, rebuilt from the recipe (the ViT's structure from export/backbone) and loaded
         strictly; eval mode."""
-        export = Path(folder) / "export"
         from medfound.adapt.prompt import build_prompt_task
+
+        export = Path(export)
 
         structure = backbone_structure(recipe, export / "backbone")
         task = build_prompt_task(recipe.model_copy(update={"tuning": "full", "backbone": structure}))
         load_strict(task.model, export / self.weights_file, "network")
         return task.model.eval()
 
-    def load(self, folder: Path, recipe, device=None):
+    def load_network(self, export: Path, recipe, device=None):
         """A BoxPredictor: `predict(image, boxes)` -> one boolean mask per box at the image's resolution."""
         import torch
 
         from medfound.adapt.prompt import BoxPredictor
 
-        meta = json.loads((Path(folder) / "export" / self.meta_file).read_text())
-        return BoxPredictor(self.network(folder, recipe), meta["img_size"], meta["mean"], meta["std"],
+        meta = json.loads((Path(export) / self.meta_file).read_text())
+        return BoxPredictor(self.network(export, recipe), meta["img_size"], meta["mean"], meta["std"],
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
@@ -144,7 +140,7 @@ class BoxPromptSpec(ImageNetwork):
             raise ValueError("a box-prompt model needs the boxes to segment: --box x0,y0,x1,y1 (repeat for several; "
                              "the same on every image) or --boxes TABLE.csv (input,x0,y0,x1,y1 per structure)")
         per_input = read_box_table(box_table, staged.names) if box_table is not None else None
-        predictor = self.load(run.path, recipe, device=str(rt.torch_device()))
+        predictor = self.load_network(run.export, recipe, device=str(rt.torch_device()))
         modalities = trained_modalities(run.export)
         skipped = {ref for ref, _ in staged.skipped}
         rows: list[dict[str, Any]] = []
@@ -170,7 +166,7 @@ class BoxPromptSpec(ImageNetwork):
         return rows
 
     def scorer(self, run, recipe, out: Path) -> Any:
-        return BoxScorer(self.load(run.path, recipe), recipe, run.export, run.export / self.weights_file)
+        return BoxScorer(self.load(run.export, recipe), recipe, run.export, run.export / self.weights_file)
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
         input_cfg = {"input_size": meta.get("img_size"), "mean": list(recipe.data.mean), "std": list(recipe.data.std),

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medfound.publish.licences import for_export
 from medfound.registry import HEADS
 from medfound.run import backbone_structure, lineage, parent_lineage
-from medfound.tasks.base import TrainData, register_task
+from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import TimmExport, check_img_size, image_training_data
 
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha}) + classifier", "full": "full fine-tuning",
@@ -26,9 +25,9 @@ class ClassificationSpec(TimmExport):
     name = "classification"
     stage = "fine-tuning"
     weights_file = "model.safetensors"
-    meta_file = None
+    meta_file = "classifier.json"  # the network format's (a head timm cannot rebuild); timm folders use config.json
     pipeline_tag = "image-classification"
-    capabilities = frozenset({"timm_export", "evaluate", "external", "out"})
+    capabilities = frozenset({"evaluate", "external", "out"})
 
     def training_data(self, recipe) -> TrainData:
         return image_training_data(recipe)
@@ -81,13 +80,15 @@ class ClassificationSpec(TimmExport):
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from medfound.adapt.tuning import merged_copy
-        from medfound.publish.export import export_model
 
-        adapter = module.model if recipe.tuning == "lora" else None
-        diff = export_model(merged_copy(module.model), export, data=recipe.data, lineage=lineage,
-                            license=for_export(recipe.card.license, lineage), label_names=module.label_schema.names, adapter=adapter,
-                            adapter_base_model=recipe.backbone.weights)
-        return {"reload_max_abs_diff": diff}
+        d, schema = recipe.data, module.label_schema
+        structure = recipe.backbone.model_copy(update={"weights": None}) if recipe.backbone.name else \
+            backbone_structure(recipe, recipe.backbone.weights)
+        meta = {"medfound": lineage, "head": recipe.head.model_dump(), "label_names": schema.names,
+                "label_schema": schema.model_dump(), "backbone": structure.model_dump(mode="json"),
+                "input_size": [3, d.img_size, d.img_size], "mean": list(d.mean), "std": list(d.std)}
+        return self.format(recipe).write(self, recipe, merged_copy(module.model), export, lineage=lineage,
+                                         meta=meta, adapter=module.model if recipe.tuning == "lora" else None)
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: score eval.select_split during training and export the best step (medfound.run.selection)."""
@@ -230,6 +231,32 @@ class ClassificationSpec(TimmExport):
         load_checkpoint(self.checkpoint(run_dir), task)
         apply_selection(run_dir, task)  # eval.every: the selected step's weights, as the export holds
         return merged_copy(task.model)
+
+    def load_network(self, export: Path, recipe) -> Any:
+        """The `network` format (a head timm cannot rebuild, e.g. an MLP): the classifier rebuilt by the head's own
+        builder from the recorded backbone structure and label schema, loaded strictly; eval mode. Images -> logits,
+        as timm's classifier."""
+        import json
+
+        from medfound.config import BackboneConfig
+        from medfound.data.manifest import LabelSchema
+
+        meta = json.loads((Path(export) / self.meta_file).read_text())
+        head = recipe.head.model_copy(update={"class_weights": None, "binary_threshold": None})
+        built = recipe.model_copy(update={"backbone": BackboneConfig(**meta["backbone"]), "head": head,
+                                          "tuning": "full"})
+        task = HEADS.build(recipe.head.type, built, LabelSchema(**meta["label_schema"]), None, None)
+        load_strict(task.model, Path(export) / self.weights_file, "classifier")
+        return task.model.eval()
+
+    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
+        return [("classes", ", ".join(meta["label_names"]))], \
+            {"input_size": meta["input_size"], "mean": meta["mean"], "std": meta["std"]}
+
+    def load_snippet(self) -> str:
+        return NETWORK_SNIPPET.format(folder="PATH_TO_THIS_FOLDER", what="the classifier, eval mode") + \
+            "\n# rows = model.predict(['image.png'])  # class probabilities, preprocessed as in training" \
+            "\n# by hand, after that preprocessing: model(x) -> logits [B, K]"
 
     def scorer(self, run, recipe, out: Path) -> Any:
         from medfound.evaluate.report import ClassificationScorer

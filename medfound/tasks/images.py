@@ -1,13 +1,12 @@
 """What the image task kinds share: reading the training shard sets, the input-size check, and the behaviour of
-the kinds whose export is a timm folder (pretraining, classification): loading through timm, the checkpoint a
-rebuild starts from, the timm loading snippet."""
+the kinds whose export is a timm folder (pretraining, classification): the checkpoint a rebuild starts from."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from medfound.tasks.base import TrainData
+from medfound.tasks.base import TaskBase, TrainData
 
 
 def image_training_data(recipe) -> TrainData:
@@ -30,19 +29,15 @@ def check_img_size(model, img_size: int) -> None:
                          f"data.img_size={pe.img_size[0]} or backbone.model_args.img_size={img_size}")
 
 
-class TimmExport:
-    """Task kinds whose export (RUN_DIR/export) is a timm `local-dir:` folder."""
+class TimmExport(TaskBase):
+    """Task kinds whose export (RUN_DIR/export) is a timm `local-dir:` folder (the `timm_folder` format)."""
+
+    export_format = "timm_folder"
 
     def normalizer(self, recipe):
         from medfound.data.loaders import normalizer
 
         return normalizer(recipe.data)
-
-    def load(self, folder: Path, recipe) -> Any:
-        """The exported model through timm (the classifier, or the encoder of a pretraining run), eval mode."""
-        import timm
-
-        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
 
     @staticmethod
     def checkpoint(run_dir: Path) -> Path:
@@ -53,20 +48,16 @@ class TimmExport:
             raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/last)")
         return ckpt
 
-    def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:
-        raise TypeError(f"{self.name} runs publish as timm folders (medfound.publish.folder.publish_timm)")
-
-    def load_snippet(self) -> str:
-        return ""  # publish_timm writes timm's own snippet (medfound.publish.card.timm_snippet)
-
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         return None  # pretraining has no labels to select on (classification overrides this)
 
 
-class ImageNetwork:
+class ImageNetwork(TaskBase):
     """Image task kinds whose network is a medfound module with its ViT (if any) at `model.net.encoder.vit`
-    (segmentation, box prompts): shard-set training data and the parameter table over that ViT."""
+    (segmentation, box prompts): the `network` export format, shard-set training data and the parameter table
+    over that ViT."""
 
+    export_format = "network"
     capabilities = frozenset({"evaluate", "external", "out"})
     stage = "fine-tuning"
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from medfound.evaluate.procedure import ScoredSet
 from medfound.evaluate.report import ProbabilityScorer
-from medfound.io import atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.io import sha256_file
 from medfound.run import lineage
-from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
+from medfound.tasks.base import NETWORK_SNIPPET, TaskBase, TrainData, load_strict, register_task
 
 
 def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], int]:
@@ -36,9 +36,11 @@ def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], i
 
 
 @register_task
-class MILSpec:
+class MILSpec(TaskBase):
     name = "mil"
     stage = "slide-level MIL"
+    export_format = "network"
+    evaluation_outputs = ("heatmaps",)  # report.md links ../heatmaps
     weights_file = "mil.safetensors"
     meta_file = "mil.json"
     pipeline_tag = "image-classification"
@@ -133,24 +135,19 @@ class MILSpec:
         return record
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
-        from safetensors.torch import save
-
         index = data.extra["index"]
-        weights = {k: v.detach().contiguous() for k, v in module.model.state_dict().items()}
-        atomic_write_bytes(export / self.weights_file, save(weights))
-        atomic_write_json(export / self.meta_file, {
+        return self.format(recipe).write(self, recipe, module.model, export, lineage=lineage, meta={
             "head": recipe.head.model_dump(), "feature_dim": index["backbone"]["feature_dim"],
             "label_schema": data.extra["schema"].model_dump(), "backbone": index["backbone"],
             "tiling": bag_tiling(index), "bags_digest": index["digest"], "medfound": lineage})
-        return {}
 
-    def load(self, folder: Path, recipe) -> Any:
+    def load_network(self, export: Path, recipe) -> Any:
         """The trained ABMIL task, loaded strictly from export/mil.safetensors; eval mode.
         `{"features": [B, N, D], "mask": [B, N]}` -> {"logits", "attention"}."""
         from medfound.adapt.tasks import build_mil_task
         from medfound.data.manifest import LabelSchema
 
-        export = Path(folder) / "export"
+        export = Path(export)
         meta = json.loads((export / self.meta_file).read_text())
         head = recipe.head.model_copy(update={"class_weights": None})
         task = build_mil_task(recipe.model_copy(update={"head": head}), meta["feature_dim"],
@@ -200,7 +197,7 @@ class MILSpec:
         extract_bags(staged.shards, folder, bags, batch_size=rt.batch_size or 64, device=str(device),
                      precision="fp32" if rt.precision == "fp32" else "bf16", num_workers=rt.workers(0))
         index = read_bags(bags)
-        task = self.load(run.path, recipe)
+        task = self.load(run.export, recipe)
         schema_names = meta["label_schema"]["names"]
         probs, _, keys, _, top = score_bags(task, bags, index, meta, None, recipe.data.eval_batch_size,
                                             out / "heatmaps", labelled=False)
@@ -219,7 +216,7 @@ class MILSpec:
         return rows
 
     def scorer(self, run, recipe, out: Path) -> Any:
-        return MILScorer(self.load(run.path, recipe), json.loads((run.export / self.meta_file).read_text()), recipe,
+        return MILScorer(self.load(run.export, recipe), json.loads((run.export / self.meta_file).read_text()), recipe,
                          run.export, run.export / self.weights_file, Path(out))
 
     def publish_details(self, recipe, meta: dict[str, Any], export: Path) -> tuple[list, dict[str, Any]]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medfound.config import BackboneConfig, PretrainRecipe
-from medfound.publish.licences import for_export
 from medfound.registry import OBJECTIVES
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import TrainData, register_task
@@ -29,9 +28,8 @@ class PretrainSpec(TimmExport):
     name = "pretrain"
     stage = "pretraining"
     weights_file = "model.safetensors"
-    meta_file = None
     pipeline_tag = "image-feature-extraction"
-    capabilities = frozenset({"timm_export"})
+    capabilities = frozenset()
 
     def training_data(self, recipe) -> TrainData:
         return image_training_data(recipe)
@@ -64,13 +62,9 @@ class PretrainSpec(TimmExport):
                        parent_lineage(recipe.backbone))
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
-        from medfound.publish.export import export_model
-
         files = getattr(module, "export_files", None)  # the objective's heads or decoder, to continue pretraining
-        extra = files() if files is not None else None
-        diff = export_model(module.export_backbone(), export, data=recipe.data, lineage=lineage,
-                            license=for_export(recipe.card.license, lineage), extra_files=extra)
-        return {"reload_max_abs_diff": diff}
+        return self.format(recipe).write(self, recipe, module.export_backbone(), export, lineage=lineage,
+                                         meta={"extra_files": files() if files is not None else None})
 
     def rebuild(self, run_dir: Path, recipe) -> Any:
         """The trained encoder rebuilt from the recipe and the newest checkpoint (the reference an export must

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from medfound.io import atomic_write_bytes, atomic_write_json
+from medfound.io import atomic_write_bytes
 from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
@@ -63,8 +63,6 @@ class SegmentationSpec(ImageNetwork):
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from types import SimpleNamespace
 
-        from safetensors.torch import save
-
         from medfound.adapt.tuning import merged_copy, merged_segmenter
         from medfound.publish.export import export_model
 
@@ -75,19 +73,16 @@ class SegmentationSpec(ImageNetwork):
             export_model(merged_copy(merged.net.encoder.vit), export / "backbone", data=prep, lineage=lineage,
                          license=for_export(recipe.card.license, lineage), adapter=module.vit if recipe.tuning == "lora" else None,
                          adapter_base_model=recipe.backbone.weights)
-        state_dict = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-        atomic_write_bytes(export / self.weights_file, save(state_dict))
-        atomic_write_json(export / self.meta_file, {"medfound": lineage, "class_names": seg.names,
-                                                    "head": recipe.head.model_dump(),
-                                                    "segment": seg.model_dump(mode="json")})
-        return {}
+        return self.format(recipe).write(self, recipe, merged, export, lineage=lineage, meta={
+            "medfound": lineage, "class_names": seg.names, "head": recipe.head.model_dump(),
+            "segment": seg.model_dump(mode="json")})
 
-    def load(self, folder: Path, recipe) -> Any:
+    def load_network(self, export: Path, recipe) -> Any:
         """The trained network rebuilt from the recipe (the ViT's structure from export/backbone/config.json) and
         loaded strictly from export/segmenter.safetensors; eval mode. `[B, C, *S]` -> logits `[B, K, *S]`."""
         from medfound.adapt.tasks import build_segmentation_task
 
-        export = Path(folder) / "export"
+        export = Path(export)
         update: dict[str, Any] = {"tuning": "full"}
         if recipe.backbone is not None and (export / "backbone" / "config.json").is_file():
             update["backbone"] = backbone_structure(recipe, export / "backbone")
@@ -98,7 +93,7 @@ class SegmentationSpec(ImageNetwork):
     def scorer(self, run, recipe, out: Path) -> Any:
         from medfound.evaluate.report import SegmentationScorer
 
-        return SegmentationScorer(self.load(run.path, recipe), self.normalizer(recipe), recipe, run.export,
+        return SegmentationScorer(self.load(run.export, recipe), self.normalizer(recipe), recipe, run.export,
                                   run.export / self.weights_file)
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
@@ -162,7 +157,6 @@ class SegmentationSpec(ImageNetwork):
         from medfound.data.pipeline import make_loader, shard_urls
         from medfound.data.seg_transforms import build_seg_transform
         from medfound.evaluate.segmentation import predict_probs
-        from medfound.io import atomic_write_bytes
 
         seg, d = recipe.segment, recipe.data
         volumes = seg.spatial_dims == 3
@@ -185,7 +179,7 @@ class SegmentationSpec(ImageNetwork):
                              batch_size=1, labelled=False, train=False, num_workers=rt.workers(d.num_workers),
                              max_bad_fraction=1.0, verify="size", split_by_node=False)
         device = rt.torch_device()
-        model = self.load(run.path, recipe).to(device)
+        model = self.load(run.export, recipe).to(device)
         normalize = self.normalizer(recipe)
         normalize = normalize.to(device) if normalize is not None else None
         rows: list[dict[str, Any]] = []
@@ -278,7 +272,6 @@ def write_dicom_segs(pending: list[tuple[str, Any, Any, dict[str, Any]]], out: P
     series' order, every source instance referenced) or per multi-frame source file, at `masks/KEY.dcm` of its
     first input; each row says which SEG holds its mask and at which frame. A group the SEG IOD cannot reference
     (no Frame of Reference, sources of several sizes) falls back to one PNG per input, with a warning by index."""
-    from medfound.io import atomic_write_bytes
 
     groups: dict[str, list[tuple[str, Any, Any, dict[str, Any]]]] = {}
     for item in pending:
