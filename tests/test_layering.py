@@ -125,7 +125,7 @@ def _layer(module: str) -> int:
 
 def test_the_walker_sees_function_level_imports_and_finds_a_planted_cycle():
     edges = _edges()
-    assert "medfound.workflows" in edges["medfound.cli"]  # imported inside a function in cli.py
+    assert "medfound.workflows" in edges["medfound.cli.models"]  # imported inside a function of the CLI
     planted = {k: set(v) for k, v in edges.items()}
     planted["medfound.io"].add("medfound.cli")
     assert any("medfound.io" in c and "medfound.cli" in c for c in _cycles(planted))
@@ -175,3 +175,34 @@ def test_no_task_kind_is_named_outside_its_own_module():
         found += [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(ast.parse(f.read_text()))
                   if isinstance(n, ast.Constant) and n.value in kinds]
     assert not found, found
+
+
+def test_export_and_publish_never_branch_on_a_capability_and_a_timm_kind_declares_its_rebuild():
+    """Issue 29: the export family is the kind's export format (medfound.publish.formats), not a `timm_export`
+    capability that workflows / publish branch on; a timm-folder kind must have `rebuild` (its format requires it)."""
+    found = [f"{f.relative_to(PKG.parent)}:{n.lineno}" for f in sorted(PKG.rglob("*.py"))
+             for n in ast.walk(ast.parse(f.read_text()))
+             if isinstance(n, ast.Constant) and n.value == "timm_export"
+             or isinstance(n, (ast.FunctionDef, ast.Name, ast.Attribute)) and
+             getattr(n, "name", getattr(n, "id", getattr(n, "attr", None))) in ("publish_timm", "publish_network")]
+    assert not found, found
+    from medfound.publish.formats import missing_methods
+    from medfound.tasks import TASKS
+
+    assert missing_methods(TASKS["classification"], "timm_folder") == []
+    assert "rebuild" in __import__("medfound.publish.formats.timm_folder", fromlist=["x"]).TimmFolder.requires
+
+
+def test_the_cli_is_small_functions_and_ls_imports_no_torch():
+    """Issue 29: one module per verb group in medfound/cli/, no function over 80 lines; `medfound ls` (and
+    validate) never import torch."""
+    import subprocess
+    import sys
+
+    long = [f"{f.name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for f in sorted((PKG / "cli").glob("*.py"))
+            for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.FunctionDef)
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long
+    code = "import sys; from medfound.cli import main; rc = main(['ls']); print('TORCH', 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "TORCH False" in done.stdout, done.stderr[-2000:]

@@ -224,3 +224,24 @@ def test_an_option_of_another_ingest_kind_is_refused_naming_the_kinds_that_read_
     assert not (tmp_path / "v").exists()
     assert {"tile_size", "min_tissue", "mpp"} <= reader_options("wsi") and "tile_size" not in reader_options("images")
     assert main(["shard", "npz", npz, "--out", str(tmp_path / "ok"), "--label-type", "ordinal"]) == 0  # read by npz
+
+
+def test_shard_kind_help_lists_exactly_that_kinds_options(capsys):
+    """Issue 29: `shard KIND --help` shows the shared options and exactly the options KIND's reader reads; every
+    reader option has its help entry (medfound.data.ingest.options) and no entry is orphaned."""
+    from medfound.cli import main
+    from medfound.data.ingest import reader_options
+    from medfound.data.ingest.options import OPTIONS
+    from medfound.registry import INGEST_KINDS
+
+    every = set().union(*(reader_options(k) for k in INGEST_KINDS.names()))
+    assert every == set(OPTIONS), every ^ set(OPTIONS)
+    for kind in INGEST_KINDS.names():
+        with pytest.raises(SystemExit):
+            main(["shard", kind, "--help"])
+        text = capsys.readouterr().out
+        flags = {line.split()[0].removeprefix("--").replace("-", "_") for line in text.splitlines()
+                 if line.startswith("  --")}  # the options argparse lists, one per line
+        own = reader_options(kind)
+        assert own <= flags and not (set(OPTIONS) - own) & flags, (kind, sorted(flags))
+        assert "out" in flags and f"{kind} options:" in text
