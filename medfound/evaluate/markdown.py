@@ -302,7 +302,8 @@ def write_report(run_dir: Path, report: dict[str, Any], predictions: Optional[li
     """Write RUN_DIR/report/ (report.md + PNGs) from eval.json's dict and the in-memory predictions."""
     run_dir = Path(run_dir)
     ds = report["dataset"]
-    lines = [f"# Evaluation report: {run_dir.name}", "",
+    export = Path(report["model"]["export"])  # the model's name: its run (RUN/export) or its published folder
+    lines = [f"# Evaluation report: {export.parent.name if export.name == 'export' else export.name}", "",
              f"- model: `{report['model']['export']}` (sha256 `{report['model']['sha256'][:16]}…`)",
              f"- data: **{ds['name']}**, split `{ds['split']}`, {ds['num_samples']} "
              f"{ds.get('unit', 'image')}{'s' if ds['num_samples'] != 1 else ''}, manifest digest `{ds['manifest_digest'][:16]}…`",

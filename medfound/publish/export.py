@@ -113,6 +113,9 @@ def write_adapter_card(adapter_dir: Path, base: dict[str, Any], label_names: Opt
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base["base_model"]
+    for key in ("target_modules", "modules_to_save"):  # peft writes its sets in hash order: a byte-stable folder
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (adapter_dir / "base_model.json").write_text(json.dumps(base, indent=2) + "\n")
     kwargs = "".join(f", {k}={v!r}" for k, v in base["timm_kwargs"].items())
