@@ -42,6 +42,7 @@ def test_export_reproduces_the_checkpoint_through_timm(finetuned):
     assert cfg["input_size"] == (3, 32, 32) and tuple(cfg["mean"]) == (0.485, 0.456, 0.406)
     adapter = json.loads((finetuned / "export" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["modules_to_save"] == ["head"]
+    assert adapter["target_modules"] == sorted(adapter["target_modules"])  # byte-stable (peft writes a set)
 
 
 def test_published_folder_and_card(published, finetuned):
