@@ -401,3 +401,24 @@ print("predicted", sorted(k for k in rows[0] if k.startswith("p_")) != [], "eval
     assert "library_name: medfound" in card and "pipeline_tag: image-classification" in card
     assert "`mlp` (classification)" in card and "medfound.load(" in card
     assert json.loads((pub / "export" / "classifier.json").read_text())["head"]["type"] == "mlp"
+
+
+def test_every_tuning_builds_its_tuning():
+    """Issue 29: a TUNINGS entry builds its tuning (no string dispatch): on a tiny ViT classifier each leaves the
+    classifier trainable and trains what its description says."""
+    import timm
+
+    from medfound.adapt.tuning import apply_tuning
+    from medfound.config.run import LoraConfig
+
+    trained = {}
+    for e in TUNINGS:
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                  num_classes=3)
+        tuned = apply_tuning(model, e.name, "head", LoraConfig(), 1)
+        names = {n for n, p in tuned.named_parameters() if p.requires_grad}
+        assert any("head" in n for n in names), e.name
+        trained[e.name] = names
+    assert any("lora_" in n for n in trained["lora"]) and not any("lora_" in n for n in trained["full"])
+    assert any("blocks.0." in n for n in trained["full"]) and not any("blocks." in n for n in trained["linear_probe"])
+    assert any("blocks.1." in n for n in trained["last_k"]) and not any("blocks.0." in n for n in trained["last_k"])

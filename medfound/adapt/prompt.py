@@ -182,10 +182,10 @@ class PromptTask(torch.nn.Module):
 
 
 def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
-    from medfound.adapt.heads.prompt import build_prompt_segmenter
     from medfound.adapt.tuning import tune_segmenter
+    from medfound.registry import HEADS
 
-    seg = tune_segmenter(build_prompt_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
+    seg = tune_segmenter(HEADS.build(recipe.head.type, recipe), recipe.tuning, recipe.lora, recipe.last_k)
     return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full")
 
 

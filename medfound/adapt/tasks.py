@@ -215,8 +215,8 @@ class MILTask(nn.Module):
 
 def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: LabelSchema,
                    class_counts: list[int] | None = None, num_train: int | None = None) -> MILTask:
-    """The ABMIL task of a recipe with `head.type=abmil` over `feature_dim`-d tile features."""
-    from medfound.adapt.heads.mil import build_abmil
+    """The MIL task of a recipe over `feature_dim`-d tile features: the head registered for head.type (abmil)."""
+    from medfound.registry import HEADS
 
     if label_schema.type == "none":
         raise ValueError("the bags are unlabelled: slide-level training needs slide labels (a --table for "
@@ -225,7 +225,7 @@ def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: Label
     multilabel = label_schema.type == "multilabel"
     if multilabel and h.label_smoothing:
         raise ValueError("head.label_smoothing applies to single-label cross-entropy; set it to 0 for multi-label data")
-    head = build_abmil(recipe, feature_dim, label_schema.num_classes)
+    head = HEADS.build(recipe.head.type, recipe, feature_dim, label_schema.num_classes)  # a bag head (abmil)
     weights = class_weights(h.class_weights, class_counts, multilabel, num_train)
     if weights is not None and len(weights) != label_schema.num_classes:
         raise ValueError(f"head.class_weights has {len(weights)} entries for {label_schema.num_classes} classes")

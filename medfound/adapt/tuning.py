@@ -79,24 +79,42 @@ def _peft_lora(model: nn.Module, lora: LoraConfig | None, exclude: str | None, m
     return get_peft_model(model, cfg)
 
 
-def apply_tuning(model: nn.Module, strategy: str, classifier: str, lora: LoraConfig | None = None,
+def tune_full(model: nn.Module, keep: str | None, lora: LoraConfig | None, last_k: int) -> nn.Module:
+    """tuning=full: every weight trains (layer-wise lr decay comes from optim.layer_decay)."""
+    model.requires_grad_(True)
+    return model
+
+
+def tune_linear_probe(model: nn.Module, keep: str | None, lora: LoraConfig | None, last_k: int) -> nn.Module:
+    """tuning=linear_probe: the backbone is frozen; only the module `keep` (the classifier) trains."""
+    model.requires_grad_(False)
+    if keep:
+        model.get_submodule(keep).requires_grad_(True)
+    return model
+
+
+def tune_last_k(model: nn.Module, keep: str | None, lora: LoraConfig | None, last_k: int) -> nn.Module:
+    """tuning=last_k: the backbone's last k blocks and its final norm train, with `keep`."""
+    _last_k(model, last_k)
+    if keep:
+        model.get_submodule(keep).requires_grad_(True)
+    return model
+
+
+def tune_lora(model: nn.Module, keep: str | None, lora: LoraConfig | None, last_k: int) -> nn.Module:
+    """tuning=lora: peft LoRA adapters on the recipe's targets; `keep` (the classifier) trains whole and is saved
+    with the adapter. Returns the peft-wrapped model."""
+    return _peft_lora(model, lora, exclude=keep, modules_to_save=[keep] if keep else None)
+
+
+def apply_tuning(model: nn.Module, strategy: str, classifier: str | None, lora: LoraConfig | None = None,
                  last_k: int = 2) -> nn.Module:
-    """Set requires_grad per strategy; for LoRA return the peft-wrapped model (else `model` itself).
-    `last_k`: the backbone's last k blocks, its final norm and the classifier train."""
-    if strategy == "full":
-        model.requires_grad_(True)
-        return model
-    if strategy == "linear_probe":
-        model.requires_grad_(False)
-        model.get_submodule(classifier).requires_grad_(True)
-        return model
-    if strategy == "last_k":
-        _last_k(model, last_k)
-        model.get_submodule(classifier).requires_grad_(True)
-        return model
-    if strategy == "lora":
-        return _peft_lora(model, lora, exclude=classifier, modules_to_save=[classifier])
-    raise ValueError(f"unknown tuning strategy {strategy!r}: choose lora, full, linear_probe or last_k")
+    """The tuning registered for `strategy` (medfound.registry.TUNINGS): requires_grad set, for LoRA the
+    peft-wrapped model returned (else `model` itself). `classifier`: the module that always trains (None: a
+    segmentation network's ViT, whose decoder trains outside it)."""
+    from medfound.registry import TUNINGS
+
+    return TUNINGS.build(strategy, model, classifier, lora, last_k)
 
 
 def tune_segmenter(segmenter: nn.Module, strategy: str, lora: LoraConfig | None = None, last_k: int = 2) -> nn.Module:
@@ -108,21 +126,15 @@ def tune_segmenter(segmenter: nn.Module, strategy: str, lora: LoraConfig | None 
         if strategy != "full":
             raise ValueError(f"tuning={strategy} adapts a pretrained ViT backbone; this CNN trains with tuning=full")
         return segmenter
+    encoder.vit = apply_tuning(encoder.vit, strategy, None, lora, last_k)
+    vit = encoder.vit.get_base_model() if hasattr(encoder.vit, "get_base_model") else encoder.vit
     for unused in ("fc_norm", "head", "attn_pool"):  # the classifier's pooling path: dense heads never use it
-        module = getattr(encoder.vit, unused, None)
+        module = getattr(vit, unused, None)
         if isinstance(module, nn.Module):
             module.requires_grad_(False)
     if encoder.spatial_dims == 3:
-        encoder.vit.patch_embed.requires_grad_(False)  # replaced by the inflated 3-D embeddings
-        encoder.vit.pos_embed.requires_grad_(False)
-    if strategy == "linear_probe":
-        encoder.vit.requires_grad_(False)
-    elif strategy == "last_k":
-        _last_k(encoder.vit, last_k)
-    elif strategy == "lora":
-        encoder.vit = _peft_lora(encoder.vit, lora, exclude=None, modules_to_save=None)
-    elif strategy != "full":
-        raise ValueError(f"unknown tuning strategy {strategy!r}: choose lora, full, linear_probe or last_k")
+        vit.patch_embed.requires_grad_(False)  # replaced by the inflated 3-D embeddings
+        vit.pos_embed.requires_grad_(False)
     return segmenter
 
 

@@ -22,10 +22,12 @@ from medfound.config.run import (BackboneConfig, CardConfig, Derived, LoraConfig
 from medfound.config.tasks import unused_key_errors
 from medfound.registry import OBJECTIVES, TUNINGS
 
-TUNINGS.register("lora", description="LoRA adapters through peft on qkv/proj/fc1/fc2; merged at export (Hu et al. 2021)")
-TUNINGS.register("full", description="every weight trains (layer-wise lr decay with optim.layer_decay)")
-TUNINGS.register("linear_probe", description="frozen backbone, only the head trains")
-TUNINGS.register("last_k", description="the backbone's last `last_k` blocks and final norm train, with the head")
+for _name, _text in (
+        ("lora", "LoRA adapters through peft on qkv/proj/fc1/fc2; merged at export (Hu et al. 2021)"),
+        ("full", "every weight trains (layer-wise lr decay with optim.layer_decay)"),
+        ("linear_probe", "frozen backbone, only the head trains"),
+        ("last_k", "the backbone's last `last_k` blocks and final norm train, with the head")):
+    TUNINGS.register(_name, description=_text, builder=f"medfound.adapt.tuning:tune_{_name}")
 
 ObjectiveConfig = Annotated[Union[OBJECTIVES.configs()], Field(discriminator="name")]
 TuningName = Literal[tuple(TUNINGS.names())]
