@@ -30,6 +30,7 @@ import torch
 
 from medfound.io import check_replaceable, sha256_file
 from medfound.registry import IMPORT_FORMATS
+from medfound.publish.export import export_model
 
 FORMATS = tuple(IMPORT_FORMATS.names())  # registered in medfound/registry.py (torch-free, for the CLI)
 CONTAINERS = ("model", "state_dict", "teacher", "model_ema", "module")
@@ -333,8 +334,6 @@ def import_checkpoint(source: str | Path, fmt: str, out: str | Path, *, model: O
     """Map `source` into a timm backbone exported at `out`; return a summary (architecture, dropped keys...)."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from medfound.publish.export import export_model
 
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")

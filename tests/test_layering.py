@@ -206,3 +206,24 @@ def test_the_cli_is_small_functions_and_ls_imports_no_torch():
     code = "import sys; from medfound.cli import main; rc = main(['ls']); print('TORCH', 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "TORCH False" in done.stdout, done.stderr[-2000:]
+
+
+def _top_imports(tree: ast.Module) -> set[str]:
+    return {n.module if isinstance(n, ast.ImportFrom) else a.name for n in tree.body
+            if isinstance(n, (ast.Import, ast.ImportFrom)) for a in (n.names if isinstance(n, ast.Import) else [n])
+            if (n.module if isinstance(n, ast.ImportFrom) else a.name)}
+
+
+def test_no_lazy_import_of_medfound_in_a_module_that_already_imports_torch():
+    """Issue 29: a function-level import defers a heavy library for a torch-free path (`medfound validate`, `ls`);
+    in a module whose top level already imports torch / timm / MONAI it defers nothing and only hides the module's
+    dependencies, so there is none (they were hoisted: 49 of them)."""
+    found = []
+    for f in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        if not any(m.split(".")[0] in ("torch", "timm", "monai") for m in _top_imports(tree)):
+            continue
+        found += [f"{f.relative_to(PKG.parent)}:{n.lineno} {n.module}" for fn in ast.walk(tree)
+                  if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(fn)
+                  if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("medfound")]
+    assert not found, found

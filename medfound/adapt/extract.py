@@ -22,14 +22,17 @@ import medfound
 from medfound.data.bags import BAGS_FORMAT, BAGS_NAME, Mosaic, save_bag
 from medfound.data.manifest import read_manifest
 from medfound.io import atomic_write_json, sha256_file
+from medfound.backbones import create_backbone
+from medfound.config import BackboneConfig
+from medfound.data import location
+from medfound.data.pipeline import collate, make_loader, shard_urls
+from medfound.data.transforms import Normalize, build_transform
+from medfound.process import torchrun_group
 
 _SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>| '})
 
 
 def _backbone(path: Path):
-    from medfound.backbones import create_backbone
-    from medfound.config import BackboneConfig
-
     model = create_backbone(BackboneConfig(weights=path), num_classes=0).eval()
     cfg = model.pretrained_cfg
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
@@ -91,14 +94,10 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
             does not. On the CPU the backbone always runs in float32.
         overwrite: replace bags made by another backbone (without it such a folder is refused).
     """
-    from medfound.data.pipeline import make_loader, shard_urls
-    from medfound.data.transforms import Normalize, build_transform
-
     if format not in ("safetensors", "h5"):
         raise ValueError(f"--format {format!r}: choose safetensors or h5")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"--precision {precision!r}: choose bf16 or fp32")
-    from medfound.data import location
 
     remote = location.is_url(shards)
     shards_text = location.check_location(shards) if remote else str(shards)
@@ -110,7 +109,6 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
     if not manifest.bags:
         raise ValueError(f"{shards}: the manifest lists no slides (manifest.bags); re-shard the slides with "
                          "`medfound shard wsi`")
-    from medfound.process import torchrun_group
 
     rank, world, dist, started = torchrun_group()
     import os
@@ -272,8 +270,6 @@ def _check_out(out: Path, backbone_sha: str, overwrite: bool) -> None:
 
 
 def _collate_meta(samples: list[dict]) -> dict:
-    from medfound.data.pipeline import collate
-
     batch = collate([{k: v for k, v in s.items() if k not in ("meta", "thumb")} for s in samples])
     batch["meta"] = [s["meta"] for s in samples]
     batch["thumb"] = [s["thumb"] for s in samples]

@@ -28,6 +28,11 @@ import torch.nn.functional as F
 
 from medfound.config import FinetuneRecipe
 from medfound.io import atomic_write_bytes
+from medfound.adapt.pictures import overlay_rows
+from medfound.adapt.tasks import task_param_groups
+from medfound.adapt.tuning import tune_segmenter
+from medfound.data.transforms import Normalize, to_image_tensor
+from medfound.registry import HEADS
 
 
 def box_from_mask(mask: np.ndarray | torch.Tensor, jitter: float = 0.0, rng: Optional[random.Random] = None
@@ -95,8 +100,6 @@ def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool,
     Training with `augment`: a random window that contains the structure (40-100% of the image side: the same
     structure at other scales and positions), random flips and brightness/contrast jitter, so that the decoder
     learns to follow the box rather than to recall where structures sat in the few training images."""
-    from medfound.data.transforms import to_image_tensor
-
     def apply(sample: dict) -> dict:
         masks = sample.get("masks") or {}
         if mask not in masks:
@@ -155,8 +158,6 @@ class PromptTask(torch.nn.Module):
         return self.model.encoder.vit
 
     def param_groups(self, cfg):
-        from medfound.adapt.tasks import task_param_groups
-
         return task_param_groups(self, self.vit, cfg, self.full)
 
     def forward(self, batch: dict) -> dict:
@@ -175,16 +176,11 @@ class PromptTask(torch.nn.Module):
     @torch.no_grad()
     def visualize(self, batch: dict, out: dict):
         """trainer.visualize_every: rows of image | ground truth | prediction, the prompt box outlined on each."""
-        from medfound.adapt.pictures import overlay_rows
-
         return overlay_rows(batch["image"], (batch["mask"] > 0).long(), (out["logits"] > 0).long(), boxes=batch["box"],
                             titles=["image + box", "truth", "prediction"])
 
 
 def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
-    from medfound.adapt.tuning import tune_segmenter
-    from medfound.registry import HEADS
-
     seg = tune_segmenter(HEADS.build(recipe.head.type, recipe), recipe.tuning, recipe.lora, recipe.last_k)
     return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full")
 
@@ -198,8 +194,6 @@ class BoxPredictor:
 
     def __init__(self, segmenter: torch.nn.Module, img_size: int, mean: Sequence[float], std: Sequence[float],
                  device: str = "cpu", crop_to_box: Optional[float] = None):
-        from medfound.data.transforms import Normalize
-
         self.model = segmenter.eval().to(device)
         self.img_size, self.device, self.crop_to_box = img_size, device, crop_to_box
         self.normalize = Normalize(mean, std).to(device)
@@ -209,8 +203,6 @@ class BoxPredictor:
                 return_probs: bool = False) -> np.ndarray:
         """image (PIL, `[H, W]` or `[H, W, 3]` array), boxes `[K, 4]` (x0, y0, x1, y1 in image pixels) -> bool masks
         `[K, H, W]` (or probabilities with `return_probs`)."""
-        from medfound.data.transforms import to_image_tensor
-
         x = to_image_tensor(image)
         h, w = x.shape[-2:]
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

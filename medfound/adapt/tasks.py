@@ -15,14 +15,16 @@ from medfound.adapt.tuning import apply_tuning, tune_segmenter
 from medfound.backbones import create_backbone
 from medfound.config import FinetuneRecipe, OptimConfig, SegmentConfig
 from medfound.data.manifest import LabelSchema
+from medfound.adapt.heads.segment import build_segmenter
+from medfound.adapt.pictures import overlay_rows
+from medfound.registry import HEADS
+from medfound.train.optim import no_weight_decay_names, vit_param_groups
 
 
 def task_param_groups(module: nn.Module, vit: nn.Module | None, cfg: OptimConfig, full: bool) -> list[dict]:
     """AdamW groups: with full fine-tuning and `optim.layer_decay`, the ViT's blocks get layer-wise lr decay
     (BEiT; timm's param_groups_layer_decay) and the head the full lr; otherwise plain weight-decay groups."""
     from timm.optim import param_groups_weight_decay
-
-    from medfound.train.optim import no_weight_decay_names, vit_param_groups
 
     if vit is None or not full or (cfg.layer_decay is None and cfg.patch_embed_lr_mult == 1.0):
         return param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(module))
@@ -116,8 +118,6 @@ class ClassificationTask(nn.Module):
 
     def param_groups(self, cfg: OptimConfig) -> list[dict]:
         """Layer-wise lr decay over the backbone under full fine-tuning (timm puts the classifier last)."""
-        from medfound.train.optim import vit_param_groups
-
         if self.full and (cfg.layer_decay is not None or cfg.patch_embed_lr_mult != 1.0):
             return vit_param_groups(self.model, cfg)
         return task_param_groups(self, None, cfg, False)
@@ -179,8 +179,6 @@ class SegmentationTask(nn.Module):
     @torch.no_grad()
     def visualize(self, batch: dict, out: dict):
         """trainer.visualize_every: rows of image | ground truth | prediction (medfound.adapt.pictures)."""
-        from medfound.adapt.pictures import overlay_rows
-
         return overlay_rows(batch["image"], batch["mask"], out["logits"].argmax(1),
                             titles=["image", "truth", "prediction"])
 
@@ -216,8 +214,6 @@ class MILTask(nn.Module):
 def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: LabelSchema,
                    class_counts: list[int] | None = None, num_train: int | None = None) -> MILTask:
     """The MIL task of a recipe over `feature_dim`-d tile features: the head registered for head.type (abmil)."""
-    from medfound.registry import HEADS
-
     if label_schema.type == "none":
         raise ValueError("the bags are unlabelled: slide-level training needs slide labels (a --table for "
                          "`medfound shard wsi`)")
@@ -234,8 +230,6 @@ def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: Label
 
 def build_segmentation_task(recipe: FinetuneRecipe) -> SegmentationTask:
     """The segmentation task of a recipe: the registered network for head.type, tuned, with Dice + CE."""
-    from medfound.adapt.heads.segment import build_segmenter
-
     seg = tune_segmenter(build_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
     return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full")
 

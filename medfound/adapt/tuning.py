@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch.nn as nn
 
 from medfound.config import LoraConfig
+from medfound.registry import TUNINGS
 
 
 BLOCK_LINEAR = r"(^|\.)blocks\.\d+\.(attn|mlp)\."  # a transformer block's attention and MLP layers, in timm's names
@@ -112,8 +113,6 @@ def apply_tuning(model: nn.Module, strategy: str, classifier: str | None, lora: 
     """The tuning registered for `strategy` (medfound.registry.TUNINGS): requires_grad set, for LoRA the
     peft-wrapped model returned (else `model` itself). `classifier`: the module that always trains (None: a
     segmentation network's ViT, whose decoder trains outside it)."""
-    from medfound.registry import TUNINGS
-
     return TUNINGS.build(strategy, model, classifier, lora, last_k)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medfound.data.manifest import LabelSchema
+from medfound.io import atomic_write_bytes
 
 BAGS_NAME = "bags.json"
 BAGS_FORMAT = "medfound-bags/1"
@@ -49,8 +50,6 @@ def bag_schema(index: dict[str, Any]) -> LabelSchema:
 
 def save_bag(path: Path, features: np.ndarray, coords: np.ndarray) -> None:
     """One slide's bag, by suffix: `.safetensors` or `.h5` (h5py)."""
-    from medfound.io import atomic_write_bytes
-
     if path.suffix == ".h5":
         try:
             import h5py

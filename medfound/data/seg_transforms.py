@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from medfound.config import SegmentConfig
 from medfound.data.pipeline import MissingMember
 from medfound.data.transforms import WINDOWS, resize_image, to_image_tensor
+from medfound.data.fundus import detect_fov, fov_diameter
 
 
 def check_mask_members(manifest, names: Sequence[Optional[str]], what: str) -> None:
@@ -172,7 +173,6 @@ def image_scale(sample: dict, seg: SegmentConfig, key: str) -> Optional[float]:
         return float(mpp) / seg.mpp
     if seg.fov_diameter is None:
         return None
-    from medfound.data.fundus import fov_diameter
 
     d = fov_diameter(_mask_array(sample, "fov", key))
     if d == 0:
@@ -209,8 +209,6 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
         size = tuple(x.shape[1:])
         masks = sample.get("masks") or {}
         if seg.fov_diameter is not None and "fov" not in masks:  # on the image's own grid, as a stored one is
-            from medfound.data.fundus import detect_fov
-
             pixels = x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).to(torch.uint8)
             fov = detect_fov(pixels.permute(1, 2, 0).numpy()).astype(np.uint8) * 255
             sample = {**sample, "masks": {**masks, "fov": fov}}

@@ -49,6 +49,7 @@ WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.
 from medfound.config.data import AUGMENT_PRESETS as AUGMENTS  # noqa: E402  (the names the schema accepts)
 from medfound.data.pipeline import MissingMember  # noqa: E402
 from medfound.data.scale import pixel_spacing  # noqa: E402
+from medfound.data.fundus import crop_to_fov, detect_fov  # noqa: E402
 _BICUBIC = T.InterpolationMode.BICUBIC
 
 # Ruifrok & Johnston (2001) stain vectors for haematoxylin, eosin and DAB, rows = stains, cols = RGB
@@ -123,8 +124,6 @@ def to_unit_image(image: Any, meta: Optional[dict] = None, window: Optional[str]
     if x.ndim == 3 and x.shape[-1] == 4:
         x = x[..., :3]
     if fundus_crop:
-        from medfound.data.fundus import crop_to_fov, detect_fov
-
         mask = np.asarray(fov) > 0 if fov is not None else detect_fov((x * 255).astype(np.uint8))
         x, _ = crop_to_fov(x, mask)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))

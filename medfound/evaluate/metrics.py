@@ -30,6 +30,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy, multiclass_cohen_kappa
 
 from medfound.evaluate.definitions import DEFINITIONS, HUB_METRIC_TYPES, hub_metric_type  # noqa: F401
+from medfound.evaluate.bootstrap import bootstrap_intervals
 
 AUPRC_SINGLE = ("binary: average precision of the positive class; multi-class/ordinal: macro mean of one-vs-rest "
                 "average precision over classes present in the split")
@@ -243,8 +244,6 @@ def score_with_sites(probs: np.ndarray, labels: np.ndarray, sites: list, label_t
     predictions; sites holds one entry (or None) per sample. With `resamples` > 0 the split's result holds
     "bootstrap" (95% stratified bootstrap intervals of every metric, evaluate/bootstrap.py; `keep_values` keeps the
     resample values) and every site gets its own "intervals"."""
-    from medfound.evaluate.bootstrap import bootstrap_intervals
-
     def score(p, y, name):
         if label_type == "multilabel":
             return multilabel_metrics(p, y, class_names, split=name)

@@ -21,6 +21,12 @@ from medfound.evaluate.metrics import classification_metrics, multilabel_metrics
 from medfound.evaluate.procedure import ScoredSet, Scorer
 from medfound.evaluate.records import (dataset_block, eval_progress, scored_block, split_urls, write_predictions,
                                        write_rows)
+from medfound.adapt.tasks import endpoint
+from medfound.data.manifest import read_manifest
+from medfound.data.scale import require_spacing
+from medfound.data.seg_transforms import build_seg_transform, check_mask_members
+from medfound.evaluate.metrics import aggregate_units
+from medfound.evaluate.segmentation import CONVENTIONS, score_loader
 
 
 @torch.no_grad()
@@ -94,9 +100,6 @@ class ClassificationScorer(ProbabilityScorer):
     scale = CLASSIFICATION_NORMALISED
 
     def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, export: Path, weights: Path) -> None:
-        from medfound.adapt.tasks import endpoint
-        from medfound.data.manifest import read_manifest
-
         super().__init__(recipe, export, weights)
         self.model = model
         self.manifest = read_manifest(recipe.data.shards[0])
@@ -107,14 +110,10 @@ class ClassificationScorer(ProbabilityScorer):
 
     def check(self, internal: str, split: str, externals: list[str]) -> None:
         if self.recipe.data.spacing_mm is not None:  # every scored set must carry pixel spacings
-            from medfound.data.scale import require_spacing
-
             for where in [internal, *externals]:
                 require_spacing(where, f"shard set {where}")
 
     def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
-        from medfound.adapt.tasks import endpoint
-
         d, ev, agg = self.recipe.data, self.recipe.eval, self.recipe.eval.aggregate
         urls, manifest, splits = split_urls(where, split)
         if external and endpoint(manifest.label_schema, self.threshold).names != self.schema.names:
@@ -149,8 +148,6 @@ class ClassificationScorer(ProbabilityScorer):
 
     def _units(self, probs: np.ndarray, labels: np.ndarray, metas: list[dict], split: str) -> dict[str, Any]:
         """eval.aggregate: the images' probabilities combined per unit (a breast from its views) and scored."""
-        from medfound.evaluate.metrics import aggregate_units
-
         agg = self.recipe.eval.aggregate
         ids = [tuple(str(m[f]) for f in agg.by) for m in metas]
         up, uy, _ = aggregate_units(probs, labels, ids, agg.reduce)
@@ -179,8 +176,6 @@ class SegmentationScorer(Scorer):
         self.scale = normalised_scale(recipe.segment)
 
     def check(self, internal: str, split: str, externals: list[str]) -> None:
-        from medfound.data.seg_transforms import check_mask_members
-
         seg = self.recipe.segment  # every set has the masks scoring needs, before the internal split is scored
         check_mask_members(split_urls(internal, split)[1], [seg.mask, seg.roi],
                            f"split '{split}' of {internal}")
@@ -189,9 +184,6 @@ class SegmentationScorer(Scorer):
                                f"external set {ext}")
 
     def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
-        from medfound.data.seg_transforms import build_seg_transform
-        from medfound.evaluate.segmentation import score_loader
-
         seg, d, ev = self.recipe.segment, self.recipe.data, self.recipe.eval
         urls, manifest, splits = split_urls(where, split)
         bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
@@ -222,8 +214,6 @@ class SegmentationScorer(Scorer):
         return {"head": self.recipe.head.type}
 
     def body(self, internal: ScoredSet) -> dict[str, Any]:
-        from medfound.evaluate.segmentation import CONVENTIONS
-
         seg, result = self.recipe.segment, internal.result
         boot = result.get("bootstrap")
         return {

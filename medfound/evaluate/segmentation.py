@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from medfound.evaluate.bootstrap import percentile_interval, resample_means
 
 CONVENTIONS = {
     "region": "pixels outside segment.roi (when set) are ignored",
@@ -192,8 +193,6 @@ class SegmentationScorer:
         the point estimate. Binary tasks: the pooled pixel metrics too, from the same resampled images (F1,
         sensitivity, specificity and accuracy exactly from the images' summed confusion counts; AUC from their
         summed probability histograms, PIXEL_BINS bins)."""
-        from medfound.evaluate.bootstrap import percentile_interval, resample_means
-
         kinds = ["dice"] + (["hd95"] if self.hd else [])
         names = self.names[1:]
         cols = [f"{m}/{n}" for m in kinds for n in names]

@@ -33,6 +33,7 @@ from medfound.backbones import vit_geometry, vit_tokens
 from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
                                            update_center)
 from medfound.pretrain.masking import block_mask
+from medfound.train.optim import vit_param_groups
 
 COLLAPSE_STD = 1e-3  # per-dimension std of normalised features below which they are one point
 HEADS_FILE = "dino_heads.safetensors"  # beside an export's backbone: the DINO/iBOT heads, to continue pretraining
@@ -291,8 +292,6 @@ class DINOv2(nn.Module):
         """Student backbone with layer-wise lr decay and the patch-embedding multiplier; heads and the mask
         token at full lr (mask token and 1-d parameters without weight decay). The teacher is not trained."""
         from timm.optim import param_groups_weight_decay
-
-        from medfound.train.optim import vit_param_groups
 
         groups = vit_param_groups(self.student["backbone"], cfg)
         heads = nn.ModuleDict({k: v for k, v in self.student.items() if k != "backbone"})

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 
 from medfound.backbones import vit_geometry, vit_tokens
 from medfound.pretrain.masking import random_masking
+from medfound.adapt.pictures import titled
 
 
 def patchify(images: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -193,7 +194,6 @@ class MAE(nn.Module):
             views = [((v - lo) / (hi - lo + 1e-6)).clamp(0, 1) for v in views]
         rows = [torch.cat([v[i] for v in views], dim=2) for i in range(images.shape[0])]
         pixels = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype("uint8")
-        from medfound.adapt.pictures import titled
 
         grid = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
         return titled(grid, ["original", f"visible ({1 - self.mask_ratio:.0%})", "reconstruction"])

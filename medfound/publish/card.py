@@ -19,6 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import medfound
 from medfound.evaluate.definitions import hub_metric_type
+from medfound.data.fractions import describe
+from medfound.evaluate.markdown import evaluation_sections
 
 TEMPLATE = "template.md"
 EVAL_BEGIN, EVAL_END = "<!-- medfound:evaluation (generated from eval.json; `medfound card check` verifies it) -->", \
@@ -123,8 +125,6 @@ def training_datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _subset_text(record: dict[str, Any]) -> str:
-    from medfound.data.fractions import describe
-
     return describe(record)
 
 
@@ -265,8 +265,6 @@ def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], 
                 pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
                 gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None,
                 base_model: Optional[str] = None, repo_id: Optional[str] = None) -> ModelCard:
-    from medfound.evaluate.markdown import evaluation_sections
-
     stages = _stages(lineage)
     datasets = training_datasets(lineage)
     modalities = sorted({d["modality"] for d in datasets})

@@ -22,6 +22,8 @@ from timm.models import save_for_hf
 
 from medfound.config import DataConfig
 from medfound.io import atomic_dir
+from medfound.evaluate.records import network_lineage
+from medfound.io import sha256_file
 
 
 def hardware() -> str:
@@ -93,8 +95,6 @@ def adapter_base(classifier_config: dict[str, Any], base: Optional[str | Path]) 
     if (folder / "config.json").is_file():
         base_args = json.loads((folder / "config.json").read_text()).get("model_args", {})
         if (folder / "model.safetensors").is_file():
-            from medfound.io import sha256_file
-
             record["base_weights_sha256"] = sha256_file(folder / "model.safetensors")
         record["timm_name"] = f"local-dir:{base}"
     else:  # a Hub id
@@ -174,7 +174,5 @@ def read_lineage(export_dir: Path) -> dict[str, Any]:
     json's (the `network` export format)."""
     path = Path(export_dir) / "config.json"
     if not path.is_file():
-        from medfound.evaluate.records import network_lineage
-
         return network_lineage(export_dir)
     return json.loads(path.read_text()).get("medfound", {})

@@ -44,6 +44,8 @@ from medfound.train.checkpoint import capture_rng, latest_checkpoint, restore_rn
 from medfound.train.logging import MetricsLogger
 from medfound.train.optim import build_optimizer, lr_at, wd_at
 from medfound.train.strategy import DDPStrategy, FSDPStrategy, first_nonfinite
+from medfound.io import atomic_write_bytes
+from medfound.train.zero import ZeroStrategy
 
 
 @dataclass
@@ -133,8 +135,6 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
 def build_strategy(accelerator: Accelerator, trainer: TrainerConfig):
     """The run's strategy object for `trainer.strategy` (the names config.TrainerConfig.strategy allows)."""
     if trainer.strategy.startswith("zero"):
-        from medfound.train.zero import ZeroStrategy  # imports deepspeed: only for runs that ask for it
-
         return ZeroStrategy(accelerator, trainer, stage=int(trainer.strategy[-1]))
     return {"ddp": DDPStrategy, "fsdp": FSDPStrategy}[trainer.strategy](accelerator, trainer)
 
@@ -418,7 +418,6 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
 
 
 def _save_image(image: Any, path: Path) -> None:
-    from medfound.io import atomic_write_bytes
     import io
 
     buf = io.BytesIO()

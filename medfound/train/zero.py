@@ -35,6 +35,7 @@ import torch.nn as nn
 from medfound.train.checkpoint import (ZERO_DIR, ZERO_TAG, import_deepspeed, read_trainer_state, weights_only_loads,
                                        with_rng)
 from medfound.train.strategy import DDPStrategy, meta_shell, report_shards, set_activation_checkpointing
+from medfound.io import atomic_dir
 
 UNIVERSAL_DIR = "zero_universal"  # ds_to_universal's conversion of a zero checkpoint, made when the world size changes
 _RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -192,8 +193,6 @@ def to_universal(checkpoint: Path) -> Path:
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
-
-    from medfound.io import atomic_dir
 
     target = Path(checkpoint) / UNIVERSAL_DIR
     if (target / "latest_universal").is_file():

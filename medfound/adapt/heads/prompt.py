@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medfound.adapt.heads.unetr import ViTEncoder
+from medfound.backbones import create_backbone
 
 
 class LayerNorm2d(nn.Module):
@@ -223,8 +224,6 @@ class PromptSegmenter(nn.Module):
 
 def build_prompt_segmenter(recipe) -> PromptSegmenter:
     """The recipe's box-prompt network over its backbone (`create_backbone`, pretrained weights when given)."""
-    from medfound.backbones import create_backbone
-
     h = recipe.head
     vit = create_backbone(recipe.backbone, num_classes=0)
     if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "patch_embed"):

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medfound.config import FinetuneRecipe
+from medfound.registry import HEADS
 
 
 class Segmenter(nn.Module):
@@ -56,8 +57,6 @@ def in_channels(spatial_dims: int) -> int:
 
 def build_segmenter(recipe: FinetuneRecipe) -> Segmenter:
     """The recipe's segmentation network: the builder registered for `head.type` (medfound.registry.HEADS)."""
-    from medfound.registry import HEADS
-
     entry = HEADS.get(recipe.head.type)
     if not entry.config.needs_segment:
         raise ValueError(f"head.type={recipe.head.type} is a {entry.config.task} head, not a segmentation network")

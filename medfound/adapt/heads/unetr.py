@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from medfound.adapt.heads.segment import Segmenter, in_channels
 from medfound.backbones import vit_geometry
+from medfound.backbones import create_backbone
 
 
 def default_indices(depth: int, taps: int) -> list[int]:
@@ -165,8 +166,6 @@ def build_unetr(recipe) -> Segmenter:
 def vit_segmenter(recipe, decoder) -> Segmenter:
     """A ViT head: the recipe's backbone (built and loaded by `create_backbone`) as an encoder of 2-D or 3-D input,
     `decoder(encoder, num_classes)` on top; the divisor is the patch (at least 2 per level of upsampling)."""
-    from medfound.backbones import create_backbone
-
     seg = recipe.segment
     sd = seg.spatial_dims
     args = {"dynamic_img_size": True}
