@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medfound.config import FinetuneRecipe, PretrainRecipe
+from medfound.config.eval import EVALUATE_DATA_KEYS as EVAL_DATA_KEYS
+from medfound.config.eval import EVALUATE_SCALE_KEYS as SCALE_KEYS
 from medfound.data.manifest import Manifest, read_manifest
 from medfound.io import check_replaceable, run_lock
 from medfound.run import read_run, start_run
@@ -69,19 +71,14 @@ def run_finetune(recipe: FinetuneRecipe, command: str = "medfound finetune") -> 
     return train(recipe, command)
 
 
-# the data.* keys evaluation may change: how the scored images are read, never what the model was trained on
-EVAL_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
-# scale keys evaluation may set: resample the scored images to the scale the model expects (scored at native size)
-SCALE_KEYS = ("fov_diameter", "scale", "mpp")
-
-
 def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optional[list[str | Path]] = None,
              out: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
              overwrite: bool = False) -> dict[str, Any]:
     """Evaluate a run's export (or a published folder) on the run's labelled shard set (`eval.split`, or `split`)
     and on the external sets (`eval.external`, or `external`); write eval.json, predictions and report/report.md
     into `out` (default: the run directory; a published folder needs `out`, so the folder and its card stay as
-    published). `overrides`: `key=value` of `eval.*` and of the data keys in EVAL_DATA_KEYS. An `out` holding an
+    published). `overrides`: `key=value` of `eval.*`, of the data keys in EVAL_DATA_KEYS and of the segment scale
+    keys in SCALE_KEYS (these resample the external sets only: the internal split is scored as trained). An `out` holding an
     earlier evaluation is replaced only with `overwrite`, and never one holding files medfound did not write there
     (medfound.evaluate.output); the run directory is written under its run lock (not while it trains)."""
     run = read_run(run_dir)

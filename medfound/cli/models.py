@@ -39,19 +39,26 @@ def add_import(sub) -> None:
 
 
 def add_evaluate(sub) -> None:
-    s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/")
+    from medfound.config.eval import EVALUATE_DATA_KEYS, EVALUATE_SCALE_KEYS, EvalConfig
+
+    s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/",
+                       epilog="key=value overrides it accepts: "
+                              + ", ".join(f"eval.{k}" for k in EvalConfig.model_fields) + ", trainer.progress, "
+                              + ", ".join(f"data.{k}" for k in EVALUATE_DATA_KEYS) + "; and for segmentation "
+                              "models, resampling the external sets only (the internal split is scored as "
+                              "trained): " + ", ".join(f"segment.{k}" for k in EVALUATE_SCALE_KEYS) + ".")
     s.add_argument("run_dir")
     s.add_argument("external", nargs="*", help="external-site shard sets scored beside the internal split "
-                                               "(default: the recipe's eval.external), and key=value overrides of "
-                                               "eval.* (eval.bootstrap=200, eval.interval=percentile...), "
-                                               "data.eval_batch_size / num_workers / verify / max_bad_fraction and "
-                                               "the scale of a segmentation model's inputs (segment.scale, "
-                                               "segment.fov_diameter, segment.mpp)")
+                                               "(default: the recipe's eval.external), and key=value overrides "
+                                               "(listed below), e.g. eval.bootstrap=200 segment.scale=0.5")
     s.add_argument("--split", help="split to evaluate (default: the recipe's eval.split)")
     s.add_argument("--out", help="folder for eval.json, predictions.csv and report/ (default: RUN_DIR; required "
                                  "for a published folder); a new folder, or one of yours without those names")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation in --out (only the files it wrote; your own files stay)")
+    s.add_argument("--strict-scale", action="store_true",
+                   help="stop (before any scoring) when an external set's scale differs from the training data's "
+                        "beyond the tolerance, instead of a warning (eval.strict_scale=true)")
     s.set_defaults(run=run_evaluate, takes_rest=True)
 
 
@@ -182,7 +189,8 @@ def run_evaluate(args: argparse.Namespace, command: str) -> int:
     from medfound import workflows
 
     is_key = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+=")  # key=value overrides among the external sets
-    overrides = [a for a in args.external if is_key.match(a)]
+    overrides = [a for a in args.external if is_key.match(a)] + (["eval.strict_scale=true"] if args.strict_scale
+                                                                  else [])
     external = [a for a in args.external if not is_key.match(a)]
     report = workflows.evaluate(args.run_dir, args.split, external=external or None, out=args.out,
                                 overrides=overrides, overwrite=args.overwrite)

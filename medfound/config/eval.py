@@ -9,6 +9,12 @@ from pydantic import Field
 from medfound.config.base import ShardLocation, Strict
 
 
+# the overrides `medfound evaluate` takes beside eval.* and trainer.progress: how the scored images are read (never
+# what the model was trained on), and the scale a segmentation model's external sets are resampled to (the internal
+# split is always scored as trained)
+EVALUATE_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
+EVALUATE_SCALE_KEYS = ("fov_diameter", "scale", "mpp")
+
 class AggregateConfig(Strict):
     """Score units made of several images, e.g. a breast seen in CC and MLO views (McKinney et al. 2020)."""
 
@@ -52,6 +58,9 @@ class EvalConfig(Strict):
                                                     "segmentation and box prompts; "
                                                     "ece and hd95 are minimised, the others maximised)")
     select_split: str = Field("val", description="with eval.every: the split scored during training")
+    strict_scale: bool = Field(False, description="an external set whose scale differs from the training data's "
+                                                  "beyond the tolerance stops the evaluation (before any scoring) "
+                                                  "instead of a warning (`medfound evaluate --strict-scale`)")
     aggregate: Optional[AggregateConfig] = Field(None, description="also report metrics per unit of images "
                                                                    "(classification)")
 

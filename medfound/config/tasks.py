@@ -36,7 +36,7 @@ class TaskKeys:
 
 
 ALL_EVAL = frozenset({"split", "bootstrap", "seed", "interval", "min_per_class", "specificity", "external",
-                      "external_split", "report", "aggregate", "every", "select", "select_split"})
+                      "external_split", "report", "aggregate", "every", "select", "select_split", "strict_scale"})
 CLASS_INTERVALS = frozenset({"interval", "min_per_class"})  # classification / MIL intervals (segmentation: images)
 
 TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
@@ -60,7 +60,7 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "aggregate": "images are scored one by one"},
         default_why="training augmentation is set in the segment section (flips, rot90, intensity_jitter)"),
     TaskKeys("box_prompt", "box-prompt runs", IMAGE_STREAM | FRACTIONS | {"img_size"},
-             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS,
+             ALL_EVAL - {"specificity", "aggregate", "strict_scale"} - CLASS_INTERVALS,
              values={"balanced_sampling": NO_CLASS_BALANCE}, why={
         "eval_batch_size": "evaluation predicts one image and box at a time",
         "spacing_mm": "the box-prompt window is cut around the structure at head.img_size",
@@ -68,13 +68,15 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
         "specificity": "there is no ROC operating point for box prompts",
         "interval": "Dice and HD95 intervals are percentile intervals over images",
         "min_per_class": "intervals are over images, not classes",
-        "aggregate": "images are scored one by one"},
+        "aggregate": "images are scored one by one",
+        "strict_scale": "a box prompt is cut around its structure at head.img_size: no scale check"},
         default_why="training augmentation is head.augment (windows around the structure, flips, intensity jitter)"),
     TaskKeys("mil", "MIL runs", frozenset({"shards", "train_split", "eval_split", "batch_size", "eval_batch_size",
-                                           "balanced_sampling"}) | FRACTIONS, ALL_EVAL - {"aggregate"},
+                                           "balanced_sampling"}) | FRACTIONS, ALL_EVAL - {"aggregate", "strict_scale"},
              values={"balanced_sampling": (False, True, "class")}, why={
         "balanced_sampling": "slides have no site-balanced sampler (sites are reported per site in evaluation)",
-        "aggregate": "the unit is already the slide"},
+        "aggregate": "the unit is already the slide",
+        "strict_scale": "bags are tile features of a backbone: the tiles' um/px is fixed at extraction"},
         default_why="they train on stored tile features, not images: image settings apply when extracting the "
                     "bags (`medfound extract`)"),
 )}

@@ -99,6 +99,19 @@ def external_table(report: dict[str, Any], keys: list[str]) -> list[str]:
     return rows
 
 
+def external_notes(e: dict[str, Any], keys: list[str]) -> list[str]:
+    """Beside an external set's rows: its scale warnings, the evaluate-time overrides it was scored with, and its
+    per-site table (an external archive often pools several hospitals)."""
+    notes = [f"⚠ {w}" for w in e.get("warnings", [])]
+    if e.get("inference_overrides"):
+        notes.append("scored with " + ", ".join(f"`{k}={v}`" for k, v in e["inference_overrides"].items())
+                     + " (an evaluate override, this set only; the internal split is scored as trained)")
+    lines = [f"**{e['name']}**", "", *[f"- {n}" for n in notes], ""] if notes else []
+    if e.get("by_site"):
+        lines += [f"Per site of {e['name']}:", "", *site_table(e["by_site"], keys), ""]
+    return lines
+
+
 def per_class_table(per_class: dict[str, Any]) -> list[str]:
     first = next(iter(per_class.values()))
     cols = [k for k in first if k != "n"]
@@ -157,6 +170,8 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
                   "Each external set beside the internal test split; drop = external - internal, its interval "
                   "from the two independent bootstraps paired resample by resample.", "",
                   *external_table(report, headline(report)), ""]
+        for e in report["external"]:
+            lines += external_notes(e, headline(report))
     if report.get("units"):
         u = report["units"]
         lines += [f"{level} Per unit ({' + '.join(u['by'])}, {u['reduce']} of {u['images']} images -> {u['n']})", "",

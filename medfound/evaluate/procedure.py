@@ -47,6 +47,7 @@ class Scorer:
     where the kind's records carry no scale (then no scale check runs)."""
 
     scale: Optional[tuple[str, ...]] = None
+    scale_targets: dict[str, float] = {}  # what every image is resampled to (segmentation: a FOV diameter, um/px)
 
     def __init__(self, recipe: Any, export: Path, weights: Path) -> None:
         self.recipe, self.export, self.weights = recipe, Path(export), Path(weights)
@@ -91,19 +92,25 @@ def evaluate_with(scorer: Scorer, split: str, out: Path) -> dict[str, Any]:
     ev, internal_set = recipe.eval, str(recipe.data.shards[0])
     externals_at = [str(e) for e in ev.external]
     scorer.check(internal_set, split, externals_at)
-    start = time.time()
-    internal = scorer.score(internal_set, split, external=False, keep_values=bool(externals_at))
     lineage = network_lineage(scorer.export)
     trained = trained_on(lineage)
     expected = lineage.get("scale") if scorer.scale is not None else None  # the training data's scale
+    # the scale check reads only the manifests and sample metadata: it speaks (or, eval.strict_scale, stops)
+    # before anything is scored, not after hours of inference
+    checked = {where: scale_check(where, expected, scorer.scale, ev.strict_scale, scorer.scale_targets)
+               for where in externals_at} if expected else {}
+    start = time.time()
+    internal = scorer.score(internal_set, split, external=False, keep_values=bool(externals_at))
     sets, externals = [internal], []
     for where in externals_at:
         scored = scorer.score(where, ev.external_split, external=True, keep_values=True)
         entry = external_block(scored.name, where, scored.splits, scored.n, scored.result, scored.by_site,
                                internal.result, scored.digests, trained)
         entry.update(scorer.external_fields(scored))
-        if expected:
-            _check_scale(entry, where, scored.name, expected, scorer.scale)
+        if where in checked:
+            entry["scale"] = checked[where]["scale"]
+            if checked[where]["warnings"]:
+                entry.setdefault("warnings", []).extend(checked[where]["warnings"])
         sets.append(scored)
         externals.append(entry)
     warnings = [w for s in sets for w in s.warnings]
@@ -127,15 +134,54 @@ def evaluate_with(scorer: Scorer, split: str, out: Path) -> dict[str, Any]:
     return report
 
 
-def _check_scale(entry: dict[str, Any], path: str, name: str, expected: dict[str, Any],
-                 normalised: tuple[str, ...]) -> None:
-    """An external set's scale beside the training data's (eval.json `scale`), and a warning (console, eval.json,
-    report.md, card) when they differ beyond medfound.data.scale.SCALE_TOLERANCE."""
-    import warnings as _warnings
+def scale_check(where: str, expected: dict[str, Any], normalised: tuple[str, ...], strict: bool = False,
+                targets: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """An external set's scale beside the training data's (eval.json `scale`), from its manifest and sample
+    metadata only (`targets`: what the run resamples every image to, e.g. {"fov_diameter_px": 540}, after which the
+    masks' structure size is compared too); each difference beyond medfound.data.scale.SCALE_TOLERANCE is printed
+    at once as one line
+    (stderr) and returned for eval.json, report.md and the card; `strict` (eval.strict_scale, `--strict-scale`)
+    raises instead, before any scoring."""
+    import sys
 
+    from medfound.data.manifest import read_manifest
     from medfound.data.scale import scale_stats, scale_warnings
 
-    entry["scale"] = scale_stats(path)
-    for w in scale_warnings(name, entry["scale"], expected, normalised):
-        entry.setdefault("warnings", []).append(w)
-        _warnings.warn(w, stacklevel=3)
+    stats = scale_stats(where)
+    name = read_manifest(where).name
+    found = scale_warnings(name, stats, expected, normalised) + residual_warnings(name, stats, expected, targets or {})
+    if found and strict:
+        raise ValueError("; ".join(found) + " (eval.strict_scale: nothing was scored; drop --strict-scale to score "
+                                            "it anyway with this warning)")
+    for w in found:
+        print(f"medfound evaluate: warning: {w}", file=sys.stderr, flush=True)
+    return {"scale": stats, "warnings": found}
+
+
+# how a physical scale key's target resizes an image whose value is v: by target / v (a FOV diameter in px) or by
+# v / target (um/px, mm/px)
+_RESIZE = {"fov_diameter_px": lambda v, t: t / v, "mpp": lambda v, t: v / t, "spacing_mm": lambda v, t: v / t}
+
+
+def residual_warnings(name: str, stats: dict[str, Any], expected: dict[str, Any], targets: dict[str, float]
+                      ) -> list[str]:
+    """After the run's normalisation (a FOV diameter, um/px or spacing each image is resampled to), the labelled
+    structures of both sets should be equally thick; a residual beyond SCALE_TOLERANCE means the normalised
+    quantity is not the scale the network learned (fundus cameras whose vessels are traced thinner at the same
+    FOV), named with the segment.scale that matches the structure size instead."""
+    from medfound.data.scale import SCALE_TOLERANCE
+
+    out = []
+    for key, target in targets.items():
+        if not target or key not in _RESIZE or not all(key in d and d.get("structure_px") for d in (stats, expected)):
+            continue
+        ext = stats["structure_px"] * _RESIZE[key](stats[key], target)
+        trained = expected["structure_px"] * _RESIZE[key](expected[key], target)
+        ratio = ext / trained
+        if max(ratio, 1 / ratio) > SCALE_TOLERANCE:
+            out.append(f"external set {name}: after resampling to {key.removesuffix('_px')} {target:g}, its labelled "
+                       f"structures are {ext:.3g} px thick, the training data's {trained:.3g} px ({ratio:.2f}x, "
+                       f"beyond the {SCALE_TOLERANCE}x tolerance): {key.removesuffix('_px')} is not the scale this "
+                       f"model learned here; score it with `segment.scale={trained / stats['structure_px']:.3g}` "
+                       "(structure size matched) instead")
+    return out

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medfound.config import FinetuneRecipe
+from medfound.config.eval import EVALUATE_SCALE_KEYS
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
@@ -170,10 +171,17 @@ class SegmentationScorer(Scorer):
     n_overlays = 4
 
     def __init__(self, model: torch.nn.Module, normalize: Optional[torch.nn.Module], recipe: FinetuneRecipe,
-                 export: Path, weights: Path) -> None:
+                 export: Path, weights: Path, trained_segment: Any = None) -> None:
+        """`recipe.segment` scores the external sets (with any evaluate-time scale override); `trained_segment`
+        (the run's own) scores the internal split, as trained, so a drop compares like with like."""
         super().__init__(recipe, export, weights)
         self.model, self.normalize = model, normalize
+        self.internal_segment = trained_segment or recipe.segment
+        self.overrides = {k: getattr(recipe.segment, k) for k in EVALUATE_SCALE_KEYS
+                          if getattr(recipe.segment, k) != getattr(self.internal_segment, k)}
         self.scale = normalised_scale(recipe.segment)
+        seg = recipe.segment
+        self.scale_targets = {k: v for k, v in (("fov_diameter_px", seg.fov_diameter), ("mpp", seg.mpp)) if v}
 
     def check(self, internal: str, split: str, externals: list[str]) -> None:
         seg = self.recipe.segment  # every set has the masks scoring needs, before the internal split is scored
@@ -184,7 +192,8 @@ class SegmentationScorer(Scorer):
                                f"external set {ext}")
 
     def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
-        seg, d, ev = self.recipe.segment, self.recipe.data, self.recipe.eval
+        seg = self.recipe.segment if external else self.internal_segment
+        d, ev = self.recipe.data, self.recipe.eval
         urls, manifest, splits = split_urls(where, split)
         bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
                             self.recipe.trainer.progress)
@@ -214,7 +223,7 @@ class SegmentationScorer(Scorer):
         return {"head": self.recipe.head.type}
 
     def body(self, internal: ScoredSet) -> dict[str, Any]:
-        seg, result = self.recipe.segment, internal.result
+        seg, result = self.internal_segment, internal.result
         boot = result.get("bootstrap")
         return {
             "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
@@ -230,7 +239,11 @@ class SegmentationScorer(Scorer):
         }
 
     def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
-        return {"per_class": scored.result["per_class"]}
+        """Per class, and the evaluate-time scale overrides this set was scored with (the internal split never
+        is: eval.json's `inference` is the trained one)."""
+        return {"per_class": scored.result["per_class"],
+                **({"inference_overrides": {f"segment.{k}": v for k, v in self.overrides.items()}}
+                   if self.overrides else {})}
 
     def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
         write_rows(path, [(s.name, s.rows) for s in sets])

@@ -117,17 +117,15 @@ class SegmentationScorer:
         self.names, self.hd = class_names, hd
         self.per_image: list[dict[str, Any]] = []
         self.binary = len(class_names) == 2
-        self._probs: list[np.ndarray] = []
-        self._truth: list[np.ndarray] = []
-        self._stats: list[np.ndarray] = []  # binary: per image [tp, fp, fn, tn, hist_pos[B], hist_neg[B]]
+        # binary: per image [tp, fp, fn, tn, hist_pos[B], hist_neg[B]]; no pixel is kept, so memory does not grow
+        # with the images' size (pooled AUC from the summed histograms)
+        self._stats: list[np.ndarray] = []
 
     def subset(self, rows: list[int]) -> "SegmentationScorer":
         """A scorer over some of the images (a site), with their pixel statistics."""
         sub = SegmentationScorer(self.names, self.hd)
         sub.per_image = [self.per_image[i] for i in rows]
-        if self._probs:
-            sub._probs = [self._probs[i] for i in rows]
-            sub._truth = [self._truth[i] for i in rows]
+        if self._stats:
             sub._stats = [self._stats[i] for i in rows]
         return sub
 
@@ -147,8 +145,6 @@ class SegmentationScorer:
         if self.binary:
             sel = roi if roi is not None else torch.ones_like(truth, dtype=torch.bool)
             prob, t = probs[1][sel].numpy().astype(np.float32), (truth[sel] > 0).numpy()
-            self._probs.append(prob)
-            self._truth.append(t)
             self._stats.append(pixel_stats(prob, t))
             tp, fp, fn, tn = (int(v) for v in self._stats[-1][:4])
             row.update(pixel_tp=tp, pixel_fp=fp, pixel_fn=fn, pixel_tn=tn)
@@ -181,8 +177,9 @@ class SegmentationScorer:
         if self.hd:
             hds = [e["hd95"] for e in per_class.values() if e.get("hd95") is not None]
             metrics["hd95"] = float(np.mean(hds)) if hds else None
-        if pixels and self.binary and self._probs:
-            metrics.update(pixel_metrics(np.concatenate(self._probs), np.concatenate(self._truth)))
+        if pixels and self.binary and self._stats:
+            pooled = pooled_resamples(np.stack(self._stats), np.arange(len(self._stats))[None])  # every image once
+            metrics.update({k: None if not np.isfinite(v[0]) else float(v[0]) for k, v in pooled.items()})
         clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                  for r in self.per_image]
         return {"metrics": metrics, "per_class": per_class, "per_image": clean}
@@ -216,7 +213,7 @@ class SegmentationScorer:
         return out
 
 
-PIXEL_BINS = 1000
+PIXEL_BINS = 4096  # pooled AUC from histograms: within 1e-3 of the exact one (tested), memory per image fixed
 
 
 def pixel_stats(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -246,7 +243,8 @@ def pooled_resamples(stats: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray
 
 
 def pixel_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, Optional[float]]:
-    """Pooled pixel metrics of foreground probabilities `prob` `[N]` against boolean `truth` `[N]`."""
+    """Pooled pixel metrics of foreground probabilities `prob` `[N]` against boolean `truth` `[N]`, exactly (AUC by
+    scikit-learn over every pixel: the reference the histograms of `SegmentationScorer` are tested against)."""
     from sklearn.metrics import roc_auc_score
 
     pred = prob >= threshold

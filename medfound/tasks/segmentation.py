@@ -94,7 +94,7 @@ class SegmentationSpec(ImageNetwork):
         from medfound.evaluate.report import SegmentationScorer
 
         return SegmentationScorer(self.load(run.export, recipe), self.normalizer(recipe), recipe, run.export,
-                                  run.export / self.weights_file)
+                                  run.export / self.weights_file, trained_segment=run.recipe.segment)
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: the validation split segmented whole every N steps (Dice by default, nnU-Net's pseudo-Dice

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -44,6 +45,30 @@ def test_pixel_metrics_golden():
     assert m["pixel_f1"] == pytest.approx(4 / 6)
     assert m["pixel_sensitivity"] == pytest.approx(2 / 3) and m["pixel_specificity"] == pytest.approx(2 / 3)
     assert m["pixel_auc"] == pytest.approx(7 / 9)  # 7 of the 9 positive/negative pairs ranked right
+
+
+def test_pooled_pixel_metrics_come_from_histograms_within_1e3_of_the_exact_ones_in_fixed_memory():
+    """Issue 30: 42 native 3504x2336 images peaked at 15.5 GB (every pixel kept for an exact AUC). The scorer now
+    keeps per image only its confusion counts and two probability histograms: AUC within 1e-3 of scikit-learn's
+    over every pixel, F1/sensitivity/specificity exact, and the memory per image does not grow with its size."""
+    rng = np.random.default_rng(0)
+    probs, truths, sizes = [], [], {}
+    for side in (64, 256):
+        scorer = SegmentationScorer(["background", "vessel"], hd=False)
+        for i in range(6):
+            truth = torch.from_numpy(rng.random((side, side)) < 0.12)
+            logit = rng.normal(0, 1.5, (side, side)) + np.where(truth.numpy(), 1.8, -1.8)
+            fg = torch.from_numpy(1 / (1 + np.exp(-logit))).float()
+            scorer.add(f"{side}_{i}", torch.stack([1 - fg, fg]), truth.long())
+            probs.append(fg.numpy().ravel())
+            truths.append(truth.numpy().ravel())
+        sizes[side] = sum(a.nbytes for a in scorer._stats)
+    exact = pixel_metrics(np.concatenate(probs[6:]), np.concatenate(truths[6:]))
+    ours = scorer.result()["metrics"]
+    assert abs(ours["pixel_auc"] - exact["pixel_auc"]) < 1e-3 and 0.8 < exact["pixel_auc"] < 0.99
+    for k in ("pixel_f1", "pixel_sensitivity", "pixel_specificity", "pixel_accuracy"):
+        assert ours[k] == pytest.approx(exact[k], abs=1e-12), k
+    assert sizes[64] == sizes[256]  # 16x the pixels, the same memory
 
 
 def test_scorer_roi_and_exclusions():
@@ -205,12 +230,17 @@ def test_mpp_resamples_each_image_from_its_own_um_per_px_and_names_a_sample_with
 def test_evaluate_with_a_scale_override_scores_every_image_at_its_native_size(unet_run, seg_shards, tmp_path):
     from medfound.workflows import evaluate
 
+    import csv
+
     plain = evaluate(unet_run, split="train", out=tmp_path / "plain", overrides=["eval.bootstrap=0"])
-    half = evaluate(unet_run, split="train", out=tmp_path / "half", overrides=["eval.bootstrap=0",
-                                                                               "segment.scale=0.5"])
-    assert half["inference"]["scale"] == 0.5 and len(half["per_image"]) == len(plain["per_image"]) == 2
+    half = evaluate(unet_run, split="train", out=tmp_path / "half", external=[seg_shards["ct"]],
+                    overrides=["eval.bootstrap=0", "segment.scale=0.5", "eval.external_split=train"])
+    (ext,) = half["external"]
+    assert ext["inference_overrides"] == {"segment.scale": 0.5} and "scale" not in half["inference"]
     native = [r["pixel_tp"] + r["pixel_fp"] + r["pixel_fn"] + r["pixel_tn"] for r in plain["per_image"]]
-    assert [r["pixel_tp"] + r["pixel_fp"] + r["pixel_fn"] + r["pixel_tn"] for r in half["per_image"]] == native
+    rows = [r for r in csv.DictReader(open(tmp_path / "half" / "predictions.csv")) if r["set"] == ext["name"]]
+    assert [int(r["pixel_tp"]) + int(r["pixel_fp"]) + int(r["pixel_fn"]) + int(r["pixel_tn"]) for r in rows] == native
+    assert half["metrics"] == plain["metrics"]  # the internal split is scored as trained
     with pytest.raises(ValueError, match="would describe another model"):
         evaluate(unet_run, out=tmp_path / "x", overrides=["segment.patch_size=[32,32]"])
 
@@ -234,7 +264,7 @@ def test_shard_images_scale_resizes_images_and_masks(tmp_path):
         assert img.size == msk.size and max(img.size) <= 512 // 2 + 1
 
 
-def test_an_external_set_at_another_scale_is_warned_about_naming_the_key_that_fixes_it(tmp_path):
+def test_an_external_set_at_another_scale_is_warned_about_naming_the_key_that_fixes_it(tmp_path, capsys):
     """Training records the scale of its data (median FOV diameter); an external set resized by 0.5 at ingest is
     named (console, eval.json, report.md) with the segment.fov_diameter that would score it at the training
     scale; scored with that override the warning is gone, and the card states the scale the model expects."""
@@ -254,9 +284,10 @@ def test_an_external_set_at_another_scale_is_warned_about_naming_the_key_that_fi
                              + ["eval.bootstrap=0", "eval.split=train"]))
     trained = json.loads((run / "eval.json").read_text())["scale"]
     assert trained["fov_diameter_px"] > 100 and trained["samples"] == 2
-    with pytest.warns(UserWarning, match=r"external set ct_half has a field of view \d+ px wide, the training data "
-                                         r"\d+ px \(0\.\d+x, beyond the 1\.25x tolerance\).*segment\.fov_diameter="):
-        report = evaluate(run, external=[sets["half"]], out=tmp_path / "e1")
+    capsys.readouterr()
+    report = evaluate(run, external=[sets["half"]], out=tmp_path / "e1")
+    assert re.search(r"warning: external set ct_half has a field of view \d+ px wide, the training data \d+ px "
+                     r"\(0\.\d+x, beyond the 1\.25x tolerance\).*segment\.fov_diameter=", capsys.readouterr().err)
     assert any("segment.fov_diameter=" in w for w in report["warnings"])
     assert "segment.fov_diameter=" in (tmp_path / "e1" / "report" / "report.md").read_text()
     fixed = evaluate(run, external=[sets["half"]], out=tmp_path / "e2",
@@ -281,9 +312,16 @@ def test_shard_images_fov_diameter_gives_every_image_that_field_of_view(tmp_path
     after = sorted(m["fov_diameter_px"] for m in tar_metas(sized))
     assert len(set(before)) > 1 and all(abs(d - 200) <= 2 for d in after), (before, after)
     assert read_manifest(sized).ingest["fov_diameter"] == 200
-    with pytest.raises(ValueError, match="needs --fov detect"):
+    with pytest.raises(ValueError, match="give .*aorta.csv a fov column .* or pass --fov detect"):
         shard("images", DATA / "ct_organs", tmp_path / "x", table=DATA / "ct_organs" / "aorta.csv", name="x",
               modality="ct", fov_diameter=200)
+    # issue 30: a table's fov column is the field of view; --fov detect is not needed beside it
+    table = tmp_path / "with_fov.csv"
+    rows = (DATA / "ct_organs" / "aorta.csv").read_text().splitlines()
+    table.write_text("\n".join([rows[0] + ",fov"] + [r + "," + r.split(",")[1] for r in rows[1:]]) + "\n")
+    shard("images", DATA / "ct_organs", tmp_path / "col", table=table, name="col", modality="ct", keep_names=True,
+          fov_diameter=200)
+    assert all(abs(m["fov_diameter_px"] - 200) <= 2 for m in tar_metas(tmp_path / "col"))
 
 
 def test_structure_size_is_linear_in_the_resolution_on_real_masks():
@@ -306,9 +344,14 @@ def test_structure_size_is_linear_in_the_resolution_on_real_masks():
     assert structure_size(np.zeros((8, 8))) is None
 
 
-def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(unet_run, seg_shards, tmp_path):
+def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(unet_run, seg_shards, tmp_path,
+                                                                                capsys):
     """The CT slices record no FOV, spacing or um/px; the same slices sharded at --scale 0.5 are named by the masks'
-    structure size (a proxy), with a segment.scale to score them by; scored with one, no warning."""
+    structure size (a proxy), with a segment.scale to score them by: one clean line on stderr before anything is
+    scored (eval.strict_scale stops there instead), beside the set in report.md; scored with the override, no
+    warning, and the override resamples that external set only: the internal metrics are those of the run."""
+    import re
+
     from medfound.workflows import evaluate, shard
 
     from helpers import DATA, tar_metas
@@ -319,14 +362,42 @@ def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(
     assert all(m.get("structure_px") for m in tar_metas(half))
     trained = json.loads((unet_run / "eval.json").read_text())["scale"]
     assert set(trained) == {"samples", "structure_px"}
-    with pytest.warns(UserWarning, match=r"external set ct_half has labelled structures [\d.]+ px thick \(a proxy "
-                                         r"read from its masks\), the training data [\d.]+ px \(0\.\d+x.*"
-                                         r"`segment\.scale=[\d.]+`"):
-        report = evaluate(unet_run, external=[half], out=tmp_path / "e1", overrides=["eval.bootstrap=0"])
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"external set ct_half has labelled structures .*nothing was scored"):
+        evaluate(unet_run, external=[half], out=tmp_path / "strict", overrides=["eval.strict_scale=true"])
+    assert not (tmp_path / "strict" / "eval.json").exists() and "evaluate" not in capsys.readouterr().err
+    report = evaluate(unet_run, external=[half], out=tmp_path / "e1", overrides=["eval.bootstrap=0"])
+    err = capsys.readouterr().err
+    line = re.search(r"medfound evaluate: warning: external set ct_half has labelled structures [\d.]+ px thick \(a "
+                     r"proxy read from its masks\), the training data [\d.]+ px \(0\.\d+x.*`segment\.scale=[\d.]+`"
+                     r"[^\n]*\n", err)
+    assert line and "UserWarning" not in err and line.start() < err.find("ct_half") + 1000
     # half the pixels; not exactly half the training median: that is over the 2 training slices, this over all 3
     assert report["external"][0]["scale"]["structure_px"] < 0.8 * trained["structure_px"]
+    md = (tmp_path / "e1" / "report" / "report.md").read_text()
+    assert "**ct_half**" in md and "- ⚠ external set ct_half has labelled structures" in md
     fixed = evaluate(unet_run, external=[half], out=tmp_path / "e2", overrides=["eval.bootstrap=0", "segment.scale=2"])
     assert not any("tolerance" in w for w in fixed["warnings"] + fixed["external"][0].get("warnings", []))
+    assert fixed["metrics"] == report["metrics"] and fixed["per_image"] == report["per_image"]  # internal as trained
+    assert "scale" not in fixed["inference"] and fixed["external"][0]["inference_overrides"] == {"segment.scale": 2.0}
+    assert fixed["external"][0]["metrics"] != report["external"][0]["metrics"]  # the external set was resampled
+    assert "`segment.scale=2.0` (an evaluate override, this set only" in \
+        (tmp_path / "e2" / "report" / "report.md").read_text()
+
+
+def test_after_normalisation_a_residual_structure_size_is_named_with_the_scale_that_matches_it():
+    """Issue 30: at a 540-px FOV one fundus set's vessels were 2.52 px thick against DRIVE's 4.93: the FOV is not the
+    scale the network learned. After the run's normalisation the masks' structure sizes are compared too."""
+    from medfound.evaluate.procedure import residual_warnings
+
+    drive = {"fov_diameter_px": 540.0, "structure_px": 4.93}
+    other = {"fov_diameter_px": 1080.0, "structure_px": 5.04}  # 2.52 px at a 540-px FOV
+    (w,) = residual_warnings("hrf", other, drive, {"fov_diameter_px": 540})
+    assert "after resampling to fov_diameter 540, its labelled structures are 2.52 px thick, the training data's " \
+           "4.93 px (0.51x" in w and "`segment.scale=0.978`" in w
+    assert residual_warnings("same", {"fov_diameter_px": 1080.0, "structure_px": 9.9}, drive,
+                             {"fov_diameter_px": 540}) == []
+    assert residual_warnings("no fov", other, drive, {}) == []
 
 
 def test_a_volume_resampled_by_segment_spacing_is_scored_on_its_own_grid(seg_shards, tmp_path):

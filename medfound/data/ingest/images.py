@@ -124,9 +124,9 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     if fov_diameter is not None and mpp is not None:
         raise ValueError("--fov-diameter gives every image its own resize factor, so one --mpp cannot describe the "
                          "shards: drop --mpp (fundus photographs are measured by their field of view)")
-    if fov_diameter is not None and (scale is not None or fov == "none" or not fov_diameter > 0):
+    if fov_diameter is not None and (scale is not None or not fov_diameter > 0):
         raise ValueError(f"--fov-diameter {fov_diameter}: resizes each image so its field of view is that many px "
-                         "wide; it needs --fov detect (or crop, or a fov column with --fov detect) and excludes --scale")
+                         "wide (a positive width); it excludes --scale")
     if scale is not None and not 0.05 <= scale <= 20:
         raise ValueError(f"--scale {scale}: give the resize factor of every image (0.5 halves each side, 2 doubles "
                          "it), between 0.05 and 20")
@@ -148,6 +148,9 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     fractions = split_fractions or DEFAULT_FRACTIONS
     schema, to_label = table_labels(rows, label_type, label_names)
     mask_cols = _mask_columns(list(rows[0]))
+    if fov_diameter is not None and fov == "none" and "fov" not in mask_cols:
+        raise ValueError(f"--fov-diameter {fov_diameter} measures each image's field of view: give {table} a fov "
+                         "column (mask paths) or pass --fov detect (or crop)")
     key_salt = salt.encode() if salt else hashlib.sha256(b"medfound-salt\0" + table.read_bytes()).digest()
 
     repeated = {p for p, n in Counter(r["path"] for r in rows).items() if n > 1}
@@ -190,6 +193,9 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
                 masks["fov"] = (fov_mask > 0).astype(np.uint8) * 255
             factor = scale
             if fov_diameter is not None:  # this image's own factor, from the width of its field of view
+                if "fov" not in masks:
+                    raise ValueError(f"{where}: {rel} has no fov mask, so --fov-diameter cannot scale it: fill its fov "
+                                     "cell or pass --fov detect")
                 width = fov_diameter_of(masks["fov"] > 0)
                 if width == 0:
                     raise ValueError(f"{where}: the field-of-view mask of {rel} is empty, so --fov-diameter cannot "
