@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from medfound.config.base import ShardLocation, Strict
 
@@ -58,6 +58,11 @@ class EvalConfig(Strict):
                                                     "segmentation and box prompts; "
                                                     "ece and hd95 are minimised, the others maximised)")
     select_split: str = Field("val", description="with eval.every: the split scored during training")
+    tta_scales: Optional[list[PositiveFloat]] = Field(
+        None, min_length=1, description="segmentation (2-D): multi-scale test-time inference - each image also "
+                                        "segmented resized by these factors (e.g. [0.75, 1, 1.33]), the "
+                                        "probabilities mapped back to its grid and averaged; for sites whose "
+                                        "scale is uncertain (pairs with segment.random_scale training)")
     strict_scale: bool = Field(False, description="an external set whose scale differs from the training data's "
                                                   "beyond the tolerance stops the evaluation (before any scoring) "
                                                   "instead of a warning (`medfound evaluate --strict-scale`)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 
 from medfound.config.base import Strict
 from medfound.registry import HEADS, load_plugins
@@ -225,9 +225,16 @@ class SegmentConfig(Strict):
                                                                 "(DRIVE: about 540), in training, evaluation and "
                                                                 "external sets; predictions are scored back at each "
                                                                 "image's native size. Needs a fov mask member")
-    scale: Optional[float] = Field(None, gt=0, description="2-D: resize every image (and its masks) by this factor "
-                                                           "before training and evaluation; predictions are scored "
-                                                           "at the native size")
+    scale: Optional[Union[PositiveFloat, Literal["auto"]]] = Field(
+        None, description="2-D: resize every image (and its masks) by this factor before training and evaluation; "
+                          "predictions are scored at the native size. `auto` (evaluate / predict only, no labels "
+                          "used): per image, the factor at which the thickness of the model's own predicted "
+                          "structures matches the training masks' (searched over 0.5-2x and refined), recorded per "
+                          "image; for external sets whose resolution or labelling style is unknown")
+    random_scale: Optional[tuple[PositiveFloat, PositiveFloat]] = Field(
+        None, description="2-D training: resize each decoded image, its mask and FOV/ROI together by a random factor "
+                          "drawn log-uniformly in [lo, hi] (nnU-Net: about [0.7, 1.4]), on top of any "
+                          "fov_diameter / mpp / scale: a model that must meet other cameras or scanners")
     mpp: Optional[float] = Field(None, gt=0, description="2-D microscopy: resample every image and mask to this many "
                                                          "micrometres per pixel, from each sample's recorded um/px "
                                                          "(`shard images --mpp`, slide tiles), in training, evaluation "
@@ -251,6 +258,11 @@ class SegmentConfig(Strict):
                              f"(segment.spatial_dims={self.spatial_dims})")
         if self.spacing is not None and len(self.spacing) != self.spatial_dims:
             raise ValueError(f"segment.spacing {self.spacing} needs {self.spatial_dims} entries")
+        if self.random_scale is not None and not self.random_scale[0] <= self.random_scale[1]:
+            raise ValueError(f"segment.random_scale {list(self.random_scale)}: give [lo, hi] with lo <= hi, e.g. "
+                             "[0.7, 1.4]")
+        if self.random_scale is not None and self.spatial_dims != 2:
+            raise ValueError("segment.random_scale rescales 2-D images; volumes are resampled by segment.spacing")
         scaling = [k for k in ("fov_diameter", "scale", "mpp") if getattr(self, k) is not None]
         if scaling and self.spatial_dims != 2:
             raise ValueError(f"segment.{scaling[0]} rescales 2-D images; volumes are resampled by segment.spacing")

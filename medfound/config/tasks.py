@@ -48,7 +48,7 @@ TASK_KEYS: dict[str, TaskKeys] = {t.name: t for t in (
     TaskKeys("classification", "classification runs", IMAGE_STREAM | IMAGE_TRANSFORM | FRACTIONS |
              {"eval_batch_size"}, ALL_EVAL),
     TaskKeys("segmentation", "segmentation runs", IMAGE_STREAM | FRACTIONS,
-             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS, values={
+             ALL_EVAL - {"specificity", "aggregate"} - CLASS_INTERVALS | {"tta_scales"}, values={
         "balanced_sampling": NO_CLASS_BALANCE}, why={
         "img_size": "crops are segment.patch_size", "spacing_mm": SPACING_WHY,
         "eval_batch_size": "evaluation slides a window over one image at a time",

@@ -22,6 +22,8 @@ brightness/contrast jitter. Evaluation (`train=False`) keeps the whole image: sl
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -162,6 +164,8 @@ def image_scale(sample: dict, seg: SegmentConfig, key: str) -> Optional[float]:
     """The resize factor of one 2-D sample: segment.scale, or segment.fov_diameter over the diameter of the
     sample's field-of-view mask (`fundus.fov_diameter`), or the sample's recorded um/px over segment.mpp; None when
     none is set."""
+    if seg.scale == "auto":  # chosen per image with the model (medfound.evaluate.segmentation.choose_scale)
+        return None
     if seg.scale is not None:
         return float(seg.scale)
     if seg.mpp is not None:
@@ -200,6 +204,9 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
     `segment.fov_diameter` is detected from the image, as `shard images --fov detect` does)."""
     if window is not None and window not in WINDOWS and window != "file":
         raise ValueError(f"unknown window {window!r}: choose {', '.join(WINDOWS)} or file")
+    if train and seg.scale == "auto":
+        raise ValueError("segment.scale=auto chooses the inference scale of a trained model (medfound evaluate / "
+                         "predict); train at a number (segment.scale=0.5), with segment.random_scale for robustness")
     # randomness comes from torch's global RNG, as in torchvision's transforms: seeded per worker, and its state
     # is saved in checkpoints, so a resumed run draws the same crops
 
@@ -244,6 +251,9 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
             if resampled is not x:
                 native, x, extra = extra, resampled, masks
         factor = image_scale(sample, seg, key)
+        if train and seg.random_scale is not None:  # image, mask and FOV/ROI together, one draw per decoded image
+            lo, hi = (math.log(v) for v in seg.random_scale)
+            factor = (factor or 1.0) * math.exp(lo + float(torch.rand(())) * (hi - lo))
         if factor is not None and abs(factor - 1.0) > 1e-6:
             native = native or extra
             x, extra = rescale(x, extra, factor)

@@ -20,8 +20,8 @@ from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.pipeline import make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.procedure import ScoredSet, Scorer
-from medfound.evaluate.records import (dataset_block, eval_progress, scored_block, split_urls, write_predictions,
-                                       write_rows)
+from medfound.evaluate.records import (dataset_block, eval_progress, network_lineage, scored_block, split_urls,
+                                       write_predictions, write_rows)
 from medfound.adapt.tasks import endpoint
 from medfound.data.manifest import read_manifest
 from medfound.data.scale import require_spacing
@@ -201,7 +201,8 @@ class SegmentationScorer(Scorer):
                              batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
                              max_bad_fraction=d.max_bad_fraction, verify="sha256")
         scorer, skipped, overlays = score_loader(self.model, self.normalize, loader, seg, hd=seg.hd95, bar=bar,
-                                                 n_overlays=self.n_overlays)
+                                                 n_overlays=self.n_overlays, tta=ev.tta_scales,
+                                                 auto_target=self.auto_target() if seg.scale == "auto" else None)
         bar.close()
         if not scorer.per_image:
             raise ValueError(f"{f'external set {where}' if external else f'split {split!r} of {where}'} yielded "
@@ -216,6 +217,21 @@ class SegmentationScorer(Scorer):
                          dataset_block(manifest, where, split, len(scorer.per_image)), result["per_image"],
                          overlays, warnings, [] if external else skipped)
 
+    def auto_target(self) -> Optional[float]:
+        """segment.scale=auto: the training masks' structure size (the export's lineage `scale`) as the model saw
+        it in training, i.e. after the trained run's own resampling (scale, fov_diameter or mpp)."""
+        stats = (network_lineage(self.export).get("scale") or {})
+        if not stats.get("structure_px"):
+            return None
+        seg, factor = self.internal_segment, 1.0
+        if isinstance(seg.scale, (int, float)):
+            factor = float(seg.scale)
+        elif seg.fov_diameter and stats.get("fov_diameter_px"):
+            factor = seg.fov_diameter / stats["fov_diameter_px"]
+        elif seg.mpp and stats.get("mpp"):
+            factor = stats["mpp"] / seg.mpp
+        return stats["structure_px"] * factor
+
     def header(self, internal: ScoredSet) -> dict[str, Any]:
         return {"class_names": self.recipe.segment.names}
 
@@ -227,6 +243,8 @@ class SegmentationScorer(Scorer):
         boot = result.get("bootstrap")
         return {
             "inference": {"sliding_window": list(seg.patch_size), "overlap": seg.overlap, "blend": "gaussian",
+                          **({"tta_scales": list(self.recipe.eval.tta_scales)} if self.recipe.eval.tta_scales
+                             else {}),
                           "roi": seg.roi, **({"fov_diameter": seg.fov_diameter} if seg.fov_diameter else {}),
                           **({"scale": seg.scale} if seg.scale else {}), **({"mpp": seg.mpp} if seg.mpp else {})},
             "metrics": result["metrics"],
@@ -241,9 +259,12 @@ class SegmentationScorer(Scorer):
     def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
         """Per class, and the evaluate-time scale overrides this set was scored with (the internal split never
         is: eval.json's `inference` is the trained one)."""
+        factors = [r["scale_factor"] for r in scored.result["per_image"] if r.get("scale_factor")]
         return {"per_class": scored.result["per_class"],
                 **({"inference_overrides": {f"segment.{k}": v for k, v in self.overrides.items()}}
-                   if self.overrides else {})}
+                   if self.overrides else {}),
+                **({"auto_scale": {"median": float(np.median(factors)), "min": min(factors), "max": max(factors),
+                                   "target_structure_px": round(self.auto_target(), 3)}} if factors else {})}
 
     def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
         write_rows(path, [(s.name, s.rows) for s in sets])

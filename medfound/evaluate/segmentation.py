@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from medfound.data.scale import structure_size
 from medfound.evaluate.bootstrap import percentile_interval, resample_means
 
 CONVENTIONS = {
@@ -70,12 +73,72 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, patch: list[int],
     return torch.softmax(logits.float(), dim=1)
 
 
+AUTO_GRID = tuple(2 ** (k / 3) for k in range(-3, 4))  # segment.scale=auto searches 0.5x..2x, geometric steps
+
+
+def resized(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """`[1, C, H, W]` resized by `factor` (bilinear, antialiased when shrinking); the image itself at 1."""
+    if abs(factor - 1.0) < 1e-6:
+        return image
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+
+
+@torch.no_grad()
+def predict_scaled(model: torch.nn.Module, image: torch.Tensor, seg, factors: Sequence[float] = (1.0,)
+                   ) -> torch.Tensor:
+    """`[1, C, H, W]` -> probabilities `[1, K, H, W]` on the image's own grid: the image segmented resized by each
+    factor (eval.tta_scales, or the factor segment.scale=auto chose), each prediction mapped back to the grid
+    (bilinear) and averaged. At the single factor 1 it is `predict_probs` itself."""
+    size, out = tuple(image.shape[-2:]), None
+    for f in factors:
+        probs = predict_probs(model, resized(image, f), seg.patch_size, seg.overlap)
+        if tuple(probs.shape[-2:]) != size:
+            probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        out = probs if out is None else out + probs
+    return out / len(factors)
+
+
+def predicted_thickness(probs: torch.Tensor) -> Optional[float]:
+    """The structure size (medfound.data.scale.structure_size) of a prediction's foreground (any class > 0)."""
+    return structure_size((probs.argmax(1)[0] > 0).cpu().numpy())
+
+
+@torch.no_grad()
+def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float) -> float:
+    """segment.scale=auto, label-free: the factor at which the thickness of the model's own predicted structures
+    (in the resized image's pixels) equals `target`, the training masks' structure size as the model saw them.
+    Measured over AUTO_GRID, then refined where log(thickness / target) changes sign (linear in log factor); the
+    closest grid factor where it never does; 1 when the model finds nothing at any factor."""
+    measured = []
+    for f in AUTO_GRID:
+        t = predicted_thickness(predict_probs(model, resized(image, f), seg.patch_size, seg.overlap))
+        if t:
+            measured.append((f, math.log(t / target)))
+    if not measured:
+        return 1.0
+    for (f0, e0), (f1, e1) in zip(measured, measured[1:]):
+        if e0 == 0:
+            return f0
+        if e0 * e1 < 0:
+            return math.exp(math.log(f0) + (math.log(f1) - math.log(f0)) * e0 / (e0 - e1))
+    return min(measured, key=lambda fe: abs(fe[1]))[0]
+
+
 def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, *, hd: bool = True,
-                 bar=None, n_overlays: int = 0) -> tuple["SegmentationScorer", list, list[dict[str, Any]]]:
+                 bar=None, n_overlays: int = 0, tta: Optional[Sequence[float]] = None,
+                 auto_target: Optional[float] = None) -> tuple["SegmentationScorer", list, list[dict[str, Any]]]:
     """Segment every image of `loader` (built with the evaluation transform, batch size 1) on the model's device and
     score it in its native geometry: (the scorer, the skipped samples' reports, up to `n_overlays` pictures of the
     grid the model saw). The one inference-and-scoring path of `medfound evaluate` and of validation during training
-    (`eval.every`); `normalize`: the device-side normaliser, None where the transform already normalised."""
+    (`eval.every`); `normalize`: the device-side normaliser, None where the transform already normalised. `tta`:
+    eval.tta_scales; `auto_target`: with segment.scale=auto, the training structure size each image's factor is
+    matched to (recorded per image as `scale_factor`)."""
+    if seg.scale == "auto" and not auto_target:
+        raise ValueError("segment.scale=auto matches the predicted structures' thickness to the training masks', "
+                         "but the model's training data records no structure size (shard sets made before medfound "
+                         "recorded structure_px): give a number, segment.scale=FACTOR")
     device = next(model.parameters()).device
     scorer, skipped, overlays = SegmentationScorer(seg.names, hd=hd), [], []
     for batch in loader:
@@ -83,8 +146,9 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
             bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
         skipped += batch.pop("_bad", [])
         image = batch["image"].to(device)
-        image = image if normalize is None else normalize(image)
-        probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0].cpu()
+        image = (image if normalize is None else normalize(image)).float()
+        factor = choose_scale(model, image, seg, auto_target) if seg.scale == "auto" else 1.0
+        probs = predict_scaled(model, image, seg, [factor * t for t in (tta or [1.0])])[0].cpu()
         shown = probs  # overlays are drawn on the grid the model saw
         roi = batch["roi"][0, 0] if "roi" in batch else None
         truth = batch["mask"][0, 0]
@@ -96,6 +160,8 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
         key = batch["key"][0]
         spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
         row = scorer.add(key, probs, truth, roi, spacing)
+        if seg.scale == "auto":
+            row["scale_factor"] = round(factor, 4)
         if batch.get("site") and batch["site"][0]:
             row["site"] = batch["site"][0]
         if len(overlays) < n_overlays:

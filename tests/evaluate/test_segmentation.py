@@ -334,7 +334,10 @@ def test_structure_size_is_linear_in_the_resolution_on_real_masks():
     from helpers import DATA, SHARED
 
     masks = sorted((DATA / "ct_organs" / "masks").glob("*.png"))[:4]
-    masks += sorted((SHARED / "drive" / "test" / "1st_manual").glob("*.gif"))[:2]
+    drive = sorted((SHARED / "drive" / "testing" / "1st_manual").glob("*.gif"))[:2]
+    if not drive:
+        pytest.skip(f"{SHARED / 'drive'} is absent: DRIVE's vessel annotations are shared data (../shared/data)")
+    masks += drive
     for path in masks:
         m = Image.open(path).convert("L")
         big = m.resize((m.width * 2, m.height * 2), Image.Resampling.NEAREST)
@@ -383,6 +386,11 @@ def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(
     assert fixed["external"][0]["metrics"] != report["external"][0]["metrics"]  # the external set was resampled
     assert "`segment.scale=2.0` (an evaluate override, this set only" in \
         (tmp_path / "e2" / "report" / "report.md").read_text()
+    auto = evaluate(unet_run, external=[half], out=tmp_path / "e3", overrides=["eval.bootstrap=0", "segment.scale=auto"])
+    assert auto["metrics"] == report["metrics"] and auto["external"][0]["inference_overrides"] == {
+        "segment.scale": "auto"}
+    rows = [r for r in __import__("csv").DictReader(open(tmp_path / "e3" / "predictions.csv")) if r["set"] == "ct_half"]
+    assert rows and all(0.5 <= float(r["scale_factor"]) <= 2.0 for r in rows)  # chosen per image, recorded
 
 
 def test_after_normalisation_a_residual_structure_size_is_named_with_the_scale_that_matches_it():
@@ -415,3 +423,103 @@ def test_a_volume_resampled_by_segment_spacing_is_scored_on_its_own_grid(seg_sha
     assert summary["step"] == 2
     (row,) = json.loads((run / "eval.json").read_text())["per_image"]
     assert row["pixel_tp"] + row["pixel_fp"] + row["pixel_fn"] + row["pixel_tn"] == 45 * 120 * 21
+
+
+class _Threshold(torch.nn.Module):
+    """A stand-in network whose output is known: foreground where the image is bright (a DRIVE vessel mask used as
+    the image is segmented exactly), so the scale search is tested without training a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device to read
+
+    def forward(self, x):
+        fg = (x.mean(1, keepdim=True) - 0.5) * 20
+        return torch.cat([-fg, fg], 1) + self.anchor
+
+
+def _drive_masks(n=2):
+    from PIL import Image
+
+    from helpers import SHARED
+
+    paths = sorted((SHARED / "drive" / "testing" / "1st_manual").glob("*.gif"))[:n]
+    if not paths:
+        pytest.skip(f"{SHARED / 'drive'} is absent: DRIVE's vessel annotations are shared data (../shared/data)")
+    return [np.asarray(Image.open(p).convert("L")) for p in paths]
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_auto_scale_recovers_a_known_resampling_of_drive_vessels(factor):
+    """Issue 30: segment.scale=auto, label-free, finds the factor at which the predicted structures are as thick as
+    in training: DRIVE's vessel masks resampled by 0.5x and 2x (nearest, as crisp as annotations) are brought to
+    their thickness-matching factor within 10%, and within 15% of the resampling itself."""
+    from PIL import Image
+
+    from medfound.config import SegmentConfig
+    from medfound.data.scale import structure_size
+    from medfound.evaluate.segmentation import choose_scale
+
+    seg = SegmentConfig(patch_size=[128, 128], scale="auto", overlap=0.25)
+    model = _Threshold()
+    for mask in _drive_masks():
+        target = structure_size(mask)  # the thickness "in training": the native masks
+        h, w = mask.shape
+        moved = np.asarray(Image.fromarray(mask).resize((round(w * factor), round(h * factor)),
+                                                        Image.Resampling.NEAREST))
+        image = torch.from_numpy(moved / 255.0).float()[None, None].expand(1, 3, -1, -1).contiguous()
+        chosen = choose_scale(model, image, seg, target)
+        # the factor that makes the structures as thick as in training: at 2x exactly 1/2; at 0.5x the thinnest
+        # vessels (1 px) are partly lost, so the masks' thickness shrinks by less than half (DRIVE: ~0.56x)
+        matching = target / structure_size(moved)
+        assert chosen == pytest.approx(matching, rel=0.10), (factor, chosen, matching)
+        assert chosen == pytest.approx(1 / factor, rel=0.15), (factor, chosen)
+
+
+def test_multi_scale_inference_maps_every_scale_back_to_the_image_grid():
+    """eval.tta_scales: each resized prediction comes back to the image's own grid and they are averaged; at the one
+    factor 1 it is plain sliding-window inference."""
+    from medfound.config import SegmentConfig
+    from medfound.evaluate.segmentation import predict_scaled
+
+    seg = SegmentConfig(patch_size=[32, 32])
+    model = _Threshold()
+    image = torch.zeros(1, 3, 50, 70)
+    image[..., 10:30, 20:40] = 1.0
+    plain = predict_scaled(model, image, seg, [1.0])
+    assert torch.equal(plain, predict_probs(model, image, seg.patch_size, seg.overlap))
+    multi = predict_scaled(model, image, seg, [0.75, 1.0, 1.5])
+    assert tuple(multi.shape) == (1, 2, 50, 70) and torch.allclose(multi.sum(1), torch.ones(1, 50, 70), atol=1e-5)
+    assert ((multi[0, 1] > 0.5) == (plain[0, 1] > 0.5)).float().mean() > 0.97  # the same square, edges aside
+
+
+def test_random_scale_moves_image_mask_and_fov_together():
+    """segment.random_scale: one log-uniform draw per decoded image resizes image, mask and ROI/FOV alike (pixel-
+    exact at 2x on a block pattern); seeded by torch's RNG like every training augmentation (resume draws the same);
+    scale=auto is refused in training."""
+    from medfound.config import SegmentConfig
+    from medfound.data.seg_transforms import build_seg_transform
+
+    pattern = np.kron((np.indices((10, 15)).sum(0) % 2), np.ones((4, 4), dtype=np.int64)).astype(np.uint8) * 255
+    image = np.repeat(pattern[..., None], 3, 2)
+    sample = {"image": image, "masks": {"mask": pattern, "fov": 255 - pattern}, "key": "p"}
+    seg = SegmentConfig(patch_size=[80, 120], roi="fov", random_scale=(2.0, 2.0), flips=False, rot90=False,
+                        intensity_jitter=0.0, foreground_fraction=0.0)
+    out = build_seg_transform(seg, train=True)(sample)
+    x = out["image"].float()
+    x = x / 255 if out["image"].dtype == torch.uint8 else x
+    assert tuple(out["mask"].shape[1:]) == tuple(x.shape[1:]) == (80, 120) == tuple(out["roi"].shape[1:])
+    assert torch.equal((x[0] > 0.5).long(), out["mask"][0].long())  # image and mask on one grid, pixel-exact
+    assert torch.equal(out["roi"][0].bool(), ~out["mask"][0].bool())  # and the FOV with them
+    torch.manual_seed(0)
+    seg2 = seg.model_copy(update={"random_scale": (0.7, 1.4), "patch_size": [24, 24]})
+    for _ in range(6):
+        crop = build_seg_transform(seg2, train=True)(sample)
+        assert tuple(crop["image"].shape[1:]) == tuple(crop["mask"].shape[1:]) == (24, 24)
+    torch.manual_seed(0)
+    a = build_seg_transform(seg2, train=True)(sample)
+    torch.manual_seed(0)
+    b = build_seg_transform(seg2, train=True)(sample)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    with pytest.raises(ValueError, match="segment.scale=auto chooses the inference scale"):
+        build_seg_transform(SegmentConfig(patch_size=[32, 32], scale="auto"), train=True)
