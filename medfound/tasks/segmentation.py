@@ -156,7 +156,7 @@ class SegmentationSpec(ImageNetwork):
         from medfound.data.manifest import read_manifest
         from medfound.data.pipeline import make_loader, shard_urls
         from medfound.data.seg_transforms import build_seg_transform
-        from medfound.evaluate.segmentation import predict_probs
+        from medfound.evaluate.segmentation import predict_probs, predict_scaled
 
         seg, d = recipe.segment, recipe.data
         volumes = seg.spatial_dims == 3
@@ -189,8 +189,10 @@ class SegmentationSpec(ImageNetwork):
             for batch in loader:
                 image = batch["image"].to(device)
                 image = image if normalize is None else normalize(image)
-                with rt.autocast(device):
-                    probs = predict_probs(model, image.float(), seg.patch_size, seg.overlap)[0].float()
+                with rt.autocast(device):  # eval.tta_scales as in evaluation (2-D); volumes by sliding windows
+                    probs = (predict_scaled(model, image.float(), seg, recipe.eval.tta_scales)
+                             if recipe.eval.tta_scales and seg.spatial_dims == 2 else
+                             predict_probs(model, image.float(), seg.patch_size, seg.overlap))[0].float()
                 size = tuple(int(v) for v in batch["native_size"][0])
                 if tuple(probs.shape[1:]) != size:  # resampled for the model: mapped back to the input's grid
                     probs = torch.nn.functional.interpolate(probs[None], size=size, align_corners=False,
