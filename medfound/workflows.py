@@ -242,6 +242,10 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
                   f"{journal.dir}", flush=True)
     stream = encoded_samples(ingested, _per_sample_modality(ingested.samples, modality), ingested.label_schema,
                              workers=workers, part=part_index, parts=parts, journal=journal)
+    from tqdm.auto import tqdm
+
+    # a running count (a terminal only): decoding 3504x2336 fundus photographs took 11 minutes in silence
+    stream = tqdm(stream, desc=f"shard {kind}", unit="sample", disable=None, mininterval=2.0)
     manifest = write_shard_set(
         stream, out, name=name, modality=modality_of_set, site=site,
         label_schema=ingested.label_schema, source=source, ingest=settings, max_count=max_count,

@@ -297,19 +297,37 @@ def _slice2d(image: np.ndarray, truth: np.ndarray, pred: np.ndarray):
     return image, truth, pred
 
 
+ERROR_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (30, 90, 255)}  # filled: found, extra, missed
+
+
+def error_map(truth: np.ndarray, pred: np.ndarray, gray: Optional[np.ndarray] = None) -> np.ndarray:
+    """RGB uint8 `[H, W, 3]`: foreground found (TP) green, predicted where there is none (FP) red, missed (FN) blue,
+    filled, over the dimmed image `gray` (in [0, 1]) elsewhere. Filled, so a structure found only at its edges
+    shows its missed core at once (an outline drawing looks the same whether it is found or hollow)."""
+    t, p = truth > 0, pred > 0
+    base = (0.45 * (gray if gray is not None else np.zeros(t.shape)) * 255).astype(np.uint8)
+    out = np.repeat(base[..., None], 3, axis=2)
+    for name, where in (("tp", t & p), ("fp", p & ~t), ("fn", t & ~p)):
+        out[where] = ERROR_COLOURS[name]
+    return out
+
+
 def plot_overlay(path: Path, item: dict[str, Any]) -> None:
     plt = _plt()
     image, truth, pred = _slice2d(item["image"], item["truth"], item["pred"])
     img = np.moveaxis(image, 0, -1) if image.shape[0] == 3 else image.mean(0)
     lo, hi = np.percentile(img, [1, 99])
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     for ax, mask, colour, title in ((axes[0], truth, "lime", "truth"), (axes[1], pred, "red", "prediction")):
         ax.imshow(img, cmap=None if img.ndim == 3 else "gray")
         for c in np.unique(mask[mask > 0]):
             ax.contour(mask == c, levels=[0.5], colors=colour, linewidths=0.8)
         ax.set_axis_off()
         ax.set_title(title, fontsize=9)
+    axes[2].imshow(error_map(truth, pred, img.mean(-1) if img.ndim == 3 else img))
+    axes[2].set_axis_off()
+    axes[2].set_title("found (green), extra (red), missed (blue)", fontsize=9)
     dice = ", ".join(f"{k.split('/', 1)[1]} {fmt(v)}" for k, v in item.get("dice", {}).items())
     fig.suptitle(f"{item['key']}: Dice {dice}", fontsize=9)
     fig.tight_layout()

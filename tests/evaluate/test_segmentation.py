@@ -523,3 +523,19 @@ def test_random_scale_moves_image_mask_and_fov_together():
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     with pytest.raises(ValueError, match="segment.scale=auto chooses the inference scale"):
         build_seg_transform(SegmentConfig(patch_size=[32, 32], scale="auto"), train=True)
+
+
+def test_the_error_map_fills_found_extra_and_missed_pixels():
+    """Issue 30: a vessel found only at its edges looked hollow in outline overlays; the filled map shows its core
+    as missed (blue), pixel-exact."""
+    from medfound.evaluate.markdown import ERROR_COLOURS, error_map
+
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:6, 2:6] = 1
+    pred = truth.copy()
+    pred[3:5, 3:5] = 0  # the core missed
+    pred[0, 0] = 1  # one extra pixel
+    rgb = error_map(truth, pred)
+    assert tuple(rgb[2, 2]) == ERROR_COLOURS["tp"] and tuple(rgb[3, 3]) == ERROR_COLOURS["fn"]
+    assert tuple(rgb[0, 0]) == ERROR_COLOURS["fp"] and tuple(rgb[7, 7]) == (0, 0, 0)
+    assert (rgb == ERROR_COLOURS["fn"]).all(-1).sum() == 4
