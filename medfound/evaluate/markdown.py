@@ -128,9 +128,11 @@ def per_class_table(per_class: dict[str, Any]) -> list[str]:
     return rows
 
 
-def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
+def evaluation_sections(report: dict[str, Any], level: str = "##", external_notes_too: bool = False) -> list[str]:
     """The evaluation as Markdown: metrics with intervals, per class, per site, external sets, units. Used by
-    report.md and the model card; `medfound card check` re-renders it from eval.json and compares."""
+    report.md and the model card; `medfound card check` re-renders it from eval.json and compares.
+    `external_notes_too` (report.md): each external set's warnings, overrides, auto factors and per-site table
+    beside it; a card leaves them out, so cards published by earlier versions still check against their eval.json."""
     boot = report.get("bootstrap")
     too_few = bool(boot and boot.get("too_few"))
     lines = [f"{level} Metrics", "", *metrics_table(report["metrics"], report.get("intervals"), too_few), ""]
@@ -175,7 +177,7 @@ def evaluation_sections(report: dict[str, Any], level: str = "##") -> list[str]:
                   "Each external set beside the internal test split; drop = external - internal, its interval "
                   "from the two independent bootstraps paired resample by resample.", "",
                   *external_table(report, headline(report)), ""]
-        for e in report["external"]:
+        for e in report["external"] if external_notes_too else []:  # report.md; a card keeps its published text
             lines += external_notes(e, headline(report))
     if report.get("units"):
         u = report["units"]
@@ -364,7 +366,7 @@ def write_report(run_dir: Path, report: dict[str, Any], predictions: Optional[li
                 name = f"overlay_{_safe(set_name)}_{i}.png"
                 plot_overlay(tmp / name, item)
                 plots.append((f"{set_name}: {item['key']}", name))
-        lines += evaluation_sections(report, level="##")
+        lines += evaluation_sections(report, level="##", external_notes_too=True)
         if plots:
             lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
         if report.get("heatmaps"):

@@ -10,6 +10,7 @@ evaluation and the hashes to prove the card still matches its folder.
 from __future__ import annotations
 
 import importlib.resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -258,51 +259,74 @@ def eval_results(evaluation: Optional[dict[str, Any]], task_type: str) -> list[E
     return out
 
 
-def render_card(*, name: str, license: str, demo: bool, summary: Optional[str], tags: list[str],
-                lineage: dict[str, Any], evaluation: Optional[dict[str, Any]], weights: list[tuple[str, str]],
-                files: Optional[list[tuple[str, str, str]]] = None,
-                details: list[tuple[str, str]], preprocessing: dict[str, Any], load_snippet: str,
-                pipeline_tag: str, architecture: str, library_name: str = "timm", gated_prompt: Optional[str] = None,
-                gated_fields: Optional[list[str]] = None, plots: Optional[list[tuple[str, str]]] = None,
-                base_model: Optional[str] = None, repo_id: Optional[str] = None) -> ModelCard:
-    stages = _stages(lineage)
-    datasets = training_datasets(lineage)
+@dataclass
+class CardInputs:
+    """Everything a model card is written from: the names and licence, the run's lineage and evaluation, the file
+    rows (weights with sha256, configs and adapters), the details table, the preprocessing, the loading snippet and
+    the Hub metadata (pipeline tag, library, base model, repo id, gating); the export format fills it in."""
+
+    name: str
+    license: str
+    demo: bool
+    summary: Optional[str]
+    tags: list[str]
+    lineage: dict[str, Any]
+    evaluation: Optional[dict[str, Any]]
+    weights: list[tuple[str, str]]
+    details: list[tuple[str, str]]
+    preprocessing: dict[str, Any]
+    load_snippet: str
+    pipeline_tag: str
+    architecture: str
+    files: Optional[list[tuple[str, str, str]]] = None
+    library_name: str = "timm"
+    gated_prompt: Optional[str] = None
+    gated_fields: Optional[list[str]] = None
+    plots: Optional[list[tuple[str, str]]] = None
+    base_model: Optional[str] = None
+    repo_id: Optional[str] = None
+
+
+def render_card(card: CardInputs) -> ModelCard:
+    """The model card (huggingface_hub ModelCard from the shipped template) of one published folder."""
+    stages = _stages(card.lineage)
+    datasets = training_datasets(card.lineage)
     modalities = sorted({d["modality"] for d in datasets})
     extra: dict[str, Any] = {}
-    if gated_prompt:
-        extra["extra_gated_prompt"] = gated_prompt
-        extra["extra_gated_fields"] = {f: "text" for f in (gated_fields or ["Name", "Affiliation"])} | \
+    if card.gated_prompt:
+        extra["extra_gated_prompt"] = card.gated_prompt
+        extra["extra_gated_fields"] = {f: "text" for f in (card.gated_fields or ["Name", "Affiliation"])} | \
             {"I will not use this model for clinical decisions without local validation": "checkbox"}
     card_data = ModelCardData(
-        license=license, library_name=library_name, model_name=name,
-        tags=sorted({"medfound", "medical-imaging", *modalities, *(["demo"] if demo else []), *tags}),
-        pipeline_tag=pipeline_tag, datasets=sorted({d["name"] for d in datasets}) or None,
-        eval_results=eval_results(evaluation, pipeline_tag) or None, base_model=base_model, **extra)
+        license=card.license, library_name=card.library_name, model_name=card.name,
+        tags=sorted({"medfound", "medical-imaging", *modalities, *(["demo"] if card.demo else []), *card.tags}),
+        pipeline_tag=card.pipeline_tag, datasets=sorted({d["name"] for d in datasets}) or None,
+        eval_results=eval_results(card.evaluation, card.pipeline_tag) or None, base_model=card.base_model, **extra)
     train_stages = [s for s in stages if s.get("stage") != "import"]
     hardware = sorted({s.get("hardware", "unknown hardware") for s in train_stages})
     seconds = sum(s.get("train_seconds", 0) for s in stages)
     gpu = any("CPU" not in h for h in hardware)
     deid = [f"{d['name']}: {_deid_text(d['deidentification'])}" for d in datasets if d.get("deidentification")]
-    evaluation_md = "\n".join([EVAL_BEGIN, *evaluation_sections(evaluation, level="###"), EVAL_END]) \
-        if evaluation else None
+    evaluation_md = "\n".join([EVAL_BEGIN, *evaluation_sections(card.evaluation, level="###"), EVAL_END]) \
+        if card.evaluation else None
     external_drops = []
-    for e in (evaluation or {}).get("external", []):
+    for e in (card.evaluation or {}).get("external", []):
         for k, v in e["drop"].items():
             if v is not None and k in ("auroc", "dice"):
                 external_drops.append(f"{k} changes by {v:+.4f} on {e['name']}")
     return ModelCard.from_template(
-        card_data, template_path=str(template_path()), model_name=name, demo=demo,
-        summary=summary or f"A `{architecture}` model trained with medfound "
+        card_data, template_path=str(template_path()), model_name=card.name, demo=card.demo,
+        summary=card.summary or f"A `{card.architecture}` model trained with medfound "
                            f"({' then '.join(s['objective'] for s in stages)}).",
-        details=details, weights=weights, files=files or [], preprocessing=preprocessing,
+        details=card.details, weights=card.weights, files=card.files or [], preprocessing=card.preprocessing,
         medfound_version=medfound.__version__, timm_version=timm.__version__, torch_version=torch.__version__,
         modalities=modalities, datasets=datasets, deidentification=deid,
         stages=[{**s, "minutes": round(s.get("train_seconds", 0) / 60, 1)} for s in stages],
         total_minutes=round(seconds / 60, 1), compute_hours=round(seconds / 3600, 3),
         compute_unit="GPU-hours" if gpu else "CPU-hours", hardware_list=", ".join(hardware) or "not recorded",
-        evaluation=evaluation, evaluation_md=evaluation_md, external_drops=external_drops,
-        load_snippet=load_snippet, plots=plots or [], citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
-        method_citations=method_citations(stages), bibtex=bibtex(name, stages, repo_id))
+        evaluation=card.evaluation, evaluation_md=evaluation_md, external_drops=external_drops,
+        load_snippet=card.load_snippet, plots=card.plots or [], citations=sorted({d["attribution"] for d in datasets if d.get("attribution")}),
+        method_citations=method_citations(stages), bibtex=bibtex(card.name, stages, card.repo_id))
 
 
 def _methods(stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, str]]]:

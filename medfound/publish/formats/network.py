@@ -46,7 +46,7 @@ class NetworkFolder(ExportFormat):
 
         from medfound.io import atomic_dir, atomic_write_json, sha256_file
         from medfound.publish.card import preprocessing as preprocessing_for
-        from medfound.publish.card import render_card, training_datasets
+        from medfound.publish.card import CardInputs, render_card, training_datasets
         from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish,
                                              hub_snippet, numel, set_config_licence)
         from medfound.publish.licences import resolve
@@ -81,7 +81,7 @@ class NetworkFolder(ExportFormat):
             self.load(spec, tmp / "export", recipe)  # the published folder loads strictly, as the snippet does
             if (tmp / "export" / "backbone" / "config.json").is_file():
                 set_config_licence(tmp / "export" / "backbone" / "config.json", licence)
-            card = render_card(**card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
+            card = render_card(CardInputs(**card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
                                evaluation=evaluation,
                                weights=[(f"export/{f}", sha256_file(tmp / "export" / f)) for f in files],
                                files=described_files(tmp, sorted(p.relative_to(tmp).as_posix()
@@ -92,6 +92,6 @@ class NetworkFolder(ExportFormat):
                                load_snippet=hub_snippet(spec.load_snippet(), recipe),
                                architecture=recipe.head.type, pipeline_tag=spec.pipeline_tag,
                                library_name=self.library_name, base_model=recipe.card.base_model,
-                               repo_id=recipe.card.repo_id)
+                               repo_id=recipe.card.repo_id))
             finish(tmp, run_dir, card, spec.evaluation_outputs)
         return {"out": str(out), "files": sorted(p.name for p in out.iterdir()), "license": licence}

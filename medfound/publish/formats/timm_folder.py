@@ -47,7 +47,7 @@ class TimmFolder(ExportFormat):
         rebuild before the card is written."""
         from medfound.io import atomic_dir, atomic_write_json, sha256_file
         from medfound.publish.card import preprocessing as preprocessing_for
-        from medfound.publish.card import render_card, timm_details, timm_snippet, training_datasets
+        from medfound.publish.card import CardInputs, render_card, timm_details, timm_snippet, training_datasets
         from medfound.publish.export import check_reload, read_lineage, write_adapter_card
         from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish,
                                              hub_snippet, set_config_licence)
@@ -83,7 +83,7 @@ class TimmFolder(ExportFormat):
                 base = json.loads((adapter_dir / "base_model.json").read_text())
                 base.update(base_model=recipe.card.base_model, timm_name=f"hf-hub:{recipe.card.base_model}")
                 write_adapter_card(adapter_dir, base, class_names or None)
-            card = render_card(**card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
+            card = render_card(CardInputs(**card_options(recipe, name or out.name, run_dir, licence), lineage=lineage,
                                evaluation=evaluation, weights=[(weights, sha256_file(tmp / weights))],
                                files=described_files(tmp, ["config.json"], ["adapter"]),
                                details=timm_details(model, class_names, schema.get("type")) + base_rows(tmp, recipe)
@@ -92,7 +92,7 @@ class TimmFolder(ExportFormat):
                                load_snippet=hub_snippet(timm_snippet(class_names, recipe.card.repo_id), recipe),
                                architecture=cfg.get("architecture"), pipeline_tag=spec.pipeline_tag,
                                library_name=self.library_name, base_model=recipe.card.base_model,
-                               repo_id=recipe.card.repo_id)
+                               repo_id=recipe.card.repo_id))
             finish(tmp, run_dir, card, spec.evaluation_outputs)
         return {"out": str(out), "reload_max_abs_diff": diff, "files": sorted(p.name for p in out.iterdir()),
                 "license": licence}
