@@ -133,6 +133,15 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
         assert probs.shape == (2, *mask.shape) and (probs.astype(np.float32).argmax(0) == mask).mean() > 0.999
         assert np.asarray(Image.open(tmp_path / "out" / row["overlay"])).shape == (*mask.shape, 3)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["task"] == "segmentation"
+    # issue 30: --scale auto (label-free, per image, recorded) and a fixed factor, masks still on the input's grid
+    assert main(["predict", str(run), inputs[0], "--out", str(tmp_path / "auto"), "--scale", "auto"]) == 0
+    (row,) = _rows(tmp_path / "auto" / "predictions.csv")
+    assert 0.5 <= float(row["scale_factor"]) <= 2.0
+    assert np.asarray(Image.open(tmp_path / "auto" / row["mask"])).shape == np.asarray(Image.open(inputs[0])).shape[:2]
+    assert main(["predict", str(run), inputs[0], "--out", str(tmp_path / "half"), "--scale", "0.5"]) == 0
+    (half,) = _rows(tmp_path / "half" / "predictions.csv")
+    assert "scale_factor" not in half and np.asarray(Image.open(tmp_path / "half" / half["mask"])).shape == \
+        np.asarray(Image.open(inputs[0])).shape[:2]
 
 
 def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys):

@@ -133,6 +133,10 @@ def add_predict(sub) -> None:
                                                             "and study attributes): PNG / NIfTI only")
     g.add_argument("--overlay", action="store_true", help="2-D: also write overlays/KEY.png, the mask painted over "
                                                           "the image")
+    g.add_argument("--scale", metavar="auto|FACTOR", help="2-D: resize the inputs by FACTOR, or `auto`: per image the "
+                                                          "factor at which the predicted structures are as thick as "
+                                                          "in training (label-free; recorded as scale_factor), for "
+                                                          "images from another camera or resolution")
     s.set_defaults(run=run_predict)
 
 
@@ -246,7 +250,8 @@ def run_predict(args: argparse.Namespace, command: str) -> int:
                    boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
                    modality=args.modality, backbone=args.backbone, save_probabilities=args.save_probabilities,
                    overlay=args.overlay, mask_format=args.mask_format, anonymous=args.anonymous,
-                   device=args.device, precision=args.precision, num_workers=args.num_workers)
+                   device=args.device, precision=args.precision, num_workers=args.num_workers,
+                   scale=args.scale)
     if not done["main"]:  # other ranks under torchrun: rank 0 reports
         return 0
     print(f"{len(done['rows'])} rows in predictions.csv" +

@@ -27,7 +27,7 @@ from medfound.data.manifest import read_manifest
 from medfound.data.scale import require_spacing
 from medfound.data.seg_transforms import build_seg_transform, check_mask_members
 from medfound.evaluate.metrics import aggregate_units
-from medfound.evaluate.segmentation import CONVENTIONS, score_loader
+from medfound.evaluate.segmentation import CONVENTIONS, score_loader, trained_structure_px
 
 
 @torch.no_grad()
@@ -218,19 +218,8 @@ class SegmentationScorer(Scorer):
                          overlays, warnings, [] if external else skipped)
 
     def auto_target(self) -> Optional[float]:
-        """segment.scale=auto: the training masks' structure size (the export's lineage `scale`) as the model saw
-        it in training, i.e. after the trained run's own resampling (scale, fov_diameter or mpp)."""
-        stats = (network_lineage(self.export).get("scale") or {})
-        if not stats.get("structure_px"):
-            return None
-        seg, factor = self.internal_segment, 1.0
-        if isinstance(seg.scale, (int, float)):
-            factor = float(seg.scale)
-        elif seg.fov_diameter and stats.get("fov_diameter_px"):
-            factor = seg.fov_diameter / stats["fov_diameter_px"]
-        elif seg.mpp and stats.get("mpp"):
-            factor = stats["mpp"] / seg.mpp
-        return stats["structure_px"] * factor
+        """segment.scale=auto: the training structure size as the model saw it (trained_structure_px)."""
+        return trained_structure_px(network_lineage(self.export).get("scale"), self.internal_segment)
 
     def header(self, internal: ScoredSet) -> dict[str, Any]:
         return {"class_names": self.recipe.segment.names}

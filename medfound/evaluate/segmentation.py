@@ -105,6 +105,23 @@ def predicted_thickness(probs: torch.Tensor) -> Optional[float]:
     return structure_size((probs.argmax(1)[0] > 0).cpu().numpy())
 
 
+def trained_structure_px(stats: Optional[dict[str, Any]], seg) -> Optional[float]:
+    """segment.scale=auto's target: the training masks' structure size (an export's lineage `scale`, `stats`) as
+    the model saw it in training, i.e. after the trained run's own resampling (`seg`: its scale, fov_diameter or
+    mpp); None where the training data recorded none."""
+    stats = stats or {}
+    if not stats.get("structure_px"):
+        return None
+    factor = 1.0
+    if isinstance(seg.scale, (int, float)):
+        factor = float(seg.scale)
+    elif seg.fov_diameter and stats.get("fov_diameter_px"):
+        factor = seg.fov_diameter / stats["fov_diameter_px"]
+    elif seg.mpp and stats.get("mpp"):
+        factor = stats["mpp"] / seg.mpp
+    return stats["structure_px"] * factor
+
+
 @torch.no_grad()
 def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float) -> float:
     """segment.scale=auto, label-free: the factor at which the thickness of the model's own predicted structures

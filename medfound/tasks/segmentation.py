@@ -133,10 +133,9 @@ class SegmentationSpec(ImageNetwork):
 
         return normalised_scale(recipe.segment)
 
-    predict_options = frozenset({"save_probabilities", "overlay", "mask_format", "anonymous"})
+    predict_options = frozenset({"save_probabilities", "overlay", "mask_format", "anonymous", "scale"})
 
-    def predict(self, run, recipe, staged, out: Path, rt, save_probabilities: bool = False,
-                overlay: bool = False, mask_format: str = "auto", anonymous: bool = False) -> list[dict[str, Any]]:
+    def predict(self, run, recipe, staged, out: Path, rt, **options: Any) -> list[dict[str, Any]]:
         """`medfound predict`: one mask per input in the input's own geometry (the evaluation's sliding windows on the
         image resampled as in evaluation, the probabilities mapped back to the input's grid): 2-D images as a PNG of
         class indices `masks/KEY.png`; volumes as gzipped NIfTI `masks/KEY.nii.gz` with the source file's affine
@@ -156,10 +155,28 @@ class SegmentationSpec(ImageNetwork):
         from medfound.data.manifest import read_manifest
         from medfound.data.pipeline import make_loader, shard_urls
         from medfound.data.seg_transforms import build_seg_transform
-        from medfound.evaluate.segmentation import predict_probs, predict_scaled
+        from medfound.evaluate.segmentation import choose_scale, predict_probs, predict_scaled
 
+        # the options predict_options declares (medfound.predict checks them): save_probabilities, overlay,
+        # mask_format ("auto", "png", "dicom-seg"), anonymous, scale ("auto" or a factor)
+        save_probabilities, overlay = options.get("save_probabilities", False), options.get("overlay", False)
+        mask_format, anonymous = options.get("mask_format") or "auto", options.get("anonymous", False)
+        scale = options.get("scale")
         seg, d = recipe.segment, recipe.data
         volumes = seg.spatial_dims == 3
+        target = None
+        if scale is not None:  # `--scale auto|FACTOR`: these inputs resized as evaluate's segment.scale would
+            if volumes:
+                raise ValueError("--scale resizes 2-D images; volumes are resampled by the recipe's segment.spacing")
+            from medfound.evaluate.records import network_lineage
+            from medfound.evaluate.segmentation import trained_structure_px
+
+            target = trained_structure_px(network_lineage(run.export).get("scale"), seg)
+            scale = "auto" if str(scale) == "auto" else float(scale)
+            seg = seg.model_copy(update={"scale": scale, "fov_diameter": None, "mpp": None})
+            if scale == "auto" and not target:
+                raise ValueError("--scale auto matches the predicted structures' thickness to the training masks', "
+                                 "but the model's training data records no structure size: give a factor")
         if volumes and staged.kind in ("images", "dicom"):
             raise ValueError(f"this model segments volumes, but the inputs are {KIND_TEXT[staged.kind]} files: "
                              "give it NIfTI or NRRD volumes (a DICOM series: convert it to NIfTI first, e.g. with "
@@ -189,9 +206,11 @@ class SegmentationSpec(ImageNetwork):
             for batch in loader:
                 image = batch["image"].to(device)
                 image = image if normalize is None else normalize(image)
-                with rt.autocast(device):  # eval.tta_scales as in evaluation (2-D); volumes by sliding windows
-                    probs = (predict_scaled(model, image.float(), seg, recipe.eval.tta_scales)
-                             if recipe.eval.tta_scales and seg.spatial_dims == 2 else
+                with rt.autocast(device):  # eval.tta_scales and --scale auto as in evaluation (2-D)
+                    factor = choose_scale(model, image.float(), seg, target) if seg.scale == "auto" else 1.0
+                    probs = (predict_scaled(model, image.float(), seg,
+                                            [factor * t for t in (recipe.eval.tta_scales or [1.0])])
+                             if not volumes else
                              predict_probs(model, image.float(), seg.patch_size, seg.overlap))[0].float()
                 size = tuple(int(v) for v in batch["native_size"][0])
                 if tuple(probs.shape[1:]) != size:  # resampled for the model: mapped back to the input's grid
@@ -202,7 +221,8 @@ class SegmentationSpec(ImageNetwork):
                 spacing = batch["spacing"][0].tolist() if "spacing" in batch else None
                 name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
                 row = {"input": staged.name(key), "key": key, "mask": name,
-                       **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)}}
+                       **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)},
+                       **({"scale_factor": round(factor, 4)} if seg.scale == "auto" else {})}
                 if dicom_seg:  # written per series once every frame of it is predicted
                     pending.append((key, staged.source(key), mask, row))
                 else:
