@@ -126,9 +126,9 @@ def test_dinov2_training_checkpoint_teacher_and_block_chunks(tmp_path):
         {"dino.last_layer.weight"}
     assert torch.equal(heads["dino.last_layer.weight"], head["last_layer.weight_v"])
     assert r["dino_heads"] == {"out_dim": 10, "bottleneck_dim": 4, "ibot_separate_head": False, "notes": []}
-    from medfound.pretrain.dino import DINOv2
+    from medfound.pretrain.dino import DINOv2, DINOv2Settings
 
-    dino = DINOv2(_vit(), out_dim=10, hidden_dim=8, bottleneck_dim=4)
+    dino = DINOv2(_vit(), DINOv2Settings(out_dim=10, hidden_dim=8, bottleneck_dim=4))
     dino.load_heads(tmp_path / "out" / "dino_heads.safetensors")  # they fit a DINO objective of those sizes
     assert torch.equal(dino.teacher["dino"].mlp[4].bias, head["mlp.4.bias"])
 

@@ -20,6 +20,7 @@ all images map to one point), and each loss term.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass, fields
 import math
 from pathlib import Path
 from typing import Optional
@@ -70,41 +71,67 @@ def _cosine(start: float, end: float, step: int, steps: int) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, steps))))
 
 
+@dataclass
+class DINOv2Settings:
+    """What the DINOv2 objective is set to (the recipe's `objective:` and `data.multicrop.global_crops`, see
+    `build_dinov2`; defaults are the paper's where it gives one).
+
+    out_dim, hidden_dim, bottleneck_dim, head_layers: the DINO head (paper: 65536, 2048, 256, 3).
+    ibot_separate_head: a second head for patch tokens (else shared with the DINO head).
+    mask_ratio, mask_probability: iBOT block masking of that share of the global views.
+    student_temp, teacher_temp, teacher_temp_warmup_steps: temperatures (0.1; 0.04 -> 0.07).
+    momentum: teacher EMA momentum, cosine from the first to the second value over the run.
+    centering: "sinkhorn_knopp" (DINOv2) or "centering" (DINO, with `center_momentum`).
+    dino_weight, ibot_weight, koleo_weight: loss weights (paper: 1, 1, 0.1).
+    freeze_last_layer_steps: steps during which the heads' last layers get no update.
+    global_crops: how many of `batch["crops"]` are global views.
+    head_warmup_steps: optimizer steps during which the student's backbone gets no update (its gradients are
+        dropped before the step) while the heads and the mask token train: continuing from released weights whose
+        heads are new, the heads learn the backbone's features before their gradients reach it.
+    """
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    ibot_separate_head: bool = False
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    student_temp: float = 0.1
+    teacher_temp: tuple[float, float] = (0.04, 0.07)
+    teacher_temp_warmup_steps: int = 0
+    momentum: tuple[float, float] = (0.992, 1.0)
+    centering: str = "sinkhorn_knopp"
+    center_momentum: float = 0.9
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    freeze_last_layer_steps: int = 0
+    global_crops: int = 2
+    head_warmup_steps: int = 0
+
+
+HEAD_SHAPE = ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "ibot_separate_head")  # built, not run-time
+
+
 class DINOv2(nn.Module):
     """DINOv2 objective around a timm ViT student.
 
     Args:
         backbone: the student, a timm VisionTransformer with num_classes=0 (dynamic_img_size=True when
             local crops are smaller than global ones); the teacher is a copy without drop-path.
-        out_dim, hidden_dim, bottleneck_dim, head_layers: the DINO head (paper: 65536, 2048, 256, 3).
-        ibot_separate_head: a second head for patch tokens (else shared with the DINO head).
-        mask_ratio, mask_probability: iBOT block masking of that share of the global views.
-        student_temp, teacher_temp, teacher_temp_warmup_steps: temperatures (0.1; 0.04 -> 0.07).
-        momentum: teacher EMA momentum, cosine from the first to the second value over the run.
-        centering: "sinkhorn_knopp" (DINOv2) or "centering" (DINO, with `center_momentum`).
-        dino_weight, ibot_weight, koleo_weight: loss weights (paper: 1, 1, 0.1).
-        freeze_last_layer_steps: steps during which the heads' last layers get no update.
-        global_crops: how many of `batch["crops"]` are global views.
-        head_warmup_steps: optimizer steps during which the student's backbone gets no update (its gradients are
-            dropped before the step) while the heads and the mask token train: continuing from released weights
-            whose heads are new, the heads learn the backbone's features before their gradients reach it.
+        settings: the objective's settings (DINOv2Settings; default: the paper's).
     """
 
-    def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 head_layers: int = 3, ibot_separate_head: bool = False, mask_ratio: tuple[float, float] = (0.1, 0.5),
-                 mask_probability: float = 0.5, student_temp: float = 0.1,
-                 teacher_temp: tuple[float, float] = (0.04, 0.07), teacher_temp_warmup_steps: int = 0,
-                 momentum: tuple[float, float] = (0.992, 1.0), centering: str = "sinkhorn_knopp",
-                 center_momentum: float = 0.9, dino_weight: float = 1.0, ibot_weight: float = 1.0,
-                 koleo_weight: float = 0.1, freeze_last_layer_steps: int = 0, global_crops: int = 2,
-                 head_warmup_steps: int = 0):
+    def __init__(self, backbone: nn.Module, settings: Optional[DINOv2Settings] = None):
         super().__init__()
+        st = settings or DINOv2Settings()
         self.geometry = geo = vit_geometry(backbone)
-        if centering not in ("sinkhorn_knopp", "centering"):
-            raise ValueError(f"centering={centering!r}: choose sinkhorn_knopp or centering")
-        heads = {"dino": DINOHead(geo.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)}
-        if ibot_separate_head:
-            heads["ibot"] = DINOHead(geo.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
+        if st.centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"centering={st.centering!r}: choose sinkhorn_knopp or centering")
+        heads = {"dino": DINOHead(geo.embed_dim, st.out_dim, st.hidden_dim, st.bottleneck_dim, st.head_layers)}
+        if st.ibot_separate_head:
+            heads["ibot"] = DINOHead(geo.embed_dim, st.out_dim, st.hidden_dim, st.bottleneck_dim, st.head_layers)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
         for m in self.teacher.modules():  # the teacher is never dropped out
@@ -113,17 +140,12 @@ class DINOv2(nn.Module):
         self.teacher.requires_grad_(False)
         self.mask_token = nn.Parameter(torch.zeros(1, geo.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.register_buffer("patch_center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, st.out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, st.out_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("max_steps", torch.ones((), dtype=torch.long))
-        self.cfg = dict(mask_ratio=mask_ratio, mask_probability=mask_probability, student_temp=student_temp,
-                        teacher_temp=teacher_temp, teacher_temp_warmup_steps=teacher_temp_warmup_steps,
-                        momentum=momentum, centering=centering, center_momentum=center_momentum,
-                        dino_weight=dino_weight, ibot_weight=ibot_weight, koleo_weight=koleo_weight,
-                        freeze_last_layer_steps=freeze_last_layer_steps, global_crops=global_crops,
-                        head_warmup_steps=head_warmup_steps)
-        self.out_dim = out_dim
+        self.cfg = {k: v for k, v in asdict(st).items() if k not in HEAD_SHAPE}
+        self.out_dim = st.out_dim
 
     # ----------------------------------------------------------------------------------- helpers
     def train(self, mode: bool = True) -> "DINOv2":
@@ -310,13 +332,8 @@ def build_dinov2(recipe, encoder: nn.Module, decoder_from=None) -> DINOv2:
             not getattr(pe, "dynamic_img_size", False):
         raise ValueError(f"local crops of {mc.local_size} px need a backbone that takes several image sizes: set "
                          "backbone.model_args.dynamic_img_size=true")
-    dino = DINOv2(encoder, out_dim=o.out_dim, hidden_dim=o.hidden_dim, bottleneck_dim=o.bottleneck_dim,
-                  head_layers=o.head_layers, ibot_separate_head=o.ibot_separate_head, mask_ratio=o.mask_ratio,
-                  mask_probability=o.mask_probability, student_temp=o.student_temp, teacher_temp=o.teacher_temp,
-                  teacher_temp_warmup_steps=o.teacher_temp_warmup_steps, momentum=o.momentum, centering=o.centering,
-                  center_momentum=o.center_momentum, dino_weight=o.dino_weight, ibot_weight=o.ibot_weight,
-                  koleo_weight=o.koleo_weight, freeze_last_layer_steps=o.freeze_last_layer_steps,
-                  global_crops=mc.global_crops, head_warmup_steps=o.head_warmup_steps)
+    dino = DINOv2(encoder, DINOv2Settings(**{f.name: getattr(o, f.name) for f in fields(DINOv2Settings)
+                                              if f.name != "global_crops"}, global_crops=mc.global_crops))
     heads = Path(decoder_from) / HEADS_FILE if decoder_from is not None else None
     if heads is not None and heads.is_file() and not o.fresh_heads:
         dino.load_heads(heads)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medfound.config import OptimConfig
-from medfound.pretrain.dino import DINOHead, DINOv2
+from medfound.pretrain.dino import DINOHead, DINOv2, DINOv2Settings
 from medfound.pretrain.dino_losses import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 from helpers import TINY_VIT
@@ -21,8 +21,8 @@ def _dino(**kw) -> DINOv2:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True,
                             **{**TINY_VIT, "drop_path_rate": 0.1})
-    return DINOv2(vit, **{"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "teacher_temp_warmup_steps": 10,
-                          "freeze_last_layer_steps": 2, **kw})
+    return DINOv2(vit, DINOv2Settings(**{"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+                                         "teacher_temp_warmup_steps": 10, "freeze_last_layer_steps": 2, **kw}))
 
 
 def _crops(b: int = 4) -> dict:

@@ -262,13 +262,13 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
 def _dino():
     import timm
 
-    from medfound.pretrain.dino import DINOv2
+    from medfound.pretrain.dino import DINOv2, DINOv2Settings
 
     from helpers import TINY_VIT
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, dynamic_img_size=True, **TINY_VIT)
-    return DINOv2(vit, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    return DINOv2(vit, DINOv2Settings(out_dim=64, hidden_dim=32, bottleneck_dim=16))
 
 
 def _views(same: bool):
