@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 
-def csv_list(value: str) -> list[str]:
-    """`a,b,c` -> ["a", "b", "c"] (blank items dropped)."""
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def is_input_error(e: BaseException) -> bool:
     """A library's own error on bad input (unpickling, a tar, a safetensors header)."""
     import pickle
