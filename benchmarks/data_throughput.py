@@ -93,18 +93,18 @@ def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int)
     import torchvision
     from torchvision.transforms import v2 as T
 
-    from medfound.data.pipeline import make_loader
+    from medfound.data.pipeline import Decoding, TrainOrder, make_loader
     from medfound.data.transforms import build_transform
 
     return {
-        "medfound": make_loader(urls, transform=build_transform("mae", 224, MEAN, STD, normalize=False), batch_size=batch,
-                                labelled=False, train=True, seed=0, epoch=epoch, shuffle_buffer=256,
+        "medfound": make_loader(urls, Decoding(build_transform("mae", 224, MEAN, STD, normalize=False)),
+                                batch_size=batch, order=TrainOrder(seed=0, epoch=epoch, shuffle_buffer=256),
                                 num_workers=workers),
         "imagefolder": DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=mae_augment()),
                                   batch_size=batch, shuffle=True, num_workers=workers, drop_last=True),
-        "decode_only": make_loader(urls, transform=lambda s: {"image": T.ToImage()(s["image"].convert("RGB"))},
-                                   batch_size=batch, labelled=False, train=True, seed=0, epoch=epoch,
-                                   shuffle_buffer=256, num_workers=workers),
+        "decode_only": make_loader(urls, Decoding(lambda s: {"image": T.ToImage()(s["image"].convert("RGB"))}),
+                                   batch_size=batch, order=TrainOrder(seed=0, epoch=epoch, shuffle_buffer=256),
+                                   num_workers=workers),
     }
 
 
@@ -112,7 +112,7 @@ def verify_overhead(urls: list[str], work: Path, repeats: int, epochs: int, batc
     """Seconds to stream the shards with no manifest (no checks), verify=size and verify=sha256, interleaved."""
     import shutil
 
-    from medfound.data.pipeline import make_loader
+    from medfound.data.pipeline import Decoding, Reading, TrainOrder, make_loader
     from medfound.data.tario import tar_samples
     from medfound.data.transforms import build_transform
 
@@ -132,9 +132,9 @@ def verify_overhead(urls: list[str], work: Path, repeats: int, epochs: int, batc
             start = time.perf_counter()
             m = 0
             for e in range(epochs):
-                m += sum(len(b["key"]) for b in make_loader(files, transform=transform, batch_size=batch, labelled=False,
-                                                             train=True, seed=0, epoch=e, shuffle_buffer=64,
-                                                             verify=level))
+                m += sum(len(b["key"]) for b in make_loader(files, Decoding(transform), batch_size=batch,
+                                                            order=TrainOrder(seed=0, epoch=e, shuffle_buffer=64),
+                                                            reading=Reading(verify=level)))
             pipe = time.perf_counter() - start
             if r:  # the first round warms the page cache
                 runs["raw"].setdefault(name, []).append(raw)
@@ -158,7 +158,7 @@ def remote_throughput(work: Path, repeats: int, epochs: int, batch: int, workers
 
     import boto3
 
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, Reading, TrainOrder, make_loader, shard_urls
     from medfound.data.transforms import build_transform
 
     def free_port() -> int:
@@ -197,9 +197,9 @@ def remote_throughput(work: Path, repeats: int, epochs: int, batch: int, workers
                     seen, start = 0, time.perf_counter()
                     # one loader over the shards listed `epochs` times: one long epoch, as in real training, so the
                     # workers' one-off client set-up (~0.2 s for S3) is paid once, not per short pass
-                    for b in make_loader(urls * epochs, transform=transform, batch_size=batch, labelled=False,
-                                         train=True, seed=0, epoch=r, shuffle_buffer=64, num_workers=workers,
-                                         verify=level):
+                    for b in make_loader(urls * epochs, Decoding(transform), batch_size=batch,
+                                         order=TrainOrder(seed=0, epoch=r, shuffle_buffer=64),
+                                         reading=Reading(verify=level), num_workers=workers):
                         seen += len(b["key"])
                     if r:
                         rates.setdefault(level, {}).setdefault(name, []).append(seen / (time.perf_counter() - start))

@@ -171,7 +171,7 @@ def run_config(objective: str, arch: str, strategy: str, ac: bool, a: argparse.N
 
 def pipeline_rate(shards: Path | None, workers: int, img: int) -> float:
     """Samples/s the data pipeline delivers (decode + MAE augmentation + collation), uint8 batches."""
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_urls
     from medfound.data.transforms import build_transform
     from medfound.workflows import shard
 
@@ -184,8 +184,8 @@ def pipeline_rate(shards: Path | None, workers: int, img: int) -> float:
         transform = build_transform("mae", img, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), normalize=False)
         seen, start = 0, time.perf_counter()
         for epoch in range(3):
-            for b in make_loader(urls, transform=transform, batch_size=32, labelled=False, train=True, epoch=epoch,
-                                 num_workers=workers, shuffle_buffer=128):
+            for b in make_loader(urls, Decoding(transform), batch_size=32,
+                                 order=TrainOrder(epoch=epoch, shuffle_buffer=128), num_workers=workers):
                 seen += len(b["key"])
         return seen / (time.perf_counter() - start)
 

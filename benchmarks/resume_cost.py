@@ -51,13 +51,16 @@ def prepare(work: Path) -> list[list[str]]:
 
 
 def loader(sets, args):
-    from medfound.data.pipeline import make_loader
+    from medfound.data.pipeline import Decoding, TrainOrder, make_loader
     from medfound.data.transforms import build_transform
 
     t = build_transform("mae", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), train=True)
-    return make_loader(sets, transform=t, batch_size=args.batch_size, labelled=False, train=True, seed=1, epoch=0,
-                       resampled=True, weights=[0.4, 0.3, 0.3], samples_per_epoch=args.batch_size * (args.k + 50),
-                       shuffle_buffer=500, num_workers=args.workers)
+    return make_loader(sets, Decoding(t), batch_size=args.batch_size, order=TrainOrder(seed=1, epoch=0,
+                                                                                       shuffle_buffer=500,
+                                                                                       resampled=True,
+                                                                                       weights=[0.4, 0.3, 0.3],
+                                                                                       samples_per_epoch=args.batch_size * (args.k + 50)),
+                       num_workers=args.workers)
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
 
     from medfound.config import load_recipe
     from medfound.data.loaders import prepare
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, make_loader, shard_urls
     from medfound.data.seg_transforms import build_seg_transform
     from medfound.evaluate.segmentation import predict_probs
     from medfound.tasks import task_for
@@ -119,8 +119,7 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
     spec = task_for(recipe)
     model, seg = spec.load(run / "export", recipe), recipe.segment
     urls, _ = shard_urls([seg_shards["ct"]], "test")
-    loader = make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)), batch_size=1,
-                         labelled=False, train=False)
+    loader = make_loader(urls, Decoding(prepare(recipe.data, build_seg_transform(seg, False, None))), batch_size=1)
     with torch.no_grad():
         expected = [predict_probs(model, b["image"].float(), seg.patch_size, seg.overlap)[0].argmax(0).numpy()
                     for b in loader]
@@ -155,7 +154,7 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
 
     from medfound.config import load_recipe
     from medfound.data.loaders import prepare
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, make_loader, shard_urls
     from medfound.data.seg_transforms import build_seg_transform
     from medfound.evaluate.segmentation import predict_probs
     from medfound.tasks import task_for
@@ -188,8 +187,8 @@ def test_a_volume_mask_is_nifti_on_the_source_grid(tmp_path, seg_shards, capsys)
     spec, seg = task_for(recipe), recipe.segment
     model = spec.load(run / "export", recipe)
     urls, _ = shard_urls([seg_shards["volume"]], "train")
-    (batch,) = list(make_loader(urls, transform=prepare(recipe.data, build_seg_transform(seg, False, None)),
-                                batch_size=1, labelled=False, train=False))
+    (batch,) = list(make_loader(urls, Decoding(prepare(recipe.data, build_seg_transform(seg, False, None))),
+                                batch_size=1))
     with torch.no_grad():
         probs = predict_probs(model, batch["image"].float(), seg.patch_size, seg.overlap)
         native = torch.nn.functional.interpolate(probs, size=(45, 120, 21), mode="trilinear", align_corners=False)

@@ -25,7 +25,7 @@ from medfound.io import atomic_write_json, sha256_file
 from medfound.backbones import create_backbone
 from medfound.config import BackboneConfig
 from medfound.data import location
-from medfound.data.pipeline import collate, make_loader, shard_urls
+from medfound.data.pipeline import Decoding, Reading, collate, make_loader, shard_urls
 from medfound.data.transforms import Normalize, build_transform
 from medfound.process import torchrun_group
 
@@ -168,9 +168,9 @@ def extract_bags(shards: str | Path, backbone: str | Path, out: str | Path, *, b
 
             # every process reads every shard (the tar members are cheap; decoding is not, and is done only here
             # for this process's slides), so shards are not split by node
-            loader = make_loader(urls, transform=keep_meta, batch_size=batch_size, labelled=False, train=False,
-                                 collate_fn=_collate_meta, sample_filter=mine, split_by_node=False,
-                                 num_workers=num_workers)
+            loader = make_loader(urls, Decoding(keep_meta), batch_size=batch_size,
+                                 reading=Reading(split_by_node=False, sample_filter=mine), num_workers=num_workers,
+                                 collate_fn=_collate_meta)
             for batch in loader:
                 with autocast:
                     feats = model(norm(batch["image"].to(device))).float().cpu().numpy()

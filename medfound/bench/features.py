@@ -49,13 +49,13 @@ def compute(model: Any, shards: str, split: str, prep: dict[str, Any], num_class
 
     from medfound.config import DataConfig
     from medfound.data.loaders import eval_image_transform, normalizer, prepare
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 
     d = DataConfig(shards=[shards], batch_size=batch_size, img_size=prep["img_size"], mean=tuple(prep["mean"]),
                    std=tuple(prep["std"]), augment="none")
     urls, (manifest,) = shard_urls([shards], split)
-    loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=batch_size, labelled=True,
-                         train=False, num_classes=num_classes, verify="sha256", split_by_node=False)
+    loader = make_loader(urls, Decoding(prepare(d, eval_image_transform(d)), labelled=True, num_classes=num_classes),
+                         batch_size=batch_size, reading=Reading(verify="sha256", split_by_node=False))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     norm = normalizer(d).to(device)

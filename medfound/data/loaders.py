@@ -90,7 +90,7 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
     `data.*` stream setting (shuffle, resampling and mixing weights, global order, verification, bad-sample budget)
     and site balancing; `class_keep` from `class_keep_rates` where the task balances classes; `keys`: a labelled
     training subset (TrainData.keys) or None for the whole split."""
-    from medfound.data.pipeline import make_loader
+    from medfound.data.pipeline import Decoding, Reading, TrainOrder, make_loader
 
     if d.spacing_mm is not None:
         from medfound.data.scale import require_spacing
@@ -104,10 +104,11 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
     site_keep = site_keep_rates(d, manifests)
 
     def loader(epoch: int):
-        return make_loader(sets, transform=transform, batch_size=d.batch_size, labelled=labelled, train=True,
-                           seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
-                           resampled=d.resampled, weights=d.weights, samples_per_epoch=samples,
-                           num_classes=schema.num_classes, multilabel=schema.type == "multilabel",
-                           max_bad_fraction=d.max_bad_fraction, class_keep=class_keep, site_keep=site_keep,
-                           verify=d.verify, global_order=d.global_order, keys=keys)
+        order = TrainOrder(seed=seed, epoch=epoch, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+                           weights=d.weights, samples_per_epoch=samples, class_keep=class_keep, site_keep=site_keep,
+                           global_order=d.global_order)
+        return make_loader(sets, Decoding(transform, labelled=labelled, num_classes=schema.num_classes,
+                                          multilabel=schema.type == "multilabel", max_bad_fraction=d.max_bad_fraction),
+                           batch_size=d.batch_size, order=order, reading=Reading(verify=d.verify, keys=keys),
+                           num_workers=d.num_workers)
     return loader

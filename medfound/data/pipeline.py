@@ -33,6 +33,7 @@ import logging
 import math
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -452,62 +453,94 @@ class _InKeys:
         return sample["__key__"] in self.keys
 
 
-def make_loader(urls: list[str] | list[list[str]], *, transform: Callable, batch_size: int, labelled: bool,
-                train: bool, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                drop_last: Optional[bool] = None, resampled: bool = False, weights: Optional[Sequence[float]] = None,
-                samples_per_epoch: Optional[int] = None, num_classes: int = 0, multilabel: bool = False,
-                max_bad_fraction: float = 0.01, class_keep: Optional[Sequence[float]] = None,
-                site_keep: Optional[dict[str, float]] = None, collate_fn: Callable[[list[dict]], dict] = collate,
-                keep_meta: Sequence[str] = (), verify: Verify = "size",
-                sample_filter: Optional[Callable[[dict], bool]] = None, split_by_node: bool = True,
-                global_order: bool = False, keys: Optional[frozenset[str]] = None) -> DataLoader:
-    """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch.
+@dataclass(frozen=True)
+class Decoding:
+    """How each raw sample becomes a dict of tensors. `transform`: the sample dict (decoded image, mask...) -> the
+    model's input; `labelled`: attach `label` (a shard set without labels is an error); `num_classes` /
+    `multilabel`: how the label is read (class index or multi-hot); `max_bad_fraction`: the undecodable share a
+    stream tolerates before it stops naming the worst shard; `keep_meta`: JSON meta fields every sample must have,
+    passed on as `batch["meta"]` (a list of dicts)."""
 
-    train=True shuffles shards and samples (seeded) and drops the last partial batch; train=False reads
-    every sample exactly once in shard order (per rank and worker). resampled=True (training only) mixes
-    the shard sets by `weights` (default: proportional to their shard counts) for `samples_per_epoch`.
-    `class_keep` (training): per class, the probability of keeping a sample (`balanced_keep`); `site_keep` the same
-    per site (`site_balanced_keep`). `keep_meta`: JSON
-    meta fields every sample must have, passed on as `batch["meta"]` (a list of dicts). `verify`: each shard's
-    size and sample count against its manifest (`size`), or also its sha256 (`sha256`); see `medfound.data.tario`.
-    `sample_filter`: raw sample (tar members as bytes) -> keep?, applied before decoding. `split_by_node=False`
-    (finite streams): every rank reads every shard (a caller that splits the samples itself, e.g. by slide).
-    `global_order=True` (finite training streams): one sample order per (seed, epoch), the same on any number of
-    processes (`_GlobalTake`); every process reads every shard's bytes and decodes only its own samples, so a run
-    resumed on another number of processes (`ResumableLoader.resume_global`) neither repeats nor skips a sample.
-    `keys`: only these samples (a labelled training subset, medfound.data.fractions), kept right after the shards
-    are read, before shuffling, balancing and decoding.
-    """
+    transform: Callable
+    labelled: bool = False
+    num_classes: int = 0
+    multilabel: bool = False
+    max_bad_fraction: float = 0.01
+    keep_meta: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class TrainOrder:
+    """How a training stream orders, mixes and balances its samples; a loader without one is an evaluation stream
+    (every sample exactly once, in shard order, per rank and worker). Shards and samples are shuffled (seeded by
+    `seed` and `epoch`, `shuffle_buffer` samples deep). `resampled`: mix the shard sets by `weights` (default:
+    proportional to their shard counts) for `samples_per_epoch`. `class_keep`: per class, the probability of keeping
+    a sample (`balanced_keep`); `site_keep` the same per site (`site_balanced_keep`). `global_order` (finite
+    streams): one sample order per (seed, epoch), the same on any number of processes (`_GlobalTake`); every process
+    reads every shard's bytes and decodes only its own samples, so a run resumed on another number of processes
+    (`ResumableLoader.resume_global`) neither repeats nor skips a sample."""
+
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    weights: Optional[Sequence[float]] = None
+    samples_per_epoch: Optional[int] = None
+    class_keep: Optional[Sequence[float]] = None
+    site_keep: Optional[dict[str, float]] = None
+    global_order: bool = False
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Which shard bytes a stream reads and trusts. `verify`: each shard's size and sample count against its manifest
+    (`size`), or also its sha256 (`sha256`); see `medfound.data.tario`. `split_by_node=False` (finite streams): every
+    rank reads every shard (a caller that splits the samples itself, e.g. by slide). `keys`: only these samples (a
+    labelled training subset, medfound.data.fractions), kept right after the shards are read, before shuffling,
+    balancing and decoding. `sample_filter`: raw sample (tar members as bytes) -> keep?, applied before decoding."""
+
+    verify: Verify = "size"
+    split_by_node: bool = True
+    keys: Optional[frozenset[str]] = None
+    sample_filter: Optional[Callable[[dict], bool]] = None
+
+
+def make_loader(urls: list[str] | list[list[str]], decoding: Decoding, *, batch_size: int,
+                order: Optional[TrainOrder] = None, reading: Reading = Reading(), num_workers: int = 0,
+                drop_last: Optional[bool] = None, collate_fn: Callable[[list[dict]], dict] = collate) -> DataLoader:
+    """A DataLoader over shard `urls` (a flat list, or one list per shard set) for one epoch, each sample made by
+    `decoding`. With `order` (a `TrainOrder`) it is a training stream: shuffled, mixed and balanced as that says,
+    the last partial batch dropped, resumable (`ResumableLoader`); without, an evaluation stream that reads every
+    sample exactly once in shard order (per rank and worker). `reading` picks and verifies the shard bytes."""
+    train, o, r, d = order is not None, order or TrainOrder(), reading, decoding
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
-    if resampled:
-        if not train:
-            raise ValueError("resampled streams are for training; evaluation reads every sample once")
-        w = list(weights) if weights is not None else [float(len(s)) for s in sets]
-        total = samples_per_epoch or sum(len(s) for s in sets) * 1000
-        stages: list = [mixed_samples(sets, w, total, seed, epoch, verify)]
-    elif global_order:
-        if not train or weights is not None:
-            raise ValueError("global_order is for finite training streams (not resampled, not evaluation)")
-        stages = [_shard_order([u for s in sets for u in s], True, seed, epoch), shard_stage(verify)]
+    if o.resampled:
+        w = list(o.weights) if o.weights is not None else [float(len(s)) for s in sets]
+        total = o.samples_per_epoch or sum(len(s) for s in sets) * 1000
+        stages: list = [mixed_samples(sets, w, total, o.seed, o.epoch, r.verify)]
+    elif o.global_order:
+        if o.weights is not None:
+            raise ValueError("global_order is for finite training streams; mixing weights need a resampled one")
+        stages = [_shard_order([u for s in sets for u in s], True, o.seed, o.epoch), shard_stage(r.verify)]
     else:
-        if weights is not None:
+        if o.weights is not None:
             raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
-        stages = [_shard_order([u for s in sets for u in s], train, seed, epoch)] + \
-            ([wds.split_by_node] if split_by_node else []) + [wds.split_by_worker, shard_stage(verify)]
-    if keys is not None:
-        stages.append(wds.select(_InKeys(keys)))
-    if train and shuffle_buffer > 1:
-        stages.append((_global_shuffle if global_order else _seeded_shuffle)(shuffle_buffer, seed, epoch))
-    if class_keep is not None or site_keep is not None:
-        stages.append(_balanced(class_keep, seed, epoch, site_keep, global_rng=global_order))
-    if global_order:
+        stages = [_shard_order([u for s in sets for u in s], train, o.seed, o.epoch)] + \
+            ([wds.split_by_node] if r.split_by_node else []) + [wds.split_by_worker, shard_stage(r.verify)]
+    if r.keys is not None:
+        stages.append(wds.select(_InKeys(r.keys)))
+    if train and o.shuffle_buffer > 1:
+        stages.append((_global_shuffle if o.global_order else _seeded_shuffle)(o.shuffle_buffer, o.seed, o.epoch))
+    if o.class_keep is not None or o.site_keep is not None:
+        stages.append(_balanced(o.class_keep, o.seed, o.epoch, o.site_keep, global_rng=o.global_order))
+    if o.global_order:
         stages.append(_GlobalTake(batch_size))
-    if sample_filter is not None:
-        stages.append(wds.select(sample_filter))
-    stages.append(_Decoder(transform, labelled, num_classes, multilabel, max_bad_fraction, keep_meta, track=train,
-                           seed=seed, epoch=epoch))
+    if r.sample_filter is not None:
+        stages.append(wds.select(r.sample_filter))
+    stages.append(_Decoder(d.transform, d.labelled, d.num_classes, d.multilabel, d.max_bad_fraction, d.keep_meta,
+                           track=train, seed=o.seed, epoch=o.epoch))
     dataset = wds.DataPipeline(*stages)
-    generator = torch.Generator().manual_seed(_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(_seed(o.seed, o.epoch))
     return (ResumableLoader if train else DataLoader)(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Tracked(collate_fn) if train else collate_fn,
         drop_last=train if drop_last is None else drop_last, generator=generator, persistent_workers=False,

@@ -17,7 +17,7 @@ import torch
 from medfound.config import FinetuneRecipe
 from medfound.config.eval import EVALUATE_SCALE_KEYS
 from medfound.data.loaders import eval_image_transform, normalizer, prepare
-from medfound.data.pipeline import make_loader
+from medfound.data.pipeline import Decoding, Reading, make_loader
 from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.procedure import ScoredSet, Scorer
 from medfound.evaluate.records import (dataset_block, eval_progress, network_lineage, scored_block, split_urls,
@@ -124,11 +124,11 @@ class ClassificationScorer(ProbabilityScorer):
         name = manifest.name if external else "internal"
         bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
                             self.recipe.trainer.progress)
-        loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
-                             labelled=True, train=False, num_workers=d.num_workers,
-                             num_classes=self.manifest.label_schema.num_classes,  # the stored labels' range
-                             multilabel=self.multilabel, max_bad_fraction=d.max_bad_fraction,
-                             keep_meta=agg.by if agg and not external else (), verify="sha256")
+        loader = make_loader(urls, Decoding(prepare(d, eval_image_transform(d)), labelled=True,
+                                            num_classes=self.manifest.label_schema.num_classes,
+                                            multilabel=self.multilabel, max_bad_fraction=d.max_bad_fraction,
+                                            keep_meta=agg.by if agg and not external else ()),
+                             batch_size=d.eval_batch_size, reading=Reading(verify="sha256"), num_workers=d.num_workers)
         probs, labels, keys, sites, skipped, metas = predict(self.model, loader, normalizer(d), self.multilabel, bar)
         if self.threshold is not None:
             labels = (labels >= self.threshold).astype(np.int64)
@@ -197,9 +197,9 @@ class SegmentationScorer(Scorer):
         urls, manifest, splits = split_urls(where, split)
         bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
                             self.recipe.trainer.progress)
-        loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
-                             batch_size=1, labelled=False, train=False, num_workers=d.num_workers,
-                             max_bad_fraction=d.max_bad_fraction, verify="sha256")
+        loader = make_loader(urls, Decoding(prepare(d, build_seg_transform(seg, train=False, window=d.window)),
+                                            max_bad_fraction=d.max_bad_fraction), batch_size=1,
+                             reading=Reading(verify="sha256"), num_workers=d.num_workers)
         scorer, skipped, overlays = score_loader(self.model, self.normalize, loader, seg, hd=seg.hd95, bar=bar,
                                                  n_overlays=self.n_overlays, tta=ev.tta_scales,
                                                  auto_target=self.auto_target() if seg.scale == "auto" else None)

@@ -59,15 +59,16 @@ class Monitor:
         from medfound.config import DataConfig
         from medfound.data.loaders import eval_image_transform, normalizer, prepare
         from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 
         d = self.data
         cfg = DataConfig(shards=[self.cfg.shards], batch_size=64, img_size=d.img_size, mean=d.mean, std=d.std,
                          augment="none", window=d.window)
         manifest = read_manifest(self.cfg.shards)
         urls, _ = shard_urls([self.cfg.shards], split)
-        loader = make_loader(urls, transform=prepare(cfg, eval_image_transform(cfg)), batch_size=64, labelled=True,
-                             train=False, num_classes=manifest.label_schema.num_classes, split_by_node=False)
+        loader = make_loader(urls, Decoding(prepare(cfg, eval_image_transform(cfg)), labelled=True,
+                                            num_classes=manifest.label_schema.num_classes), batch_size=64,
+                             reading=Reading(split_by_node=False))
         device = next(encoder.parameters()).device
         norm = normalizer(cfg).to(device)
         xs, ys, n = [], [], 0

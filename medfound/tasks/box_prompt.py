@@ -183,16 +183,16 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str,
     """Every sample of `urls` (only `keys` when given) predicted from its mask's tight box -> per-sample rows and up
     to `overlays` overlays."""
     from medfound.adapt.prompt import box_from_mask
-    from medfound.data.pipeline import make_loader
+    from medfound.data.pipeline import Decoding, Reading, make_loader
 
     names = manifest.label_schema.names
 
     def raw(sample):
         return {"image": np.asarray(sample["image"]), "mask": np.asarray(sample["masks"][mask_name])}
 
-    loader = make_loader(urls, transform=raw, batch_size=1, labelled=manifest.label_schema.type != "none",
-                         train=False, collate_fn=lambda s: s[0], verify="sha256", split_by_node=keys is None,
-                         keys=keys)
+    loader = make_loader(urls, Decoding(raw, labelled=manifest.label_schema.type != "none"), batch_size=1,
+                         reading=Reading(verify="sha256", split_by_node=keys is None, keys=keys),
+                         collate_fn=lambda s: s[0])
     n_overlays, rows, overlays = overlays, [], []
     for sample in loader:
         m = sample["mask"]

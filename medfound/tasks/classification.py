@@ -105,7 +105,7 @@ class ClassificationSpec(TimmExport):
 
         from medfound.adapt.tasks import endpoint
         from medfound.data.loaders import eval_image_transform, normalizer, prepare
-        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
         from medfound.data.manifest import read_manifest
         from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
 
@@ -114,10 +114,10 @@ class ClassificationSpec(TimmExport):
         schema = endpoint(manifest.label_schema, recipe.head.binary_threshold)
         multilabel = schema.type == "multilabel"
         urls = shard_urls([d.shards[0]], ev.select_split)[0]
-        loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)), batch_size=d.eval_batch_size,
-                             labelled=True, train=False, num_workers=0, num_classes=manifest.label_schema.num_classes,
-                             multilabel=multilabel, max_bad_fraction=d.max_bad_fraction, verify="size",
-                             split_by_node=False, keys=keys)  # only the main process validates: all of the split
+        loader = make_loader(urls, Decoding(prepare(d, eval_image_transform(d)), labelled=True,
+                                            num_classes=manifest.label_schema.num_classes, multilabel=multilabel,
+                                            max_bad_fraction=d.max_bad_fraction), batch_size=d.eval_batch_size,
+                             reading=Reading(split_by_node=False, keys=keys))  # the main process validates all of it
         device = next(module.parameters()).device
         norm = normalizer(d).to(device)
         probs, labels = [], []
@@ -154,7 +154,7 @@ class ClassificationSpec(TimmExport):
 
         from medfound.data.loaders import eval_image_transform, normalizer, prepare
         from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
         from medfound.publish.export import read_lineage
 
         d = recipe.data
@@ -179,10 +179,10 @@ class ClassificationSpec(TimmExport):
                                    "table's columns, DICOM's own tags, or a shard set's meta); units.csv is not "
                                    "written, the images are predicted one by one")
                 agg = None
-        loader = make_loader(urls, transform=prepare(d, eval_image_transform(d)),
-                             batch_size=rt.batch_size or d.eval_batch_size, labelled=False, train=False,
-                             num_workers=rt.workers(d.num_workers), max_bad_fraction=1.0, verify="size",
-                             split_by_node=False, keep_meta=agg.by if agg else ())
+        loader = make_loader(urls, Decoding(prepare(d, eval_image_transform(d)), max_bad_fraction=1.0,
+                                            keep_meta=agg.by if agg else ()),
+                             batch_size=rt.batch_size or d.eval_batch_size, reading=Reading(split_by_node=False),
+                             num_workers=rt.workers(d.num_workers))
         model = self.load(run.export, recipe)
         device = rt.torch_device()
         model, norm = model.to(device), normalizer(d).to(device)

@@ -110,15 +110,15 @@ class SegmentationSpec(ImageNetwork):
         when given): the evaluation's own sliding-window inference and scorer, native geometry, no intervals; HD95
         only when eval.select asks for it (it is the slow part)."""
         from medfound.data.loaders import prepare
-        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
         from medfound.data.seg_transforms import build_seg_transform
         from medfound.evaluate.segmentation import score_loader
 
         seg, d, ev = recipe.segment, recipe.data, recipe.eval
         urls = shard_urls([d.shards[0]], ev.select_split)[0]
-        loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, train=False, window=d.window)),
-                             batch_size=1, labelled=False, train=False, num_workers=0,
-                             max_bad_fraction=d.max_bad_fraction, verify="size", split_by_node=False, keys=keys)
+        loader = make_loader(urls, Decoding(prepare(d, build_seg_transform(seg, train=False, window=d.window)),
+                                            max_bad_fraction=d.max_bad_fraction), batch_size=1,
+                             reading=Reading(split_by_node=False, keys=keys), num_workers=0)
         normalize = self.normalizer(recipe)
         if normalize is not None:
             normalize = normalize.to(next(module.model.parameters()).device)
@@ -153,7 +153,7 @@ class SegmentationSpec(ImageNetwork):
 
         from medfound.data.loaders import prepare
         from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import make_loader, shard_urls
+        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
         from medfound.data.seg_transforms import build_seg_transform
         from medfound.evaluate.segmentation import choose_scale, predict_probs, predict_scaled
 
@@ -192,9 +192,9 @@ class SegmentationSpec(ImageNetwork):
         dicom_seg = staged.kind == "dicom" and not anonymous and mask_format in ("auto", "dicom-seg")
         manifest = read_manifest(staged.shards)
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
-        loader = make_loader(urls, transform=prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
-                             batch_size=1, labelled=False, train=False, num_workers=rt.workers(d.num_workers),
-                             max_bad_fraction=1.0, verify="size", split_by_node=False)
+        loader = make_loader(urls, Decoding(prepare(d, build_seg_transform(seg, False, d.window, predict=True)),
+                                            max_bad_fraction=1.0), batch_size=1, reading=Reading(split_by_node=False),
+                             num_workers=rt.workers(d.num_workers))
         device = rt.torch_device()
         model = self.load(run.export, recipe).to(device)
         normalize = self.normalizer(recipe)

@@ -67,7 +67,7 @@ def test_weighted_cross_entropy_and_endpoint_labels_in_the_task():
 
 
 def test_balanced_sampling_draws_classes_equally_often(shards):
-    from medfound.data.pipeline import balanced_keep, make_loader, shard_sets
+    from medfound.data.pipeline import Decoding, TrainOrder, balanced_keep, make_loader, shard_sets
 
     sets, (m,) = shard_sets([shards["retina"]], "train")
     counts = m.class_counts("train")
@@ -75,8 +75,8 @@ def test_balanced_sampling_draws_classes_equally_often(shards):
     assert keep[int(np.argmin(counts))] == 1.0 and min(keep) == pytest.approx(min(counts) / max(counts))
     seen = np.zeros(5)
     for epoch in range(4):
-        for batch in make_loader(sets, transform=lambda s: {"image": torch.zeros(3, 2, 2)}, batch_size=50,
-                                 labelled=True, train=True, epoch=epoch, class_keep=keep, drop_last=False):
+        for batch in make_loader(sets, Decoding(lambda s: {"image": torch.zeros(3, 2, 2)}, labelled=True),
+                                 batch_size=50, order=TrainOrder(epoch=epoch, class_keep=keep), drop_last=False):
             seen += np.bincount(batch["label"].numpy(), minlength=5)
     share = seen / seen.sum()
     assert np.all(np.abs(share - 0.2) < 0.06), share  # raw shares are 0.46 / 0.13 / 0.19 / 0.16 / 0.06

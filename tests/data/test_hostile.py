@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from medfound.data.manifest import Manifest, ShardInfo, read_manifest, verify_shards, write_manifest
-from medfound.data.pipeline import make_loader, shard_urls
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 from medfound.data.tario import ShardError, iter_members, tar_samples
 from medfound.data.transforms import build_transform
 from medfound.io import sha256_file
@@ -66,7 +66,7 @@ def _relabel(shard: Path, new) -> None:
 
 
 def _loader(urls, verify="size"):
-    return make_loader(urls, transform=T_EVAL, batch_size=64, labelled=True, train=False, verify=verify)
+    return make_loader(urls, Decoding(T_EVAL, labelled=True), batch_size=64, reading=Reading(verify=verify))
 
 
 def test_a_manifest_shard_path_never_reaches_a_shell(shards, tmp_path):
@@ -171,15 +171,13 @@ def test_an_out_of_range_label_is_a_named_error_at_read_time(shards, tmp_path):
     shard = Path(urls[0])
     _relabel(shard, lambda i, old: 9 if i == 0 else None)  # one sample's label edited out of range
     _resync(d, shard.name)
-    loader = make_loader(urls[:1], transform=T_EVAL, batch_size=64, labelled=True, train=False, num_classes=5,
-                         max_bad_fraction=1.0)
+    loader = make_loader(urls[:1], Decoding(T_EVAL, labelled=True, num_classes=5, max_bad_fraction=1.0), batch_size=64)
     batches = list(loader)
     bad = [r for b in batches for r in b.get("_bad", [])]
     assert len(bad) == 1 and "label 9 outside the manifest's classes 0..4" in bad[0]
     assert all(int(b["label"].max()) < 5 for b in batches)
     with pytest.raises(ValueError, match="could not be decoded"):
-        list(make_loader(urls[:1], transform=T_EVAL, batch_size=64, labelled=True, train=False, num_classes=5,
-                         max_bad_fraction=0.0))
+        list(make_loader(urls[:1], Decoding(T_EVAL, labelled=True, num_classes=5, max_bad_fraction=0.0), batch_size=64))
 
 
 def test_a_sample_with_nan_voxels_is_skipped_not_averaged_into_the_batch(tmp_path):
@@ -194,8 +192,8 @@ def test_a_sample_with_nan_voxels_is_skipped_not_averaged_into_the_batch(tmp_pat
                     tmp_path / "set", name="nan", modality="ct", label_schema=LabelSchema(type="none"),
                     source={}, ingest={"kind": "test"})
     urls, _ = shard_urls([tmp_path / "set"], "train")
-    batches = list(make_loader(urls, transform=build_transform("none", 16, (0.5,) * 3, (0.5,) * 3, train=False),
-                               batch_size=8, labelled=False, train=False, max_bad_fraction=0.5))
+    batches = list(make_loader(urls, Decoding(build_transform("none", 16, (0.5,) * 3, (0.5,) * 3, train=False),
+                                              max_bad_fraction=0.5), batch_size=8))
     keys = [k for b in batches for k in b["key"]]
     bad = [r for b in batches for r in b.get("_bad", [])]
     assert keys == ["s0", "s1", "s3"] and len(bad) == 1 and "s2" in bad[0] and "non-finite values" in bad[0]

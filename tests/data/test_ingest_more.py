@@ -172,11 +172,11 @@ def test_multilabel_and_parquet_tables(tmp_path):
     got = sorted(json.loads(v["labels.json"]) for v in s.values())
     assert got == sorted([[1], [1, 2], [], [0, 2]])
 
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, make_loader, shard_urls
     from medfound.data.transforms import build_transform
     urls, _ = shard_urls([tmp_path / "s"], "train")
-    batch = next(iter(make_loader(urls, transform=build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False),
-                                  batch_size=4, labelled=True, train=False, num_classes=3, multilabel=True)))
+    batch = next(iter(make_loader(urls, Decoding(build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False),
+                                                 labelled=True, num_classes=3, multilabel=True), batch_size=4)))
     assert batch["label"].shape == (4, 3) and batch["label"].sum().item() == 5
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from medfound.data.manifest import read_manifest
-from medfound.data.pipeline import make_loader, shard_urls
+from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_urls
 from medfound.data.transforms import build_transform
 
 T_EVAL = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
@@ -21,7 +21,7 @@ def _keys(loader):
 def test_eval_reads_every_sample_once(shards):
     urls, (m,) = shard_urls([shards["retina"]], "test")
     for workers in (0, 2):
-        loader = make_loader(urls, transform=T_EVAL, batch_size=64, labelled=True, train=False, num_workers=workers)
+        loader = make_loader(urls, Decoding(T_EVAL, labelled=True), batch_size=64, num_workers=workers)
         keys = _keys(loader)
         assert len(keys) == len(set(keys)) == m.counts["by_split"]["test"] == 400
     batch = next(iter(loader))
@@ -33,8 +33,8 @@ def test_training_order_is_seeded_by_epoch(shards):
     urls, _ = shard_urls([shards["retina"], shards["he"]], "train")
 
     def order(seed, epoch):
-        return _keys(make_loader(urls, transform=T_EVAL, batch_size=50, labelled=False, train=True, seed=seed,
-                                 epoch=epoch, shuffle_buffer=200))
+        return _keys(make_loader(urls, Decoding(T_EVAL), batch_size=50,
+                                 order=TrainOrder(seed=seed, epoch=epoch, shuffle_buffer=200)))
     a = order(0, 0)
     assert a == order(0, 0)
     assert a != order(0, 1) and a != order(1, 0)

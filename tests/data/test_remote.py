@@ -19,7 +19,7 @@ import pytest
 from medfound.cli import main
 from medfound.data import location
 from medfound.data.manifest import read_manifest, verify_shards
-from medfound.data.pipeline import make_loader, shard_urls
+from medfound.data.pipeline import Decoding, make_loader, shard_urls
 from medfound.data.tario import ShardError
 from medfound.data.transforms import build_transform
 
@@ -104,8 +104,9 @@ def test_a_damaged_remote_shard_is_named(shards, served):
     cut = sorted(bad.glob("train-*.tar"))[1]
     cut.write_bytes(cut.read_bytes()[:-2048])  # truncated: the streaming `size` check refuses it before reading
     urls, _ = shard_urls([f"{http}/damaged"], "train")
-    loader = make_loader([u for u in urls if u.endswith(cut.name)], transform=build_transform(
-        "none", 32, (0.5,) * 3, (0.5,) * 3, train=False), batch_size=8, labelled=True, train=False)
+    loader = make_loader([u for u in urls if u.endswith(cut.name)], Decoding(build_transform(
+        "none", 32, (0.5,) * 3, (0.5,) * 3, train=False),
+                                                                             labelled=True), batch_size=8)
     with pytest.raises(ShardError, match=f"{cut.name} is .* bytes, its manifest says"):
         next(iter(loader))
 
@@ -115,9 +116,9 @@ def test_two_workers_stream_every_remote_sample_once(shards, served):
     t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
     local, (m,) = shard_urls([shards["retina"]], "train")
     remote, _ = shard_urls([f"{http}/retina"], "train")
-    kw = dict(transform=t, batch_size=64, labelled=True, train=False, num_workers=2)
-    keys_local = [k for b in make_loader(local, **kw) for k in b["key"]]
-    keys_remote = [k for b in make_loader(remote, **kw) for k in b["key"]]
+    kw = dict(batch_size=64, num_workers=2)
+    keys_local = [k for b in make_loader(local, Decoding(t, labelled=True), **kw) for k in b["key"]]
+    keys_remote = [k for b in make_loader(remote, Decoding(t, labelled=True), **kw) for k in b["key"]]
     assert keys_remote == keys_local and len(set(keys_remote)) == m.counts["by_split"]["train"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medfound.data.pipeline import make_loader, shard_sets
+from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_sets
 from medfound.data.transforms import build_transform
 
 
@@ -37,16 +37,16 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("workers,crops,balanced", [(0, 1, False), (2, 1, True), (2, 3, False)])
 def test_a_resumed_epoch_equals_the_uninterrupted_one_without_decoding_the_past(shards, workers, crops, balanced):
     sets, (m,) = shard_sets([shards["retina"]], "train")
-    kw = dict(batch_size=8, labelled=True, train=True, seed=3, epoch=1, shuffle_buffer=64, num_workers=workers,
-              num_classes=5, class_keep=[1.0, 0.5, 0.5, 1.0, 1.0] if balanced else None)
-    full = _batches(make_loader(sets[0], transform=Counting(crops), **kw))
+    order = TrainOrder(seed=3, epoch=1, shuffle_buffer=64, class_keep=[1.0, 0.5, 0.5, 1.0, 1.0] if balanced else None)
+    kw = dict(batch_size=8, order=order, num_workers=workers)
+    full = _batches(make_loader(sets[0], Decoding(Counting(crops), labelled=True, num_classes=5), **kw))
     k = 13  # consumed before the "checkpoint"; with 3 crops per image batch 13 ends inside an image
     position = {}
     for b in full[:k]:
         w, *rest = b["_pos"]
         position[str(w)] = rest
     t = Counting(crops)
-    resumed = _batches(make_loader(sets[0], transform=t, **kw), resume=position)
+    resumed = _batches(make_loader(sets[0], Decoding(t, labelled=True, num_classes=5), **kw), resume=position)
     assert all(b == {"_skipped": 8} for b in resumed[:k])
     assert len(resumed) == len(full)
     # the same samples in the same order, augmented identically (each sample draws from its own seed)
@@ -61,10 +61,10 @@ def test_a_resumed_epoch_equals_the_uninterrupted_one_without_decoding_the_past(
 def test_skipping_restores_the_rng_free_stream_bit_for_bit(shards):
     sets, _ = shard_sets([shards["pneumonia"]], "train")
     t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)  # no random draws: tensors must match
-    kw = dict(transform=t, batch_size=16, labelled=True, train=True, seed=5, shuffle_buffer=100, num_workers=2)
-    full = list(make_loader(sets[0], **kw))
+    kw = dict(batch_size=16, order=TrainOrder(seed=5, shuffle_buffer=100), num_workers=2)
+    full = list(make_loader(sets[0], Decoding(t, labelled=True), **kw))
     position = {str(b["_pos"][0]): b["_pos"][1:] for b in full[:5]}
-    loader = make_loader(sets[0], **kw)
+    loader = make_loader(sets[0], Decoding(t, labelled=True), **kw)
     loader.resume_at(position)
     resumed = list(loader)
     assert resumed[:5] == [{"_skipped": 16}] * 5
@@ -74,7 +74,7 @@ def test_skipping_restores_the_rng_free_stream_bit_for_bit(shards):
 def test_a_position_that_does_not_fit_the_loader_is_refused(shards):
     sets, _ = shard_sets([shards["pneumonia"]], "train")
     t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
-    loader = make_loader(sets[0], transform=t, batch_size=16, labelled=True, train=True, seed=5)
+    loader = make_loader(sets[0], Decoding(t, labelled=True), batch_size=16, order=TrainOrder(seed=5))
     loader.resume_at({"0": [20, 0, 21]})  # 21 outputs: not a whole number of batches of 16
     with pytest.raises(RuntimeError, match="mixes skipped and new samples"):
         list(loader)
@@ -89,14 +89,13 @@ def _ranked(monkeypatch, rank: int, world: int) -> None:
 def test_global_order_resumes_on_another_number_of_processes_with_each_key_once(shards, monkeypatch, after):
     sets, _ = shard_sets([shards["pneumonia"]], "train")
     t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
-    kw = dict(transform=t, batch_size=16, labelled=True, train=True, seed=3, epoch=2, shuffle_buffer=100,
-              num_workers=2, global_order=True)
+    kw = dict(batch_size=16, order=TrainOrder(seed=3, epoch=2, shuffle_buffer=100, global_order=True), num_workers=2)
     _ranked(monkeypatch, 0, 1)
-    whole = [k for b in make_loader(sets[0], **kw) for k in b["key"]]  # the epoch on one process
+    whole = [k for b in make_loader(sets[0], Decoding(t, labelled=True), **kw) for k in b["key"]]  # the epoch on one process
     before, position = [], 0
     for rank in (0, 1):  # two processes consume 10 batches each, then the run is "killed"
         _ranked(monkeypatch, rank, 2)
-        for i, b in enumerate(make_loader(sets[0], **kw)):
+        for i, b in enumerate(make_loader(sets[0], Decoding(t, labelled=True), **kw)):
             if i == 10:
                 break
             before += b["key"]
@@ -105,7 +104,7 @@ def test_global_order_resumes_on_another_number_of_processes_with_each_key_once(
     after_keys = []
     for rank in range(after):  # resumed on `after` processes at the saved global position
         _ranked(monkeypatch, rank, after)
-        loader = make_loader(sets[0], **kw)
+        loader = make_loader(sets[0], Decoding(t, labelled=True), **kw)
         loader.resume_global(position)
         after_keys += [k for b in loader for k in b["key"]]
     consumed = before + after_keys
@@ -122,6 +121,6 @@ def test_global_order_is_refused_where_it_has_no_meaning(shards):
     sets, _ = shard_sets([shards["pneumonia"]], "train")
     t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
     with pytest.raises(ValueError, match="finite training streams"):
-        make_loader(sets[0], transform=t, batch_size=8, labelled=True, train=False, global_order=True)
+        make_loader(sets[0], Decoding(t), batch_size=8, order=TrainOrder(global_order=True, weights=[1.0]))
     with pytest.raises(ConfigError, match="global_order orders a finite epoch"):
         load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", ["data.global_order=true"])

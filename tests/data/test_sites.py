@@ -26,7 +26,7 @@ def two_sites(tmp_path_factory):
 def test_site_balanced_sampling_evens_out_two_real_sites(two_sites):
     from collections import Counter
 
-    from medfound.data.pipeline import make_loader, shard_sets, site_balanced_keep
+    from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_sets, site_balanced_keep
 
     sets, manifests = shard_sets(two_sites, "train")
     counts = Counter()
@@ -38,8 +38,8 @@ def test_site_balanced_sampling_evens_out_two_real_sites(two_sites):
     def draw(site_keep):
         seen = Counter()
         for epoch in range(3):
-            for batch in make_loader(sets, transform=lambda s: {"image": torch.zeros(3, 2, 2)}, batch_size=64,
-                                     labelled=False, train=True, epoch=epoch, site_keep=site_keep, drop_last=False):
+            for batch in make_loader(sets, Decoding(lambda s: {"image": torch.zeros(3, 2, 2)}), batch_size=64,
+                                     order=TrainOrder(epoch=epoch, site_keep=site_keep), drop_last=False):
                 seen.update(batch["site"])
         return seen["hospital-A"] / (seen["hospital-A"] + seen["hospital-B"])
 
@@ -65,12 +65,12 @@ def _od_distance(a: np.ndarray, b: np.ndarray) -> float:
 def test_stain_normalisation_brings_differently_stained_tiles_together(shards):
     """Two copies of the same real H&E tile, one re-stained (optical densities scaled per channel, as a different
     lab's haematoxylin/eosin uptake would), differ much less after normalisation than before."""
-    from medfound.data.pipeline import make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, make_loader, shard_urls
     from medfound.data.stain import StainNormalized
 
     urls, _ = shard_urls([shards["he"]], "train")
-    batch = next(iter(make_loader(urls, transform=lambda s: {"image": torch.from_numpy(np.asarray(s["image"]).copy())},
-                                  batch_size=4, labelled=False, train=False)))
+    batch = next(iter(make_loader(urls, Decoding(lambda s: {"image": torch.from_numpy(np.asarray(s["image"]).copy())}),
+                                  batch_size=4)))
     tile = batch["image"][int(np.argmin([float(t.float().mean()) for t in batch["image"]]))].numpy()  # most tissue
     od = -np.log((tile.astype(float) + 1) / 256)
     restained = np.clip(256 * np.exp(-od * np.array([1.35, 0.8, 1.1])) - 1, 0, 255).astype(np.uint8)

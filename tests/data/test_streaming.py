@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from medfound.data.pipeline import make_loader, mixed_samples, shard_sets, shard_urls
+from medfound.data.pipeline import Decoding, TrainOrder, make_loader, mixed_samples, shard_sets, shard_urls
 from medfound.data.transforms import HEDJitter, build_transform, to_unit_image
 
 T_EVAL = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
@@ -25,7 +25,7 @@ def test_two_ranks_times_two_workers_see_each_key_once(shards, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = make_loader(urls, transform=T_EVAL, batch_size=32, labelled=True, train=False, num_workers=2)
+        loader = make_loader(urls, Decoding(T_EVAL, labelled=True), batch_size=32, num_workers=2)
         keys = [k for b in loader for k in b["key"]]
         assert keys, f"rank {rank} read nothing"
         seen += keys
@@ -51,14 +51,18 @@ def test_weighted_mixing_meets_the_target_ratio(shards):
 
 def test_resampled_loader_end_to_end(shards):
     sets, _ = shard_sets([shards["retina"], shards["he"]], "train")
-    kw = dict(transform=build_transform("mae", 32, (0.5,) * 3, (0.5,) * 3), batch_size=50, labelled=False,
-              train=True, seed=1, resampled=True, weights=[0.5, 0.5], samples_per_epoch=1000, shuffle_buffer=100)
-    keys = [k for b in make_loader(sets, epoch=0, **kw) for k in b["key"]]
-    assert len(keys) == 1000 and 400 < sum(k.startswith("CMU") for k in keys) < 600
-    assert keys == [k for b in make_loader(sets, epoch=0, **kw) for k in b["key"]]
-    assert keys != [k for b in make_loader(sets, epoch=1, **kw) for k in b["key"]]
+    decoding = Decoding(build_transform("mae", 32, (0.5,) * 3, (0.5,) * 3))
+    order = dict(seed=1, resampled=True, weights=[0.5, 0.5], samples_per_epoch=1000, shuffle_buffer=100)
+
+    def keys(epoch: int) -> list[str]:
+        return [k for b in make_loader(sets, decoding, batch_size=50, order=TrainOrder(epoch=epoch, **order))
+                for k in b["key"]]
+
+    first = keys(0)
+    assert len(first) == 1000 and 400 < sum(k.startswith("CMU") for k in first) < 600
+    assert first == keys(0) and first != keys(1)
     with pytest.raises(ValueError, match="need a resampled stream"):
-        make_loader(sets, **{**kw, "resampled": False})
+        make_loader(sets, decoding, batch_size=50, order=TrainOrder(**{**order, "resampled": False}))
 
 
 def _corrupt_set(tmp_path: Path, good: int, bad: int) -> str:
@@ -78,17 +82,17 @@ def _corrupt_set(tmp_path: Path, good: int, bad: int) -> str:
 
 def test_undecodable_samples_are_skipped_counted_and_limited(tmp_path):
     url = _corrupt_set(tmp_path, good=195, bad=5)
-    loader = make_loader([url], transform=T_EVAL, batch_size=20, labelled=True, train=False, max_bad_fraction=0.05)
+    loader = make_loader([url], Decoding(T_EVAL, labelled=True, max_bad_fraction=0.05), batch_size=20)
     batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
     reports = [r for b in batches for r in b.get("_bad", [])]
     assert len(keys) == 195 and len(reports) == 5
     assert all("mixed.tar" in r and r.startswith("s0") for r in reports)  # key and shard named
-    strict = make_loader([url], transform=T_EVAL, batch_size=20, labelled=True, train=False, max_bad_fraction=0.01)
+    strict = make_loader([url], Decoding(T_EVAL, labelled=True, max_bad_fraction=0.01), batch_size=20)
     with pytest.raises(ValueError, match=r"5 of 200 samples could not be decoded .*shard .*mixed.tar"):
         list(strict)
     with pytest.raises(ValueError, match=r"1 of 1 samples"):
-        list(make_loader([url], transform=T_EVAL, batch_size=20, labelled=True, train=False, max_bad_fraction=0.0))
+        list(make_loader([url], Decoding(T_EVAL, labelled=True, max_bad_fraction=0.0), batch_size=20))
 
 
 def test_presets_shapes_and_determinism(shards):
@@ -137,9 +141,9 @@ def test_uint8_batches_are_normalised_on_the_device_like_the_float_path(shards):
 
     d = DataConfig(shards=[shards["retina"]], img_size=32, batch_size=8)
     urls, _ = shard_urls([shards["retina"]], "test")
-    raw = next(iter(make_loader(urls, transform=eval_image_transform(d), batch_size=8, labelled=True, train=False)))
-    ref = next(iter(make_loader(urls, transform=build_transform("none", 32, d.mean, d.std, train=False),
-                                batch_size=8, labelled=True, train=False)))
+    raw = next(iter(make_loader(urls, Decoding(eval_image_transform(d), labelled=True), batch_size=8)))
+    ref = next(iter(make_loader(urls, Decoding(build_transform("none", 32, d.mean, d.std, train=False), labelled=True),
+                                batch_size=8)))
     assert raw["image"].dtype == torch.uint8  # 4x less to move between processes and to the GPU
     assert torch.allclose(normalizer(d)(raw["image"]), ref["image"], atol=1e-5)
     mixed = collate([{"image": torch.full((3, 2, 2), 255, dtype=torch.uint8), "key": "a"},
@@ -162,8 +166,8 @@ def test_masks_are_decoded_only_when_a_transform_reads_them(tmp_path, monkeypatc
     calls = Counter()
     real = pipeline.decode_member
     monkeypatch.setattr(pipeline, "decode_member", lambda name, data: calls.update([name]) or real(name, data))
-    list(make_loader(urls, transform=T_EVAL, batch_size=2, labelled=False, train=False))
+    list(make_loader(urls, Decoding(T_EVAL), batch_size=2))
     assert calls == Counter({"png": 4})  # masks untouched
     crop = build_transform("none", 8, (0.5,) * 3, (0.5,) * 3, train=False, fundus_crop=True)
-    list(make_loader(urls, transform=crop, batch_size=2, labelled=False, train=False))
+    list(make_loader(urls, Decoding(crop), batch_size=2))
     assert calls["fov.png"] == 4 and calls["vessel.png"] == 0

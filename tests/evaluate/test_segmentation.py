@@ -160,7 +160,7 @@ def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_
     import shutil
 
     from medfound.config import SegmentConfig
-    from medfound.data.pipeline import MissingMember, make_loader, shard_urls
+    from medfound.data.pipeline import Decoding, MissingMember, make_loader, shard_urls
     from medfound.data.seg_transforms import build_seg_transform
     from medfound.workflows import evaluate
 
@@ -175,8 +175,7 @@ def test_a_missing_fov_mask_is_named_with_its_fix_before_anything_is_scored(seg_
     assert (copy / "eval.json").read_bytes() == before
     urls = shard_urls([seg_shards["ct"]], "train")[0]
     seg = SegmentConfig(patch_size=[64, 64], roi="fov")
-    loader = make_loader(urls, transform=build_seg_transform(seg, train=False), batch_size=1, labelled=False,
-                         train=False)
+    loader = make_loader(urls, Decoding(build_seg_transform(seg, train=False)), batch_size=1)
     with pytest.raises(MissingMember, match="has no field-of-view"):
         next(iter(loader))
 

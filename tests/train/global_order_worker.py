@@ -23,17 +23,19 @@ from medfound.adapt.tasks import ClassificationTask  # noqa: E402
 from medfound.adapt.tuning import apply_tuning  # noqa: E402
 from medfound.process import end_group  # noqa: E402
 from medfound.config import OptimConfig, TrainerConfig  # noqa: E402
-from medfound.data.pipeline import make_loader, shard_sets  # noqa: E402
+from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_sets  # noqa: E402
 from medfound.data.transforms import Normalize, build_transform  # noqa: E402
 from medfound.train.checkpoint import latest_checkpoint  # noqa: E402
 from medfound.train.loop import fit  # noqa: E402
 
-LOADER = dict(batch_size=16, labelled=True, train=True, seed=3, shuffle_buffer=100, num_workers=2, global_order=True,
-              num_classes=2)
+ORDER = dict(seed=3, shuffle_buffer=100, global_order=True)
 
 
-def loader_kwargs() -> dict:
-    return dict(LOADER, transform=build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False, normalize=False))
+def global_loader(urls: list[str], epoch: int):
+    """The test's global-order training stream of `urls` for `epoch` (the same in the test and in each worker)."""
+    t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False, normalize=False)
+    return make_loader(urls, Decoding(t, labelled=True, num_classes=2), batch_size=16,
+                       order=TrainOrder(epoch=epoch, **ORDER), num_workers=2)
 
 
 class Tagged:
@@ -74,7 +76,7 @@ def main(run_dir: str, shards: str, max_steps: int, resume: int) -> None:
                      log=run / f"keys_w{acc.num_processes}_rank{acc.process_index}.jsonl")
     trainer = TrainerConfig(output_dir=run, max_steps=max_steps, checkpoint_every=max_steps, log_every=1,
                             progress=False, loggers=[])
-    fit(task, lambda epoch: Tagged(make_loader(sets[0], epoch=epoch, **loader_kwargs()), epoch), trainer=trainer,
+    fit(task, lambda epoch: Tagged(global_loader(sets[0], epoch), epoch), trainer=trainer,
         optim=OptimConfig(lr=1e-3, warmup_steps=1), lr=1e-3, run_dir=run, accelerator=acc, config_text="test\n",
         resume_from=latest_checkpoint(run / "checkpoints") if resume else None,
         normalize=Normalize((0.5,) * 3, (0.5,) * 3))

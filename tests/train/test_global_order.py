@@ -37,9 +37,9 @@ def _keys(run: Path, world: int, epoch: int) -> list[str]:
 @pytest.mark.slow
 def test_a_run_resumed_on_another_number_of_processes_sees_each_sample_of_the_epoch_once(shards, tmp_path):
     sys.path.insert(0, str(Path(WORKER).parent))
-    from global_order_worker import loader_kwargs
+    from global_order_worker import global_loader
 
-    from medfound.data.pipeline import make_loader, shard_sets
+    from medfound.data.pipeline import shard_sets
 
     run = tmp_path / "run"
     run.mkdir()
@@ -53,5 +53,5 @@ def test_a_run_resumed_on_another_number_of_processes_sees_each_sample_of_the_ep
     consumed = before + after
     assert len(consumed) == len(set(consumed))  # no sample of the epoch twice
     sets, _ = shard_sets([shards["pneumonia"]], "train")
-    whole = [k for b in make_loader(sets[0], epoch=0, **loader_kwargs()) for k in b["key"]]  # one process
+    whole = [k for b in global_loader(sets[0], 0) for k in b["key"]]  # one process
     assert set(consumed) == set(whole) and len(consumed) == len(whole)  # and none skipped

@@ -19,7 +19,7 @@ from medfound.adapt.tasks import ClassificationTask
 from medfound.adapt.tuning import apply_tuning
 from medfound.config import OptimConfig, TrainerConfig
 from medfound.data.manifest import read_manifest
-from medfound.data.pipeline import make_loader, shard_urls
+from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_urls
 from medfound.data.transforms import build_transform
 from medfound.pretrain.mae import MAE
 from medfound.train.checkpoint import latest_checkpoint
@@ -40,8 +40,8 @@ def _task(shards, seed: int = 0, **vit) -> ClassificationTask:
 def _loader_factory(shards, augment="light", batch_size=16):
     urls, _ = shard_urls([shards["retina"]], "train")
     t = build_transform(augment, 32, (0.5,) * 3, (0.5,) * 3, train=True)
-    return lambda epoch: make_loader(urls, transform=t, batch_size=batch_size, labelled=True, train=True, seed=3,
-                                     epoch=epoch, shuffle_buffer=100)
+    return lambda epoch: make_loader(urls, Decoding(t, labelled=True), batch_size=batch_size,
+                                     order=TrainOrder(seed=3, epoch=epoch, shuffle_buffer=100))
 
 
 def _trainer(out: Path, **kw) -> TrainerConfig:
