@@ -27,6 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.data.location import is_url
+from medfound.data.manifest import read_manifest
+from medfound.evaluate import output
+from medfound.io import atomic_write_bytes, sha256_file
+from medfound.process import torchrun_group
+from medfound.run import read_run
+from medfound.run.inference import Runtime
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 
@@ -100,8 +111,6 @@ def expand(inputs: list[str]) -> list[Path]:
 
 
 def is_shard_set(inputs: list[str]) -> bool:
-    from medfound.data.location import is_url
-
     return len(inputs) == 1 and (is_url(inputs[0]) or (Path(inputs[0]) / "manifest.json").is_file())
 
 
@@ -113,7 +122,6 @@ def stage(inputs: list[str], tmp: Path, ingest: Optional[dict[str, dict[str, Any
     is not staged again (`StagedInputs.reused`). Under torchrun, process `rank` of `world` stages the inputs whose
     position i has i % world == rank (an input's index is start + i whatever the number of processes)."""
     from medfound.data.shards import fast_png
-    from medfound.io import sha256_file
     from medfound.workflows import shard as shard_set
 
     def shard(*args: Any, **kw: Any) -> Any:  # a private set read once: PNGs stored fast, not small
@@ -188,8 +196,6 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     `device` / `precision` / `num_workers`: medfound.run.inference.Runtime. `options`: what one kind reads (its
     TaskSpec's `predict_options`: box prompts' boxes or box_table, box_format, threshold, modality; segmentation's
     save_probabilities and overlay; MIL's backbone); refused for the kinds that read none."""
-    from medfound.run import read_run
-    from medfound.run.inference import Runtime
     from medfound.tasks import task_for
 
     run = read_run(model)
@@ -202,8 +208,6 @@ def predict(model: str | Path, inputs: list[str], out: str | Path, *, overwrite:
     if unread:
         raise ValueError(f"{model} is a {spec.name} model, which reads no {', '.join(unread)}")
     out = Path(out)
-    from medfound.io import sha256_file
-    from medfound.process import torchrun_group
 
     rank, world, dist, started = torchrun_group()
     try:
@@ -242,8 +246,6 @@ def _predict(run: Any, spec: Any, model: Any, inputs: list[str], out: Path, over
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
-
-    from medfound.evaluate import output
 
     def decide() -> Optional[dict[str, Any]]:
         earlier = None if overwrite or is_shard_set(inputs) else continued(out, model_sha)
@@ -315,7 +317,6 @@ def continued(out: Path, model_sha: str) -> Optional[dict[str, Any]]:
     """An earlier prediction in `out` by the same model weights (summary.json's model_sha256), to continue: its
     rows, the sha256 of every input it predicted (-> that input's index) and the next free index; None otherwise
     (then the replace rules apply: --overwrite, or another folder)."""
-    from medfound.evaluate import output
 
     try:
         summary = json.loads((out / "summary.json").read_text())
@@ -334,8 +335,6 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """predictions.csv: one row per prediction, the columns of the first row (every kind writes the same keys)."""
     import io
 
-    from medfound.io import atomic_write_bytes
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
@@ -347,7 +346,6 @@ def input_warnings(spec: Any, run: Any, staged: StagedInputs) -> list[str]:
     """What evaluate warns about an external set, said of the inputs: a modality the model was not trained on (where
     the inputs record one: DICOM's own tag, a shard set's manifest), and a scale beyond tolerance of the training
     data's (medfound.data.scale.scale_warnings, with the task's own normalised keys)."""
-    from medfound.data.manifest import read_manifest
     from medfound.data.scale import scale_stats, scale_warnings
     from medfound.evaluate.records import network_lineage, trained_modalities
 

@@ -16,11 +16,20 @@ from typing import Any, Optional
 from medfound.config import FinetuneRecipe, PretrainRecipe
 from medfound.config.eval import EVALUATE_DATA_KEYS as EVAL_DATA_KEYS
 from medfound.config.eval import EVALUATE_SCALE_KEYS as SCALE_KEYS
-from medfound.data.manifest import Manifest, read_manifest
+from medfound.data import location
+from medfound.data.ingest import check_options, get_reader
+from medfound.data.ingest.parallel import encoded_samples, parse_part
+from medfound.data.journal import Journal
+from medfound.data.manifest import Manifest, patient_leakage, read_manifest, verify_shards
+from medfound.data.shards import upload_shard_set, write_shard_set
+from medfound.evaluate import output
+from medfound.evaluate.procedure import evaluate_with
 from medfound.io import check_replaceable, run_lock
+from medfound.publish.hub import push_folder
 from medfound.run import read_run, start_run
 from medfound.tasks import task_for
 from medfound.tasks.pretrain import build_objective  # noqa: F401  (a public entry point of pretraining)
+from medfound.train.logging import log_test_metrics
 
 
 def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound train") -> dict[str, Any]:
@@ -51,7 +60,6 @@ def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound trai
     if "evaluate" in spec.capabilities:
         report = evaluate(ctx.run_dir)
         summary.update(eval=report["metrics"], eval_file=str(ctx.run_dir / "eval.json"))
-        from medfound.train.logging import log_test_metrics
 
         log_test_metrics(ctx.run_dir, recipe, state.step, report["metrics"])  # test/*, and hparams beside them
     return summary
@@ -109,14 +117,11 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, external: Optiona
                                                                                               external]})})
     if recipe.eval.external and "external" not in spec.capabilities:
         raise ValueError(f"eval.external is not scored for {spec.name} runs")
-    from medfound.evaluate import output
 
     output.check_destination(out, run.path, overwrite)
     own = out.resolve() == run.path.resolve() and not run.published
     with run_lock(run.path) if own else contextlib.nullcontext():
         with output.staged(out, run.path) as stage:
-            from medfound.evaluate.procedure import evaluate_with
-
             return evaluate_with(spec.scorer(run, recipe, stage), split or recipe.eval.split, stage)
 
 
@@ -157,8 +162,6 @@ def publish(run_dir: str | Path, out: str | Path, overwrite: bool = False, name:
     spec = task_for(recipe)
     result = spec.format(recipe).publish(spec, recipe, run_dir, out, overwrite=overwrite, name=name, rights=rights)
     if push or dry_run:
-        from medfound.publish.hub import push_folder
-
         result["push"] = push_folder(out, push, dry_run=dry_run, private=private)
     return result
 
@@ -180,9 +183,6 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
     Returns (manifest, skipped) where skipped lists (reference, relative path, reason) for inputs not written; the
     reference ("input #3", "table row 5") carries no file name, the path does (print only the reference).
     """
-    from medfound.data import location
-    from medfound.data.ingest import check_options, get_reader
-    from medfound.data.shards import upload_shard_set, write_shard_set
 
     check_options(kind, options)  # before anything is read or written
     remote = location.is_url(out)
@@ -210,7 +210,6 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
         return manifest, skipped
     if overwrite:  # before the ingest: --overwrite replaces only an earlier shard set
         check_replaceable(out, "shards")
-    from medfound.data.ingest.parallel import encoded_samples, parse_part
 
     part_index, parts = parse_part(part)
     if not overwrite and Path(out).exists() and any(Path(out).iterdir()):
@@ -230,8 +229,6 @@ def shard(kind: str, input: str | Path, out: str | Path, *, name: Optional[str] 
 
     journal = None
     if resumable or resume:
-        from medfound.data.journal import Journal
-
         fingerprint = hashlib.sha256(json.dumps(
             {"kind": kind, "name": name, "modality": modality, "site": site, "source": source, "settings": settings,
              "schema": ingested.label_schema.model_dump(), "max_count": max_count, "max_mb": max_mb},
@@ -264,7 +261,6 @@ def _per_sample_modality(samples, modality: str):
 def inspect_shards(directory: str | Path) -> tuple[Manifest, list[str], Optional[dict[str, list[str]]]]:
     """(manifest, checksum problems, patients in more than one split, or None without patient IDs); leakage
     is only looked for once the checksums hold."""
-    from medfound.data.manifest import patient_leakage, verify_shards
 
     m = read_manifest(directory)
     problems = verify_shards(directory, m)

@@ -33,6 +33,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.config import FinetuneRecipe
+from medfound.data.masks import instance_like
+from medfound.data.pipeline import decode_member, shard_urls
+from medfound.data.tario import tar_samples
+from medfound.io import atomic_write_json, atomic_write_text
+
 MAX_SAMPLES_PER_IMAGE = 10_000
 INSTANCE_CHECKS = 8  # masks checked for instance labels when the set does not state its --mask-mode
 TENSORS_PER_VOXEL = 12
@@ -44,10 +50,6 @@ def _masks_of(sample: dict) -> list[str]:
 
 def fingerprint(shards: str | Path, split: str = "train", mask: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
     """Statistics of a shard set's `split` that the plan is derived from (see the module docstring)."""
-    from medfound.data.pipeline import decode_member, shard_urls
-    from medfound.data.tario import tar_samples
-
-    from medfound.data.masks import instance_like
 
     urls, (manifest,) = shard_urls([shards], split)
     mask_mode = manifest.ingest.get("mask_mode")  # stated at ingest (--mask-mode)
@@ -234,9 +236,6 @@ def write_plan(shards: str | Path, out: str | Path, *, split: str = "train", mas
                memory_gb: float = 8.0, steps: int = 5000, output_dir: Optional[str] = None) -> dict[str, Any]:
     """Fingerprint `shards`, plan, validate the recipe and write it (+ the fingerprint JSON) atomically."""
     import yaml
-
-    from medfound.config import FinetuneRecipe
-    from medfound.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
     fp = fingerprint(shards, split, mask)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.io import sha256_file
+
 RANDOM_SEED = 0  # the random-init baselines' weights: the same on every run
 
 
@@ -35,8 +37,6 @@ class Backbone:
     def identity(self) -> str:
         """What the features depend on: the weights' sha256 (a folder), or the architecture and init seed."""
         import timm
-
-        from medfound.io import sha256_file
 
         if self.folder is not None:
             weights = self.folder / "model.safetensors"

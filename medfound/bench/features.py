@@ -17,6 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from medfound.config import DataConfig
+from medfound.data.loaders import eval_image_transform, normalizer, prepare
+from medfound.data.manifest import read_manifest
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.io import atomic_write_bytes
+
 FEATURE_VERSION = 1
 
 
@@ -46,10 +52,6 @@ def compute(model: Any, shards: str, split: str, prep: dict[str, Any], num_class
     """The features of every sample of `split` (in shard order), on the GPU when there is one."""
     import torch
     from tqdm.auto import tqdm
-
-    from medfound.config import DataConfig
-    from medfound.data.loaders import eval_image_transform, normalizer, prepare
-    from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 
     d = DataConfig(shards=[shards], batch_size=batch_size, img_size=prep["img_size"], mean=tuple(prep["mean"]),
                    std=tuple(prep["std"]), augment="none")
@@ -82,9 +84,6 @@ def cached_features(backbone, model_fn, shards: str, split: str, prep: dict[str,
     """(features, read from the cache) for `backbone` (medfound.bench.backbones.Backbone) on `split` of `shards`;
     `model_fn()` builds the model only when the cache misses."""
     from safetensors.numpy import save
-
-    from medfound.data.manifest import read_manifest
-    from medfound.io import atomic_write_bytes
 
     digest = read_manifest(shards).digest
     path = Path(cache) / f"{cache_key(backbone.identity(), digest, split, prep)}.safetensors"

@@ -18,7 +18,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medfound.evaluate.probes import knn_probs, logistic_probs, simpleshot_probs
+from medfound.config import find_recipe, load_recipe
+from medfound.data.fractions import choose
+from medfound.evaluate.probes import knn_probs, logistic_probs, metric_value, simpleshot_probs
+from medfound.workflows import train
 
 
 @dataclass
@@ -58,7 +61,6 @@ def _subset_rows(feats, index: list, fraction: Optional[float], shots: Optional[
                  names: list[str], validation: bool = False) -> np.ndarray:
     """Row numbers of `feats` in the labelled subset (all rows at fraction 1); `validation`: a selection subset, every
     class keeping at least one sample (as fine-tuning's selection does)."""
-    from medfound.data.fractions import choose
 
     if shots is None and (fraction is None or fraction >= 1):
         return np.arange(len(feats.keys))
@@ -97,8 +99,6 @@ def run_knn(cfg, data: TaskData, fractions: list[float], seeds: list[int]) -> li
 
 
 def run_linear(cfg, data: TaskData, fractions: list[float], seeds: list[int]) -> list[Prediction]:
-    from medfound.evaluate.probes import metric_value
-
     out = []
     k = len(data.class_names)
     for seed, setting, f, rows in _fraction_subsets(data, fractions, seeds):
@@ -138,9 +138,6 @@ def run_fewshot(cfg, data: TaskData, fractions: list[float], seeds: list[int]) -
 def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) -> list[Prediction]:
     """`medfound finetune` from the backbone at each fraction and seed (a run directory each, under
     OUT/runs/TASK/BACKBONE; a finished one is reused, a killed one continues with trainer.resume=auto)."""
-    from medfound.config import find_recipe, load_recipe
-    from medfound.data.fractions import choose
-    from medfound.workflows import train
 
     out = []
     t = data.task

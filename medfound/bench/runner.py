@@ -7,13 +7,25 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from medfound.bench.backbones import resolve
+from medfound.bench.report import write_all
+from medfound.bench.suite import load_suite
+from medfound.data.fractions import label_index
+from medfound.data.location import is_url
+from medfound.data.manifest import read_manifest
+from medfound.data.samples import sample_data, shard_commands
+from medfound.io import atomic_write_json, is_run_dir
+from medfound.registry import BENCH_PROTOCOLS
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
+
 MARKER = ".medfound-bench.json"
 
 
 def prepare_out(out: Path, record: dict[str, Any]) -> None:
     """A new or empty `out`, or one an earlier bench wrote (its marker): finished work there is reused (features,
     fine-tuning runs); any other folder is refused, so bench never writes into a folder it did not make."""
-    from medfound.io import atomic_write_json, is_run_dir
 
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         what = "a training run directory" if is_run_dir(out) else "files medfound bench did not write"
@@ -25,7 +37,6 @@ def prepare_out(out: Path, record: dict[str, Any]) -> None:
 
 def task_shards(task, out: Path, base: Path) -> str:
     """The task's labelled shard set: given (`shards:`), or made once under OUT/shards (`sample:`, `npz:`)."""
-    from medfound.data.location import is_url
     from medfound.workflows import shard
 
     if task.shards is not None:
@@ -41,8 +52,6 @@ def task_shards(task, out: Path, base: Path) -> str:
     if (target / "manifest.json").is_file():
         return str(target)
     if task.sample is not None:
-        from medfound.data.samples import sample_data, shard_commands
-
         argv = next(a for a in shard_commands(out / "bundled", sample_data())
                     if a[a.index("--name") + 1] == task.sample)
         opts = dict(zip(argv[3::2], argv[4::2]))
@@ -63,18 +72,12 @@ def run_bench(specs: list[str], suite_name: str, out: str | Path, cache: Optiona
               progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the suite for every backbone; returns {"results", "paired", "written"} (see medfound.bench.report)."""
     import medfound
-    from medfound.bench.backbones import resolve
     import numpy as np
 
     from medfound.bench.features import Features, cached_features, in_order
     from medfound.bench.protocols import TaskData
-    from medfound.bench.report import write_all
     from medfound.bench.stats import paired, score
-    from medfound.bench.suite import load_suite
-    from medfound.data.fractions import label_index
-    from medfound.data.manifest import read_manifest
     from medfound.evaluate.metrics import positive_index
-    from medfound.registry import BENCH_PROTOCOLS
     from medfound.tasks.images import check_img_size
 
     start = time.time()

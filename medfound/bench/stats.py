@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.evaluate.bootstrap import bootstrap_intervals, percentile_interval
 from medfound.evaluate.probes import metric_value
 
 
@@ -32,7 +33,6 @@ def score(pred, labels: np.ndarray, metric: str, label_type: str, positive: int,
           seed: int) -> dict[str, Any]:
     """{"value", "low", "high", "values"} of one Prediction (medfound.bench.protocols): `values` are the per-resample
     (or per-draw) values the paired differences use."""
-    from medfound.evaluate.bootstrap import bootstrap_intervals, percentile_interval
 
     if pred.probs.ndim == 3:  # few-shot: one value per draw
         per_draw = np.array([np.nan if (v := metric_value(metric, p, labels, label_type, positive)) is None else v

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from medfound.env import check_torch_stack
+from medfound.io import write_failure
+
 
 def is_input_error(e: BaseException) -> bool:
     """A library's own error on bad input (unpickling, a tar, a safetensors header)."""
@@ -13,7 +16,6 @@ def is_input_error(e: BaseException) -> bool:
 
 def one_line(e: BaseException) -> str:
     """The error as one line; a failed write (full disk, read-only) names the file and the fix."""
-    from medfound.io import write_failure
 
     reason = write_failure(e)
     if reason is not None and "writing checkpoint" not in str(e):
@@ -30,7 +32,6 @@ def one_line(e: BaseException) -> str:
 
 def torch_stack() -> None:
     """Before a verb that needs torch: a torchvision built for another torch is named here, with the fix."""
-    from medfound.env import check_torch_stack
 
     check_torch_stack()
 

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Optional
 
 from medfound.cli.common import one_line, torch_stack
+from medfound.data.ingest import reader_options
+from medfound.data.ingest.options import OPTIONS
+from medfound.data.journal import partial_dir
+from medfound.data.location import is_url
+from medfound.data.manifest import salt_caveat, salt_fingerprint
+from medfound.io import atomic_write_text
 from medfound.registry import INGEST_KINDS
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 
 def add(sub, argv: list[str]) -> None:
@@ -40,8 +49,6 @@ def add_shard_kinds(s: argparse.ArgumentParser) -> None:
     """`shard KIND`: one sub-command per ingest kind with the shared options and exactly the options its reader
     reads (medfound.data.ingest.options); another kind's option is parsed (hidden) and refused by
     `workflows.shard`, naming the kinds that read it."""
-    from medfound.data.ingest import reader_options
-    from medfound.data.ingest.options import OPTIONS
 
     kinds = s.add_subparsers(dest="kind", required=True, metavar="KIND")
     for entry in INGEST_KINDS:
@@ -117,9 +124,7 @@ def run_shard(args: argparse.Namespace, command: str) -> int:
               f"digest {m.digest[:16]}")
         return 0
     from medfound import workflows
-    from medfound.data.ingest.options import OPTIONS
     from medfound.data.ingest.parallel import default_workers
-    from medfound.data.location import is_url
 
     if len(args.input) != 1:
         raise ValueError(f"medfound shard {args.kind} takes one input (got {len(args.input)}); several part "
@@ -137,8 +142,6 @@ def run_shard(args: argparse.Namespace, command: str) -> int:
                                      overwrite=args.overwrite, workers=args.workers or default_workers(),
                                      part=args.part, resumable=not is_url(args.out), resume=args.resume, **options)
     except Exception as e:
-        from medfound.data.journal import partial_dir
-
         kept = [] if is_url(args.out) or args.traceback else list(partial_dir(args.out).glob("*.tar"))
         if not kept:
             raise
@@ -177,8 +180,6 @@ def print_skipped(skipped: list, listing: Optional[str]) -> None:
         import csv
         import io
 
-        from medfound.io import atomic_write_text
-
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["input", "path", "reason"])
@@ -189,7 +190,6 @@ def print_skipped(skipped: list, listing: Optional[str]) -> None:
 def run_inspect(args: argparse.Namespace, command: str) -> int:
     torch_stack()
     from medfound import workflows
-    from medfound.data.manifest import salt_fingerprint
 
     bad = 0
     salts: dict[str, Optional[str]] = {}
@@ -208,8 +208,6 @@ def run_inspect(args: argparse.Namespace, command: str) -> int:
 
 
 def print_inspection(d: str, m, problems: list[str], leakage: Optional[dict]) -> None:
-    from medfound.data.manifest import salt_caveat
-
     print(f"{d}: {m.name} ({m.modality}{', site ' + m.site if m.site else ''}), labels {m.label_schema.type}"
           f"{' ' + str(m.label_schema.names) if m.label_schema.names else ''}")
     print(f"  {m.counts['total']} samples in {len(m.shards)} shards: {m.counts['by_split']}; "

@@ -7,9 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+from medfound.bench.runner import run_bench as bench
 from medfound.cli.common import print_push, torch_stack
+from medfound.config.eval import EVALUATE_DATA_KEYS, EVALUATE_SCALE_KEYS, EvalConfig
 from medfound.data.manifest import MODALITIES
+from medfound.predict import predict
+from medfound.publish.check import check_card
+from medfound.publish.hub import push_folder
 from medfound.registry import IMPORT_FORMATS
+from medfound.run import read_run
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 MODALITY_CHOICES = [m for m in MODALITIES if m not in ("other", "mixed")]
 
@@ -39,8 +48,6 @@ def add_import(sub) -> None:
 
 
 def add_evaluate(sub) -> None:
-    from medfound.config.eval import EVALUATE_DATA_KEYS, EVALUATE_SCALE_KEYS, EvalConfig
-
     s = sub.add_parser("evaluate", help="score a fine-tuned run's export -> RUN_DIR/eval.json + report/",
                        epilog="key=value overrides it accepts: "
                               + ", ".join(f"eval.{k}" for k in EvalConfig.model_fields) + ", trainer.progress, "
@@ -225,11 +232,8 @@ def run_publish(args: argparse.Namespace, command: str) -> int:
 def run_card(args: argparse.Namespace, command: str) -> int:
     torch_stack()
     if args.card_verb == "push":
-        from medfound.publish.hub import push_folder
-
         print_push(push_folder(args.dir, args.repo, dry_run=args.dry_run, private=args.private))
         return 0
-    from medfound.publish.check import check_card
 
     problems = check_card(args.dir)
     for p in problems:
@@ -244,7 +248,6 @@ def run_card(args: argparse.Namespace, command: str) -> int:
 
 def run_predict(args: argparse.Namespace, command: str) -> int:
     torch_stack()
-    from medfound.predict import predict
 
     done = predict(args.model, args.inputs, args.out, overwrite=args.overwrite, batch_size=args.batch_size,
                    boxes=args.box, box_table=args.boxes, box_format=args.box_format, threshold=args.threshold,
@@ -270,7 +273,6 @@ def run_prompt(args: argparse.Namespace, command: str) -> int:
     from medfound import workflows
     from medfound.adapt.prompt import segment_boxes
     from medfound.evaluate.records import trained_modalities
-    from medfound.run import read_run
     from medfound.tasks import task_for
 
     run = read_run(args.run_dir)
@@ -289,7 +291,6 @@ def run_prompt(args: argparse.Namespace, command: str) -> int:
 
 def run_bench(args: argparse.Namespace, command: str) -> int:
     torch_stack()
-    from medfound.bench.runner import run_bench as bench
 
     if (args.suite is None) == (not args.quick):
         raise ValueError("give --suite SUITE (a YAML or a shipped suite's name) or --quick")

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from medfound import __version__
-from medfound.config import ConfigError, find_recipe, load_recipe
+from medfound.config import ConfigError, TASK_KEYS, derive, dump_recipe, find_recipe, list_recipes, load_recipe
+from medfound.data.location import is_url
+from medfound.data.samples import demo_set_command
+from medfound.io import atomic_write_text
 from medfound.registry import (BENCH_PROTOCOLS, EXPORT_FORMATS, HEADS, IMPORT_FORMATS, INGEST_KINDS, METRICS,
                                OBJECTIVES, TUNINGS)
 
@@ -86,8 +89,6 @@ def listing(what: str) -> list[str]:
     """`medfound ls`: one line per shipped recipe or registered component."""
     import importlib
 
-    from medfound.config import TASK_KEYS, list_recipes
-
     lines: list[str] = []
     if what in ("all", "recipes"):
         for folder, recipes in list_recipes().items():
@@ -108,8 +109,6 @@ def listing(what: str) -> list[str]:
 
 def copy_recipe(name: str, dest: str) -> Path:
     """`medfound cp`: a shipped recipe -> DEST (a file, or a folder to put NAME.yaml in); never replaces a file."""
-    from medfound.config import list_recipes
-    from medfound.io import atomic_write_text
 
     found = [p for recipes in list_recipes().values() for n, p, _ in recipes if n == Path(name).stem]
     if not found:
@@ -126,8 +125,6 @@ def copy_recipe(name: str, dest: str) -> Path:
 def missing_paths(recipe) -> list[str]:
     """What the recipe names that does not exist (local paths only; URLs are checked when the run reads them),
     each with the command that makes it."""
-    from medfound.data.location import is_url
-    from medfound.data.samples import demo_set_command
 
     out = []
     head = getattr(recipe, "head", None)  # pretraining recipes have none
@@ -155,7 +152,6 @@ def missing_paths(recipe) -> list[str]:
 
 def print_resolved(recipe) -> None:
     """`validate --print`: the recipe with every default, its task, and the values derived at start (1 process)."""
-    from medfound.config import derive, dump_recipe
 
     if recipe.derived is None:
         recipe = recipe.model_copy(update={"derived": derive(recipe, 1, __version__)})

@@ -8,8 +8,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from medfound import demo
 from medfound.cli.common import torch_stack
 from medfound.cli.recipes import load, recipe_arguments
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 
 def add(sub, argv: list[str]) -> None:
@@ -36,7 +40,6 @@ def run_train(args: argparse.Namespace, command: str) -> int:
 
 def run_demo(args: argparse.Namespace, command: str) -> int:
     """`medfound demo`: the CLI's own verbs, one after the other, on the bundled sample archive."""
-    from medfound import demo
 
     main = args.main  # the CLI itself: the demo runs its own verbs
     out = Path(args.out)

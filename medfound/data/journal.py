@@ -30,6 +30,9 @@ from typing import Any, Optional
 
 from medfound.data.manifest import ShardInfo
 
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
+
 JOURNAL_NAME = ".progress.jsonl"
 
 

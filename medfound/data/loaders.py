@@ -12,6 +12,10 @@ from typing import Any, Callable, Optional
 
 from medfound.config import DataConfig
 from medfound.data.manifest import Manifest
+from medfound.data.pipeline import Decoding, Reading, TrainOrder, balanced_keep, make_loader, site_balanced_keep
+from medfound.data.scale import require_spacing
+from medfound.data.stain import StainNormalized
+from medfound.data.transforms import Normalize, build_transform
 
 
 def train_image_transform(d: DataConfig) -> Callable:
@@ -25,8 +29,6 @@ def eval_image_transform(d: DataConfig) -> Callable:
 
 
 def _transform(d: DataConfig, train: bool) -> Callable:
-    from medfound.data.transforms import build_transform
-
     return build_transform(d.augment, d.img_size, d.mean, d.std, train=train, window=d.window,
                            fundus_crop=d.fundus_crop, hed_sigma=d.hed_sigma, crop_scale=d.crop_scale,
                            global_crops=d.multicrop.global_crops, local_crops=d.multicrop.local_crops,
@@ -38,14 +40,12 @@ def prepare(d: DataConfig, transform: Callable) -> Callable:
     """`transform` preceded by the per-image steps `d` asks for (stain normalisation)."""
     if not d.stain_normalize:
         return transform
-    from medfound.data.stain import StainNormalized
 
     return StainNormalized(transform)
 
 
 def normalizer(d: DataConfig):
     """Finishes a batch on the device: uint8 or [0, 1] images -> (x - mean) / std."""
-    from medfound.data.transforms import Normalize
 
     return Normalize(d.mean, d.std)
 
@@ -54,7 +54,6 @@ def site_keep_rates(d: DataConfig, manifests: list[Manifest]) -> Optional[dict[s
     """data.balanced_sampling=site: the keep probability per site that makes sites arrive equally often."""
     if not d.balance_sites:
         return None
-    from medfound.data.pipeline import site_balanced_keep
 
     by_site: Counter = Counter()
     for m in manifests:
@@ -73,7 +72,6 @@ def class_keep_rates(d: DataConfig, manifest: Manifest, binary_threshold: Option
     if manifest.label_schema.type in ("none", "multilabel"):
         raise ValueError("data.balanced_sampling draws single-label classes equally often; for multi-label "
                          "findings use head.class_weights=balanced (a pos_weight per finding) instead")
-    from medfound.data.pipeline import balanced_keep
 
     counts = counts if counts is not None else manifest.class_counts(d.train_split)
     if binary_threshold is None:
@@ -90,11 +88,8 @@ def image_train_loader(d: DataConfig, seed: int, sets: list[list[str]], manifest
     `data.*` stream setting (shuffle, resampling and mixing weights, global order, verification, bad-sample budget)
     and site balancing; `class_keep` from `class_keep_rates` where the task balances classes; `keys`: a labelled
     training subset (TrainData.keys) or None for the whole split."""
-    from medfound.data.pipeline import Decoding, Reading, TrainOrder, make_loader
 
     if d.spacing_mm is not None:
-        from medfound.data.scale import require_spacing
-
         for location, m in zip(d.shards, manifests):
             require_spacing(location, f"shard set {m.name} ({location})")
     transform = prepare(d, transform)

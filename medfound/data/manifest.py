@@ -18,7 +18,13 @@ from typing import Any, Literal, Optional
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medfound.config import Strict
+from medfound.data import location
+from medfound.data.location import RemoteDataError, join, open_binary, read_bytes, redact
+from medfound.data.samples import demo_set_command
 from medfound.io import atomic_write_json
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "medfound-shards/1"
@@ -152,7 +158,6 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Manifest:
 def read_manifest(directory: str | Path) -> Manifest:
     """Read and validate `directory/manifest.json` (a local folder or a remote location, `medfound.data.location`);
     errors name the file and the fix."""
-    from medfound.data import location
 
     if location.is_url(directory):
         url = location.join(location.check_location(directory), MANIFEST_NAME)
@@ -166,8 +171,6 @@ def read_manifest(directory: str | Path) -> Manifest:
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not path.is_file():
-            from medfound.data.samples import demo_set_command
-
             hint = "" if directory.exists() else " (the directory does not exist)"
             demo = demo_set_command(directory)
             if demo:
@@ -191,7 +194,6 @@ def read_manifest(directory: str | Path) -> Manifest:
 def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) -> list[str]:
     """Check every shard against the manifest: presence, byte size, sha256, and (reading it) its sample count;
     and that no sample key is in two shards. Returns the problems found, each naming the shard."""
-    from medfound.data import location
     from medfound.data.tario import ShardError, shard_keys
 
     manifest = manifest or read_manifest(directory)
@@ -221,7 +223,6 @@ def verify_shards(directory: str | Path, manifest: Optional[Manifest] = None) ->
 def patient_leakage(directory: str | Path, manifest: Optional[Manifest] = None) -> Optional[dict[str, list[str]]]:
     """Patient tokens found in more than one split (e.g. from a user's own split column), with their splits;
     None when the samples carry no patient tokens (leakage cannot be checked)."""
-    from medfound.data import location
     from medfound.data.tario import iter_members
 
     manifest = manifest or read_manifest(directory)
@@ -259,7 +260,6 @@ def salt_caveat(manifest: Manifest) -> Optional[str]:
 def download_set(url: str, dest: Path) -> Path:
     """Download the shard set at `url` (its manifest and every shard it lists) into the new folder `dest`, each shard
     capped at its listed size and refused when its sha256 differs (RemoteDataError); returns `dest`."""
-    from medfound.data.location import RemoteDataError, join, open_binary, read_bytes, redact
 
     raw = read_bytes(join(url, MANIFEST_NAME))
     listed = json.loads(raw).get("shards", [])

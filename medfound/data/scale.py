@@ -19,6 +19,11 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from medfound.data.manifest import read_manifest
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
+
 SCALE_TOLERANCE = 1.25  # a set whose scale differs from the training data's by more than this factor is warned about
 
 
@@ -51,7 +56,6 @@ def pixel_spacing(meta: Optional[dict]) -> Optional[tuple[float, float]]:
 
 def iter_metas(shards: Any, split: Optional[str] = None) -> Iterator[dict[str, Any]]:
     """The JSON meta of every sample of a shard set (`split`, or every split), in shard order, decoding no image."""
-    from medfound.data.manifest import read_manifest
     from medfound.data.pipeline import shard_urls
     from medfound.data.tario import iter_members
 
@@ -99,8 +103,6 @@ def scale_stats(shards: Any, split: Optional[str] = None, max_samples: int = 64)
     if structure:
         out["structure_px"] = round(float(np.median(structure)), 3)
     if not mpps:
-        from medfound.data.manifest import read_manifest
-
         mpp = (read_manifest(shards).ingest or {}).get("mpp")
     else:
         mpp = float(np.median(mpps))

@@ -36,8 +36,11 @@ import webdataset as wds
 from PIL import Image
 
 import medfound
-from medfound.data.manifest import LabelSchema, Manifest, ShardInfo, by_split_order, count_table, write_manifest
+from medfound.data import location
 from medfound.data.journal import Journal
+from medfound.data.manifest import (LabelSchema, MANIFEST_NAME, Manifest, ShardInfo, by_split_order, count_table,
+                                    download_set, read_manifest, write_manifest)
+from medfound.data.tario import ShardError, shard_keys
 from medfound.io import atomic_dir, sha256_file
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -285,8 +288,6 @@ def upload_shard_set(local: str | Path, url: str, *, overwrite: bool = False) ->
     so in the new manifest), never over the old one; after the manifest swap, the old set's shards that the new one
     does not list (and shards an interrupted earlier overwrite left unlisted) are deleted. Without `overwrite` an
     existing set at `url` is refused. Returns the manifest as uploaded."""
-    from medfound.data import location
-    from medfound.data.manifest import MANIFEST_NAME, read_manifest
 
     local = Path(local)
     target = location.join(url, MANIFEST_NAME)
@@ -355,9 +356,6 @@ def merge_parts(part_dirs: list[str | Path], out: str | Path, *, overwrite: bool
     `out` is built there and uploaded as `medfound shard --out s3://...` uploads (shards first, manifest last)."""
     import tempfile
 
-    from medfound.data import location
-    from medfound.data.manifest import download_set
-
     if not part_dirs:
         raise ValueError("shard merge needs the part folders: medfound shard merge PART_DIR... --out DIR")
     remote_out = location.is_url(out)
@@ -386,9 +384,6 @@ def _merge_local(part_dirs: list[Path], out: Path, overwrite: bool, shown: dict[
     """merge_parts over local part folders into a local `out`; `shown`: the name to print for a downloaded part."""
     import os
     import shutil
-
-    from medfound.data.manifest import read_manifest
-    from medfound.data.tario import ShardError, shard_keys
 
     def label(d: Path) -> str:
         return shown.get(d, str(d))

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medfound.io import atomic_write_bytes
+
 # blue -> cyan -> yellow -> red (a perceptually ordered ramp; no matplotlib needed)
 _ANCHORS = np.array([[0.0, 0, 0, 160], [0.35, 0, 190, 255], [0.65, 255, 230, 0], [1.0, 220, 0, 0]])
 
@@ -49,7 +51,6 @@ def attention_heatmap(thumbnail: Image.Image, coords: np.ndarray, attention: np.
 
 def save_heatmap(bag_dir: Path, record: dict, attention: np.ndarray, coords: np.ndarray, out: Path) -> Path:
     """The heatmap of one slide of a bag folder (its record in bags.json) -> `out` PNG."""
-    from medfound.io import atomic_write_bytes
 
     thumb = Image.open(Path(bag_dir) / record["thumbnail"])
     image = attention_heatmap(thumb, coords, attention, record["tile_extent"], record["thumbnail_downsample"])

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.data.fractions import describe
 from medfound.io import atomic_dir
 
 ORDER = ["auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "sens_at_spec",
@@ -143,8 +144,6 @@ def evaluation_sections(report: dict[str, Any], level: str = "##", external_note
     if any(r.get("too_few") for r in (report.get("by_site") or {}).values()):
         lines.append("Sites whose smallest class has fewer than eval.min_per_class samples show no interval.")
     if report.get("train_labels"):
-        from medfound.data.fractions import describe
-
         lines.append(f"Trained on {describe(report['train_labels'])}.")
     if (report.get("selection") or {}).get("policy") == "fixed steps":
         lines.append(f"Model selection: none; the export is the last step ({report['selection']['trained_steps']}), "

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.data.manifest import read_manifest
+from medfound.data.scale import SCALE_TOLERANCE, scale_stats, scale_warnings
+from medfound.evaluate.markdown import write_report
 from medfound.evaluate.records import external_block, network_lineage, record_tail, trained_on
 from medfound.io import atomic_write_json, sha256_file
 
@@ -128,8 +131,6 @@ def evaluate_with(scorer: Scorer, split: str, out: Path) -> dict[str, Any]:
     scorer.write_predictions(out / "predictions.csv", sets)
     atomic_write_json(out / "eval.json", report)
     if ev.report:
-        from medfound.evaluate.markdown import write_report
-
         write_report(out, report, **scorer.report_inputs(sets))
     return report
 
@@ -143,9 +144,6 @@ def scale_check(where: str, expected: dict[str, Any], normalised: tuple[str, ...
     (stderr) and returned for eval.json, report.md and the card; `strict` (eval.strict_scale, `--strict-scale`)
     raises instead, before any scoring."""
     import sys
-
-    from medfound.data.manifest import read_manifest
-    from medfound.data.scale import scale_stats, scale_warnings
 
     stats = scale_stats(where)
     name = read_manifest(where).name
@@ -169,7 +167,6 @@ def residual_warnings(name: str, stats: dict[str, Any], expected: dict[str, Any]
     structures of both sets should be equally thick; a residual beyond SCALE_TOLERANCE means the normalised
     quantity is not the scale the network learned (fundus cameras whose vessels are traced thinner at the same
     FOV), named with the segment.scale that matches the structure size instead."""
-    from medfound.data.scale import SCALE_TOLERANCE
 
     out = []
     for key, target in targets.items():

@@ -11,13 +11,16 @@ from typing import Any, Optional
 import numpy as np
 
 import medfound
+from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import shard_urls
+from medfound.evaluate.bootstrap import difference_interval
+from medfound.evaluate.metrics import metric_definitions
+from medfound.io import atomic_write_bytes
 
 
 def split_urls(shards: str | Path, split: Optional[str]) -> tuple[list[str], Any, list[str]]:
     """Shard paths of `split` of a shard set (None: every split, as for an external site), its manifest and the
     splits used."""
-    from medfound.data.manifest import read_manifest
 
     if split is not None:
         urls, (manifest,) = shard_urls([shards], split)
@@ -42,7 +45,6 @@ def eval_progress(manifest, splits: list[str], desc: str, enabled: bool = True):
 def scored_block(result: dict[str, Any], by_site: dict[str, Any], label_type: str) -> dict[str, Any]:
     """The eval.json fields of a scored classification split (also MIL): metrics, per-class values, intervals,
     calibration bins, the operating point, per-site results and the definitions."""
-    from medfound.evaluate.metrics import metric_definitions
 
     boot = result.get("bootstrap")
     return {
@@ -102,8 +104,6 @@ def external_block(name: str, path: str, splits: list[str], n: int, result: dict
     entry says so (`same_as_training`, and a warning that reaches eval.json, report.md, the card and the console)."""
     import warnings as _warnings
 
-    from medfound.evaluate.bootstrap import difference_interval
-
     metrics = result["metrics"]
     drop = {k: (None if v is None or internal["metrics"].get(k) is None else float(v - internal["metrics"][k]))
             for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
@@ -134,8 +134,6 @@ def write_predictions(path: Path, class_names: list[str], sets: list[tuple]) -> 
     import csv
     import io
 
-    from medfound.io import atomic_write_bytes
-
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["set", "key", "site", "label", *[f"p_{c}" for c in class_names]])
@@ -151,8 +149,6 @@ def write_rows(path: Path, sets: list[tuple[str, list[dict[str, Any]]]]) -> None
     CSV with a `set` column first (atomic)."""
     import csv
     import io
-
-    from medfound.io import atomic_write_bytes
 
     columns: list[str] = []
     for _, rows in sets:

@@ -22,6 +22,10 @@ from itertools import zip_longest
 from pathlib import Path
 
 from medfound.io import sha256_file
+from medfound.publish.licences import RIGHTS_MARK, inputs, weaker_than
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 WEIGHTS_ROW = re.compile(r"^\| weights \| `([^`]+)`, sha256 `([0-9a-f]{64})` \|\s*$", re.M)
 FILE_ROW = re.compile(r"^\| (config|adapter) \| `([^`]+)`, sha256 `([0-9a-f]{64})` \|\s*$", re.M)
@@ -96,7 +100,6 @@ def _check_licence(folder: Path, text: str, licence: str | None) -> list[str]:
     """The card's licence carries every restriction of the data and imported weights the model was made from (read
     from the folder's lineage; for a folder without its weights, from the card's own Training data lines), unless
     the card prints the publisher's statement of rights (`medfound publish --rights-cleared`)."""
-    from medfound.publish.licences import RIGHTS_MARK, inputs, weaker_than
 
     lineage = {}
     for path in [folder / "config.json", *sorted(folder.glob("export/*.json"))]:

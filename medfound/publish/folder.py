@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medfound.io import atomic_write_json, sha256_file
+from medfound.publish.check import check_card
 
 
 def evaluation_of(run_dir: Path, weights: Path) -> dict[str, Any]:
@@ -72,7 +73,6 @@ def set_config_licence(config: Path, licence: str) -> None:
 def finish(tmp: Path, run_dir: Path, card, outputs: tuple[str, ...] = ()) -> None:
     """Copy the evaluation report (and the kind's `outputs` folders), save the card and verify it against the
     folder before the rename."""
-    from medfound.publish.check import check_card
 
     if (run_dir / "report").is_dir():
         shutil.copytree(run_dir / "report", tmp / "report")

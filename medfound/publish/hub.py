@@ -15,10 +15,11 @@ from urllib.parse import urlparse
 
 import medfound
 
+from medfound.publish.check import check_card
+
 
 def push_folder(folder: str | Path, repo_id: Optional[str], dry_run: bool = False, private: bool = False,
                 timeout: float = 5.0) -> dict[str, Any]:
-    from medfound.publish.check import check_card
 
     folder = Path(folder)
     problems = check_card(folder)

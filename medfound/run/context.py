@@ -10,6 +10,10 @@ from typing import Any, Callable, Optional
 import medfound
 from medfound.config import ConfigError, FinetuneRecipe, PretrainRecipe, derive, dump_recipe
 from medfound.io import atomic_write_text, lock_dir
+from medfound.process import stop_when_launcher_dies
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 
 @dataclass
@@ -162,7 +166,6 @@ def start_run(recipe: PretrainRecipe | FinetuneRecipe, command: str) -> RunConte
                          "trainer.strategy (fsdp, zero1, zero2, zero3) in the recipe instead: launch with "
                          "launch/accelerate/fsdp.yaml (or multi_gpu.yaml) and set trainer.strategy")
     set_seed(t.seed)
-    from medfound.process import stop_when_launcher_dies
 
     stop_when_launcher_dies()  # under torchrun: the launcher's death checkpoints and stops this process
     recipe.derived = derive(recipe, accelerator.num_processes, medfound.__version__)

@@ -12,6 +12,9 @@ import medfound
 from medfound.config import BackboneConfig, FinetuneRecipe, PretrainRecipe, load_recipe
 from medfound.data.manifest import Manifest
 
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
+
 
 def dataset_record(m: Manifest) -> dict[str, Any]:
     """What the lineage keeps of a training shard set (name, modality, site, digest, counts, licence, mpp, de-id)."""

@@ -24,6 +24,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.config import ConfigError, DataConfig
+from medfound.data.loaders import eval_image_transform, normalizer, prepare
+from medfound.data.manifest import read_manifest
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.evaluate.probes import knn_probs, l2, metric_value
+
 COLLAPSE_STD = 1e-4
 COLLAPSE_RANK = 1.5
 
@@ -55,12 +61,6 @@ class Monitor:
         return step % self.cfg.every == 0 or step == max_steps
 
     def _embed(self, encoder: Any, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-
-        from medfound.config import DataConfig
-        from medfound.data.loaders import eval_image_transform, normalizer, prepare
-        from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
-
         d = self.data
         cfg = DataConfig(shards=[self.cfg.shards], batch_size=64, img_size=d.img_size, mean=d.mean, std=d.std,
                          augment="none", window=d.window)
@@ -83,8 +83,6 @@ class Monitor:
     def __call__(self, step: int, module: Any) -> dict[str, float]:
         import torch
         from tqdm.auto import tqdm
-
-        from medfound.evaluate.probes import knn_probs, l2, metric_value
 
         encoder = module.export_backbone()
         was = encoder.training
@@ -135,14 +133,12 @@ class Monitor:
 
 def build_monitor(recipe, run_dir: Optional[Path] = None) -> Optional[Monitor]:
     """The recipe's monitor, or None; refused under sharded strategies (the main process embeds the whole model)."""
-    from medfound.config import ConfigError
 
     if recipe.monitor is None:
         return None
     if recipe.trainer.strategy in ("fsdp", "zero3"):
         raise ConfigError(f"monitor embeds images with the whole backbone on the main process, which a trainer.strategy="
                           f"{recipe.trainer.strategy} run holds only in shards: use ddp, zero1 or zero2, or drop monitor")
-    from medfound.data.manifest import read_manifest
 
     m = read_manifest(recipe.monitor.shards)
     if m.label_schema.type in ("none", "multilabel"):

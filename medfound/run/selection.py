@@ -20,6 +20,12 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from medfound.config import ConfigError
+from medfound.data.fractions import training_subset
+from medfound.evaluate.definitions import DEFINITIONS  # noqa: F401  (fills METRICS, torch-free)
+from medfound.io import atomic_write_bytes, atomic_write_json
+from medfound.registry import METRICS
+
 MINIMISED = frozenset({"ece", "hd95", "loss"})
 DIR = "selection"
 
@@ -57,8 +63,6 @@ class Selection:
         import numpy as np
         import torch
         from safetensors.torch import save
-
-        from medfound.io import atomic_write_bytes, atomic_write_json
 
         was = module.training
         py, npy = random.getstate(), np.random.get_state()
@@ -124,10 +128,6 @@ def build_selection(recipe, counts: dict[str, int], class_names: list[str], run_
     `counts`: samples (slides) per split; `class_names`: the label schema's names (the stratified subset); `index`:
     the validation split's (key, label, patient) where data.shards[0] is not a shard set (MIL bags).
     `score(module, keys)`: the task's validation metrics of `module` on eval.select_split (only `keys` when given)."""
-    from medfound.config import ConfigError
-    from medfound.data.fractions import training_subset
-    from medfound.evaluate.definitions import DEFINITIONS  # noqa: F401  (fills METRICS, torch-free)
-    from medfound.registry import METRICS
 
     ev = recipe.eval
     if ev.every is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
 
 from medfound.config import TASK_KEYS
+from medfound.publish.formats import format_of, missing_methods
 
 
 @dataclass
@@ -81,7 +82,6 @@ class TaskBase:
 
     def format(self, recipe=None):
         """The export format of a run of this kind with `recipe` (medfound.publish.formats.format_of)."""
-        from medfound.publish.formats import format_of
 
         return format_of(self, recipe)
 
@@ -104,7 +104,6 @@ def register_task(cls: type) -> type:
                if not callable(getattr(spec, m, None))]
     if missing:
         raise TypeError(f"task {spec.name!r} lacks {', '.join(missing)}")
-    from medfound.publish.formats import missing_methods
 
     missing = missing_methods(spec, spec.export_format)  # an unknown format is an error naming the known ones
     if missing:

@@ -12,9 +12,19 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.adapt.prompt import (BoxPredictor, box_from_mask, build_prompt_task, build_prompt_transform,
+                                   read_box_table, segment_boxes)
+from medfound.adapt.tuning import merged_copy, merged_segmenter
+from medfound.data.loaders import image_train_loader, normalizer
+from medfound.data.manifest import read_manifest
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.evaluate.bootstrap import percentile_interval, resample_means
 from medfound.evaluate.procedure import ScoredSet, Scorer
+from medfound.evaluate.records import dataset_block, split_urls, trained_modalities
+from medfound.publish.export import export_model
 from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.run.selection import build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
 
@@ -28,14 +38,9 @@ class BoxPromptSpec(ImageNetwork):
     pipeline_tag = "mask-generation"
 
     def build(self, recipe, data: TrainData):
-        from medfound.adapt.prompt import build_prompt_task
-
         return build_prompt_task(recipe)
 
     def train_loader(self, recipe, data: TrainData, ctx):
-        from medfound.adapt.prompt import build_prompt_transform
-        from medfound.data.loaders import image_train_loader
-
         d, h = recipe.data, recipe.head
         transform = build_prompt_transform(d.img_size, h.mask, h.box_jitter, train=True, augment=h.augment,
                                            crop_to_box=h.crop_to_box, window=d.window)
@@ -43,8 +48,6 @@ class BoxPromptSpec(ImageNetwork):
                                   keys=data.keys)
 
     def normalizer(self, recipe):
-        from medfound.data.loaders import normalizer
-
         return normalizer(recipe.data)
 
     def describe(self, recipe, data: TrainData) -> str:
@@ -60,9 +63,6 @@ class BoxPromptSpec(ImageNetwork):
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from types import SimpleNamespace
 
-        from medfound.adapt.tuning import merged_copy, merged_segmenter
-        from medfound.publish.export import export_model
-
         d, h = recipe.data, recipe.head
         merged = merged_segmenter(module.model).eval()
         prep = SimpleNamespace(mean=d.mean, std=d.std, img_size=d.img_size)
@@ -76,7 +76,6 @@ class BoxPromptSpec(ImageNetwork):
     def network(self, export: Path, recipe):
         """The trained network, rebuilt from the recipe (the ViT's structure from export/backbone) and loaded
         strictly; eval mode."""
-        from medfound.adapt.prompt import build_prompt_task
 
         export = Path(export)
 
@@ -89,8 +88,6 @@ class BoxPromptSpec(ImageNetwork):
         """A BoxPredictor: `predict(image, boxes)` -> one boolean mask per box at the image's resolution."""
         import torch
 
-        from medfound.adapt.prompt import BoxPredictor
-
         meta = json.loads((Path(export) / self.meta_file).read_text())
         return BoxPredictor(self.network(export, recipe), meta["img_size"], meta["mean"], meta["std"],
                             device or ("cuda" if torch.cuda.is_available() else "cpu"), meta["head"].get("crop_to_box"))
@@ -98,7 +95,6 @@ class BoxPromptSpec(ImageNetwork):
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: every structure of eval.select_split predicted from its mask's tight box by the evaluation's
         own code, mean Dice by default (or dice_by_structure_mean), the best step exported (medfound.run.selection)."""
-        from medfound.run.selection import build_selection
 
         m = data.manifests[0]
         return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "dice",
@@ -107,9 +103,6 @@ class BoxPromptSpec(ImageNetwork):
     def validate(self, recipe, module, keys: Any = None) -> dict[str, Any]:
         """Mean Dice (and the mean over structures) of the training network on eval.select_split (only `keys`),
         every sample predicted from its mask's tight box as evaluation does; no intervals."""
-        from medfound.adapt.prompt import BoxPredictor
-        from medfound.data.pipeline import shard_urls
-        from medfound.data.manifest import read_manifest
 
         d, ev = recipe.data, recipe.eval
         device = str(next(module.model.parameters()).device)
@@ -129,9 +122,6 @@ class BoxPromptSpec(ImageNetwork):
         by `medfound prompt`'s own code; predictions.csv has a row per box (input, box, mask, pixels) and the
         warnings (empty or full masks, an image unlike the training modalities) reach summary.json and the console."""
         from tqdm.auto import tqdm
-
-        from medfound.adapt.prompt import read_box_table, segment_boxes
-        from medfound.evaluate.records import trained_modalities
 
         if staged.kind != "images":
             raise ValueError(f"a box-prompt model reads image files (PNG, JPEG, TIFF), not {staged.kind}: export the "
@@ -182,8 +172,6 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str,
                 overlays: int = 4) -> tuple[list[dict], list[dict]]:
     """Every sample of `urls` (only `keys` when given) predicted from its mask's tight box -> per-sample rows and up
     to `overlays` overlays."""
-    from medfound.adapt.prompt import box_from_mask
-    from medfound.data.pipeline import Decoding, Reading, make_loader
 
     names = manifest.label_schema.names
 
@@ -234,8 +222,6 @@ def dice_summary(rows: list[dict], ev, keep_values: bool = False) -> dict[str, A
     metrics = box_metrics(rows)
     boot = None
     if ev.bootstrap:
-        from medfound.evaluate.bootstrap import percentile_interval, resample_means
-
         means = resample_means(np.array([[r["dice"]] for r in rows]), ev.bootstrap, ev.seed)[:, 0]
         boot = {"intervals": {"dice": percentile_interval(means)}, "resamples": ev.bootstrap, "seed": ev.seed,
                 "level": 0.95, "method": "percentile bootstrap over samples",
@@ -254,8 +240,6 @@ class BoxScorer(Scorer):
         self.predictor = predictor
 
     def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
-        from medfound.evaluate.records import dataset_block, split_urls
-
         urls, manifest, splits = split_urls(where, split)
         rows, overlays = score_boxes(self.predictor, urls, manifest, self.recipe.head.mask,
                                      f"external set {where}" if external else f"split '{split}' of {where}")

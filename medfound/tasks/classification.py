@@ -7,10 +7,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medfound.adapt.tasks import build_classification_task, endpoint
+from medfound.adapt.tuning import merged_copy, print_parameter_table
+from medfound.config import BackboneConfig
+from medfound.data.loaders import (class_keep_rates, eval_image_transform, image_train_loader, normalizer, prepare,
+                                   train_image_transform)
+from medfound.data.manifest import LabelSchema, read_manifest
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.data.scale import first_metas, require_spacing, scale_stats
+from medfound.evaluate.metrics import aggregate_units, classification_metrics, multilabel_metrics, positive_index
+from medfound.evaluate.report import CLASSIFICATION_NORMALISED, ClassificationScorer
+from medfound.io import atomic_write_bytes
+from medfound.publish.export import read_lineage
 from medfound.registry import HEADS
 from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.run.selection import apply_selection, build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import TimmExport, check_img_size, image_training_data
+from medfound.train.checkpoint import load_checkpoint
 
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha}) + classifier", "full": "full fine-tuning",
                "linear_probe": "linear probe (frozen backbone)", "last_k": "last {k} blocks + classifier"}
@@ -33,9 +47,6 @@ class ClassificationSpec(TimmExport):
         return image_training_data(recipe)
 
     def build(self, recipe, data: TrainData):
-        from medfound.adapt.tasks import endpoint
-        from medfound.evaluate.metrics import positive_index
-
         m = data.manifests[0]
         split = recipe.data.train_split
         schema = endpoint(m.label_schema, recipe.head.binary_threshold)
@@ -49,21 +60,15 @@ class ClassificationSpec(TimmExport):
         return task
 
     def parameter_table(self, module, recipe) -> None:
-        from medfound.adapt.tuning import print_parameter_table
-
         print_parameter_table(module.model, recipe.tuning, module.classifier)
 
     def train_loader(self, recipe, data: TrainData, ctx):
-        from medfound.data.loaders import class_keep_rates, image_train_loader, train_image_transform
-
         keep = class_keep_rates(recipe.data, data.manifests[0], recipe.head.binary_threshold,
                                 counts=data.subset.class_counts if data.subset is not None else None)
         return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests,
                                   train_image_transform(recipe.data), labelled=True, class_keep=keep, keys=data.keys)
 
     def describe(self, recipe, data: TrainData) -> str:
-        from medfound.adapt.tasks import endpoint
-
         schema = endpoint(data.manifests[0].label_schema, recipe.head.binary_threshold)
         loss = "sigmoid binary cross-entropy per finding" if schema.type == "multilabel" else "cross-entropy"
         return f"{tuning_text(recipe, TUNING_TEXT)}, {loss}"
@@ -71,7 +76,6 @@ class ClassificationSpec(TimmExport):
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                          parent_lineage(recipe.backbone))
-        from medfound.data.scale import scale_stats
 
         record["label_schema"] = state.module.label_schema.model_dump()  # the endpoint trained
         record["tuning"] = recipe.tuning
@@ -79,8 +83,6 @@ class ClassificationSpec(TimmExport):
         return record
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
-        from medfound.adapt.tuning import merged_copy
-
         d, schema = recipe.data, module.label_schema
         structure = recipe.backbone.model_copy(update={"weights": None}) if recipe.backbone.name else \
             backbone_structure(recipe, recipe.backbone.weights)
@@ -92,7 +94,6 @@ class ClassificationSpec(TimmExport):
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: score eval.select_split during training and export the best step (medfound.run.selection)."""
-        from medfound.run.selection import build_selection
 
         m = data.manifests[0]
         return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "auroc",
@@ -102,12 +103,6 @@ class ClassificationSpec(TimmExport):
         """The metrics of the training module (eval mode, on its device) on eval.select_split (only `keys` of it,
         when given), no intervals."""
         import torch
-
-        from medfound.adapt.tasks import endpoint
-        from medfound.data.loaders import eval_image_transform, normalizer, prepare
-        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
-        from medfound.data.manifest import read_manifest
-        from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
 
         d, ev = recipe.data, recipe.eval
         manifest = read_manifest(d.shards[0])
@@ -139,7 +134,6 @@ class ClassificationSpec(TimmExport):
 
     def scale_normalised(self, recipe) -> tuple[str, ...]:
         """The scale keys the preprocessing evens out (not compared by the scale check; evaluate's rule)."""
-        from medfound.evaluate.report import CLASSIFICATION_NORMALISED
 
         return CLASSIFICATION_NORMALISED
 
@@ -152,11 +146,6 @@ class ClassificationSpec(TimmExport):
         import torch
         from tqdm.auto import tqdm
 
-        from medfound.data.loaders import eval_image_transform, normalizer, prepare
-        from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
-        from medfound.publish.export import read_lineage
-
         d = recipe.data
         names = read_lineage(run.export).get("label_schema", {}).get("names") or \
             read_manifest(d.shards[0]).label_schema.names  # the endpoint the classifier was trained on
@@ -165,13 +154,11 @@ class ClassificationSpec(TimmExport):
         point = report.get("operating_point") or {}
         manifest = read_manifest(staged.shards)
         if d.spacing_mm is not None:  # every input needs its own pixel spacing, before any is predicted
-            from medfound.data.scale import require_spacing
 
             require_spacing(staged.shards, "the inputs (DICOM carries PixelSpacing; PNG/JPEG do not)")
         urls = [u for split in manifest.counts["by_split"] for u in shard_urls([staged.shards], split)[0]]
         agg = recipe.eval.aggregate
         if agg is not None:  # units only where the inputs record the unit fields (a table's columns, DICOM tags)
-            from medfound.data.scale import first_metas
 
             missing = sorted({f for m in first_metas(staged.shards) for f in agg.by if m.get(f) in (None, "")})
             if missing:
@@ -215,12 +202,6 @@ class ClassificationSpec(TimmExport):
 
     def rebuild(self, run_dir: Path, recipe) -> Any:
         """The trained classifier rebuilt from the recipe and the newest checkpoint, LoRA merged."""
-        from medfound.adapt.tasks import build_classification_task
-        from medfound.adapt.tuning import merged_copy
-        from medfound.data.manifest import LabelSchema
-        from medfound.publish.export import read_lineage
-        from medfound.run.selection import apply_selection
-        from medfound.train.checkpoint import load_checkpoint
 
         export = Path(run_dir) / "export"
         schema = LabelSchema(**read_lineage(export)["label_schema"])
@@ -237,9 +218,6 @@ class ClassificationSpec(TimmExport):
         builder from the recorded backbone structure and label schema, loaded strictly; eval mode. Images -> logits,
         as timm's classifier."""
         import json
-
-        from medfound.config import BackboneConfig
-        from medfound.data.manifest import LabelSchema
 
         meta = json.loads((Path(export) / self.meta_file).read_text())
         head = recipe.head.model_copy(update={"class_weights": None, "binary_threshold": None})
@@ -259,8 +237,6 @@ class ClassificationSpec(TimmExport):
             "\n# by hand, after that preprocessing: model(x) -> logits [B, K]"
 
     def scorer(self, run, recipe, out: Path) -> Any:
-        from medfound.evaluate.report import ClassificationScorer
-
         return ClassificationScorer(self.load(run.export, recipe), recipe, run.export, run.export / self.weights_file)
 
 
@@ -273,9 +249,6 @@ def write_units(out: Path, rows: list[dict[str, Any]], metas: list[dict[str, Any
     import io
 
     import numpy as np
-
-    from medfound.evaluate.metrics import aggregate_units
-    from medfound.io import atomic_write_bytes
 
     probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows])
     ids = [tuple(str(m[f]) for f in agg.by) for m in metas]

@@ -6,14 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medfound.adapt.tuning import print_parameter_table
+from medfound.data.fractions import training_subset
+from medfound.data.loaders import normalizer
+from medfound.data.pipeline import shard_sets
 from medfound.tasks.base import TaskBase, TrainData
+from medfound.train.checkpoint import latest_checkpoint
 
 
 def image_training_data(recipe) -> TrainData:
     """The training split's shard paths per set, the sets' manifests, and the labelled subset the recipe asks for
     (`data.train_fraction` / `data.train_shots`, medfound.data.fractions)."""
-    from medfound.data.fractions import training_subset
-    from medfound.data.pipeline import shard_sets
 
     d = recipe.data
     sets, manifests = shard_sets(d.shards, d.train_split)
@@ -35,14 +38,10 @@ class TimmExport(TaskBase):
     export_format = "timm_folder"
 
     def normalizer(self, recipe):
-        from medfound.data.loaders import normalizer
-
         return normalizer(recipe.data)
 
     @staticmethod
     def checkpoint(run_dir: Path) -> Path:
-        from medfound.train.checkpoint import latest_checkpoint
-
         ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/last)")
@@ -65,6 +64,4 @@ class ImageNetwork(TaskBase):
         return image_training_data(recipe)
 
     def parameter_table(self, module, recipe) -> None:
-        from medfound.adapt.tuning import print_parameter_table
-
         print_parameter_table(module, recipe.tuning, backbone="model.net.encoder.vit.")  # a CNN: all head

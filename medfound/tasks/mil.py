@@ -15,16 +15,25 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medfound.adapt.extract import extract_bags, tiling
+from medfound.adapt.tasks import build_mil_task
+from medfound.data.bags import bag_loader, bag_schema, read_bags, slide_index, slides_of
+from medfound.data.fractions import training_subset
+from medfound.data.ingest.wsi import SLIDE_SUFFIXES
+from medfound.data.manifest import LabelSchema, read_manifest
+from medfound.evaluate.heatmap import save_heatmap
+from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index, score_with_sites
 from medfound.evaluate.procedure import ScoredSet
+from medfound.evaluate.records import scored_block
 from medfound.evaluate.report import ProbabilityScorer
 from medfound.io import sha256_file
 from medfound.run import lineage
+from medfound.run.selection import build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TaskBase, TrainData, load_strict, register_task
 
 
 def slide_counts(index: dict, split: str, directory: Path) -> tuple[list[int], int]:
     """Per-class slide counts of `split` of a bag folder and its number of slides."""
-    from medfound.data.bags import bag_schema, slides_of
 
     schema = bag_schema(index)
     slides = slides_of(index, split, directory)
@@ -50,8 +59,6 @@ class MILSpec(TaskBase):
         """The bag folder, its index and schema, and (data.train_fraction / train_shots) the labelled slides kept:
         stratified by class, nested, seeded, as for images (medfound.data.fractions); class counts for the loss
         weights are those of the slides kept."""
-        from medfound.data.bags import bag_schema, read_bags, slide_index
-        from medfound.data.fractions import training_subset
 
         d = recipe.data
         bags = Path(d.shards[0])
@@ -66,9 +73,6 @@ class MILSpec(TaskBase):
                                 "n_train": n_train}, subset=subset)
 
     def build(self, recipe, data: TrainData):
-        from medfound.adapt.tasks import build_mil_task
-        from medfound.evaluate.metrics import positive_index
-
         x = data.extra
         if x["schema"].type != "multilabel":  # a head.positive_class that names no class fails before training
             positive_index(x["schema"].names, recipe.head.positive_class)
@@ -80,12 +84,10 @@ class MILSpec(TaskBase):
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: the slides of eval.select_split scored by the evaluation's own code (auroc by default), the
         best step exported (medfound.run.selection)."""
-        from medfound.run.selection import build_selection
 
         counts: dict[str, int] = {}
         for s in data.extra["index"]["slides"]:
             counts[s["split"]] = counts.get(s["split"], 0) + 1
-        from medfound.data.bags import slide_index
 
         x = data.extra
         index = slide_index(x["index"], recipe.eval.select_split, x["bags"]) if counts.get(recipe.eval.select_split) \
@@ -96,7 +98,6 @@ class MILSpec(TaskBase):
     def validate(self, recipe, module, data: TrainData, keys: Optional[frozenset] = None) -> dict[str, Any]:
         """Slide-level metrics of the training head on eval.select_split (the evaluation's metric functions), no
         intervals."""
-        from medfound.evaluate.metrics import classification_metrics, multilabel_metrics, positive_index
 
         x, ev = data.extra, recipe.eval
         schema = x["schema"]
@@ -109,8 +110,6 @@ class MILSpec(TaskBase):
                                       positive=positive_index(schema.names, recipe.head.positive_class))["metrics"]
 
     def train_loader(self, recipe, data: TrainData, ctx):
-        from medfound.data.bags import bag_loader
-
         d, h = recipe.data, recipe.head
         bags, rank, world = data.extra["bags"], ctx.rank, ctx.world
 
@@ -144,8 +143,6 @@ class MILSpec(TaskBase):
     def load_network(self, export: Path, recipe) -> Any:
         """The trained ABMIL task, loaded strictly from export/mil.safetensors; eval mode.
         `{"features": [B, N, D], "mask": [B, N]}` -> {"logits", "attention"}."""
-        from medfound.adapt.tasks import build_mil_task
-        from medfound.data.manifest import LabelSchema
 
         export = Path(export)
         meta = json.loads((export / self.meta_file).read_text())
@@ -175,9 +172,6 @@ class MILSpec(TaskBase):
         (`extract`'s own code; its sha256 must match, `--backbone DIR` where its recorded path is not on this
         machine), and scored by the head: a row per slide with every class probability and the predicted class, the
         most-attended tile, and `heatmaps/KEY.png` (attention over the slide's thumbnail)."""
-        from medfound.adapt.extract import extract_bags
-        from medfound.data.bags import read_bags
-        from medfound.data.ingest.wsi import SLIDE_SUFFIXES
 
         if staged.kind != "wsi":
             raise ValueError(f"a MIL model reads whole-slide images ({', '.join(SLIDE_SUFFIXES)}), not "
@@ -239,8 +233,6 @@ def bag_tiling(index: dict) -> Optional[dict[str, Any]]:
     source = index.get("source") or {}
     if source.get("tiling"):
         return source["tiling"]
-    from medfound.adapt.extract import tiling
-    from medfound.data.manifest import read_manifest
 
     try:
         return tiling(read_manifest(source["shards"]).ingest)
@@ -254,9 +246,6 @@ def score_bags(task, bags: Path, index: dict, meta: dict, split: Optional[str], 
     most-attended tiles per slide, and (`heatmaps`) one attention heatmap PNG per slide. `labelled=False`: new
     slides without labels (labels is then None); `only`: just these slides (a validation fraction)."""
     import torch
-
-    from medfound.data.bags import bag_loader, bag_schema
-    from medfound.evaluate.heatmap import save_heatmap
 
     if meta["backbone"]["sha256"] != index["backbone"]["sha256"]:
         raise ValueError(f"{bags} was extracted with another backbone ({index['backbone']['path']}) than the one "
@@ -296,9 +285,6 @@ class MILScorer(ProbabilityScorer):
     folders of the same label schema, extracted with the same backbone."""
 
     def __init__(self, task, meta: dict, recipe, export: Path, weights: Path, out: Path) -> None:
-        from medfound.data.bags import bag_schema, read_bags
-        from medfound.evaluate.metrics import positive_index
-
         super().__init__(recipe, export, weights)
         self.head, self.meta = task, meta
         self.index = read_bags(Path(recipe.data.shards[0]))
@@ -308,9 +294,6 @@ class MILScorer(ProbabilityScorer):
             if self.schema.type != "multilabel" else 1
 
     def score(self, where: str, split: Optional[str], external: bool, keep_values: bool) -> ScoredSet:
-        from medfound.data.bags import bag_schema, read_bags
-        from medfound.evaluate.metrics import score_with_sites
-
         ev = self.recipe.eval
         index = read_bags(Path(where)) if external else self.index
         if external and bag_schema(index).names != self.schema.names:
@@ -337,8 +320,6 @@ class MILScorer(ProbabilityScorer):
         return {"backbone": self.index["backbone"]}
 
     def body(self, internal: ScoredSet) -> dict[str, Any]:
-        from medfound.evaluate.records import scored_block
-
         probs, labels, keys, _ = internal.rows
         top, multilabel = internal.result["top_tiles"], self.schema.type == "multilabel"
         return {**scored_block(internal.result, internal.by_site, self.schema.type),

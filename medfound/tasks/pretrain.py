@@ -6,17 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.backbones import create_backbone
 from medfound.config import BackboneConfig, PretrainRecipe
+from medfound.data.loaders import image_train_loader, train_image_transform
 from medfound.registry import OBJECTIVES
 from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.run.monitor import build_monitor
 from medfound.tasks.base import TrainData, register_task
 from medfound.tasks.images import TimmExport, check_img_size, image_training_data
+from medfound.train.checkpoint import load_checkpoint
 
 
 def build_objective(recipe: PretrainRecipe, backbone: Optional[BackboneConfig] = None):
     """The recipe's objective (registered for objective.name) around a backbone built from `backbone` (default: the
     recipe's, whose export's MAE decoder, if any, is loaded too)."""
-    from medfound.backbones import create_backbone
 
     encoder = create_backbone(backbone or recipe.backbone, num_classes=0)
     weights = recipe.backbone.weights if backbone is None else None
@@ -43,8 +46,6 @@ class PretrainSpec(TimmExport):
         return None
 
     def train_loader(self, recipe, data: TrainData, ctx):
-        from medfound.data.loaders import image_train_loader, train_image_transform
-
         return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests,
                                   train_image_transform(recipe.data), labelled=False)
 
@@ -53,7 +54,6 @@ class PretrainSpec(TimmExport):
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """The representation monitor (`monitor:`, medfound.run.monitor): k-NN and collapse signals while training."""
-        from medfound.run.monitor import build_monitor
 
         return build_monitor(recipe, run_dir)
 
@@ -69,7 +69,6 @@ class PretrainSpec(TimmExport):
     def rebuild(self, run_dir: Path, recipe) -> Any:
         """The trained encoder rebuilt from the recipe and the newest checkpoint (the reference an export must
         reproduce)."""
-        from medfound.train.checkpoint import load_checkpoint
 
         objective = build_objective(recipe, backbone_structure(recipe, run_dir / "export"))
         load_checkpoint(self.checkpoint(run_dir), objective)

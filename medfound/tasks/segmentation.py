@@ -7,9 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.adapt.tasks import build_segmentation_task
+from medfound.adapt.tuning import merged_copy, merged_segmenter
+from medfound.data.ingest.volumes import nifti_bytes, read_volume
+from medfound.data.loaders import image_train_loader, normalizer, prepare
+from medfound.data.manifest import read_manifest
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.data.scale import scale_stats
+from medfound.data.seg_transforms import build_seg_transform
+from medfound.evaluate.records import network_lineage
+from medfound.evaluate.report import SegmentationScorer, normalised_scale
+from medfound.evaluate.segmentation import (choose_scale, predict_probs, predict_scaled, score_loader,
+                                            trained_structure_px)
 from medfound.io import atomic_write_bytes
+from medfound.publish.export import export_model
 from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
+from medfound.run.selection import build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
 from medfound.tasks.images import ImageNetwork
 
@@ -26,14 +40,9 @@ class SegmentationSpec(ImageNetwork):
     pipeline_tag = "image-segmentation"
 
     def build(self, recipe, data: TrainData):
-        from medfound.adapt.tasks import build_segmentation_task
-
         return build_segmentation_task(recipe)
 
     def train_loader(self, recipe, data: TrainData, ctx):
-        from medfound.data.loaders import image_train_loader
-        from medfound.data.seg_transforms import build_seg_transform
-
         transform = build_seg_transform(recipe.segment, train=True, window=recipe.data.window)
         return image_train_loader(recipe.data, recipe.trainer.seed, data.sets, data.manifests, transform,
                                   labelled=False, keys=data.keys)
@@ -41,7 +50,6 @@ class SegmentationSpec(ImageNetwork):
     def normalizer(self, recipe):
         """ImageNet statistics on the device for 2-D `imagenet` intensity; None where the transform already
         normalised (z-score, CT)."""
-        from medfound.data.loaders import normalizer
 
         seg = recipe.segment
         return normalizer(recipe.data) if seg.intensity == "imagenet" and seg.spatial_dims == 2 else None
@@ -53,7 +61,6 @@ class SegmentationSpec(ImageNetwork):
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                          parent_lineage(recipe.backbone))
-        from medfound.data.scale import scale_stats
 
         record.update(tuning=recipe.tuning, head=recipe.head.model_dump(),
                       segment=recipe.segment.model_dump(mode="json"),
@@ -62,9 +69,6 @@ class SegmentationSpec(ImageNetwork):
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
         from types import SimpleNamespace
-
-        from medfound.adapt.tuning import merged_copy, merged_segmenter
-        from medfound.publish.export import export_model
 
         seg = recipe.segment
         merged = merged_segmenter(module.model).eval()
@@ -80,7 +84,6 @@ class SegmentationSpec(ImageNetwork):
     def load_network(self, export: Path, recipe) -> Any:
         """The trained network rebuilt from the recipe (the ViT's structure from export/backbone/config.json) and
         loaded strictly from export/segmenter.safetensors; eval mode. `[B, C, *S]` -> logits `[B, K, *S]`."""
-        from medfound.adapt.tasks import build_segmentation_task
 
         export = Path(export)
         update: dict[str, Any] = {"tuning": "full"}
@@ -91,15 +94,12 @@ class SegmentationSpec(ImageNetwork):
         return task.model.eval()
 
     def scorer(self, run, recipe, out: Path) -> Any:
-        from medfound.evaluate.report import SegmentationScorer
-
         return SegmentationScorer(self.load(run.export, recipe), self.normalizer(recipe), recipe, run.export,
                                   run.export / self.weights_file, trained_segment=run.recipe.segment)
 
     def selection(self, recipe, data: TrainData, run_dir: Path) -> Any:
         """eval.every: the validation split segmented whole every N steps (Dice by default, nnU-Net's pseudo-Dice
         made exact; binary tasks may select on pixel_f1) and the best step exported (medfound.run.selection)."""
-        from medfound.run.selection import build_selection
 
         m = data.manifests[0]
         return build_selection(recipe, m.counts["by_split"], m.label_schema.names, run_dir, "dice",
@@ -109,10 +109,6 @@ class SegmentationSpec(ImageNetwork):
         """The metrics of the training module (eval mode, on its device) on eval.select_split (only `keys` of it,
         when given): the evaluation's own sliding-window inference and scorer, native geometry, no intervals; HD95
         only when eval.select asks for it (it is the slow part)."""
-        from medfound.data.loaders import prepare
-        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
-        from medfound.data.seg_transforms import build_seg_transform
-        from medfound.evaluate.segmentation import score_loader
 
         seg, d, ev = recipe.segment, recipe.data, recipe.eval
         urls = shard_urls([d.shards[0]], ev.select_split)[0]
@@ -129,7 +125,6 @@ class SegmentationSpec(ImageNetwork):
 
     def scale_normalised(self, recipe) -> tuple[str, ...]:
         """The scale keys the segment.* resampling evens out (not compared by the scale check; evaluate's rule)."""
-        from medfound.evaluate.report import normalised_scale
 
         return normalised_scale(recipe.segment)
 
@@ -151,12 +146,6 @@ class SegmentationSpec(ImageNetwork):
         import torch
         from tqdm.auto import tqdm
 
-        from medfound.data.loaders import prepare
-        from medfound.data.manifest import read_manifest
-        from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
-        from medfound.data.seg_transforms import build_seg_transform
-        from medfound.evaluate.segmentation import choose_scale, predict_probs, predict_scaled
-
         # the options predict_options declares (medfound.predict checks them): save_probabilities, overlay,
         # mask_format ("auto", "png", "dicom-seg"), anonymous, scale ("auto" or a factor)
         save_probabilities, overlay = options.get("save_probabilities", False), options.get("overlay", False)
@@ -168,8 +157,6 @@ class SegmentationSpec(ImageNetwork):
         if scale is not None:  # `--scale auto|FACTOR`: these inputs resized as evaluate's segment.scale would
             if volumes:
                 raise ValueError("--scale resizes 2-D images; volumes are resampled by the recipe's segment.spacing")
-            from medfound.evaluate.records import network_lineage
-            from medfound.evaluate.segmentation import trained_structure_px
 
             target = trained_structure_px(network_lineage(run.export).get("scale"), seg)
             scale = "auto" if str(scale) == "auto" else float(scale)
@@ -416,7 +403,6 @@ def mask_bytes(mask, source: Optional[Path], spacing: Optional[list[float]]) -> 
         buf = io.BytesIO()
         Image.fromarray(mask).save(buf, format="PNG", compress_level=1)  # masks compress well at any level
         return buf.getvalue()
-    from medfound.data.ingest.volumes import nifti_bytes, read_volume
 
     if source is not None:
         array, affine = read_volume(source)

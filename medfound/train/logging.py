@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.io import atomic_write_text
+
 
 class MetricsLogger:
     """Append-only JSONL (one object per line: step, time, values) mirrored to the chosen trackers.
@@ -58,8 +60,6 @@ class MetricsLogger:
             else:
                 dropped += 1
         if dropped:
-            from medfound.io import atomic_write_text
-
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:

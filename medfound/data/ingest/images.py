@@ -28,7 +28,11 @@ from PIL import Image
 
 from medfound.data.ingest import Ingested, patient_token, read_table, safe_key, salt_record, table_labels
 from medfound.data.masks import apply_mask_mode
+from medfound.data.scale import structure_size
 from medfound.io import sha256_file
+
+# Loaded by torch-free commands (`medfound ls`, `validate`, `--help`): medfound modules that bring in torch or
+# numpy are imported inside the functions that need them (tests/test_layering.py keeps it so).
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 TABLE_NAMES = ("labels.csv", "labels.parquet")
@@ -159,7 +163,6 @@ def read_images(folder: str | Path, *, table: Optional[str | Path] = None, label
     def samples():
         from medfound.data.fundus import crop_to_fov, detect_fov
         from medfound.data.fundus import fov_diameter as fov_diameter_of
-        from medfound.data.scale import structure_size
 
         for i, r in enumerate(rows):
             if not result.wants(i):

@@ -31,9 +31,10 @@ from typing import Any, Iterable, Iterator, Optional
 
 from medfound.data.ingest import Ingested
 from medfound.data.ingest.dicom import DUPLICATE_KEY, duplicate_reason
-from medfound.data.manifest import LabelSchema
 from medfound.data.journal import Journal
+from medfound.data.manifest import LabelSchema
 from medfound.data.shards import encode_sample
+from medfound.process import die_with_parent
 
 CHUNK = 32           # messages a worker sends at once
 QUEUE_CHUNKS = 8     # chunks a worker may have in flight: the bound on memory per worker
@@ -116,7 +117,6 @@ def _worker(ingested: Ingested, stream: Iterable[dict], schema: LabelSchema, par
     """Runs in a forked child: the reader's generator over this worker's inputs, encoded, sent in input order as
     ("rec", input, Encoded, instance) ... ("end", input, side-record change) per input, or ("skip", input) for one a
     resumed ingest already holds, then ("done",)."""
-    from medfound.process import die_with_parent
 
     die_with_parent(parent)  # a killed parent takes its workers with it (never an orphan blocked on its queue)
     buf: list[tuple] = []

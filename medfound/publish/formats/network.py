@@ -10,7 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from medfound.publish.card import CardInputs, preprocessing as preprocessing_for, render_card, training_datasets
+from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish, hub_snippet,
+                                     numel, set_config_licence)
 from medfound.publish.formats import ExportFormat
+from medfound.publish.licences import resolve
 
 
 class NetworkFolder(ExportFormat):
@@ -23,8 +28,6 @@ class NetworkFolder(ExportFormat):
         """`model`'s state dict -> export/WEIGHTS, `meta` (its JSON items; the lineage first unless it has it) ->
         export/META; each file atomically, beside what the kind already wrote there (export/backbone)."""
         from safetensors.torch import save
-
-        from medfound.io import atomic_write_bytes, atomic_write_json
 
         export.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(export / spec.weights_file,
@@ -43,13 +46,6 @@ class NetworkFolder(ExportFormat):
         export/backbone), config.yaml, preprocessing.json, eval.json, report/, README.md. The published folder is
         loaded by the kind before the card is written, as the card's snippet (`medfound.load`) does."""
         from safetensors import safe_open
-
-        from medfound.io import atomic_dir, atomic_write_json, sha256_file
-        from medfound.publish.card import preprocessing as preprocessing_for
-        from medfound.publish.card import CardInputs, render_card, training_datasets
-        from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish,
-                                             hub_snippet, numel, set_config_licence)
-        from medfound.publish.licences import resolve
 
         weights_name, meta_name = spec.weights_file, spec.meta_file
         export = run_dir / "export"

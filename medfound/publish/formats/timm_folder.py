@@ -10,7 +10,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from medfound.io import atomic_dir, atomic_write_json, sha256_file
+from medfound.publish.card import (CardInputs, preprocessing as preprocessing_for, render_card, timm_details,
+                                   timm_snippet, training_datasets)
+from medfound.publish.export import check_reload, export_model, read_lineage, write_adapter_card
+from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish, hub_snippet,
+                                     set_config_licence)
 from medfound.publish.formats import ExportFormat
+from medfound.publish.licences import for_export, resolve
 
 
 class TimmFolder(ExportFormat):
@@ -21,8 +28,6 @@ class TimmFolder(ExportFormat):
     def write(self, spec, recipe, model, export: Path, *, lineage: dict[str, Any], meta: dict[str, Any],
               adapter: Any = None) -> dict[str, Any]:
         """`meta`: `label_names` (a classifier), `extra_files` (name -> bytes, e.g. an MAE decoder)."""
-        from medfound.publish.export import export_model
-        from medfound.publish.licences import for_export
 
         diff = export_model(model, export, data=recipe.data, lineage=lineage,
                             license=for_export(recipe.card.license, lineage), label_names=meta.get("label_names"),
@@ -45,13 +50,6 @@ class TimmFolder(ExportFormat):
         other file of the export (an objective's heads), preprocessing.json, training_config.yaml, eval.json,
         report/, README.md (the card). The export is reloaded through timm and compared with the checkpoint's
         rebuild before the card is written."""
-        from medfound.io import atomic_dir, atomic_write_json, sha256_file
-        from medfound.publish.card import preprocessing as preprocessing_for
-        from medfound.publish.card import CardInputs, render_card, timm_details, timm_snippet, training_datasets
-        from medfound.publish.export import check_reload, read_lineage, write_adapter_card
-        from medfound.publish.folder import (base_rows, card_options, described_files, evaluation_of, finish,
-                                             hub_snippet, set_config_licence)
-        from medfound.publish.licences import resolve
 
         export = run_dir / "export"
         weights = spec.weights_file
