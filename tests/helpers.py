@@ -241,3 +241,20 @@ def assert_matches_golden(report: dict[str, Any], name: str, tmp_root: Path) -> 
     problems: list[str] = []
     _same(got, want, name, problems)
     assert not problems, f"eval.json differs from {path.name} in {len(problems)} places:\n" + "\n".join(problems[:30])
+
+
+def moved_by_step(task, batch, steps: int, lr: float = 1e-2) -> list[set[str]]:
+    """Train `task` on `batch` for `steps` AdamW steps, calling its `before_optimizer_step` as the loop does; after
+    each step, the names of the trainable parameters that differ from their starting values."""
+    import torch
+
+    start = {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    moved = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        task(batch)["loss"].backward()
+        task.before_optimizer_step(step, steps)
+        opt.step()
+        moved.append({n for n, p in task.named_parameters() if n in start and not torch.equal(p, start[n])})
+    return moved

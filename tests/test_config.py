@@ -145,3 +145,19 @@ def test_missing_or_unknown_kind(tmp_path):
     bad.write_text("trainer: {output_dir: x, max_steps: 1}\n")
     with pytest.raises(ConfigError, match="must set kind: pretrain"):
         load_recipe(bad, expect="pretrain")
+
+
+def test_head_warmup_steps_is_refused_where_nothing_holds_or_nothing_follows():
+    from medfound.tasks.classification import TUNING_TEXT
+    from medfound.tasks.images import tuning_words
+
+    r = load_recipe(ADAPT, ["head_warmup_steps=50"])
+    assert r.head_warmup_steps == 50
+    assert tuning_words(r, TUNING_TEXT).endswith("after 50 steps of the head alone (LP-FT)")  # the card's stage
+    assert "LP-FT" not in tuning_words(load_recipe(ADAPT), TUNING_TEXT)
+    with pytest.raises(ConfigError, match="tuning=linear_probe"):
+        load_recipe(ADAPT, ["head_warmup_steps=50", "tuning=linear_probe"])
+    with pytest.raises(ConfigError, match="leaves no step of fine-tuning"):
+        load_recipe(ADAPT, ["head_warmup_steps=50", "trainer.max_steps=50"])
+    with pytest.raises(ConfigError, match="head.type=unet has none"):
+        load_recipe(ROOT / "adapt" / "segment_unet.yaml", ["head_warmup_steps=10"])

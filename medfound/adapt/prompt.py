@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from medfound.config import FinetuneRecipe
 from medfound.io import atomic_write_bytes
 from medfound.adapt.pictures import overlay_rows
-from medfound.adapt.tasks import task_param_groups
+from medfound.adapt.tasks import HeadWarmup, task_param_groups, vit_trainables
 from medfound.adapt.tuning import tune_segmenter
 from medfound.data.transforms import Normalize, to_image_tensor
 from medfound.registry import HEADS
@@ -141,12 +141,13 @@ def build_prompt_transform(img_size: int, mask: str, jitter: float, train: bool,
     return apply
 
 
-class PromptTask(torch.nn.Module):
+class PromptTask(HeadWarmup, torch.nn.Module):
     """Box-prompt segmentation task: Dice (sigmoid, MONAI) + binary cross-entropy, as MedSAM trains."""
 
     def __init__(self, segmenter: torch.nn.Module, dice_weight: float = 1.0, bce_weight: float = 1.0,
-                 full: bool = False):
+                 full: bool = False, head_warmup_steps: int = 0):
         super().__init__()
+        self.head_warmup_steps = head_warmup_steps
         from monai.losses import DiceLoss
 
         self.model = segmenter
@@ -159,6 +160,10 @@ class PromptTask(torch.nn.Module):
 
     def param_groups(self, cfg):
         return task_param_groups(self, self.vit, cfg, self.full)
+
+    def warmup_frozen(self) -> list[torch.nn.Parameter]:
+        """The image encoder's trainable parameters; the prompt encoder and mask decoder warm up."""
+        return vit_trainables(self.vit)
 
     def forward(self, batch: dict) -> dict:
         """batch["image"] `[B, 3, S, S]`, batch["box"] `[B, 4]`, optional batch["mask"] `[B, 1, S, S]`."""
@@ -182,7 +187,8 @@ class PromptTask(torch.nn.Module):
 
 def build_prompt_task(recipe: FinetuneRecipe) -> PromptTask:
     seg = tune_segmenter(HEADS.build(recipe.head.type, recipe), recipe.tuning, recipe.lora, recipe.last_k)
-    return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full")
+    return PromptTask(seg, recipe.head.dice_weight, recipe.head.bce_weight, full=recipe.tuning == "full",
+                      head_warmup_steps=recipe.head_warmup_steps)
 
 
 class BoxPredictor:

@@ -89,7 +89,35 @@ def label_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool, weights:
     return {"loss": loss, "accuracy": accuracy}
 
 
-class ClassificationTask(nn.Module):
+class HeadWarmup:
+    """Linear probing, then fine-tuning (LP-FT; Kumar et al., "Fine-Tuning can Distort Pretrained Features",
+    ICLR 2022): for the first `head_warmup_steps` optimizer steps the backbone's trainable parameters (its weights,
+    LoRA adapters or last blocks) get no update, their gradients dropped before the step (AdamW then skips them, weight
+    decay included), so only the head learns; then the tuning trains as usual. A task gives `warmup_frozen()`, the
+    parameters held. It depends on the step alone, so a resumed run holds exactly the same steps."""
+
+    head_warmup_steps: int = 0
+
+    def warmup_frozen(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def touches_gradients(self) -> bool:
+        """True when `before_optimizer_step` drops gradients (the strategies that cannot do that refuse)."""
+        return self.head_warmup_steps > 0
+
+    def before_optimizer_step(self, step: int, max_steps: int) -> None:
+        if step < self.head_warmup_steps:
+            for p in self.warmup_frozen():
+                p.grad = None
+
+
+def vit_trainables(vit: nn.Module | None) -> list[nn.Parameter]:
+    """The trainable parameters of a segmentation network's ViT (a dense head's backbone)."""
+    return [] if vit is None else [p for p in vit.parameters() if p.requires_grad]
+
+
+class ClassificationTask(HeadWarmup, nn.Module):
     """Image classification: single-label (binary, multi-class, ordinal grades) with cross-entropy, or multi-label
     findings (CheXNet, Rajpurkar et al. 2017) with a sigmoid per finding and binary cross-entropy.
 
@@ -102,9 +130,11 @@ class ClassificationTask(nn.Module):
     """
 
     def __init__(self, model: nn.Module, classifier: str, label_schema: LabelSchema, label_smoothing: float = 0.0,
-                 full: bool = False, weights: torch.Tensor | None = None, threshold: int | None = None):
+                 full: bool = False, weights: torch.Tensor | None = None, threshold: int | None = None,
+                 head_warmup_steps: int = 0):
         super().__init__()
         self.model = model
+        self.head_warmup_steps = head_warmup_steps
         self.threshold = threshold  # graded labels -> (label >= threshold), see `endpoint`
         self.classifier = classifier
         self.label_schema = label_schema
@@ -115,6 +145,11 @@ class ClassificationTask(nn.Module):
             raise ValueError(f"head.class_weights has {len(weights)} entries for {label_schema.num_classes} classes "
                              f"{label_schema.names}")
         self.weights = weights  # not a buffer: checkpoints and exports stay independent of the loss weighting
+
+    def warmup_frozen(self) -> list[nn.Parameter]:
+        """Every trainable parameter outside the classifier (peft's copy of it included)."""
+        return [p for n, p in self.model.named_parameters()
+                if p.requires_grad and f".{self.classifier}." not in f".{n}"]
 
     def param_groups(self, cfg: OptimConfig) -> list[dict]:
         """Layer-wise lr decay over the backbone under full fine-tuning (timm puts the classifier last)."""
@@ -135,7 +170,7 @@ class ClassificationTask(nn.Module):
         return out
 
 
-class SegmentationTask(nn.Module):
+class SegmentationTask(HeadWarmup, nn.Module):
     """Semantic segmentation with Dice + cross-entropy (MONAI `DiceCELoss`, softmax over K classes).
 
     Args:
@@ -144,8 +179,9 @@ class SegmentationTask(nn.Module):
         full: full fine-tuning (enables layer-wise lr decay over the ViT backbone).
     """
 
-    def __init__(self, segmenter: nn.Module, segment: SegmentConfig, full: bool = False):
+    def __init__(self, segmenter: nn.Module, segment: SegmentConfig, full: bool = False, head_warmup_steps: int = 0):
         super().__init__()
+        self.head_warmup_steps = head_warmup_steps
         from monai.losses import DiceCELoss
 
         self.model = segmenter
@@ -162,6 +198,10 @@ class SegmentationTask(nn.Module):
 
     def param_groups(self, cfg: OptimConfig) -> list[dict]:
         return task_param_groups(self, self.vit, cfg, self.full)
+
+    def warmup_frozen(self) -> list[nn.Parameter]:
+        """The ViT's trainable parameters; the decoder (and any new embedding or CNN stem) warms up."""
+        return vit_trainables(self.vit)
 
     def forward(self, batch: dict) -> dict:
         """batch["image"] `[B, C, *S]`, optional batch["mask"] long `[B, 1, *S]` -> {"logits", "loss"?, "dice"?}."""
@@ -231,7 +271,8 @@ def build_mil_task(recipe: FinetuneRecipe, feature_dim: int, label_schema: Label
 def build_segmentation_task(recipe: FinetuneRecipe) -> SegmentationTask:
     """The segmentation task of a recipe: the registered network for head.type, tuned, with Dice + CE."""
     seg = tune_segmenter(build_segmenter(recipe), recipe.tuning, recipe.lora, recipe.last_k)
-    return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full")
+    return SegmentationTask(seg, recipe.segment, full=recipe.tuning == "full",
+                            head_warmup_steps=recipe.head_warmup_steps)
 
 
 def build_classification_task(recipe: FinetuneRecipe, label_schema: LabelSchema | None,
@@ -252,4 +293,5 @@ def build_classification_task(recipe: FinetuneRecipe, label_schema: LabelSchema 
         raise ValueError("head.label_smoothing applies to single-label cross-entropy; set it to 0 for multi-label data")
     weights = class_weights(recipe.head.class_weights, class_counts, multilabel, num_train)
     return ClassificationTask(model, classifier, label_schema, recipe.head.label_smoothing,
-                              full=recipe.tuning == "full", weights=weights, threshold=threshold)
+                              full=recipe.tuning == "full", weights=weights, threshold=threshold,
+                              head_warmup_steps=recipe.head_warmup_steps)

@@ -90,6 +90,10 @@ class FinetuneRecipe(Strict):
         f"{e.name}: {e.description}" for e in TUNINGS))
     last_k: int = Field(2, ge=1, description="tuning=last_k: the backbone's last k blocks (and final norm) train")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="tuning=lora: rank, alpha, targets")
+    head_warmup_steps: int = Field(0, ge=0, description="linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): "
+                                   "for the first N optimizer steps only the head learns (the backbone's weights, LoRA "
+                                   "adapters or last blocks get no update), so a new head does not send random "
+                                   "gradients into pretrained features; then the tuning trains as usual")
     head: HeadConfig = Field(default_factory=ClassifyHeadConfig, description="the head and its loss (head.type)")
     segment: Optional[SegmentConfig] = Field(None, description="segmentation heads: masks, classes, patches")
     data: DataConfig = Field(description="the labelled shard set (MIL: the bag folder) and its preprocessing")
@@ -127,6 +131,17 @@ class FinetuneRecipe(Strict):
         if h.backbone == "bags" and self.backbone is not None:
             raise ValueError(f"head.type={t} reads tile features from the bag folder in data.shards, which records "
                              "its backbone: remove the backbone section")
+        if self.head_warmup_steps:
+            if h.backbone != "vit":
+                raise ValueError("head_warmup_steps holds a pretrained backbone while the head warms up; "
+                                 f"head.type={t} has none (it trains whole): remove head_warmup_steps")
+            if self.tuning == "linear_probe":
+                raise ValueError("head_warmup_steps with tuning=linear_probe: the backbone never trains there; "
+                                 "remove head_warmup_steps, or pick lora / full / last_k to fine-tune after it")
+            if self.head_warmup_steps >= self.trainer.max_steps:
+                raise ValueError(f"head_warmup_steps={self.head_warmup_steps} leaves no step of fine-tuning in "
+                                 f"trainer.max_steps={self.trainer.max_steps}: give fewer (LP-FT: the head first, "
+                                 "then most of the steps for the whole model)")
         if h.needs_img_size and self.data.img_size is None:
             raise ValueError(f"head.type={t} needs data.img_size (the input edge)")
         _check_unused(h.task, self.data, self.eval)

@@ -51,8 +51,9 @@ class BoxPromptSpec(ImageNetwork):
         return normalizer(recipe.data)
 
     def describe(self, recipe, data: TrainData) -> str:
-        return (f"box-prompt segmentation (MedSAM-style), {recipe.tuning}, Dice + BCE, boxes from masks jittered by "
-                f"up to {recipe.head.box_jitter} px")
+        warm = f" after {recipe.head_warmup_steps} steps of the head alone (LP-FT)" if recipe.head_warmup_steps else ""
+        return (f"box-prompt segmentation (MedSAM-style), {recipe.tuning}{warm}, Dice + BCE, boxes from masks jittered "
+                f"by up to {recipe.head.box_jitter} px")
 
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),

@@ -23,15 +23,11 @@ from medfound.registry import HEADS
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.run.selection import apply_selection, build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
-from medfound.tasks.images import TimmExport, check_img_size, image_training_data
+from medfound.tasks.images import TimmExport, check_img_size, image_training_data, tuning_words
 from medfound.train.checkpoint import load_checkpoint
 
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha}) + classifier", "full": "full fine-tuning",
                "linear_probe": "linear probe (frozen backbone)", "last_k": "last {k} blocks + classifier"}
-
-
-def tuning_text(recipe, texts: dict[str, str]) -> str:
-    return texts[recipe.tuning].format(r=recipe.lora.r, alpha=recipe.lora.alpha, k=recipe.last_k)
 
 
 @register_task
@@ -71,7 +67,7 @@ class ClassificationSpec(TimmExport):
     def describe(self, recipe, data: TrainData) -> str:
         schema = endpoint(data.manifests[0].label_schema, recipe.head.binary_threshold)
         loss = "sigmoid binary cross-entropy per finding" if schema.type == "multilabel" else "cross-entropy"
-        return f"{tuning_text(recipe, TUNING_TEXT)}, {loss}"
+        return f"{tuning_words(recipe, TUNING_TEXT)}, {loss}"
 
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),

@@ -65,3 +65,12 @@ class ImageNetwork(TaskBase):
 
     def parameter_table(self, module, recipe) -> None:
         print_parameter_table(module, recipe.tuning, backbone="model.net.encoder.vit.")  # a CNN: all head
+
+
+def tuning_words(recipe, texts: dict[str, str]) -> str:
+    """How a fine-tuning recipe adapts its backbone, in the words of the card's training stage: the tuning's text
+    from `texts` (per kind), then the head warm-up when the recipe has one (LP-FT)."""
+    words = texts[recipe.tuning].format(r=recipe.lora.r, alpha=recipe.lora.alpha, k=recipe.last_k)
+    if recipe.head_warmup_steps:
+        words += f" after {recipe.head_warmup_steps} steps of the head alone (LP-FT)"
+    return words

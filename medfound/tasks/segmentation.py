@@ -25,7 +25,7 @@ from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.run.selection import build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
-from medfound.tasks.images import ImageNetwork
+from medfound.tasks.images import ImageNetwork, tuning_words
 
 KIND_TEXT = {"images": "image", "dicom": "DICOM"}
 TUNING_TEXT = {"lora": "LoRA (r={r}, alpha={alpha})", "full": "full fine-tuning", "linear_probe": "frozen backbone",
@@ -55,7 +55,7 @@ class SegmentationSpec(ImageNetwork):
         return normalizer(recipe.data) if seg.intensity == "imagenet" and seg.spatial_dims == 2 else None
 
     def describe(self, recipe, data: TrainData) -> str:
-        tuning = TUNING_TEXT[recipe.tuning].format(r=recipe.lora.r, alpha=recipe.lora.alpha, k=recipe.last_k)
+        tuning = tuning_words(recipe, TUNING_TEXT)
         return f"{recipe.head.type} segmentation, {tuning}, Dice + cross-entropy"
 
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:

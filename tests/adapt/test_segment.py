@@ -13,7 +13,7 @@ from medfound.adapt.tuning import merged_segmenter
 from medfound.config import ConfigError, FinetuneRecipe, OptimConfig
 from medfound.registry import HEADS as HEAD_REGISTRY
 
-from helpers import TINY_VIT, assert_gradients_only_where_trainable
+from helpers import TINY_VIT, assert_gradients_only_where_trainable, moved_by_step
 
 VIT = {"name": "vit_tiny_patch16_224", "model_args": {**TINY_VIT, "depth": 3}}
 BASE = {"kind": "finetune", "data": {"shards": ["unused"], "batch_size": 2}, "optim": {"lr": 1e-3},
@@ -198,3 +198,18 @@ def test_visualize_every_runs_for_segmentation_and_is_refused_where_nothing_draw
         folder = "pretrain" if "dinov2" in recipe else "adapt"
         with pytest.raises(ConfigError, match=f"trainer.visualize_every=5: {why} .*remove it from the recipe"):
             load_recipe(ROOT / folder / f"{recipe}.yaml", ["trainer.visualize_every=5"])
+
+
+def test_head_warmup_holds_the_vit_while_the_decoder_learns():
+    """head_warmup_steps reaches the segmentation task from the recipe: the ViT's LoRA adapters hold for the
+    warm-up steps while the UNETR decoder learns, then train."""
+    torch.manual_seed(0)
+    task = build_task(recipe("unetr", "lora", head_warmup_steps=2, trainer={"output_dir": "unused", "max_steps": 5}))
+    for n, p in task.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    assert task.head_warmup_steps == 2 and task.touches_gradients
+    moved = moved_by_step(task, batch(2, size=(32, 32)), 3)
+    vit = {n for n, p in task.named_parameters() if p.requires_grad and ".vit." in n}
+    assert vit and not moved[0] & vit and not moved[1] & vit and moved[0]
+    assert vit <= moved[2]

@@ -12,7 +12,7 @@ from medfound.adapt.tuning import apply_tuning, merged_copy, parameter_table
 from medfound.config import LoraConfig
 from medfound.data.manifest import LabelSchema
 
-from helpers import TINY_VIT, assert_gradients_only_where_trainable
+from helpers import TINY_VIT, assert_gradients_only_where_trainable, moved_by_step
 
 SCHEMA = LabelSchema(type="ordinal", names=["0", "1", "2", "3", "4"])
 D, MLP = TINY_VIT["embed_dim"], 4 * TINY_VIT["embed_dim"]
@@ -119,3 +119,27 @@ def test_full_fine_tuning_gets_layer_wise_lr_decay():
     assert by_name["blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** depth)
     assert by_name["patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
     assert len(by_name) == sum(1 for _ in task.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full", "last_k"])
+def test_head_warmup_trains_the_classifier_alone_then_the_tuning(strategy):
+    """head_warmup_steps (LP-FT): for the first steps only the classifier moves (weight decay included: the held
+    parameters are skipped, not decayed); after them the tuning's parameters train too."""
+    task = _task(strategy)
+    for n, p in task.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: move off the init so A gets a gradient
+            torch.nn.init.normal_(p, std=0.02)
+    task.head_warmup_steps = 2
+    assert task.touches_gradients
+    moved = moved_by_step(task, _batch(), 4)
+    head = {n for n, p in task.named_parameters() if p.requires_grad and ".head." in f".{n}"}
+    assert head and moved[0] == head and moved[1] == head
+    assert moved[2] > head  # the backbone's trainable parameters move from the first step after the warm-up
+    assert all(n in moved[3] for n, p in task.named_parameters() if p.requires_grad)
+
+
+def test_without_head_warmup_every_trainable_parameter_moves_from_the_first_step():
+    task = _task("full")
+    assert not task.touches_gradients
+    moved = moved_by_step(task, _batch(), 1)
+    assert moved[0] == {n for n, p in task.named_parameters() if p.requires_grad}
