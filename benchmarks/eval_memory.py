@@ -71,7 +71,7 @@ def main() -> int:
         peak, seconds = peak_rss_mb(cmd)
         report = json.loads((out / "eval.json").read_text())
         ext = report["external"][0]
-        results[n] = {"peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1), "images": ext["n"],
+        results[n] = {"peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1), "images": ext["num_samples"],
                       "pixel_f1": ext["metrics"].get("pixel_f1"), "pixel_auroc": ext["metrics"].get("pixel_auroc")}
         print(f"N={n}: peak RSS {peak:,.0f} MB, {seconds:.0f} s", flush=True)
     first, last = results[counts[0]], results[counts[-1]]
