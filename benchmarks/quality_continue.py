@@ -77,7 +77,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100, help="head warm-up steps of the continuation")
     ap.add_argument("--teacher-momentum", type=float, default=None,
                     help="the continuation's starting teacher momentum (default: the recipe's 0.999); the result "
-                         "is then written as continue_pneumonia_to_retina_mNNNN.json")
+                         "is then written as continue_pneumonia_to_retina_mNNNN.json (and _sSTEPS for other than "
+                         "400 steps)")
     args = ap.parse_args()
     mf, start_time = medfound_bin(), time.time()
     shards = {}
@@ -151,7 +152,8 @@ def main() -> int:
                                 (("continued", "start"), ("naive", "start"), ("continued", "naive"))]
                          for task in shards},
               "minutes_this_call": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
-    tag = f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else ""
+    tag = (f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else "") + \
+        (f"_s{args.steps}" if args.steps != 400 else "")
     save_result(f"continue_pneumonia_to_retina{tag}", result, ("targets", "test_knn_auroc"))
     return 0
 
