@@ -72,7 +72,7 @@ def main() -> int:
         report = json.loads((out / "eval.json").read_text())
         ext = report["external"][0]
         results[n] = {"peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1), "images": ext["num_samples"],
-                      "pixel_f1": ext["metrics"].get("pixel_f1"), "pixel_auroc": ext["metrics"].get("pixel_auroc")}
+                      "pixel_f1": ext["metrics"].get("pixel_f1"), "pixel_auc": ext["metrics"].get("pixel_auc")}
         print(f"N={n}: peak RSS {peak:,.0f} MB, {seconds:.0f} s", flush=True)
     first, last = results[counts[0]], results[counts[-1]]
     h, w = 584 * args.scale, 565 * args.scale

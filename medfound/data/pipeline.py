@@ -514,17 +514,16 @@ def make_loader(urls: list[str] | list[list[str]], decoding: Decoding, *, batch_
     sample exactly once in shard order (per rank and worker). `reading` picks and verifies the shard bytes."""
     train, o, r, d = order is not None, order or TrainOrder(), reading, decoding
     sets = [list(s) for s in urls] if urls and isinstance(urls[0], (list, tuple)) else [list(urls)]
+    if o.weights is not None and not o.resampled:
+        raise ValueError("mixing weights need a resampled stream (data.resampled=true)" +
+                         ("; global_order is for finite training streams" if o.global_order else ""))
     if o.resampled:
         w = list(o.weights) if o.weights is not None else [float(len(s)) for s in sets]
         total = o.samples_per_epoch or sum(len(s) for s in sets) * 1000
         stages: list = [mixed_samples(sets, w, total, o.seed, o.epoch, r.verify)]
     elif o.global_order:
-        if o.weights is not None:
-            raise ValueError("global_order is for finite training streams; mixing weights need a resampled one")
         stages = [_shard_order([u for s in sets for u in s], True, o.seed, o.epoch), shard_stage(r.verify)]
     else:
-        if o.weights is not None:
-            raise ValueError("mixing weights need a resampled stream (data.resampled=true)")
         stages = [_shard_order([u for s in sets for u in s], train, o.seed, o.epoch)] + \
             ([wds.split_by_node] if r.split_by_node else []) + [wds.split_by_worker, shard_stage(r.verify)]
     if r.keys is not None:

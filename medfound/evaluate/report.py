@@ -125,7 +125,7 @@ class ClassificationScorer(ProbabilityScorer):
         bar = eval_progress(manifest, splits, f"external {manifest.name}" if external else f"evaluate {split}",
                             self.recipe.trainer.progress)
         loader = make_loader(urls, Decoding(prepare(d, eval_image_transform(d)), labelled=True,
-                                            num_classes=self.manifest.label_schema.num_classes,
+                                            num_classes=self.manifest.label_schema.num_classes,  # stored range
                                             multilabel=self.multilabel, max_bad_fraction=d.max_bad_fraction,
                                             keep_meta=agg.by if agg and not external else ()),
                              batch_size=d.eval_batch_size, reading=Reading(verify="sha256"), num_workers=d.num_workers)

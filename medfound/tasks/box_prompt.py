@@ -26,7 +26,7 @@ from medfound.publish.licences import for_export
 from medfound.run import backbone_structure, lineage, parent_lineage
 from medfound.run.selection import build_selection
 from medfound.tasks.base import NETWORK_SNIPPET, TrainData, load_strict, register_task
-from medfound.tasks.images import ImageNetwork
+from medfound.tasks.images import ImageNetwork, warmup_words
 
 
 
@@ -51,9 +51,8 @@ class BoxPromptSpec(ImageNetwork):
         return normalizer(recipe.data)
 
     def describe(self, recipe, data: TrainData) -> str:
-        warm = f" after {recipe.head_warmup_steps} steps of the head alone (LP-FT)" if recipe.head_warmup_steps else ""
-        return (f"box-prompt segmentation (MedSAM-style), {recipe.tuning}{warm}, Dice + BCE, boxes from masks jittered "
-                f"by up to {recipe.head.box_jitter} px")
+        return (f"box-prompt segmentation (MedSAM-style), {recipe.tuning}{warmup_words(recipe)}, Dice + BCE, boxes "
+                f"from masks jittered by up to {recipe.head.box_jitter} px")
 
     def lineage(self, recipe, state, data: TrainData) -> dict[str, Any]:
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),

@@ -70,7 +70,9 @@ class ImageNetwork(TaskBase):
 def tuning_words(recipe, texts: dict[str, str]) -> str:
     """How a fine-tuning recipe adapts its backbone, in the words of the card's training stage: the tuning's text
     from `texts` (per kind), then the head warm-up when the recipe has one (LP-FT)."""
-    words = texts[recipe.tuning].format(r=recipe.lora.r, alpha=recipe.lora.alpha, k=recipe.last_k)
-    if recipe.head_warmup_steps:
-        words += f" after {recipe.head_warmup_steps} steps of the head alone (LP-FT)"
-    return words
+    return texts[recipe.tuning].format(r=recipe.lora.r, alpha=recipe.lora.alpha, k=recipe.last_k) + warmup_words(recipe)
+
+
+def warmup_words(recipe) -> str:
+    """The head warm-up of a fine-tuning recipe (head_warmup_steps, LP-FT) as the card's stage says it; "" without."""
+    return f" after {recipe.head_warmup_steps} steps of the head alone (LP-FT)" if recipe.head_warmup_steps else ""
