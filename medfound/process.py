@@ -14,6 +14,7 @@ run lock and writing checkpoints, so `trainer.resume=auto` is refused. Two mecha
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -61,6 +62,7 @@ def stop_when_launcher_dies() -> bool:
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return False
     pid = os.getpid()
+    faulthandler.enable()  # a rank that dies in native code (SIGABRT, SIGSEGV) prints where its Python stood
 
     def stop() -> None:
         print(f"medfound: the launcher of process {pid} is gone; stopping after a last checkpoint", file=sys.stderr,
@@ -87,10 +89,16 @@ def torchrun_group() -> tuple[int, int, Any, bool]:
     return rank, world, dist, True
 
 
-def end_group() -> None:
+def end_group(succeeded: bool = True) -> None:
     """Close this process's torch.distributed group if one is open. A gloo group left open at interpreter exit can
     abort the process ("terminate called without an active exception", exit -6) after its work is done, which
-    torchrun reports as a failed run; every verb ends through here (torch is not imported for it)."""
+    torchrun reports as a failed run; every verb ends through here (torch is not imported for it).
+
+    After a verb that succeeded, every rank first meets at a barrier, so no rank tears its connections down while
+    another still runs (rank 0 alone writes the export and the evaluation): the teardown is collective, as torch's
+    documentation asks. After a failure there is no barrier (a peer may never arrive; torchrun stops the others)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if succeeded:
+            dist.barrier()
         dist.destroy_process_group()

@@ -53,10 +53,12 @@ def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    code = 1
     try:
-        return _main(argv)
+        code = _main(argv)
+        return code
     finally:
-        end_group()  # a torchrun verb's gloo group is closed before exit (an open one can abort the process)
+        end_group(code == 0)  # a torchrun verb's gloo group is closed before exit (an open one can abort the process)
 
 
 def _main(argv: Optional[list[str]]) -> int:

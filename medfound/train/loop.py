@@ -414,6 +414,7 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
     logger.close()
     if not state.preempted:
         state.module = strategy.export_module(inner)
+    strategy.close()
     return state
 
 

@@ -152,6 +152,9 @@ class DDPStrategy:
         """Called on every rank after training: the trained module with plain tensors on the main process."""
         return inner if self.main else None
 
+    def close(self) -> None:
+        """Called on every rank once training and the export are done: release what the strategy holds."""
+
 
 class FSDPStrategy(DDPStrategy):
     """FSDP2 per transformer block + root; DCP checkpoints."""

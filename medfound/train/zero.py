@@ -186,6 +186,13 @@ class ZeroStrategy(DDPStrategy):
         self._shell.load_state_dict({**buffers, **full}, strict=True, assign=True)
         return self._shell
 
+    def close(self) -> None:
+        """DeepSpeed's own teardown (its hooks and partition buffers), while the interpreter and the process group
+        are alive rather than at exit."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
 
 def to_universal(checkpoint: Path) -> Path:
     """DeepSpeed's `ds_to_universal` of a zero checkpoint, into `checkpoint/zero_universal` (once; atomic), read
