@@ -74,6 +74,10 @@ def main() -> int:
     ap.add_argument("--source-steps", type=int, default=1000, help="DINOv2 steps of the source backbone if made here")
     ap.add_argument("--steps", type=int, default=400, help="continuation steps, each arm")
     ap.add_argument("--every", type=int, default=50, help="monitor look every N steps")
+    ap.add_argument("--naive-steps", type=int, default=None,
+                    help="steps of the naive restart (default: --steps); it is the contrast for the early dip, so a "
+                         "long continuation can be set against a short restart (recorded per arm)")
+    ap.add_argument("--naive-every", type=int, default=None, help="its monitor looks (default: --every)")
     ap.add_argument("--warmup", type=int, default=100, help="head warm-up steps of the continuation")
     ap.add_argument("--teacher-momentum", type=float, default=None,
                     help="the continuation's starting teacher momentum (default: the recipe's 0.999); the result "
@@ -107,6 +111,10 @@ def main() -> int:
                           "optim.warmup_steps=30",
                           *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else [])],
             "naive": ["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=100"]}
+    if args.naive_steps or args.naive_every:
+        every = args.naive_every or args.every
+        arms["naive"] += [f"trainer.max_steps={args.naive_steps or args.steps}", f"trainer.checkpoint_every={every}",
+                          f"monitor.every={every}"]
     minutes = {}
     for arm, (recipe, *extra) in arms.items():
         out = args.work / arm
@@ -145,7 +153,9 @@ def main() -> int:
     result = {"source": "medfound DINOv2 (tiny ViT) pretrained on PneumoniaMNIST training images, no labels",
               "target": "RetinaMNIST training images, no labels", "steps": args.steps, "every": args.every,
               "command": "python benchmarks/quality_continue.py " + " ".join(sys.argv[1:]),
-              "arms": {arm: {"recipe": spec[0], "overrides": common + spec[1:], "minutes": minutes[arm]}
+              "arms": {arm: {"recipe": spec[0], "overrides": common + spec[1:], "minutes": minutes[arm],
+                             "steps": json.loads((args.work / arm / "export" / "config.json").read_text())
+                             ["medfound"].get("steps")}
                        for arm, spec in arms.items()},
               "monitor_retinamnist_val_knn_auroc": looks, "test_knn_auroc": knn, "targets": targets,
               "paired": {task: [paired(done["paired"], task, a, b) for a, b in

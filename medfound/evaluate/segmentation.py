@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from medfound.data.scale import structure_size
 from medfound.evaluate.bootstrap import percentile_interval, resample_means
+from medfound.evaluate.markdown import overlay_picture
 
 CONVENTIONS = {
     "region": "pixels outside segment.roi (when set) are ignored",
@@ -182,9 +183,9 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
         if batch.get("site") and batch["site"][0]:
             row["site"] = batch["site"][0]
         if len(overlays) < n_overlays:
-            overlays.append({"key": key, "image": batch["image"][0].float().numpy(),
-                             "truth": batch["mask"][0, 0].numpy(), "pred": shown.argmax(0).numpy(),
-                             "dice": {k: v for k, v in row.items() if k.startswith("dice/")}})
+            overlays.append(overlay_picture(key, batch["image"][0].float().numpy(), batch["mask"][0, 0].numpy(),
+                                            shown.argmax(0).numpy(),
+                                            {k: v for k, v in row.items() if k.startswith("dice/")}))
     return scorer, skipped, overlays
 
 

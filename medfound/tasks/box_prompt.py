@@ -19,6 +19,7 @@ from medfound.data.loaders import image_train_loader, normalizer
 from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 from medfound.evaluate.bootstrap import percentile_interval, resample_means
+from medfound.evaluate.markdown import overlay_picture
 from medfound.evaluate.procedure import ScoredSet, Scorer
 from medfound.evaluate.records import dataset_block, split_urls, trained_modalities
 from medfound.publish.export import export_model
@@ -193,8 +194,8 @@ def score_boxes(predictor, urls: list[str], manifest, mask_name: str, what: str,
                      "box": [round(v, 1) for v in box], "dice": round(dice, 4), "pixels": int(m.sum())})
         if len(overlays) < n_overlays:
             img = np.asarray(sample["image"], dtype=np.float32)
-            overlays.append({"key": sample["key"], "image": img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
-                             "truth": m.astype(np.int64), "pred": pred.astype(np.int64), "dice": {"dice/box": dice}})
+            overlays.append(overlay_picture(sample["key"], img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0),
+                                            m.astype(np.uint8), pred.astype(np.uint8), {"dice/box": dice}))
     if not rows:
         raise ValueError(f"{what} yielded no samples")
     return rows, overlays

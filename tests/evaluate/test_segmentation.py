@@ -539,3 +539,34 @@ def test_the_error_map_fills_found_extra_and_missed_pixels():
     assert tuple(rgb[2, 2]) == ERROR_COLOURS["tp"] and tuple(rgb[3, 3]) == ERROR_COLOURS["fn"]
     assert tuple(rgb[0, 0]) == ERROR_COLOURS["fp"] and tuple(rgb[7, 7]) == (0, 0, 0)
     assert (rgb == ERROR_COLOURS["fn"]).all(-1).sum() == 4
+
+
+def test_an_overlay_is_kept_small_and_keeps_thin_structures(tmp_path):
+    """Issue 30: report.md kept its overlays at full resolution (float32 image, int64 masks: 330 MB for a 3390x3504
+    fundus, 1.5 GB of peak each when drawn). A picture is shrunk by a whole factor to at most 1024 px a side; a
+    1-px vessel stays a line, a block takes the foreground label it holds most of, never one it does not hold."""
+    from medfound.evaluate.markdown import overlay_picture, plot_overlay, reduce_labels
+
+    h, w = 3390, 3504
+    truth = np.zeros((h, w), np.int64)
+    truth[1000, :] = 1  # a one-pixel vessel along a whole row
+    truth[2000:2004, 100:104] = 2  # a block of label 2 ...
+    truth[2000, 100] = 1  # ... with one pixel of label 1 inside
+    pred = np.zeros_like(truth)
+    image = np.random.default_rng(0).random((3, h, w), dtype=np.float32)
+    pic = overlay_picture("fundus", image, truth, pred, {"dice/vessel": 0.5})
+    k = pic["shrunk"]
+    assert k == 4 and pic["image"].shape == (848, 876, 3) and pic["image"].dtype == np.uint8
+    assert pic["truth"].shape == (848, 876) and pic["truth"].dtype == np.uint8
+    assert sum(a.nbytes for a in (pic["image"], pic["truth"], pic["pred"])) < 4e6
+    assert (pic["truth"][1000 // k] == 1).all()  # the vessel is unbroken
+    assert pic["truth"][2000 // k, 100 // k] == 2 and set(np.unique(pic["truth"])) == {0, 1, 2}
+    assert not pic["pred"].any()
+    assert np.array_equal(reduce_labels(truth[:8, :8], 1), truth[:8, :8])
+    # a volume keeps the slice with the most truth; a small image is kept as it is
+    vol = np.zeros((16, 16, 5), np.int64)
+    vol[2:6, 2:6, 3] = 1
+    pic = overlay_picture("ct", np.zeros((1, 16, 16, 5), np.float32), vol, vol, {})
+    assert pic["shrunk"] == 1 and pic["truth"].sum() == 16 and pic["image"].shape == (16, 16)
+    plot_overlay(tmp_path / "o.png", pic)
+    assert (tmp_path / "o.png").stat().st_size > 1000
