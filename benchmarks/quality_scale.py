@@ -21,8 +21,8 @@ give); train the U-Net as benchmarks/quality_monuseg.py does; then `medfound eva
 `segment.mpp=0.25` (each image resized by its own recorded um/px over 0.25, predictions scored at its own size).
 Pooled pixel F1 and Dice. Target: with normalisation within 0.02 F1 of native.
 
---arms (issue 30) adds, on DRIVE: `segment.scale=auto` (the factor chosen per image from the predicted vessels'
-thickness, label-free), auto with `eval.tta_scales=[0.8,1,1.25]`, and a second U-Net trained with
+--arms (issue 30) adds, on DRIVE: `segment.scale=auto` (the factor chosen per image, label-free, from the image's
+own vessel calibre at the centre of the model's prediction against the training images'), auto with `eval.tta_scales=[0.8,1,1.25]`, and a second U-Net trained with
 `segment.random_scale=[0.7,1.4]` scored as is and with auto; on MoNuSeg: auto at 2x (no regression where the mpp
 contract already works). The targets and what each arm reached are in the result's `targets` / `met`.
 

@@ -228,9 +228,10 @@ class SegmentConfig(Strict):
     scale: Optional[Union[PositiveFloat, Literal["auto"]]] = Field(
         None, description="2-D: resize every image (and its masks) by this factor before training and evaluation; "
                           "predictions are scored at the native size. `auto` (evaluate / predict only, no labels "
-                          "used): per image, the factor at which the thickness of the model's own predicted "
-                          "structures matches the training masks' (searched over 0.5-2x and refined), recorded per "
-                          "image; for external sets whose resolution or labelling style is unknown")
+                          "used): per image, the factor (0.25-4x) that brings the calibre of the image's structures, "
+                          "read from the image at the centre of the model's own prediction, to the training images' "
+                          "(recorded in the export), recorded per image; for external sets whose resolution is "
+                          "unknown")
     random_scale: Optional[tuple[PositiveFloat, PositiveFloat]] = Field(
         None, description="2-D training: resize each decoded image, its mask and FOV/ROI together by a random factor "
                           "drawn log-uniformly in [lo, hi] (nnU-Net: about [0.7, 1.4]), on top of any "

@@ -73,6 +73,62 @@ def iter_metas(shards: Any, split: Optional[str] = None) -> Iterator[dict[str, A
                 yield meta
 
 
+CALIBRE_SIGMAS = np.geomspace(0.5, 16.0, 40)  # the Gaussian scales `calibre_px` selects among (px)
+CALIBRE_POINTS = 20000  # centre pixels read at most (an even subsample beyond)
+
+
+def calibre_px(gray: Any, mask: Any, roi: Any = None) -> Optional[float]:
+    """The calibre of the structures `mask` marks, in pixels, read from the image `gray` ([H, W]) itself: the median,
+    over the mask's centre pixels (its distance transform's ridge; inside `roi` eroded by 8 px), of the Gaussian scale
+    at which the scale-normalised ridge strength sigma^2 * lambda peaks (Lindeberg's scale selection; lambda: the
+    Hessian eigenvalue across a dark structure, or minus the one across a bright one, whichever the mask is against
+    its surroundings), refined between the CALIBRE_SIGMAS by a parabola in log sigma. None without centre pixels.
+
+    It scales with the image's resolution like `structure_size` does, but it is the image's calibre, not the width
+    a mask was drawn or a model paints at: segment.scale=auto compares it, at the centre of the model's own
+    prediction, with the same measure on the training images (see evaluate/segmentation.py)."""
+    from scipy import ndimage as ndi
+
+    g = np.asarray(gray, np.float32)
+    m = np.asarray(mask) > 0
+    if g.ndim != 2 or m.shape != g.shape or not m.any():
+        return None
+    dist = ndi.distance_transform_edt(m)
+    centre = (dist > 0) & (dist >= ndi.maximum_filter(dist, size=3) - 1e-6)
+    if roi is not None:
+        centre &= ndi.binary_erosion(np.asarray(roi) > 0, iterations=8)
+    ys, xs = np.nonzero(centre)
+    if not len(ys):
+        return None
+    if len(ys) > CALIBRE_POINTS:
+        pick = np.linspace(0, len(ys) - 1, CALIBRE_POINTS).round().astype(int)
+        ys, xs = ys[pick], xs[pick]
+    ring = ndi.binary_dilation(m, iterations=3) & ~m
+    dark = not ring.any() or float(g[m].mean()) <= float(g[ring].mean())
+    response = np.empty((len(CALIBRE_SIGMAS), len(ys)), np.float32)
+    for i, s in enumerate(CALIBRE_SIGMAS):
+        gxx = ndi.gaussian_filter(g, s, order=(0, 2))[ys, xs]
+        gyy = ndi.gaussian_filter(g, s, order=(2, 0))[ys, xs]
+        gxy = ndi.gaussian_filter(g, s, order=(1, 1))[ys, xs]
+        root = np.sqrt((gxx - gyy) ** 2 + 4 * gxy ** 2)
+        response[i] = (gxx + gyy + root) / 2 * s * s if dark else -(gxx + gyy - root) / 2 * s * s
+    k = response.argmax(0)
+    keep = response[k, np.arange(len(k))] > 0  # a ridge of the right polarity
+    if not keep.any():
+        return None
+    k, r = k[keep], response[:, keep]
+    cols = np.arange(len(k))
+    inner = (k > 0) & (k < len(CALIBRE_SIGMAS) - 1)
+    offset = np.zeros(len(k))
+    a, b, c = r[np.maximum(k - 1, 0), cols], r[k, cols], r[np.minimum(k + 1, len(CALIBRE_SIGMAS) - 1), cols]
+    curve = a - 2 * b + c
+    ok = inner & (curve < 0)
+    offset[ok] = np.clip(0.5 * (a[ok] - c[ok]) / curve[ok], -0.5, 0.5)
+    log_sigma = np.log(CALIBRE_SIGMAS)
+    step = log_sigma[1] - log_sigma[0]
+    return round(float(np.exp(np.median(log_sigma[k] + offset * step))), 4)
+
+
 def first_metas(shards: Any, n: int = 16) -> list[dict[str, Any]]:
     """The JSON meta of the first `n` samples of a shard set (every split), decoding no image."""
     return list(itertools.islice(iter_metas(shards), n))

@@ -112,8 +112,8 @@ def external_notes(e: dict[str, Any], keys: list[str]) -> list[str]:
     auto = e.get("auto_scale")
     if auto:
         notes.append(f"`segment.scale=auto` resized its images by {auto['min']:.3g}-{auto['max']:.3g}x (median "
-                     f"{auto['median']:.3g}x), each where the predicted structures are "
-                     f"{auto['target_structure_px']:.3g} px thick as in training (per image: predictions.csv)")
+                     f"{auto['median']:.3g}x), each so that the image's structures where the model finds them have "
+                     f"the training images' calibre, {auto['target_calibre_px']:.3g} px (per image: predictions.csv)")
     lines = [f"**{e['name']}**", "", *[f"- {n}" for n in notes], ""] if notes else []
     if e.get("by_site"):
         lines += [f"Per site of {e['name']}:", "", *site_table(e["by_site"], keys), ""]

@@ -8,6 +8,7 @@ The model is given by the caller, loaded by its task kind (`medfound.tasks`): fo
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ from medfound.data.manifest import read_manifest
 from medfound.data.scale import require_spacing
 from medfound.data.seg_transforms import build_seg_transform, check_mask_members
 from medfound.evaluate.metrics import aggregate_units
-from medfound.evaluate.segmentation import CONVENTIONS, score_loader, trained_structure_px
+from medfound.evaluate.segmentation import CONVENTIONS, auto_target, score_loader
 
 
 @torch.no_grad()
@@ -202,7 +203,7 @@ class SegmentationScorer(Scorer):
                              reading=Reading(verify="sha256"), num_workers=d.num_workers)
         scorer, skipped, overlays = score_loader(self.model, self.normalize, loader, seg, hd=seg.hd95, bar=bar,
                                                  n_overlays=self.n_overlays, tta=ev.tta_scales,
-                                                 auto_target=self.auto_target() if seg.scale == "auto" else None)
+                                                 auto_target=self.auto_target if seg.scale == "auto" else None)
         bar.close()
         if not scorer.per_image:
             raise ValueError(f"{f'external set {where}' if external else f'split {split!r} of {where}'} yielded "
@@ -217,9 +218,10 @@ class SegmentationScorer(Scorer):
                          dataset_block(manifest, where, split, len(scorer.per_image)), result["per_image"],
                          overlays, warnings, [] if external else skipped)
 
-    def auto_target(self) -> Optional[float]:
-        """segment.scale=auto: the training structure size as the model saw it (trained_structure_px)."""
-        return trained_structure_px(network_lineage(self.export).get("scale"), self.internal_segment)
+    @functools.cached_property
+    def auto_target(self) -> float:
+        """segment.scale=auto: the training images' calibre as the model saw it (evaluate.segmentation.auto_target)."""
+        return auto_target(network_lineage(self.export).get("scale"), self.recipe, self.internal_segment)
 
     def header(self, internal: ScoredSet) -> dict[str, Any]:
         return {"class_names": self.recipe.segment.names}
@@ -253,7 +255,7 @@ class SegmentationScorer(Scorer):
                 **({"inference_overrides": {f"segment.{k}": v for k, v in self.overrides.items()}}
                    if self.overrides else {}),
                 **({"auto_scale": {"median": float(np.median(factors)), "min": min(factors), "max": max(factors),
-                                   "target_structure_px": round(self.auto_target(), 3)}} if factors else {})}
+                                   "target_calibre_px": round(self.auto_target, 3)}} if factors else {})}
 
     def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
         write_rows(path, [(s.name, s.rows) for s in sets])

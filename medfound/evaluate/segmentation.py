@@ -26,7 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfound.data.scale import structure_size
+from medfound.data.loaders import prepare
+from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
+from medfound.data.scale import calibre_px
+from medfound.data.seg_transforms import build_seg_transform
 from medfound.evaluate.bootstrap import percentile_interval, resample_means
 from medfound.evaluate.markdown import overlay_picture
 
@@ -74,7 +77,8 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, patch: list[int],
     return torch.softmax(logits.float(), dim=1)
 
 
-AUTO_GRID = tuple(2 ** (k / 3) for k in range(-3, 4))  # segment.scale=auto searches 0.5x..2x, geometric steps
+AUTO_RANGE = (0.25, 4.0)  # the factors segment.scale=auto may choose
+AUTO_SAMPLES = 8  # training images its target is measured on
 
 
 def resized(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -101,47 +105,62 @@ def predict_scaled(model: torch.nn.Module, image: torch.Tensor, seg, factors: Se
     return out / len(factors)
 
 
-def predicted_thickness(probs: torch.Tensor) -> Optional[float]:
-    """The structure size (medfound.data.scale.structure_size) of a prediction's foreground (any class > 0)."""
-    return structure_size((probs.argmax(1)[0] > 0).cpu().numpy())
+def image_gray(image: torch.Tensor) -> np.ndarray:
+    """`[1, C, H, W]` -> the channel mean `[H, W]` (numpy, float32) that `calibre_px` reads."""
+    return image[0].float().mean(0).cpu().numpy()
 
 
-def trained_structure_px(stats: Optional[dict[str, Any]], seg) -> Optional[float]:
-    """segment.scale=auto's target: the training masks' structure size (an export's lineage `scale`, `stats`) as
-    the model saw it in training, i.e. after the trained run's own resampling (`seg`: its scale, fov_diameter or
-    mpp); None where the training data recorded none."""
-    stats = stats or {}
-    if not stats.get("structure_px"):
-        return None
-    factor = 1.0
-    if isinstance(seg.scale, (int, float)):
-        factor = float(seg.scale)
-    elif seg.fov_diameter and stats.get("fov_diameter_px"):
-        factor = seg.fov_diameter / stats["fov_diameter_px"]
-    elif seg.mpp and stats.get("mpp"):
-        factor = stats["mpp"] / seg.mpp
-    return stats["structure_px"] * factor
+def training_calibre(shards: Any, split: str, seg, data, n: int = AUTO_SAMPLES) -> Optional[float]:
+    """segment.scale=auto's target: the median `calibre_px` of the first `n` training images at the centre of their
+    masks, as the model saw them (the evaluation transform of the trained `seg`: its scale, fov_diameter or mpp
+    applied). Recorded in the export's lineage (`scale.calibre_px`) when a 2-D segmentation run is trained."""
+    loader = make_loader(shard_urls([shards], split)[0],
+                         Decoding(prepare(data, build_seg_transform(seg, train=False, window=data.window))),
+                         batch_size=1, reading=Reading(split_by_node=False))
+    found = []
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        roi = batch["roi"][0, 0].numpy() if "roi" in batch else None
+        c = calibre_px(image_gray(batch["image"]), batch["mask"][0, 0].numpy() > 0, roi)
+        if c:
+            found.append(c)
+    return round(float(np.median(found)), 4) if found else None
+
+
+def auto_target(scale_record: Optional[dict[str, Any]], recipe, seg) -> float:
+    """The training calibre a model's segment.scale=auto aims at: its export's lineage `scale.calibre_px`, else
+    measured on its training shards (runs exported before medfound recorded it). `seg`: the trained segment
+    settings."""
+    recorded = (scale_record or {}).get("calibre_px")
+    if recorded:
+        return float(recorded)
+    shards = recipe.data.shards[0]
+    try:
+        found = training_calibre(shards, recipe.data.train_split, seg, recipe.data)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"segment.scale=auto needs the calibre of the training images, which this model's export "
+                         f"does not record, and its training shards {shards} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): give a "
+                         "factor, segment.scale=FACTOR, or retrain with this medfound (it records it)") from None
+    if not found:
+        raise ValueError(f"segment.scale=auto: the training images of {shards} have no labelled structure to measure "
+                         "a calibre on: give a factor, segment.scale=FACTOR")
+    return found
 
 
 @torch.no_grad()
-def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float) -> float:
-    """segment.scale=auto, label-free: the factor at which the thickness of the model's own predicted structures
-    (in the resized image's pixels) equals `target`, the training masks' structure size as the model saw them.
-    Measured over AUTO_GRID, then refined where log(thickness / target) changes sign (linear in log factor); the
-    closest grid factor where it never does; 1 when the model finds nothing at any factor."""
-    measured = []
-    for f in AUTO_GRID:
-        t = predicted_thickness(predict_probs(model, resized(image, f), seg.patch_size, seg.overlap))
-        if t:
-            measured.append((f, math.log(t / target)))
-    if not measured:
+def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float, gray: np.ndarray,
+                 roi: Optional[np.ndarray] = None) -> float:
+    """segment.scale=auto, label-free: segment the image as it is, read the calibre of the image's own structures at
+    the centre of that prediction (`calibre_px` of `gray` under the predicted foreground) and return the factor that
+    brings it to `target`, the training images' calibre as the model saw them (within AUTO_RANGE). 1 when nothing is
+    found. The image, not the prediction's width, is measured: below its training scale a model paints structures at
+    the width it learnt, so their thickness does not say how far off the scale is."""
+    probs = predict_probs(model, image, seg.patch_size, seg.overlap)
+    found = calibre_px(gray, (probs.argmax(1)[0] > 0).cpu().numpy(), roi)
+    if not found:
         return 1.0
-    for (f0, e0), (f1, e1) in zip(measured, measured[1:]):
-        if e0 == 0:
-            return f0
-        if e0 * e1 < 0:
-            return math.exp(math.log(f0) + (math.log(f1) - math.log(f0)) * e0 / (e0 - e1))
-    return min(measured, key=lambda fe: abs(fe[1]))[0]
+    return float(min(max(target / found, AUTO_RANGE[0]), AUTO_RANGE[1]))
 
 
 def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, *, hd: bool = True,
@@ -154,18 +173,19 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
     eval.tta_scales; `auto_target`: with segment.scale=auto, the training structure size each image's factor is
     matched to (recorded per image as `scale_factor`)."""
     if seg.scale == "auto" and not auto_target:
-        raise ValueError("segment.scale=auto matches the predicted structures' thickness to the training masks', "
-                         "but the model's training data records no structure size (shard sets made before medfound "
-                         "recorded structure_px): give a number, segment.scale=FACTOR")
+        raise ValueError("segment.scale=auto needs the training images' calibre (auto_target): give a number, "
+                         "segment.scale=FACTOR")
     device = next(model.parameters()).device
     scorer, skipped, overlays = SegmentationScorer(seg.names, hd=hd), [], []
     for batch in loader:
         if bar is not None:
             bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
         skipped += batch.pop("_bad", [])
+        gray = image_gray(batch["image"]) if seg.scale == "auto" else None
         image = batch["image"].to(device)
         image = (image if normalize is None else normalize(image)).float()
-        factor = choose_scale(model, image, seg, auto_target) if seg.scale == "auto" else 1.0
+        factor = choose_scale(model, image, seg, auto_target, gray,
+                              batch["roi"][0, 0].numpy() if "roi" in batch else None) if seg.scale == "auto" else 1.0
         probs = predict_scaled(model, image, seg, [factor * t for t in (tta or [1.0])])[0].cpu()
         shown = probs  # overlays are drawn on the grid the model saw
         roi = batch["roi"][0, 0] if "roi" in batch else None

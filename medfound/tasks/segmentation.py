@@ -17,8 +17,8 @@ from medfound.data.scale import scale_stats
 from medfound.data.seg_transforms import build_seg_transform
 from medfound.evaluate.records import network_lineage
 from medfound.evaluate.report import SegmentationScorer, normalised_scale
-from medfound.evaluate.segmentation import (choose_scale, predict_probs, predict_scaled, score_loader,
-                                            trained_structure_px)
+from medfound.evaluate.segmentation import (auto_target, choose_scale, image_gray, predict_probs, predict_scaled,
+                                            score_loader, training_calibre)
 from medfound.io import atomic_write_bytes
 from medfound.publish.export import export_model
 from medfound.publish.licences import for_export
@@ -62,9 +62,13 @@ class SegmentationSpec(ImageNetwork):
         record = lineage(recipe, state, data.manifests, self.stage, self.describe(recipe, data),
                          parent_lineage(recipe.backbone))
 
+        scale = scale_stats(recipe.data.shards[0], recipe.data.train_split)  # the scale it expects
+        if recipe.segment.spatial_dims == 2:  # segment.scale=auto's target, measured once here
+            calibre = training_calibre(recipe.data.shards[0], recipe.data.train_split, recipe.segment, recipe.data)
+            if calibre:
+                scale["calibre_px"] = calibre
         record.update(tuning=recipe.tuning, head=recipe.head.model_dump(),
-                      segment=recipe.segment.model_dump(mode="json"),
-                      scale=scale_stats(recipe.data.shards[0], recipe.data.train_split))  # the scale it expects
+                      segment=recipe.segment.model_dump(mode="json"), scale=scale)
         return record
 
     def export(self, recipe, module, lineage: dict[str, Any], data: TrainData, export: Path) -> dict[str, Any]:
@@ -158,12 +162,10 @@ class SegmentationSpec(ImageNetwork):
             if volumes:
                 raise ValueError("--scale resizes 2-D images; volumes are resampled by the recipe's segment.spacing")
 
-            target = trained_structure_px(network_lineage(run.export).get("scale"), seg)
             scale = "auto" if str(scale) == "auto" else float(scale)
+            if scale == "auto":
+                target = auto_target(network_lineage(run.export).get("scale"), recipe, seg)
             seg = seg.model_copy(update={"scale": scale, "fov_diameter": None, "mpp": None})
-            if scale == "auto" and not target:
-                raise ValueError("--scale auto matches the predicted structures' thickness to the training masks', "
-                                 "but the model's training data records no structure size: give a factor")
         if volumes and staged.kind in ("images", "dicom"):
             raise ValueError(f"this model segments volumes, but the inputs are {KIND_TEXT[staged.kind]} files: "
                              "give it NIfTI or NRRD volumes (a DICOM series: convert it to NIfTI first, e.g. with "
@@ -191,10 +193,13 @@ class SegmentationSpec(ImageNetwork):
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
                                    disable=not rt.progress) as bar:
             for batch in loader:
+                gray = image_gray(batch["image"]) if seg.scale == "auto" else None
+                roi = batch["roi"][0, 0].numpy() if seg.scale == "auto" and "roi" in batch else None
                 image = batch["image"].to(device)
                 image = image if normalize is None else normalize(image)
                 with rt.autocast(device):  # eval.tta_scales and --scale auto as in evaluation (2-D)
-                    factor = choose_scale(model, image.float(), seg, target) if seg.scale == "auto" else 1.0
+                    factor = choose_scale(model, image.float(), seg, target, gray, roi) \
+                        if seg.scale == "auto" else 1.0
                     probs = (predict_scaled(model, image.float(), seg,
                                             [factor * t for t in (recipe.eval.tta_scales or [1.0])])
                              if not volumes else
