@@ -603,3 +603,18 @@ def test_an_overlay_is_kept_small_and_keeps_thin_structures(tmp_path):
     assert pic["shrunk"] == 1 and pic["truth"].sum() == 16 and pic["image"].shape == (16, 16)
     plot_overlay(tmp_path / "o.png", pic)
     assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+def test_auto_reads_the_recorded_training_calibre_or_names_the_fix(tmp_path):
+    """segment.scale=auto's target is the export's `scale.calibre_px`; an export made before medfound recorded it
+    reads its training shards, and where those are gone the error says what to pass instead."""
+    from types import SimpleNamespace
+
+    from medfound.config import SegmentConfig
+    from medfound.evaluate.segmentation import auto_target
+
+    seg = SegmentConfig(patch_size=[32, 32])
+    recipe = SimpleNamespace(data=SimpleNamespace(shards=[str(tmp_path / "gone")], train_split="train"))
+    assert auto_target({"calibre_px": 1.5, "structure_px": 4.9}, recipe, seg) == 1.5
+    with pytest.raises(ValueError, match=r"training shards .*gone cannot be read .*segment\.scale=FACTOR"):
+        auto_target({"structure_px": 4.9}, recipe, seg)
