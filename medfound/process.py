@@ -62,7 +62,10 @@ def stop_when_launcher_dies() -> bool:
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return False
     pid = os.getpid()
-    faulthandler.enable()  # a rank that dies in native code (SIGABRT, SIGSEGV) prints where its Python stood
+    try:  # a rank that dies in native code (SIGABRT, SIGSEGV) prints where its Python stood
+        faulthandler.enable()
+    except (AttributeError, OSError, RuntimeError, ValueError):  # an stderr without a file descriptor
+        pass
 
     def stop() -> None:
         print(f"medfound: the launcher of process {pid} is gone; stopping after a last checkpoint", file=sys.stderr,
