@@ -139,9 +139,10 @@ def auto_target(scale_record: Optional[dict[str, Any]], recipe, seg) -> float:
     try:
         found = training_calibre(shards, recipe.data.train_split, seg, recipe.data)
     except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"segment.scale=auto needs the calibre of the training images, which this model's export "
-                         f"does not record, and its training shards {shards} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): give a "
-                         "factor, segment.scale=FACTOR, or retrain with this medfound (it records it)") from None
+                         f"does not record, and its training shards {shards} cannot be read ({why}): give a factor, "
+                         "segment.scale=FACTOR, or retrain with this medfound (it records it)") from None
     if not found:
         raise ValueError(f"segment.scale=auto: the training images of {shards} have no labelled structure to measure "
                          "a calibre on: give a factor, segment.scale=FACTOR")
@@ -170,8 +171,8 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
     score it in its native geometry: (the scorer, the skipped samples' reports, up to `n_overlays` pictures of the
     grid the model saw). The one inference-and-scoring path of `medfound evaluate` and of validation during training
     (`eval.every`); `normalize`: the device-side normaliser, None where the transform already normalised. `tta`:
-    eval.tta_scales; `auto_target`: with segment.scale=auto, the training structure size each image's factor is
-    matched to (recorded per image as `scale_factor`)."""
+    eval.tta_scales; `auto_target`: with segment.scale=auto, the training images' calibre each image's factor is
+    matched to (`auto_target`; recorded per image as `scale_factor`)."""
     if seg.scale == "auto" and not auto_target:
         raise ValueError("segment.scale=auto needs the training images' calibre (auto_target): give a number, "
                          "segment.scale=FACTOR")
