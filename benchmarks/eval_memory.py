@@ -33,7 +33,9 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
                "subprocess.run(sys.argv[1:], check=True)\n"
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return int(done.stdout.strip().splitlines()[-1]) / 1024, time.time() - start
 
 
@@ -65,7 +67,10 @@ def main() -> int:
             run([mf, "shard", "images", str(drive), "--table", str(table), "--out", str(shards), "--name",
                  f"drive_x{args.scale:g}_{n}", "--modality", "fundus", "--keep-names", "--scale", str(args.scale),
                  "--license", "DRIVE research-use terms", "--attribution", "DRIVE, Staal et al., IEEE TMI 2004"])
-        out = args.work / f"eval_{n}"
+        out, again = args.work / f"eval_{n}", 1
+        while out.exists():  # an earlier measurement is kept; evaluate never writes over a folder
+            again += 1
+            out = args.work / f"eval_{n}_{again}"
         cmd = [mf, "evaluate", str(args.run_dir), str(shards), "--out", str(out), "eval.bootstrap=200"]
         print("$", " ".join(cmd), flush=True)
         peak, seconds = peak_rss_mb(cmd)
