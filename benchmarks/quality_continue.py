@@ -84,6 +84,7 @@ def main() -> int:
                          "is then written as continue_pneumonia_to_retina_mNNNN.json (and _sSTEPS for other than "
                          "400 steps)")
     args = ap.parse_args()
+    args.work, args.source = args.work.resolve(), args.source.resolve()  # suite.yaml's paths are read from its folder
     mf, start_time = medfound_bin(), time.time()
     shards = {}
     for name, folder in (("pneumoniamnist", args.source / "shards"), ("retinamnist", args.work / "retina_shards")):
