@@ -2,21 +2,25 @@
 
     python benchmarks/quality_continue.py                      # -> results/continue_pneumonia_to_retina.json
     python benchmarks/quality_continue.py --steps 200 --every 50
+    python benchmarks/quality_continue.py --source-set retinamnist --target-set pneumoniamnist --export best \
+        --work runs/bench/continue_r2p                         # -> results/continue_retina_to_pneumonia_best.json
 
-No weights can be downloaded here, so a medfound DINOv2 backbone pretrained on chest X-rays (PneumoniaMNIST's
-training images, no labels: the `dino` backbone of benchmarks/quality_label_efficiency.py, made here if absent)
-stands in for released weights. It is continued on fundus photographs (RetinaMNIST's training images, no labels) two
-ways, the same number of steps each:
+No weights can be downloaded here, so a medfound DINOv2 backbone pretrained on one MedMNIST set's training images (no
+labels; default chest X-rays, PneumoniaMNIST: the `dino` backbone of benchmarks/quality_label_efficiency.py, made here
+if absent) stands in for released weights. It is continued on another set's training images (no labels; default
+fundus photographs, RetinaMNIST) two ways:
 - `continued`: pretrain/continue_dinov2.yaml (new heads warmed up on the frozen backbone, continuation lr 1e-4 with
-  layer decay 0.75, teacher momentum 0.999, the teacher temperature at its final value, the collapse guard);
+  layer decay 0.75, teacher momentum 0.999, the teacher temperature at its final value, the collapse guard; with
+  `--export best`, monitor.export=best: the export is its best look on the validation split, not the last step;
+  with `--gram-weight W`, Gram anchoring to the starting weights);
 - `naive`: pretrain/demo_dinov2_tiny.yaml pointed at the weights (new heads trained with the backbone from step 0,
   the from-scratch lr 5e-4, teacher momentum 0.992, a temperature warm-up): the setting of dinov2#204.
-The representation monitor scores k-NN (k = 20) on RetinaMNIST's validation split at step 0 (the starting weights)
-and every N steps. Then `medfound bench` (k-NN on frozen features, the whole training split as the bank) scores the
-start and both continuations on both test splits, RetinaMNIST (the new domain) and PneumoniaMNIST (the source
-domain), with BCa intervals and paired differences on the same test images. Targets (issue 28): the continuation
-shows no dip (its new-domain k-NN at every look >= the start's minus the half-width of the start's test interval)
-and ends above the start on the new domain; the naive restart is the contrast.
+The representation monitor scores k-NN (k = 20) on the new domain's validation split at step 0 (the starting
+weights) and every N steps. Then `medfound bench` (k-NN on frozen features, the whole training split as the bank)
+scores the start and both continuations on both test splits, the new domain's and the source domain's, with BCa
+intervals and paired differences on the same test images. Targets (issue 28): the continuation shows no dip (its
+new-domain k-NN at every look >= the start's minus the half-width of the start's test interval) and ends above the
+start on the new domain; the naive restart is the contrast.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ TINY = "{img_size: 32, patch_size: 4, depth: 6, dynamic_img_size: true, drop_pat
 SHARD_ARGS = {"retinamnist": ["--modality", "fundus", "--label-type", "ordinal",
                               "--label-names", "no DR,mild,moderate,severe,proliferative"],
               "pneumoniamnist": ["--modality", "cxr", "--label-names", "normal,pneumonia"]}
+SHORT = {"retinamnist": "retina", "pneumoniamnist": "pneumonia"}
 
 
 def suite_yaml(shards: dict[str, Path]) -> str:
@@ -69,8 +74,13 @@ def paired(rows: list[dict], task: str, a: str, b: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "continue")
-    ap.add_argument("--source", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency" / "pneumoniamnist",
-                    help="folder with the source's shards/ (and dino/export, else pretrained here)")
+    ap.add_argument("--source-set", choices=sorted(SHARD_ARGS), default="pneumoniamnist",
+                    help="the domain the \"released\" weights were pretrained on")
+    ap.add_argument("--target-set", choices=sorted(SHARD_ARGS), default="retinamnist",
+                    help="the new domain the continuation trains on (and the monitor scores)")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="folder with the source's shards/ (and dino/export, else pretrained here); default "
+                         "runs/bench/label_efficiency/SOURCE_SET")
     ap.add_argument("--source-steps", type=int, default=1000, help="DINOv2 steps of the source backbone if made here")
     ap.add_argument("--steps", type=int, default=400, help="continuation steps, each arm")
     ap.add_argument("--every", type=int, default=50, help="monitor look every N steps")
@@ -81,13 +91,23 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100, help="head warm-up steps of the continuation")
     ap.add_argument("--teacher-momentum", type=float, default=None,
                     help="the continuation's starting teacher momentum (default: the recipe's 0.999); the result "
-                         "is then written as continue_pneumonia_to_retina_mNNNN.json (and _sSTEPS for other than "
+                         "is then written as continue_SRC_to_TGT_mNNNN.json (and _sSTEPS for other than "
                          "400 steps)")
+    ap.add_argument("--export", choices=("last", "best"), default="last",
+                    help="the continuation's monitor.export: best exports its best look on the validation split "
+                         "(the result is then written with the suffix _best)")
+    ap.add_argument("--gram-weight", type=float, default=0.0,
+                    help="the continuation's objective.gram_weight: Gram anchoring to the starting weights (DINOv3: "
+                         "2; the result is then written with the suffix _gramW)")
     args = ap.parse_args()
-    args.work, args.source = args.work.resolve(), args.source.resolve()  # suite.yaml's paths are read from its folder
+    if args.source_set == args.target_set:
+        ap.error("--source-set and --target-set name the same set: a continuation goes to another domain")
+    args.source = args.source or ROOT / "runs" / "bench" / "label_efficiency" / args.source_set
+    args.work, args.source = args.work.resolve(), args.source.resolve()
+    src, tgt = args.source_set, args.target_set  # suite.yaml's paths are read from its folder
     mf, start_time = medfound_bin(), time.time()
     shards = {}
-    for name, folder in (("pneumoniamnist", args.source / "shards"), ("retinamnist", args.work / "retina_shards")):
+    for name, folder in ((src, args.source / "shards"), (tgt, args.work / f"{SHORT[tgt]}_shards")):
         npz = SHARED / "medmnist" / f"{name}.npz"
         if not (folder / "manifest.json").is_file():
             if not npz.is_file():
@@ -97,20 +117,21 @@ def main() -> int:
         shards[name] = folder
     source = args.source / "dino" / "export"
     if not (source / "model.safetensors").is_file():
-        run([mf, "pretrain", "pretrain/demo_dinov2_tiny.yaml", f"data.shards=[{shards['pneumoniamnist']}]",
+        run([mf, "pretrain", "pretrain/demo_dinov2_tiny.yaml", f"data.shards=[{shards[src]}]",
              "data.weights=null", f"trainer.max_steps={args.source_steps}", "trainer.checkpoint_every=250",
              "objective.teacher_temp_warmup_steps=300", f"trainer.output_dir={args.source / 'dino'}",
              "trainer.resume=auto"])
     common = [f"backbone.weights={source}", "backbone.name=null", f"backbone.model_args={TINY}",
-              f"data.shards=[{shards['retinamnist']}]", "data.weights=null", "data.img_size=32", "data.batch_size=32",
+              f"data.shards=[{shards[tgt]}]", "data.weights=null", "data.img_size=32", "data.batch_size=32",
               "data.num_workers=2", "data.multicrop={global_crops: 2, local_crops: 4, local_size: 16}",
               "objective.out_dim=1024", "objective.hidden_dim=256", "objective.bottleneck_dim=64",
               f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.every}", "trainer.log_every=20",
               "trainer.precision=fp32", "trainer.loggers=[]", "trainer.resume=auto",
-              f"monitor.shards={shards['retinamnist']}", "monitor.split=val", f"monitor.every={args.every}"]
+              f"monitor.shards={shards[tgt]}", "monitor.split=val", f"monitor.every={args.every}"]
     arms = {"continued": ["pretrain/continue_dinov2.yaml", f"objective.head_warmup_steps={args.warmup}",
                           "optim.warmup_steps=30",
-                          *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else [])],
+                          *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else []),
+                          f"monitor.export={args.export}", f"objective.gram_weight={args.gram_weight}"],
             "naive": ["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=100"]}
     if args.naive_steps or args.naive_every:
         every = args.naive_every or args.every
@@ -133,7 +154,7 @@ def main() -> int:
     knn = {task: {b: {k: pick(done["results"], task=task, backbone=b, protocol="knn")[k]
                       for k in ("value", "low", "high")} for b in ("start", "continued", "naive")}
            for task in shards}
-    start = knn["retinamnist"]["start"]
+    start = knn[tgt]["start"]
     half = (start["high"] - start["low"]) / 2
     looks = {arm: [(h["step"], h["knn_auroc"]) for h in monitor[arm]] for arm in arms}
     start_look = looks["continued"][0][1]
@@ -148,24 +169,27 @@ def main() -> int:
         "continuation_shows_no_dip": no_dip("continued"),
         "contrast_naive_restart_shows_no_dip": no_dip("naive"),
         "continuation_ends_above_the_start_on_the_new_domain": {
-            "met": paired(done["paired"], "retinamnist", "continued", "start")["low"] > 0,
-            **paired(done["paired"], "retinamnist", "continued", "start")},
+            "met": paired(done["paired"], tgt, "continued", "start")["low"] > 0,
+            **paired(done["paired"], tgt, "continued", "start")},
     }
-    result = {"source": "medfound DINOv2 (tiny ViT) pretrained on PneumoniaMNIST training images, no labels",
-              "target": "RetinaMNIST training images, no labels", "steps": args.steps, "every": args.every,
+    result = {"source": f"medfound DINOv2 (tiny ViT) pretrained on {src} training images, no labels",
+              "target": f"{tgt} training images, no labels", "steps": args.steps, "every": args.every,
               "command": "python benchmarks/quality_continue.py " + " ".join(sys.argv[1:]),
               "arms": {arm: {"recipe": spec[0], "overrides": common + spec[1:], "minutes": minutes[arm],
                              "steps": json.loads((args.work / arm / "export" / "config.json").read_text())
                              ["medfound"].get("steps")}
                        for arm, spec in arms.items()},
-              "monitor_retinamnist_val_knn_auroc": looks, "test_knn_auroc": knn, "targets": targets,
+              "exported_step": {arm: json.loads((args.work / arm / "export" / "config.json").read_text())
+                                ["medfound"]["monitor"].get("exported_step") for arm in arms},
+              f"monitor_{tgt}_val_knn_auroc": looks, "test_knn_auroc": knn, "targets": targets,
               "paired": {task: [paired(done["paired"], task, a, b) for a, b in
                                 (("continued", "start"), ("naive", "start"), ("continued", "naive"))]
                          for task in shards},
               "minutes_this_call": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
     tag = (f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else "") + \
-        (f"_s{args.steps}" if args.steps != 400 else "")
-    save_result(f"continue_pneumonia_to_retina{tag}", result, ("targets", "test_knn_auroc"))
+        (f"_s{args.steps}" if args.steps != 400 else "") + ("_best" if args.export == "best" else "") + \
+        (f"_gram{args.gram_weight:g}" if args.gram_weight else "")
+    save_result(f"continue_{SHORT[src]}_to_{SHORT[tgt]}{tag}", result, ("targets", "test_knn_auroc"))
     return 0
 
 

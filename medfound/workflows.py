@@ -52,7 +52,7 @@ def train(recipe: PretrainRecipe | FinetuneRecipe, command: str = "medfound trai
     record = spec.lineage(recipe, state, data)
     if data.subset is not None:  # a labelled training subset (data.train_fraction / train_shots)
         record["train_subset"] = data.subset.record
-    if selection is not None:  # selection restores the best validation step; a monitor reports its last look
+    if selection is not None:  # selection restores the best validation step; a monitor its best look (export: best)
         block, extra = selection.finish(state.module)
         record.update(block)
         summary.update(extra)

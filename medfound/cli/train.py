@@ -77,7 +77,9 @@ def report(summary: dict, verb: str) -> None:
         print(f"  export: {summary['export']}{check}")
     if summary.get("monitor"):
         m = summary["monitor"]
-        print(f"  monitor (last look): k-NN auroc {m.get('knn_auroc', 'n/a')}, accuracy {m.get('knn_accuracy')}, "
+        look = (f"exported look, step {summary['monitor_step']}" if summary.get("monitor_step") is not None
+                and summary["monitor_step"] != summary["step"] else "last look")
+        print(f"  monitor ({look}): k-NN auroc {m.get('knn_auroc', 'n/a')}, accuracy {m.get('knn_accuracy')}, "
               f"feature std {m.get('feature_std')}, effective rank {m.get('effective_rank')}"
               + ("  COLLAPSED" if m.get("collapsed") else ""))
     if "selected_step" in summary:

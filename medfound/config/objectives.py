@@ -68,12 +68,24 @@ class DINOConfig(Strict):
                                                         "heads that are loaded)")
     fresh_heads: bool = Field(False, description="start new heads even when backbone.weights holds DINO heads "
                                                  "(dino_heads.safetensors)")
+    gram_weight: float = Field(0.0, ge=0, description="Gram anchoring (DINOv3, Simeoni et al. 2025): weight of the "
+                                                      "loss holding the patch-to-patch cosine similarities of the "
+                                                      "student's global views at a frozen Gram teacher's (DINOv3: 2); "
+                                                      "0: off")
+    gram_refresh_steps: Optional[int] = Field(None, gt=0, description="copy the EMA teacher into the Gram teacher "
+                                                                      "every N steps (DINOv3 from scratch: 10,000); "
+                                                                      "null: it stays the starting weights (a "
+                                                                      "continuation anchored to what it continues)")
 
     def describe(self) -> str:
         warm = f"; new heads warmed up {self.head_warmup_steps} steps on the frozen backbone" \
             if self.head_warmup_steps else ""
+        gram = "" if not self.gram_weight else (
+            f"; Gram anchoring x{self.gram_weight} to " + (f"the teacher refreshed every {self.gram_refresh_steps} "
+                                                            "steps" if self.gram_refresh_steps else
+                                                            "the starting weights"))
         return (f"DINOv2 + iBOT + KoLeo ({self.out_dim} prototypes, {self.centering.replace('_', '-')}, "
-                f"teacher momentum {self.momentum[0]}->{self.momentum[1]}{warm}; teacher exported)")
+                f"teacher momentum {self.momentum[0]}->{self.momentum[1]}{warm}{gram}; teacher exported)")
 
 
 OBJECTIVES.register("mae", config=MAEConfig, builder="medfound.pretrain.mae:build_mae",

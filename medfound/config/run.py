@@ -127,7 +127,8 @@ class CardConfig(Strict):
 class MonitorConfig(Strict):
     """What pretraining learns, watched while it runs (medfound/run/monitor.py): every `every` steps the backbone
     embeds a labelled shard set (frozen, evaluation transform), and k-NN from `bank_split` to `split` scores its
-    features; their per-dimension spread and effective rank flag a collapse (all images mapped to one point)."""
+    features; their per-dimension spread and effective rank flag a collapse (all images mapped to one point).
+    `export: best` exports the best look instead of the last one."""
 
     shards: ShardLocation = Field(description="a labelled shard set (any single-label one: the data's own labels, "
                                               "or a small labelled sample of the archive)")
@@ -138,6 +139,12 @@ class MonitorConfig(Strict):
     temperature: float = Field(0.07, gt=0, description="vote temperature (DINO: 0.07)")
     max_bank: int = Field(4000, gt=0, description="at most this many bank samples (the first ones, in shard order)")
     max_queries: int = Field(2000, gt=0, description="at most this many scored samples")
+    export: Literal["last", "best"] = Field(
+        "last", description="which look the export holds: last (the last step), or best (the look with the highest "
+                            "`select`, the starting weights' look included; its whole state is kept in "
+                            "RUN_DIR/monitor/best.safetensors): a continuation that peaks early and drifts")
+    select: Literal["knn_auroc", "knn_accuracy"] = Field("knn_auroc", description="the value `export: best` ranks "
+                                                                                   "looks by (a tie keeps the earlier)")
 
 
 class Derived(Strict):

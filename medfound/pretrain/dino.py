@@ -9,7 +9,10 @@ Per step, for a batch of multi-crop views (`batch["crops"]`: global views first,
 2. The student sees every view; in a share of the global views (`mask_probability`) a block-wise mask
    (ratio uniform in `mask_ratio`) replaces patch embeddings by a learned mask token.
 3. Loss = DINO cross-entropy (class tokens, every student view against every other teacher global view)
-   + iBOT cross-entropy (masked patch tokens) + `koleo_weight` x KoLeo (student class tokens).
+   + iBOT cross-entropy (masked patch tokens) + `koleo_weight` x KoLeo (student class tokens)
+   [+ `gram_weight` x Gram anchoring (DINOv3): the student's patch-to-patch similarities on the global views held
+   at those of a frozen Gram teacher: the starting weights of a continuation, or the EMA teacher copied in every
+   `gram_refresh_steps`; written from the paper, without its high-resolution Gram-teacher inputs].
 4. After the optimizer step the teacher moves towards the student (momentum cosine 0.992 -> 1); during
    the first `freeze_last_layer_steps` the heads' last layers are not updated.
 Monitors returned with the loss: teacher target entropy (normalised by log K; ~0 means collapse to one
@@ -31,8 +34,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from medfound.backbones import vit_geometry, vit_tokens
-from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp,
-                                           update_center)
+from medfound.pretrain.dino_losses import (centered_softmax, dino_loss, gram_loss, ibot_loss, koleo_loss,
+                                           sinkhorn_knopp, update_center)
 from medfound.pretrain.masking import block_mask
 from medfound.train.optim import vit_param_groups
 
@@ -88,6 +91,8 @@ class DINOv2Settings:
     head_warmup_steps: optimizer steps during which the student's backbone gets no update (its gradients are
         dropped before the step) while the heads and the mask token train: continuing from released weights whose
         heads are new, the heads learn the backbone's features before their gradients reach it.
+    gram_weight, gram_refresh_steps: Gram anchoring (DINOv3) and how often the EMA teacher is copied into the
+        Gram teacher (0: never, it stays the backbone the objective was built around).
     """
 
     out_dim: int = 65536
@@ -109,6 +114,8 @@ class DINOv2Settings:
     freeze_last_layer_steps: int = 0
     global_crops: int = 2
     head_warmup_steps: int = 0
+    gram_weight: float = 0.0
+    gram_refresh_steps: int = 0
 
 
 HEAD_SHAPE = ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "ibot_separate_head")  # built, not run-time
@@ -138,6 +145,9 @@ class DINOv2(nn.Module):
             if hasattr(m, "drop_prob"):
                 m.drop_prob = 0.0
         self.teacher.requires_grad_(False)
+        self.gram_teacher: Optional[nn.Module] = None
+        if st.gram_weight > 0:  # the anchor: a frozen copy of the backbone as built (a continuation's start)
+            self.gram_teacher = copy.deepcopy(self.teacher["backbone"])
         self.mask_token = nn.Parameter(torch.zeros(1, geo.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("center", torch.zeros(1, st.out_dim))
@@ -151,6 +161,8 @@ class DINOv2(nn.Module):
     def train(self, mode: bool = True) -> "DINOv2":
         super().train(mode)
         self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
 
     def export_backbone(self) -> nn.Module:
@@ -229,6 +241,13 @@ class DINOv2(nn.Module):
         l_ibot = ibot_loss(ibot_s(s_patch_g[masks]), t_patch_targets, image_index, masks.shape[0], st)
         l_koleo = sum(koleo_loss(c) for c in s_cls_g.chunk(g)) / g
         loss = self.cfg["dino_weight"] * l_dino + self.cfg["ibot_weight"] * l_ibot + self.cfg["koleo_weight"] * l_koleo
+        extra = {}
+        if self.gram_teacher is not None:
+            with torch.no_grad():
+                _, g_patch = self.tokens(self.gram_teacher, globals_)
+            l_gram = gram_loss(s_patch_g, g_patch)
+            loss = loss + self.cfg["gram_weight"] * l_gram
+            extra["gram_loss"] = l_gram.detach()
 
         with torch.no_grad():
             t_all = torch.cat(t_targets)
@@ -238,7 +257,7 @@ class DINOv2(nn.Module):
         return {"loss": loss, "dino_loss": l_dino.detach(), "ibot_loss": l_ibot.detach(),
                 "koleo_loss": l_koleo.detach(), "teacher_entropy": entropy, "student_feature_std": s_std,
                 "teacher_feature_std": t_std, "teacher_temp": torch.tensor(temp),
-                "masked_views": masks.any(1).float().sum()}
+                "masked_views": masks.any(1).float().sum(), **extra}
 
     def collapse(self, values: dict) -> Optional[str]:
         """The loop's collapse guard (train/loop.py): a description when the logged window shows the features
@@ -309,6 +328,11 @@ class DINOv2(nn.Module):
             t.mul_(m).add_(student[name].detach(), alpha=1 - m)
         self.step.fill_(step + 1)
         self.max_steps.fill_(max_steps)
+        refresh = self.cfg["gram_refresh_steps"]
+        if self.gram_teacher is not None and refresh and (step + 1) % refresh == 0:
+            gram = dict(self.gram_teacher.named_parameters())
+            for name, t in self.teacher["backbone"].named_parameters():
+                gram[name].copy_(t)
 
     def param_groups(self, cfg) -> list[dict]:
         """Student backbone with layer-wise lr decay and the patch-embedding multiplier; heads and the mask
@@ -332,8 +356,13 @@ def build_dinov2(recipe, encoder: nn.Module, decoder_from=None) -> DINOv2:
             not getattr(pe, "dynamic_img_size", False):
         raise ValueError(f"local crops of {mc.local_size} px need a backbone that takes several image sizes: set "
                          "backbone.model_args.dynamic_img_size=true")
+    if o.gram_weight and not o.gram_refresh_steps and recipe.backbone.weights is None:
+        raise ValueError("objective.gram_weight anchors the student to the weights it starts from, and this run starts "
+                         "from random weights: set backbone.weights (a continuation), or objective.gram_refresh_steps "
+                         "to anchor to the teacher every N steps (DINOv3: 10000)")
     dino = DINOv2(encoder, DINOv2Settings(**{f.name: getattr(o, f.name) for f in fields(DINOv2Settings)
-                                              if f.name != "global_crops"}, global_crops=mc.global_crops))
+                                              if f.name not in ("global_crops", "gram_refresh_steps")},
+                                          global_crops=mc.global_crops, gram_refresh_steps=o.gram_refresh_steps or 0))
     heads = Path(decoder_from) / HEADS_FILE if decoder_from is not None else None
     if heads is not None and heads.is_file() and not o.fresh_heads:
         dino.load_heads(heads)

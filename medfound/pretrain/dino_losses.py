@@ -10,6 +10,9 @@
 - KoLeo (Sablayrolles et al. 2019): -mean(log distance to the nearest neighbour) of the L2-normalised
   student features in the batch, which spreads them out. Guarded: fewer than two samples -> 0; exact
   duplicates get a floor distance (eps) instead of log(0).
+- Gram anchoring (DINOv3, Simeoni et al. 2025): the squared difference between the Gram matrices (patch-to-patch
+  cosine similarities) of the student's patch tokens and a frozen Gram teacher's on the same global views, which
+  keeps the local feature structure the dense tasks use from degrading over long or continued training.
 
 All reductions that must span the global batch (centre, Sinkhorn sums) are all-reduced when
 torch.distributed is initialised.
@@ -110,3 +113,14 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         nearest = sims.argmax(dim=1)
     distances = F.pairwise_distance(x, x[nearest], eps=eps)
     return -torch.log(distances + eps).mean()
+
+
+def gram_loss(student_patches: torch.Tensor, anchor_patches: torch.Tensor) -> torch.Tensor:
+    """Gram anchoring: mean over images and patch pairs of (cos(s_i, s_j) - cos(g_i, g_j))^2, for `[B, N, D]`
+    student and Gram-teacher patch tokens of the same views (the paper's squared Frobenius norm of the Gram
+    matrices' difference, divided by N^2; 0 when the student keeps the anchor's similarity structure)."""
+    s = F.normalize(student_patches.float(), dim=-1)
+    with torch.no_grad():
+        a = F.normalize(anchor_patches.float(), dim=-1)
+        target = a @ a.transpose(1, 2)
+    return (s @ s.transpose(1, 2) - target).pow(2).mean()

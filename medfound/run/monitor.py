@@ -14,10 +14,18 @@ signals come from the scored features themselves:
 A look whose features collapsed (feature_std < 1e-4, or effective rank < 1.5) prints a warning naming the step. The
 values go to metrics.jsonl, TensorBoard and wandb under `monitor/`, the export's lineage keeps the history and the
 last look, and the model card shows the last look.
+
+The looks are also written to RUN_DIR/monitor/monitor.json (atomically), so a preempted run resumes its history.
+With `monitor.export: best`, a look that beats every earlier one on `monitor.select` (strictly: a tie keeps the
+earlier step; collapsed looks never count; the step-0 look of the starting weights does) saves the objective's whole
+state (student, teacher, heads, decoder) to RUN_DIR/monitor/best.safetensors, and after training that state is loaded
+before the export: the export, its heads, the lineage (`monitor.best_step`) and the card describe the best look.
+A continuation that gains for a few hundred steps and then drifts (benchmarks/quality_continue.py) keeps its peak.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -29,9 +37,11 @@ from medfound.data.loaders import eval_image_transform, normalizer, prepare
 from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 from medfound.evaluate.probes import knn_probs, l2, metric_value
+from medfound.io import atomic_write_bytes, atomic_write_json
 
 COLLAPSE_STD = 1e-4
 COLLAPSE_RANK = 1.5
+DIR = "monitor"
 
 
 def effective_rank(x: np.ndarray) -> float:
@@ -51,11 +61,21 @@ class Monitor:
     prefix = "monitor"
     look_at_start = True  # step 0 too: the starting weights' values (a continuation's baseline)
 
-    def __init__(self, recipe) -> None:
+    def __init__(self, recipe, run_dir: Optional[Path] = None) -> None:
         self.cfg = recipe.monitor
         self.data = recipe.data
+        self.dir = None if run_dir is None else Path(run_dir) / DIR
         self.history: dict[int, dict[str, float]] = {}
         self.warnings: list[str] = []
+        if self.cfg.export == "best" and self.dir is None:
+            raise ValueError("monitor.export=best keeps the best look's state in RUN_DIR/monitor: give the run directory")
+        record = None if self.dir is None else self.dir / "monitor.json"
+        if record is not None and record.is_file():  # a resumed run keeps what it looked at before
+            old = json.loads(record.read_text())
+            if [old.get(k) for k in ("shards", "bank_split", "split")] == [str(self.cfg.shards), self.cfg.bank_split,
+                                                                           self.cfg.split]:
+                self.history = {int(h["step"]): {k: v for k, v in h.items() if k != "step"} for h in old["history"]}
+                self.warnings = list(old.get("warnings", []))
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.cfg.every == 0 or step == max_steps
@@ -105,7 +125,21 @@ class Monitor:
         values = {name: round(v, 6) for name, v in values.items() if v is not None}
         collapsed = values["feature_std"] < COLLAPSE_STD or values["effective_rank"] < COLLAPSE_RANK
         values["collapsed"] = float(collapsed)
+        if step == 0:  # the look at a fresh start: what an earlier run in this directory left is not this run's
+            self.history, self.warnings = {}, []
+            if self.dir is not None:
+                (self.dir / "best.safetensors").unlink(missing_ok=True)
+        before = self.best()
         self.history[step] = values
+        now = self.best()
+        if self.cfg.export == "best" and now is not None and now[0] == step and (before is None or before[0] != step):
+            from safetensors.torch import save
+
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+            atomic_write_bytes(self.dir / "best.safetensors", save(state, metadata={
+                "step": str(step), "select": self.cfg.select, "value": str(now[1])}))
+        if self.dir is not None:
+            atomic_write_json(self.dir / "monitor.json", self.record())
         if collapsed:
             warning = (f"step {step}: the features collapsed (feature_std {values['feature_std']:.2e}, effective rank "
                        f"{values['effective_rank']:.2f}): every image maps to about the same point. Lower the "
@@ -113,22 +147,62 @@ class Monitor:
             self.warnings.append(warning)
             tqdm.write(f"warning: {warning}")
         else:
+            kept = (f" (best: step {now[0]}, {now[1]:.4f})" if self.cfg.export == "best" and now is not None
+                    else "")
             tqdm.write(f"monitor at step {step}: k-NN {self.cfg.split} auroc {values.get('knn_auroc', 'n/a')}, "
                        f"accuracy {values['knn_accuracy']:.4f}; feature std {values['feature_std']:.4f}, effective "
-                       f"rank {values['effective_rank']:.1f}")
+                       f"rank {values['effective_rank']:.1f}{kept}")
         return values
+
+    def best(self) -> Optional[tuple[int, float]]:
+        """(step, value) of the look with the highest `monitor.select`, collapsed looks apart; a tie keeps the
+        earlier step."""
+        scored = [(s, v[self.cfg.select]) for s, v in self.history.items()
+                  if v.get(self.cfg.select) is not None and not v.get("collapsed")]
+        return max(scored, key=lambda sv: (sv[1], -sv[0])) if scored else None
 
     def record(self) -> dict[str, Any]:
         last = max(self.history) if self.history else None
+        best = self.best()
         return {"shards": str(self.cfg.shards), "bank_split": self.cfg.bank_split, "split": self.cfg.split,
-                "every": self.cfg.every, "k": self.cfg.k, "last_step": last,
-                "last": self.history.get(last) if last is not None else None, "warnings": self.warnings,
-                "history": [{"step": s, **self.history[s]} for s in sorted(self.history)]}
+                "every": self.cfg.every, "k": self.cfg.k, "export": self.cfg.export, "select": self.cfg.select,
+                "last_step": last, "last": self.history.get(last) if last is not None else None,
+                "best_step": None if best is None else best[0], "best": None if best is None else self.history[best[0]],
+                "warnings": self.warnings, "history": [{"step": s, **self.history[s]} for s in sorted(self.history)]}
 
     def finish(self, module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the lineage's `monitor` block, what the run summary adds): the export is the last step's backbone."""
+        """(the lineage's `monitor` block, what the run summary adds): the export is the last step's backbone, or
+        with `monitor.export: best` the best look's, loaded into `module` here (`exported_step` says which)."""
         record = self.record()
-        return {"monitor": record}, ({"monitor": record["last"]} if record["last"] else {})
+        exported = record["last_step"]
+        if self.cfg.export == "best":
+            exported = apply_monitor_best(self.dir.parent, module)
+            if exported is None:
+                raise RuntimeError(f"monitor.export=best, but no look was scored on {self.cfg.select} (every look "
+                                   f"collapsed, or the set lacks a class): {self.dir / 'best.safetensors'} was never "
+                                   "written; rerun with monitor.export=last")
+        record["exported_step"] = exported
+        shown = self.history.get(exported) if exported is not None else None
+        return {"monitor": record}, ({"monitor": shown, "monitor_step": exported} if shown else {})
+
+
+def apply_monitor_best(run_dir: Path, module: Any) -> Optional[int]:
+    """Load the monitor's best look (RUN_DIR/monitor/best.safetensors, `monitor.export: best`) into the objective
+    `module`, every key of it (strict), and return its step; None when the run kept none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / DIR / "best.safetensors"
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not fit the objective the recipe builds (missing: {sorted(missing)[:5]}; "
+                           f"unexpected: {sorted(unexpected)[:5]}): it was written by another recipe; delete "
+                           "RUN_DIR/monitor only if you know the run changed")
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["step"])
 
 
 def build_monitor(recipe, run_dir: Optional[Path] = None) -> Optional[Monitor]:
@@ -148,4 +222,4 @@ def build_monitor(recipe, run_dir: Optional[Path] = None) -> Optional[Monitor]:
     if missing:
         raise ConfigError(f"monitor.shards {recipe.monitor.shards} has no split {missing} (it has "
                           f"{', '.join(m.counts['by_split'])}): set monitor.bank_split / monitor.split")
-    return Monitor(recipe)
+    return Monitor(recipe, run_dir)

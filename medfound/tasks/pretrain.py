@@ -11,7 +11,7 @@ from medfound.config import BackboneConfig, PretrainRecipe
 from medfound.data.loaders import image_train_loader, train_image_transform
 from medfound.registry import OBJECTIVES
 from medfound.run import backbone_structure, lineage, parent_lineage
-from medfound.run.monitor import build_monitor
+from medfound.run.monitor import apply_monitor_best, build_monitor
 from medfound.tasks.base import TrainData, register_task
 from medfound.tasks.images import TimmExport, check_img_size, image_training_data
 from medfound.train.checkpoint import load_checkpoint
@@ -67,11 +67,13 @@ class PretrainSpec(TimmExport):
                                          meta={"extra_files": files() if files is not None else None})
 
     def rebuild(self, run_dir: Path, recipe) -> Any:
-        """The trained encoder rebuilt from the recipe and the newest checkpoint (the reference an export must
-        reproduce)."""
+        """The trained encoder rebuilt from the recipe and the newest checkpoint, or the monitor's best look
+        (`monitor.export: best`): the reference an export must reproduce."""
 
         objective = build_objective(recipe, backbone_structure(recipe, run_dir / "export"))
         load_checkpoint(self.checkpoint(run_dir), objective)
+        if recipe.monitor is not None and recipe.monitor.export == "best":
+            apply_monitor_best(run_dir, objective)  # the export holds the monitor's best look
         return objective.export_backbone()
 
     def scorer(self, run, recipe, out: Path) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,6 +41,15 @@ def test_dinov2_continues_with_the_exports_heads_or_warms_up_new_ones_on_a_froze
     heads = load_file(str(start / "export" / "dino_heads.safetensors"))
     assert all(torch.equal(objective.teacher.state_dict()[k], v) for k, v in heads.items())
     assert objective.cfg["head_warmup_steps"] == 0 and objective.momentum(0, 3) == 0.999
+    # Gram anchoring (objective.gram_weight): the anchor is the backbone the run starts from, the export's weights
+    anchored = build_objective(continued(tmp_path / "g", "objective.gram_weight=2"))
+    weights = load_file(str(start / "export" / "model.safetensors"))
+    assert all(torch.equal(anchored.gram_teacher.state_dict()[k], v) for k, v in weights.items())
+    assert "Gram anchoring x2.0 to the starting weights" in continued(tmp_path / "g", "objective.gram_weight=2") \
+        .objective.describe()
+    with pytest.raises(ValueError, match="objective.gram_weight anchors the student to the weights it starts from"):
+        build_objective(load_recipe(ROOT / "pretrain" / "demo_dinov2_tiny.yaml", tiny_pretrain_overrides(
+            shards, tmp_path / "s", objective="dinov2") + ["objective.gram_weight=2"]))
     # new heads (objective.fresh_heads) warm up alone: after 3 warm-up steps the backbone is still the start's
     # (a fast teacher, momentum 0.5, so that the exported teacher heads show the students' training)
     run_pretrain(continued(tmp_path / "fresh", "objective.fresh_heads=true", "objective.head_warmup_steps=3",
