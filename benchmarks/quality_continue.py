@@ -99,7 +99,17 @@ def main() -> int:
     ap.add_argument("--gram-weight", type=float, default=0.0,
                     help="the continuation's objective.gram_weight: Gram anchoring to the starting weights (DINOv3: "
                          "2; the result is then written with the suffix _gramW)")
+    ap.add_argument("--objective", choices=("dinov2", "mae"), default="dinov2",
+                    help="dinov2: continue_dinov2.yaml against demo_dinov2_tiny.yaml; mae: continue_mae.yaml (the "
+                         "export's decoder, blr 5e-5) against demo_mae_tiny.yaml (blr 1.5e-3); the source backbone is "
+                         "SOURCE/dino or SOURCE/mae (result suffix _mae)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override of the continued arm (repeatable), e.g. optim.blr=5e-4; name the result "
+                         "with --tag")
+    ap.add_argument("--tag", default="", help="a suffix of the result's file name")
     args = ap.parse_args()
+    if args.objective == "mae" and (args.gram_weight or args.teacher_momentum):
+        ap.error("--gram-weight and --teacher-momentum are DINOv2 settings")
     if args.source_set == args.target_set:
         ap.error("--source-set and --target-set name the same set: a continuation goes to another domain")
     args.source = args.source or ROOT / "runs" / "bench" / "label_efficiency" / args.source_set
@@ -115,24 +125,35 @@ def main() -> int:
                 return 2
             run([mf, "shard", "npz", str(npz), "--out", str(folder), "--name", name, *SHARD_ARGS[name]])
         shards[name] = folder
-    source = args.source / "dino" / "export"
+    folder = "dino" if args.objective == "dinov2" else "mae"
+    source = args.source / folder / "export"
     if not (source / "model.safetensors").is_file():
-        run([mf, "pretrain", "pretrain/demo_dinov2_tiny.yaml", f"data.shards=[{shards[src]}]",
+        made = (["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=300"]
+                if args.objective == "dinov2" else ["pretrain/demo_mae_tiny.yaml"])
+        run([mf, "pretrain", made[0], f"data.shards=[{shards[src]}]", *made[1:],
              "data.weights=null", f"trainer.max_steps={args.source_steps}", "trainer.checkpoint_every=250",
-             "objective.teacher_temp_warmup_steps=300", f"trainer.output_dir={args.source / 'dino'}",
-             "trainer.resume=auto"])
-    common = [f"backbone.weights={source}", "backbone.name=null", f"backbone.model_args={TINY}",
-              f"data.shards=[{shards[tgt]}]", "data.weights=null", "data.img_size=32", "data.batch_size=32",
-              "data.num_workers=2", "data.multicrop={global_crops: 2, local_crops: 4, local_size: 16}",
-              "objective.out_dim=1024", "objective.hidden_dim=256", "objective.bottleneck_dim=64",
+             f"trainer.output_dir={args.source / folder}", "trainer.resume=auto"])
+    common = [f"backbone.weights={source}", "backbone.name=null", f"data.shards=[{shards[tgt]}]", "data.weights=null",
+              "data.img_size=32", "data.num_workers=2",
               f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.every}", "trainer.log_every=20",
               "trainer.precision=fp32", "trainer.loggers=[]", "trainer.resume=auto",
               f"monitor.shards={shards[tgt]}", "monitor.split=val", f"monitor.every={args.every}"]
-    arms = {"continued": ["pretrain/continue_dinov2.yaml", f"objective.head_warmup_steps={args.warmup}",
-                          "optim.warmup_steps=30",
-                          *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else []),
-                          f"monitor.export={args.export}", f"objective.gram_weight={args.gram_weight}"],
-            "naive": ["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=100"]}
+    if args.objective == "dinov2":
+        common += [f"backbone.model_args={TINY}", "data.batch_size=32",
+                   "data.multicrop={global_crops: 2, local_crops: 4, local_size: 16}",
+                   "objective.out_dim=1024", "objective.hidden_dim=256", "objective.bottleneck_dim=64"]
+        arms = {"continued": ["pretrain/continue_dinov2.yaml", f"objective.head_warmup_steps={args.warmup}",
+                              "optim.warmup_steps=30",
+                              *([f"objective.momentum=[{args.teacher_momentum},1.0]"] if args.teacher_momentum else []),
+                              f"monitor.export={args.export}", f"objective.gram_weight={args.gram_weight}"],
+                "naive": ["pretrain/demo_dinov2_tiny.yaml", "objective.teacher_temp_warmup_steps=100"]}
+    else:  # MAE: the export's decoder continues (continue_mae.yaml); the naive restart is MAE's from-scratch blr
+        common += ["backbone.model_args={img_size: 32, patch_size: 4, depth: 6}", "data.batch_size=64",
+                   "objective.decoder_dim=128", "objective.decoder_depth=2", "objective.decoder_heads=4"]
+        arms = {"continued": ["pretrain/continue_mae.yaml", f"objective.head_warmup_steps={args.warmup}",
+                              "optim.warmup_steps=30", f"monitor.export={args.export}"],
+                "naive": ["pretrain/demo_mae_tiny.yaml"]}
+    arms["continued"] += args.overrides
     if args.naive_steps or args.naive_every:
         every = args.naive_every or args.every
         arms["naive"] += [f"trainer.max_steps={args.naive_steps or args.steps}", f"trainer.checkpoint_every={every}",
@@ -172,7 +193,7 @@ def main() -> int:
             "met": paired(done["paired"], tgt, "continued", "start")["low"] > 0,
             **paired(done["paired"], tgt, "continued", "start")},
     }
-    result = {"source": f"medfound DINOv2 (tiny ViT) pretrained on {src} training images, no labels",
+    result = {"source": f"medfound {'DINOv2' if args.objective == 'dinov2' else 'MAE'} (tiny ViT) pretrained on {src} training images, no labels",
               "target": f"{tgt} training images, no labels", "steps": args.steps, "every": args.every,
               "command": "python benchmarks/quality_continue.py " + " ".join(sys.argv[1:]),
               "arms": {arm: {"recipe": spec[0], "overrides": common + spec[1:], "minutes": minutes[arm],
@@ -186,9 +207,10 @@ def main() -> int:
                                 (("continued", "start"), ("naive", "start"), ("continued", "naive"))]
                          for task in shards},
               "minutes_this_call": round((time.time() - start_time) / 60, 1), "hardware": "2 CPU cores"}
-    tag = (f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else "") + \
+    tag = ("_mae" if args.objective == "mae" else "") + \
+        (f"_m{str(args.teacher_momentum).replace('0.', '')}" if args.teacher_momentum else "") + \
         (f"_s{args.steps}" if args.steps != 400 else "") + ("_best" if args.export == "best" else "") + \
-        (f"_gram{args.gram_weight:g}" if args.gram_weight else "")
+        (f"_gram{args.gram_weight:g}" if args.gram_weight else "") + (f"_{args.tag}" if args.tag else "")
     save_result(f"continue_{SHORT[src]}_to_{SHORT[tgt]}{tag}", result, ("targets", "test_knn_auroc"))
     return 0
 

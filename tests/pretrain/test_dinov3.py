@@ -98,6 +98,13 @@ def test_dinov3_backbones_pretrain_finetune_publish_and_predict(shards, seg_shar
     assert dino["reload_max_abs_diff"] == {"weights": 0.0, "features": 0.0, "output": 0.0}
     units = [type(u).__name__ for u in transformer_blocks(build_objective(recipe))]
     assert units.count("EvaBlock") == 4  # student and teacher, two blocks each
+    anchored = build_objective(load_recipe(ROOT / "pretrain" / "demo_dinov2_tiny.yaml", tiny_pretrain_overrides(
+        shards, tmp_path / "gram", objective="dinov2") + arch + ["objective.gram_weight=2",
+                                                                  "objective.gram_refresh_steps=10"]))
+    assert [type(u).__name__ for u in transformer_blocks(anchored)].count("EvaBlock") == 6  # + the Gram teacher's
+    views = {"crops": [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]}
+    out = anchored(views)  # Gram anchoring on RoPE patch tokens (the register tokens are not patches)
+    assert torch.isfinite(out["gram_loss"]) and out["gram_loss"] > 0
 
     run = tmp_path / "lora"
     summary = run_finetune(load_recipe(ROOT / "adapt" / "demo_classify_lora.yaml",
