@@ -38,6 +38,7 @@ from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import Decoding, Reading, make_loader, shard_urls
 from medfound.evaluate.probes import knn_probs, l2, metric_value
 from medfound.io import atomic_write_bytes, atomic_write_json
+from medfound.run.selection import load_kept_state
 
 COLLAPSE_STD = 1e-4
 COLLAPSE_RANK = 1.5
@@ -188,21 +189,10 @@ class Monitor:
 
 def apply_monitor_best(run_dir: Path, module: Any) -> Optional[int]:
     """Load the monitor's best look (RUN_DIR/monitor/best.safetensors, `monitor.export: best`) into the objective
-    `module`, every key of it (strict), and return its step; None when the run kept none."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(run_dir) / DIR / "best.safetensors"
-    if not path.is_file():
-        return None
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{path} does not fit the objective the recipe builds (missing: {sorted(missing)[:5]}; "
-                           f"unexpected: {sorted(unexpected)[:5]}): it was written by another recipe; delete "
-                           "RUN_DIR/monitor only if you know the run changed")
-    with safe_open(str(path), "pt") as f:
-        return int(f.metadata()["step"])
+    `module`, every key of its state (any difference raises, naming the keys), and return its step; None when the
+    run kept none."""
+    return load_kept_state(Path(run_dir) / DIR / "best.safetensors", module, set(module.state_dict()),
+                           "the objective", "its state", "in its state")
 
 
 def build_monitor(recipe, run_dir: Optional[Path] = None) -> Optional[Monitor]:

@@ -168,21 +168,28 @@ def trainable_state(module: Any) -> dict[str, Any]:
 def apply_selection(run_dir: Path, module: Any) -> Optional[int]:
     """If the run selected a checkpoint (RUN_DIR/selection/best.safetensors), load its tensors into `module` and
     return its step; None when the run had no selection. The saved keys must be exactly the module's trainable
-    parameters and buffers (`kept_names`): strict=False only because the frozen rest is not saved, and any other
-    difference raises, naming the keys."""
+    parameters and buffers (`kept_names`): the frozen rest is not saved."""
+    return load_kept_state(Path(run_dir) / DIR / "best.safetensors", module, kept_names(module),
+                           "the network", "the module's trainable tensors", "trainable")
+
+
+def load_kept_state(path: Path, module: Any, want: set[str], what: str, within: str, kind: str) -> Optional[int]:
+    """Load a kept best state (a safetensors file whose metadata names its `step`: validation selection's, the
+    representation monitor's) into `module` and return the step; None when there is no such file. Its keys must be
+    exactly `want`: strict=False only because a kept state may leave out tensors that cannot change (selection's
+    frozen rest); any other difference raises before anything is loaded, naming the keys (`what` the recipe
+    builds, `within` the keys it wants, `kind` of tensor)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(run_dir) / DIR / "best.safetensors"
     if not path.is_file():
         return None
     state = load_file(str(path))
-    want = kept_names(module)
     unexpected, absent = sorted(set(state) - want), sorted(want - set(state))
     if unexpected or absent:
-        raise RuntimeError(f"{path} does not fit the network the recipe builds (not in the module's trainable "
-                           f"tensors: {unexpected[:5]}; trainable but not saved: {absent[:5]}): it was written for "
-                           "another network or tuning; delete RUN_DIR/selection only if you know the run changed")
+        raise RuntimeError(f"{path} does not fit {what} the recipe builds (not in {within}: {unexpected[:5]}; "
+                           f"{kind} but not saved: {absent[:5]}): it was written by another recipe or tuning; "
+                           f"delete {path.parent} only if you know the run changed")
     module.load_state_dict(state, strict=False)
     with safe_open(str(path), "pt") as f:
         return int(f.metadata()["step"])

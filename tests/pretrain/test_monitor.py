@@ -121,7 +121,7 @@ def test_export_best_exports_the_best_look_and_the_card_says_so(shards, tmp_path
 def test_a_collapsed_look_is_never_the_best_and_the_history_survives_a_restart(shards, tmp_path):
     import timm
 
-    from medfound.run.monitor import Monitor, build_monitor
+    from medfound.run.monitor import Monitor, apply_monitor_best, build_monitor
 
     recipe = load_recipe(ROOT / "pretrain" / "demo_mae_tiny.yaml", tiny_pretrain_overrides(shards, tmp_path / "r") + [
         f"monitor.shards={shards['retina']}", "monitor.every=1", "monitor.max_bank=100", "monitor.max_queries=60",
@@ -150,5 +150,12 @@ def test_a_collapsed_look_is_never_the_best_and_the_history_survives_a_restart(s
     block, summary = again.finish(objective)  # loads the best look's state
     assert block["monitor"]["exported_step"] == 0 and summary["monitor_step"] == 0
     assert all(torch.equal(objective.state_dict()[k], v) for k, v in start.items())
+    depth = recipe.backbone.model_args["depth"]
+    shallower = torch.nn.Module()  # the kept state was written for `depth` blocks, read by one fewer
+    shallower.encoder = timm.create_model(recipe.backbone.name, num_classes=0,
+                                          **{**recipe.backbone.model_args, "depth": depth - 1})
+    with pytest.raises(RuntimeError, match=rf"does not fit the objective the recipe builds \(not in its state: "
+                                           rf"\['encoder\.blocks\.{depth - 1}\."):
+        apply_monitor_best(run_dir, shallower)
     with pytest.raises(ValueError, match="monitor.export=best keeps the best look's state in RUN_DIR/monitor"):
         Monitor(recipe)
