@@ -136,6 +136,7 @@ def test_segmentation_masks_come_back_in_the_inputs_geometry(tmp_path, seg_shard
     assert main(["predict", str(run), inputs[0], "--out", str(tmp_path / "auto"), "--scale", "auto"]) == 0
     (row,) = _rows(tmp_path / "auto" / "predictions.csv")
     assert 0.25 <= float(row["scale_factor"]) <= 4.0  # evaluate.segmentation.AUTO_RANGE
+    assert row["scale_factor"] == row["scale_factor_image"]  # one input: its site's median is its own reading
     assert np.asarray(Image.open(tmp_path / "auto" / row["mask"])).shape == np.asarray(Image.open(inputs[0])).shape[:2]
     assert main(["predict", str(run), inputs[0], "--out", str(tmp_path / "half"), "--scale", "0.5"]) == 0
     (half,) = _rows(tmp_path / "half" / "predictions.csv")

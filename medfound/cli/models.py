@@ -140,10 +140,12 @@ def add_predict(sub) -> None:
                                                             "and study attributes): PNG / NIfTI only")
     g.add_argument("--overlay", action="store_true", help="2-D: also write overlays/KEY.png, the mask painted over "
                                                           "the image")
-    g.add_argument("--scale", metavar="auto|FACTOR", help="2-D: resize the inputs by FACTOR, or `auto`: per image the "
-                                                          "factor at which the predicted structures are as thick as "
-                                                          "in training (label-free; recorded as scale_factor), for "
-                                                          "images from another camera or resolution")
+    g.add_argument("--scale", metavar="auto|auto-image|FACTOR",
+                   help="2-D: resize the inputs by FACTOR, or `auto` (label-free, for images from another camera or "
+                        "resolution): each input's reading of the factor that gives its structures the training "
+                        "images' calibre, and the inputs of one site segmented at the median of their readings "
+                        "(recorded as scale_factor_image and scale_factor); `auto-image`: each input at its own "
+                        "reading (inputs that mix cameras)")
     s.set_defaults(run=run_predict)
 
 

@@ -13,7 +13,7 @@ from medfound.config.base import ShardLocation, Strict
 # what the model was trained on), and the scale a segmentation model's external sets are resampled to (the internal
 # split is always scored as trained)
 EVALUATE_DATA_KEYS = ("eval_batch_size", "num_workers", "verify", "max_bad_fraction")
-EVALUATE_SCALE_KEYS = ("fov_diameter", "scale", "mpp")
+EVALUATE_SCALE_KEYS = ("fov_diameter", "scale", "mpp", "auto_pool")
 
 class AggregateConfig(Strict):
     """Score units made of several images, e.g. a breast seen in CC and MLO views (McKinney et al. 2020)."""

@@ -110,7 +110,14 @@ def external_notes(e: dict[str, Any], keys: list[str]) -> list[str]:
         notes.append("scored with " + ", ".join(f"`{k}={v}`" for k, v in e["inference_overrides"].items())
                      + " (an evaluate override, this set only; the internal split is scored as trained)")
     auto = e.get("auto_scale")
-    if auto:
+    if auto and auto.get("pool", "image") == "site":
+        own = auto["image_readings"]
+        notes.append(f"`segment.scale=auto` resized its images by {auto['min']:.3g}-{auto['max']:.3g}x: per site, "
+                     f"the median of the images' own readings ({own['min']:.3g}-{own['max']:.3g}x, median "
+                     f"{own['median']:.3g}x), each reading the factor that gives the image's structures where the "
+                     f"model finds them the training images' calibre, {auto['target_calibre_px']:.3g} px (per image: "
+                     "predictions.csv)")
+    elif auto:
         notes.append(f"`segment.scale=auto` resized its images by {auto['min']:.3g}-{auto['max']:.3g}x (median "
                      f"{auto['median']:.3g}x), each so that the image's structures where the model finds them have "
                      f"the training images' calibre, {auto['target_calibre_px']:.3g} px (per image: predictions.csv)")

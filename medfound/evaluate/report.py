@@ -250,12 +250,16 @@ class SegmentationScorer(Scorer):
     def external_fields(self, scored: ScoredSet) -> dict[str, Any]:
         """Per class, and the evaluate-time scale overrides this set was scored with (the internal split never
         is: eval.json's `inference` is the trained one)."""
-        factors = [r["scale_factor"] for r in scored.result["per_image"] if r.get("scale_factor")]
+        rows = [r for r in scored.result["per_image"] if r.get("scale_factor")]
+        factors, own = [r["scale_factor"] for r in rows], [r.get("scale_factor_image", r["scale_factor"]) for r in rows]
+        auto = {"median": float(np.median(factors)), "min": min(factors), "max": max(factors),
+                "pool": self.recipe.segment.auto_pool,
+                "image_readings": {"median": float(np.median(own)), "min": min(own), "max": max(own)},
+                "target_calibre_px": round(self.auto_target, 3)} if rows else None
         return {"per_class": scored.result["per_class"],
                 **({"inference_overrides": {f"segment.{k}": v for k, v in self.overrides.items()}}
                    if self.overrides else {}),
-                **({"auto_scale": {"median": float(np.median(factors)), "min": min(factors), "max": max(factors),
-                                   "target_calibre_px": round(self.auto_target, 3)}} if factors else {})}
+                **({"auto_scale": auto} if auto else {})}
 
     def write_predictions(self, path: Path, sets: list[ScoredSet]) -> None:
         write_rows(path, [(s.name, s.rows) for s in sets])

@@ -18,6 +18,7 @@ Conventions (written into every eval.json):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Optional, Sequence
@@ -175,6 +176,34 @@ def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float
     return float(min(max(target / again, AUTO_RANGE[0]), AUTO_RANGE[1])) if again else factor
 
 
+@torch.no_grad()
+def auto_factors(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, target: float,
+                 autocast: Any = contextlib.nullcontext) -> dict[str, tuple[float, float]]:
+    """segment.scale=auto over a whole set, before any image is scored: per image key, (the image's own reading,
+    `choose_scale`; the factor it is segmented at). With segment.auto_pool=site every image of a site (a set
+    without sites: the whole set) is segmented at the median of its images' readings: one camera or scanner gives
+    one scale, and the median outvotes the images whose own reading fails (few structures; a model at the wrong
+    scale that finds only the structures like its training ones: MoNuSeg at 2x, 3 of 14 tiles read near 1).
+    auto_pool=image: each image at its own reading. `autocast`: a context factory (predict's mixed precision)."""
+    device = next(model.parameters()).device
+    own: dict[str, float] = {}
+    sites: dict[str, str] = {}
+    for batch in loader:
+        if "image" not in batch:  # only undecodable samples
+            continue
+        image = batch["image"].to(device)
+        image = (image if normalize is None else normalize(image)).float()
+        roi = batch["roi"][0, 0].numpy() if "roi" in batch else None
+        key = batch["key"][0]
+        with autocast():
+            own[key] = choose_scale(model, image, seg, target, image_gray(batch["image"]), roi)
+        sites[key] = (batch.get("site") or [""])[0] or ""
+    if seg.auto_pool == "image":
+        return {k: (f, f) for k, f in own.items()}
+    median = {site: float(np.median([own[k] for k in own if sites[k] == site])) for site in set(sites.values())}
+    return {k: (f, round(median[sites[k]], 4)) for k, f in own.items()}
+
+
 def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, *, hd: bool = True,
                  bar=None, n_overlays: int = 0, tta: Optional[Sequence[float]] = None,
                  auto_target: Optional[float] = None) -> tuple["SegmentationScorer", list, list[dict[str, Any]]]:
@@ -182,22 +211,22 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
     score it in its native geometry: (the scorer, the skipped samples' reports, up to `n_overlays` pictures of the
     grid the model saw). The one inference-and-scoring path of `medfound evaluate` and of validation during training
     (`eval.every`); `normalize`: the device-side normaliser, None where the transform already normalised. `tta`:
-    eval.tta_scales; `auto_target`: with segment.scale=auto, the training images' calibre each image's factor is
-    matched to (`auto_target`; recorded per image as `scale_factor`)."""
+    eval.tta_scales; `auto_target`: with segment.scale=auto, the training images' calibre the factors are matched to
+    (`auto_factors`, a first pass over the loader; recorded per image as `scale_factor`, the image's own reading as
+    `scale_factor_image`)."""
     if seg.scale == "auto" and not auto_target:
         raise ValueError("segment.scale=auto needs the training images' calibre (auto_target): give a number, "
                          "segment.scale=FACTOR")
     device = next(model.parameters()).device
+    factors = auto_factors(model, normalize, loader, seg, auto_target) if seg.scale == "auto" else {}
     scorer, skipped, overlays = SegmentationScorer(seg.names, hd=hd), [], []
     for batch in loader:
         if bar is not None:
             bar.update(len(batch["key"]) + len(batch.get("_bad", [])))
         skipped += batch.pop("_bad", [])
-        gray = image_gray(batch["image"]) if seg.scale == "auto" else None
         image = batch["image"].to(device)
         image = (image if normalize is None else normalize(image)).float()
-        factor = choose_scale(model, image, seg, auto_target, gray,
-                              batch["roi"][0, 0].numpy() if "roi" in batch else None) if seg.scale == "auto" else 1.0
+        own, factor = factors.get(batch["key"][0], (1.0, 1.0))
         probs = predict_scaled(model, image, seg, [factor * t for t in (tta or [1.0])])[0].cpu()
         shown = probs  # overlays are drawn on the grid the model saw
         roi = batch["roi"][0, 0] if "roi" in batch else None
@@ -212,6 +241,7 @@ def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
         row = scorer.add(key, probs, truth, roi, spacing)
         if seg.scale == "auto":
             row["scale_factor"] = round(factor, 4)
+            row["scale_factor_image"] = round(own, 4)
         if batch.get("site") and batch["site"][0]:
             row["site"] = batch["site"][0]
         if len(overlays) < n_overlays:

@@ -17,8 +17,8 @@ from medfound.data.scale import scale_stats
 from medfound.data.seg_transforms import build_seg_transform
 from medfound.evaluate.records import network_lineage
 from medfound.evaluate.report import SegmentationScorer, normalised_scale
-from medfound.evaluate.segmentation import (auto_target, choose_scale, image_gray, predict_probs, predict_scaled,
-                                            score_loader, training_calibre)
+from medfound.evaluate.segmentation import (auto_factors, auto_target, predict_probs, predict_scaled, score_loader,
+                                            training_calibre)
 from medfound.io import atomic_write_bytes
 from medfound.publish.export import export_model
 from medfound.publish.licences import for_export
@@ -151,7 +151,7 @@ class SegmentationSpec(ImageNetwork):
         from tqdm.auto import tqdm
 
         # the options predict_options declares (medfound.predict checks them): save_probabilities, overlay,
-        # mask_format ("auto", "png", "dicom-seg"), anonymous, scale ("auto" or a factor)
+        # mask_format ("auto", "png", "dicom-seg"), anonymous, scale ("auto", "auto-image" or a factor)
         save_probabilities, overlay = options.get("save_probabilities", False), options.get("overlay", False)
         mask_format, anonymous = options.get("mask_format") or "auto", options.get("anonymous", False)
         scale = options.get("scale")
@@ -162,10 +162,11 @@ class SegmentationSpec(ImageNetwork):
             if volumes:
                 raise ValueError("--scale resizes 2-D images; volumes are resampled by the recipe's segment.spacing")
 
-            scale = "auto" if str(scale) == "auto" else float(scale)
+            pool = "image" if str(scale) == "auto-image" else seg.auto_pool  # auto: per site; auto-image: each
+            scale = "auto" if str(scale) in ("auto", "auto-image") else float(scale)
             if scale == "auto":
                 target = auto_target(network_lineage(run.export).get("scale"), recipe, seg)
-            seg = seg.model_copy(update={"scale": scale, "fov_diameter": None, "mpp": None})
+            seg = seg.model_copy(update={"scale": scale, "fov_diameter": None, "mpp": None, "auto_pool": pool})
         if volumes and staged.kind in ("images", "dicom"):
             raise ValueError(f"this model segments volumes, but the inputs are {KIND_TEXT[staged.kind]} files: "
                              "give it NIfTI or NRRD volumes (a DICOM series: convert it to NIfTI first, e.g. with "
@@ -192,14 +193,13 @@ class SegmentationSpec(ImageNetwork):
         pending: list[tuple[str, Any, Any, dict[str, Any]]] = []
         with torch.no_grad(), tqdm(total=manifest.counts["total"], desc="predict", unit="img",
                                    disable=not rt.progress) as bar:
+            factors = auto_factors(model, normalize, loader, seg, target, lambda: rt.autocast(device)) \
+                if seg.scale == "auto" else {}
             for batch in loader:
-                gray = image_gray(batch["image"]) if seg.scale == "auto" else None
-                roi = batch["roi"][0, 0].numpy() if seg.scale == "auto" and "roi" in batch else None
                 image = batch["image"].to(device)
                 image = image if normalize is None else normalize(image)
+                own, factor = factors.get(batch["key"][0], (1.0, 1.0))
                 with rt.autocast(device):  # eval.tta_scales and --scale auto as in evaluation (2-D)
-                    factor = choose_scale(model, image.float(), seg, target, gray, roi) \
-                        if seg.scale == "auto" else 1.0
                     probs = (predict_scaled(model, image.float(), seg,
                                             [factor * t for t in (recipe.eval.tta_scales or [1.0])])
                              if not volumes else
@@ -214,7 +214,8 @@ class SegmentationSpec(ImageNetwork):
                 name = f"masks/{key}.nii.gz" if volumes else f"masks/{key}.png"
                 row = {"input": staged.name(key), "key": key, "mask": name,
                        **{f"pixels_{c}": int((mask == i).sum()) for i, c in enumerate(seg.names)},
-                       **({"scale_factor": round(factor, 4)} if seg.scale == "auto" else {})}
+                       **({"scale_factor": round(factor, 4), "scale_factor_image": round(own, 4)}
+                          if seg.scale == "auto" else {})}
                 if dicom_seg:  # written per series once every frame of it is predicted
                     pending.append((key, staged.source(key), mask, row))
                 else:
