@@ -393,6 +393,7 @@ def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(
     assert len({r["scale_factor"] for r in rows}) == 1 and auto["external"][0]["auto_scale"]["pool"] == "site"
     assert float(rows[0]["scale_factor"]) == pytest.approx(float(np.median([float(r["scale_factor_image"])
                                                                              for r in rows])), abs=1e-4)
+    assert "per site, the median of the images' own readings" in (tmp_path / "e3" / "report" / "report.md").read_text()
 
 
 def test_after_normalisation_a_residual_structure_size_is_named_with_the_scale_that_matches_it():
