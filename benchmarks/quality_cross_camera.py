@@ -38,7 +38,7 @@ from pathlib import Path
 
 from _quality import ROOT, SHARED, drive_table, medfound_bin, run, save_result, write_csv
 
-HAND = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25)  # segment.scale factors tried by hand; STARE has
+HAND = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)  # segment.scale factors tried by hand; STARE has
 # about 1.5x DRIVE's pixels per degree of retina (700 px over 35 degrees against 565 over 45), so about 0.65 is expected
 AUG = (0.7, 1.4)  # segment.random_scale of the scale-augmented U-Net (quality_scale.py's)
 TTA = (0.8, 1.0, 1.25)
