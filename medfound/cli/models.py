@@ -143,7 +143,7 @@ def add_predict(sub) -> None:
     g.add_argument("--scale", metavar="auto|auto-image|FACTOR",
                    help="2-D: resize the inputs by FACTOR, or `auto` (label-free, for images from another camera or "
                         "resolution): each input's reading of the factor that gives its structures the training "
-                        "images' calibre, and the inputs of one site segmented at the median of their readings "
+                        "images' calibre, and all inputs segmented at the median of their readings (one camera) "
                         "(recorded as scale_factor_image and scale_factor); `auto-image`: each input at its own "
                         "reading (inputs that mix cameras)")
     s.set_defaults(run=run_predict)

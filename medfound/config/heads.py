@@ -232,11 +232,12 @@ class SegmentConfig(Strict):
                           "read from the image at the centre of the model's own prediction, to the training images' "
                           "(recorded in the export), recorded per image; for external sets whose resolution is "
                           "unknown")
-    auto_pool: Literal["site", "image"] = Field(
-        "site", description="segment.scale=auto: `site` segments every image of a site (a set without sites: the "
-                            "whole set) at the median of its images' own readings (one camera or scanner, one "
-                            "scale; robust to the images whose own reading fails); `image`: each image at its own "
-                            "(a set that mixes cameras without a site column)")
+    auto_pool: Literal["set", "site", "image"] = Field(
+        "set", description="segment.scale=auto: `set` segments every image of a set at the median of its images' own "
+                           "readings (one camera or scanner, one scale; robust to the images whose own reading "
+                           "fails); `site`: the same per site (a set whose site column names its cameras or "
+                           "scanners); `image`: each image at its own reading (a set that mixes cameras without "
+                           "such a column)")
     random_scale: Optional[tuple[PositiveFloat, PositiveFloat]] = Field(
         None, description="2-D training: resize each decoded image, its mask and FOV/ROI together by a random factor "
                           "drawn log-uniformly in [lo, hi] (nnU-Net: about [0.7, 1.4]), on top of any "

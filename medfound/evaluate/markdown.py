@@ -110,10 +110,10 @@ def external_notes(e: dict[str, Any], keys: list[str]) -> list[str]:
         notes.append("scored with " + ", ".join(f"`{k}={v}`" for k, v in e["inference_overrides"].items())
                      + " (an evaluate override, this set only; the internal split is scored as trained)")
     auto = e.get("auto_scale")
-    if auto and auto.get("pool", "image") == "site":
-        own = auto["image_readings"]
-        notes.append(f"`segment.scale=auto` resized its images by {auto['min']:.3g}-{auto['max']:.3g}x: per site, "
-                     f"the median of the images' own readings ({own['min']:.3g}-{own['max']:.3g}x, median "
+    if auto and auto.get("pool", "image") in ("set", "site"):
+        own, per = auto["image_readings"], "per site, the median" if auto["pool"] == "site" else "the median"
+        notes.append(f"`segment.scale=auto` resized its images by {auto['min']:.3g}-{auto['max']:.3g}x: {per}"
+                     f" of the images' own readings ({own['min']:.3g}-{own['max']:.3g}x, median "
                      f"{own['median']:.3g}x), each reading the factor that gives the image's structures where the "
                      f"model finds them the training images' calibre, {auto['target_calibre_px']:.3g} px (per image: "
                      "predictions.csv)")

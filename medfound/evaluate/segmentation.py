@@ -180,14 +180,15 @@ def choose_scale(model: torch.nn.Module, image: torch.Tensor, seg, target: float
 def auto_factors(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, target: float,
                  autocast: Any = contextlib.nullcontext) -> dict[str, tuple[float, float]]:
     """segment.scale=auto over a whole set, before any image is scored: per image key, (the image's own reading,
-    `choose_scale`; the factor it is segmented at). With segment.auto_pool=site every image of a site (a set
-    without sites: the whole set) is segmented at the median of its images' readings: one camera or scanner gives
-    one scale, and the median outvotes the images whose own reading fails (few structures; a model at the wrong
-    scale that finds only the structures like its training ones: MoNuSeg at 2x, 3 of 14 tiles read near 1).
-    auto_pool=image: each image at its own reading. `autocast`: a context factory (predict's mixed precision)."""
+    `choose_scale`; the factor it is segmented at). segment.auto_pool=set (the default): every image of the set is
+    segmented at the median of its images' readings, because one camera or scanner gives one scale and the median
+    outvotes the images whose own reading fails (few structures; a model at the wrong scale that finds only the
+    structures like its training ones: MoNuSeg at 2x, 3 of 14 tiles read near 1). auto_pool=site: the median per
+    site (a set that names its cameras in the site column); auto_pool=image: each image at its own reading.
+    `autocast`: a context factory (predict's mixed precision)."""
     device = next(model.parameters()).device
     own: dict[str, float] = {}
-    sites: dict[str, str] = {}
+    groups: dict[str, str] = {}
     for batch in loader:
         if "image" not in batch:  # only undecodable samples
             continue
@@ -197,11 +198,11 @@ def auto_factors(model: torch.nn.Module, normalize: Optional[torch.nn.Module], l
         key = batch["key"][0]
         with autocast():
             own[key] = choose_scale(model, image, seg, target, image_gray(batch["image"]), roi)
-        sites[key] = (batch.get("site") or [""])[0] or ""
+        groups[key] = ((batch.get("site") or [""])[0] or "") if seg.auto_pool == "site" else ""
     if seg.auto_pool == "image":
         return {k: (f, f) for k, f in own.items()}
-    median = {site: float(np.median([own[k] for k in own if sites[k] == site])) for site in set(sites.values())}
-    return {k: (f, round(median[sites[k]], 4)) for k, f in own.items()}
+    median = {g: float(np.median([own[k] for k in own if groups[k] == g])) for g in set(groups.values())}
+    return {k: (f, round(median[groups[k]], 4)) for k, f in own.items()}
 
 
 def score_loader(model: torch.nn.Module, normalize: Optional[torch.nn.Module], loader, seg, *, hd: bool = True,

@@ -162,7 +162,7 @@ class SegmentationSpec(ImageNetwork):
             if volumes:
                 raise ValueError("--scale resizes 2-D images; volumes are resampled by the recipe's segment.spacing")
 
-            pool = "image" if str(scale) == "auto-image" else seg.auto_pool  # auto: per site; auto-image: each
+            pool = "image" if str(scale) == "auto-image" else seg.auto_pool  # auto: segment.auto_pool
             scale = "auto" if str(scale) in ("auto", "auto-image") else float(scale)
             if scale == "auto":
                 target = auto_target(network_lineage(run.export).get("scale"), recipe, seg)

@@ -390,10 +390,10 @@ def test_a_set_without_a_physical_scale_is_compared_by_its_masks_structure_size(
         "segment.scale": "auto"}
     rows = [r for r in __import__("csv").DictReader(open(tmp_path / "e3" / "predictions.csv")) if r["set"] == "ct_half"]
     assert rows and all(0.25 <= float(r["scale_factor"]) <= 4.0 for r in rows)  # read per image, recorded
-    assert len({r["scale_factor"] for r in rows}) == 1 and auto["external"][0]["auto_scale"]["pool"] == "site"
+    assert len({r["scale_factor"] for r in rows}) == 1 and auto["external"][0]["auto_scale"]["pool"] == "set"
     assert float(rows[0]["scale_factor"]) == pytest.approx(float(np.median([float(r["scale_factor_image"])
                                                                              for r in rows])), abs=1e-4)
-    assert "per site, the median of the images' own readings" in (tmp_path / "e3" / "report" / "report.md").read_text()
+    assert ": the median of the images' own readings" in (tmp_path / "e3" / "report" / "report.md").read_text()
 
 
 def test_after_normalisation_a_residual_structure_size_is_named_with_the_scale_that_matches_it():
@@ -520,11 +520,11 @@ def test_auto_scale_second_look_corrects_a_model_that_finds_only_structures_like
     assert first > 0.6 and abs(refined - 0.5) < abs(first - 0.5) - 0.02, (first, refined)
 
 
-def test_auto_scale_segments_a_site_at_the_median_of_its_images_readings():
-    """segment.auto_pool=site (the default): one camera gives one scale, so every image of a site is segmented at the
+def test_auto_scale_segments_a_set_or_a_site_at_the_median_of_its_images_readings():
+    """segment.auto_pool=set (the default): one camera gives one scale, so every image of a set is segmented at the
     median of its images' own readings, and an image whose own reading fails (here: nothing dark to find, read as 1)
-    is outvoted, as 3 of MoNuSeg's 14 tiles at 2x were; two sites keep their own factors. auto_pool=image keeps each
-    image's own reading; both are recorded."""
+    is outvoted, as 3 of MoNuSeg's 14 tiles at 2x were. auto_pool=site: the same per site, so two cameras keep
+    their own factors; auto_pool=image keeps each image's own reading; the readings are recorded in all three."""
     from medfound.config import SegmentConfig
     from medfound.data.scale import calibre_px
     from medfound.evaluate.segmentation import auto_factors
@@ -535,17 +535,23 @@ def test_auto_scale_segments_a_site_at_the_median_of_its_images_readings():
     def batch(key, site, image):
         return {"key": [key], "site": [site], "image": torch.from_numpy(image)[None, None].expand(1, 3, -1, -1)}
 
+    def seg(**pool):
+        return SegmentConfig(patch_size=[128, 128], scale="auto", overlap=0.25, **pool)
+
     blank = np.ones((120, 120), np.float32)
-    loader = [batch("a1", "A", _vessels(0.5)), batch("a2", "A", _vessels(0.5)), batch("a3", "A", blank),
-              batch("b1", "B", _vessels(2.0)), batch("b2", "B", _vessels(2.0))]
-    pooled = auto_factors(_Dark(), None, loader, SegmentConfig(patch_size=[128, 128], scale="auto", overlap=0.25),
-                          target)
-    assert pooled["a3"][0] == 1.0 and pooled["a3"][1] == pytest.approx(2.0, rel=0.10)  # outvoted by its site
+    one_camera = [batch("a1", "A", _vessels(0.5)), batch("a2", "B", _vessels(0.5)), batch("a3", "C", blank)]
+    pooled = auto_factors(_Dark(), None, one_camera, seg(), target)  # sites that are not cameras: pooled anyway
+    assert pooled["a3"][0] == 1.0 and pooled["a3"][1] == pytest.approx(2.0, rel=0.10)  # outvoted by the set
     assert pooled["a1"][1] == pooled["a2"][1] == pooled["a3"][1]
-    assert pooled["b1"][1] == pooled["b2"][1] == pytest.approx(0.5, rel=0.10)  # the other site, its own scale
-    alone = auto_factors(_Dark(), None, loader, SegmentConfig(patch_size=[128, 128], scale="auto", overlap=0.25,
-                                                              auto_pool="image"), target)
-    assert {k: v[1] for k, v in alone.items()} == {k: v[0] for k, v in pooled.items()}  # each its own reading
+    assert auto_factors(_Dark(), None, one_camera, seg(auto_pool="site"), target)["a3"] == (1.0, 1.0)  # alone
+
+    two_cameras = [batch("a1", "A", _vessels(0.5)), batch("a2", "A", _vessels(0.5)), batch("a3", "A", blank),
+                   batch("b1", "B", _vessels(2.0)), batch("b2", "B", _vessels(2.0))]
+    by_site = auto_factors(_Dark(), None, two_cameras, seg(auto_pool="site"), target)
+    assert by_site["a3"][1] == pytest.approx(2.0, rel=0.10) and by_site["a1"][1] == by_site["a3"][1]
+    assert by_site["b1"][1] == by_site["b2"][1] == pytest.approx(0.5, rel=0.10)  # the other camera, its own scale
+    alone = auto_factors(_Dark(), None, two_cameras, seg(auto_pool="image"), target)
+    assert {k: v[1] for k, v in alone.items()} == {k: v[0] for k, v in by_site.items()}  # each its own reading
     assert alone["a3"] == (1.0, 1.0)
 
 
