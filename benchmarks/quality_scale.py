@@ -22,8 +22,10 @@ give); train the U-Net as benchmarks/quality_monuseg.py does; then `medfound eva
 Pooled pixel F1 and Dice. Target: with normalisation within 0.02 F1 of native.
 
 --arms (issue 30) adds, on DRIVE: `segment.scale=auto` (the factor chosen per image, label-free, from the image's
-own vessel calibre at the centre of the model's prediction against the training images'), auto with `eval.tta_scales=[0.8,1,1.25]`, and a second U-Net trained with
-`segment.random_scale=[0.7,1.4]` scored as is and with auto; on MoNuSeg: auto at 2x (no regression where the mpp
+own vessel calibre at the centre of the model's prediction against the training images'), auto with
+`eval.tta_scales=[0.8,1,1.25]`, a second U-Net trained with `segment.random_scale=[0.7,1.4]` scored as is and with
+auto, and a third trained with that and `segment.low_res=[0.5,1]` (nnU-Net's simulated low resolution: a quarter of
+the training crops shrunk and enlarged back) scored as is, FOV-normalised and with auto; on MoNuSeg: auto at 2x (no regression where the mpp
 contract already works). The targets and what each arm reached are in the result's `targets` / `met`.
 
 Safe to rerun: finished steps are reused, a run folder is never deleted; a run with overrides writes
@@ -155,6 +157,7 @@ def monuseg(args) -> int:
 
 AUG = (0.7, 1.4)  # segment.random_scale of the scale-augmented arm (nnU-Net's range)
 TTA = (0.8, 1.0, 1.25)  # eval.tta_scales of the multi-scale arm, around the factor auto chose
+LOW_RES = (0.5, 1.0)  # segment.low_res of the third U-Net (nnU-Net's simulated low resolution, p 0.25), on top of AUG
 
 
 def evaluate_drive(mf: str, model: Path, sets: dict, dest: Path, extra: list[str]) -> dict:
@@ -197,7 +200,12 @@ def arm_targets(results: dict, native_f1: float, ceiling: dict) -> dict:
         },
         "arms": {"auto": "segment.scale=auto", "auto_tta": f"segment.scale=auto eval.tta_scales={list(TTA)}",
                  "random_scale_native": f"trained with segment.random_scale={list(AUG)}, scored as is",
-                 "random_scale_auto": f"trained with segment.random_scale={list(AUG)}, segment.scale=auto"},
+                 "random_scale_auto": f"trained with segment.random_scale={list(AUG)}, segment.scale=auto",
+                 **{f"low_res_{mode}": f"trained with segment.random_scale={list(AUG)} segment.low_res={list(LOW_RES)}, "
+                                       + how for mode, how in (("native", "scored as is"),
+                                                               ("fov_normalised", "segment.fov_diameter (the exact "
+                                                                                  "inverse factor)"),
+                                                               ("auto", "segment.scale=auto"))}},
     }
 
 
@@ -209,8 +217,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="default: runs/bench/scale (drive), "
                                                             "runs/bench/scale_monuseg (monuseg)")
     ap.add_argument("--arms", action="store_true",
-                    help="also segment.scale=auto, auto + eval.tta_scales, and a second U-Net trained with "
-                         "segment.random_scale (issue 30; DRIVE: about 30 more minutes; MoNuSeg: auto at 2x)")
+                    help="also segment.scale=auto, auto + eval.tta_scales, a second U-Net trained with "
+                         "segment.random_scale and a third with segment.low_res too (issue 30; DRIVE: about an hour "
+                         "more; MoNuSeg: auto at 2x)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides of the training run, e.g. trainer.max_steps=500")
     args = ap.parse_args()
     if args.work is None:
@@ -251,6 +260,14 @@ def main() -> int:
                  f"segment.random_scale=[{AUG[0]},{AUG[1]}]", *args.overrides])
         for mode, extra in (("random_scale_native", []), ("random_scale_auto", ["segment.scale=auto"])):
             results[mode] = evaluate_drive(mf, augmented, sets, work / f"eval_{mode}", extra)
+        blurred = work / "unet_low_res"  # and with simulated low resolution: the blur of an upsampled image
+        if not (blurred / "eval.json").is_file():
+            run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{sets['native']}]",
+                 f"trainer.output_dir={blurred}", "trainer.resume=auto", f"segment.random_scale=[{AUG[0]},{AUG[1]}]",
+                 f"segment.low_res=[{LOW_RES[0]},{LOW_RES[1]}]", *args.overrides])
+        for mode, extra in (("low_res_native", []), ("low_res_fov_normalised", [f"segment.fov_diameter={diameter}"]),
+                            ("low_res_auto", ["segment.scale=auto"])):
+            results[mode] = evaluate_drive(mf, blurred, sets, work / f"eval_{mode}", extra)
     norm = results["fov_normalised"]
     native_f1 = results["native_scale"]["native"]["f1"]
     ceiling = {"x0.5": grid_ceiling(out, sets["native"], sets["half"], 0.5),

@@ -242,6 +242,14 @@ class SegmentConfig(Strict):
         None, description="2-D training: resize each decoded image, its mask and FOV/ROI together by a random factor "
                           "drawn log-uniformly in [lo, hi] (nnU-Net: about [0.7, 1.4]), on top of any "
                           "fov_diameter / mpp / scale: a model that must meet other cameras or scanners")
+    low_res: Optional[tuple[PositiveFloat, PositiveFloat]] = Field(
+        None, description="2-D training: simulate a lower resolution (nnU-Net's SimulateLowResolution): with "
+                          "probability low_res_p a training crop's image (not its masks) is shrunk by a factor drawn "
+                          "uniformly in [lo, hi] (antialiased) and enlarged back to its grid, so the model also learns "
+                          "the blurred structures of images taken at a lower resolution and upsampled (nnU-Net: "
+                          "[0.5, 1])")
+    low_res_p: float = Field(0.25, ge=0, le=1, description="share of training crops segment.low_res applies to "
+                                                           "(nnU-Net: 0.25)")
     mpp: Optional[float] = Field(None, gt=0, description="2-D microscopy: resample every image and mask to this many "
                                                          "micrometres per pixel, from each sample's recorded um/px "
                                                          "(`shard images --mpp`, slide tiles), in training, evaluation "
@@ -270,6 +278,11 @@ class SegmentConfig(Strict):
                              "[0.7, 1.4]")
         if self.random_scale is not None and self.spatial_dims != 2:
             raise ValueError("segment.random_scale rescales 2-D images; volumes are resampled by segment.spacing")
+        if self.low_res is not None and not 0 < self.low_res[0] <= self.low_res[1] <= 1:
+            raise ValueError(f"segment.low_res {list(self.low_res)}: give [lo, hi] with 0 < lo <= hi <= 1 (the "
+                             "share of the resolution kept), e.g. [0.5, 1]")
+        if self.low_res is not None and self.spatial_dims != 2:
+            raise ValueError("segment.low_res simulates a lower resolution of 2-D images; volumes are not supported")
         scaling = [k for k in ("fov_diameter", "scale", "mpp") if getattr(self, k) is not None]
         if scaling and self.spatial_dims != 2:
             raise ValueError(f"segment.{scaling[0]} rescales 2-D images; volumes are resampled by segment.spacing")

@@ -195,6 +195,13 @@ def rescale(x: torch.Tensor, extra: list[torch.Tensor], factor: float) -> tuple[
     return y, masks
 
 
+def simulate_low_resolution(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """A 2-D image `[C, H, W]` as if taken at `keep` times its resolution and upsampled to its grid: shrunk by
+    `keep` (antialiased) and enlarged back, bilinear; the grid, and so every mask, is unchanged."""
+    h, w = x.shape[-2:]
+    return resize_image(resize_image(x, (max(1, round(h * keep)), max(1, round(w * keep)))), (h, w))
+
+
 def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] = None,
                         predict: bool = False) -> Callable[[dict], Any]:
     """The sample -> {"image", "mask"[, "roi"]} transform for `seg` (see the module docstring); in training
@@ -287,6 +294,9 @@ def build_seg_transform(seg: SegmentConfig, train: bool, window: Optional[str] =
         if seg.rot90 and x.shape[-1] == x.shape[-2]:
             k = int(torch.randint(0, 4, ()))
             x, extra = torch.rot90(x, k, (-2, -1)), [torch.rot90(t, k, (-2, -1)) for t in extra]
+        if seg.low_res is not None and float(torch.rand(())) < seg.low_res_p:  # the image only: masks keep it
+            lo, hi = seg.low_res
+            x = simulate_low_resolution(x, lo + float(torch.rand(())) * (hi - lo))
         if seg.intensity_jitter > 0:
             j = seg.intensity_jitter
             scale, shift = 1 + (torch.rand(2) * 2 - 1) * j

@@ -635,6 +635,41 @@ def test_random_scale_moves_image_mask_and_fov_together():
         build_seg_transform(SegmentConfig(patch_size=[32, 32], scale="auto"), train=True)
 
 
+def test_low_res_blurs_the_image_of_a_training_crop_and_leaves_its_mask_and_grid():
+    """segment.low_res (nnU-Net's simulated low resolution): the image of a chosen crop is shrunk and enlarged back
+    (exactly `resize(resize(x, keep), grid)`), its mask and FOV untouched; p=0 is the plain transform draw for draw;
+    a range outside (0, 1] is refused naming the fix."""
+    from pydantic import ValidationError
+
+    from medfound.config import SegmentConfig
+    from medfound.data.seg_transforms import build_seg_transform, simulate_low_resolution
+    from medfound.data.transforms import resize_image
+
+    pattern = np.kron((np.indices((10, 15)).sum(0) % 2), np.ones((4, 4), dtype=np.int64)).astype(np.uint8) * 255
+    image = np.repeat(pattern[..., None], 3, 2)
+    sample = {"image": image, "masks": {"mask": pattern, "fov": 255 - pattern}, "key": "p"}
+    plain = SegmentConfig(patch_size=[40, 60], roi="fov", flips=False, rot90=False, intensity_jitter=0.0,
+                          foreground_fraction=0.0)
+    low = plain.model_copy(update={"low_res": (0.5, 0.5), "low_res_p": 1.0})
+    native = build_seg_transform(plain, train=True)(sample)
+    blurred = build_seg_transform(low, train=True)(sample)
+    assert torch.equal(blurred["mask"], native["mask"]) and torch.equal(blurred["roi"], native["roi"])
+    expected = resize_image(resize_image(native["image"], (20, 30)), (40, 60))
+    assert torch.equal(blurred["image"], expected) and torch.equal(simulate_low_resolution(native["image"], 0.5),
+                                                                   expected)
+    # 4-px blocks at half resolution: 2-px blocks, blurred back; the contrast between blocks drops
+    contrast = lambda x: float(x.float().std())  # noqa: E731
+    assert contrast(blurred["image"]) < 0.9 * contrast(native["image"])
+    torch.manual_seed(3)
+    a = build_seg_transform(plain.model_copy(update={"patch_size": [24, 24]}), train=True)(sample)
+    torch.manual_seed(3)
+    b = build_seg_transform(low.model_copy(update={"patch_size": [24, 24], "low_res_p": 0.0}), train=True)(sample)
+    assert torch.equal(b["image"], a["image"]) and torch.equal(b["mask"], a["mask"])
+    for bad in ((0.5, 1.5), (0.0, 1.0), (0.8, 0.5)):
+        with pytest.raises(ValidationError, match="low_res"):
+            SegmentConfig(patch_size=[32, 32], low_res=bad)
+
+
 def test_the_error_map_fills_found_extra_and_missed_pixels():
     """Issue 30: a vessel found only at its edges looked hollow in outline overlays; the filled map shows its core
     as missed (blue), pixel-exact."""
