@@ -8,11 +8,11 @@ PROVENANCE.txt saying where the files came from (recorded in the result with eve
 bundled: docs/segmentation.md says where the copy measured here came from.
 
 The models are benchmarks/quality_scale.py's (`--work`, default runs/bench/scale): the U-Net of
-adapt/segment_unet.yaml trained on the 20 DRIVE training images, and the same recipe trained with
-`segment.random_scale=[0.7,1.4]`; either is trained here when absent, with quality_scale.py's commands. STARE is
-sharded as an external set with its field of view detected (`--fov detect`: STARE ships no FOV masks), and every arm
-is one `medfound evaluate RUN STARE [overrides]` (pooled pixel F1 inside the FOV, 200 bootstrap resamples over
-images; the internal DRIVE test split is scored as trained, so its row is the same in every arm):
+adapt/segment_unet.yaml trained on the 20 DRIVE training images, the same recipe trained with
+`segment.random_scale=[0.7,1.4]`, and a third with `segment.low_res=[0.5,1]` too; each is trained here when absent,
+with quality_scale.py's commands. STARE is sharded as an external set with its field of view detected (`--fov
+detect`: STARE ships no FOV masks), and every arm is one `medfound evaluate RUN STARE [overrides]` (pooled pixel F1
+inside the FOV, 200 bootstrap resamples over images; the internal DRIVE test split is scored as trained, so its row is the same in every arm):
 
     plain          the model at STARE's native pixels (what a user gets without thinking about scale)
     fov_diameter   segment.fov_diameter=D, D the DRIVE training images' median FOV width
@@ -20,6 +20,7 @@ images; the internal DRIVE test split is scored as trained, so its row is the sa
     auto_image     segment.scale=auto segment.auto_pool=image (each image at its own reading)
     hand_F         segment.scale=F over HAND, the best of which is the hand-chosen reference (it uses the labels)
     random_scale_plain / random_scale_auto   the scale-augmented U-Net, as is and with auto
+    low_res_plain / low_res_auto             the U-Net trained with random_scale and segment.low_res=[0.5,1] too
     tta            multi-scale test-time inference, eval.tta_scales=[0.8,1,1.25], at native pixels
 
 Targets (issue 30): auto within 0.02 F1 of the best hand-chosen factor; scale-augmented training + auto at least as
@@ -37,10 +38,10 @@ import time
 from pathlib import Path
 
 from _quality import ROOT, SHARED, drive_table, medfound_bin, run, save_result, write_csv
+from quality_scale import AUG, LOW_RES  # the scale-augmented U-Nets' settings (quality_scale.py trains them too)
 
 HAND = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)  # segment.scale factors tried by hand; STARE has
 # about 1.5x DRIVE's pixels per degree of retina (700 px over 35 degrees against 565 over 45), so about 0.65 is expected
-AUG = (0.7, 1.4)  # segment.random_scale of the scale-augmented U-Net (quality_scale.py's)
 TTA = (0.8, 1.0, 1.25)
 
 
@@ -105,15 +106,18 @@ def main() -> int:
         run([mf, "shard", "images", str(args.stare), "--table", str(stare_table(args.stare, cross)), "--out", str(stare),
              "--name", "stare", "--modality", "fundus", "--keep-names", "--fov", "detect",
              "--license", "STARE project terms (research use)", "--attribution", "STARE, Hoover et al., IEEE TMI 2000"])
-    plain, augmented = work / "unet", work / "unet_random_scale"
+    plain, augmented, blurred = work / "unet", work / "unet_random_scale", work / "unet_low_res"
     train_drive(mf, work, plain, [])
     train_drive(mf, work, augmented, [f"segment.random_scale=[{AUG[0]},{AUG[1]}]"])
+    train_drive(mf, work, blurred, [f"segment.random_scale=[{AUG[0]},{AUG[1]}]",
+                                    f"segment.low_res=[{LOW_RES[0]},{LOW_RES[1]}]"])
     diameter = int(round(json.loads((plain / "eval.json").read_text())["scale"]["fov_diameter_px"]))
     arms = {"plain": (plain, []), "fov_diameter": (plain, [f"segment.fov_diameter={diameter}"]),
             "auto": (plain, ["segment.scale=auto"]),
             "auto_image": (plain, ["segment.scale=auto", "segment.auto_pool=image"]),
             **{f"hand_{f:g}": (plain, [f"segment.scale={f:g}"]) for f in HAND if f != 1.0},
             "random_scale_plain": (augmented, []), "random_scale_auto": (augmented, ["segment.scale=auto"]),
+            "low_res_plain": (blurred, []), "low_res_auto": (blurred, ["segment.scale=auto"]),
             "tta": (plain, [f"eval.tta_scales=[{','.join(map(str, TTA))}]"])}
     results = {name: evaluate(mf, model, stare, cross / f"eval_{name}", extra) for name, (model, extra) in arms.items()}
     hand = {f: results["plain" if f == 1.0 else f"hand_{f:g}"]["f1"] for f in HAND}
