@@ -12,7 +12,8 @@ adapt/segment_unet.yaml trained on the 20 DRIVE training images, the same recipe
 `segment.random_scale=[0.7,1.4]`, and a third with `segment.low_res=[0.5,1]` too; each is trained here when absent,
 with quality_scale.py's commands. STARE is sharded as an external set with its field of view detected (`--fov
 detect`: STARE ships no FOV masks), and every arm is one `medfound evaluate RUN STARE [overrides]` (pooled pixel F1
-inside the FOV, 200 bootstrap resamples over images; the internal DRIVE test split is scored as trained, so its row is the same in every arm):
+inside the FOV, 200 bootstrap resamples over images; the internal DRIVE test split is scored as trained, so its row
+is the same in every arm):
 
     plain          the model at STARE's native pixels (what a user gets without thinking about scale)
     fov_diameter   segment.fov_diameter=D, D the DRIVE training images' median FOV width
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 from _quality import ROOT, SHARED, drive_table, medfound_bin, run, save_result, write_csv
-from quality_scale import AUG, LOW_RES  # the scale-augmented U-Nets' settings (quality_scale.py trains them too)
+from quality_scale import LOW_RES_ARGS, RANDOM_SCALE_ARGS, train_unet  # the DRIVE U-Nets, trained as there
 
 HAND = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)  # segment.scale factors tried by hand; STARE has
 # about 1.5x DRIVE's pixels per degree of retina (700 px over 35 degrees against 565 over 45), so about 0.65 is expected
@@ -74,9 +75,7 @@ def train_drive(mf: str, work: Path, out: Path, extra: list[str]) -> None:
         run([mf, "shard", "images", str(SHARED / "drive"), "--table", str(drive_table(SHARED / "drive", work / "drive.csv")),
              "--out", str(shards), "--name", "drive", "--modality", "fundus", "--keep-names",
              "--license", "DRIVE research-use terms", "--attribution", "DRIVE, Staal et al., IEEE TMI 2004"])
-    if not (out / "eval.json").is_file():
-        run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{shards}]", f"trainer.output_dir={out}",
-             "trainer.resume=auto", *extra])
+    train_unet(mf, shards, out, extra)
 
 
 def evaluate(mf: str, model: Path, stare: Path, dest: Path, extra: list[str]) -> dict:
@@ -108,9 +107,8 @@ def main() -> int:
              "--license", "STARE project terms (research use)", "--attribution", "STARE, Hoover et al., IEEE TMI 2000"])
     plain, augmented, blurred = work / "unet", work / "unet_random_scale", work / "unet_low_res"
     train_drive(mf, work, plain, [])
-    train_drive(mf, work, augmented, [f"segment.random_scale=[{AUG[0]},{AUG[1]}]"])
-    train_drive(mf, work, blurred, [f"segment.random_scale=[{AUG[0]},{AUG[1]}]",
-                                    f"segment.low_res=[{LOW_RES[0]},{LOW_RES[1]}]"])
+    train_drive(mf, work, augmented, RANDOM_SCALE_ARGS)
+    train_drive(mf, work, blurred, LOW_RES_ARGS)
     diameter = int(round(json.loads((plain / "eval.json").read_text())["scale"]["fov_diameter_px"]))
     arms = {"plain": (plain, []), "fov_diameter": (plain, [f"segment.fov_diameter={diameter}"]),
             "auto": (plain, ["segment.scale=auto"]),

@@ -25,8 +25,8 @@ Pooled pixel F1 and Dice. Target: with normalisation within 0.02 F1 of native.
 own vessel calibre at the centre of the model's prediction against the training images'), auto with
 `eval.tta_scales=[0.8,1,1.25]`, a second U-Net trained with `segment.random_scale=[0.7,1.4]` scored as is and with
 auto, and a third trained with that and `segment.low_res=[0.5,1]` (nnU-Net's simulated low resolution: a quarter of
-the training crops shrunk and enlarged back) scored as is, FOV-normalised and with auto; on MoNuSeg: auto at 2x (no regression where the mpp
-contract already works). The targets and what each arm reached are in the result's `targets` / `met`.
+the training crops shrunk and enlarged back) scored as is, FOV-normalised and with auto; on MoNuSeg: auto at 2x (no
+regression where the mpp contract already works). The targets and what each arm reached are in the result's `targets` / `met`.
 
 Safe to rerun: finished steps are reused, a run folder is never deleted; a run with overrides writes
 `scale_drive_partial.json`. Threads: set OMP_NUM_THREADS to the free cores (the result records the load).
@@ -158,6 +158,18 @@ def monuseg(args) -> int:
 AUG = (0.7, 1.4)  # segment.random_scale of the scale-augmented arm (nnU-Net's range)
 TTA = (0.8, 1.0, 1.25)  # eval.tta_scales of the multi-scale arm, around the factor auto chose
 LOW_RES = (0.5, 1.0)  # segment.low_res of the third U-Net (nnU-Net's simulated low resolution, p 0.25), on top of AUG
+RANDOM_SCALE_ARGS = [f"segment.random_scale=[{AUG[0]},{AUG[1]}]"]  # the second U-Net's overrides
+LOW_RES_ARGS = [*RANDOM_SCALE_ARGS, f"segment.low_res=[{LOW_RES[0]},{LOW_RES[1]}]"]  # the third's
+
+
+def train_unet(mf: str, shards: Path, out: Path, extra: list[str]) -> bool:
+    """adapt/segment_unet.yaml on the DRIVE shards into `out` with `extra` overrides, unless it finished there (its
+    eval.json; a killed run resumes); True when it trained."""
+    if (out / "eval.json").is_file():
+        return False
+    run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{shards}]", f"trainer.output_dir={out}",
+         "trainer.resume=auto", *extra])
+    return True
 
 
 def evaluate_drive(mf: str, model: Path, sets: dict, dest: Path, extra: list[str]) -> dict:
@@ -242,10 +254,7 @@ def main() -> int:
                  "--out", str(sets[name]), "--name", f"drive_test_x{factor:g}", "--modality", "fundus",
                  "--keep-names", "--scale", str(factor), *attribution])
     out = work / "unet"
-    trained = not (out / "eval.json").is_file()
-    if trained:
-        run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{sets['native']}]",
-             f"trainer.output_dir={out}", "trainer.resume=auto", *args.overrides])
+    trained = train_unet(mf, sets["native"], out, args.overrides)
     diameter = int(round(json.loads((out / "eval.json").read_text())["scale"]["fov_diameter_px"]))
     modes = [("native_scale", []), ("fov_normalised", [f"segment.fov_diameter={diameter}"])]
     if args.arms:  # issue 30: the label-free scale choice, alone and with multi-scale TTA
@@ -254,17 +263,11 @@ def main() -> int:
     results = {mode: evaluate_drive(mf, out, sets, work / f"eval_{mode}", extra) for mode, extra in modes}
     if args.arms:  # the same recipe trained scale-robust, scored as is and with auto
         augmented = work / "unet_random_scale"
-        if not (augmented / "eval.json").is_file():
-            run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{sets['native']}]",
-                 f"trainer.output_dir={augmented}", "trainer.resume=auto",
-                 f"segment.random_scale=[{AUG[0]},{AUG[1]}]", *args.overrides])
+        train_unet(mf, sets["native"], augmented, [*RANDOM_SCALE_ARGS, *args.overrides])
         for mode, extra in (("random_scale_native", []), ("random_scale_auto", ["segment.scale=auto"])):
             results[mode] = evaluate_drive(mf, augmented, sets, work / f"eval_{mode}", extra)
         blurred = work / "unet_low_res"  # and with simulated low resolution: the blur of an upsampled image
-        if not (blurred / "eval.json").is_file():
-            run([mf, "finetune", "adapt/segment_unet.yaml", f"data.shards=[{sets['native']}]",
-                 f"trainer.output_dir={blurred}", "trainer.resume=auto", f"segment.random_scale=[{AUG[0]},{AUG[1]}]",
-                 f"segment.low_res=[{LOW_RES[0]},{LOW_RES[1]}]", *args.overrides])
+        train_unet(mf, sets["native"], blurred, [*LOW_RES_ARGS, *args.overrides])
         for mode, extra in (("low_res_native", []), ("low_res_fov_normalised", [f"segment.fov_diameter={diameter}"]),
                             ("low_res_auto", ["segment.scale=auto"])):
             results[mode] = evaluate_drive(mf, blurred, sets, work / f"eval_{mode}", extra)
