@@ -262,7 +262,7 @@ def test_a_lazy_import_defers_torch_for_a_torch_free_command():
 WIDE = {"data/bags.py:bag_loader": 10, "data/ingest/dicom.py:read_dicom": 11, "data/ingest/images.py:read_images": 14,
         "data/ingest/parallel.py:_worker": 10, "data/ingest/volumes.py:read_volumes": 12,
         "data/ingest/wsi.py:read_wsi": 12, "data/shards.py:write_shard_set": 15,
-        "data/transforms.py:build_transform": 14, "evaluate/metrics.py:score_with_sites": 13,
+        "data/transforms.py:build_transform": 12, "evaluate/metrics.py:score_with_sites": 13,
         "importing.py:import_checkpoint": 10, "predict.py:_predict": 12,
         "tasks/box_prompt.py:predict": 10, "train/checkpoint.py:save_checkpoint": 11, "train/loop.py:fit": 11,
         "workflows.py:publish": 10, "workflows.py:shard": 15}

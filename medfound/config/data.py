@@ -25,6 +25,10 @@ class MultiCropConfig(Strict):
     global_crops: int = Field(2, ge=1, description="global views per image (DINOv2: 2), at data.img_size")
     local_crops: int = Field(8, ge=0, description="local views per image (DINOv2: 8), at multicrop.local_size")
     local_size: int = Field(96, gt=0, description="edge of the local views in pixels (DINOv2: 98 at patch 14)")
+    photometric: float = Field(1.0, ge=0, le=2.5, description=(
+        "strength of the views' photometric changes: DINO's colour jitter (brightness and contrast 0.4, saturation "
+        "0.2, hue 0.1) and its grayscale and solarisation probabilities, times this; 1: DINO's; 0: none, for images "
+        "whose intensity or colour is the signal (chest X-ray opacity, fundus colour); docs/pretraining.md"))
 
 
 class DataConfig(Strict):

@@ -31,8 +31,7 @@ def eval_image_transform(d: DataConfig) -> Callable:
 def _transform(d: DataConfig, train: bool) -> Callable:
     return build_transform(d.augment, d.img_size, d.mean, d.std, train=train, window=d.window,
                            fundus_crop=d.fundus_crop, hed_sigma=d.hed_sigma, crop_scale=d.crop_scale,
-                           global_crops=d.multicrop.global_crops, local_crops=d.multicrop.local_crops,
-                           local_size=d.multicrop.local_size, normalize=False,
+                           multicrop=d.multicrop, normalize=False,
                            spacing_mm=d.spacing_mm)
 
 

@@ -47,6 +47,7 @@ from torchvision.transforms import v2 as T
 WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
            "abdomen": (40.0, 400.0)}  # (centre, width) in Hounsfield units
 from medfound.config.data import AUGMENT_PRESETS as AUGMENTS  # noqa: E402  (the names the schema accepts)
+from medfound.config.data import MultiCropConfig  # noqa: E402
 from medfound.data.pipeline import MissingMember  # noqa: E402
 from medfound.data.scale import pixel_spacing  # noqa: E402
 from medfound.data.fundus import crop_to_fov, detect_fov  # noqa: E402
@@ -200,20 +201,39 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
 
 
-def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> T.Compose:
+def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+               blur_sigma: tuple[float, float], photometric: float) -> T.Compose:
+    s = photometric
+    colour = [T.RandomApply([T.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8),
+              T.RandomGrayscale(p=0.2 * s)] if s > 0 else []
+    solarize = [T.RandomSolarize(0.5, p=solarize_p * s)] if s > 0 else []  # drawn at p=0 too: DINO's RNG stream
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC, antialias=True),
         T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur_p),
-        T.RandomSolarize(0.5, p=solarize_p),
+        *colour,
+        T.RandomApply([T.GaussianBlur(9, sigma=blur_sigma)], p=blur_p),
+        *solarize,
     ])
+
+
+DINO_BLUR_SIGMA = (0.1, 2.0)  # px, DINO / DINOv2 for 224-px global views (and their 96-px local views)
+
+
+def dino_blur_sigma(img_size: int) -> tuple[float, float]:
+    """The Gaussian blur's sigma range of the `dino` views for global views of `img_size` px.
+
+    DINO's range (0.1-2.0 px) was set for 224-px views, where 2 px is 1% of the width. On a 32-px image the same
+    sigma is 6% of the width and, applied to every first global view, blurs away what a small image has; so below
+    224 px the range shrinks in proportion to the image (the same share of detail removed), and at 224 px and above
+    it is DINO's, unchanged. Local views use their global views' range, as in DINO.
+    """
+    f = min(1.0, img_size / 224)
+    return (DINO_BLUR_SIGMA[0] * f, DINO_BLUR_SIGMA[1] * f)
 
 
 def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Sequence[float], train: bool = True,
                     *, window: Optional[str] = None, fundus_crop: bool = False, hed_sigma: float = 0.05,
-                    global_crops: int = 2, local_crops: int = 8, local_size: int = 96, normalize: bool = True,
+                    multicrop: Optional[MultiCropConfig] = None, normalize: bool = True,
                     crop_scale: Optional[tuple[float, float]] = None, spacing_mm: Optional[float] = None
                     ) -> Callable[[Any], dict[str, torch.Tensor] | torch.Tensor]:
     """The transform for training (`augment` preset) or, with `train=False`, for evaluation.
@@ -240,9 +260,11 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
                             RandomRot90(), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), ToFloat(),
                             HEDJitter(hed_sigma), norm])]
     elif augment == "dino":
-        views = [T.Compose([_dino_view(img_size, (0.32, 1.0), 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2), norm])
-                 for i in range(global_crops)]
-        views += [T.Compose([_dino_view(local_size, (0.05, 0.32), 0.5, 0.0), norm]) for _ in range(local_crops)]
+        mc, sigma = multicrop or MultiCropConfig(), dino_blur_sigma(img_size)
+        views = [T.Compose([_dino_view(img_size, (0.32, 1.0), 1.0 if i == 0 else 0.1, 0.0 if i == 0 else 0.2, sigma,
+                                       mc.photometric), norm]) for i in range(mc.global_crops)]
+        views += [T.Compose([_dino_view(mc.local_size, (0.05, 0.32), 0.5, 0.0, sigma, mc.photometric), norm])
+                  for _ in range(mc.local_crops)]
     else:  # a preset named in config.data.AUGMENT_DESCRIPTIONS but not built here
         raise NotImplementedError(f"augment preset {augment!r} has no transform in medfound.data.transforms")
 
@@ -256,4 +278,5 @@ def build_transform(augment: str, img_size: int, mean: Sequence[float], std: Seq
         out = [v(x) for v in views]
         return {"image": out[0], "crops": out} if len(out) > 1 else {"image": out[0]}
 
+    apply.views = views  # type: ignore[attr-defined]  # one transform per view, for inspection
     return apply

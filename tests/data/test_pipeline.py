@@ -3,12 +3,15 @@ function of (seed, epoch); transforms give 3-channel tensors for grey and colour
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import GaussianBlur
 
+from medfound.config.data import MultiCropConfig
 from medfound.data.manifest import read_manifest
 from medfound.data.pipeline import Decoding, TrainOrder, make_loader, shard_urls
-from medfound.data.transforms import build_transform
+from medfound.data.transforms import DINO_BLUR_SIGMA, build_transform, dino_blur_sigma
 
 T_EVAL = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=False)
 T_TRAIN = build_transform("mae", 32, (0.5,) * 3, (0.5,) * 3, train=True)
@@ -63,3 +66,49 @@ def test_transforms_make_three_channel_tensors():
     x = T_EVAL(grey)
     assert torch.allclose(x[0], x[1]) and torch.allclose(x[1], x[2])
     assert abs(float(x.mean()) - (128 / 255 - 0.5) / 0.5) < 0.02
+
+
+def test_dino_blur_is_scaled_to_small_images_and_unchanged_at_224():
+    """DINO's blur (sigma 0.1-2 px) was set for 224-px views; on a 32-px image the same sigma would blur away 7x the
+    share of detail on every first global view, so below 224 px its range shrinks with the image (global and local
+    views alike); at 224 px and above it stays DINO's."""
+    def sigmas(img_size: int, local_size: int) -> set[tuple[float, float]]:
+        t = build_transform("dino", img_size, (0.5,) * 3, (0.5,) * 3,
+                            multicrop=MultiCropConfig(global_crops=2, local_crops=3, local_size=local_size))
+        def walk(m):  # Compose and RandomApply hold their transforms in `.transforms`
+            return [m] + [x for c in getattr(m, "transforms", []) for x in walk(c)]
+        return {tuple(m.sigma) for v in t.views for m in walk(v) if isinstance(m, GaussianBlur)}
+
+    assert sigmas(224, 96) == sigmas(518, 224) == {DINO_BLUR_SIGMA} == {(0.1, 2.0)}
+    (lo, hi), = sigmas(32, 16)
+    assert lo == pytest.approx(0.1 * 32 / 224) and hi == pytest.approx(2.0 * 32 / 224)
+    assert dino_blur_sigma(32) == (lo, hi)
+    x = build_transform("dino", 32, (0.5,) * 3, (0.5,) * 3, multicrop=MultiCropConfig(local_crops=2, local_size=16))(
+        Image.new("L", (28, 28), 9))
+    assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_dino_photometric_strength_zero_keeps_intensity_and_one_is_dinos_pipeline():
+    """`data.multicrop.photometric`: 1 keeps DINO's view pipeline step for step (the same random draws); 0 drops
+    colour jitter, greyscale and solarisation, so a view keeps the image's intensity (chest X-ray opacity, fundus
+    colour), while geometric changes and blur stay."""
+    def kinds(photometric: float) -> list[list[str]]:
+        t = build_transform("dino", 32, (0.5,) * 3, (0.5,) * 3, multicrop=MultiCropConfig(
+            global_crops=2, local_crops=1, local_size=16, photometric=photometric))
+        return [[type(m).__name__ for m in v.transforms[0].transforms] for v in t.views]
+
+    dino = ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "RandomApply",
+            "RandomSolarize"]
+    assert kinds(1.0) == kinds(0.5) == [dino] * 3
+    assert kinds(0.0) == [["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply"]] * 3
+    grey = Image.new("RGB", (28, 28), (90, 140, 200))
+    shifts = {}
+    for strength in (0.0, 1.0):
+        t = build_transform("dino", 32, (0.0,) * 3, (1.0,) * 3,
+                            multicrop=MultiCropConfig(local_crops=0, photometric=strength))
+        shifts[strength] = []
+        for seed in range(8):
+            torch.manual_seed(seed)
+            x = t(grey)  # normalised with mean 0, std 1: intensities in [0, 1]
+            shifts[strength].append(float((x.mean((1, 2)) - torch.tensor([90, 140, 200]) / 255).abs().max()))
+    assert max(shifts[0.0]) < 2 / 255 and max(shifts[1.0]) > 0.05

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from medfound.config.data import MultiCropConfig
 from medfound.data.pipeline import Decoding, TrainOrder, make_loader, mixed_samples, shard_sets, shard_urls
 from medfound.data.transforms import HEDJitter, build_transform, to_unit_image
 
@@ -99,7 +100,8 @@ def test_presets_shapes_and_determinism(shards):
     urls, _ = shard_urls([shards["he"]], "train")
     tile = next(iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())))
     sample = {"image": Image.open(io.BytesIO(tile["png"])), "meta": {}, "masks": {}}
-    dino = build_transform("dino", 64, (0.5,) * 3, (0.5,) * 3, global_crops=2, local_crops=4, local_size=24)
+    dino = build_transform("dino", 64, (0.5,) * 3, (0.5,) * 3,
+                           multicrop=MultiCropConfig(global_crops=2, local_crops=4, local_size=24))
     out = dino(sample)
     assert [tuple(c.shape) for c in out["crops"]] == [(3, 64, 64)] * 2 + [(3, 24, 24)] * 4
     assert torch.equal(out["image"], out["crops"][0])
