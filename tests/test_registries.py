@@ -132,6 +132,23 @@ def test_a_key_the_task_does_not_read_is_refused_by_name(task, section, key):
         load_recipe(ROOT / EXAMPLES[task], [f"{section}.{key}={value}"])
 
 
+@pytest.mark.parametrize("task,augment,key", [
+    ("pretrain", "mae", "multicrop"), ("pretrain", "mae", "hed_sigma"), ("classification", "light", "multicrop"),
+    ("classification", "light", "hed_sigma"), ("classification", "none", "crop_scale")])
+def test_a_key_the_augment_preset_does_not_read_is_refused_by_name(task, augment, key):
+    value = yaml.safe_dump(NON_DEFAULT[key], default_flow_style=True).strip()
+    with pytest.raises(ConfigError, match=f"data.augment='{augment}' does not use data[.]{key}=.*read with augment"):
+        load_recipe(ROOT / EXAMPLES[task], [f"data.augment={augment}", f"data.{key}={value}"])
+
+
+def test_a_key_the_augment_preset_reads_is_honoured():
+    r = load_recipe(ROOT / "pretrain" / "demo_dinov2_tiny.yaml", ["data.multicrop.photometric=0"])
+    assert r.data.multicrop.photometric == 0
+    r = load_recipe(ROOT / EXAMPLES["classification"], ["data.augment=he", "data.hed_sigma=0.1",
+                                                         "data.crop_scale=[0.5,1.0]"])
+    assert r.data.hed_sigma == 0.1 and r.data.crop_scale == (0.5, 1.0)
+
+
 def test_the_issue_examples_are_refused_or_honoured():
     # box prompts now go through the shared image loader: site balancing, stain normalisation, resampling work
     r = load_recipe(ROOT / "adapt" / "medsam.yaml", ["data.balanced_sampling=site", "data.stain_normalize=true",

@@ -163,7 +163,11 @@ def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) 
                              "eval.report=false", f"data.fraction_seed={seed}",
                              *([f"data.train_fraction={f:g}"] if f < 1 else []),
                              *([f"optim.lr={cfg.lr:g}"] if cfg.lr else []), *cfg.overrides]
-                train(load_recipe(find_recipe(cfg.recipe, "adapt"), overrides), "medfound bench")
+                done = train(load_recipe(find_recipe(cfg.recipe, "adapt"), overrides), "medfound bench")
+                if done.get("preempted"):  # SIGTERM: the run checkpointed; nothing to score yet
+                    raise RuntimeError(f"stopped by SIGTERM in the fine-tuning run {run} at step {done['step']} "
+                                       "(checkpoint written): run the same medfound bench command again to continue; "
+                                       "finished runs and cached features are reused")
             probs, n_train, report = _run_predictions(run, data)
             sel = report.get("selection") or {}
             out.append(Prediction(cfg.name, setting, f, None, seed, probs, n_train,

@@ -17,6 +17,13 @@ AUGMENT_DESCRIPTIONS = {
     "dino": "DINOv2 multi-crop views (data.multicrop): DINOv2 pretraining",
 }
 AUGMENT_PRESETS = tuple(AUGMENT_DESCRIPTIONS)
+# The `data.*` keys each preset reads (medfound.data.transforms.build_transform); a recipe that sets one of
+# AUGMENT_KEYS under a preset that does not read it is refused (config/tasks.py) instead of silently ignored.
+AUGMENT_READS: dict[str, frozenset[str]] = {
+    "light": frozenset({"crop_scale"}), "mae": frozenset({"crop_scale"}), "none": frozenset(),
+    "he": frozenset({"crop_scale", "hed_sigma"}), "dino": frozenset({"multicrop"})}
+AUGMENT_KEYS = frozenset().union(*AUGMENT_READS.values())
+assert set(AUGMENT_READS) == set(AUGMENT_DESCRIPTIONS), "every augment preset says which keys it reads"
 
 
 class MultiCropConfig(Strict):

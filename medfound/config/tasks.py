@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medfound.config.data import AUGMENT_KEYS, AUGMENT_READS
+
 IMAGE_STREAM = frozenset({"shards", "train_split", "eval_split", "batch_size", "num_workers", "shuffle_buffer",
                           "resampled", "global_order", "weights", "samples_per_epoch", "max_bad_fraction", "verify",
                           "balanced_sampling", "stain_normalize", "window", "mean", "std"})
@@ -89,16 +91,39 @@ def unused_key_errors(task: str, data: Any, eval: Any = None) -> list[str]:
     for section, model, read in (("data", data, spec.data), ("eval", eval, spec.eval)):
         if model is None:
             continue
-        for key, info in type(model).model_fields.items():
+        for key in type(model).model_fields:
             value = getattr(model, key)
             if key in read:
                 allowed = spec.values.get(key)
                 if allowed is None or any(value == a and type(value) is type(a) for a in allowed):
                     continue
-            elif value == info.get_default(call_default_factory=True):
+            elif _is_default(model, key):
                 continue
             why = spec.why.get(key, spec.default_why)
-            shown = value.model_dump() if hasattr(value, "model_dump") else value
-            errors.append(f"{spec.runs} do not use {section}.{key}={shown!r}" + (f": {why}" if why else "")
+            errors.append(f"{spec.runs} do not use {section}.{key}={_shown(value)!r}" + (f": {why}" if why else "")
                           + "; remove it from the recipe")
+    return errors + _preset_key_errors(spec, data)
+
+
+def _preset_key_errors(spec: TaskKeys, data: Any) -> list[str]:
+    """A key only some augment presets read (data.multicrop, data.hed_sigma, data.crop_scale), set under a preset
+    that ignores it: the run would train without it and nothing would say so."""
+    augment = getattr(data, "augment", None)
+    if data is None or "augment" not in spec.data or augment not in AUGMENT_READS:
+        return []
+    errors = []
+    for key in sorted(AUGMENT_KEYS & spec.data - AUGMENT_READS[augment]):
+        if _is_default(data, key):
+            continue
+        readers = ", ".join(p for p, keys in AUGMENT_READS.items() if key in keys)
+        errors.append(f"data.augment={augment!r} does not use data.{key}={_shown(getattr(data, key))!r} (read with "
+                      f"augment {readers}); remove it from the recipe or set data.augment")
     return errors
+
+
+def _is_default(model: Any, key: str) -> bool:
+    return getattr(model, key) == type(model).model_fields[key].get_default(call_default_factory=True)
+
+
+def _shown(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value

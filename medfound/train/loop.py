@@ -405,8 +405,13 @@ def fit(module: nn.Module, make_loader: Callable[[int], Iterable[dict]], *, trai
                 break
             if state.step < trainer.max_steps:
                 if seen_this_epoch == 0:
-                    raise ValueError("the training split yielded no batch: it holds fewer samples than "
-                                     "data.batch_size (batches are full-size in training); lower data.batch_size")
+                    workers = getattr(loader, "num_workers", 0)
+                    raise ValueError(
+                        "the training split yielded no batch: it holds fewer samples than data.batch_size (batches "
+                        "are full-size in training); lower data.batch_size" + (
+                            f". With data.num_workers={workers} each worker batches its own share of the epoch, so "
+                            f"an epoch needs batch_size x {workers} samples: lower data.num_workers too, or raise "
+                            "data.samples_per_epoch (resampled streams)" if workers > 1 else ""))
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 data_position = {}

@@ -185,3 +185,39 @@ def test_finetuning_protocols_select_on_validation_or_fix_the_steps_in_advance(p
     assert rows["full"]["notes"]["selected_step"] in (2, 4) and rows["full"]["notes"]["validation_value"] is not None
     ran = json.loads((tmp_path / "o" / "runs" / "t" / "mae" / "lora_f0.5_s0" / "eval.json").read_text())
     assert ran["selection"]["policy"] == "fixed steps" and ran["train_labels"]["fraction"] == 0.5
+
+
+@pytest.mark.slow
+def test_a_sigterm_in_fine_tuning_stops_the_bench_in_one_line_and_a_rerun_continues(pretrained, tmp_path, capsys):
+    """As SLURM preempts: SIGTERM during a `lora` run checkpoints it; the bench stops with one line saying so (not a
+    missing eval.json), and the same command continues the run from its checkpoint and finishes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    suite = tmp_path / "ft.yaml"
+    suite.write_text("name: ft\ntasks:\n  - name: t\n    sample: pneumoniamnist\n    metric: auroc\n"
+                     "fractions: [0.5]\nseeds: [0]\nbootstrap: 50\nprotocols:\n"
+                     "  - name: lora\n    steps: 30\n    every: null\n    batch_size: 8\n"
+                     "    overrides: [trainer.log_every=1]\n")
+    argv = ["bench", f"mae={pretrained / 'export'}", "--suite", str(suite), "--out", str(tmp_path / "o"),
+            "--cache", str(tmp_path / "cache")]
+    run = tmp_path / "o" / "runs" / "t" / "mae" / "lora_f0.5_s0"
+    log = run / "logs" / "metrics.jsonl"
+
+    def preempt():  # once the loop logs a step its SIGTERM handler is installed
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.is_file() and log.read_text().strip()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=preempt, daemon=True)
+    killer.start()
+    assert main(argv) == 1
+    killer.join()
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM in the fine-tuning run" in err and "run the same medfound bench command" in err, err
+    assert "Traceback" not in err and not (run / "eval.json").exists() and list((run / "checkpoints").glob("step_*"))
+    assert main(argv) == 0
+    assert json.loads((run / "eval.json").read_text())["selection"]["selected_step"] == 30

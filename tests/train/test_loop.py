@@ -258,3 +258,18 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused(pretrained):
                         decoder_depth=2, decoder_heads=2)
     with pytest.raises(RuntimeError, match=r"missing \['decoder_blocks.1"):
         load_checkpoint(ckpt, wider_decoder)
+
+
+def test_an_epoch_too_small_for_the_workers_names_them(shards, tmp_path):
+    """A resampled epoch of 40 samples over 2 DataLoader workers gives each worker 20, below the batch of 32: no batch
+    although the split holds more than 32; the error says the workers split the epoch and how to fix it."""
+    urls, _ = shard_urls([shards["retina"]], "train")
+    t = build_transform("none", 32, (0.5,) * 3, (0.5,) * 3, train=True)
+
+    def loader(workers):
+        return lambda epoch: make_loader(urls, Decoding(t, labelled=True), batch_size=32, num_workers=workers,
+                                         order=TrainOrder(seed=3, epoch=epoch, resampled=True, samples_per_epoch=40))
+
+    with pytest.raises(ValueError, match="data.num_workers=2 each worker batches its own share.*samples_per_epoch"):
+        _fit(_task(shards), loader(2), _trainer(tmp_path / "two", max_steps=2, checkpoint_every=2))
+    assert _fit(_task(shards), loader(0), _trainer(tmp_path / "none", max_steps=2, checkpoint_every=2)) is not None
