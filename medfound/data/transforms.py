@@ -206,7 +206,8 @@ def _dino_view(size: int, scale: tuple[float, float], blur_p: float, solarize_p:
     s = photometric
     colour = [T.RandomApply([T.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s)], p=0.8),
               T.RandomGrayscale(p=0.2 * s)] if s > 0 else []
-    solarize = [T.RandomSolarize(0.5, p=solarize_p * s)] if s > 0 else []  # drawn at p=0 too: DINO's RNG stream
+    # kept at p=0 on the first global view (solarize_p 0), so the random draws stay DINO's
+    solarize = [T.RandomSolarize(0.5, p=solarize_p * s)] if s > 0 else []
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale, interpolation=_BICUBIC, antialias=True),
         T.RandomHorizontalFlip(),
