@@ -106,7 +106,7 @@ def hardware() -> str:
 
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    return torch.cuda.get_device_name(0) if cuda_available() else f"{os.cpu_count()} CPU cores"
 
 
 def pick(results: list[dict], **kw) -> dict | None:
