@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import csv
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = (ROOT.parent / "shared" / "data").resolve()
+# ../shared/data beside the checkout; MEDFOUND_SHARED_DATA points elsewhere (a lent GPU machine gets a copy of the
+# checkout only: benchmarks/device_label_efficiency.sh carries the sets it needs and sets it)
+SHARED = Path(os.environ.get("MEDFOUND_SHARED_DATA") or ROOT.parent / "shared" / "data").resolve()
 
 
 def medfound_bin() -> str:
-    """The `medfound` console script of the interpreter running the benchmark."""
-    return str(Path(sys.executable).with_name("medfound"))
+    """The `medfound` console script of the interpreter running the benchmark (else the one on PATH: a wheel
+    installed with `pip install --target` puts it in TARGET/bin)."""
+    beside = Path(sys.executable).with_name("medfound")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("medfound")
+    if found is None:
+        raise SystemExit(f"no `medfound` console script beside {sys.executable} or on PATH: install medfound into "
+                         "this interpreter (pip install -e .) first")
+    return found
 
 
 def run(cmd: list[str]) -> None:

@@ -4,6 +4,8 @@
     python benchmarks/quality_label_efficiency.py                    # both sets -> results/label_efficiency_*.json
     python benchmarks/quality_label_efficiency.py --sets retinamnist --pretrain-steps 1000 --lora-steps 300
     python benchmarks/quality_label_efficiency.py --scale small --sets pneumoniamnist   # ViT-S/4, on one GPU
+    python benchmarks/quality_label_efficiency.py --scale small --sets pneumoniamnist --budget-minutes 8
+    bash benchmarks/device_label_efficiency.sh prepare      # then the same on a lent GPU machine, in one call
 
 Per set: shard the npz; MAE-pretrain the tiny ViT (pretrain/demo_mae_tiny.yaml, patch 4 on 32 px) and DINOv2-pretrain
 the same ViT (pretrain/demo_dinov2_tiny.yaml; RetinaMNIST without photometric views, see DINO_VIEWS) on the training
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -42,22 +45,28 @@ DINO_VIEWS = {"retinamnist": ["data.multicrop.photometric=0"], "pneumoniamnist":
 # the committed results). small: ViT-S/4 at 32 px (384 wide, 12 blocks, 21 M parameters), MAE 10,000 steps at batch
 # 256 (20x the tiny run's images) and DINOv2 5,000 steps at 128 with the small-data head of
 # pretrain/dinov2_small_data.yaml, bf16, for one GPU: one set per call (`--sets pneumoniamnist`). Exercised on CPU
-# with 4 steps per arm; not yet run on a GPU (none drawn), so its minutes are an estimate. Results go to
-# label_efficiency_NAME_small.*; the bench's protocols (LoRA 500 steps at batch 32, ...) are the tiny run's.
+# with 4 steps per arm; not yet run on a GPU (none drawn). Results go to label_efficiency_NAME_small.*; the bench's
+# protocols (LoRA 500 steps at batch 32, ...) are the tiny run's. At 32 px a GPU outruns the loader's workers
+# (measured on one CPU core: about 1,050 MAE samples/s and 160 DINO samples/s with its six views), so on a lent
+# machine's 16 cores MAE's 10,000 steps alone take about 3 minutes and DINO's 5,000 about 5: more than a lease
+# holds with the bench. `--budget-minutes` fits them (see plan_steps).
 SMALL_VIT = "backbone.name=vit_small_patch16_224"
-# a virtual epoch of 64 Ki samples: 8 workers each batch their own share, and 1,080 RetinaMNIST images / 8 < 256
-BIG_EPOCH = ["data.num_workers=8", "data.samples_per_epoch=65536"]
+# as many loader workers as the machine has cores to spare (a GPU at 32 px waits on them), at most 14, and a virtual
+# epoch of 256 Ki samples: each worker batches its own share (1,080 RetinaMNIST images / 8 < 256), and the workers
+# start again each epoch (about a second), so an epoch is 1,024 MAE steps rather than the 256 of 64 Ki
+SMALL_WORKERS = max(2, min(14, (os.cpu_count() or 4) - 2))
+BIG_EPOCH = [f"data.num_workers={SMALL_WORKERS}", "data.samples_per_epoch=262144"]
 SCALES = {
     "tiny": {"mae": [], "dino": [], "steps": (2000, 1000), "checkpoint_every": (500, 250), "monitor_every": 250},
     "small": {
         "mae": [SMALL_VIT, "backbone.model_args={img_size: 32, patch_size: 4}", "objective.decoder_dim=256",
-                "objective.decoder_depth=4", "objective.decoder_heads=8", "data.batch_size=256", *BIG_EPOCH,
-                "optim.warmup_steps=500"],
+                "objective.decoder_depth=4", "objective.decoder_heads=8", "data.batch_size=256", *BIG_EPOCH],
         "dino": [SMALL_VIT, "backbone.model_args={img_size: 32, patch_size: 4, dynamic_img_size: true, "
                  "drop_path_rate: 0.1}", "objective.out_dim=4096", "objective.hidden_dim=2048",
                  "objective.bottleneck_dim=256", "objective.koleo_weight=0.1", "data.batch_size=128", *BIG_EPOCH,
-                 "optim.warmup_steps=500", "trainer.clip_grad_norm=3.0"],
-        "steps": (10000, 5000), "checkpoint_every": (1000, 1000), "monitor_every": 1000},
+                 "trainer.clip_grad_norm=3.0"],
+        "steps": (10000, 5000), "checkpoint_every": (1000, 1000), "monitor_every": 1000,
+        "warmup": 500},  # optimizer warmup steps, at most a tenth of the run
 }
 
 
@@ -93,6 +102,38 @@ protocols:
     lr: 0.001
     backbones: [resnet18]
 """
+
+
+# --budget-minutes: the shares of the budget each pretraining gets (the bench, the rest), and the timing probe
+SHARES = {"mae": 0.3, "dino": 0.25}
+PROBE_STEPS = 60
+
+
+def probe_images_per_s(mf: str, argv: list[str], scratch: Path) -> tuple[float, int]:
+    """(images/s, batch size) of a pretraining recipe on this machine: PROBE_STEPS steps in a scratch folder, timed
+    over the last logged window of 20 steps (the workers started and the kernels warm)."""
+    import yaml
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    run([mf, "pretrain", *argv, f"trainer.max_steps={PROBE_STEPS}", "trainer.log_every=20",
+         f"trainer.checkpoint_every={PROBE_STEPS}", f"trainer.output_dir={scratch}"])
+    rows = [json.loads(line) for line in (scratch / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rate = [r["images_per_s"] for r in rows if r.get("phase") == "train" and "images_per_s" in r][-1]
+    batch = int(yaml.safe_load((scratch / "config.yaml").read_text())["data"]["batch_size"])
+    shutil.rmtree(scratch)
+    return rate, batch
+
+
+def plan_steps(minutes: float, rate: float, batch: int, most: int) -> int:
+    """Optimizer steps that fill `minutes` at `rate` images/s: whole hundreds, at least 200, never more than `most`
+    (the scale's default or --pretrain-steps / --dino-steps)."""
+    return min(most, max(200, int(minutes * 60 * rate / batch) // 100 * 100))
+
+
+def timed(plan: dict, plan_file: Path, stage: str, since: float) -> None:
+    """Adds the minutes since `since` to the plan's `stage` (over reruns too) and saves the plan."""
+    plan["minutes"][stage] = round(plan["minutes"].get(stage, 0) + (time.time() - since) / 60, 2)
+    plan_file.write_text(json.dumps(plan, indent=1) + "\n")
 
 
 def cuda_available() -> bool:
@@ -175,6 +216,10 @@ def main() -> int:
     ap.add_argument("--lora-steps", type=int, default=500, help="fine-tuning steps per run (fixed in advance)")
     ap.add_argument("--every", type=int, default=50, help="validation every N fine-tuning steps")
     ap.add_argument("--draws", type=int, default=100, help="few-shot supports per shot count")
+    ap.add_argument("--budget-minutes", type=float,
+                    help="fit each set's pretraining to this machine: MAE gets 30%% and DINOv2 25%% of it, their steps "
+                         "set from a 60-step timing probe (the bench, the rest); the plan is kept in WORK/NAME/plan.json "
+                         "so a rerun continues it. --pretrain-steps / --dino-steps still cap the steps")
     args = ap.parse_args()
     scale = SCALES[args.scale]
     tag = "" if args.scale == "tiny" else f"_{args.scale}"
@@ -193,23 +238,45 @@ def main() -> int:
         if not (shards / "manifest.json").is_file():
             run([mf, "shard", "npz", str(npz), "--out", str(shards), "--name", name, *SHARD_ARGS[name],
                  "--license", "CC-BY-4.0", "--attribution", "MedMNIST v2 (Yang et al., Scientific Data 2023)"])
-        monitor = [f"monitor.shards={shards}", "monitor.split=val", f"monitor.every={scale['monitor_every']}"]
-        pretrain = {
-            "mae": ["pretrain/demo_mae_tiny.yaml", f"data.shards=[{shards}]", "data.weights=null",
-                    f"trainer.max_steps={mae_steps}", f"trainer.checkpoint_every={scale['checkpoint_every'][0]}",
-                    *scale["mae"], *precision, *monitor],
-            "dino": ["pretrain/demo_dinov2_tiny.yaml", f"data.shards=[{shards}]", "data.weights=null",
-                     f"trainer.max_steps={dino_steps}", f"trainer.checkpoint_every={scale['checkpoint_every'][1]}",
-                     f"objective.teacher_temp_warmup_steps={round(0.3 * dino_steps)}", *DINO_VIEWS[name],
-                     *scale["dino"], *precision, *monitor]}
-        for arm, argv in pretrain.items():
-            if not (work / arm / "export" / "model.safetensors").is_file():
-                run([mf, "pretrain", *argv, f"trainer.output_dir={work / arm}", "trainer.resume=auto"])
+        plan_file = work / "plan.json"
+        plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {"minutes": {}}
+
+        base = {"mae": ["pretrain/demo_mae_tiny.yaml", f"data.shards=[{shards}]", "data.weights=null", *scale["mae"],
+                        *precision],
+                "dino": ["pretrain/demo_dinov2_tiny.yaml", f"data.shards=[{shards}]", "data.weights=null",
+                         *DINO_VIEWS[name], *scale["dino"], *precision]}
+        most = {"mae": mae_steps, "dino": dino_steps}
+        pretrain = {}
+        for i, arm in enumerate(("mae", "dino")):
+            exported = (work / arm / "export" / "model.safetensors").is_file()
+            # a cap of 200 steps or fewer is the plan whatever the probe says (plan_steps)
+            if args.budget_minutes and arm not in plan and not exported and most[arm] > 200:
+                t = time.time()
+                rate, batch = probe_images_per_s(mf, base[arm], work / f"{arm}_probe")
+                plan[arm] = {"steps": plan_steps(SHARES[arm] * args.budget_minutes, rate, batch, most[arm]),
+                             "probe_images_per_s": round(rate, 1), "batch_size": batch,
+                             "minutes": SHARES[arm] * args.budget_minutes}
+                timed(plan, plan_file, f"{arm}_probe", t)
+                print(f"{name} / {arm}: {rate:.0f} images/s at batch {batch} -> {plan[arm]['steps']} steps in "
+                      f"{plan[arm]['minutes']:g} minutes", flush=True)
+            steps = plan.get(arm, {}).get("steps", most[arm])
+            every = min(scale["checkpoint_every"][i], max(100, steps // 4))
+            look = min(scale["monitor_every"], max(50, steps // 4))
+            warmup = [f"optim.warmup_steps={min(scale['warmup'], steps // 10)}"] if "warmup" in scale else []
+            pretrain[arm] = [*base[arm], f"trainer.max_steps={steps}", f"trainer.checkpoint_every={every}",
+                             *([f"objective.teacher_temp_warmup_steps={round(0.3 * steps)}"] if arm == "dino" else []),
+                             *warmup, f"monitor.shards={shards}", "monitor.split=val", f"monitor.every={look}"]
+            if not exported:
+                t = time.time()
+                run([mf, "pretrain", *pretrain[arm], f"trainer.output_dir={work / arm}", "trainer.resume=auto"])
+                timed(plan, plan_file, arm, t)
         suite = work / "suite.yaml"
         suite.write_text(suite_yaml(name, shards, args.lora_steps, args.every, args.draws))
         mae = work / "mae" / "export"
+        t = time.time()
         run([mf, "bench", f"mae={mae}", f"dino={work / 'dino' / 'export'}", f"random=timm:same-as:{mae}",
              "resnet18=timm:resnet18", "--suite", str(suite), "--out", str(work / "bench")])
+        timed(plan, plan_file, "bench", t)
         done = json.loads((work / "bench" / "results.json").read_text())
         result = {"dataset": name, "split": "test (official MedMNIST v2 split)", "suite": str(suite),
                   "command": "python benchmarks/quality_label_efficiency.py " + " ".join(sys.argv[1:]),
@@ -219,7 +286,8 @@ def main() -> int:
                               .get("monitor", {}).get("history") for arm in pretrain},
                   "targets": targets(name, done["results"], done["paired"]),
                   "results": done["results"], "paired": done["paired"],
-                  "minutes": round((time.time() - start) / 60, 1), "hardware": hardware()}
+                  "minutes": round((time.time() - start) / 60, 1), "hardware": hardware(),
+                  "plan": plan}
         stem = args.results / f"label_efficiency_{name}{tag}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         dest = stem.with_suffix(".json")
