@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout; MEDFOUND_SHARED_DATA points elsewhere (a lent GPU machine gets a copy of the
-# checkout only: benchmarks/device_label_efficiency.sh carries the sets it needs and sets it)
+# checkout only: benchmarks/device.sh carries the sets it needs and sets it)
 SHARED = Path(os.environ.get("MEDFOUND_SHARED_DATA") or ROOT.parent / "shared" / "data").resolve()
 
 

@@ -5,7 +5,7 @@
     python benchmarks/quality_label_efficiency.py --sets retinamnist --pretrain-steps 1000 --lora-steps 300
     python benchmarks/quality_label_efficiency.py --scale small --sets pneumoniamnist   # ViT-S/4, on one GPU
     python benchmarks/quality_label_efficiency.py --scale small --sets pneumoniamnist --budget-minutes 8
-    bash benchmarks/device_label_efficiency.sh prepare      # then the same on a lent GPU machine, in one call
+    bash benchmarks/device.sh prepare   # then `bash benchmarks/device.sh label-efficiency SET` on a lent GPU
 
 Per set: shard the npz; MAE-pretrain the tiny ViT (pretrain/demo_mae_tiny.yaml, patch 4 on 32 px) and DINOv2-pretrain
 the same ViT (pretrain/demo_dinov2_tiny.yaml; RetinaMNIST without photometric views, see DINO_VIEWS) on the training
