@@ -3,7 +3,7 @@
 Same real images three ways, same DataLoader worker count and batch size, repeats interleaved
 (medfound, ImageFolder, decode-only, medfound, ...) so drift on the machine hits all variants alike:
 
-- medfound:     WebDataset shards -> shuffle buffer -> PNG decode -> MAE augmentation at 224 px
+- medfound:     WebDataset shards -> shuffle buffer -> PNG decode -> MAE augmentation at 224 px (32 for medmnist)
                 (RandomResizedCrop 0.2-1, flip) -> uint8 batches -> normalise in the main process, as the
                 training loop does after moving a batch to the device   (`medfound.data.pipeline`)
 - imagefolder:  the same images as PNG files, torchvision `ImageFolder` + the same augmentation,
@@ -12,9 +12,11 @@ Same real images three ways, same DataLoader worker count and batch size, repeat
 
 Images (`--source`): `he` - 224-px H&E tiles at 0.5 µm/px cut from the bundled CC0 slide (all of the slide,
 tissue or not, so there are enough); `drive` - the 40 DRIVE colour fundus photographs (565x584) from
-../shared/data/drive. Each is repeated `--epochs` times per measurement.
+../shared/data/drive; `medmnist` - the bundled PneumoniaMNIST demo images (28 px, trained at 32 px, as the
+label-efficiency benchmark does), where the per-sample work of the pipeline, not pixels, sets the rate. Each is
+repeated `--epochs` times per measurement.
 
-    python benchmarks/data_throughput.py [--source he|drive] [--workers 2] [--repeats 3]
+    python benchmarks/data_throughput.py [--source he|drive|medmnist] [--workers 2] [--repeats 3]
     python benchmarks/data_throughput.py --verify-overhead [--source he|drive]
     python benchmarks/data_throughput.py --remote [--source he|drive]
 
@@ -60,7 +62,9 @@ def prepare(work: Path, source: str = "he") -> tuple[list[str], Path, int]:
     from medfound.workflows import shard
 
     shards = work / "shards"
-    if source == "he":
+    if source == "medmnist":  # 28-px chest X-rays, resized to 32 px: per-sample overhead, not pixels, is the cost
+        m, _ = shard("npz", ROOT / "data" / "medmnist" / "pneumoniamnist_demo.npz", shards, modality="cxr")
+    elif source == "he":
         m, _ = shard("wsi", ROOT / "data" / "wsi" / "CMU-1-Small-Region.svs", shards, modality="pathology", mpp=0.5,
                      tile_size=224, min_tissue=0.0, keep_names=True, max_count=64)
     else:
@@ -82,14 +86,17 @@ def prepare(work: Path, source: str = "he") -> tuple[list[str], Path, int]:
     return urls, folder.parent, m.counts["total"]
 
 
-def mae_augment():
+SIZES = {"he": 224, "drive": 224, "medmnist": 32}  # the training size per source
+
+
+def mae_augment(size: int = 224):
     from torchvision.transforms import v2 as T
-    return T.Compose([T.ToImage(), T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC,
                                                        antialias=True), T.RandomHorizontalFlip(),
                       T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
 
 
-def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int) -> dict:
+def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int, size: int = 224) -> dict:
     import torchvision
     from torchvision.transforms import v2 as T
 
@@ -97,10 +104,10 @@ def loaders(urls: list[str], folder: Path, batch: int, workers: int, epoch: int)
     from medfound.data.transforms import build_transform
 
     return {
-        "medfound": make_loader(urls, Decoding(build_transform("mae", 224, MEAN, STD, normalize=False)),
+        "medfound": make_loader(urls, Decoding(build_transform("mae", size, MEAN, STD, normalize=False)),
                                 batch_size=batch, order=TrainOrder(seed=0, epoch=epoch, shuffle_buffer=256),
                                 num_workers=workers),
-        "imagefolder": DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=mae_augment()),
+        "imagefolder": DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=mae_augment(size)),
                                   batch_size=batch, shuffle=True, num_workers=workers, drop_last=True),
         "decode_only": make_loader(urls, Decoding(lambda s: {"image": T.ToImage()(s["image"].convert("RGB"))}),
                                    batch_size=batch, order=TrainOrder(seed=0, epoch=epoch, shuffle_buffer=256),
@@ -223,7 +230,7 @@ def count(batch) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", choices=["he", "drive"], default="he")
+    p.add_argument("--source", choices=sorted(SIZES), default="he")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -264,7 +271,8 @@ def main() -> None:
             for name in rates:
                 seen, start = 0, time.perf_counter()
                 for e in range(a.epochs):
-                    for b in loaders(urls, folder, a.batch, a.workers, epoch=r * a.epochs + e)[name]:
+                    for b in loaders(urls, folder, a.batch, a.workers, epoch=r * a.epochs + e,
+                                     size=SIZES[a.source])[name]:
                         if name == "medfound":
                             b["image"] = normalize(b["image"])  # the loop's on-device step, here on the CPU
                         seen += count(b)

@@ -47,9 +47,9 @@ DINO_VIEWS = {"retinamnist": ["data.multicrop.photometric=0"], "pneumoniamnist":
 # pretrain/dinov2_small_data.yaml, bf16, for one GPU: one set per call (`--sets pneumoniamnist`). Exercised on CPU
 # with 4 steps per arm; not yet run on a GPU (none drawn). Results go to label_efficiency_NAME_small.*; the bench's
 # protocols (LoRA 500 steps at batch 32, ...) are the tiny run's. At 32 px a GPU outruns the loader's workers
-# (measured on one CPU core: about 1,050 MAE samples/s and 160 DINO samples/s with its six views), so on a lent
-# machine's 16 cores MAE's 10,000 steps alone take about 3 minutes and DINO's 5,000 about 5: more than a lease
-# holds with the bench. `--budget-minutes` fits them (see plan_steps).
+# (measured on one CPU core: about 2,200 MAE samples/s and 200 DINO samples/s with its six views), so on a lent
+# machine's 16 cores MAE's 10,000 steps take about 1.5 minutes and DINO's 5,000 about 4: with the bench, more than
+# a lease holds. `--budget-minutes` fits them (see plan_steps).
 SMALL_VIT = "backbone.name=vit_small_patch16_224"
 # as many loader workers as the machine has cores to spare (a GPU at 32 px waits on them), at most 14, and a virtual
 # epoch of 256 Ki samples: each worker batches its own share (1,080 RetinaMNIST images / 8 < 256), and the workers
