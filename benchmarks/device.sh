@@ -98,8 +98,10 @@ label-efficiency)
     done
     out=${OUT:-runs/device_out}
     mkdir -p "$out"
-    tar czf "$out/label_efficiency_${set_}_small.tar.gz" "${files[@]}"
-    echo "packed ${#files[@]} files into $out/label_efficiency_${set_}_small.tar.gz after $(( $(date +%s) - start )) s"
+    if [ ${#files[@]} -gt 0 ]; then
+        tar czf "$out/label_efficiency_${set_}_small.tar.gz" "${files[@]}"
+        echo "packed ${#files[@]} files into $out/label_efficiency_${set_}_small.tar.gz after $(( $(date +%s) - start )) s"
+    fi
     exit "$rc"
     ;;
 *)
