@@ -21,6 +21,7 @@ import numpy as np
 from medfound.config import find_recipe, load_recipe
 from medfound.data.fractions import choose
 from medfound.evaluate.probes import knn_probs, logistic_probs, metric_value, simpleshot_probs
+from medfound.io import atomic_write_json
 from medfound.workflows import train
 
 
@@ -147,22 +148,25 @@ def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) 
             n_subset = len(data.index["train"]) if f >= 1 else len(choose(
                 data.index["train"], data.class_names, fraction=f, seed=seed).keys)
             batch = min(cfg.batch_size, n_subset)  # training batches are full-size: never larger than the subset
+            few = _thin_validation(cfg, data, f, seed) if cfg.every and cfg.min_val_per_class else None
+            every = None if few else cfg.every
+            overrides = [*data.backbone.recipe_overrides(), f"data.shards=[{data.shards}]",
+                         f"data.train_split={t.train_split}", f"data.img_size={data.prep['img_size']}",
+                         f"data.mean=[{','.join(map(str, data.prep['mean']))}]",
+                         f"data.std=[{','.join(map(str, data.prep['std']))}]",
+                         f"data.batch_size={batch}", f"tuning={cfg.name}",
+                         f"trainer.output_dir={run}", f"trainer.max_steps={cfg.steps}", f"trainer.seed={seed}",
+                         f"trainer.checkpoint_every={max(every or 100, 50)}", "trainer.resume=auto",
+                         f"trainer.progress={'true' if data.progress else 'false'}",
+                         f"optim.warmup_steps={max(1, min(100, cfg.steps // 10))}",
+                         f"eval.split={t.test_split}", "eval.bootstrap=0",
+                         *([f"eval.select_split={t.val_split}", f"eval.every={every}",
+                            f"eval.select={t.metric}"] if every else []),
+                         "eval.report=false", f"data.fraction_seed={seed}",
+                         *([f"data.train_fraction={f:g}"] if f < 1 else []),
+                         *([f"optim.lr={cfg.lr:g}"] if cfg.lr else []), *cfg.overrides]
+            _same_settings(run, overrides)
             if not (run / "predictions.csv").is_file() or not (run / "eval.json").is_file():
-                overrides = [*data.backbone.recipe_overrides(), f"data.shards=[{data.shards}]",
-                             f"data.train_split={t.train_split}", f"data.img_size={data.prep['img_size']}",
-                             f"data.mean=[{','.join(map(str, data.prep['mean']))}]",
-                             f"data.std=[{','.join(map(str, data.prep['std']))}]",
-                             f"data.batch_size={batch}", f"tuning={cfg.name}",
-                             f"trainer.output_dir={run}", f"trainer.max_steps={cfg.steps}", f"trainer.seed={seed}",
-                             f"trainer.checkpoint_every={max(cfg.every or 100, 50)}", "trainer.resume=auto",
-                             f"trainer.progress={'true' if data.progress else 'false'}",
-                             f"optim.warmup_steps={max(1, min(100, cfg.steps // 10))}",
-                             f"eval.split={t.test_split}", "eval.bootstrap=0",
-                             *([f"eval.select_split={t.val_split}", f"eval.every={cfg.every}",
-                                f"eval.select={t.metric}"] if cfg.every else []),
-                             "eval.report=false", f"data.fraction_seed={seed}",
-                             *([f"data.train_fraction={f:g}"] if f < 1 else []),
-                             *([f"optim.lr={cfg.lr:g}"] if cfg.lr else []), *cfg.overrides]
                 done = train(load_recipe(find_recipe(cfg.recipe, "adapt"), overrides), "medfound bench")
                 if done.get("preempted"):  # SIGTERM: the run checkpointed; nothing to score yet
                     raise RuntimeError(f"stopped by SIGTERM in the fine-tuning run {run} at step {done['step']} "
@@ -173,8 +177,55 @@ def run_finetune(cfg, data: TaskData, fractions: list[float], seeds: list[int]) 
             out.append(Prediction(cfg.name, setting, f, None, seed, probs, n_train,
                                   {"run": str(run), "selection": sel.get("policy"), "selected_step": sel.get("selected_step"),
                                    "validation_value": sel.get("value"), "steps": cfg.steps, "batch_size": batch,
+                                   **({"fixed_steps_because": few} if few else {}),
                                    "degenerate": _degenerate(probs)}))
     return out
+
+
+SETTINGS = "bench-settings.json"  # a fine-tuning run's recipe overrides, beside its folder's checkpoints
+
+
+def _same_settings(run: Path, overrides: list[str]) -> None:
+    """Record the overrides a bench fine-tuning run is made with, or refuse to reuse (or resume) a run that an earlier
+    bench made with other settings (the suite's steps, lr, selection or overrides changed since): its numbers would
+    be reported for settings it never ran. Paths (the run and shard folders) and the progress bar do not count."""
+    def settings(items: list[str]) -> dict[str, str]:
+        pairs = dict(o.split("=", 1) for o in items)
+        return {k: v for k, v in pairs.items() if k not in ("trainer.output_dir", "data.shards", "trainer.progress")}
+
+    want = settings(overrides)
+    record = run / SETTINGS
+    if record.is_file():
+        had = settings(json.loads(record.read_text()))
+        changed = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+        if changed:
+            what = ", ".join(f"{k}: {had.get(k)} -> {want.get(k)}" for k in changed[:4])
+            raise ValueError(f"{run} was run with other settings ({what}): delete that folder to redo it, or give "
+                             "a new --out")
+    elif run.is_dir() and any(run.iterdir()):
+        return  # a run of an earlier medfound version, before the record: reused as it is
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, overrides)
+
+
+def _thin_validation(cfg, data: TaskData, fraction: float, seed: int) -> Optional[str]:
+    """Why the validation subset at `fraction` cannot select a step (a class with fewer than
+    `cfg.min_val_per_class` samples in it), or None when it can."""
+    if fraction >= 1:
+        per_class: dict[str, int] = {}
+        for _, label, _ in data.index["val"]:
+            for c in (label if isinstance(label, tuple) else (label,)):
+                name = data.class_names[c] if isinstance(c, int) and 0 <= c < len(data.class_names) else str(c)
+                per_class[name] = per_class.get(name, 0) + 1
+    else:
+        record = choose(data.index["val"], data.class_names, fraction=fraction, seed=seed, at_least_one=True).record
+        per_class = {name: v["chosen"] for name, v in record["per_class"].items()}
+    thin = {name: n for name, n in per_class.items() if n < cfg.min_val_per_class}
+    if not thin:
+        return None
+    name, n = min(thin.items(), key=lambda kv: kv[1])
+    return (f"the validation subset has {n} sample{'s' * (n != 1)} of class {name!r} (min_val_per_class "
+            f"{cfg.min_val_per_class}): the last of {cfg.steps} steps fixed in advance")
 
 
 def _run_predictions(run: Path, data: TaskData) -> tuple[np.ndarray, int, dict]:

@@ -60,6 +60,11 @@ def leaderboard(results: list[dict[str, Any]], paired: list[dict[str, Any]], sui
                     cells.append(_cell(hit[0]) if hit else "—")
                 lines.append(f"| {b} | {p} | {s} | " + " | ".join(cells) + " |")
             lines.append("")
+        fixed = [r for r in rows if (r.get("notes") or {}).get("fixed_steps_because")]
+        if fixed:  # selection was asked for but the fraction's validation subset could not rank steps
+            lines += ["Trained for steps fixed in advance, no selection (too few validation samples to rank steps):",
+                      ""] + [f"- {r['backbone']} / {r['protocol']} at {r['setting']}, seed {r['seed']}: "
+                             f"{r['notes']['fixed_steps_because']}" for r in fixed] + [""]
         pairs = [q for q in paired if q["task"] == task]
         if pairs:
             lines += ["Paired differences on the same test samples (A - B, 95% interval, two-sided bootstrap p):", "",

@@ -109,7 +109,11 @@ class FewShotProtocol(ProtocolBase):
 class FinetuneProtocol(ProtocolBase):
     """The fine-tuning path itself (`medfound finetune`), at each fraction: LoRA or full fine-tuning from the
     backbone, validation-based selection on the same fraction of the validation split (`eval.every`), or the last
-    of a number of steps fixed in advance (`every: null`)."""
+    of a number of steps fixed in advance (`every: null`, and, with `min_val_per_class`, every fraction whose
+    validation subset has fewer samples than that in a class: a 1% subset of a few hundred validation images is about
+    5 of them, and an AUROC over them ties at every look or ranks steps by noise). Off by default: the same `steps`
+    at every fraction over-fit 11 and 109 RetinaMNIST images, where the selected early steps did better
+    (benchmarks/results/label_efficiency_thin_validation_retinamnist.json)."""
 
     uses_fractions: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False  # frozen features of every split
@@ -120,6 +124,11 @@ class FinetuneProtocol(ProtocolBase):
                                                        "exported. null: no validation, the last step is exported "
                                                        "(steps fixed in advance: at 1% of labels the validation "
                                                        "subset is a handful of samples and cannot choose)")
+    min_val_per_class: Optional[int] = Field(None, ge=1, description="select only where the fraction's validation "
+                                                                   "subset has this many samples in every class; a "
+                                                                   "fraction with fewer runs its steps fixed in "
+                                                                   "advance and exports the last (as every: null), "
+                                                                   "and its row says so. null: always select")
     lr: Optional[float] = Field(None, gt=0, description="optim.lr (default: the recipe's)")
     batch_size: int = Field(32, gt=0, description="data.batch_size")
     overrides: list[str] = Field(default_factory=list, description="more key=value overrides of the recipe")

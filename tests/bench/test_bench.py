@@ -169,9 +169,10 @@ def test_bad_input_is_one_line_naming_it(pretrained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_finetuning_protocols_select_on_validation_or_fix_the_steps_in_advance(pretrained, tmp_path):
+def test_finetuning_protocols_select_on_validation_or_fix_the_steps_in_advance(pretrained, tmp_path, capsys):
     """`lora`/`full` go through medfound finetune at the fraction; `every: null` exports the last step (no validation
-    labels used), `every: N` the best look, and each row says which."""
+    labels used), `every: N` the best look, and each row says which; rerun into the same OUT with other settings,
+    a finished run is refused by name instead of reported as if it had them."""
     suite = tmp_path / "ft.yaml"
     suite.write_text("name: ft\ntasks:\n  - name: t\n    sample: pneumoniamnist\n    metric: auroc\n"
                      "fractions: [0.5]\nseeds: [0]\nbootstrap: 50\nprotocols:\n"
@@ -185,6 +186,41 @@ def test_finetuning_protocols_select_on_validation_or_fix_the_steps_in_advance(p
     assert rows["full"]["notes"]["selected_step"] in (2, 4) and rows["full"]["notes"]["validation_value"] is not None
     ran = json.loads((tmp_path / "o" / "runs" / "t" / "mae" / "lora_f0.5_s0" / "eval.json").read_text())
     assert ran["selection"]["policy"] == "fixed steps" and ran["train_labels"]["fraction"] == 0.5
+    # the same OUT with other settings: the finished runs are not reported as if they had them
+    suite.write_text(suite.read_text().replace("steps: 4\n    every: null", "steps: 5\n    every: null"))
+    before = (tmp_path / "o" / "results.json").read_text()
+    assert main(["bench", f"mae={pretrained / 'export'}", "--suite", str(suite), "--out", str(tmp_path / "o"),
+                 "--cache", str(tmp_path / "cache")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "lora_f0.5_s0 was run with other settings (trainer.max_steps: 4 -> 5" in err and "Traceback" not in err
+    assert (tmp_path / "o" / "results.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_fraction_whose_validation_subset_is_too_thin_to_select_runs_its_steps_fixed_in_advance(pretrained,
+                                                                                                   tmp_path):
+    """At 10% of the demo's 100 validation images (22 normal, 78 pneumonia) the selection subset holds 2 normal
+    images: under min_val_per_class 5 the run trains its fixed steps and exports the last, and the row and the
+    leaderboard say why; with 2, and by default (no minimum), the same fraction selects on validation."""
+    rows = {}
+    for least in (5, 2, None):
+        suite = tmp_path / f"thin{least}.yaml"  # None: the default
+        suite.write_text("name: thin\ntasks:\n  - name: t\n    sample: pneumoniamnist\n    metric: auroc\n"
+                         "fractions: [0.1]\nseeds: [0]\nbootstrap: 20\nprotocols:\n"
+                         "  - name: full\n    steps: 4\n    every: 2\n    batch_size: 8\n"
+                         + (f"    min_val_per_class: {least}\n" if least else ""))
+        assert main(["bench", f"mae={pretrained / 'export'}", "--suite", str(suite), "--out",
+                     str(tmp_path / f"o{least}"), "--cache", str(tmp_path / "cache")]) == 0
+        rows[least] = json.loads((tmp_path / f"o{least}" / "results.json").read_text())["results"][0]["notes"]
+    assert rows[5]["selection"] == "fixed steps" and rows[5]["selected_step"] == 4
+    assert "2 samples of class 'normal'" in rows[5]["fixed_steps_because"], rows[5]
+    ran = json.loads((tmp_path / "o5" / "runs" / "t" / "mae" / "full_f0.1_s0" / "eval.json").read_text())
+    assert ran["selection"]["policy"] == "fixed steps"
+    board = (tmp_path / "o5" / "leaderboard.md").read_text()
+    assert "- mae / full at fraction=0.1, seed 0: the validation subset has 2 samples of class 'normal'" in board
+    for least in (2, None):
+        assert rows[least]["selection"] == "best on validation" and "fixed_steps_because" not in rows[least]
+        assert "steps fixed in advance" not in (tmp_path / f"o{least}" / "leaderboard.md").read_text()
 
 
 @pytest.mark.slow
