@@ -210,21 +210,16 @@ def _same_settings(run: Path, overrides: list[str]) -> None:
 
 def _thin_validation(cfg, data: TaskData, fraction: float, seed: int) -> Optional[str]:
     """Why the validation subset at `fraction` cannot select a step (a class with fewer than
-    `cfg.min_val_per_class` samples in it), or None when it can."""
-    if fraction >= 1:
-        per_class: dict[str, int] = {}
-        for _, label, _ in data.index["val"]:
-            for c in (label if isinstance(label, tuple) else (label,)):
-                name = data.class_names[c] if isinstance(c, int) and 0 <= c < len(data.class_names) else str(c)
-                per_class[name] = per_class.get(name, 0) + 1
-    else:
-        record = choose(data.index["val"], data.class_names, fraction=fraction, seed=seed, at_least_one=True).record
-        per_class = {name: v["chosen"] for name, v in record["per_class"].items()}
+    `cfg.min_val_per_class` samples, or patients where the split has them), or None when it can."""
+    # the fine-tuning path's own subset rule (medfound/data/fractions.py); at fraction 1 the whole split
+    record = choose(data.index["val"], data.class_names, fraction=min(fraction, 1.0), seed=seed,
+                    at_least_one=True).record
+    per_class = {name: v["chosen"] for name, v in record["per_class"].items()}
     thin = {name: n for name, n in per_class.items() if n < cfg.min_val_per_class}
     if not thin:
         return None
     name, n = min(thin.items(), key=lambda kv: kv[1])
-    return (f"the validation subset has {n} sample{'s' * (n != 1)} of class {name!r} (min_val_per_class "
+    return (f"the validation subset has {n} {record['unit']}{'s' * (n != 1)} of class {name!r} (min_val_per_class "
             f"{cfg.min_val_per_class}): the last of {cfg.steps} steps fixed in advance")
 
 
